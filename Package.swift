@@ -1,0 +1,55 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "SoftDev",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "softdev", targets: ["softdev"]),
+        .library(name: "Core", targets: ["Core"]),
+        .library(name: "BlockTap", targets: ["BlockTap"]),
+        .library(name: "Devices", targets: ["Devices"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // The Xen ABI (io/ring.h, blkif.h, netif.h, usbif.h, xs_wire.h, grant_table.h) and the
+        // Xen libraries (libxengnttab, libxenevtchn, libxenstore) from libxen-dev.
+        .target(
+            name: "CXen",
+            linkerSettings: [
+                .linkedLibrary("xengnttab"), .linkedLibrary("xenevtchn"),
+                .linkedLibrary("xenstore"), .linkedLibrary("xenctrl"),
+            ]),
+        // libaio from libaio-dev.
+        .systemLibrary(name: "CAio", pkgConfig: nil, providers: [.apt(["libaio-dev"])]),
+        // C code written with Xen's own ring macros: the conformance frontend and the
+        // reference backend the benchmark compares against.
+        .target(name: "CReference", dependencies: ["CXen"]),
+        // The xenstore wire protocol (xs_wire.h): an in-memory store, a server, a client.
+        .target(name: "XenStore", dependencies: ["CXen"]),
+        // The hypervisor interface (grant table, event channels, xenstore) with its local
+        // (emulated) and Xen implementations, the shared ring, the xenbus state machine and the
+        // soft block device API.
+        .target(name: "Core", dependencies: ["CXen", "XenStore"]),
+        // The blkif backend and a local blkfront.
+        .target(name: "BlockTap", dependencies: ["Core", "CXen"]),
+        // The soft devices.
+        .target(name: "Devices", dependencies: ["Core", "CAio"]),
+        // NBD export of any device stack.
+        .target(name: "NBDExport", dependencies: ["Core"]),
+        .executableTarget(
+            name: "softdev",
+            dependencies: [
+                "Core", "BlockTap", "Devices", "NBDExport", "CReference",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+        .testTarget(name: "XenStoreTests", dependencies: ["XenStore"]),
+        .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
+        .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core"]),
+        .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "Devices", "Core"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,95 @@
+import Glibc
+
+/// A scatter-gather list over memory the transport owns (mapped guest pages, a socket buffer).
+/// It does not own the `iovec`s; it is valid until the request completes.
+public struct IOBuffers: @unchecked Sendable, Sequence {
+    public let vectors: UnsafeMutablePointer<iovec>?
+    public let count: Int
+
+    public init(_ vectors: UnsafeMutablePointer<iovec>?, count: Int) {
+        self.vectors = vectors; self.count = count
+    }
+    public static let empty = IOBuffers(nil, count: 0)
+
+    /// The total length in bytes.
+    public var byteCount: Int {
+        var n = 0
+        for i in 0..<count { n += vectors![i].iov_len }
+        return n
+    }
+
+    public func makeIterator() -> Iterator { Iterator(buffers: self, index: 0) }
+    public struct Iterator: IteratorProtocol {
+        let buffers: IOBuffers
+        var index: Int
+        public mutating func next() -> UnsafeMutableRawBufferPointer? {
+            guard index < buffers.count else { return nil }
+            defer { index += 1 }
+            let v = buffers.vectors![index]
+            return UnsafeMutableRawBufferPointer(start: v.iov_base, count: v.iov_len)
+        }
+    }
+
+    /// Fills every buffer with zeroes.
+    public func zero() {
+        for b in self where b.count > 0 { memset(b.baseAddress!, 0, b.count) }
+    }
+    /// Copies `source` into the buffers, in order, up to their total length.
+    public func copy(from source: UnsafeRawPointer, count total: Int) {
+        var done = 0
+        for b in self where done < total {
+            let n = Swift.min(b.count, total - done)
+            memcpy(b.baseAddress!, source + done, n)
+            done += n
+        }
+    }
+    /// Copies the buffers, in order, into `destination`, up to `total` bytes.
+    public func copy(to destination: UnsafeMutableRawPointer, count total: Int) {
+        var done = 0
+        for b in self where done < total {
+            let n = Swift.min(b.count, total - done)
+            memcpy(destination + done, b.baseAddress!, n)
+            done += n
+        }
+    }
+}
+
+/// One request for a device, already checked against its geometry by the transport.
+public struct BlockRequest: @unchecked Sendable {
+    public var operation: BlockOperation
+    /// Byte offset; a multiple of the logical block size.
+    public var offset: UInt64
+    /// Byte length (for read and write, `buffers.byteCount`).
+    public var length: UInt64
+    /// The data of a read (filled by the device) or a write; empty for the others.
+    public var buffers: IOBuffers
+    /// Forced unit access: the write must be durable before it completes.
+    public var fua: Bool
+    /// For `writeZeroes`: the device may punch a hole instead of writing.
+    public var mayDiscard: Bool
+
+    public init(operation: BlockOperation, offset: UInt64, length: UInt64, buffers: IOBuffers = .empty,
+                fua: Bool = false, mayDiscard: Bool = false) {
+        self.operation = operation; self.offset = offset; self.length = length
+        self.buffers = buffers; self.fua = fua; self.mayDiscard = mayDiscard
+    }
+}
+
+public enum BlockResult: Sendable, Equatable {
+    case success
+    case failure(BlockError)
+}
+
+/// Receives completions from devices. The transport implements it; `complete` may be called on
+/// any thread.
+public protocol BlockCompletionSink: AnyObject, Sendable {
+    func complete(tag: UInt64, result: BlockResult)
+}
+
+/// The way a device reports that one request is done: call `complete` exactly once.
+public struct BlockCompletion: Sendable {
+    public let sink: any BlockCompletionSink
+    public let tag: UInt64
+    public init(sink: any BlockCompletionSink, tag: UInt64) { self.sink = sink; self.tag = tag }
+    public func complete(_ result: BlockResult) { sink.complete(tag: tag, result: result) }
+}

@@ -1,0 +1,83 @@
+/// Why a grant operation failed. A guest's bad reference is one of these, never a crash.
+public enum GrantError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The reference is past the end of the granting domain's table, or the entry grants nothing.
+    case badReference(domain: DomainID, ref: GrantRef)
+    /// The entry exists but grants access to another domain, or only read access.
+    case permissionDenied(domain: DomainID, ref: GrantRef)
+    /// The granting domain does not exist (or is gone).
+    case noSuchDomain(DomainID)
+    /// The frame the entry names lies outside the granting domain's memory.
+    case badFrame(domain: DomainID, ref: GrantRef)
+    /// A system call failed.
+    case system(operation: String, errno: Int32)
+
+    public var description: String {
+        switch self {
+        case let .badReference(d, r): return "grant reference \(r) of domain \(d) is invalid"
+        case let .permissionDenied(d, r): return "grant reference \(r) of domain \(d) does not permit this access"
+        case let .noSuchDomain(d): return "domain \(d) does not exist"
+        case let .badFrame(d, r): return "grant reference \(r) of domain \(d) names a frame outside its memory"
+        case let .system(op, e): return "\(op) failed: \(String(cString: strerror(e)))"
+        }
+    }
+}
+
+/// Pages of another domain mapped into ours by one `map` call. Unmap it with the same table.
+public struct GrantMapping: @unchecked Sendable {
+    /// Where page `i` is mapped: `pages[i]`. For a contiguous mapping, also `base + i * 4096`.
+    public let base: UnsafeMutableRawPointer?
+    public let pageCount: Int
+    public let domain: DomainID
+    public let writable: Bool
+    /// Implementation-specific (the emulator keeps the references here).
+    public let token: UInt64
+    public init(base: UnsafeMutableRawPointer?, pageCount: Int, domain: DomainID, writable: Bool, token: UInt64) {
+        self.base = base; self.pageCount = pageCount; self.domain = domain; self.writable = writable; self.token = token
+    }
+}
+
+/// One segment of a grant copy: up to a page between a granted page and local memory.
+public struct GrantCopySegment: @unchecked Sendable {
+    public enum Direction: Sendable { case fromGuest, toGuest }
+    public var direction: Direction
+    public var domain: DomainID
+    public var ref: GrantRef
+    /// Offset in the granted page; `offset + length` must not pass the page's end.
+    public var offset: UInt16
+    public var length: UInt16
+    public var local: UnsafeMutableRawPointer
+    /// Set by `copy`: nil on success.
+    public var error: GrantError?
+    public init(direction: Direction, domain: DomainID, ref: GrantRef, offset: UInt16, length: UInt16, local: UnsafeMutableRawPointer) {
+        self.direction = direction; self.domain = domain; self.ref = ref; self.offset = offset; self.length = length; self.local = local; self.error = nil
+    }
+}
+
+/// The grant table as a backend sees it: map another domain's granted pages, or copy to and
+/// from them. Every reference comes from an untrusted guest; every failure is a ``GrantError``.
+public protocol GrantTable: AnyObject, Sendable {
+    /// Maps the pages granted as `refs` by `domain` into one contiguous range (rings, persistent
+    /// grants). If any reference is bad, nothing stays mapped and the first error is thrown.
+    func mapContiguous(domain: DomainID, refs: [GrantRef], writable: Bool) throws(GrantError) -> GrantMapping
+
+    /// Maps a batch of data pages for one I/O without allocating: `pages[i]` receives where
+    /// `refs[i]` is mapped. All or nothing, as `mapContiguous`.
+    func mapBatch(domain: DomainID, refs: UnsafeBufferPointer<GrantRef>, writable: Bool,
+                  pages: UnsafeMutableBufferPointer<UnsafeMutableRawPointer>) throws(GrantError) -> GrantMapping
+
+    /// Unmaps what `mapContiguous` or `mapBatch` mapped; `refs` are the references it mapped.
+    func unmap(_ mapping: GrantMapping, refs: UnsafeBufferPointer<GrantRef>)
+
+    /// Copies each segment; a failed segment gets its `error` set and the others still happen.
+    func copy(_ segments: UnsafeMutableBufferPointer<GrantCopySegment>)
+}
+
+extension GrantTable {
+    public func unmap(_ mapping: GrantMapping, refs: [GrantRef]) {
+        refs.withUnsafeBufferPointer { unmap(mapping, refs: $0) }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
