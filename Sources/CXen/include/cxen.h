@@ -18,6 +18,7 @@
 #include <xen/io/usbif.h>
 #include <xen/io/xenbus.h>
 #include <xen/io/xs_wire.h>
+#include "localxen.h"
 
 // Barriers for the shared ring protocol (io/ring.h's rules), callable from Swift.
 // Full barrier: publish our index, then read the peer's event index.
@@ -44,5 +45,18 @@ static inline unsigned cxen_blkif_ring_size(size_t bytes) {
 int cxen_eventfd(unsigned initval, int flags);
 int cxen_memfd_create(const char *name, unsigned flags);
 enum { CXEN_EFD_CLOEXEC = EFD_CLOEXEC, CXEN_EFD_NONBLOCK = EFD_NONBLOCK, CXEN_MFD_CLOEXEC = 1U };
+
+// Atomics on words in shared or private memory (grant flags, pin counts).
+static inline uint32_t cxen_fetch_add32(volatile uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t cxen_fetch_sub32(volatile uint32_t *p, uint32_t v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }
+static inline uint16_t cxen_fetch_and16(volatile uint16_t *p, uint16_t v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }
+
+// Seal a memfd so that it can no longer shrink or grow (see localxen.h).
+int cxen_seal_size(int fd);
+
+// Send and receive file descriptors with a message over a Unix socket (SCM_RIGHTS).
+// Returns bytes sent/received or -1 with errno; *nfds is in/out for receive.
+ssize_t cxen_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+ssize_t cxen_recv_fds(int sock, void *buf, size_t len, int *fds, int *nfds);
 
 #endif

@@ -1,0 +1,149 @@
+import CXen
+import Core
+import Glibc
+import XenStore
+
+/// Options of the blkif backend: what it offers the frontend.
+public struct BlkifBackendOptions: Sendable {
+    /// multi-queue-max-queues: rings (and ring threads) a frontend may open.
+    public var maxQueues = 4
+    /// max-ring-page-order: a ring of up to 2^order pages (order 4: 512 requests).
+    public var maxRingPageOrder = Blkif.maxRingPageOrder
+    /// feature-max-indirect-segments.
+    public var maxIndirectSegments = Blkif.maxIndirectSegments
+    /// Persistent grants kept mapped per ring (Linux blkback's xen_blkif_max_pgrants); 0 turns
+    /// feature-persistent off.
+    public var persistentGrantsPerRing = 1056
+    public init() {}
+}
+
+/// The blkif backend (Linux's xen-blkback, QEMU's xen-block): offers the features, reads the
+/// frontend's rings at connect, and serves each ring with a ``BlkifQueue``. The device under it
+/// never sees rings or grants, only ``BlockRequest``s.
+public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
+    public let device: any BlockDevice
+    public let options: BlkifBackendOptions
+    private var queues: [BlkifQueue] = []
+    /// What the frontend asked for at the last connect, for `softdev list` and the lab report.
+    public private(set) var negotiated: Negotiated?
+    private let log: (String) -> Void
+
+    public struct Negotiated: Sendable, CustomStringConvertible {
+        public var queues: Int
+        public var ringPageOrder: Int
+        public var persistentGrants: Bool
+        public var description: String {
+            "queues=\(queues) ring-page-order=\(ringPageOrder) persistent-grants=\(persistentGrants ? 1 : 0)"
+        }
+    }
+
+    public init(device: any BlockDevice, options: BlkifBackendOptions = BlkifBackendOptions(), log: @escaping (String) -> Void = { _ in }) {
+        self.device = device; self.options = options; self.log = log
+    }
+
+    public func advertise(_ dev: XenbusBackendDevice) throws {
+        let caps = device.capabilities
+        let be = dev.backendPath
+        try dev.store.transaction { (tx) throws(XenStoreError) in
+            func put(_ k: String, _ v: String) throws(XenStoreError) { try dev.store.write(be + "/" + k, v, transaction: tx) }
+            try put("feature-flush-cache", "1")
+            try put("feature-discard", caps.contains(.discard) ? "1" : "0")
+            if caps.contains(.discard) {
+                try put("discard-granularity", "\(device.geometry.physicalBlockSize)")
+                try put("discard-alignment", "0")
+                try put("discard-secure", "0")
+            }
+            try put("feature-persistent", options.persistentGrantsPerRing > 0 ? "1" : "0")
+            try put("feature-max-indirect-segments", "\(options.maxIndirectSegments)")
+            try put("max-ring-page-order", "\(options.maxRingPageOrder)")
+            try put("multi-queue-max-queues", "\(options.maxQueues)")
+        }
+    }
+
+    public func connect(_ dev: XenbusBackendDevice) throws {
+        let store = dev.store
+        let fe = dev.frontendPath
+        if let proto = try store.readString(fe + "/protocol"), !proto.isEmpty, proto != "x86_64-abi" {
+            throw BlkifConnectError("frontend protocol \(proto) is not supported (only x86_64-abi)")
+        }
+        let queueCount = Int(try store.readInt(fe + "/multi-queue-num-queues") ?? 1)
+        guard queueCount >= 1, queueCount <= options.maxQueues else {
+            throw BlkifConnectError("frontend asked for \(queueCount) queues; at most \(options.maxQueues)")
+        }
+        let order = Int(try store.readInt(fe + "/ring-page-order") ?? 0)
+        guard order <= options.maxRingPageOrder else {
+            throw BlkifConnectError("frontend ring-page-order \(order) is above max-ring-page-order \(options.maxRingPageOrder)")
+        }
+        let persistent = options.persistentGrantsPerRing > 0 && (try store.readInt(fe + "/feature-persistent") ?? 0) == 1
+        var opened: [BlkifQueue] = []
+        do {
+            for q in 0..<queueCount {
+                let dir = queueCount == 1 ? fe : fe + "/queue-\(q)"
+                opened.append(try openQueue(dev, index: q, directory: dir, order: order, persistent: persistent))
+            }
+        } catch {
+            opened.forEach { $0.stop() }
+            throw error
+        }
+        let g = device.geometry
+        try store.transaction { (tx) throws(XenStoreError) in
+            func put(_ k: String, _ v: String) throws(XenStoreError) { try store.write(dev.backendPath + "/" + k, v, transaction: tx) }
+            try put("sectors", "\(g.sectors)")
+            try put("info", "\(device.capabilities.contains(.write) ? 0 : Blkif.vdiskReadOnly)")
+            try put("sector-size", "\(g.logicalBlockSize)")
+            try put("physical-sector-size", "\(g.physicalBlockSize)")
+        }
+        queues = opened
+        negotiated = Negotiated(queues: queueCount, ringPageOrder: order, persistentGrants: persistent)
+        opened.forEach { $0.start() }
+        log("\(dev.backendPath): connected to domain \(dev.frontendDomain): \(negotiated!), device \(device.name) \(g.size) bytes")
+    }
+
+    private func openQueue(_ dev: XenbusBackendDevice, index: Int, directory: String, order: Int, persistent: Bool) throws -> BlkifQueue {
+        let store = dev.store
+        var refs: [GrantRef] = []
+        if order == 0 && (try store.readString(directory + "/ring-ref")) != nil {
+            refs = [GrantRef(try readNumber(store, directory + "/ring-ref"))]
+        } else {
+            for i in 0..<(1 << order) { refs.append(GrantRef(try readNumber(store, directory + "/ring-ref\(i)"))) }
+        }
+        let port = EventPort(try readNumber(store, directory + "/event-channel"))
+        let hv = dev.hypervisor
+        let mapping = try hv.grants.mapContiguous(domain: dev.frontendDomain, refs: refs, writable: true)
+        let channel: any EventChannel
+        do { channel = try hv.events.bindInterdomain(remote: dev.frontendDomain, remotePort: port) }
+        catch { hv.grants.unmap(mapping, refs: refs); throw error }
+        return BlkifQueue(index: index, ringMapping: mapping, ringRefs: refs, channel: channel, device: device, grants: hv.grants,
+                          domain: dev.frontendDomain, persistentGrants: persistent ? options.persistentGrantsPerRing : 0) { [weak dev] why in
+            guard let dev else { return }
+            // Per xenbus rules the device fails alone; the state machine runs on the dispatcher.
+            dev.failAsync("queue \(index): \(why)")
+        }
+    }
+
+    private func readNumber(_ store: any XenStoreClient, _ path: String) throws -> UInt64 {
+        guard let v = try store.readInt(path) else { throw BlkifConnectError("\(path) is missing") }
+        guard v <= UInt64(UInt32.max) else { throw BlkifConnectError("\(path) = \(v) is out of range") }
+        return v
+    }
+
+    public func disconnect(_ dev: XenbusBackendDevice) {
+        guard !queues.isEmpty else { return }
+        queues.forEach { $0.stop() }
+        let served = queues.reduce(0) { $0 + $1.requestsServed.load(ordering: .relaxed) }
+        let failed = queues.reduce(0) { $0 + $1.requestsFailed.load(ordering: .relaxed) }
+        queues = []
+        log("\(dev.backendPath): disconnected (\(served) requests served, \(failed) failed)")
+    }
+
+    /// Requests served and failed since connect, over all queues.
+    public var counters: (served: UInt64, failed: UInt64) {
+        (queues.reduce(0) { $0 + $1.requestsServed.load(ordering: .relaxed) },
+         queues.reduce(0) { $0 + $1.requestsFailed.load(ordering: .relaxed) })
+    }
+}
+
+public struct BlkifConnectError: Error, CustomStringConvertible {
+    public let description: String
+    init(_ d: String) { description = d }
+}

@@ -1,0 +1,420 @@
+import CXen
+import Core
+import Glibc
+import Synchronization
+
+/// What a queue tells its device when the frontend broke the protocol beyond a per-request
+/// error (an impossible producer index): the device is disconnected, the daemon goes on.
+public typealias BlkifFatalHandler = (String) -> Void
+
+/// One blkif ring (one queue of a multi-queue device) and the thread that owns it: it drains
+/// the ring, checks each request's private copy, maps its pages, hands a ``BlockRequest`` to
+/// the device, and pushes responses as the device completes them, notifying once per batch.
+final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
+    let index: Int
+    private var ring: BackRing<BlkifRing>
+    private let ringMapping: GrantMapping
+    private let ringRefs: [GrantRef]
+    private let channel: any EventChannel
+    private let device: any BlockDevice
+    private let grants: any GrantTable
+    private let domain: DomainID
+    private let sectors: UInt64
+    private let blockSize: UInt64
+    private let writable: Bool
+    private let onFatal: BlkifFatalHandler
+    let persistent: PersistentGrantCache?
+
+    /// One in-flight request: everything preallocated, reused, indexed by the completion tag.
+    private struct Slot {
+        var id: UInt64 = 0
+        var operation: UInt8 = 0
+        var segmentCount = 0
+        var refs: UnsafeMutablePointer<GrantRef>
+        var pages: UnsafeMutablePointer<UnsafeMutableRawPointer>
+        var vectors: UnsafeMutablePointer<iovec>
+        /// References mapped for this request only (not persistent), and their mapping.
+        var mappedRefs: UnsafeMutablePointer<GrantRef>
+        /// Where each of `mappedRefs` sits in the request, and where it was mapped.
+        var batchIndex: UnsafeMutablePointer<Int>
+        var batchPages: UnsafeMutablePointer<UnsafeMutableRawPointer>
+        var mappedCount = 0
+        var mapping: GrantMapping?
+        /// For flush-with-data (a FUA write from Linux blkfront): write after the flush completes.
+        var pendingWrite: BlockRequest?
+    }
+    private let slots: UnsafeMutablePointer<Slot>
+    private var freeSlots: [Int]
+    private var inFlight = 0
+    /// A WRITE_BARRIER waits here until everything before it has completed.
+    private var heldBarrier: blkif_request?
+
+    private var ringThread = pthread_t()
+    private let wake: Int32
+    private let remoteCompletions = Mutex<[(UInt64, BlockResult)]>([])
+    private let stopping = Atomic<Bool>(false)
+    private var broken = false
+    private let indirectBuffer: UnsafeMutablePointer<blkif_request_segment>
+
+    /// Counters, for `softdev` status and tests.
+    let requestsServed = Atomic<UInt64>(0)
+    let requestsFailed = Atomic<UInt64>(0)
+
+    init(index: Int, ringMapping: GrantMapping, ringRefs: [GrantRef], channel: any EventChannel, device: any BlockDevice,
+         grants: any GrantTable, domain: DomainID, persistentGrants: Int, onFatal: @escaping BlkifFatalHandler) {
+        self.index = index
+        self.ring = BackRing(shared: ringMapping.base!, bytes: ringMapping.pageCount * xenPageSize)
+        self.ringMapping = ringMapping; self.ringRefs = ringRefs
+        self.channel = channel; self.device = device; self.grants = grants; self.domain = domain
+        self.sectors = device.geometry.sectors
+        self.blockSize = UInt64(device.geometry.logicalBlockSize)
+        self.writable = device.capabilities.contains(.write)
+        self.onFatal = onFatal
+        self.persistent = persistentGrants > 0 ? PersistentGrantCache(grants: grants, domain: domain, capacity: persistentGrants) : nil
+        let n = Int(ring.size)
+        slots = .allocate(capacity: n)
+        let maxSegs = Blkif.maxIndirectSegments
+        for i in 0..<n {
+            (slots + i).initialize(to: Slot(refs: .allocate(capacity: maxSegs), pages: .allocate(capacity: maxSegs),
+                                            vectors: .allocate(capacity: maxSegs), mappedRefs: .allocate(capacity: maxSegs),
+                                            batchIndex: .allocate(capacity: maxSegs), batchPages: .allocate(capacity: maxSegs)))
+        }
+        freeSlots = Array((0..<n).reversed())
+        wake = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC | CXEN_EFD_NONBLOCK))
+        indirectBuffer = .allocate(capacity: Blkif.segmentsPerIndirectPage * Blkif.maxIndirectPages)
+    }
+
+    deinit {
+        for i in 0..<Int(ring.size) {
+            let s = slots[i]
+            s.refs.deallocate(); s.pages.deallocate(); s.vectors.deallocate(); s.mappedRefs.deallocate()
+            s.batchIndex.deallocate(); s.batchPages.deallocate()
+        }
+        slots.deinitialize(count: Int(ring.size))
+        slots.deallocate()
+        indirectBuffer.deallocate()
+        Glibc.close(wake)
+    }
+
+    func start() {
+        let box = Unmanaged.passRetained(self)
+        pthread_create(&ringThread, nil, { arg in
+            let q = Unmanaged<BlkifQueue>.fromOpaque(arg!).takeRetainedValue()
+            q.run()
+            return nil
+        }, box.toOpaque())
+    }
+
+    /// Stops taking requests, waits for those in flight, unmaps everything and closes the channel.
+    func stop() {
+        guard !stopping.exchange(true, ordering: .sequentiallyConsistent) else { return }
+        signalWake()
+        pthread_join(ringThread, nil)
+        persistent?.unmapAll()
+        ringRefs.withUnsafeBufferPointer { grants.unmap(ringMapping, refs: $0) }
+        channel.close()
+    }
+
+    private func signalWake() {
+        var one: UInt64 = 1
+        _ = Glibc.write(wake, &one, 8)
+    }
+
+    // MARK: The ring thread
+
+    private func run() {
+        var fds = [pollfd(fd: channel.fileDescriptor, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
+        while true {
+            if stopping.load(ordering: .relaxed) {
+                if inFlight == 0 { break }
+            } else if !broken {
+                takeRequests()
+            }
+            reapRemoteCompletions()
+            publishResponses()
+            if !stopping.load(ordering: .relaxed) && !broken && heldBarrier == nil {
+                // Sleep only after asking for (and re-checking) the next request notification.
+                switch ring.finalCheckForRequests() {
+                case .some(let n) where n > 0: continue
+                case .none: breakRing("the frontend published an impossible request producer index"); continue
+                default: break
+                }
+            }
+            if remoteCompletions.withLock({ !$0.isEmpty }) { continue }
+            fds[0].revents = 0; fds[1].revents = 0
+            if poll(&fds, 2, stopping.load(ordering: .relaxed) ? 10 : -1) > 0 {
+                if fds[0].revents != 0 { channel.consume() }
+                if fds[1].revents != 0 { var v: UInt64 = 0; _ = Glibc.read(wake, &v, 8) }
+            }
+        }
+        reapRemoteCompletions()
+        publishResponses()
+    }
+
+    private func breakRing(_ why: String) {
+        guard !broken else { return }
+        broken = true
+        onFatal(why)
+    }
+
+    private func publishResponses() {
+        if ring.pushResponses() { channel.notify() }
+    }
+
+    private func takeRequests() {
+        while heldBarrier == nil {
+            guard let n = ring.unconsumedRequests() else {
+                breakRing("the frontend published an impossible request producer index")
+                return
+            }
+            if n == 0 { return }
+            for _ in 0..<n {
+                let request = ring.takeRequest()   // the one copy out of shared memory
+                dispatch(request)
+                if heldBarrier != nil { return }
+            }
+            // Respond to what completed inline before taking more, so the frontend sees progress.
+            publishResponses()
+        }
+    }
+
+    private func respond(id: UInt64, operation: UInt8, status: Int16) {
+        var r = blkif_response()
+        r.id = id
+        r.operation = operation
+        r.status = status
+        ring.putResponse(r)
+        if status == Blkif.statusOkay { requestsServed.add(1, ordering: .relaxed) } else { requestsFailed.add(1, ordering: .relaxed) }
+    }
+
+    private func dispatch(_ request: blkif_request) {
+        switch request.operation {
+        case Blkif.opRead, Blkif.opWrite:
+            dispatchReadWrite(request, operation: request.operation, sector: request.sector_number,
+                              segmentCount: Int(request.nr_segments), indirect: false)
+        case Blkif.opFlushDiskCache:
+            if request.nr_segments == 0 {
+                submitNoData(request, .flush, offset: 0, length: 0)
+            } else {
+                // Linux blkfront sends FUA and flush-with-data writes as FLUSH_DISKCACHE with
+                // segments: flush first (REQ_PREFLUSH), then the write, made durable.
+                dispatchReadWrite(request, operation: Blkif.opWrite, sector: request.sector_number,
+                                  segmentCount: Int(request.nr_segments), indirect: false, preflush: true)
+            }
+        case Blkif.opWriteBarrier:
+            if inFlight > 0 { heldBarrier = request; return }
+            runBarrier(request)
+        case Blkif.opDiscard:
+            let d = withUnsafeBytes(of: request) { $0.load(as: blkif_request_discard.self) }
+            guard device.capabilities.contains(.discard), d.flag & UInt8(BLKIF_DISCARD_SECURE) == 0 else {
+                respond(id: d.id, operation: request.operation, status: Blkif.statusNotSupported); return
+            }
+            guard writable, d.nr_sectors > 0, let end = checkedEnd(d.sector_number, d.nr_sectors), end <= sectors,
+                  aligned(d.sector_number, d.nr_sectors) else {
+                respond(id: d.id, operation: request.operation, status: Blkif.statusError); return
+            }
+            submitNoData(request, .discard, offset: d.sector_number * 512, length: d.nr_sectors * 512)
+        case Blkif.opIndirect:
+            let ind = withUnsafeBytes(of: request) { $0.load(as: blkif_request_indirect.self) }
+            guard ind.indirect_op == Blkif.opRead || ind.indirect_op == Blkif.opWrite else {
+                respond(id: ind.id, operation: request.operation, status: Blkif.statusError); return
+            }
+            dispatchReadWrite(request, operation: ind.indirect_op, sector: ind.sector_number,
+                              segmentCount: Int(ind.nr_segments), indirect: true)
+        default:
+            respond(id: request.id, operation: request.operation, status: Blkif.statusNotSupported)
+        }
+    }
+
+    /// `sector + count` in 512-byte sectors, or nil on overflow.
+    private func checkedEnd(_ sector: UInt64, _ count: UInt64) -> UInt64? {
+        let (end, overflow) = sector.addingReportingOverflow(count)
+        return overflow || end > UInt64.max / 512 ? nil : end
+    }
+
+    private func aligned(_ sector: UInt64, _ count: UInt64) -> Bool {
+        (sector * 512) % blockSize == 0 && (count * 512) % blockSize == 0
+    }
+
+    private func submitNoData(_ request: blkif_request, _ op: BlockOperation, offset: UInt64, length: UInt64) {
+        let tag = freeSlots.removeLast()
+        slots[tag].id = request.id
+        slots[tag].operation = request.operation
+        slots[tag].segmentCount = 0
+        slots[tag].mappedCount = 0
+        slots[tag].mapping = nil
+        inFlight += 1
+        device.submit(BlockRequest(operation: op, offset: offset, length: length), completion: BlockCompletion(sink: self, tag: UInt64(tag)))
+    }
+
+    /// Copies the segment list of an indirect request out of its granted pages, once.
+    private func loadIndirectSegments(_ request: blkif_request, count: Int) -> Bool {
+        let ind = withUnsafeBytes(of: request) { $0.load(as: blkif_request_indirect.self) }
+        let pages = (count + Blkif.segmentsPerIndirectPage - 1) / Blkif.segmentsPerIndirectPage
+        var grefs = ind.indirect_grefs
+        return withUnsafeBytes(of: &grefs) { raw -> Bool in
+            let refs = raw.bindMemory(to: GrantRef.self)
+            for p in 0..<pages {
+                let want = min(Blkif.segmentsPerIndirectPage, count - p * Blkif.segmentsPerIndirectPage)
+                let destination = indirectBuffer + p * Blkif.segmentsPerIndirectPage
+                let bytes = want * MemoryLayout<blkif_request_segment>.size
+                if let persistent, let page = persistent.lookupOrMap(refs[p]) {
+                    memcpy(destination, page, bytes)
+                    continue
+                }
+                var ref = refs[p]
+                var page = UnsafeMutableRawPointer(bitPattern: 1)!
+                guard let m = try? grants.mapBatch(domain: domain, refs: UnsafeBufferPointer(start: &ref, count: 1), writable: false,
+                                                   pages: UnsafeMutableBufferPointer(start: &page, count: 1)) else { return false }
+                memcpy(destination, page, bytes)
+                grants.unmap(m, refs: UnsafeBufferPointer(start: &ref, count: 1))
+            }
+            return true
+        }
+    }
+
+    private func dispatchReadWrite(_ request: blkif_request, operation: UInt8, sector: UInt64, segmentCount: Int,
+                                   indirect: Bool, preflush: Bool = false) {
+        // Linux blkback answers an indirect request with its inner operation.
+        let responseOperation = indirect ? operation : request.operation
+        let fail = { self.respond(id: request.id, operation: responseOperation, status: Blkif.statusError) }
+        let maxSegments = indirect ? Blkif.maxIndirectSegments : Blkif.maxDirectSegments
+        guard segmentCount >= 1, segmentCount <= maxSegments else { fail(); return }
+        let isWrite = operation == Blkif.opWrite
+        if isWrite && !writable { fail(); return }
+        if indirect && !loadIndirectSegments(request, count: segmentCount) { fail(); return }
+
+        let tag = freeSlots.removeLast()
+        let slot = slots + tag
+        slot.pointee.id = request.id
+        slot.pointee.operation = responseOperation
+        slot.pointee.segmentCount = segmentCount
+        slot.pointee.mappedCount = 0
+        slot.pointee.mapping = nil
+        slot.pointee.pendingWrite = nil
+
+        // Check every segment of the private copy before mapping anything.
+        var total: UInt64 = 0
+        var ok = true
+        withUnsafeBytes(of: request) { raw in
+            let direct = raw.baseAddress!.advanced(by: MemoryLayout<blkif_request>.offset(of: \blkif_request.seg)!)
+                .assumingMemoryBound(to: blkif_request_segment.self)
+            let segs = indirect ? UnsafePointer(indirectBuffer) : direct
+            for i in 0..<segmentCount {
+                let s = segs[i]
+                guard s.first_sect <= s.last_sect, s.last_sect < Blkif.sectorsPerPage else { ok = false; return }
+                slot.pointee.refs[i] = s.gref
+                let length = Int(s.last_sect - s.first_sect + 1) * 512
+                slot.pointee.vectors[i] = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: Int(s.first_sect) * 512),
+                                                iov_len: length)
+                total += UInt64(length)
+            }
+        }
+        guard ok, let end = checkedEnd(sector, total / 512), end <= sectors, aligned(sector, total / 512) else {
+            freeSlots.append(tag); fail(); return
+        }
+        guard mapSegments(slot, deviceWrites: !isWrite) else { freeSlots.append(tag); fail(); return }
+        for i in 0..<segmentCount {
+            let offset = Int(bitPattern: slot.pointee.vectors[i].iov_base)
+            slot.pointee.vectors[i].iov_base = slot.pointee.pages[i] + offset
+        }
+        inFlight += 1
+        let io = BlockRequest(operation: isWrite ? .write : .read, offset: sector * 512, length: total,
+                              buffers: IOBuffers(slot.pointee.vectors, count: segmentCount), fua: preflush)
+        let completion = BlockCompletion(sink: self, tag: UInt64(tag))
+        if preflush {
+            slot.pointee.pendingWrite = io
+            device.submit(BlockRequest(operation: .flush, offset: 0, length: 0), completion: completion)
+        } else {
+            device.submit(io, completion: completion)
+        }
+    }
+
+    /// Maps the slot's references: persistent ones from the cache, the rest in one batch.
+    private func mapSegments(_ slot: UnsafeMutablePointer<Slot>, deviceWrites: Bool) -> Bool {
+        let n = slot.pointee.segmentCount
+        var batch = 0
+        for i in 0..<n {
+            let ref = slot.pointee.refs[i]
+            if let persistent, let p = persistent.lookupOrMap(ref) {
+                slot.pointee.pages[i] = p
+            } else {
+                slot.pointee.mappedRefs[batch] = ref
+                slot.pointee.batchIndex[batch] = i
+                batch += 1
+            }
+        }
+        guard batch > 0 else { return true }
+        do {
+            slot.pointee.mapping = try grants.mapBatch(
+                domain: domain, refs: UnsafeBufferPointer(start: slot.pointee.mappedRefs, count: batch), writable: deviceWrites,
+                pages: UnsafeMutableBufferPointer(start: slot.pointee.batchPages, count: batch))
+        } catch {
+            return false
+        }
+        slot.pointee.mappedCount = batch
+        for k in 0..<batch { slot.pointee.pages[slot.pointee.batchIndex[k]] = slot.pointee.batchPages[k] }
+        return true
+    }
+
+    private func runBarrier(_ request: blkif_request) {
+        // Everything before the barrier has completed (we waited); make it durable, then the
+        // barrier's own data, durable too.
+        var status = Blkif.statusOkay
+        if case .failure = device.performSynchronously(BlockRequest(operation: .flush, offset: 0, length: 0)) { status = Blkif.statusError }
+        if status == Blkif.statusOkay && request.nr_segments > 0 {
+            dispatchReadWrite(request, operation: Blkif.opWrite, sector: request.sector_number,
+                              segmentCount: Int(request.nr_segments), indirect: false, preflush: false)
+            return
+        }
+        respond(id: request.id, operation: request.operation, status: status)
+    }
+
+    // MARK: Completions
+
+    func complete(tag: UInt64, result: BlockResult) {
+        if pthread_equal(pthread_self(), ringThread) != 0 {
+            finish(Int(tag), result)
+        } else {
+            remoteCompletions.withLock { $0.append((tag, result)) }
+            signalWake()
+        }
+    }
+
+    private func reapRemoteCompletions() {
+        let done = remoteCompletions.withLock { q -> [(UInt64, BlockResult)] in
+            if q.isEmpty { return [] }
+            defer { q.removeAll(keepingCapacity: true) }
+            return q
+        }
+        for (tag, result) in done { finish(Int(tag), result) }
+    }
+
+    private func finish(_ tag: Int, _ result: BlockResult) {
+        let slot = slots + tag
+        if let write = slot.pointee.pendingWrite {
+            slot.pointee.pendingWrite = nil
+            if case .success = result {
+                device.submit(write, completion: BlockCompletion(sink: self, tag: UInt64(tag)))
+                return
+            }
+        }
+        if let m = slot.pointee.mapping {
+            grants.unmap(m, refs: UnsafeBufferPointer(start: slot.pointee.mappedRefs, count: slot.pointee.mappedCount))
+            slot.pointee.mapping = nil
+        }
+        let status: Int16
+        switch result {
+        case .success: status = Blkif.statusOkay
+        case .failure(let e): status = e.code == .notSupported ? Blkif.statusNotSupported : Blkif.statusError
+        }
+        respond(id: slot.pointee.id, operation: slot.pointee.operation, status: status)
+        freeSlots.append(tag)
+        inFlight -= 1
+        if inFlight == 0, let barrier = heldBarrier {
+            heldBarrier = nil
+            runBarrier(barrier)
+        }
+    }
+}

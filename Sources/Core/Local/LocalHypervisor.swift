@@ -1,0 +1,173 @@
+import CXen
+import Glibc
+import Synchronization
+import XenStore
+
+/// Where an emulated hypervisor lives: a directory holding its control socket and its
+/// xenstore socket (`xenstored.sock`, for `XENSTORED_PATH=... xenstore-ls`).
+public struct LocalHypervisorAddress: Sendable, Equatable {
+    public var directory: String
+    public init(directory: String) { self.directory = directory }
+    public var controlSocket: String { directory + "/hypervisor.sock" }
+    public var storeSocket: String { directory + "/xenstored.sock" }
+    /// The default: $SOFTDEV_LOCAL_HYPERVISOR, else /run/softdev/local.
+    public static var `default`: LocalHypervisorAddress {
+        LocalHypervisorAddress(directory: getenv("SOFTDEV_LOCAL_HYPERVISOR").map { String(cString: $0) } ?? "/run/softdev/local")
+    }
+}
+
+/// Errors from the emulated hypervisor's control connection.
+public enum LocalHypervisorError: Error, CustomStringConvertible {
+    case cannotConnect(path: String, errno: Int32)
+    case refused(operation: String, errno: Int32)
+    case disconnected
+    public var description: String {
+        switch self {
+        case let .cannotConnect(path, e):
+            return "cannot connect to the local hypervisor at \(path): \(String(cString: strerror(e))) (is `softdev hypervisor` running? set SOFTDEV_LOCAL_HYPERVISOR to its directory)"
+        case let .refused(op, e): return "local hypervisor refused \(op): \(String(cString: strerror(e)))"
+        case .disconnected: return "the local hypervisor went away"
+        }
+    }
+}
+
+/// A domain's connection to the emulated hypervisor: a backend (domain 0) or a guest.
+/// It offers the same ``Hypervisor`` interface as real Xen.
+public final class LocalHypervisor: Hypervisor, @unchecked Sendable {
+    public let domainID: DomainID
+    public let address: LocalHypervisorAddress
+    public var kind: String { "local" }
+    public private(set) var grants: any GrantTable = NoGrants()
+    public private(set) var events: any EventChannels = NoEvents()
+    public let store: any XenStoreClient
+    /// For a guest: its own memory, where it allocates pages and grants them.
+    public let memory: LocalDomainMemory?
+
+    private let control: Int32
+    private let controlLock = Mutex<Void>(())
+
+    /// Connects as the backend domain (0).
+    public static func connectBackend(_ address: LocalHypervisorAddress = .default) throws -> LocalHypervisor {
+        try LocalHypervisor(address: address, hello: LocalControlMessage(.helloBackend))
+    }
+
+    /// Creates a guest domain named `name` with `pages` 4 KiB pages of memory; it lives as long
+    /// as this object (or this process).
+    public static func createGuest(_ address: LocalHypervisorAddress = .default, name: String, pages: Int) throws -> LocalHypervisor {
+        try LocalHypervisor(address: address, hello: LocalControlMessage(.createDomain, a: UInt32(pages), name: name))
+    }
+
+    private init(address: LocalHypervisorAddress, hello: LocalControlMessage) throws {
+        self.address = address
+        control = try Self.connect(address.controlSocket)
+        guard hello.send(on: control), let (reply, fds) = LocalControlMessage.receive(on: control, maxFDs: 1) else {
+            Glibc.close(control); throw LocalHypervisorError.disconnected
+        }
+        guard reply.status == 0 else { Glibc.close(control); throw LocalHypervisorError.refused(operation: "hello", errno: reply.status) }
+        domainID = DomainID(truncatingIfNeeded: reply.a)
+        if hello.operation == LocalControlMessage.Operation.createDomain.rawValue {
+            guard let fd = fds.first else { Glibc.close(control); throw LocalHypervisorError.disconnected }
+            memory = try LocalDomainMemory(domain: domainID, fd: fd)
+        } else {
+            memory = nil
+        }
+        // The xenstore connection is made by the broker, bound to our domain id.
+        let storeFD: Int32
+        do {
+            let (_, sfds) = try Self.call(control, LocalControlMessage(.connectStore), expectFDs: 1)
+            storeFD = sfds[0]
+        }
+        store = XenStoreSocketClient(fileDescriptor: storeFD)
+        grants = LocalGrantTable(me: domainID) { [unowned self] (d) throws(GrantError) in try self.openMemory(d) }
+        events = LocalEventChannels(self)
+    }
+
+    deinit { Glibc.close(control) }
+
+    private static func connect(_ path: String) throws -> Int32 {
+        let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard s >= 0 else { throw LocalHypervisorError.cannotConnect(path: path, errno: errno) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            for (i, c) in path.utf8.prefix(p.count - 1).enumerated() { p[i] = c }
+        }
+        let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            Glibc.connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        guard r == 0 else { let e = errno; Glibc.close(s); throw LocalHypervisorError.cannotConnect(path: path, errno: e) }
+        return s
+    }
+
+    private static func call(_ control: Int32, _ m: LocalControlMessage, expectFDs: Int) throws -> (LocalControlMessage, [Int32]) {
+        guard m.send(on: control), let (reply, fds) = LocalControlMessage.receive(on: control, maxFDs: max(expectFDs, 1)) else {
+            throw LocalHypervisorError.disconnected
+        }
+        guard reply.status == 0 else {
+            fds.forEach { Glibc.close($0) }
+            throw LocalHypervisorError.refused(operation: "\(m.operation)", errno: reply.status)
+        }
+        guard fds.count == expectFDs else { fds.forEach { Glibc.close($0) }; throw LocalHypervisorError.disconnected }
+        return (reply, fds)
+    }
+
+    /// One request and its reply, serialised on the control connection.
+    func call(_ m: LocalControlMessage, expectFDs: Int = 0) throws -> (LocalControlMessage, [Int32]) {
+        try controlLock.withLock { _ in try Self.call(control, m, expectFDs: expectFDs) }
+    }
+
+    func openMemory(_ domain: DomainID) throws(GrantError) -> LocalDomainMemory {
+        if domain == domainID, let memory { return memory }
+        let fds: [Int32]
+        do { fds = try call(LocalControlMessage(.openMemory, a: UInt32(domain)), expectFDs: 1).1 }
+        catch LocalHypervisorError.refused(_, let e) where e == ESRCH { throw .noSuchDomain(domain) }
+        catch { throw .noSuchDomain(domain) }
+        return try LocalDomainMemory(domain: domain, fd: fds[0])
+    }
+
+    /// Whether `domain` still exists, and its name.
+    public func domainName(_ domain: DomainID) -> String? {
+        (try? call(LocalControlMessage(.domainInfo, a: UInt32(domain))))?.0.name
+    }
+}
+
+/// Placeholders used only while the hypervisor object is being initialised.
+private final class NoGrants: GrantTable, @unchecked Sendable {
+    func mapContiguous(domain: DomainID, refs: [GrantRef], writable: Bool) throws(GrantError) -> GrantMapping { throw .noSuchDomain(domain) }
+    func mapBatch(domain: DomainID, refs: UnsafeBufferPointer<GrantRef>, writable: Bool, pages: UnsafeMutableBufferPointer<UnsafeMutableRawPointer>) throws(GrantError) -> GrantMapping { throw .noSuchDomain(domain) }
+    func unmap(_ mapping: GrantMapping, refs: UnsafeBufferPointer<GrantRef>) {}
+    func copy(_ segments: UnsafeMutableBufferPointer<GrantCopySegment>) {}
+}
+private final class NoEvents: EventChannels, @unchecked Sendable {
+    func bindInterdomain(remote: DomainID, remotePort: EventPort) throws(EventChannelError) -> any EventChannel { throw .noSuchDomain(remote) }
+    func allocateUnbound(remote: DomainID) throws(EventChannelError) -> any EventChannel { throw .noSuchDomain(remote) }
+}
+
+/// Event channels through the broker: it creates the eventfd pair and hands each end its fds.
+final class LocalEventChannels: EventChannels, @unchecked Sendable {
+    private unowned let hypervisor: LocalHypervisor
+    init(_ hypervisor: LocalHypervisor) { self.hypervisor = hypervisor }
+
+    private func channel(_ m: LocalControlMessage, remote: DomainID, port: EventPort) throws(EventChannelError) -> any EventChannel {
+        let reply: LocalControlMessage, fds: [Int32]
+        do { (reply, fds) = try hypervisor.call(m, expectFDs: 2) }
+        catch LocalHypervisorError.refused(_, let e) where e == ESRCH { throw .noSuchDomain(remote) }
+        catch LocalHypervisorError.refused(_, let e) where e == EBUSY { throw .portInUse(domain: remote, port: port) }
+        catch LocalHypervisorError.refused(_, let e) { throw .noSuchPort(domain: remote, port: port) .orSystem(e) }
+        catch { throw .system(operation: "event channel", errno: EPIPE) }
+        let h = hypervisor
+        return LocalEventChannel(port: reply.a, receive: fds[0], send: fds[1]) { port in
+            _ = try? h.call(LocalControlMessage(.closePort, a: port))
+        }
+    }
+
+    func bindInterdomain(remote: DomainID, remotePort: EventPort) throws(EventChannelError) -> any EventChannel {
+        try channel(LocalControlMessage(.bindInterdomain, a: UInt32(remote), b: remotePort), remote: remote, port: remotePort)
+    }
+    func allocateUnbound(remote: DomainID) throws(EventChannelError) -> any EventChannel {
+        try channel(LocalControlMessage(.allocUnbound, a: UInt32(remote)), remote: remote, port: 0)
+    }
+}
+
+extension EventChannelError {
+    fileprivate func orSystem(_ e: Int32) -> EventChannelError { e == ENOENT || e == EINVAL ? self : .system(operation: "event channel", errno: e) }
+}

@@ -1,0 +1,307 @@
+import CXen
+import Glibc
+import Synchronization
+import XenStore
+
+/// The emulated hypervisor: the broker that creates guest domains (a sealed memfd of memory
+/// each), hands domain memory to backends, pairs event channels (an eventfd each way), and
+/// runs the xenstore server. Every client connection is one domain; when a guest's connection
+/// closes, the guest is destroyed (its xenstore home removed, `@releaseDomain` fired), just as
+/// when a real guest crashes.
+public final class LocalHypervisorServer: @unchecked Sendable {
+    public let address: LocalHypervisorAddress
+    public let storeServer: XenStoreServer
+
+    private struct Port {
+        var remote: DomainID
+        var remotePort: EventPort?
+        /// Held only while unbound: the two eventfds the binding side will receive.
+        var pendingFDs: (receive: Int32, send: Int32)?
+    }
+    private struct Domain {
+        var name: String
+        var memoryFD: Int32   // -1 for domain 0
+        var ports: [EventPort: Port] = [:]
+        var nextPort: EventPort = 1
+    }
+    private struct State {
+        var domains: [DomainID: Domain] = [0: Domain(name: "Domain-0", memoryFD: -1)]
+        var nextDomain: DomainID = 1
+        var connectionDomain: [Int32: DomainID] = [:]
+    }
+    private let state = Mutex(State())
+    private var listener: Int32 = -1
+    private var wake: Int32 = -1
+    private var thread: pthread_t?
+    private let running = Atomic<Bool>(false)
+    /// Our own dom0 connection to the store, for what a toolstack writes at domain creation.
+    private var admin: XenStoreSocketClient?
+
+    /// Creates the directory (mode 0700) and binds both sockets; `start` begins serving.
+    public init(address: LocalHypervisorAddress) throws {
+        self.address = address
+        try Self.makeDirectory(address.directory)
+        storeServer = XenStoreServer(socketPath: address.storeSocket)
+        listener = try Self.listen(address.controlSocket)
+        wake = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC))
+    }
+
+    deinit { stop() }
+
+    private static func makeDirectory(_ path: String) throws {
+        var partial = ""
+        for component in path.split(separator: "/") {
+            partial += "/" + component
+            if mkdir(partial, 0o700) != 0 && errno != EEXIST {
+                throw LocalHypervisorError.cannotConnect(path: partial, errno: errno)
+            }
+        }
+    }
+
+    private static func listen(_ path: String) throws -> Int32 {
+        unlink(path)
+        let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            for (i, c) in path.utf8.prefix(p.count - 1).enumerated() { p[i] = c }
+        }
+        let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            Glibc.bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        guard s >= 0, r == 0, chmod(path, 0o600) == 0, Glibc.listen(s, 64) == 0 else {
+            let e = errno; if s >= 0 { Glibc.close(s) }
+            throw LocalHypervisorError.cannotConnect(path: path, errno: e)
+        }
+        return s
+    }
+
+    public func start() throws {
+        try storeServer.start()
+        admin = try storeServer.connect(as: 0)
+        try admin?.write("/local/domain/0/name", "Domain-0")
+        try admin?.write("/local/domain/0/domid", "0")
+        running.store(true, ordering: .sequentiallyConsistent)
+        let box = Unmanaged.passRetained(self)
+        var t = pthread_t()
+        pthread_create(&t, nil, { arg in
+            let server = Unmanaged<LocalHypervisorServer>.fromOpaque(arg!).takeRetainedValue()
+            server.serve()
+            return nil
+        }, box.toOpaque())
+        thread = t
+    }
+
+    public func stop() {
+        guard running.exchange(false, ordering: .sequentiallyConsistent) else { return }
+        var one: UInt64 = 1
+        _ = Glibc.write(wake, &one, 8)
+        if let t = thread { pthread_join(t, nil) }
+        thread = nil
+        storeServer.stop()
+        Glibc.close(listener); Glibc.close(wake)
+        unlink(address.controlSocket)
+        state.withLock { s in
+            for (_, d) in s.domains {
+                if d.memoryFD >= 0 { Glibc.close(d.memoryFD) }
+                for (_, p) in d.ports { if let f = p.pendingFDs { Glibc.close(f.receive); Glibc.close(f.send) } }
+            }
+            s.domains = [0: Domain(name: "Domain-0", memoryFD: -1)]
+        }
+    }
+
+    /// The ids of the live domains, domain 0 first.
+    public var domains: [DomainID] { state.withLock { $0.domains.keys.sorted() } }
+
+    private func serve() {
+        var connections: [Int32] = []
+        while running.load(ordering: .sequentiallyConsistent) {
+            var fds = [pollfd(fd: listener, events: Int16(POLLIN), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
+            fds += connections.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+            if poll(&fds, nfds_t(fds.count), -1) < 0 { continue }
+            if fds[1].revents != 0 { break }
+            if fds[0].revents & Int16(POLLIN) != 0 {
+                let c = accept(listener, nil, nil)
+                if c >= 0 { connections.append(c) }
+            }
+            for p in fds.dropFirst(2) where p.revents != 0 {
+                if !handle(connection: p.fd) {
+                    disconnect(p.fd)
+                    connections.removeAll { $0 == p.fd }
+                }
+            }
+        }
+        for c in connections { disconnect(c) }
+    }
+
+    /// Serves one message; false when the connection is done (EOF, error, malformed message).
+    private func handle(connection c: Int32) -> Bool {
+        guard let (m, stray) = LocalControlMessage.receive(on: c, maxFDs: 0) else { return false }
+        stray.forEach { Glibc.close($0) }
+        var reply = LocalControlMessage()
+        reply.operation = m.operation
+        var fds: [Int32] = []
+        var closeAfterSend: [Int32] = []
+        let me = state.withLock { $0.connectionDomain[c] }
+        switch (LocalControlMessage.Operation(rawValue: m.operation), me) {
+        case (.helloBackend, nil):
+            state.withLock { $0.connectionDomain[c] = 0 }
+            reply.a = 0
+        case (.createDomain, nil):
+            let pages = min(Int(m.a), 1 << 22)   // at most 16 GiB
+            guard pages > 0, let (id, fd) = createDomain(name: m.name, pages: pages) else { reply.status = ENOMEM; break }
+            state.withLock { $0.connectionDomain[c] = id }
+            reply.a = UInt32(id)
+            fds = [fd]
+        case (.openMemory, .some):
+            guard let fd = state.withLock({ $0.domains[DomainID(truncatingIfNeeded: m.a)]?.memoryFD }), fd >= 0 else {
+                reply.status = ESRCH; break
+            }
+            fds = [fd]
+        case (.allocUnbound, .some(let me)):
+            let remote = DomainID(truncatingIfNeeded: m.a)
+            guard let (port, mine, theirs) = allocUnbound(me, remote: remote) else { reply.status = ESRCH; break }
+            reply.a = port
+            fds = [mine.receive, mine.send]
+            closeAfterSend = fds
+            _ = theirs
+        case (.bindInterdomain, .some(let me)):
+            switch bind(me, remote: DomainID(truncatingIfNeeded: m.a), remotePort: m.b) {
+            case .success(let (port, f)):
+                reply.a = port
+                fds = [f.receive, f.send]
+                closeAfterSend = fds
+            case .failure(let e): reply.status = e.rawValue
+            }
+        case (.closePort, .some(let me)):
+            closePort(me, m.a)
+        case (.connectStore, .some(let me)):
+            var pair: [Int32] = [-1, -1]
+            guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+                reply.status = errno; break
+            }
+            storeServer.addConnection(fileDescriptor: pair[0], domain: me)
+            fds = [pair[1]]
+            closeAfterSend = fds
+        case (.domainInfo, .some):
+            guard let name = state.withLock({ $0.domains[DomainID(truncatingIfNeeded: m.a)]?.name }) else { reply.status = ENOENT; break }
+            reply.name = name
+        default:
+            reply.status = EINVAL
+        }
+        let sent = reply.send(on: c, fds: fds)
+        closeAfterSend.forEach { Glibc.close($0) }
+        return sent
+    }
+
+    private func createDomain(name: String, pages: Int) -> (DomainID, Int32)? {
+        let frames = Int(LocalDomainMemory.firstDataFrame) + pages
+        let fd = cxen_memfd_create("softdev-domain", UInt32(CXEN_MFD_CLOEXEC))
+        guard fd >= 0 else { return nil }
+        guard ftruncate(fd, off_t(frames * xenPageSize)) == 0, cxen_seal_size(fd) == 0 else { Glibc.close(fd); return nil }
+        let id: DomainID = state.withLock { s in
+            let id = s.nextDomain
+            s.nextDomain = s.nextDomain == 0x7fef ? 1 : s.nextDomain + 1   // DOMID_FIRST_RESERVED
+            s.domains[id] = Domain(name: name.isEmpty ? "guest\(id)" : name, memoryFD: fd)
+            return id
+        }
+        if let p = mmap(nil, xenPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED {
+            let h = p.assumingMemoryBound(to: localxen_domain_header.self)
+            h.pointee.magic = LOCALXEN_MAGIC
+            h.pointee.domid = UInt32(id)
+            h.pointee.total_frames = UInt32(frames)
+            munmap(p, xenPageSize)
+        }
+        introduceInStore(id, name: state.withLock { $0.domains[id]!.name })
+        return (id, fd)
+    }
+
+    private func allocUnbound(_ me: DomainID, remote: DomainID) -> (EventPort, (receive: Int32, send: Int32), Void)? {
+        let a = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC)), b = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC))
+        guard a >= 0, b >= 0 else { if a >= 0 { Glibc.close(a) }; if b >= 0 { Glibc.close(b) }; return nil }
+        // We receive on `a` and send to `b`; the binder will receive on `b` and send to `a`.
+        let port: EventPort? = state.withLock { s in
+            guard s.domains[remote] != nil, var d = s.domains[me] else { return nil }
+            let port = d.nextPort
+            d.nextPort += 1
+            d.ports[port] = Port(remote: remote, remotePort: nil, pendingFDs: (dup(b), dup(a)))
+            s.domains[me] = d
+            return port
+        }
+        guard let port else { Glibc.close(a); Glibc.close(b); return nil }
+        return (port, (a, b), ())
+    }
+
+    private func bind(_ me: DomainID, remote: DomainID, remotePort: EventPort) -> Result<(EventPort, (receive: Int32, send: Int32)), Errno> {
+        state.withLock { s in
+            guard var r = s.domains[remote] else { return .failure(Errno(rawValue: ESRCH)) }
+            guard var p = r.ports[remotePort], p.remote == me else { return .failure(Errno(rawValue: ENOENT)) }
+            guard let f = p.pendingFDs, p.remotePort == nil else { return .failure(Errno(rawValue: EBUSY)) }
+            guard var d = s.domains[me] else { return .failure(Errno(rawValue: ESRCH)) }
+            let port = d.nextPort
+            d.nextPort += 1
+            d.ports[port] = Port(remote: remote, remotePort: remotePort, pendingFDs: nil)
+            p.remotePort = port
+            p.pendingFDs = nil
+            r.ports[remotePort] = p
+            s.domains[remote] = r
+            s.domains[me] = d
+            return .success((port, f))
+        }
+    }
+
+    private func closePort(_ me: DomainID, _ port: EventPort) {
+        state.withLock { s in
+            guard let p = s.domains[me]?.ports.removeValue(forKey: port) else { return }
+            if let f = p.pendingFDs { Glibc.close(f.receive); Glibc.close(f.send) }
+            if let rp = p.remotePort { s.domains[p.remote]?.ports[rp]?.remotePort = nil }
+        }
+    }
+
+    private func disconnect(_ c: Int32) {
+        Glibc.close(c)
+        guard let id = state.withLock({ $0.connectionDomain.removeValue(forKey: c) }), id != 0 else { return }
+        let gone: Domain? = state.withLock { s in
+            let d = s.domains.removeValue(forKey: id)
+            // Ports others left unbound for the dead domain can never be bound now.
+            for k in s.domains.keys {
+                for (port, p) in s.domains[k]!.ports where p.remote == id {
+                    if let f = p.pendingFDs { Glibc.close(f.receive); Glibc.close(f.send) }
+                    s.domains[k]!.ports[port]?.pendingFDs = nil
+                }
+            }
+            return d
+        }
+        if let d = gone {
+            if d.memoryFD >= 0 { Glibc.close(d.memoryFD) }
+            for (_, p) in d.ports { if let f = p.pendingFDs { Glibc.close(f.receive); Glibc.close(f.send) } }
+        }
+        // As the toolstack does when a domain dies: remove its home, then tell watchers.
+        try? admin?.remove("/local/domain/\(id)", transaction: .none)
+        try? storeServer.releaseDomain(id)
+    }
+
+    /// Writes the guest's home as libxl does: readable by the guest, `device` and `data` its own.
+    private func introduceInStore(_ id: DomainID, name: String) {
+        guard let admin else { return }
+        let home = "/local/domain/\(id)"
+        let readOnly = [XenStorePermission(domain: 0, access: .none), XenStorePermission(domain: id, access: .read)]
+        let own = [XenStorePermission(domain: id, access: .none)]
+        try? admin.transaction { (tx) throws(XenStoreError) in
+            try admin.mkdir(home, transaction: tx)
+            try admin.setPermissions(home, readOnly, transaction: tx)
+            try admin.write(home + "/name", Array(name.utf8), transaction: tx)
+            try admin.write(home + "/domid", Array("\(id)".utf8), transaction: tx)
+            for dir in ["device", "data", "control"] {
+                try admin.mkdir(home + "/" + dir, transaction: tx)
+                try admin.setPermissions(home + "/" + dir, dir == "data" ? own : readOnly, transaction: tx)
+            }
+        }
+        storeServer.introduceDomain(id)
+    }
+}
+
+/// An errno value as an error.
+public struct Errno: Error, Equatable, Sendable {
+    public let rawValue: Int32
+    public init(rawValue: Int32) { self.rawValue = rawValue }
+}

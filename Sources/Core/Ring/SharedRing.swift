@@ -1,0 +1,163 @@
+import CXen
+
+/// The C types of one ring protocol (blkif, netif tx/rx, usbif urb/conn), so that layouts are
+/// the C compiler's: `entrySize` is the size of the C union of request and response.
+public protocol RingTypes {
+    associatedtype Request
+    associatedtype Response
+    static var entrySize: Int { get }
+}
+
+/// The layout of io/ring.h's shared ring: a 64-byte header (req_prod, req_event, rsp_prod,
+/// rsp_event, padding), then a power-of-two number of entries.
+public enum SharedRingLayout {
+    public static let headerSize = 64
+    static let reqProd = 0, reqEvent = 4, rspProd = 8, rspEvent = 12
+
+    /// __RING_SIZE: how many entries of `entrySize` fit in `bytes`, rounded down to a power of two.
+    public static func entries(bytes: Int, entrySize: Int) -> UInt32 {
+        let n = (bytes - headerSize) / entrySize
+        guard n > 0 else { return 0 }
+        return UInt32(1) << UInt32(Int.bitWidth - 1 - n.leadingZeroBitCount)
+    }
+
+    @inline(__always) static func index(_ p: UnsafeMutableRawPointer, _ offset: Int) -> UnsafeMutablePointer<UInt32> {
+        (p + offset).assumingMemoryBound(to: UInt32.self)
+    }
+}
+
+/// The backend's view of a shared ring (BACK_RING): it consumes requests and produces responses.
+/// The frontend is untrusted: each request is copied once out of shared memory by
+/// `takeRequest` (the caller validates the copy, never the shared entry), and a producer index
+/// that claims more requests than the ring can hold is reported, not followed.
+public struct BackRing<T: RingTypes> {
+    public let shared: UnsafeMutableRawPointer
+    public let size: UInt32
+    /// req_cons: the next request to take.
+    public private(set) var requestConsumer: UInt32 = 0
+    /// rsp_prod_pvt: responses written but perhaps not yet published.
+    public private(set) var responseProducer: UInt32 = 0
+
+    /// Attaches to a ring of `bytes` bytes that the frontend initialised (BACK_RING_INIT).
+    public init(shared: UnsafeMutableRawPointer, bytes: Int) {
+        self.shared = shared
+        size = SharedRingLayout.entries(bytes: bytes, entrySize: T.entrySize)
+    }
+
+    @inline(__always) func entry(_ i: UInt32) -> UnsafeMutableRawPointer {
+        shared + SharedRingLayout.headerSize + Int(i & (size - 1)) * T.entrySize
+    }
+
+    /// How many requests may be taken now (RING_UNCONSUMED_REQUESTS), or nil when the frontend
+    /// published an impossible producer index (RING_REQUEST_PROD_OVERFLOW): the ring is broken
+    /// and must be disconnected.
+    public func unconsumedRequests() -> UInt32? {
+        // Acquire: the entries are read only after the index that covers them (xen_rmb).
+        let prod = cxen_load32(SharedRingLayout.index(shared, SharedRingLayout.reqProd))
+        if prod &- responseProducer > size { return nil }
+        let requests = prod &- requestConsumer
+        let room = size &- (requestConsumer &- responseProducer)
+        return min(requests, room)
+    }
+
+    /// Copies the next request out of shared memory and consumes it.
+    @inline(__always) public mutating func takeRequest() -> T.Request {
+        let r = entry(requestConsumer).load(as: T.Request.self)
+        requestConsumer &+= 1
+        return r
+    }
+
+    /// Writes a response into the next slot (not yet visible to the frontend).
+    @inline(__always) public mutating func putResponse(_ response: T.Response) {
+        entry(responseProducer).storeBytes(of: response, as: T.Response.self)
+        responseProducer &+= 1
+    }
+
+    /// Publishes the written responses (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY); true if the
+    /// frontend asked to be notified of a response in the range just published.
+    public mutating func pushResponses() -> Bool {
+        let rspProd = SharedRingLayout.index(shared, SharedRingLayout.rspProd)
+        let old = cxen_load32(rspProd)
+        let new = responseProducer
+        cxen_wmb()                 // the frontend sees the responses before the index
+        cxen_store32(rspProd, new)
+        cxen_mb()                  // publish the index before reading rsp_event
+        let event = cxen_load32(SharedRingLayout.index(shared, SharedRingLayout.rspEvent))
+        return new &- event < new &- old
+    }
+
+    /// RING_FINAL_CHECK_FOR_REQUESTS: before sleeping, ask to be notified of the next request,
+    /// then look again so that a request published meanwhile is not missed. nil: broken ring.
+    public mutating func finalCheckForRequests() -> UInt32? {
+        guard let n = unconsumedRequests() else { return nil }
+        if n > 0 { return n }
+        cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.reqEvent), requestConsumer &+ 1)
+        cxen_mb()                  // publish req_event before re-reading req_prod
+        return unconsumedRequests()
+    }
+}
+
+/// The frontend's view of a shared ring (FRONT_RING): it produces requests and consumes
+/// responses. Used by SoftDev's local frontends; the backend side is trusted less than nothing,
+/// so responses are copied out once too.
+public struct FrontRing<T: RingTypes> {
+    public let shared: UnsafeMutableRawPointer
+    public let size: UInt32
+    public private(set) var requestProducer: UInt32 = 0
+    public private(set) var responseConsumer: UInt32 = 0
+
+    /// Initialises the shared ring (SHARED_RING_INIT) and attaches to it (FRONT_RING_INIT).
+    public init(initializing shared: UnsafeMutableRawPointer, bytes: Int) {
+        self.shared = shared
+        size = SharedRingLayout.entries(bytes: bytes, entrySize: T.entrySize)
+        cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.reqProd), 0)
+        cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.rspProd), 0)
+        cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.reqEvent), 1)
+        cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.rspEvent), 1)
+        (shared + 16).initializeMemory(as: UInt8.self, repeating: 0, count: SharedRingLayout.headerSize - 16)
+    }
+
+    @inline(__always) func entry(_ i: UInt32) -> UnsafeMutableRawPointer {
+        shared + SharedRingLayout.headerSize + Int(i & (size - 1)) * T.entrySize
+    }
+
+    /// RING_FREE_REQUESTS.
+    public var freeRequests: UInt32 { size &- (requestProducer &- responseConsumer) }
+
+    @inline(__always) public mutating func putRequest(_ request: T.Request) {
+        entry(requestProducer).storeBytes(of: request, as: T.Request.self)
+        requestProducer &+= 1
+    }
+
+    /// RING_PUSH_REQUESTS_AND_CHECK_NOTIFY.
+    public mutating func pushRequests() -> Bool {
+        let reqProd = SharedRingLayout.index(shared, SharedRingLayout.reqProd)
+        let old = cxen_load32(reqProd)
+        let new = requestProducer
+        cxen_wmb()                 // the backend sees the requests before the index
+        cxen_store32(reqProd, new)
+        cxen_mb()                  // publish the index before reading req_event
+        let event = cxen_load32(SharedRingLayout.index(shared, SharedRingLayout.reqEvent))
+        return new &- event < new &- old
+    }
+
+    /// RING_HAS_UNCONSUMED_RESPONSES.
+    public func unconsumedResponses() -> UInt32 {
+        cxen_load32(SharedRingLayout.index(shared, SharedRingLayout.rspProd)) &- responseConsumer
+    }
+
+    @inline(__always) public mutating func takeResponse() -> T.Response {
+        let r = entry(responseConsumer).load(as: T.Response.self)
+        responseConsumer &+= 1
+        return r
+    }
+
+    /// RING_FINAL_CHECK_FOR_RESPONSES.
+    public mutating func finalCheckForResponses() -> UInt32 {
+        let n = unconsumedResponses()
+        if n > 0 { return n }
+        cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.rspEvent), responseConsumer &+ 1)
+        cxen_mb()
+        return unconsumedResponses()
+    }
+}

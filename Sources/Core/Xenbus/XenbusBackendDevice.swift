@@ -1,0 +1,152 @@
+import Glibc
+import XenStore
+
+/// What a backend (blkif, netif, usbif) does at the points of the xenbus handshake; the state
+/// machine itself lives in ``XenbusBackendDevice`` so every backend behaves the same.
+public protocol XenbusBackendDriver: AnyObject {
+    /// Writes the features the backend offers, before it switches to InitWait.
+    func advertise(_ device: XenbusBackendDevice) throws
+    /// The frontend is Initialised (or Connected): read its nodes, map its rings, bind its
+    /// event channels, start serving, and write what the frontend reads once connected.
+    /// Throwing fails the device: the error goes to xenstore and the device closes.
+    func connect(_ device: XenbusBackendDevice) throws
+    /// Stops serving and unmaps everything; waits for requests in flight. Idempotent.
+    func disconnect(_ device: XenbusBackendDevice)
+}
+
+/// One backend device's xenbus state machine (Linux's xenbus backend and blkback's
+/// frontend_changed, QEMU's xen-bus): InitWait, connect when the frontend is ready, Closing and
+/// Closed when it goes, back to InitWait when it re-initialises, and unplug when the toolstack
+/// sets `online` to 0 or the nodes vanish. All calls happen on the dispatcher's thread.
+public final class XenbusBackendDevice: @unchecked Sendable {
+    public let hypervisor: any Hypervisor
+    public var store: any XenStoreClient { hypervisor.store }
+    /// e.g. /local/domain/0/backend/softdev-vbd/3/51712
+    public let backendPath: String
+    public let frontendPath: String
+    public let frontendDomain: DomainID
+    public private(set) var state: XenbusState = .unknown
+    public let driver: any XenbusBackendDriver
+    private let dispatcher: WatchDispatcher
+    private let onUnplug: (XenbusBackendDevice) -> Void
+    private var token: String { "xenbus:" + backendPath }
+    private var unplugged = false
+    private let log: (String) -> Void
+
+    /// Reads the backend node's `frontend` and `frontend-id` (written by the toolstack).
+    public init(hypervisor: any Hypervisor, backendPath: String, driver: any XenbusBackendDriver,
+                dispatcher: WatchDispatcher, log: @escaping (String) -> Void = { _ in },
+                onUnplug: @escaping (XenbusBackendDevice) -> Void) throws {
+        self.hypervisor = hypervisor; self.backendPath = backendPath; self.driver = driver
+        self.dispatcher = dispatcher; self.onUnplug = onUnplug; self.log = log
+        guard let fe = try hypervisor.store.readString(backendPath + "/frontend"), fe.hasPrefix("/") else {
+            throw XenStoreError.invalid("\(backendPath)/frontend is missing")
+        }
+        guard let id = try hypervisor.store.readInt(backendPath + "/frontend-id"), id < 0x7ff0 else {
+            throw XenStoreError.invalid("\(backendPath)/frontend-id is missing or invalid")
+        }
+        frontendPath = fe; frontendDomain = DomainID(id)
+    }
+
+    /// Advertises, switches to InitWait and starts following the frontend.
+    public func start() throws {
+        try driver.advertise(self)
+        try switchState(.initWait)
+        try dispatcher.watch(frontendPath + "/state", token: token + ":fe") { [weak self] _ in self?.frontendChanged() }
+        try dispatcher.watch(backendPath + "/online", token: token + ":online") { [weak self] _ in self?.onlineChanged() }
+    }
+
+    /// The frontend's state, or Unknown if its node is gone or garbage.
+    public func frontendState() -> XenbusState {
+        guard let v = try? store.readInt(frontendPath + "/state"), v <= 8, let s = XenbusState(rawValue: UInt32(v)) else { return .unknown }
+        return s
+    }
+
+    private var online: Bool {
+        (try? store.readInt(backendPath + "/online")).flatMap { $0 } != 0
+    }
+
+    public func switchState(_ new: XenbusState) throws {
+        guard new != state || new == .initWait else { return }
+        try store.write(backendPath + "/state", "\(new.rawValue)")
+        log("\(backendPath): \(state) -> \(new)")
+        state = new
+    }
+
+    func frontendChanged() {
+        guard !unplugged else { return }
+        let fe = frontendState()
+        switch fe {
+        case .initialising:
+            if state == .closed {
+                log("\(backendPath): frontend re-initialising, prepare for reconnect")
+                try? switchState(.initWait)
+            }
+        case .initialised, .connected:
+            // Two watch events may collapse: connect from InitWait (or after a re-init) only once.
+            guard state != .connected else { return }
+            driver.disconnect(self)
+            do {
+                try driver.connect(self)
+                try switchState(.connected)
+            } catch {
+                fail("connecting to the frontend: \(error)")
+            }
+        case .closing:
+            try? switchState(.closing)
+        case .closed:
+            driver.disconnect(self)
+            try? switchState(.closed)
+            if !online { unplug() }
+        case .unknown:
+            driver.disconnect(self)
+            try? switchState(.closed)
+            unplug()
+        default:
+            fail("saw state \(fe.rawValue) at frontend")
+        }
+    }
+
+    func onlineChanged() {
+        guard !unplugged else { return }
+        if (try? store.readString(backendPath)) == nil {
+            // The toolstack removed the backend nodes: unplug at once.
+            driver.disconnect(self)
+            unplug()
+            return
+        }
+        guard !online else { return }
+        // Detach: ask the frontend to close; it answers by going to Closed.
+        let fe = frontendState()
+        if fe == .closed || fe == .unknown || fe == .initialising || fe == .initWait {
+            driver.disconnect(self)
+            try? switchState(.closed)
+            unplug()
+        } else {
+            try? switchState(.closing)
+        }
+    }
+
+    /// Reports a fatal error (as xenbus_dev_fatal) and closes.
+    public func fail(_ message: String) {
+        log("\(backendPath): error: \(message)")
+        try? store.write(backendPath + "/error", message)
+        driver.disconnect(self)
+        try? switchState(.closing)
+    }
+
+    /// `fail`, from any thread: runs on the dispatcher thread that owns the state machine.
+    public func failAsync(_ message: String) {
+        dispatcher.async { [weak self] in self?.fail(message) }
+    }
+
+    /// Stops everything for this device (guest gone, detach done, daemon stopping).
+    public func unplug() {
+        guard !unplugged else { return }
+        unplugged = true
+        dispatcher.unwatch(frontendPath + "/state", token: token + ":fe")
+        dispatcher.unwatch(backendPath + "/online", token: token + ":online")
+        driver.disconnect(self)
+        onUnplug(self)
+    }
+}
