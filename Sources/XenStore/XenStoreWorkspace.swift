@@ -37,8 +37,10 @@ struct XenStoreAccess: OptionSet {
     init(rawValue: UInt8) { self.rawValue = rawValue }
 }
 
-/// A change that fires watches: the node's path, whether watches below it fire too (a removal),
-/// and the node's permissions, which decide who may see the event.
+/// A change that fires watches: the node's path, whether watches below it fire too (reporting
+/// their own path), and the node's permissions, which decide who may see the event. As in
+/// cxenstored, writes, mkdir, set-perms and the top of a removal fire recursively; the nodes a
+/// removal deletes below its top fire only watches at or above themselves.
 struct XenStoreChange {
     var path: String
     var recursive: Bool
@@ -106,7 +108,7 @@ struct XenStoreWorkspace {
             guard access(domain, node).contains(.write) else { throw .permissionDenied(path) }
             node.value = value
             put(path, node)
-            changes.append(XenStoreChange(path: path, recursive: false, permissions: node.permissions))
+            changes.append(XenStoreChange(path: path, recursive: true, permissions: node.permissions))
         } else {
             try create(path, value, domain: domain)
         }
@@ -143,7 +145,7 @@ struct XenStoreWorkspace {
             parent = nodes[newPath]!
             parentPath = newPath
         }
-        changes.append(XenStoreChange(path: path, recursive: false, permissions: parent.permissions))
+        changes.append(XenStoreChange(path: path, recursive: true, permissions: parent.permissions))
     }
 
     /// Removes `path` and everything below it. A missing node whose parent exists is not an error
@@ -161,8 +163,9 @@ struct XenStoreWorkspace {
             parent.children.removeAll { $0 == name }
             put(parentPath, parent)
         }
-        deleteTree(path, target)
+        // Fire first, with the permissions the node still has (cxenstored's _rm).
         changes.append(XenStoreChange(path: path, recursive: true, permissions: target.permissions))
+        deleteTree(path, target)
     }
 
     /// Deletes a subtree, children first; each removed descendant fires watches on itself.
@@ -184,6 +187,6 @@ struct XenStoreWorkspace {
         if domain != 0 && permissions[0].domain != node.permissions[0].domain { throw .other("EPERM") }
         node.permissions = permissions
         put(path, node)
-        changes.append(XenStoreChange(path: path, recursive: false, permissions: permissions))
+        changes.append(XenStoreChange(path: path, recursive: true, permissions: permissions))
     }
 }
