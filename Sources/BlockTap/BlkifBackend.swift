@@ -74,7 +74,8 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
         guard order <= options.maxRingPageOrder else {
             throw BlkifConnectError("frontend ring-page-order \(order) is above max-ring-page-order \(options.maxRingPageOrder)")
         }
-        let persistent = options.persistentGrantsPerRing > 0 && (try store.readInt(fe + "/feature-persistent") ?? 0) == 1
+        let offered = try store.readInt(fe + "/feature-persistent") ?? 0
+        let persistent = options.persistentGrantsPerRing > 0 && offered == 1
         var opened: [BlkifQueue] = []
         do {
             for q in 0..<queueCount {
@@ -102,7 +103,8 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
     private func openQueue(_ dev: XenbusBackendDevice, index: Int, directory: String, order: Int, persistent: Bool) throws -> BlkifQueue {
         let store = dev.store
         var refs: [GrantRef] = []
-        if order == 0 && (try store.readString(directory + "/ring-ref")) != nil {
+        let single = try store.readString(directory + "/ring-ref")
+        if order == 0 && single != nil {
             refs = [GrantRef(try readNumber(store, directory + "/ring-ref"))]
         } else {
             for i in 0..<(1 << order) { refs.append(GrantRef(try readNumber(store, directory + "/ring-ref\(i)"))) }
@@ -145,5 +147,5 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
 
 public struct BlkifConnectError: Error, CustomStringConvertible {
     public let description: String
-    init(_ d: String) { description = d }
+    public init(_ d: String) { description = d }
 }

@@ -3,9 +3,33 @@ import Core
 
 /// blkif's ring types (io/blkif.h): 112-byte requests, 16-byte responses in a union.
 public enum BlkifRing: RingTypes {
-    public typealias Request = blkif_request
+    public typealias Request = BlkifRequestBytes
     public typealias Response = blkif_response
     public static var entrySize: Int { MemoryLayout<blkif_sring_entry>.size }
+}
+
+/// A request slot's 112 bytes, copied whole. A request is one of several C structs laid over
+/// the same bytes (blkif_request, _discard, _indirect), and one struct's padding is another's
+/// data (indirect_grefs overlaps seg[0]'s padding), so the bytes are kept raw and each view is
+/// loaded from them, never copied through another view.
+public struct BlkifRequestBytes {
+    public var storage: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
+                         UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    public init() {}
+    public init<T>(_ view: T) {
+        precondition(MemoryLayout<T>.size <= 112)
+        withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: view, as: T.self) }
+    }
+    /// The bytes as one of blkif's request structs.
+    @inline(__always) public func view<T>(as type: T.Type) -> T {
+        withUnsafeBytes(of: storage) { $0.load(as: T.self) }
+    }
+    public var operation: UInt8 { withUnsafeBytes(of: storage) { $0[0] } }
+    public var request: blkif_request { view(as: blkif_request.self) }
+    public var discard: blkif_request_discard { view(as: blkif_request_discard.self) }
+    public var indirect: blkif_request_indirect { view(as: blkif_request_indirect.self) }
+    /// Byte-level access, for tests that write garbage.
+    public mutating func withBytes<R>(_ body: (UnsafeMutableRawBufferPointer) -> R) -> R { withUnsafeMutableBytes(of: &storage, body) }
 }
 
 /// Numbers fixed by io/blkif.h.

@@ -10,6 +10,9 @@ public typealias BlkifFatalHandler = (String) -> Void
 /// One blkif ring (one queue of a multi-queue device) and the thread that owns it: it drains
 /// the ring, checks each request's private copy, maps its pages, hands a ``BlockRequest`` to
 /// the device, and pushes responses as the device completes them, notifying once per batch.
+/// SOFTDEV_DEBUG_BLKIF=1 prints why each request failed.
+let debugLogging = getenv("SOFTDEV_DEBUG_BLKIF") != nil
+
 final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     let index: Int
     private var ring: BackRing<BlkifRing>
@@ -47,7 +50,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     private var freeSlots: [Int]
     private var inFlight = 0
     /// A WRITE_BARRIER waits here until everything before it has completed.
-    private var heldBarrier: blkif_request?
+    private var heldBarrier: BlkifRequestBytes?
 
     private var ringThread = pthread_t()
     private let wake: Int32
@@ -188,10 +191,11 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         if status == Blkif.statusOkay { requestsServed.add(1, ordering: .relaxed) } else { requestsFailed.add(1, ordering: .relaxed) }
     }
 
-    private func dispatch(_ request: blkif_request) {
-        switch request.operation {
+    private func dispatch(_ raw: BlkifRequestBytes) {
+        let request = raw.request
+        switch raw.operation {
         case Blkif.opRead, Blkif.opWrite:
-            dispatchReadWrite(request, operation: request.operation, sector: request.sector_number,
+            dispatchReadWrite(raw, operation: request.operation, sector: request.sector_number,
                               segmentCount: Int(request.nr_segments), indirect: false)
         case Blkif.opFlushDiskCache:
             if request.nr_segments == 0 {
@@ -199,14 +203,14 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
             } else {
                 // Linux blkfront sends FUA and flush-with-data writes as FLUSH_DISKCACHE with
                 // segments: flush first (REQ_PREFLUSH), then the write, made durable.
-                dispatchReadWrite(request, operation: Blkif.opWrite, sector: request.sector_number,
+                dispatchReadWrite(raw, operation: Blkif.opWrite, sector: request.sector_number,
                                   segmentCount: Int(request.nr_segments), indirect: false, preflush: true)
             }
         case Blkif.opWriteBarrier:
-            if inFlight > 0 { heldBarrier = request; return }
-            runBarrier(request)
+            if inFlight > 0 { heldBarrier = raw; return }
+            runBarrier(raw)
         case Blkif.opDiscard:
-            let d = withUnsafeBytes(of: request) { $0.load(as: blkif_request_discard.self) }
+            let d = raw.discard
             guard device.capabilities.contains(.discard), d.flag & UInt8(BLKIF_DISCARD_SECURE) == 0 else {
                 respond(id: d.id, operation: request.operation, status: Blkif.statusNotSupported); return
             }
@@ -216,11 +220,11 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
             }
             submitNoData(request, .discard, offset: d.sector_number * 512, length: d.nr_sectors * 512)
         case Blkif.opIndirect:
-            let ind = withUnsafeBytes(of: request) { $0.load(as: blkif_request_indirect.self) }
+            let ind = raw.indirect
             guard ind.indirect_op == Blkif.opRead || ind.indirect_op == Blkif.opWrite else {
                 respond(id: ind.id, operation: request.operation, status: Blkif.statusError); return
             }
-            dispatchReadWrite(request, operation: ind.indirect_op, sector: ind.sector_number,
+            dispatchReadWrite(raw, operation: ind.indirect_op, sector: ind.sector_number,
                               segmentCount: Int(ind.nr_segments), indirect: true)
         default:
             respond(id: request.id, operation: request.operation, status: Blkif.statusNotSupported)
@@ -249,8 +253,8 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     }
 
     /// Copies the segment list of an indirect request out of its granted pages, once.
-    private func loadIndirectSegments(_ request: blkif_request, count: Int) -> Bool {
-        let ind = withUnsafeBytes(of: request) { $0.load(as: blkif_request_indirect.self) }
+    private func loadIndirectSegments(_ raw: BlkifRequestBytes, count: Int) -> Bool {
+        let ind = raw.indirect
         let pages = (count + Blkif.segmentsPerIndirectPage - 1) / Blkif.segmentsPerIndirectPage
         var grefs = ind.indirect_grefs
         return withUnsafeBytes(of: &grefs) { raw -> Bool in
@@ -265,8 +269,14 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
                 }
                 var ref = refs[p]
                 var page = UnsafeMutableRawPointer(bitPattern: 1)!
-                guard let m = try? grants.mapBatch(domain: domain, refs: UnsafeBufferPointer(start: &ref, count: 1), writable: false,
-                                                   pages: UnsafeMutableBufferPointer(start: &page, count: 1)) else { return false }
+                let m: GrantMapping
+                do {
+                    m = try grants.mapBatch(domain: domain, refs: UnsafeBufferPointer(start: &ref, count: 1), writable: false,
+                                            pages: UnsafeMutableBufferPointer(start: &page, count: 1))
+                } catch {
+                    if debugLogging { print("blkif: indirect page: \(error)") }
+                    return false
+                }
                 memcpy(destination, page, bytes)
                 grants.unmap(m, refs: UnsafeBufferPointer(start: &ref, count: 1))
             }
@@ -274,16 +284,20 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         }
     }
 
-    private func dispatchReadWrite(_ request: blkif_request, operation: UInt8, sector: UInt64, segmentCount: Int,
+    private func dispatchReadWrite(_ raw: BlkifRequestBytes, operation: UInt8, sector: UInt64, segmentCount: Int,
                                    indirect: Bool, preflush: Bool = false) {
+        let request = raw.request
         // Linux blkback answers an indirect request with its inner operation.
         let responseOperation = indirect ? operation : request.operation
-        let fail = { self.respond(id: request.id, operation: responseOperation, status: Blkif.statusError) }
+        let fail = { (why: String) in
+            if debugLogging { print("blkif: request \(request.id) op \(request.operation): \(why)") }
+            self.respond(id: request.id, operation: responseOperation, status: Blkif.statusError)
+        }
         let maxSegments = indirect ? Blkif.maxIndirectSegments : Blkif.maxDirectSegments
-        guard segmentCount >= 1, segmentCount <= maxSegments else { fail(); return }
+        guard segmentCount >= 1, segmentCount <= maxSegments else { fail("\(segmentCount) segments"); return }
         let isWrite = operation == Blkif.opWrite
-        if isWrite && !writable { fail(); return }
-        if indirect && !loadIndirectSegments(request, count: segmentCount) { fail(); return }
+        if isWrite && !writable { fail("write to a read-only device"); return }
+        if indirect && !loadIndirectSegments(raw, count: segmentCount) { fail("bad indirect page"); return }
 
         let tag = freeSlots.removeLast()
         let slot = slots + tag
@@ -297,8 +311,8 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         // Check every segment of the private copy before mapping anything.
         var total: UInt64 = 0
         var ok = true
-        withUnsafeBytes(of: request) { raw in
-            let direct = raw.baseAddress!.advanced(by: MemoryLayout<blkif_request>.offset(of: \blkif_request.seg)!)
+        withUnsafeBytes(of: raw.storage) { bytes in
+            let direct = bytes.baseAddress!.advanced(by: MemoryLayout<blkif_request>.offset(of: \blkif_request.seg)!)
                 .assumingMemoryBound(to: blkif_request_segment.self)
             let segs = indirect ? UnsafePointer(indirectBuffer) : direct
             for i in 0..<segmentCount {
@@ -312,9 +326,9 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
             }
         }
         guard ok, let end = checkedEnd(sector, total / 512), end <= sectors, aligned(sector, total / 512) else {
-            freeSlots.append(tag); fail(); return
+            freeSlots.append(tag); fail("bad segment or range"); return
         }
-        guard mapSegments(slot, deviceWrites: !isWrite) else { freeSlots.append(tag); fail(); return }
+        guard mapSegments(slot, deviceWrites: !isWrite) else { freeSlots.append(tag); fail("grant map failed"); return }
         for i in 0..<segmentCount {
             let offset = Int(bitPattern: slot.pointee.vectors[i].iov_base)
             slot.pointee.vectors[i].iov_base = slot.pointee.pages[i] + offset
@@ -358,13 +372,14 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         return true
     }
 
-    private func runBarrier(_ request: blkif_request) {
+    private func runBarrier(_ raw: BlkifRequestBytes) {
+        let request = raw.request
         // Everything before the barrier has completed (we waited); make it durable, then the
         // barrier's own data, durable too.
         var status = Blkif.statusOkay
         if case .failure = device.performSynchronously(BlockRequest(operation: .flush, offset: 0, length: 0)) { status = Blkif.statusError }
         if status == Blkif.statusOkay && request.nr_segments > 0 {
-            dispatchReadWrite(request, operation: Blkif.opWrite, sector: request.sector_number,
+            dispatchReadWrite(raw, operation: Blkif.opWrite, sector: request.sector_number,
                               segmentCount: Int(request.nr_segments), indirect: false, preflush: false)
             return
         }

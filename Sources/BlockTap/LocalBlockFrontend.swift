@@ -89,13 +89,13 @@ public final class LocalBlockFrontend: @unchecked Sendable {
                 else { for (j, r) in queue.ringRefs.enumerated() { try put(dir + "ring-ref\(j)", "\(r)") } }
                 try put(dir + "event-channel", "\(queue.channel.localPort)")
             }
-            try put("state", "\(XenbusState.initialised.rawValue)")
+            try put("state", "\(XenbusDeviceState.initialised.rawValue)")
         }
         try waitForBackend(.connected, timeoutSeconds)
         sectors = try store.readInt(be + "/sectors") ?? 0
         sectorSize = UInt32(try store.readInt(be + "/sector-size") ?? 512)
         readOnly = ((try store.readInt(be + "/info") ?? 0) & UInt64(Blkif.vdiskReadOnly)) != 0
-        try store.write(frontendPath + "/state", "\(XenbusState.connected.rawValue)")
+        try store.write(frontendPath + "/state", "\(XenbusDeviceState.connected.rawValue)")
     }
 
     private func makeQueue(order: Int, persistent: Bool, index: Int) throws -> Queue {
@@ -116,12 +116,12 @@ public final class LocalBlockFrontend: @unchecked Sendable {
     }
 
     /// Waits until the backend's state is `state` (or later in the handshake).
-    public func waitForBackend(_ state: XenbusState, _ timeoutSeconds: Double) throws {
+    public func waitForBackend(_ state: XenbusDeviceState, _ timeoutSeconds: Double) throws {
         let deadline = monotonicSeconds() + timeoutSeconds
         while true {
-            let s = (try? store.readInt(backendPath + "/state")).flatMap { $0 }.flatMap { XenbusState(rawValue: UInt32($0)) } ?? .unknown
+            let s = (try? store.readInt(backendPath + "/state")).flatMap { $0 }.flatMap { XenbusDeviceState(rawValue: UInt32($0)) } ?? .unknown
             if s == state { return }
-            if state == .initWait && s.rawValue > XenbusState.initWait.rawValue && s != .closing && s != .closed { return }
+            if state == .initWait && s.rawValue > XenbusDeviceState.initWait.rawValue && s != .closing && s != .closed { return }
             if (s == .closing || s == .closed) && state != .closing && state != .closed {
                 let err = (try? store.readString(backendPath + "/error")).flatMap { $0 } ?? "no error given"
                 throw Failure("backend \(backendPath) went to \(s) (\(err))")
@@ -133,9 +133,9 @@ public final class LocalBlockFrontend: @unchecked Sendable {
 
     /// Closes as blkfront does: Closing, wait for the backend to close, Closed.
     public func close(timeoutSeconds: Double = 10) throws {
-        try store.write(frontendPath + "/state", "\(XenbusState.closing.rawValue)")
+        try store.write(frontendPath + "/state", "\(XenbusDeviceState.closing.rawValue)")
         try? waitForBackend(.closing, timeoutSeconds)
-        try store.write(frontendPath + "/state", "\(XenbusState.closed.rawValue)")
+        try store.write(frontendPath + "/state", "\(XenbusDeviceState.closed.rawValue)")
         try? waitForBackend(.closed, timeoutSeconds)
         for q in queues { q.channel.close() }
     }
@@ -144,7 +144,7 @@ public final class LocalBlockFrontend: @unchecked Sendable {
 
     /// Sends raw requests exactly as given (any bytes: the hostile-frontend tests use this) on
     /// `queue`, and waits for as many responses.
-    public func roundTrip(_ requests: [blkif_request], queue index: Int = 0, timeoutMilliseconds: Int32 = 10_000) throws -> [blkif_response] {
+    public func roundTrip(_ requests: [BlkifRequestBytes], queue index: Int = 0, timeoutMilliseconds: Int32 = 10_000) throws -> [blkif_response] {
         let q = queues[index]
         for r in requests { q.ring.putRequest(r) }
         if q.ring.pushRequests() { q.channel.notify() }
@@ -184,7 +184,7 @@ public final class LocalBlockFrontend: @unchecked Sendable {
     /// Builds a READ or WRITE of `count` pages of the buffer pool starting at page `first`,
     /// whole pages, as one request (indirect if more than 11 pages).
     public func makeRequest(id: UInt64, write: Bool, sector: UInt64, firstPage: Int, pageCount: Int, queue index: Int = 0,
-                            indirectPageFrame: UInt32? = nil) throws -> (blkif_request, [GrantRef]) {
+                            indirectPageFrame: UInt32? = nil) throws -> (BlkifRequestBytes, [GrantRef]) {
         var refs: [GrantRef] = []
         var segs: [blkif_request_segment] = []
         for p in 0..<pageCount {
@@ -202,7 +202,7 @@ public final class LocalBlockFrontend: @unchecked Sendable {
                 let s = raw.bindMemory(to: blkif_request_segment.self)
                 for (i, seg) in segs.enumerated() { s[i] = seg }
             }
-            return (r, refs)
+            return (BlkifRequestBytes(r), refs)
         }
         guard let frame = indirectPageFrame else { throw Failure("an indirect request needs an indirect page") }
         let page = pages.pointer(frame).bindMemory(to: blkif_request_segment.self, capacity: Blkif.segmentsPerIndirectPage)
@@ -216,8 +216,7 @@ public final class LocalBlockFrontend: @unchecked Sendable {
         ind.sector_number = sector
         ind.handle = 0
         withUnsafeMutableBytes(of: &ind.indirect_grefs) { $0.bindMemory(to: GrantRef.self)[0] = indirectRef }
-        withUnsafeBytes(of: ind) { src in withUnsafeMutableBytes(of: &r) { $0.copyMemory(from: src) } }
-        return (r, refs + [indirectRef])
+        return (BlkifRequestBytes(ind), refs + [indirectRef])
     }
 
     // MARK: Simple synchronous I/O (demo, tests)
@@ -262,15 +261,14 @@ public final class LocalBlockFrontend: @unchecked Sendable {
 
     /// Sends a request without data (FLUSH_DISKCACHE, DISCARD) and returns its status.
     public func control(operation: UInt8, sector: UInt64 = 0, sectors count: UInt64 = 0, queue: Int = 0) throws -> Int16 {
-        var r = blkif_request()
         if operation == Blkif.opDiscard {
             var d = blkif_request_discard()
             d.operation = operation; d.id = 7; d.sector_number = sector; d.nr_sectors = count
-            withUnsafeBytes(of: d) { src in withUnsafeMutableBytes(of: &r) { $0.copyMemory(from: src) } }
-        } else {
-            r.operation = operation; r.id = 7; r.nr_segments = 0
+            return try roundTrip([BlkifRequestBytes(d)], queue: queue)[0].status
         }
-        return try roundTrip([r], queue: queue)[0].status
+        var r = blkif_request()
+        r.operation = operation; r.id = 7; r.nr_segments = 0
+        return try roundTrip([BlkifRequestBytes(r)], queue: queue)[0].status
     }
 }
 

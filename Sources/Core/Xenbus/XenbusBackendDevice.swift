@@ -25,7 +25,7 @@ public final class XenbusBackendDevice: @unchecked Sendable {
     public let backendPath: String
     public let frontendPath: String
     public let frontendDomain: DomainID
-    public private(set) var state: XenbusState = .unknown
+    public private(set) var state: XenbusDeviceState = .unknown
     public let driver: any XenbusBackendDriver
     private let dispatcher: WatchDispatcher
     private let onUnplug: (XenbusBackendDevice) -> Void
@@ -57,8 +57,8 @@ public final class XenbusBackendDevice: @unchecked Sendable {
     }
 
     /// The frontend's state, or Unknown if its node is gone or garbage.
-    public func frontendState() -> XenbusState {
-        guard let v = try? store.readInt(frontendPath + "/state"), v <= 8, let s = XenbusState(rawValue: UInt32(v)) else { return .unknown }
+    public func frontendState() -> XenbusDeviceState {
+        guard let v = try? store.readInt(frontendPath + "/state"), v <= 8, let s = XenbusDeviceState(rawValue: UInt32(v)) else { return .unknown }
         return s
     }
 
@@ -66,7 +66,7 @@ public final class XenbusBackendDevice: @unchecked Sendable {
         (try? store.readInt(backendPath + "/online")).flatMap { $0 } != 0
     }
 
-    public func switchState(_ new: XenbusState) throws {
+    public func switchState(_ new: XenbusDeviceState) throws {
         guard new != state || new == .initWait else { return }
         try store.write(backendPath + "/state", "\(new.rawValue)")
         log("\(backendPath): \(state) -> \(new)")

@@ -90,7 +90,7 @@ public final class XenbusBackendService: @unchecked Sendable {
         } catch {
             log("\(path): cannot start: \(error)")
             try? hypervisor.store.write(path + "/error", "\(error)")
-            try? hypervisor.store.write(path + "/state", "\(XenbusState.closed.rawValue)")
+            try? hypervisor.store.write(path + "/state", "\(XenbusDeviceState.closed.rawValue)")
             if let d = devices.removeValue(forKey: path) { d.unplug() }
             deviceCount.store(devices.count, ordering: .relaxed)
         }

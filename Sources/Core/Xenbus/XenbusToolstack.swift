@@ -59,8 +59,8 @@ public enum XenbusToolstack {
     /// Removes both directories (after the backend has closed, or to force it).
     public static func remove(_ store: any XenStoreClient, _ paths: XenbusDevicePaths) throws(XenStoreError) {
         try store.transaction { (tx) throws(XenStoreError) in
-            do { try store.remove(paths.backendPath, transaction: tx) } catch .noEntry {}
-            do { try store.remove(paths.frontendPath, transaction: tx) } catch .noEntry {}
+            do throws(XenStoreError) { try store.remove(paths.backendPath, transaction: tx) } catch .noEntry {}
+            do throws(XenStoreError) { try store.remove(paths.frontendPath, transaction: tx) } catch .noEntry {}
         }
     }
 }
