@@ -14,8 +14,8 @@ enum XenStorePath {
     /// or too long.
     static func canonical(_ path: String, domain: UInt16) throws(XenStoreError) -> String {
         let absolute: String
-        if path.hasPrefix("/") {
-            absolute = path
+        if path.hasPrefix("/") || path.hasPrefix("@") {
+            absolute = path   // "@..." is never relative: only watches may name it, and the check below rejects it
         } else {
             guard path.utf8.count <= XenStoreLimits.relativePathMax else { throw .invalid(path) }
             absolute = domainPath(domain) + "/" + path

@@ -47,10 +47,11 @@ struct XenStoreWatches {
                 guard XenStoreAccess(domain: domain, permissions: change.permissions).contains(.read) else { continue }
                 for watch in watches {
                     let path: String
-                    if XenStorePath.isWithin(change.path, watch.canonical) && !change.path.hasPrefix("@") {
+                    if change.path.hasPrefix("@") || watch.canonical.hasPrefix("@") {
+                        guard change.path == watch.canonical else { continue }   // special paths match exactly
                         path = change.path
-                    } else if change.path == watch.canonical {
-                        path = change.path   // the special @ paths only match exactly
+                    } else if XenStorePath.isWithin(change.path, watch.canonical) {
+                        path = change.path
                     } else if change.recursive && XenStorePath.isWithin(watch.canonical, change.path) {
                         path = watch.canonical
                     } else {

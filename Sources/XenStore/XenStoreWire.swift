@@ -82,6 +82,7 @@ public struct XenStoreMessage: Equatable, Sendable {
     /// The payload split at NULs: "a\0b\0" gives ["a", "b"]; bytes after the last NUL form a
     /// final element ("path\0value" gives ["path", "value"]).
     public var strings: [String] {
+        if payload.isEmpty { return [] }
         var parts = payload.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
         if payload.last == 0 { parts.removeLast() }
         return parts
