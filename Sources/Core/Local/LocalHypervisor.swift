@@ -82,7 +82,15 @@ public final class LocalHypervisor: Hypervisor, @unchecked Sendable {
         events = LocalEventChannels(self)
     }
 
-    deinit { Glibc.close(control) }
+    deinit { destroy() }
+
+    private let destroyed = Atomic<Bool>(false)
+    /// Ends this domain: for a guest, the hypervisor destroys it (as when it crashes).
+    public func destroy() {
+        guard !destroyed.exchange(true, ordering: .sequentiallyConsistent) else { return }
+        (store as? XenStoreSocketClient)?.close()
+        Glibc.close(control)
+    }
 
     private static func connect(_ path: String) throws -> Int32 {
         let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
