@@ -55,7 +55,7 @@ public struct DeviceDescriptor: Sendable {
 public enum DeviceRegistry {
     /// All devices and filters, by name.
     public static let all: [DeviceDescriptor] = [
-        FileDevice.descriptor, MemoryDevice.descriptor, NullDevice.descriptor,
+        FileDevice.descriptor, MemoryDevice.descriptor, NullDevice.descriptor, StatsFilter.descriptor,
     ].sorted { $0.name < $1.name }
 
     public static func descriptor(named name: String) -> DeviceDescriptor? {
