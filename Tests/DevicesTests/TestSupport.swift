@@ -67,10 +67,15 @@ extension BlockDevice {
     func readRequest(_ buffer: TestBuffer, at offset: UInt64) -> BlockRequest {
         BlockRequest(operation: .read, offset: offset, length: UInt64(buffer.count), buffers: buffer.buffers)
     }
+    /// Writes `count` bytes of the test pattern `seed` at `offset` synchronously.
+    func writePattern(_ count: Int, seed: UInt8, at offset: UInt64, fua: Bool = false) throws {
+        let buffer = TestBuffer(count: count, pattern: seed)
+        try withExtendedLifetime(buffer) { try write(from: buffer.buffers, at: offset, fua: fua) }
+    }
     /// Reads `count` bytes at `offset` synchronously.
     func readBytes(_ count: Int, at offset: UInt64) throws -> [UInt8] {
         let buffer = TestBuffer(count: count)
-        try read(into: buffer.buffers, at: offset)
+        try withExtendedLifetime(buffer) { try read(into: buffer.buffers, at: offset) }
         return buffer.bytes
     }
 }
