@@ -1,0 +1,499 @@
+import CAio
+import Core
+import Glibc
+import Synchronization
+
+/// `file(path=..., readonly=false, direct=auto, size=...)`: a raw image file or a block device.
+///
+/// Reads, writes and flushes submitted with `submit` go to the kernel through libaio and
+/// complete on a reaper thread; `read` and `write` are the same operations done synchronously.
+/// Discard and write-zeroes are `fallocate` calls, which have no asynchronous form and only
+/// change metadata on a file, so they run on the submitting thread.
+///
+/// O_DIRECT keeps guest data out of the host's page cache (the guest has its own) and makes
+/// completion mean "the device has it", not "the page cache has it". It needs buffers, offsets
+/// and lengths aligned to the device's direct I/O block; a request whose buffers are not goes
+/// through an aligned bounce buffer rather than failing.
+///
+/// Batching: each `submit` calls `io_submit` at once, so nothing ever waits for a later request;
+/// a burst of submits costs one system call each. `BlockDevice` has no "end of burst" call that
+/// would let the device gather a burst into one `io_submit` without delaying the last request.
+public final class FileDevice: BlockDevice, @unchecked Sendable {
+    /// Whether to open with O_DIRECT.
+    public enum DirectIO: String, Sendable, CaseIterable {
+        /// O_DIRECT if the file system supports it, otherwise buffered.
+        case auto
+        /// O_DIRECT or fail to open.
+        case on
+        /// Buffered I/O through the page cache.
+        case off
+    }
+
+    public struct Options: Sendable {
+        public var readOnly = false
+        public var direct = DirectIO.auto
+        /// Create the file with this size if it does not exist or is empty.
+        public var createSize: UInt64?
+        /// Requests in flight at once; more wait in a queue for a free slot.
+        public var queueDepth = 128
+        public init(readOnly: Bool = false, direct: DirectIO = .auto, createSize: UInt64? = nil, queueDepth: Int = 128) {
+            self.readOnly = readOnly; self.direct = direct; self.createSize = createSize; self.queueDepth = queueDepth
+        }
+    }
+
+    public let name = "file"
+    public let path: String
+    public let geometry: BlockGeometry
+    public let capabilities: BlockCapabilities
+    /// Whether the file is open with O_DIRECT.
+    public let isDirect: Bool
+    public let isBlockDevice: Bool
+    public let isReadOnly: Bool
+    /// The memory and length alignment O_DIRECT needs on this file (1 when buffered).
+    public let directAlignment: Int
+
+    private let fd: Int32
+    private let aio: AsyncIOContext
+    private let slots: UnsafeMutablePointer<Slot>
+    private let queue: Mutex<Queue>
+    /// Submitted at close: a read of nothing whose completion tells the reaper to stop.
+    private let stopRequest = UnsafeMutablePointer<iocb>.allocate(capacity: 1)
+    private var reaper = pthread_t()
+    private var isClosed = false
+
+    /// One request in flight. The iocb lives here, in memory that never moves, because the
+    /// kernel holds on to it from `io_submit` until the completion is reaped.
+    private struct Slot {
+        var iocb = CAio.iocb()
+        var request = BlockRequest(operation: .flush, offset: 0, length: 0)
+        var completion: BlockCompletion?
+        /// An aligned copy of a request whose buffers O_DIRECT cannot use.
+        var bounce: UnsafeMutableRawPointer?
+        var bounceVector = iovec()
+    }
+
+    private struct Queue {
+        var free: [Int]
+        /// Requests submitted while every slot was busy, started as slots free up.
+        var waiting: [(BlockRequest, BlockCompletion)] = []
+        var inFlight = 0
+        var stopping = false
+    }
+
+    /// Opens `path`. Errors name the file and say what failed, e.g.
+    /// "file(path=/x): cannot open: No such file or directory".
+    public init(path: String, options: Options = Options()) throws(BlockError) {
+        self.path = path
+        let label = "file(path=\(path))"
+        if options.readOnly && options.createSize != nil {
+            throw BlockError(.invalid, "\(label): size= creates the file and cannot be used with readonly=true")
+        }
+        var flags = (options.readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC
+        if options.createSize != nil { flags |= O_CREAT }
+        var fd: Int32 = -1
+        var direct = options.direct != .off
+        if direct {
+            fd = open(path, flags | LinuxFile.O_DIRECT, 0o644)
+            // EINVAL: this file system has no O_DIRECT (tmpfs before Linux 6.6, ramfs, some FUSE).
+            if fd < 0 && errno == EINVAL && options.direct == .auto { direct = false }
+            if fd < 0 && errno == EINVAL && options.direct == .on {
+                throw BlockError(.notSupported, "\(label): this file system does not support O_DIRECT (use direct=auto or direct=off)")
+            }
+        }
+        if !direct { fd = open(path, flags, 0o644) }
+        guard fd >= 0 else { throw BlockError.system("\(label): cannot open", errno: errno) }
+        var opened = false
+        defer { if !opened { Glibc.close(fd) } }
+
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw BlockError.system("\(label): cannot stat", errno: errno) }
+        let type = st.st_mode & S_IFMT
+        guard type == S_IFREG || type == S_IFBLK else {
+            throw BlockError(.invalid, "\(label): not a regular file or a block device")
+        }
+        isBlockDevice = type == S_IFBLK
+        var size = UInt64(st.st_size)
+        var logical: UInt32 = 512, physical: UInt32 = 4096
+        if isBlockDevice {
+            var bytes: UInt64 = 0, sector: Int32 = 0, physicalSector: Int32 = 0
+            guard ioctl(fd, LinuxFile.BLKGETSIZE64, &bytes) == 0 else { throw BlockError.system("\(label): BLKGETSIZE64", errno: errno) }
+            size = bytes
+            if ioctl(fd, LinuxFile.BLKSSZGET, &sector) == 0 && sector == 4096 { logical = 4096 }
+            if ioctl(fd, LinuxFile.BLKPBSZGET, &physicalSector) == 0 && physicalSector > 4096 { physical = UInt32(physicalSector) }
+        } else if size == 0, let createSize = options.createSize {
+            guard ftruncate(fd, off_t(createSize)) == 0 else { throw BlockError.system("\(label): cannot set the size", errno: errno) }
+            size = createSize
+        }
+        // The geometry counts whole blocks: a partial block at the end of a file is not served.
+        size -= size % UInt64(logical)
+        guard size > 0 else { throw BlockError(.invalid, "\(label): the file is empty (give size=... to create it)") }
+
+        self.fd = fd
+        isDirect = direct
+        isReadOnly = options.readOnly
+        directAlignment = direct ? Self.probeDirectAlignment(fd: fd, logical: Int(logical)) : 1
+        geometry = BlockGeometry(size: size, logicalBlockSize: max(logical, UInt32(directAlignment)), physicalBlockSize: physical)
+        capabilities = options.readOnly ? (isBlockDevice ? [.multiConn] : [.extents, .multiConn])
+            : (isBlockDevice ? BlockCapabilities.all.subtracting(.extents) : .all)
+
+        do throws(SystemCallError) {
+            aio = try AsyncIOContext(depth: options.queueDepth)
+        } catch {
+            throw BlockError.system("\(label): \(error.call)", errno: error.errno)
+        }
+        slots = .allocate(capacity: options.queueDepth)
+        slots.initialize(repeating: Slot(), count: options.queueDepth)
+        var free = [Int]()
+        free.reserveCapacity(options.queueDepth)
+        free.append(contentsOf: (0..<options.queueDepth).reversed())
+        queue = Mutex(Queue(free: free))
+        opened = true
+
+        // The reaper thread owns io_getevents: a transport thread that submits never blocks on
+        // a completion, and completions are delivered as soon as the kernel posts them.
+        let started = pthread_create(&reaper, nil, { context in
+            Unmanaged<FileDevice>.fromOpaque(context!).takeUnretainedValue().reap()
+            return nil
+        }, Unmanaged.passUnretained(self).toOpaque())
+        precondition(started == 0, "\(label): cannot start the completion thread: \(String(cString: strerror(started)))")
+    }
+
+    deinit {
+        close()
+        slots.deinitialize(count: aio.depth)
+        slots.deallocate()
+        stopRequest.deallocate()
+    }
+
+    /// The smallest O_DIRECT block this file accepts: the logical block size, or 4096 if a
+    /// 512-byte direct read fails with EINVAL (a file system on a 4K-sector disk).
+    private static func probeDirectAlignment(fd: Int32, logical: Int) -> Int {
+        guard logical < 4096 else { return logical }
+        guard let buffer = alignedAllocate(4096) else { return 4096 }
+        defer { free(buffer) }
+        return pread(fd, buffer, logical, 0) < 0 && errno == EINVAL ? 4096 : logical
+    }
+
+    private static func alignedAllocate(_ count: Int) -> UnsafeMutableRawPointer? {
+        var memory: UnsafeMutableRawPointer?
+        return posix_memalign(&memory, 4096, max(count, 1)) == 0 ? memory : nil
+    }
+
+    private func error(_ operation: String, _ errno: Int32) -> BlockError {
+        BlockError.system("file(path=\(path)): \(operation)", errno: errno)
+    }
+
+    private func checkWritable() throws(BlockError) {
+        if isReadOnly { throw BlockError(.readOnly, "file(path=\(path)): opened with readonly=true") }
+    }
+
+    /// Whether O_DIRECT can use `buffers` as they are: every address and length a multiple of
+    /// the direct I/O block (a 512-byte-aligned address inside a page is enough for most disks).
+    private func directCanUse(_ buffers: IOBuffers) -> Bool {
+        guard isDirect else { return true }
+        for buffer in buffers where Int(bitPattern: buffer.baseAddress) % directAlignment != 0 || buffer.count % directAlignment != 0 {
+            return false
+        }
+        return true
+    }
+
+    // MARK: Asynchronous path (libaio)
+
+    public func submit(_ request: BlockRequest, completion: BlockCompletion) {
+        switch request.operation {
+        case .discard, .writeZeroes:
+            completion.complete(performSynchronously(request))
+            return
+        case .write where isReadOnly:
+            completion.complete(.failure(BlockError(.readOnly, "file(path=\(path)): opened with readonly=true")))
+            return
+        default: break
+        }
+        let slot: Int? = queue.withLock { queue in
+            guard let slot = queue.free.popLast() else {
+                queue.waiting.append((request, completion))
+                return nil
+            }
+            queue.inFlight += 1
+            return slot
+        }
+        if let slot { start(slot, request, completion) }
+    }
+
+    private func start(_ index: Int, _ request: BlockRequest, _ completion: BlockCompletion) {
+        let slot = slots + index
+        slot.pointee.request = request
+        slot.pointee.completion = completion
+        let iocb = UnsafeMutableRawPointer(slot).advanced(by: MemoryLayout<Slot>.offset(of: \Slot.iocb)!)
+            .assumingMemoryBound(to: CAio.iocb.self)
+        let data = UnsafeMutableRawPointer(bitPattern: index + 1)  // 0 is the stop request
+        switch request.operation {
+        case .read, .write:
+            var vectors = UnsafePointer(request.buffers.vectors)
+            var count = request.buffers.count
+            if !directCanUse(request.buffers) {
+                guard let bounce = Self.alignedAllocate(Int(request.length)) else {
+                    return finish(index, result: -Int(ENOMEM))
+                }
+                if request.operation == .write { request.buffers.copy(to: bounce, count: Int(request.length)) }
+                slot.pointee.bounce = bounce
+                slot.pointee.bounceVector = iovec(iov_base: bounce, iov_len: Int(request.length))
+                vectors = UnsafeRawPointer(slot).advanced(by: MemoryLayout<Slot>.offset(of: \Slot.bounceVector)!)
+                    .assumingMemoryBound(to: iovec.self)
+                count = 1
+            }
+            // FUA as RWF_DSYNC on the write itself: durable when it completes, no second request.
+            AsyncIOContext.prepare(iocb, request.operation == .read ? .read : .write, fd: fd, vectors: vectors, count: count,
+                                   offset: request.offset, rwFlags: request.fua ? LinuxFile.RWF_DSYNC : 0, data: data)
+        default:
+            AsyncIOContext.prepare(iocb, .dataSync, fd: fd, data: data)
+        }
+        do throws(SystemCallError) {
+            try aio.submit(iocb)
+        } catch {
+            finish(index, result: -Int(error.errno))
+        }
+    }
+
+    /// The reaper thread: waits for completions and finishes them, until `close`.
+    private func reap() {
+        let events = UnsafeMutableBufferPointer<io_event>.allocate(capacity: 64)
+        defer { events.deallocate() }
+        var stopSeen = false
+        while !(stopSeen && queue.withLock({ $0.inFlight == 0 })) {
+            let count: Int
+            do throws(SystemCallError) {
+                count = try aio.reap(into: events, minimum: 1)
+            } catch {
+                fatalError("file(path=\(path)): \(error)")  // EFAULT/EINVAL: a bug, not an I/O error
+            }
+            for event in events[0..<count] {
+                let tag = Int(bitPattern: event.data)
+                if tag == 0 { stopSeen = true; continue }
+                finish(tag - 1, result: Int(bitPattern: event.res))
+            }
+        }
+    }
+
+    /// Completes the request in slot `index` whose kernel result was `result` (bytes or -errno),
+    /// frees the slot and starts a waiting request in it.
+    private func finish(_ index: Int, result: Int) {
+        let slot = slots + index
+        let request = slot.pointee.request
+        let outcome: BlockResult
+        switch request.operation {
+        case .read, .write:
+            outcome = finishTransfer(request, bounce: slot.pointee.bounce, result: result)
+        default:
+            if result >= 0 {
+                outcome = .success
+            } else if -result == Int(EINVAL) {
+                // This file system has no asynchronous fdsync: do it here.
+                outcome = performSynchronously(request)
+            } else {
+                outcome = .failure(error("flush", Int32(-result)))
+            }
+        }
+        if let bounce = slot.pointee.bounce {
+            free(bounce)
+            slot.pointee.bounce = nil
+        }
+        let completion = slot.pointee.completion!
+        slot.pointee.completion = nil
+        // Free the slot before completing, so that a transport that submits from its
+        // completion finds one.
+        let next: (BlockRequest, BlockCompletion)? = queue.withLock { queue in
+            if !queue.waiting.isEmpty { return queue.waiting.removeFirst() }
+            queue.free.append(index)
+            queue.inFlight -= 1
+            return nil
+        }
+        completion.complete(outcome)
+        if let next { start(index, next.0, next.1) }
+    }
+
+    /// A read or write the kernel has finished with `result`: complete, short or failed.
+    private func finishTransfer(_ request: BlockRequest, bounce: UnsafeMutableRawPointer?, result: Int) -> BlockResult {
+        let write = request.operation == .write
+        do throws(BlockError) {
+            if result == Int(request.length) {
+                if let bounce, !write { request.buffers.copy(from: bounce, count: result) }
+            } else if result >= 0 && bounce == nil {
+                // Short: the end of a file that shrank, or a full disk part way. Carry on from
+                // where the kernel stopped; the synchronous loop reports why it cannot go on.
+                try transfer(write: write, request.buffers, at: request.offset, skipping: result, fua: request.fua)
+            } else if result >= 0 || -result == Int(EINVAL) {
+                // Short through the bounce buffer, or EINVAL (an alignment the probe missed, or a
+                // kernel without RWF_DSYNC): do it all again synchronously; the same bytes at the
+                // same place, so repeating the part that was done is harmless.
+                try transfer(write: write, request.buffers, at: request.offset, fua: request.fua)
+            } else {
+                throw error(write ? "write" : "read", Int32(-result))
+            }
+            return .success
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    // MARK: Synchronous path
+
+    public func read(into buffers: IOBuffers, at offset: UInt64) throws(BlockError) {
+        try transfer(write: false, buffers, at: offset, fua: false)
+    }
+
+    public func write(from buffers: IOBuffers, at offset: UInt64, fua: Bool) throws(BlockError) {
+        try checkWritable()
+        try transfer(write: true, buffers, at: offset, fua: fua)
+    }
+
+    /// preadv/pwritev until every byte is done, through an aligned copy if O_DIRECT cannot use
+    /// `buffers`, skipping the first `skipping` bytes (already done).
+    private func transfer(write: Bool, _ buffers: IOBuffers, at offset: UInt64, skipping: Int = 0, fua: Bool) throws(BlockError) {
+        let length = buffers.byteCount
+        if !directCanUse(buffers) || skipping % directAlignment != 0 {
+            guard let bounce = Self.alignedAllocate(length) else { throw error(write ? "write" : "read", ENOMEM) }
+            defer { free(bounce) }
+            var vector = iovec(iov_base: bounce, iov_len: length)
+            if write { buffers.copy(to: bounce, count: length) }
+            try withUnsafeMutablePointer(to: &vector) { (v) throws(BlockError) in
+                try loop(write: write, v, count: 1, at: offset, skipping: 0)
+            }
+            if !write { buffers.copy(from: bounce, count: length) }
+        } else {
+            // A private copy of the iovecs, which the loop advances past what is done.
+            try withUnsafeTemporaryAllocation(of: iovec.self, capacity: max(buffers.count, 1)) { (copy) throws(BlockError) in
+                for i in 0..<buffers.count { copy[i] = buffers.vectors![i] }
+                try loop(write: write, copy.baseAddress!, count: buffers.count, at: offset, skipping: skipping)
+            }
+        }
+        if write && fua { try flush() }
+    }
+
+    private func loop(write: Bool, _ vectors: UnsafeMutablePointer<iovec>, count: Int, at offset: UInt64, skipping: Int) throws(BlockError) {
+        var first = 0
+        var pending = skipping  // bytes to step over before the next call
+        var position = offset + UInt64(skipping)
+        while true {
+            while first < count && vectors[first].iov_len <= pending {
+                pending -= vectors[first].iov_len
+                first += 1
+            }
+            if first == count { return }
+            if pending > 0 {
+                vectors[first].iov_base = vectors[first].iov_base! + pending
+                vectors[first].iov_len -= pending
+            }
+            let done = write ? pwritev(fd, vectors + first, Int32(count - first), off_t(position))
+                             : preadv(fd, vectors + first, Int32(count - first), off_t(position))
+            if done < 0 && errno == EINTR { pending = 0; continue }
+            if done < 0 { throw error(write ? "write" : "read", errno) }
+            if done == 0 {
+                // A read at the end of a file that shrank under us, or a write that made no progress.
+                throw write ? error("write", ENOSPC)
+                            : BlockError(.io, "file(path=\(path)): read: unexpected end of file at offset \(position)")
+            }
+            position += UInt64(done)
+            pending = done
+        }
+    }
+
+    public func flush() throws(BlockError) {
+        while fdatasync(fd) != 0 {
+            if errno != EINTR { throw error("flush", errno) }
+        }
+    }
+
+    /// Punches a hole (files) or discards the blocks (block devices). A file system without hole
+    /// punching ignores the request: discard is a hint, and the data must stay readable anyway.
+    public func discard(at offset: UInt64, length: UInt64) throws(BlockError) {
+        try checkWritable()
+        var failed: Bool
+        if isBlockDevice {
+            var range: (UInt64, UInt64) = (offset, length)
+            failed = ioctl(fd, LinuxFile.BLKDISCARD, &range) != 0
+        } else {
+            failed = LinuxFile.fallocate(fd, LinuxFile.FALLOC_FL_PUNCH_HOLE | LinuxFile.FALLOC_FL_KEEP_SIZE, offset, length) != 0
+        }
+        if failed && errno != EOPNOTSUPP && errno != ENOSYS { throw error("discard", errno) }
+    }
+
+    /// A punched hole if allowed, else an allocated zeroed range, else writes of zeroes.
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError) {
+        try checkWritable()
+        let keep = LinuxFile.FALLOC_FL_KEEP_SIZE
+        if mayDiscard && LinuxFile.fallocate(fd, LinuxFile.FALLOC_FL_PUNCH_HOLE | keep, offset, length) == 0 { return }
+        if LinuxFile.fallocate(fd, LinuxFile.FALLOC_FL_ZERO_RANGE | keep, offset, length) == 0 { return }
+        guard [EOPNOTSUPP, ENOSYS, EINVAL, ENODEV].contains(errno) else { throw error("write-zeroes", errno) }
+        try writeZeroesByWriting(at: offset, length: length)
+    }
+
+    /// SEEK_DATA/SEEK_HOLE on a file; a block device is all data.
+    public func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent] {
+        let end = min(offset + length, geometry.size)
+        guard !isBlockDevice else { return [BlockExtent(offset: offset, length: end - offset, isHole: false, isZero: false)] }
+        var extents: [BlockExtent] = []
+        var position = offset
+        while position < end {
+            let data = lseek(fd, off_t(position), LinuxFile.SEEK_DATA)
+            if data < 0 && errno != ENXIO { throw error("extents", errno) }
+            // ENXIO: no data after `position`, the rest is a hole.
+            let dataStart = data < 0 ? end : min(UInt64(data), end)
+            if dataStart > position {
+                extents.append(BlockExtent(offset: position, length: dataStart - position, isHole: true, isZero: true))
+                position = dataStart
+                continue
+            }
+            let hole = lseek(fd, off_t(position), LinuxFile.SEEK_HOLE)
+            if hole < 0 { throw error("extents", errno) }
+            let dataEnd = min(UInt64(hole), end)
+            extents.append(BlockExtent(offset: position, length: dataEnd - position, isHole: false, isZero: false))
+            position = dataEnd
+        }
+        return extents
+    }
+
+    /// Waits for the requests in flight, stops the reaper and closes the file.
+    public func close() {
+        let alreadyClosed = queue.withLock { queue in
+            defer { queue.stopping = true }
+            return queue.stopping
+        }
+        if alreadyClosed { return }
+        // A read of no bytes completes at once; its event tells the reaper to stop once the
+        // requests in flight are done (io_getevents has no other way to be woken).
+        AsyncIOContext.prepare(stopRequest, .read, fd: fd, data: nil)
+        do throws(SystemCallError) {
+            try aio.submit(stopRequest)
+            pthread_join(reaper, nil)
+        } catch {
+            // The reaper cannot be woken; leave it blocked rather than free what it uses.
+            return
+        }
+        Glibc.close(fd)
+    }
+}
+
+extension FileDevice {
+    public static let descriptor = DeviceDescriptor(
+        name: "file", kind: .device,
+        summary: "A raw image file or a block device, with asynchronous I/O (libaio) and O_DIRECT.",
+        parameters: [
+            DeviceParameter("path", required: true, "The image file or block device."),
+            DeviceParameter("readonly", "true to refuse writes (default false)."),
+            DeviceParameter("direct", "auto (O_DIRECT where the file system has it), on, or off (page cache). Default auto."),
+            DeviceParameter("size", "Create the file with this size (e.g. 10G) if it does not exist or is empty."),
+        ],
+        open: { parameters, _ throws(DeviceSpecError) in
+            let path = try parameters.required("path")
+            let direct = try parameters.choice("direct", FileDevice.DirectIO.allCases.map(\.rawValue), default: "auto")
+            let options = Options(readOnly: try parameters.bool("readonly", default: false),
+                                  direct: DirectIO(rawValue: direct)!,
+                                  createSize: try parameters.size("size"))
+            do throws(BlockError) {
+                return try FileDevice(path: path, options: options)
+            } catch {
+                throw DeviceSpecError(error.message)
+            }
+        })
+}

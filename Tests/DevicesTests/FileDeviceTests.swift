@@ -1,0 +1,147 @@
+import Core
+import Devices
+import Glibc
+import XCTest
+
+final class FileDeviceTests: XCTestCase {
+    /// A new sparse image of `size` bytes in a fresh directory (on disk: O_DIRECT works there).
+    func makeImage(size: UInt64 = 1 << 20, direct: FileDevice.DirectIO = .on, in directory: String? = nil) throws -> FileDevice {
+        let path = (directory ?? makeTemporaryDirectory(self)) + "/disk.img"
+        let file = try FileDevice(path: path, options: .init(direct: direct, createSize: size))
+        addTeardownBlock { file.close() }
+        return file
+    }
+
+    /// What the file holds, read with plain pread: an independent check of the device.
+    func fileBytes(_ file: FileDevice, _ count: Int, at offset: UInt64) -> [UInt8] {
+        let fd = open(file.path, O_RDONLY)
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0xEE, count: count)
+        XCTAssertEqual(pread(fd, &bytes, count, off_t(offset)), count)
+        return bytes
+    }
+
+    func testSynchronousWritesReadBackWithODirect() throws {
+        let file = try makeImage()
+        XCTAssertTrue(file.isDirect)
+        try file.writePattern(8192, seed: 1, at: 4096)
+        XCTAssertEqual(try file.readBytes(8192, at: 4096), TestBuffer.expected(8192, 1))
+        XCTAssertEqual(fileBytes(file, 8192, at: 4096), TestBuffer.expected(8192, 1))
+    }
+
+    func testABurstOfAsynchronousWritesAndReads() throws {
+        let file = try makeImage()
+        let buffers = (0..<64).map { TestBuffer(count: 4096, pattern: UInt8($0)) }
+        let writes = Completions()
+        for (i, buffer) in buffers.enumerated() {
+            file.submit(file.writeRequest(buffer, at: UInt64(i) * 4096, fua: i % 8 == 0), completion: writes.completion(UInt64(i)))
+        }
+        XCTAssertEqual(writes.wait(for: 64).values.filter { $0 == .success }.count, 64)
+        for i in 0..<64 { XCTAssertEqual(fileBytes(file, 4096, at: UInt64(i) * 4096), TestBuffer.expected(4096, UInt8(i))) }
+
+        let back = (0..<64).map { _ in TestBuffer(count: 4096) }
+        let reads = Completions()
+        for (i, buffer) in back.enumerated() { file.submit(file.readRequest(buffer, at: UInt64(i) * 4096), completion: reads.completion(UInt64(i))) }
+        XCTAssertEqual(reads.wait(for: 64).values.filter { $0 == .success }.count, 64)
+        for i in 0..<64 { XCTAssertEqual(back[i].bytes, TestBuffer.expected(4096, UInt8(i))) }
+        XCTAssertEqual(file.submitAndWait(BlockRequest(operation: .flush, offset: 0, length: 0)), .success)
+        withExtendedLifetime(buffers) {}
+    }
+
+    func testMisalignedBuffersGoThroughABounceBuffer() throws {
+        let file = try makeImage()
+        // 3 bytes past a page boundary: O_DIRECT would fail this with EINVAL.
+        let data = TestBuffer(count: 8192, misalign: 3, pattern: 7)
+        XCTAssertEqual(file.submitAndWait(file.writeRequest(data, at: 0)), .success)
+        let back = TestBuffer(count: 8192, misalign: 5)
+        XCTAssertEqual(file.submitAndWait(file.readRequest(back, at: 0)), .success)
+        XCTAssertEqual(back.bytes, TestBuffer.expected(8192, 7))
+
+        try file.write(from: data.buffers, at: 65536, fua: true)
+        try file.read(into: back.buffers, at: 65536)
+        XCTAssertEqual(back.bytes, TestBuffer.expected(8192, 7))
+        XCTAssertEqual(fileBytes(file, 8192, at: 65536), TestBuffer.expected(8192, 7))
+    }
+
+    func testFallsBackToBufferedIOWithoutODirect() throws {
+        // ramfs has no O_DIRECT: open fails with EINVAL.
+        let directory = try mountTemporary(self, type: "ramfs")
+        XCTAssertThrowsError(try FileDevice(path: directory + "/disk.img", options: .init(direct: .on, createSize: 1 << 20))) { error in
+            XCTAssertEqual((error as? BlockError)?.code, .notSupported)
+            XCTAssertEqual((error as? BlockError)?.message,
+                           "file(path=\(directory)/disk.img): this file system does not support O_DIRECT (use direct=auto or direct=off)")
+        }
+        let file = try makeImage(direct: .auto, in: directory)
+        XCTAssertFalse(file.isDirect)
+        let data = TestBuffer(count: 4096, misalign: 1, pattern: 4)
+        XCTAssertEqual(file.submitAndWait(file.writeRequest(data, at: 8192, fua: true)), .success)
+        XCTAssertEqual(try file.readBytes(4096, at: 8192), TestBuffer.expected(4096, 4))
+    }
+
+    func testExtentsFollowWritesAndDiscards() throws {
+        let file = try makeImage()
+        XCTAssertEqual(try file.extents(at: 0, length: 1 << 20), [BlockExtent(offset: 0, length: 1 << 20, isHole: true, isZero: true)])
+        try file.writePattern(65536, seed: 2, at: 262144)
+        XCTAssertEqual(try file.extents(at: 0, length: 1 << 20), [
+            BlockExtent(offset: 0, length: 262144, isHole: true, isZero: true),
+            BlockExtent(offset: 262144, length: 65536, isHole: false, isZero: false),
+            BlockExtent(offset: 327680, length: (1 << 20) - 327680, isHole: true, isZero: true),
+        ])
+        XCTAssertEqual(file.submitAndWait(BlockRequest(operation: .discard, offset: 262144, length: 65536)), .success)
+        XCTAssertEqual(try file.extents(at: 0, length: 1 << 20), [BlockExtent(offset: 0, length: 1 << 20, isHole: true, isZero: true)])
+        XCTAssertEqual(try file.readBytes(65536, at: 262144), [UInt8](repeating: 0, count: 65536))
+    }
+
+    func testWriteZeroesReadsBackZeroes() throws {
+        let file = try makeImage()
+        try file.writePattern(131072, seed: 3, at: 0)
+        try file.writeZeroes(at: 0, length: 65536, mayDiscard: false)
+        try file.writeZeroes(at: 65536, length: 65536, mayDiscard: true)
+        XCTAssertEqual(try file.readBytes(131072, at: 0), [UInt8](repeating: 0, count: 131072))
+        let extents = try file.extents(at: 0, length: 131072)
+        // mayDiscard punches a hole; ZERO_RANGE may leave data or (ext4: unwritten extents) a hole.
+        XCTAssertTrue(extents.allSatisfy { $0.isHole || $0.offset + $0.length <= 65536 }, "\(extents)")
+    }
+
+    func testAFullFileSystemIsNoSpaceNeverSuccess() throws {
+        let directory = try mountTemporary(self, type: "tmpfs", options: "size=256k")
+        let file = try makeImage(size: 1 << 20, direct: .auto, in: directory)
+        let buffers = (0..<16).map { TestBuffer(count: 65536, pattern: UInt8($0)) }
+        let completions = Completions()
+        for (i, buffer) in buffers.enumerated() {
+            file.submit(file.writeRequest(buffer, at: UInt64(i) * 65536), completion: completions.completion(UInt64(i)))
+        }
+        let results = completions.wait(for: 16)
+        let succeeded = results.filter { $0.value == .success }.map(\.key)
+        XCTAssertLessThanOrEqual(succeeded.count, 4, "256 KiB cannot hold more than four 64 KiB writes")
+        XCTAssertTrue(results.values.contains { $0.errorCode == .noSpace })
+        XCTAssertTrue(results.values.allSatisfy { $0 == .success || $0.errorCode == .noSpace })
+        for i in succeeded { XCTAssertEqual(fileBytes(file, 65536, at: i * 65536), TestBuffer.expected(65536, UInt8(i))) }
+        XCTAssertThrowsError(try file.writePattern(65536, seed: 1, at: 15 * 65536)) { error in
+            XCTAssertEqual((error as? BlockError)?.code, .noSpace)
+        }
+        withExtendedLifetime(buffers) {}
+    }
+
+    func testReadOnlyRejectsWrites() throws {
+        let path = makeTemporaryDirectory(self) + "/disk.img"
+        try FileDevice(path: path, options: .init(createSize: 1 << 20)).close()
+        let file = try DeviceRegistry.open("file(path=\"\(path)\", readonly=true)")
+        defer { file.close() }
+        XCTAssertFalse(file.capabilities.contains(.write))
+        XCTAssertThrowsError(try file.writePattern(4096, seed: 1, at: 0)) { XCTAssertEqual(($0 as? BlockError)?.code, .readOnly) }
+        let data = TestBuffer(count: 4096, pattern: 1)
+        XCTAssertEqual(file.submitAndWait(file.writeRequest(data, at: 0)).errorCode, .readOnly)
+        XCTAssertEqual(file.submitAndWait(BlockRequest(operation: .discard, offset: 0, length: 4096)).errorCode, .readOnly)
+        XCTAssertEqual(try file.readBytes(4096, at: 0), [UInt8](repeating: 0, count: 4096))
+    }
+
+    func testOpenErrorsSayWhatFailed() {
+        XCTAssertThrowsError(try FileDevice(path: "/nonexistent/disk.img")) { error in
+            XCTAssertEqual((error as? BlockError)?.message, "file(path=/nonexistent/disk.img): cannot open: No such file or directory")
+        }
+        XCTAssertThrowsError(try FileDevice(path: "/dev/null")) { error in
+            XCTAssertEqual((error as? BlockError)?.message, "file(path=/dev/null): not a regular file or a block device")
+        }
+    }
+}

@@ -1,0 +1,108 @@
+import Core
+import Dispatch
+import Glibc
+import Synchronization
+import XCTest
+
+/// Page-aligned memory for I/O, with one iovec over it that starts `misalign` bytes in.
+final class TestBuffer {
+    let memory: UnsafeMutableRawPointer
+    let count: Int
+    let vector = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
+
+    init(count: Int, misalign: Int = 0, pattern seed: UInt8? = nil) {
+        var memory: UnsafeMutableRawPointer?
+        precondition(posix_memalign(&memory, 4096, count + misalign) == 0)
+        self.memory = memory!
+        self.count = count
+        vector.pointee = iovec(iov_base: memory! + misalign, iov_len: count)
+        if let seed { fill(seed) } else { memset(memory! + misalign, 0xEE, count) }
+    }
+    deinit { free(memory); vector.deallocate() }
+
+    var buffers: IOBuffers { IOBuffers(vector, count: 1) }
+    var bytes: [UInt8] { Array(UnsafeRawBufferPointer(start: vector.pointee.iov_base, count: count)) }
+    func fill(_ seed: UInt8) {
+        let p = vector.pointee.iov_base!.assumingMemoryBound(to: UInt8.self)
+        for i in 0..<count { p[i] = UInt8(truncatingIfNeeded: i &* 7 &+ Int(seed)) }
+    }
+    static func expected(_ count: Int, _ seed: UInt8) -> [UInt8] {
+        (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ Int(seed)) }
+    }
+}
+
+/// Records completions and lets a test wait for them.
+final class Completions: BlockCompletionSink, @unchecked Sendable {
+    private let results = Mutex<[UInt64: BlockResult]>([:])
+    private let done = DispatchSemaphore(value: 0)
+
+    func complete(tag: UInt64, result: BlockResult) {
+        results.withLock { results in
+            XCTAssertNil(results[tag], "request \(tag) completed twice")
+            results[tag] = result
+        }
+        done.signal()
+    }
+    func completion(_ tag: UInt64) -> BlockCompletion { BlockCompletion(sink: self, tag: tag) }
+
+    /// Waits for `count` completions (failing the test after 10 s) and returns all results.
+    func wait(for count: Int) -> [UInt64: BlockResult] {
+        for _ in 0..<count {
+            if done.wait(timeout: .now() + 10) == .timedOut { XCTFail("a completion did not arrive"); break }
+        }
+        return results.withLock { $0 }
+    }
+}
+
+extension BlockDevice {
+    /// Submits one request and waits for its completion.
+    func submitAndWait(_ request: BlockRequest) -> BlockResult {
+        let completions = Completions()
+        submit(request, completion: completions.completion(1))
+        return completions.wait(for: 1)[1] ?? .failure(BlockError(.io, "no completion"))
+    }
+    func writeRequest(_ buffer: TestBuffer, at offset: UInt64, fua: Bool = false) -> BlockRequest {
+        BlockRequest(operation: .write, offset: offset, length: UInt64(buffer.count), buffers: buffer.buffers, fua: fua)
+    }
+    func readRequest(_ buffer: TestBuffer, at offset: UInt64) -> BlockRequest {
+        BlockRequest(operation: .read, offset: offset, length: UInt64(buffer.count), buffers: buffer.buffers)
+    }
+    /// Writes `count` bytes of the test pattern `seed` at `offset` synchronously.
+    func writePattern(_ count: Int, seed: UInt8, at offset: UInt64, fua: Bool = false) throws {
+        let buffer = TestBuffer(count: count, pattern: seed)
+        try withExtendedLifetime(buffer) { try write(from: buffer.buffers, at: offset, fua: fua) }
+    }
+    /// Reads `count` bytes at `offset` synchronously.
+    func readBytes(_ count: Int, at offset: UInt64) throws -> [UInt8] {
+        let buffer = TestBuffer(count: count)
+        try withExtendedLifetime(buffer) { try read(into: buffer.buffers, at: offset) }
+        return buffer.bytes
+    }
+}
+
+extension BlockResult {
+    var errorCode: BlockError.Code? {
+        if case .failure(let error) = self { return error.code }
+        return nil
+    }
+}
+
+/// A fresh directory for one test, removed afterwards. Under /var/tmp because /tmp may be a
+/// tmpfs, and the O_DIRECT tests need a disk file system.
+func makeTemporaryDirectory(_ test: XCTestCase) -> String {
+    var template = Array("/var/tmp/softdev-devices-XXXXXX".utf8CString)
+    let path = String(cString: mkdtemp(&template)!)
+    test.addTeardownBlock { _ = try? FileManager.default.removeItem(atPath: path) }
+    return path
+}
+
+/// Mounts a file system of `type` on a fresh directory (root only), unmounted afterwards.
+func mountTemporary(_ test: XCTestCase, type: String, options: String? = nil) throws -> String {
+    guard getuid() == 0 else { throw XCTSkip("mounting \(type) needs root") }
+    let path = makeTemporaryDirectory(test)
+    guard mount(type, path, type, 0, options) == 0 else {
+        throw XCTSkip("cannot mount \(type): \(String(cString: strerror(errno)))")
+    }
+    test.addTeardownBlock { umount2(path, 2 /* MNT_DETACH */) }
+    return path
+}
