@@ -51,7 +51,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     }
 
     // Slots: created on demand, never moved, so completion threads read them without a lock.
-    private let slots = UnsafeMutablePointer<Slot?>.allocate(capacity: NBDConnection.maxInFlight)
+    private let slots = UnsafeMutablePointer<Slot>.allocate(capacity: NBDConnection.maxInFlight)
     private var slotCount = 0
     private var freeSlots: [Int] = []
     private var inFlight = 0
@@ -88,7 +88,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     }
 
     deinit {
-        for i in 0..<slotCount { slots[i] = nil }
+        slots.deinitialize(count: slotCount)
         slots.deallocate()
         out.deallocate(); input.deallocate(); scratch.deallocate()
         bounce?.deallocate()
@@ -191,7 +191,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
                           completion: BlockCompletion(sink: self, tag: UInt64(slot.index)))
             return true
         }
-        let result = readModifyWrite(offset, Int(length), fua: fua, data: slot.buffer)
+        let result = readModifyWrite(offset, Int(length), fua: fua, data: slot.buffer, holding: 1)
         release(slot)
         return replyNow(cookie, .write, result)
     }
@@ -244,9 +244,10 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
 
     /// Sub-block write: read the whole blocks, patch them, write them back. Our own earlier
     /// requests are drained first and other connections to the export wait on `rmwLock`, so
-    /// that no write to a neighbouring byte of the same block is lost. `data` nil writes zeroes.
-    private func readModifyWrite(_ offset: UInt64, _ length: Int, fua: Bool, data: UnsafeMutableRawPointer?) -> UInt32 {
-        drain(to: 0)
+    /// that no write to a neighbouring byte of the same block is lost. `data` nil writes zeroes;
+    /// `holding` is how many slots the caller itself holds.
+    private func readModifyWrite(_ offset: UInt64, _ length: Int, fua: Bool, data: UnsafeMutableRawPointer?, holding: Int = 0) -> UInt32 {
+        drain(to: holding)
         let start = offset / blockSize * blockSize
         let end = (offset + UInt64(length) + blockSize - 1) / blockSize * blockSize
         let n = Int(end - start)
@@ -331,7 +332,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     // MARK: Completions
 
     func complete(tag: UInt64, result: BlockResult) {
-        let slot = slots[Int(tag)]!
+        let slot = slots[Int(tag)]
         switch result {
         case .success:
             if slot.command == .read { replyReadData(slot) } else { replySimple(slot.header, slot.cookie, 0) }
@@ -441,10 +442,10 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         }
         let slot: Slot
         if let i = freeSlots.popLast() {
-            slot = slots[i]!
+            slot = slots[i]
         } else {
             slot = Slot(index: slotCount)
-            slots[slotCount] = slot
+            (slots + slotCount).initialize(to: slot)
             slotCount += 1
         }
         inFlight += 1
