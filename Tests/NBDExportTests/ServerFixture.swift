@@ -35,7 +35,7 @@ func XCTAssertSucceeded(_ r: ProcessResult, _ what: String, file: StaticString =
 
 /// Writes `size` bytes of a deterministic pattern with holes (every fourth MiB left empty).
 func writePatternFile(_ path: String, size: Int, seed: UInt8 = 1) throws {
-    FileManager.default.createFile(atPath: path, contents: nil)
+    _ = FileManager.default.createFile(atPath: path, contents: nil)
     let h = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
     defer { try? h.close() }
     try h.truncate(atOffset: UInt64(size))

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import NBDExport
 
 /// The external clients the interop tests drive, and the Debian package each comes from: a
 /// missing client is a failure that names what to install, never a skip.
@@ -39,18 +40,8 @@ func runTool(_ tool: Tool, _ arguments: [String]) throws -> ProcessResult {
 }
 
 func runPath(_ path: String, _ arguments: [String]) throws -> ProcessResult {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: path)
-    p.arguments = arguments
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    try p.run()
-    // Read before waiting: a full pipe would block the child forever.
-    let o = out.fileHandleForReading.readDataToEndOfFile()
-    let e = err.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return ProcessResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    let (status, out, err) = try NBDBenchmark.execute(path, arguments)
+    return ProcessResult(status: status, stdout: out, stderr: err)
 }
 
 extension Tool {
