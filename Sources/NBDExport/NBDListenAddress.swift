@@ -15,7 +15,7 @@ public enum NBDListenAddress: Equatable, Sendable, CustomStringConvertible {
     public static let defaultPort: UInt16 = 10809
 
     /// Parses `unix:PATH`, `tcp:HOST:PORT`, `tcp:[IPv6]:PORT` or `tcp:HOST` (port 10809).
-    /// A bare path starting with `/` or `.` is taken as a unix socket.
+    /// A bare path starting with `/` or `.` is taken as a unix socket; port 0 picks a free port.
     public static func parse(_ text: String) throws(NBDAddressError) -> NBDListenAddress {
         if text.hasPrefix("unix:") {
             let path = String(text.dropFirst(5))
@@ -51,8 +51,9 @@ public enum NBDListenAddress: Equatable, Sendable, CustomStringConvertible {
         guard !host.isEmpty else { throw NBDAddressError(text, "the host is empty") }
         var number = defaultPort
         if let port {
-            guard let p = UInt16(port), p != 0 else {
-                throw NBDAddressError(text, "the port '\(port)' is not a number from 1 to 65535")
+            // Port 0 asks the kernel for a free port; `NBDServer.boundPort` tells which.
+            guard let p = UInt16(port) else {
+                throw NBDAddressError(text, "the port '\(port)' is not a number from 0 to 65535")
             }
             number = p
         }

@@ -12,12 +12,22 @@ final class NBDProtocolTests: XCTestCase {
         XCTAssertEqual(try NBDListenAddress.parse("tcp:[::1]:4000"), .tcp(host: "::1", port: 4000))
         XCTAssertEqual(try NBDListenAddress.parse("tcp:localhost"), .tcp(host: "localhost", port: 10809))
         XCTAssertEqual(try NBDListenAddress.parse("/tmp/a.sock"), .unix(path: "/tmp/a.sock"))
-        for bad in ["", "unix:", "tcp:", "tcp:host:0", "tcp:host:99999", "tcp:host:http", "tcp:::1:80", "udp:1.2.3.4:5",
+        for bad in ["", "unix:", "tcp:", "tcp:host:99999", "tcp:host:http", "tcp:::1:80", "udp:1.2.3.4:5",
                     "unix:/" + String(repeating: "x", count: 120)] {
             XCTAssertThrowsError(try NBDListenAddress.parse(bad), bad) { error in
                 XCTAssertTrue("\(error)".contains("invalid NBD address"), "\(error)")
             }
         }
+    }
+
+    func testTCPListenerServesQemuImg() throws {
+        let server = NBDServer(listen: try .parse("tcp:127.0.0.1:0"), exports: [NBDExport(name: "t", device: SparseTestDevice(size: 3 << 20))])
+        try server.start()
+        defer { server.stop() }
+        let port = try XCTUnwrap(server.boundPort)
+        let r = try runTool(.qemuImg, ["info", "--output=json", "nbd://127.0.0.1:\(port)/t"])
+        XCTAssertSucceeded(r, "qemu-img info over TCP")
+        XCTAssertTrue(r.stdout.contains("\"virtual-size\": 3145728"), r.stdout)
     }
 
     func testUnixSocketIsOwnerOnly() throws {
