@@ -63,6 +63,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     private let out = UnsafeMutableRawPointer.allocate(byteCount: NBDConnection.outCapacity, alignment: 8)
     private var outCount = 0
     private var peerAlive = true
+    private var closed = false
     private var readerThread = pthread_t()
 
     // Input: only the reader thread touches these.
@@ -105,12 +106,14 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         writer.withLock {
             flushOutLocked()
             peerAlive = false
+            closed = true
+            socket.close()
         }
-        socket.close()
     }
 
-    /// Wakes the reader (the server is stopping).
-    func shutdown() { socket.shutdown() }
+    /// Wakes the reader (the server is stopping). Under the lock, so that it never reaches a
+    /// descriptor number already closed and perhaps reused.
+    func shutdown() { writer.withLock { if !closed { socket.shutdown() } } }
 
     // MARK: Requests
 
