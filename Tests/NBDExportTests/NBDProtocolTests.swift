@@ -59,6 +59,25 @@ final class NBDProtocolTests: XCTestCase {
         XCTAssertEqual(c.simpleReply(dataLength: 512)?.error, 0)
     }
 
+    func testEnforcedBlockSizeRefusesUnalignedRequestsFromClientsThatAgreed() throws {
+        let f = try ServerFixture([NBDExport(name: "d", device: SparseTestDevice(size: 1 << 20), enforceDeviceBlockSize: true)])
+        defer { f.stop() }
+        let c = try RawNBDClient(socketPath: f.socketPath)
+        XCTAssertNotNil(c.greet())
+        var go = NBDMessage()
+        go.append(UInt32(1)); go.append("d"); go.append(UInt16(1)); go.append(NBD.infoBlockSize)
+        let replies = c.option(NBD.Option.go.rawValue, go.bytes)
+        XCTAssertEqual(replies.last?.0, NBD.repAck)
+        let sizes = replies.first { $0.0 == NBD.repInfo && RawNBDClient.be($0.1, 0, 2) == UInt64(NBD.infoBlockSize) }!.1
+        XCTAssertEqual(RawNBDClient.be(sizes, 2, 4), 512)
+        c.request(NBD.Command.read.rawValue, cookie: 1, offset: 1, length: 512)
+        XCTAssertEqual(c.simpleReply()?.error, NBD.EINVAL)
+        c.request(NBD.Command.write.rawValue, cookie: 2, offset: 0, length: 100, payload: [UInt8](repeating: 1, count: 100))
+        XCTAssertEqual(c.simpleReply()?.error, NBD.EINVAL)
+        c.request(NBD.Command.read.rawValue, cookie: 3, offset: 512, length: 512)
+        XCTAssertEqual(c.simpleReply(dataLength: 512)?.error, 0)
+    }
+
     func testTransmissionFlagsAdvertiseOnlyWhatTheDeviceCan() throws {
         let f = try ServerFixture([
             NBDExport(name: "plain", device: SparseTestDevice(size: 1 << 20, capabilities: [.write])),
