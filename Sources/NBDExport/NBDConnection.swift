@@ -246,8 +246,10 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     }
 
     /// Sub-block write: read the whole blocks, patch them, write them back. Our own earlier
-    /// requests are drained first and other connections to the export wait on `rmwLock`, so
-    /// that no write to a neighbouring byte of the same block is lost. `data` nil writes zeroes;
+    /// requests are drained first and read-modify-writes from other connections to the export
+    /// wait on `rmwLock`, so that no sub-block write to a neighbouring byte of the same block
+    /// is lost. (A whole-block write from another connection racing with it is, as in any
+    /// multi-connection NBD use, ordered only by the clients' own flushes.) `data` nil writes zeroes;
     /// `holding` is how many slots the caller itself holds.
     private func readModifyWrite(_ offset: UInt64, _ length: Int, fua: Bool, data: UnsafeMutableRawPointer?, holding: Int = 0) -> UInt32 {
         drain(to: holding)

@@ -78,6 +78,47 @@ final class NBDProtocolTests: XCTestCase {
         XCTAssertEqual(c.simpleReply(dataLength: 512)?.error, 0)
     }
 
+    func testStructuredRepliesCarryDataErrorsAndBlockStatus() throws {
+        let device = SparseTestDevice(size: 1 << 20)
+        let f = try ServerFixture([NBDExport(name: "d", device: device)])
+        defer { f.stop() }
+        let c = try RawNBDClient(socketPath: f.socketPath)
+        XCTAssertNotNil(c.greet())
+        XCTAssertEqual(c.option(NBD.Option.structuredReply.rawValue, []).last?.0, NBD.repAck)
+        var meta = NBDMessage()
+        meta.append(UInt32(1)); meta.append("d"); meta.append(UInt32(1))
+        meta.append(UInt32(NBD.baseAllocation.utf8.count)); meta.append(NBD.baseAllocation)
+        let set = c.option(NBD.Option.setMetaContext.rawValue, meta.bytes)
+        XCTAssertEqual(set.map(\.0), [NBD.repMetaContext, NBD.repAck])
+        XCTAssertEqual(c.option(NBD.Option.go.rawValue, RawNBDClient.goPayload("d")).last?.0, NBD.repAck)
+
+        c.request(NBD.Command.write.rawValue, cookie: 1, offset: 65536, length: 512, payload: [UInt8](repeating: 7, count: 512))
+        XCTAssertEqual(c.simpleReply()?.error, 0)
+        // A read: one OFFSET_DATA chunk with DONE, the offset, then the data.
+        c.request(NBD.Command.read.rawValue, cookie: 2, offset: 65536, length: 4)
+        let data = c.receive(32)!
+        XCTAssertEqual(RawNBDClient.be(data, 0, 4), UInt64(NBD.structuredReplyMagic))
+        XCTAssertEqual(RawNBDClient.be(data, 4, 4), UInt64(NBD.replyFlagDone) << 16 | UInt64(NBD.replyTypeOffsetData))
+        XCTAssertEqual(RawNBDClient.be(data, 8, 8), 2)
+        XCTAssertEqual(RawNBDClient.be(data, 16, 4), 12)
+        XCTAssertEqual(RawNBDClient.be(data, 20, 8), 65536)
+        XCTAssertEqual(Array(data[28...]), [7, 7, 7, 7])
+        // A failed read: an ERROR chunk with the errno and a message.
+        c.request(NBD.Command.read.rawValue, cookie: 3, offset: 1 << 20, length: 4)
+        let error = c.receive(26)!
+        XCTAssertEqual(RawNBDClient.be(error, 6, 2), UInt64(NBD.replyTypeError))
+        XCTAssertEqual(RawNBDClient.be(error, 20, 4), UInt64(NBD.EINVAL))
+        _ = c.receive(Int(RawNBDClient.be(error, 24, 2)))
+        // Block status with REQ_ONE: one descriptor, the hole before the written chunk.
+        c.request(NBD.Command.blockStatus.rawValue, flags: NBD.cmdFlagReqOne, cookie: 4, offset: 0, length: 1 << 20)
+        let status = c.receive(32)!
+        XCTAssertEqual(RawNBDClient.be(status, 6, 2), UInt64(NBD.replyTypeBlockStatus))
+        XCTAssertEqual(RawNBDClient.be(status, 16, 4), 12)
+        XCTAssertEqual(RawNBDClient.be(status, 20, 4), UInt64(NBD.baseAllocationID))
+        XCTAssertEqual(RawNBDClient.be(status, 24, 4), 65536)
+        XCTAssertEqual(RawNBDClient.be(status, 28, 4), UInt64(NBD.stateHole | NBD.stateZero))
+    }
+
     func testTransmissionFlagsAdvertiseOnlyWhatTheDeviceCan() throws {
         let f = try ServerFixture([
             NBDExport(name: "plain", device: SparseTestDevice(size: 1 << 20, capabilities: [.write])),
