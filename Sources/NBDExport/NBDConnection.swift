@@ -14,6 +14,9 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     /// Slot buffers larger than this are freed when the request completes, so that a burst of
     /// 32 MiB requests does not pin 512 × 32 MiB.
     static let keptBufferSize = 4 << 20
+    /// Payload bytes in flight per connection: 512 reads of 32 MiB must not become 16 GiB of
+    /// buffers (qemu-nbd bounds this by 16 requests, nbdkit by its thread count).
+    static let inFlightByteBudget = 128 << 20
 
     private let socket: NBDSocket
     private let session: NBDSession
@@ -55,6 +58,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     private var slotCount = 0
     private var freeSlots: [Int] = []
     private var inFlight = 0
+    private var inFlightBytes = 0
     private let pool = NBDLock()
 
     // Output: guarded by `writer`.
@@ -441,9 +445,16 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
 
     private func acquire(_ cookie: UInt64, _ command: NBD.Command, _ offset: UInt64, _ length: Int) -> Slot {
         pool.lock()
-        if freeSlots.isEmpty && slotCount == Self.maxInFlight {
+        // Only reads and writes hold buffers; a trim's length costs nothing.
+        let bytes = command == .read || command == .write ? length : 0
+        func full() -> Bool {
+            (freeSlots.isEmpty && slotCount == Self.maxInFlight) || (inFlight > 0 && inFlightBytes + bytes > Self.inFlightByteBudget)
+        }
+        if full() {
+            pool.unlock()
             flushOut()
-            while freeSlots.isEmpty { pool.wait() }
+            pool.lock()
+            while full() { pool.wait() }
         }
         let slot: Slot
         if let i = freeSlots.popLast() {
@@ -454,6 +465,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
             slotCount += 1
         }
         inFlight += 1
+        inFlightBytes += bytes
         pool.unlock()
         slot.cookie = cookie; slot.command = command; slot.offset = offset; slot.length = length; slot.skip = 0
         return slot
@@ -464,6 +476,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         pool.withLock {
             freeSlots.append(slot.index)
             inFlight -= 1
+            inFlightBytes -= slot.command == .read || slot.command == .write ? slot.length : 0
             pool.broadcast()
         }
     }
