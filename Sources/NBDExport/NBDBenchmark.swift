@@ -1,0 +1,195 @@
+import Core
+import Foundation
+
+/// The NBD export against nbdkit (its `memory` and `file` plugins) on the same workloads, with
+/// the same client: fio's nbd engine (libnbd) on a unix socket. For `softdev bench`.
+///
+/// ```swift
+/// let bench = NBDBenchmark(runtime: 5)
+/// let rows = try bench.run(device: memoryDevice)
+/// print(NBDBenchmark.table(rows))
+/// ```
+public struct NBDBenchmark: Sendable {
+    /// One fio job.
+    public struct Workload: Sendable, Equatable {
+        public var name: String
+        /// fio's `rw`: randread, read, randwrite, write ...
+        public var pattern: String
+        public var blockSize: Int
+        public var queueDepth: Int
+        public init(name: String, pattern: String, blockSize: Int, queueDepth: Int) {
+            self.name = name; self.pattern = pattern; self.blockSize = blockSize; self.queueDepth = queueDepth
+        }
+        /// 4 KiB random reads at queue depth 1, 32 and 256, and 1 MiB sequential reads.
+        public static let standard: [Workload] = [
+            Workload(name: "4k randread qd1", pattern: "randread", blockSize: 4096, queueDepth: 1),
+            Workload(name: "4k randread qd32", pattern: "randread", blockSize: 4096, queueDepth: 32),
+            Workload(name: "4k randread qd256", pattern: "randread", blockSize: 4096, queueDepth: 256),
+            Workload(name: "1m read qd8", pattern: "read", blockSize: 1 << 20, queueDepth: 8),
+        ]
+    }
+
+    /// One measurement: a server on a workload.
+    public struct Row: Sendable, Equatable {
+        public var server: String
+        public var workload: String
+        public var iops: Double
+        public var megabytesPerSecond: Double
+    }
+
+    /// Why a benchmark could not run (a missing tool names its Debian package).
+    public struct Failure: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    public var workloads: [Workload]
+    /// Seconds per fio job.
+    public var runtime: Int
+    /// The size of the nbdkit disks (and the part of our device fio touches).
+    public var size: UInt64
+    /// Also measure nbdkit's plugins (false: our export only).
+    public var compareWithNbdkit: Bool
+
+    public init(workloads: [Workload] = Workload.standard, runtime: Int = 10, size: UInt64 = 1 << 30, compareWithNbdkit: Bool = true) {
+        self.workloads = workloads; self.runtime = runtime; self.size = size; self.compareWithNbdkit = compareWithNbdkit
+    }
+
+    /// Runs every workload against `device` behind our export, then against `nbdkit memory` and
+    /// `nbdkit file` (a file of `size` bytes, written once so reads do not only hit holes).
+    public func run(device: any BlockDevice, name: String = "softdev") throws -> [Row] {
+        let fio = try Self.tool("fio", package: "fio")
+        let directory = try Self.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var rows: [Row] = []
+
+        let socket = directory + "/softdev.sock"
+        let server = NBDServer(listen: .unix(path: socket), exports: [NBDExport(name: "", device: device)])
+        try server.start()
+        defer { server.stop() }
+        rows += try measure(fio, server: name, uri: "nbd+unix:///?socket=\(socket)")
+        server.stop()
+
+        guard compareWithNbdkit else { return rows }
+        let nbdkit = try Self.tool("nbdkit", package: "nbdkit")
+        rows += try withNbdkit(nbdkit, directory + "/memory.sock", ["memory", "size=\(size)"]) {
+            try measure(fio, server: "nbdkit memory", uri: $0)
+        }
+        let file = directory + "/disk.img"
+        try Self.fill(file, size: size)
+        rows += try withNbdkit(nbdkit, directory + "/file.sock", ["file", file]) {
+            try measure(fio, server: "nbdkit file", uri: $0)
+        }
+        return rows
+    }
+
+    /// The rows as an aligned text table, workloads down, servers across (IOPS and MB/s).
+    public static func table(_ rows: [Row]) -> String {
+        var servers: [String] = []
+        var workloads: [String] = []
+        for r in rows {
+            if !servers.contains(r.server) { servers.append(r.server) }
+            if !workloads.contains(r.workload) { workloads.append(r.workload) }
+        }
+        func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+        var out = pad("workload", 20) + servers.map { pad($0, 26) }.joined() + "\n"
+        for w in workloads {
+            var line = pad(w, 20)
+            for s in servers {
+                if let r = rows.first(where: { $0.server == s && $0.workload == w }) {
+                    line += pad(String(format: "%9.0f IOPS %7.1f MB/s", r.iops, r.megabytesPerSecond), 26)
+                } else {
+                    line += pad("-", 26)
+                }
+            }
+            out += line + "\n"
+        }
+        return out
+    }
+
+    private func measure(_ fio: String, server: String, uri: String) throws -> [Row] {
+        try workloads.map { w in
+            let (iops, mbs) = try Self.fio(fio, uri: uri, workload: w, runtime: runtime, size: size)
+            return Row(server: server, workload: w.name, iops: iops, megabytesPerSecond: mbs)
+        }
+    }
+
+    /// Runs one fio job and reads IOPS and bandwidth from its JSON report.
+    static func fio(_ fio: String, uri: String, workload w: Workload, runtime: Int, size: UInt64) throws -> (Double, Double) {
+        let args = ["--name=bench", "--ioengine=nbd", "--uri=\(uri)", "--rw=\(w.pattern)", "--bs=\(w.blockSize)",
+                    "--iodepth=\(w.queueDepth)", "--size=\(size)", "--runtime=\(runtime)", "--time_based",
+                    "--ramp_time=1", "--output-format=json"]
+        let (status, out, err) = try Self.execute(fio, args)
+        guard status == 0 else { throw Failure(description: "fio \(w.name) on \(uri) failed: \(err)") }
+        // fio may print notices before the JSON document.
+        guard let start = out.firstIndex(of: "{"),
+              let json = try? JSONSerialization.jsonObject(with: Data(out[start...].utf8)) as? [String: Any],
+              let job = (json["jobs"] as? [[String: Any]])?.first else {
+            throw Failure(description: "fio printed no JSON report: \(out.prefix(200))")
+        }
+        let direction = w.pattern.contains("write") ? "write" : "read"
+        let stats = job[direction] as? [String: Any] ?? [:]
+        let iops = (stats["iops"] as? NSNumber)?.doubleValue ?? 0
+        let bytes = (stats["bw_bytes"] as? NSNumber)?.doubleValue ?? 0
+        return (iops, bytes / 1_000_000)
+    }
+
+    /// Starts nbdkit in the foreground on `socket`, runs `body` with its URI, stops it.
+    private func withNbdkit<T>(_ nbdkit: String, _ socket: String, _ plugin: [String], _ body: (String) throws -> T) throws -> T {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: nbdkit)
+        p.arguments = ["-f", "-U", socket] + plugin
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        defer { p.terminate(); p.waitUntilExit() }
+        // nbdkit creates the socket once it is ready to accept.
+        var waited = 0
+        while !FileManager.default.fileExists(atPath: socket) {
+            guard p.isRunning, waited < 500 else { throw Failure(description: "nbdkit \(plugin.joined(separator: " ")) did not start") }
+            usleep(10_000); waited += 1
+        }
+        return try body("nbd+unix:///?socket=\(socket)")
+    }
+
+    /// Writes every byte of the file, so the file plugin reads data, not holes.
+    private static func fill(_ path: String, size: UInt64) throws {
+        guard FileManager.default.createFile(atPath: path, contents: nil),
+              let h = FileHandle(forWritingAtPath: path) else { throw Failure(description: "cannot create \(path)") }
+        defer { try? h.close() }
+        let chunk = Data(repeating: 0x5a, count: 1 << 20)
+        for _ in 0..<(size >> 20) { h.write(chunk) }
+    }
+
+    static func tool(_ name: String, package: String) throws -> String {
+        for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] where access("\(dir)/\(name)", X_OK) == 0 {
+            return "\(dir)/\(name)"
+        }
+        throw Failure(description: "\(name) is not installed: apt-get install \(package)")
+    }
+
+    static func temporaryDirectory() throws -> String {
+        var template = Array("/tmp/softdev-bench.XXXXXX".utf8CString)
+        guard let d = mkdtemp(&template) else { throw Failure(description: "mkdtemp failed") }
+        return String(cString: d)
+    }
+
+    /// Runs a program to its end. Its stderr goes to a file, not a second pipe: reading two
+    /// pipes one after the other stalls a child that fills the other one.
+    static func execute(_ path: String, _ arguments: [String]) throws -> (Int32, String, String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: path)
+        p.arguments = arguments
+        let out = Pipe()
+        let errPath = try temporaryDirectory() + "/stderr"
+        defer { try? FileManager.default.removeItem(atPath: (errPath as NSString).deletingLastPathComponent) }
+        _ = FileManager.default.createFile(atPath: errPath, contents: nil)
+        guard let err = FileHandle(forWritingAtPath: errPath) else { throw Failure(description: "cannot create \(errPath)") }
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        try? err.close()
+        let e = FileManager.default.contents(atPath: errPath) ?? Data()
+        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    }
+}

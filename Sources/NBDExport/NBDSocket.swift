@@ -1,0 +1,153 @@
+import Glibc
+
+/// A failed system call in the NBD export, with the errno it failed with.
+public struct NBDSystemError: Error, CustomStringConvertible {
+    public let operation: String
+    public let errno: Int32
+    init(_ operation: String, errno e: Int32 = Glibc.errno) { self.operation = operation; self.errno = e }
+    public var description: String { "\(operation): \(String(cString: strerror(errno)))" }
+}
+
+/// A connected stream socket. Every system call on a client socket is wrapped here, once.
+/// `send` uses MSG_NOSIGNAL because a client that went away must cost us an EPIPE, not the
+/// process (SIGPIPE).
+struct NBDSocket {
+    let fd: Int32
+
+    /// Reads exactly `count` bytes; false on EOF or error.
+    func readFully(_ p: UnsafeMutableRawPointer, _ count: Int) -> Bool {
+        var done = 0
+        while done < count {
+            let n = recv(fd, p + done, count - done, 0)
+            if n > 0 { done += n; continue }
+            if n < 0 && errno == EINTR { continue }
+            return false
+        }
+        return true
+    }
+
+    /// Reads what is available, at most `count`, blocking only if nothing is; 0 on EOF or error.
+    func readSome(_ p: UnsafeMutableRawPointer, _ count: Int) -> Int {
+        while true {
+            let n = recv(fd, p, count, 0)
+            if n >= 0 { return n }
+            if errno != EINTR { return 0 }
+        }
+    }
+
+    /// Writes every byte of the vectors; false if the peer is gone. `vectors` is consumed.
+    func writeFully(_ vectors: UnsafeMutablePointer<iovec>, count: Int) -> Bool {
+        var v = vectors
+        var left = count
+        while left > 0 {
+            var msg = msghdr()
+            msg.msg_iov = v
+            msg.msg_iovlen = left
+            var n = sendmsg(fd, &msg, Int32(MSG_NOSIGNAL))
+            if n < 0 {
+                if errno == EINTR { continue }
+                return false
+            }
+            // Skip what was written: whole vectors, then into the first partial one.
+            while left > 0 && n >= v.pointee.iov_len {
+                n -= v.pointee.iov_len
+                v += 1
+                left -= 1
+            }
+            if left > 0 && n > 0 {
+                v.pointee.iov_base += n
+                v.pointee.iov_len -= n
+            }
+        }
+        return true
+    }
+
+    func writeFully(_ bytes: [UInt8]) -> Bool {
+        var copy = bytes
+        return copy.withUnsafeMutableBytes { b in
+            var v = iovec(iov_base: b.baseAddress, iov_len: b.count)
+            return writeFully(&v, count: 1)
+        }
+    }
+
+    /// Wakes a thread blocked reading this socket without freeing the descriptor number, so
+    /// that no late completion can write into a socket opened later under the same number.
+    func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+    func close() { _ = Glibc.close(fd) }
+}
+
+/// A listening socket for an `NBDListenAddress`.
+enum NBDListener {
+    static func open(_ address: NBDListenAddress) throws(NBDSystemError) -> Int32 {
+        switch address {
+        case .unix(let path): return try openUnix(path)
+        case .tcp(let host, let port): return try openTCP(host, port)
+        }
+    }
+
+    private static func openUnix(_ path: String) throws(NBDSystemError) -> Int32 {
+        // A stale socket from an earlier run would make bind fail; anything else is not ours.
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            guard st.st_mode & S_IFMT == S_IFSOCK else { throw NBDSystemError("\(path) exists and is not a socket", errno: EEXIST) }
+            unlink(path)
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw NBDSystemError("socket(AF_UNIX)") }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            let bytes = Array(path.utf8)
+            p.copyBytes(from: bytes.prefix(p.count - 1))
+        }
+        let ok = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard ok == 0 else { let e = NBDSystemError("bind \(path)"); Glibc.close(fd); throw e }
+        // 0600 before listen(): nobody can connect between bind and chmod.
+        guard chmod(path, 0o600) == 0, listen(fd, 128) == 0 else {
+            let e = NBDSystemError("listen \(path)"); Glibc.close(fd); throw e
+        }
+        return fd
+    }
+
+    private static func openTCP(_ host: String, _ port: UInt16) throws(NBDSystemError) -> Int32 {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV
+        var list: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host, String(port), &hints, &list)
+        guard rc == 0, let first = list else {
+            throw NBDSystemError("resolve \(host): \(String(cString: gai_strerror(rc)))", errno: EINVAL)
+        }
+        defer { freeaddrinfo(list) }
+        var last = NBDSystemError("listen tcp:\(host):\(port)", errno: EADDRNOTAVAIL)
+        var ai: UnsafeMutablePointer<addrinfo>? = first
+        while let a = ai {
+            ai = a.pointee.ai_next
+            let fd = socket(a.pointee.ai_family, a.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), a.pointee.ai_protocol)
+            if fd < 0 { last = NBDSystemError("socket"); continue }
+            var one: Int32 = 1
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            if bind(fd, a.pointee.ai_addr, a.pointee.ai_addrlen) == 0 && listen(fd, 128) == 0 { return fd }
+            last = NBDSystemError("listen tcp:\(host):\(port)")
+            Glibc.close(fd)
+        }
+        throw last
+    }
+
+    /// The port a TCP listener got (for port 0 in tests).
+    static func boundPort(_ fd: Int32) -> UInt16? {
+        var ss = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let ok = withUnsafeMutablePointer(to: &ss) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
+        guard ok == 0 else { return nil }
+        switch Int32(ss.ss_family) {
+        case AF_INET: return withUnsafePointer(to: &ss) { $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) } }
+        case AF_INET6: return withUnsafePointer(to: &ss) { $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin6_port) } }
+        default: return nil
+        }
+    }
+}
