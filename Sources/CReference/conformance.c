@@ -60,6 +60,7 @@ struct cref_front {
     int64_t *persistent_refs;           // per data page, when persistent
     struct spec *specs;                 // MAX_REQUESTS, reused by every batch
     uint64_t generation;
+    uint64_t sectors;                   // the device's size
     uint32_t half;                      // data pages [0, half) are write buffers, [half, ...) read
     uint8_t seed;
     int wedged;                         // a batch timed out: the ring's state is unknown
@@ -541,7 +542,7 @@ static void check_discard(struct cref_front *f) {
              verify_device(f, sector, 64, &e, why, sizeof why);
     verdict(f, "discard", ok, "24 sectors read back as zeroes, the rest intact", why);
 
-    s = spec(f, 0, BLKIF_OP_DISCARD, f->env.sectors - 4, NULL, 0);
+    s = spec(f, 0, BLKIF_OP_DISCARD, f->sectors - 4, NULL, 0);
     s->nr_sectors = 8;
     run_batch(f, s, 1);
     verdict(f, "discard-past-the-end", answered_ok(f, s, BLKIF_RSP_ERROR, why, sizeof why), "ERROR", why);
@@ -552,7 +553,7 @@ static void check_full_ring(struct cref_front *f) {
     char why[200];
     int n = (int)RING_SIZE(&f->ring);
     const uint64_t base = 8192;
-    if (base + (uint64_t)n * SECTORS_PER_PAGE > f->env.sectors) { check(f, "full-ring", 0, "device too small"); return; }
+    if (base + (uint64_t)n * SECTORS_PER_PAGE > f->sectors) { check(f, "full-ring", 0, "device too small"); return; }
     struct seg *w = malloc(sizeof(struct seg) * n), *r = malloc(sizeof(struct seg) * n);
     if (!w || !r) { check(f, "full-ring", 0, "out of memory"); free(w); free(r); return; }
     whole_pages(w, n, 0);
@@ -581,7 +582,7 @@ static void check_full_ring(struct cref_front *f) {
 // Requests the backend must refuse, one batch: each answered, with its own id and operation.
 static void check_errors(struct cref_front *f) {
     char why[200];
-    uint64_t end = f->env.sectors;
+    uint64_t end = f->sectors;
     // Read buffers are granted writable, write buffers read-only: use each for its own kind.
     struct seg one = { 0, 0, 7 }, rone = { f->half, 0, 7 }, bad_order = { f->half, 5, 2 }, past_page = { f->half, 0, 8 };
     static struct seg many[BLKIF_MAX_SEGMENTS_PER_REQUEST];
@@ -634,7 +635,8 @@ static void check_errors(struct cref_front *f) {
     }
 }
 
-int cref_front_run_suite(struct cref_front *f, struct cref_check *results, int max) {
+int cref_front_run_suite(struct cref_front *f, uint64_t sectors, struct cref_check *results, int max) {
+    f->sectors = sectors;
     f->results = results;
     f->max = max;
     f->nresults = 0;

@@ -27,7 +27,6 @@ struct cref_front_env {
     uint16_t persistent;           // feature-persistent negotiated: grant buffers once, RW
     uint32_t max_indirect_segments;// the backend's feature-max-indirect-segments (0: none)
     uint32_t discard;              // the backend's feature-discard
-    uint64_t sectors;              // the device size, 512-byte sectors (backend's `sectors`)
     int wait_fd;                   // the event channel: poll for POLLIN, then read 8 bytes
     void (*notify)(void *ctx);     // the event channel: notify the backend
     void *notify_ctx;
@@ -51,9 +50,10 @@ struct cref_check {
     char message[200];
 };
 
-// Runs the conformance suite against the connected backend; writes up to `max` results and
-// returns how many checks ran (may exceed `max`: the rest are dropped).
-int cref_front_run_suite(struct cref_front *front, struct cref_check *results, int max);
+// Runs the conformance suite against the connected backend, whose device has `sectors` 512-byte
+// sectors (its `sectors` node, written at Connected); writes up to `max` results and returns how
+// many checks ran (may exceed `max`: the rest are dropped).
+int cref_front_run_suite(struct cref_front *front, uint64_t sectors, struct cref_check *results, int max);
 
 // Revokes the grants the frontend still holds (the backend must have unmapped them: call after
 // it disconnected) and frees the frontend. Returns how many grants stayed busy.
