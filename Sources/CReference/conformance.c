@@ -415,8 +415,9 @@ static void write_read(struct cref_front *f, const char *name, uint64_t sector, 
     struct spec *w = spec(f, 0, BLKIF_OP_WRITE, sector, wsegs, nw);
     run_batch(f, w, 1);
     if (!answered_ok(f, w, BLKIF_RSP_OKAY, why, sizeof why)) { check(f, name, 0, "write: %s", why); return; }
+    uint8_t write_rsp_op = w->rsp_op;
     fill_sentinel(f, rsegs, nr);
-    struct spec *r = spec(f, 0, BLKIF_OP_READ, sector, rsegs, nr);
+    struct spec *r = spec(f, 1, BLKIF_OP_READ, sector, rsegs, nr);
     run_batch(f, r, 1);
     if (!answered_ok(f, r, BLKIF_RSP_OKAY, why, sizeof why)) { check(f, name, 0, "read: %s", why); return; }
     if (!verify_segments(f, rsegs, nr, sector, &e, why, sizeof why) ||
@@ -424,8 +425,10 @@ static void write_read(struct cref_front *f, const char *name, uint64_t sector, 
         check(f, name, 0, "%s", why);
         return;
     }
-    if (w->indirect)
-        check(f, name, 1, "%d segments, indirect; answered with operation %u (write) / %u (read)", nw, w->rsp_op, r->rsp_op);
+    if (r->indirect)   // say which answer the backend gives (answered_ok accepts both)
+        check(f, name, 1, "%d segments, indirect; answered with %s", nw,
+              write_rsp_op == BLKIF_OP_WRITE && r->rsp_op == BLKIF_OP_READ ? "the inner operation, as Linux blkback"
+              : write_rsp_op == BLKIF_OP_INDIRECT && r->rsp_op == BLKIF_OP_INDIRECT ? "BLKIF_OP_INDIRECT" : "a mix of both");
     else
         check(f, name, 1, "%d segments", nw);
 }

@@ -16,6 +16,13 @@ struct HarnessFailure: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
+/// Writes `nodes` under `directory` in one transaction (a xenbus handshake step).
+func writeNodes(_ store: any XenStoreClient, _ directory: String, _ nodes: [(String, String)]) throws {
+    try store.transaction { (tx) throws(XenStoreError) in
+        for (key, value) in nodes { try store.write(directory + "/" + key, value, transaction: tx) }
+    }
+}
+
 /// Polls `path` (a xenbus state node) until it holds one of `states`; throws on Closing/Closed
 /// when those are not wanted, or after `timeoutSeconds`.
 func waitForState(_ store: any XenStoreClient, _ path: String, _ states: Set<XenbusDeviceState>, timeoutSeconds: Double = 10) throws
@@ -92,17 +99,11 @@ final class CConformanceFrontend {
         guard let f = cref_front_init(&env, &refs) else { throw HarnessFailure("cref_front_init: errno \(errno)") }
         front = f
 
-        try store.transaction { (tx) throws(XenStoreError) in
-            func put(_ k: String, _ v: String) throws(XenStoreError) { try store.write(fe + "/" + k, v, transaction: tx) }
-            if ringOrder == 0 { try put("ring-ref", "\(refs[0])") } else {
-                try put("ring-page-order", "\(ringOrder)")
-                for i in 0..<(1 << ringOrder) { try put("ring-ref\(i)", "\(refs[i])") }
-            }
-            try put("event-channel", "\(ch.localPort)")
-            try put("protocol", "x86_64-abi")
-            try put("feature-persistent", persistent ? "1" : "0")
-            try put("state", "\(XenbusDeviceState.initialised.rawValue)")
-        }
+        let ringNodes = ringOrder == 0 ? [("ring-ref", "\(refs[0])")]
+            : [("ring-page-order", "\(ringOrder)")] + (0..<(1 << ringOrder)).map { ("ring-ref\($0)", "\(refs[$0])") }
+        try writeNodes(store, fe, ringNodes + [
+            ("event-channel", "\(ch.localPort)"), ("protocol", "x86_64-abi"), ("feature-persistent", persistent ? "1" : "0"),
+            ("state", "\(XenbusDeviceState.initialised.rawValue)")])
         _ = try waitForState(store, be + "/state", [.connected])
         sectors = try store.readInt(be + "/sectors") ?? 0
         try store.write(fe + "/state", "\(XenbusDeviceState.connected.rawValue)")
@@ -153,18 +154,10 @@ final class CReferenceBackendHarness: @unchecked Sendable {
 
     /// Advertises the features and waits in InitWait (call before the frontend connects).
     func advertise() throws {
-        let store = backend.store
-        let be = paths.backendPath
-        try store.transaction { (tx) throws(XenStoreError) in
-            func put(_ k: String, _ v: String) throws(XenStoreError) { try store.write(be + "/" + k, v, transaction: tx) }
-            try put("feature-flush-cache", "1")
-            try put("feature-discard", "1")
-            try put("feature-persistent", "1")
-            try put("feature-max-indirect-segments", "256")
-            try put("max-ring-page-order", "4")
-            try put("multi-queue-max-queues", "1")
-            try put("state", "\(XenbusDeviceState.initWait.rawValue)")
-        }
+        try writeNodes(backend.store, paths.backendPath, [
+            ("feature-flush-cache", "1"), ("feature-discard", "1"), ("feature-persistent", "1"),
+            ("feature-max-indirect-segments", "256"), ("max-ring-page-order", "4"), ("multi-queue-max-queues", "1"),
+            ("state", "\(XenbusDeviceState.initWait.rawValue)")])
     }
 
     /// `connect()` on its own thread (the frontend's set-up blocks until we are Connected);
@@ -181,7 +174,7 @@ final class CReferenceBackendHarness: @unchecked Sendable {
     /// C backend and goes Connected.
     func connect() throws {
         let store = backend.store
-        let fe = paths.frontendPath, be = paths.backendPath
+        let fe = paths.frontendPath
         _ = try waitForState(store, fe + "/state", [.initialised, .connected])
         let order = Int(try store.readInt(fe + "/ring-page-order") ?? 0)
         if order == 0, let r = try store.readInt(fe + "/ring-ref") { ringRefs = [GrantRef(r)] } else {
@@ -216,14 +209,9 @@ final class CReferenceBackendHarness: @unchecked Sendable {
         config.notify_ctx = Unmanaged.passUnretained(ch).toOpaque()
         guard let b = cref_backend_start(&config) else { throw HarnessFailure("cref_backend_start: errno \(errno)") }
         served = b
-        try store.transaction { (tx) throws(XenStoreError) in
-            func put(_ k: String, _ v: String) throws(XenStoreError) { try store.write(be + "/" + k, v, transaction: tx) }
-            try put("sectors", "\(sectors)")
-            try put("info", "0")
-            try put("sector-size", "512")
-            try put("physical-sector-size", "512")
-            try put("state", "\(XenbusDeviceState.connected.rawValue)")
-        }
+        try writeNodes(store, paths.backendPath, [
+            ("sectors", "\(sectors)"), ("info", "0"), ("sector-size", "512"), ("physical-sector-size", "512"),
+            ("state", "\(XenbusDeviceState.connected.rawValue)")])
     }
 
     /// Stops the C backend (it unmaps its persistent grants), unmaps the ring, goes Closed.
