@@ -27,6 +27,13 @@
 #define ID_GEN_SHIFT 20
 #define ID_INDEX_MASK ((1ull << ID_GEN_SHIFT) - 1)
 
+// How a hostile request's bad segment is granted (always per request, even when persistent).
+enum {
+    BAD_GRANT_READONLY = 1,     // read-only, for a read: the backend would write into it
+    BAD_GRANT_FOREIGN,          // to another domain than the backend
+    BAD_GRANT_REVOKED,          // granted, then revoked before the request is sent
+};
+
 // A buffer segment: a data page (index into env.data) and the sectors of it that carry data.
 struct seg {
     uint32_t page;
@@ -42,6 +49,8 @@ struct spec {
     uint64_t nr_sectors;        // DISCARD
     uint32_t indirect_page;     // data page for the segment list (and the next ones)
     const struct seg *segs;
+    int bad_segment;            // >= 0: this segment's grant is wrong (see bad_grant), else -1
+    uint8_t bad_grant;          // BAD_GRANT_*
     // Outcome.
     uint64_t id;
     int answered;
@@ -138,6 +147,20 @@ static int64_t grant_page(struct cref_front *f, struct spec *s, uint32_t p, int 
     return ref;
 }
 
+// The wrong grant for segment page `p` (see BAD_GRANT_*).
+static int64_t bad_grant(struct cref_front *f, struct spec *s, uint32_t p) {
+    uint16_t backend = f->grants.domid;
+    if (s->bad_grant == BAD_GRANT_FOREIGN) f->grants.domid = backend + 1;
+    int64_t ref = cref_guest_grant(&f->grants, f->env.data_frame + p, s->bad_grant == BAD_GRANT_READONLY);
+    f->grants.domid = backend;
+    if (ref < 0) return ref;
+    // Revoked without going back to the free refs (the next segment would get it again); it
+    // is freed with the request's other grants after the response.
+    if (s->bad_grant == BAD_GRANT_REVOKED) __atomic_store_n(&f->grants.table[ref].flags, 0, __ATOMIC_SEQ_CST);
+    s->refs[s->nrefs++] = (uint32_t)ref;
+    return ref;
+}
+
 // Writes `s` into the next free ring slot (not yet published).
 static int put_request(struct cref_front *f, struct spec *s, uint64_t id) {
     s->id = id;
@@ -184,7 +207,7 @@ static int put_request(struct cref_front *f, struct spec *s, uint64_t id) {
         req.rw.id = id;
         req.rw.sector_number = s->sector;
         for (uint32_t i = 0; i < s->nsegs && i < BLKIF_MAX_SEGMENTS_PER_REQUEST; i++) {
-            int64_t ref = grant_page(f, s, s->segs[i].page, readonly);
+            int64_t ref = (int)i == s->bad_segment ? bad_grant(f, s, s->segs[i].page) : grant_page(f, s, s->segs[i].page, readonly);
             if (ref < 0) return -1;
             req.rw.seg[i] = (struct blkif_request_segment){
                 .gref = (grant_ref_t)ref, .first_sect = s->segs[i].first, .last_sect = s->segs[i].last };
@@ -394,6 +417,7 @@ static uint64_t segment_sectors(const struct seg *segs, int n) {
 static struct spec *spec(struct cref_front *f, int i, uint8_t op, uint64_t sector, const struct seg *segs, int n) {
     struct spec *s = &f->specs[i];
     memset(s, 0, offsetof(struct spec, refs));
+    s->bad_segment = -1;
     s->op = op;
     s->sector = sector;
     s->segs = segs;
@@ -638,6 +662,46 @@ static void check_errors(struct cref_front *f) {
     }
 }
 
+// Requests whose buffers are granted wrongly: refused with ERROR, and the segments of the same
+// request that were granted right are released again (the map is unwound).
+static void check_bad_grants(struct cref_front *f) {
+    char why[200];
+    static const struct { const char *name; uint8_t kind; uint8_t op; } cases[] = {
+        { "read-into-a-read-only-grant", BAD_GRANT_READONLY, BLKIF_OP_READ },
+        { "grant-to-another-domain", BAD_GRANT_FOREIGN, BLKIF_OP_WRITE },
+        { "revoked-grant", BAD_GRANT_REVOKED, BLKIF_OP_READ },
+    };
+    struct seg w[3], r[3];
+    whole_pages(w, 3, 0);
+    whole_pages(r, 3, f->half);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct spec *s = spec(f, 0, cases[i].op, 64, cases[i].op == BLKIF_OP_READ ? r : w, 3);
+        s->bad_segment = 1;
+        s->bad_grant = cases[i].kind;
+        run_batch(f, s, 1);
+        verdict(f, cases[i].name, answered_ok(f, s, BLKIF_RSP_ERROR, why, sizeof why), "ERROR, other segments released", why);
+    }
+}
+
+// Indirect requests whose segments start and end inside their pages.
+static void check_indirect_partial(struct cref_front *f) {
+    enum { N = 40 };
+    if (f->env.max_indirect_segments < N) { check(f, "indirect-partial-segments", 1, "skipped: too few indirect segments"); return; }
+    struct seg w[N], r[N];
+    for (int i = 0; i < N; i++) {
+        w[i] = (struct seg){ .page = (uint32_t)i, .first = (uint8_t)(i % 8), .last = (uint8_t)(i % 8 + (7 - i % 8) / 2) };
+    }
+    // Read the same number of sectors back through another layout: sector k of page i.
+    uint64_t total = segment_sectors(w, N);
+    int nr = 0;
+    for (uint64_t k = 0; k < total && nr < N; nr++) {
+        uint8_t first = (uint8_t)((nr * 3) % 8), last = (uint8_t)(first + (total - k > (uint64_t)(7 - first) ? 7 - first : total - k - 1));
+        r[nr] = (struct seg){ .page = f->half + (uint32_t)nr, .first = first, .last = last };
+        k += last - first + 1u;
+    }
+    write_read(f, "indirect-partial-segments", 5555, w, N, r, nr);
+}
+
 int cref_front_run_suite(struct cref_front *f, uint64_t sectors, struct cref_check *results, int max) {
     f->sectors = sectors;
     f->results = results;
@@ -653,9 +717,9 @@ int cref_front_run_suite(struct cref_front *f, uint64_t sectors, struct cref_che
     check_discard(f);
     check_full_ring(f);
     check_errors(f);
-    if (f->persistent_refs)
-        check(f, "grants-revoked-after-responses", 1, "persistent grants: nothing granted per request");
-    else
-        check(f, "grants-revoked-after-responses", f->busy_total == 0, "%d grants stayed mapped after their response", f->busy_total);
+    check_bad_grants(f);
+    check_indirect_partial(f);
+    // With persistent grants only the bad-grant requests grant per request.
+    check(f, "grants-revoked-after-responses", f->busy_total == 0, "%d grants stayed mapped after their response", f->busy_total);
     return f->nresults;
 }

@@ -128,7 +128,7 @@ final class ConformanceTests: XCTestCase {
             $0.hasPrefix("write-read-") || $0.hasPrefix("indirect-") && $0 != "indirect-above-the-maximum" ||
             ["partial-page-segments", "write-barrier-with-data", "discard", "full-ring"].contains($0)
         })
-        XCTAssertEqual(dataChecks.count, 19)
+        XCTAssertEqual(dataChecks.count, 20)
         for r in results {
             if getenv("SOFTDEV_TEST_LOG") != nil { print("C null backend: \(r.name): \(r.passed ? "pass" : "FAIL") \(r.message)") }
             if dataChecks.contains(r.name) {
