@@ -47,6 +47,7 @@ struct spec {
     uint16_t nsegs;             // nr_segments as sent (may lie: at most 11 direct segments are written)
     uint64_t sector;
     uint64_t nr_sectors;        // DISCARD
+    uint8_t discard_flag;       // DISCARD
     uint32_t indirect_page;     // data page for the segment list (and the next ones)
     const struct seg *segs;
     int bad_segment;            // >= 0: this segment's grant is wrong (see bad_grant), else -1
@@ -181,6 +182,7 @@ static int put_request(struct cref_front *f, struct spec *s, uint64_t id) {
         req.discard.id = id;
         req.discard.sector_number = s->sector;
         req.discard.nr_sectors = s->nr_sectors;
+        req.discard.flag = s->discard_flag;
     } else if (s->indirect) {
         req.indirect.operation = BLKIF_OP_INDIRECT;
         req.indirect.indirect_op = s->op;
@@ -568,6 +570,19 @@ static void check_discard(struct cref_front *f) {
     int ok = answered_ok(f, s, BLKIF_RSP_OKAY, why, sizeof why) && verify_segments(f, r, 8, sector, &e, why, sizeof why) &&
              verify_device(f, sector, 64, &e, why, sizeof why);
     verdict(f, "discard", ok, "24 sectors read back as zeroes, the rest intact", why);
+
+    // BLKIF_DISCARD_SECURE is "ignored if discard-secure=0" (blkif.h), as Linux blkback does:
+    // a plain discard, OKAY. With discard-secure=1 the backend does the secure erase: OKAY too.
+    fill_segments(f, w, 8, sector, ++f->seed);
+    e = (struct expect){ .seed = f->seed, .zero_from = sector * SECTOR, .zero_to = (sector + 8) * SECTOR };
+    s = spec(f, 0, BLKIF_OP_WRITE, sector, w, 8);
+    run_batch(f, s, 1);
+    s = spec(f, 0, BLKIF_OP_DISCARD, sector, NULL, 0);
+    s->nr_sectors = 8;
+    s->discard_flag = BLKIF_DISCARD_SECURE;
+    run_batch(f, s, 1);
+    ok = answered_ok(f, s, BLKIF_RSP_OKAY, why, sizeof why) && verify_device(f, sector, 64, &e, why, sizeof why);
+    verdict(f, "discard-with-secure-flag", ok, f->env.discard_secure ? "OKAY (discard-secure=1)" : "OKAY: flag ignored, as discard-secure=0", why);
 
     s = spec(f, 0, BLKIF_OP_DISCARD, f->sectors - 4, NULL, 0);
     s->nr_sectors = 8;

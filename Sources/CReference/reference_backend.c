@@ -141,7 +141,7 @@ static int16_t serve(struct cref_backend *b, const union request *req, uint8_t *
     }
     case BLKIF_OP_DISCARD: {
         const blkif_request_discard_t *d = &req->discard;
-        if (d->flag & BLKIF_DISCARD_SECURE) return BLKIF_RSP_EOPNOTSUPP;
+        // BLKIF_DISCARD_SECURE is "ignored if discard-secure=0" (blkif.h): we never offer it.
         if (d->nr_sectors == 0 || d->sector_number > b->config.sectors ||
             d->nr_sectors > b->config.sectors - d->sector_number) return BLKIF_RSP_ERROR;
         return BLKIF_RSP_OKAY;

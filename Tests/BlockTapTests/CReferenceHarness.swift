@@ -91,6 +91,7 @@ final class CConformanceFrontend {
         env.persistent = persistent ? 1 : 0
         env.max_indirect_segments = maxIndirectSegments
         env.discard = discard ? 1 : 0
+        env.discard_secure = UInt32(try store.readInt(be + "/discard-secure") ?? 0)
         env.wait_fd = ch.fileDescriptor
         env.notify = creferenceNotify
         env.notify_ctx = Unmanaged.passUnretained(ch).toOpaque()

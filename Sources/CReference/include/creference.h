@@ -27,6 +27,7 @@ struct cref_front_env {
     uint16_t persistent;           // feature-persistent negotiated: grant buffers once, RW
     uint32_t max_indirect_segments;// the backend's feature-max-indirect-segments (0: none)
     uint32_t discard;              // the backend's feature-discard
+    uint32_t discard_secure;       // the backend's discard-secure
     int wait_fd;                   // the event channel: poll for POLLIN, then read 8 bytes
     void (*notify)(void *ctx);     // the event channel: notify the backend
     void *notify_ctx;
