@@ -675,6 +675,14 @@ static void check_errors(struct cref_front *f) {
         verdict(f, "indirect-above-the-maximum", answered_ok(f, s, BLKIF_RSP_ERROR, why, sizeof why), "refused", why);
         free(w);
     }
+    // BLKIF_OP_INDIRECT carries only READ or WRITE.
+    if (f->env.max_indirect_segments >= 12) {
+        struct seg w[12];
+        whole_pages(w, 12, 0);
+        struct spec *s = spec(f, 0, BLKIF_OP_FLUSH_DISKCACHE, 0, w, 12);
+        run_batch(f, s, 1);
+        verdict(f, "indirect-flush", answered_ok(f, s, BLKIF_RSP_ERROR, why, sizeof why), "refused", why);
+    }
 }
 
 // Requests whose buffers are granted wrongly: refused with ERROR, and the segments of the same
