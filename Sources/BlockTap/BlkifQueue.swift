@@ -211,7 +211,8 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
             runBarrier(raw)
         case Blkif.opDiscard:
             let d = raw.discard
-            guard device.capabilities.contains(.discard), d.flag & UInt8(BLKIF_DISCARD_SECURE) == 0 else {
+            // BLKIF_DISCARD_SECURE is "ignored if discard-secure=0" (blkif.h), which we advertise.
+            guard device.capabilities.contains(.discard) else {
                 respond(id: d.id, operation: request.operation, status: Blkif.statusNotSupported); return
             }
             guard writable, d.nr_sectors > 0, let end = checkedEnd(d.sector_number, d.nr_sectors), end <= sectors,

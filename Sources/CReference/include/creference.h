@@ -1,1 +1,97 @@
-#include "cxen.h"
+// C code written with Xen's own io/ring.h and io/blkif.h macros, for two jobs:
+//  - a conformance frontend (conformance.c): a blkfront that drives any blkif backend (SoftDev's
+//    Swift BlockTap) through the emulated hypervisor and reports one result per check;
+//  - a reference backend (reference_backend.c): a minimal blkif backend serving a null device,
+//    the protocol's cost on this machine, for `softdev bench` to compare against.
+// This header uses only plain C types so that Swift can import it without the Xen headers.
+#ifndef SOFTDEV_CREFERENCE_H
+#define SOFTDEV_CREFERENCE_H
+
+#include <stdint.h>
+
+// MARK: The conformance frontend
+
+// What the frontend is given. All pointers are into the guest's own memory (one memfd of 4 KiB
+// frames, see localxen.h): `ring` and `data` must be page-aligned frames of it.
+struct cref_front_env {
+    void *ring;                    // 2^ring_order pages: the shared ring, initialised by C
+    uint32_t ring_frame;           // frame number of ring's first page (pages are consecutive)
+    uint32_t ring_order;           // 0 ... 4
+    void *grant_table;             // the guest's grant_entry_v1 table (LOCALXEN_GRANT_ENTRIES)
+    uint32_t first_free_ref;       // grant refs [first_free_ref, first_free_ref + free_refs)
+    uint32_t free_refs;            //   are C's to use
+    void *data;                    // data_pages consecutive pages for buffers and indirect pages
+    uint32_t data_frame;           // frame number of data's first page
+    uint32_t data_pages;           // at least 1100 for the full suite at ring order 4
+    uint16_t backend_domid;        // the domain granted access
+    uint16_t persistent;           // feature-persistent negotiated: grant buffers once, RW
+    uint32_t max_indirect_segments;// the backend's feature-max-indirect-segments (0: none)
+    uint32_t discard;              // the backend's feature-discard
+    uint32_t discard_secure;       // the backend's discard-secure
+    int wait_fd;                   // the event channel: poll for POLLIN, then read 8 bytes
+    void (*notify)(void *ctx);     // the event channel: notify the backend
+    void *notify_ctx;
+    // Optional: the device's bytes as the backend's device holds them (NULL: not checked), to
+    // check that what the backend acknowledged is where the sector numbers say.
+    const uint8_t *device_bytes;
+    uint32_t timeout_ms;           // longest wait for a response (0: 10 s)
+};
+
+struct cref_front;                 // opaque
+
+// Initialises the shared ring (SHARED_RING_INIT, FRONT_RING_INIT for 2^order pages), grants its
+// pages (and, when persistent, every data page) to the backend. Writes the ring's 2^order grant
+// refs to ring_refs (room for 16). Returns NULL (and sets errno) on bad arguments or no memory.
+struct cref_front *cref_front_init(const struct cref_front_env *env, uint32_t *ring_refs);
+
+// One check's outcome.
+struct cref_check {
+    char name[64];
+    int32_t passed;
+    char message[200];
+};
+
+// Runs the conformance suite against the connected backend, whose device has `sectors` 512-byte
+// sectors (its `sectors` node, written at Connected); writes up to `max` results and returns how
+// many checks ran (may exceed `max`: the rest are dropped).
+int cref_front_run_suite(struct cref_front *front, uint64_t sectors, struct cref_check *results, int max);
+
+// Revokes the grants the frontend still holds (the backend must have unmapped them: call after
+// it disconnected) and frees the frontend. Returns how many grants stayed busy.
+int cref_front_free(struct cref_front *front);
+
+// MARK: The reference backend
+
+struct cref_backend_config {
+    void *guest_memory;            // the guest's whole memory, mapped (base of frame 0)
+    uint32_t total_frames;         // its size in frames
+    void *ring;                    // the shared ring, mapped contiguously (2^ring_order pages)
+    uint32_t ring_order;
+    uint16_t domid;                // our domain id: grants must name it (0)
+    uint16_t persistent;           // feature-persistent negotiated: keep buffer grants mapped
+    uint32_t max_indirect_segments;// what we advertised (at most 256)
+    uint64_t sectors;              // the null device's size, 512-byte sectors
+    int wait_fd;                   // our end of the event channel: poll, then read 8 bytes
+    int notify_fd;                 // >= 0: write 8 bytes here to notify (an eventfd) ...
+    void (*notify)(void *ctx);     // ... else call this
+    void *notify_ctx;
+};
+
+struct cref_backend;               // opaque
+
+struct cref_backend_stats {
+    uint64_t served;               // responses BLKIF_RSP_OKAY
+    uint64_t failed;               // responses ERROR or EOPNOTSUPP
+    uint64_t notifies;             // notifications sent
+    uint64_t wakeups;              // times the thread slept and woke
+    int32_t broken;                // 1 when the frontend published an impossible req_prod
+};
+
+// Starts serving on a new thread. Returns NULL (and sets errno) on failure.
+struct cref_backend *cref_backend_start(const struct cref_backend_config *config);
+// Stops the thread, unmaps every grant it still holds, frees the backend; fills *stats if given.
+void cref_backend_stop(struct cref_backend *backend, struct cref_backend_stats *stats);
+// Counters so far (read while running: approximate).
+void cref_backend_get_stats(const struct cref_backend *backend, struct cref_backend_stats *stats);
+
+#endif

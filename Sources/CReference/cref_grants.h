@@ -1,0 +1,50 @@
+// Grant tables of the emulated hypervisor (localxen.h), from C, for both sides:
+//  - the guest's side (guest_grants.c): grant a frame to a domain and revoke it, writing the
+//    grant_entry_v1 exactly as a guest kernel does (gnttab_grant_foreign_access_ref,
+//    gnttab_end_foreign_access_ref);
+//  - the backend's side (backend_grants.c): validate and pin an entry when "mapping" it, exactly
+//    as Core's LocalGrantTable does, and unpin it.
+#ifndef CREFERENCE_GRANTS_H
+#define CREFERENCE_GRANTS_H
+
+#include <stdint.h>
+#include "cxen.h"
+
+// MARK: Guest side
+
+struct cref_guest_grants {
+    grant_entry_v1_t *table;
+    uint16_t domid;              // the domain every grant is made to (the backend)
+    uint32_t *free_refs;         // a stack of unused refs
+    uint32_t free_count;
+    uint32_t capacity;
+};
+
+int cref_guest_grants_init(struct cref_guest_grants *g, grant_entry_v1_t *table, uint16_t domid,
+                           uint32_t first_ref, uint32_t count);
+void cref_guest_grants_destroy(struct cref_guest_grants *g);
+// Grants `frame`; returns the ref, or -1 when no ref is free.
+int64_t cref_guest_grant(struct cref_guest_grants *g, uint32_t frame, int readonly);
+// Revokes `ref` and frees it; returns -1 (keeping the grant) while the backend has it mapped.
+int cref_guest_end_access(struct cref_guest_grants *g, uint32_t ref);
+
+// MARK: Backend side
+
+struct cref_grant_mapper {
+    grant_entry_v1_t *table;     // the guest's grant table, in its memory
+    uint8_t *memory;             // the guest's memory, frame 0
+    uint32_t total_frames;
+    uint16_t me;                 // grants must be made to this domain
+    // Our pins, per ref: low 16 bits read pins, high 16 bits write pins. Kept here, not in
+    // the guest's memory, so that a guest cannot forge them (as LocalGrantTable).
+    uint32_t *pins;
+};
+
+int cref_grant_mapper_init(struct cref_grant_mapper *m, void *memory, uint32_t total_frames, uint16_t me);
+void cref_grant_mapper_destroy(struct cref_grant_mapper *m);
+// Validates and pins `ref`; returns its page, or NULL if the guest did not grant it to us (with
+// write access when `writable`) or it names a frame outside the guest's data frames.
+void *cref_grant_map(struct cref_grant_mapper *m, uint32_t ref, int writable);
+void cref_grant_unmap(struct cref_grant_mapper *m, uint32_t ref, int writable);
+
+#endif
