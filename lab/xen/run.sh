@@ -4,9 +4,11 @@
 #
 #   lab/xen/run.sh                    run the built-in smoke test (tests/smoke.sh)
 #   lab/xen/run.sh --test SCRIPT      run SCRIPT in dom0 instead
-#   lab/xen/run.sh --keep-share ...   do not empty work/share first (files the
-#                                     caller put there, e.g. with lab_share_binary,
-#                                     are kept; see README.md)
+#   lab/xen/run.sh --bin PROGRAM      put PROGRAM and its shared libraries into
+#                                     the share; dom0 runs it as /mnt/host/bin/NAME
+#                                     (repeatable; see lab_share_binary in lib/host.sh)
+#   lab/xen/run.sh --file PATH        copy a file or folder to /mnt/host/files/ (repeatable)
+#   lab/xen/run.sh --keep-share ...   do not empty work/share first
 # Environment: LAB_WORK (work folder), LAB_TIMEOUT (seconds for the whole QEMU
 # run, default 580), LAB_VERBOSE=1 (stream the serial console while running).
 #
@@ -22,11 +24,15 @@ export LAB_WORK=$WORK
 
 TEST=$LAB/tests/smoke.sh
 KEEP_SHARE=0
+BINS=()
+FILES=()
 while [ $# -gt 0 ]; do
   case $1 in
     --test) [ $# -ge 2 ] || lab_die "--test needs a script"; TEST=$2; shift 2 ;;
+    --bin) [ $# -ge 2 ] || lab_die "--bin needs a program"; BINS+=("$2"); shift 2 ;;
+    --file) [ $# -ge 2 ] || lab_die "--file needs a path"; FILES+=("$2"); shift 2 ;;
     --keep-share) KEEP_SHARE=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) lab_die "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -45,7 +51,10 @@ rm -rf "$SHARE/xen-logs"
 cp "$IMG/vmlinuz" "$IMG/domU-initrd.gz" "$SHARE/lab/img/"
 cp "$LAB"/lib/lab.sh "$SHARE/lab/lib/"
 cp "$LAB/domU/lab-domu.sh" "$SHARE/lab/lib/"
+cp -a "$LAB/tests" "$SHARE/lab/"
 cp "$TEST" "$SHARE/dom0-test.sh"
+for b in "${BINS[@]}"; do lab_share_binary "$SHARE" "$b"; lab_say "shared program $b as /mnt/host/bin/$(basename "$b")"; done
+for f in "${FILES[@]}"; do mkdir -p "$SHARE/files"; cp -a "$f" "$SHARE/files/" || lab_die "cannot copy $f"; done
 
 CONSOLE=$WORK/console.log
 TIMEOUT=${LAB_TIMEOUT:-580}
@@ -75,10 +84,11 @@ elif [ $qrc = 124 ] || [ $qrc = 137 ]; then check fail "QEMU was stopped by the 
 else check fail "QEMU exited with status $qrc"; fi
 grep -q '(XEN) Xen version 4.17' "$CONSOLE" && check ok "Xen 4.17 booted" || check fail "Xen 4.17 booted"
 for s in mounts modules share xenstored xenconsoled xen-init-dom0 xl-info lab-images test; do
-  if grep -q "stage $s ok" "$SHARE/dom0-init.log" 2>/dev/null; then check ok "dom0 stage $s"
+  # dom0-init.log is saved at power-off; the console has the same lines.
+  if grep -q "stage $s ok" "$SHARE/dom0-init.log" "$CONSOLE" 2>/dev/null; then check ok "dom0 stage $s"
   else check fail "dom0 stage $s"; break; fi
 done
-grep 'FAILED:' "$SHARE/dom0-init.log" 2>/dev/null | sed 's/^/       /' || true
+grep -h '\[dom0-init\] FAILED:' "$CONSOLE" 2>/dev/null | tr -d '\r' | sed 's/^/       /' || true
 if [ -f "$SHARE/dom0-test.rc" ]; then
   trc=$(cat "$SHARE/dom0-test.rc")
   [ "$trc" = 0 ] && check ok "dom0 test exited 0" || check fail "dom0 test exited $trc"
