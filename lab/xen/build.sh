@@ -65,21 +65,35 @@ DEB_PKGS+=("linux-image-$ABI")
 # ------------------------------------------------------------ download .debs
 DEBS=$WORK/debs
 mkdir -p "$DEBS"
-uris=$(apt-get download --print-uris "${DEB_PKGS[@]}" 2>&1) || { apt_update; uris=$(apt-get download --print-uris "${DEB_PKGS[@]}" 2>&1) \
-  || lab_die "apt-get cannot find the lab's packages:"$'\n'"$uris"; }
 declare -A DEBFILE=()
-need=()
-while read -r _url file _size _hash; do
-  pkg=${file%%_*}
-  DEBFILE[$pkg]=$file
-  [ -s "$DEBS/$file" ] || need+=("$pkg")
-done < <(grep "^'" <<<"$uris")
-for p in "${DEB_PKGS[@]}"; do [ -n "${DEBFILE[$p]:-}" ] || lab_die "no download candidate for package $p"; done
-if [ ${#need[@]} -gt 0 ]; then
-  step "downloading ${#need[@]} packages: ${need[*]}"
-  (cd "$DEBS" && apt-get download -q -o APT::Sandbox::User=root "${need[@]}" >/dev/null) || lab_die "apt-get download failed"
+# fetch_debs: find each package's current file name and download the missing
+# ones. Returns non-zero (without dying) so the caller can refresh stale lists.
+fetch_debs() {
+  local uris need=() _url file _size _hash p
+  uris=$(apt-get download --print-uris "${DEB_PKGS[@]}" 2>&1) || { echo "$uris" >&2; return 1; }
+  DEBFILE=()
+  while read -r _url file _size _hash; do
+    DEBFILE[${file%%_*}]=$file
+    [ -s "$DEBS/$file" ] || need+=("${file%%_*}")
+  done < <(grep "^'" <<<"$uris")
+  for p in "${DEB_PKGS[@]}"; do [ -n "${DEBFILE[$p]:-}" ] || { echo "no download candidate for $p" >&2; return 1; }; done
+  if [ ${#need[@]} -gt 0 ]; then
+    step "downloading ${#need[@]} packages: ${need[*]}"
+    (cd "$DEBS" && apt-get download -q -o APT::Sandbox::User=root "${need[@]}" >/dev/null) || return 1
+  fi
+  for p in "${DEB_PKGS[@]}"; do [ -s "$DEBS/${DEBFILE[$p]}" ] || { echo "missing ${DEBFILE[$p]}" >&2; return 1; }; done
+}
+if ! fetch_debs; then
+  [ $apt_updated = 0 ] || lab_die "cannot download the lab's packages"
+  lab_say "download failed; refreshing the package lists and trying again"
+  apt_update
+  ABI=$(kernel_abi); DEB_PKGS[-1]="linux-image-$ABI"
+  fetch_debs || lab_die "cannot download the lab's packages (${DEB_PKGS[*]})"
 fi
-for p in "${DEB_PKGS[@]}"; do [ -s "$DEBS/${DEBFILE[$p]}" ] || lab_die "missing $DEBS/${DEBFILE[$p]} after download"; done
+# Drop .debs of versions no longer used.
+for f in "$DEBS"/*.deb; do
+  case " ${DEBFILE[*]} " in *" ${f##*/} "*) ;; *) rm -f "$f" ;; esac
+done
 
 # Key of everything an image is made from: the .deb files, the host packages'
 # versions and the lab's own files that go into the images.
