@@ -73,7 +73,7 @@ lab_domu_create() {
 
 # lab_domu_console_log NAME: the guest's console output so far (xenconsoled
 # logs every guest's console to /var/log/xen/console/guest-NAME.log).
-lab_domu_console_log() { cat "/var/log/xen/console/guest-$1.log" 2>/dev/null; }
+lab_domu_console_log() { tr -d '\r' 2>/dev/null < "/var/log/xen/console/guest-$1.log"; }
 
 # lab_domu_wait NAME [SECONDS]: wait for the domU runner's result (xenstore
 # data/lab-result), print the guest's console log, return the test's status.
