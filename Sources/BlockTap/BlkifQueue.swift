@@ -268,18 +268,13 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
                     memcpy(destination, page, bytes)
                     continue
                 }
-                var ref = refs[p]
-                var page = UnsafeMutableRawPointer(bitPattern: 1)!
-                let m: GrantMapping
-                do {
-                    m = try grants.mapBatch(domain: domain, refs: UnsafeBufferPointer(start: &ref, count: 1), writable: false,
-                                            pages: UnsafeMutableBufferPointer(start: &page, count: 1))
-                } catch {
+                let page: UnsafeMutableRawPointer, m: GrantMapping
+                do { (page, m) = try grants.mapPage(domain: domain, ref: refs[p], writable: false) } catch {
                     if debugLogging { print("blkif: indirect page: \(error)") }
                     return false
                 }
                 memcpy(destination, page, bytes)
-                grants.unmap(m, refs: UnsafeBufferPointer(start: &ref, count: 1))
+                grants.unmapPage(m, ref: refs[p])
             }
             return true
         }

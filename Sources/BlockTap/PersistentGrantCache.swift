@@ -23,19 +23,13 @@ final class PersistentGrantCache {
     @inline(__always) func lookupOrMap(_ ref: GrantRef) -> UnsafeMutableRawPointer? {
         if let hit = pages[ref] { return hit.0 }
         guard pages.count < capacity else { return nil }
-        var r = ref
-        var page = UnsafeMutableRawPointer(bitPattern: 1)!
-        guard let m = try? grants.mapBatch(domain: domain, refs: UnsafeBufferPointer(start: &r, count: 1), writable: true,
-                                           pages: UnsafeMutableBufferPointer(start: &page, count: 1)) else { return nil }
+        guard let (page, m) = try? grants.mapPage(domain: domain, ref: ref, writable: true) else { return nil }
         pages[ref] = (page, m)
         return page
     }
 
     func unmapAll() {
-        for (ref, (_, m)) in pages {
-            var r = ref
-            grants.unmap(m, refs: UnsafeBufferPointer(start: &r, count: 1))
-        }
+        for (ref, (_, m)) in pages { grants.unmapPage(m, ref: ref) }
         pages.removeAll()
     }
 }

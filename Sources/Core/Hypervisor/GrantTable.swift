@@ -76,6 +76,25 @@ extension GrantTable {
     public func unmap(_ mapping: GrantMapping, refs: [GrantRef]) {
         refs.withUnsafeBufferPointer { unmap(mapping, refs: $0) }
     }
+
+    /// Maps one page (an indirect segment list, a persistent grant): where it is, and the mapping.
+    public func mapPage(domain: DomainID, ref: GrantRef, writable: Bool) throws(GrantError) -> (UnsafeMutableRawPointer, GrantMapping) {
+        var r = ref
+        var page = UnsafeMutableRawPointer(bitPattern: 1)!
+        let mapping = try withUnsafePointer(to: &r) { (rp) throws(GrantError) in
+            try withUnsafeMutablePointer(to: &page) { (pp) throws(GrantError) in
+                try mapBatch(domain: domain, refs: UnsafeBufferPointer(start: rp, count: 1), writable: writable,
+                             pages: UnsafeMutableBufferPointer(start: pp, count: 1))
+            }
+        }
+        return (page, mapping)
+    }
+
+    /// Unmaps what `mapPage` mapped.
+    public func unmapPage(_ mapping: GrantMapping, ref: GrantRef) {
+        var r = ref
+        withUnsafePointer(to: &r) { unmap(mapping, refs: UnsafeBufferPointer(start: $0, count: 1)) }
+    }
 }
 
 #if canImport(Glibc)

@@ -93,16 +93,8 @@ public final class LocalHypervisor: Hypervisor, @unchecked Sendable {
     }
 
     private static func connect(_ path: String) throws -> Int32 {
-        let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard s >= 0 else { throw LocalHypervisorError.cannotConnect(path: path, errno: errno) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { p in
-            for (i, c) in path.utf8.prefix(p.count - 1).enumerated() { p[i] = c }
-        }
-        let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-            Glibc.connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        guard r == 0 else { let e = errno; Glibc.close(s); throw LocalHypervisorError.cannotConnect(path: path, errno: e) }
+        let (s, e) = LocalControlSocket.open(path) { Glibc.connect($0, $1, $2) }
+        guard s >= 0 else { throw LocalHypervisorError.cannotConnect(path: path, errno: e) }
         return s
     }
 

@@ -60,16 +60,10 @@ public final class LocalHypervisorServer: @unchecked Sendable {
 
     private static func listen(_ path: String) throws -> Int32 {
         unlink(path)
-        let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { p in
-            for (i, c) in path.utf8.prefix(p.count - 1).enumerated() { p[i] = c }
-        }
-        let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-            Glibc.bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        guard s >= 0, r == 0, chmod(path, 0o600) == 0, Glibc.listen(s, 64) == 0 else {
-            let e = errno; if s >= 0 { Glibc.close(s) }
+        let (s, bindErrno) = LocalControlSocket.open(path) { Glibc.bind($0, $1, $2) }
+        guard s >= 0 else { throw LocalHypervisorError.cannotConnect(path: path, errno: bindErrno) }
+        guard chmod(path, 0o600) == 0, Glibc.listen(s, 64) == 0 else {
+            let e = errno; Glibc.close(s)
             throw LocalHypervisorError.cannotConnect(path: path, errno: e)
         }
         return s
