@@ -59,4 +59,28 @@ int cxen_seal_size(int fd);
 ssize_t cxen_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 ssize_t cxen_recv_fds(int sock, void *buf, size_t len, int *fds, int *nfds);
 
+// Grant copy segments for libxengnttab (the union inside is awkward from Swift): one segment
+// between a granted page of `domid` and local memory, in the direction asked.
+static inline void cxen_grant_copy_segment(xengnttab_grant_copy_segment_t *s, int to_guest, uint16_t domid,
+                                           uint32_t ref, uint16_t offset, uint16_t len, void *local) {
+    *s = (xengnttab_grant_copy_segment_t){0};
+    if (to_guest) {
+        s->source.virt = local;
+        s->dest.foreign.ref = ref; s->dest.foreign.offset = offset; s->dest.foreign.domid = domid;
+        s->flags = GNTCOPY_dest_gref;
+    } else {
+        s->source.foreign.ref = ref; s->source.foreign.offset = offset; s->source.foreign.domid = domid;
+        s->dest.virt = local;
+        s->flags = GNTCOPY_source_gref;
+    }
+    s->len = len;
+}
+
+// Grant operation status codes (grant_table.h's GNTST_*), as constants Swift can see.
+enum {
+    CXEN_GNTST_okay = GNTST_okay, CXEN_GNTST_bad_domain = GNTST_bad_domain, CXEN_GNTST_bad_gntref = GNTST_bad_gntref,
+    CXEN_GNTST_permission_denied = GNTST_permission_denied, CXEN_GNTST_bad_page = GNTST_bad_page,
+    CXEN_GNTST_bad_copy_arg = GNTST_bad_copy_arg, CXEN_GNTST_address_too_big = GNTST_address_too_big,
+};
+
 #endif
