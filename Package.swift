@@ -12,6 +12,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
     ],
     targets: [
         // The Xen ABI (io/ring.h, blkif.h, netif.h, usbif.h, xs_wire.h, grant_table.h) and the
@@ -39,16 +40,22 @@ let package = Package(
         .target(name: "Devices", dependencies: ["Core", "CAio"]),
         // NBD export of any device stack.
         .target(name: "NBDExport", dependencies: ["Core"]),
+        // `softdev serve`: the daemon, its TOML config and the hypervisor choice.
+        .target(name: "Daemon", dependencies: [
+            "Core", "BlockTap", "Devices", "NBDExport", "XenStore",
+            .product(name: "TOMLKit", package: "TOMLKit"),
+        ]),
         .executableTarget(
             name: "softdev",
             dependencies: [
-                "Core", "BlockTap", "Devices", "NBDExport", "CReference",
+                "Core", "BlockTap", "Devices", "NBDExport", "CReference", "Daemon", "XenStore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "XenStoreTests", dependencies: ["XenStore"]),
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
         .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core"]),
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "Devices", "Core", "XenStore"]),
         .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "Devices", "Core"]),
     ],
     swiftLanguageModes: [.v5]

@@ -271,10 +271,3 @@ public final class LocalBlockFrontend: @unchecked Sendable {
         return try roundTrip([BlkifRequestBytes(r)], queue: queue)[0].status
     }
 }
-
-/// Seconds on the monotonic clock.
-public func monotonicSeconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}

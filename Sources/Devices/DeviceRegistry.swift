@@ -67,8 +67,19 @@ public enum DeviceRegistry {
         try open(DeviceSpec(parsing: spec))
     }
 
-    /// Opens the stack `spec` describes. If any element fails, what was opened is closed again.
-    public static func open(_ spec: DeviceSpec) throws(DeviceSpecError) -> any BlockDevice {
+    /// Checks `spec` without opening anything: its syntax, its device names, the order of
+    /// devices and filters, and the parameter names (what a config file or `softdev attach` can
+    /// check before the stack is opened elsewhere).
+    public static func check(_ spec: String) throws(DeviceSpecError) {
+        let parsed = try DeviceSpec(parsing: spec)
+        for (element, descriptor) in zip(parsed.elements, try descriptors(for: parsed)) {
+            _ = try descriptor.parameters(of: element)
+        }
+    }
+
+    /// The descriptor of each element, checked: every name is known, filters stand above a
+    /// device and the last element is a device.
+    static func descriptors(for spec: DeviceSpec) throws(DeviceSpecError) -> [DeviceDescriptor] {
         // Check every name first, so that a typo is reported before anything is opened.
         var descriptors: [DeviceDescriptor] = []
         for element in spec.elements {
@@ -87,6 +98,12 @@ public enum DeviceRegistry {
                 throw DeviceSpecError("\(descriptor.name) is a device, not a filter: nothing can be stacked below it (in '\(spec)')")
             }
         }
+        return descriptors
+    }
+
+    /// Opens the stack `spec` describes. If any element fails, what was opened is closed again.
+    public static func open(_ spec: DeviceSpec) throws(DeviceSpecError) -> any BlockDevice {
+        let descriptors = try descriptors(for: spec)
         var device: (any BlockDevice)?
         for (element, descriptor) in zip(spec.elements, descriptors).reversed() {
             do {

@@ -1,3 +1,4 @@
+import Glibc
 import XenStore
 
 /// Where a paravirtual device's nodes live: the frontend's directory in the guest's home and
@@ -34,9 +35,9 @@ public enum XenbusToolstack {
         let bePerms = [XenStorePermission(domain: paths.backendDomain, access: .none),
                        XenStorePermission(domain: paths.frontendDomain, access: .read)]
         try store.transaction { (tx) throws(XenStoreError) in
-            if (try? store.read(be + "/state", transaction: tx)) != nil {
-                throw XenStoreError.exists(be)
-            }
+            // A device of the same number, ours or a kernel backend's, is already there.
+            if (try? store.read(be + "/state", transaction: tx)) != nil { throw XenStoreError.exists(be) }
+            if (try? store.read(fe, transaction: tx)) != nil { throw XenStoreError.exists(fe) }
             try store.mkdir(fe, transaction: tx)
             try store.setPermissions(fe, fePerms, transaction: tx)
             try store.mkdir(be, transaction: tx)
@@ -63,4 +64,64 @@ public enum XenbusToolstack {
             do throws(XenStoreError) { try store.remove(paths.frontendPath, transaction: tx) } catch .noEntry {}
         }
     }
+}
+
+extension XenbusToolstack {
+    /// How a detach ended.
+    public enum DetachOutcome: Sendable, Equatable {
+        /// The backend closed the device (the frontend let go) and the nodes are gone.
+        case closed
+        /// The backend did not close within the timeout; the nodes were removed anyway, as
+        /// `xl block-detach` does after its own timeout.
+        case forced
+    }
+
+    /// Detaches a device as libxl does: sets the backend's `online` to 0 (a backend then asks
+    /// the frontend to close), waits up to `timeoutSeconds` for the backend to reach Closed or
+    /// remove its directory, then removes both directories.
+    public static func detach(_ store: any XenStoreClient, _ paths: XenbusDevicePaths,
+                              timeoutSeconds: Double) throws(XenStoreError) -> DetachOutcome {
+        let be = paths.backendPath
+        guard (try? store.read(be, transaction: .none)) != nil else { throw XenStoreError.noEntry(be) }
+        try store.write(be + "/online", "0")
+        let end = monotonicSeconds() + timeoutSeconds
+        var outcome = DetachOutcome.forced
+        while true {
+            let state = (try? store.readString(be + "/state")).flatMap { $0 }
+            if state == nil || state == "\(XenbusDeviceState.closed.rawValue)" { outcome = .closed; break }
+            if monotonicSeconds() >= end { break }
+            usleep(20_000)
+        }
+        try remove(store, paths)
+        return outcome
+    }
+
+    /// The domain `nameOrID` names: a number, or the `name` node of a running domain
+    /// (`/local/domain/N/name`, which libxl and the local hypervisor write).
+    public static func resolveDomain(_ store: any XenStoreClient, _ nameOrID: String) throws -> UInt16 {
+        let homes = (try? store.directory("/local/domain", transaction: .none)) ?? []
+        if let id = UInt16(nameOrID) {
+            guard homes.contains(nameOrID) else { throw XenbusToolstackError("domain \(id) does not exist (running: \(describe(store, homes)))") }
+            return id
+        }
+        for home in homes {
+            if (try? store.readString("/local/domain/\(home)/name")).flatMap({ $0 }) == nameOrID, let id = UInt16(home) { return id }
+        }
+        throw XenbusToolstackError("no domain is named '\(nameOrID)' (running: \(describe(store, homes)))")
+    }
+
+    /// "0 (Domain-0), 3 (guest1)": the running domains, for error messages.
+    public static func describe(_ store: any XenStoreClient, _ homes: [String]) -> String {
+        let list = homes.compactMap { UInt16($0) }.sorted().map { id in
+            let name = (try? store.readString("/local/domain/\(id)/name")).flatMap { $0 }
+            return name.map { "\(id) (\($0))" } ?? "\(id)"
+        }
+        return list.isEmpty ? "none" : list.joined(separator: ", ")
+    }
+}
+
+/// A toolstack operation that cannot be done, with what to do about it.
+public struct XenbusToolstackError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
 }

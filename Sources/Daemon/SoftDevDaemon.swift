@@ -1,0 +1,149 @@
+import BlockTap
+import Core
+import Devices
+import Glibc
+import NBDExport
+import XenStore
+
+/// `softdev serve`: the block tap serving every `softdev-vbd` device of every guest, the
+/// configured disks attached whenever their guest runs, and the configured NBD exports.
+///
+/// Attach and detach happen through xenstore (`softdev attach`, `softdev detach` or any
+/// toolstack), so the daemon picks them up while it runs; a guest that shuts down, crashes or is
+/// destroyed loses its devices through `@releaseDomain`.
+public final class SoftDevDaemon: @unchecked Sendable {
+    /// Where NBD exports listen when the config names none.
+    public static let defaultNBDSocket = "unix:/run/softdev/nbd.sock"
+
+    public let config: ServeConfig
+    public let hypervisor: any Hypervisor
+    public let service: XenbusBackendService
+    private let embedded: LocalHypervisorServer?
+    private var nbdServers: [NBDServer] = []
+    private var serviceStarted = false
+    private var exportDevices: [any BlockDevice] = []
+    private let log: @Sendable (String) -> Void
+    private static let introduceToken = "daemon:introduce"
+
+    /// Connects to the hypervisor `choice` names (for the local kind, becomes it if none runs).
+    public convenience init(config: ServeConfig, choice: HypervisorChoice, log: @escaping @Sendable (String) -> Void) throws {
+        let (hypervisor, embedded) = try choice.openBackend()
+        self.init(config: config, hypervisor: hypervisor, embedded: embedded, log: log)
+    }
+
+    public init(config: ServeConfig, hypervisor: any Hypervisor, embedded: LocalHypervisorServer? = nil,
+                log: @escaping @Sendable (String) -> Void) {
+        self.config = config; self.hypervisor = hypervisor; self.embedded = embedded; self.log = log
+        service = BlockTapService.make(hypervisor: hypervisor, options: config.blkif, log: log) { spec in
+            try DeviceRegistry.open(spec)
+        }
+    }
+
+    /// Opens the NBD exports' devices, starts every server, and attaches the configured disks
+    /// of the guests that run now (and, through a watch, of those that start later).
+    public func start() throws {
+        do {
+            try startNBD()
+            try service.start()
+            serviceStarted = true
+            if !config.disks.isEmpty {
+                try service.dispatcher.watch("@introduceDomain", token: Self.introduceToken) { [weak self] _ in
+                    self?.attachConfiguredDisks()
+                }
+                service.dispatcher.async { [weak self] in self?.attachConfiguredDisks() }
+            }
+        } catch {
+            stop()
+            throw error
+        }
+        log("serving on \(hypervisor.kind) as domain \(hypervisor.domainID): backend \(service.root)"
+            + (nbdServers.isEmpty ? "" : "; NBD " + nbdServers.map { "\($0.address)" }.joined(separator: ", ")))
+    }
+
+    /// Stops serving: every device is unplugged (its guest sees the backend close), NBD clients
+    /// are disconnected, devices closed, and an embedded local hypervisor stops last.
+    public func stop() {
+        if serviceStarted {
+            if !config.disks.isEmpty { service.dispatcher.unwatch("@introduceDomain", token: Self.introduceToken) }
+            service.stop()
+            serviceStarted = false
+        }
+        for server in nbdServers { server.stop() }
+        nbdServers.removeAll()
+        for device in exportDevices { device.close() }
+        exportDevices.removeAll()
+        embedded?.stop()
+    }
+
+    private func startNBD() throws {
+        guard !config.exports.isEmpty else {
+            if !config.nbdListen.isEmpty { throw ServeConfigError("NBD listen addresses are given but no export: add [[export]] or --export NAME=SPEC") }
+            return
+        }
+        var exports: [NBDExport] = []
+        for e in config.exports {
+            let device: any BlockDevice
+            do { device = try DeviceRegistry.open(e.device) } catch {
+                throw ServeConfigError("export '\(e.name)': \(error)")
+            }
+            exportDevices.append(device)
+            exports.append(NBDExport(name: e.name, device: device, readOnly: e.readOnly, description: e.description))
+        }
+        for text in config.nbdListen.isEmpty ? [Self.defaultNBDSocket] : config.nbdListen {
+            let address = try NBDListenAddress.parse(text)
+            if case .unix(let path) = address {
+                // A stale socket from an earlier run would make bind fail; a live one is refused.
+                try Self.removeStaleSocket(path)
+            }
+            let server = NBDServer(listen: address, exports: exports)
+            try server.start()
+            nbdServers.append(server)
+        }
+    }
+
+    /// The NBD servers, started (for tests: their bound TCP ports).
+    public var nbdListeners: [NBDServer] { nbdServers }
+
+    /// Removes `path` if it is a socket nobody listens on; refuses if a server answers there.
+    static func removeStaleSocket(_ path: String) throws {
+        var st = stat()
+        guard lstat(path, &st) == 0 else {
+            // Make the parent directory (e.g. /run/softdev) if it is missing.
+            let parent = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+            if !parent.isEmpty { mkdir(parent, 0o755) }
+            return
+        }
+        guard (st.st_mode & S_IFMT) == S_IFSOCK else { throw ServeConfigError("\(path) exists and is not a socket") }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = b }
+        }
+        let connected = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard connected != 0 else { throw ServeConfigError("\(path): another server is listening there") }
+        unlink(path)
+    }
+
+    /// Attaches each configured disk whose guest runs and does not have it yet. Runs on the
+    /// dispatcher thread (at start and on every @introduceDomain).
+    private func attachConfiguredDisks() {
+        let store = hypervisor.store
+        for disk in config.disks {
+            guard let guest = try? XenbusToolstack.resolveDomain(store, disk.domain) else { continue }
+            let paths = XenbusDevicePaths(frontendDomain: guest, backendDomain: hypervisor.domainID, frontendType: "vbd",
+                                          backendType: BlockTapService.backendType, deviceID: disk.vdev.deviceID)
+            guard (try? store.read(paths.frontendPath, transaction: .none)) == nil else { continue }
+            do {
+                try BlockTapService.attach(store: store, guest: guest, backendDomain: hypervisor.domainID, disk: disk.vdev,
+                                           spec: disk.device, readOnly: disk.readOnly)
+                log("attached \(disk.vdev.name) to domain \(guest) (\(disk.domain)): \(disk.device)")
+            } catch {
+                log("cannot attach \(disk.vdev.name) to domain \(guest) (\(disk.domain)): \(error)")
+            }
+        }
+    }
+}

@@ -1,0 +1,72 @@
+import ArgumentParser
+import Daemon
+import Foundation
+import Glibc
+
+/// `softdev serve`: the daemon.
+struct Serve: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve soft devices to guests (blkif) and hosts (NBD) until SIGTERM or SIGINT.",
+        discussion: """
+            Serves every disk attached under /local/domain/<me>/backend/softdev-vbd (by `softdev attach`, \
+            the config file's [[disk]] tables or any toolstack), picks up attach and detach while it runs, and \
+            unplugs a guest's disks when the guest shuts down, crashes or is destroyed. With --hypervisor local \
+            and no local hypervisor running at --local-dir, the daemon runs one itself.
+            The config file is TOML; see the README ("softdev serve") for every key.
+            """)
+
+    @OptionGroup var hypervisorOptions: HypervisorOptions
+
+    @Option(help: ArgumentHelp("A TOML config file: hypervisor, [blkif] features, [[disk]] and [[export]] tables, [nbd] listen.", valueName: "file"))
+    var config: String?
+
+    @Option(name: .customLong("nbd"), help: ArgumentHelp(
+        "Listen for NBD clients here: unix:PATH (mode 0600) or tcp:HOST:PORT. Repeatable. Default with exports: \(SoftDevDaemon.defaultNBDSocket).",
+        valueName: "address"))
+    var nbdListen: [String] = []
+
+    @Option(name: .customLong("export"), help: ArgumentHelp(
+        "Serve a device stack over NBD under a name, e.g. --export 'disk=stats | file(path=disk.img)'. Repeatable.",
+        valueName: "name=spec"))
+    var exports: [String] = []
+
+    func run() throws {
+        var settings = try config.map { try ServeConfig.load(path: $0) } ?? ServeConfig()
+        settings.nbdListen += nbdListen
+        for text in exports {
+            guard let eq = text.firstIndex(of: "="), eq != text.startIndex else {
+                throw ValidationError("--export \(text): expected NAME=SPEC, e.g. --export 'disk=file(path=disk.img)'")
+            }
+            let name = String(text[..<eq]), spec = String(text[text.index(after: eq)...])
+            guard !settings.exports.contains(where: { $0.name == name }) else { throw ValidationError("--export: the name '\(name)' is used twice") }
+            settings.exports.append(.init(name: name, device: spec))
+        }
+        // Stop on SIGTERM/SIGINT: block them here (the threads the daemon starts inherit the
+        // mask) and wait for one on this thread.
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGTERM)
+        sigaddset(&signals, SIGINT)
+        pthread_sigmask(SIG_BLOCK, &signals, nil)
+
+        let choice = hypervisorOptions.choice(configured: settings.hypervisor, configuredDirectory: settings.localDirectory)
+        let daemon = try SoftDevDaemon(config: settings, choice: choice, log: Serve.log)
+        try daemon.start()
+        var received: Int32 = 0
+        sigwait(&signals, &received)
+        Serve.log("signal \(received): stopping")
+        daemon.stop()
+        Serve.log("stopped")
+    }
+
+    /// One line to stderr with the time, as daemons log under a service manager.
+    static let log: @Sendable (String) -> Void = { message in
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        var tm = tm()
+        var seconds = now.tv_sec
+        gmtime_r(&seconds, &tm)
+        let stamp = String(format: "%02d:%02d:%02d.%03d", tm.tm_hour, tm.tm_min, tm.tm_sec, now.tv_nsec / 1_000_000)
+        FileHandle.standardError.write(Data("softdev \(stamp) \(message)\n".utf8))
+    }
+}

@@ -1,0 +1,82 @@
+import BlockTap
+import Daemon
+import XCTest
+
+final class ServeConfigTests: XCTestCase {
+    func testTheDocumentedExampleParses() throws {
+        let config = try ServeConfig.parse("""
+            hypervisor = "local"
+            local-directory = "/tmp/x"
+            [blkif]
+            max-queues = 2
+            max-ring-page-order = 3
+            max-indirect-segments = 64
+            persistent-grants = 0
+            [[disk]]
+            domain = "guest1"
+            vdev = "xvdb"
+            device = "stats | file(path=/srv/guest1.img)"
+            readonly = true
+            [[disk]]
+            domain = "7"
+            vdev = "xvdc"
+            device = "memory(size=1G)"
+            [nbd]
+            listen = ["unix:/run/softdev/nbd.sock", "tcp:127.0.0.1:10809"]
+            [[export]]
+            name = "scratch"
+            device = "memory(size=1G)"
+            description = "scratch space"
+            """)
+        XCTAssertEqual(config.hypervisor, .local)
+        XCTAssertEqual(config.localDirectory, "/tmp/x")
+        XCTAssertEqual(config.blkif.maxQueues, 2)
+        XCTAssertEqual(config.blkif.maxRingPageOrder, 3)
+        XCTAssertEqual(config.blkif.maxIndirectSegments, 64)
+        XCTAssertEqual(config.blkif.persistentGrantsPerRing, 0)
+        XCTAssertEqual(config.disks.count, 2)
+        XCTAssertEqual(config.disks[0].vdev.deviceID, 51728)
+        XCTAssertTrue(config.disks[0].readOnly)
+        XCTAssertEqual(config.disks[1].domain, "7")
+        XCTAssertFalse(config.disks[1].readOnly)
+        XCTAssertEqual(config.nbdListen, ["unix:/run/softdev/nbd.sock", "tcp:127.0.0.1:10809"])
+        XCTAssertEqual(config.exports, [.init(name: "scratch", device: "memory(size=1G)", description: "scratch space")])
+    }
+
+    func testEmptyConfigKeepsDefaults() throws {
+        let config = try ServeConfig.parse("")
+        XCTAssertNil(config.hypervisor)
+        XCTAssertEqual(config.blkif.maxQueues, BlkifBackendOptions().maxQueues)
+        XCTAssertTrue(config.disks.isEmpty && config.exports.isEmpty)
+    }
+
+    func testMistakesAreNamedWithTheirPlace() {
+        let cases: [(String, String)] = [
+            ("hypervisor = \"kvm\"", "hypervisor = \"kvm\": use one of auto, xen, local"),
+            ("hypervisr = \"xen\"", "c.toml: unknown key hypervisr"),
+            ("[blkif]\nmax-queues = 0", "c.toml [blkif]: max-queues must be an integer in 1...16"),
+            ("[blkif]\nmax-queue = 2", "c.toml [blkif]: unknown key max-queue"),
+            ("[[disk]]\ndomain = \"g\"\nvdev = \"sda\"\ndevice = \"null\"", "'sda' is not a virtual disk name"),
+            ("[[disk]]\ndomain = \"g\"\nvdev = \"xvda\"", "c.toml [[disk]] #1: device is missing"),
+            ("[[disk]]\ndomain = \"g\"\nvdev = \"xvda\"\ndevice = \"flie(path=x)\"", "c.toml [[disk]] #1: device: unknown device 'flie'"),
+            ("[[disk]]\ndomain = \"g\"\nvdev = \"xvda\"\ndevice = \"file(pth=x)\"", "file: unknown parameter 'pth'"),
+            ("[[disk]]\ndomain = \"g\"\nvdev = \"xvda\"\ndevice = \"null\"\n[[disk]]\ndomain = \"g\"\nvdev = \"xvda\"\ndevice = \"null\"",
+             "domain g has xvda twice"),
+            ("[[export]]\nname = \"a\"\ndevice = \"null\"\nreadonly = \"yes\"", "readonly must be true or false"),
+            ("[nbd]\nlisten = 5", "listen must be a string or a list of strings"),
+            ("[[export]]\nname = \"a\"\ndevice = \"null\"\n[[export]]\nname = \"a\"\ndevice = \"null\"", "export name 'a' is used twice"),
+            ("disk = [", "c.toml:1:"),
+        ]
+        for (text, expected) in cases {
+            XCTAssertThrowsError(try ServeConfig.parse(text, file: "c.toml"), text) { error in
+                XCTAssertTrue("\(error)".contains(expected), "\(text): got '\(error)', expected '\(expected)'")
+            }
+        }
+    }
+
+    func testLoadReportsAMissingFile() {
+        XCTAssertThrowsError(try ServeConfig.load(path: "/nonexistent/softdev.toml")) { error in
+            XCTAssertTrue("\(error)".contains("/nonexistent/softdev.toml: cannot read the config file"), "\(error)")
+        }
+    }
+}
