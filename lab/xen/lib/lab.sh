@@ -43,7 +43,8 @@ lab_domu_initrd() {
 
 # lab_domu_config OUT NAME INITRD [LINE...]: write a PV guest config with the
 # lab kernel; each LINE is added as is, e.g. "disk = ['phy:/dev/loop0,xvda,w']".
-# LAB_DOMU_MEMORY (MiB, default 128) and LAB_DOMU_VCPUS (default 1) apply.
+# LAB_DOMU_MEMORY (MiB, default 128), LAB_DOMU_VCPUS (default 1) and
+# LAB_DOMU_EXTRA (more kernel arguments, e.g. xen_blkfront.max_ring_page_order=2) apply.
 lab_domu_config() {
   local out=$1 name=$2 initrd=$3 line; shift 3
   {
@@ -51,7 +52,7 @@ lab_domu_config() {
     echo "type = \"pv\""
     echo "kernel = \"$LAB_IMG/vmlinuz\""
     echo "ramdisk = \"$initrd\""
-    echo "extra = \"console=hvc0 rdinit=/init loglevel=4\""
+    echo "extra = \"console=hvc0 rdinit=/init loglevel=4${LAB_DOMU_EXTRA:+ $LAB_DOMU_EXTRA}\""
     echo "memory = ${LAB_DOMU_MEMORY:-128}"
     echo "vcpus = ${LAB_DOMU_VCPUS:-1}"
     echo "on_crash = \"preserve\""

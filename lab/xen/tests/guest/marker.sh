@@ -1,15 +1,21 @@
-# domU side of the marker round trip (busybox sh, runs as /test/run.sh).
-# /test/marker holds the marker dom0 wrote at sector 0 of the guest's xvda.
+# domU side of the marker round trip (busybox sh, runs as /test/run.sh or is
+# called by one). LAB_MARKER (default /test/marker) holds the marker dom0 wrote
+# at sector 0 of LAB_DEV (default /dev/xvda); the guest checks it, writes
+# DOMU-WROTE-<marker> at sector 8, reads it back uncached and publishes the
+# disk's size as data/disk-sectors (data/disk-sectors-<dev> for other disks).
 set -e
-marker=$(cat /test/marker)
-got=$(dd if=/dev/xvda bs=512 count=1 2>/dev/null | tr -d '\000')
-echo "domU read: $got"
-[ "$got" = "$marker" ] || { echo "marker mismatch: expected $marker"; exit 1; }
-printf 'DOMU-WROTE-%s' "$marker" | dd of=/dev/xvda bs=512 seek=8 conv=sync 2>/dev/null
+dev=${LAB_DEV:-/dev/xvda}
+name=${dev##*/}
+marker=$(cat "${LAB_MARKER:-/test/marker}")
+got=$(dd if="$dev" bs=512 count=1 2>/dev/null | tr -d '\000')
+echo "domU read $name: $got"
+[ "$got" = "$marker" ] || { echo "marker mismatch on $name: expected $marker"; exit 1; }
+printf 'DOMU-WROTE-%s' "$marker" | dd of="$dev" bs=512 seek=8 conv=sync 2>/dev/null
 sync
 echo 3 > /proc/sys/vm/drop_caches
-back=$(dd if=/dev/xvda bs=512 skip=8 count=1 2>/dev/null | tr -d '\000')
-[ "$back" = "DOMU-WROTE-$marker" ] || { echo "read-back mismatch: $back"; exit 1; }
+back=$(dd if="$dev" bs=512 skip=8 count=1 2>/dev/null | tr -d '\000')
+[ "$back" = "DOMU-WROTE-$marker" ] || { echo "read-back mismatch on $name: $back"; exit 1; }
 . /lab-domu.sh
-lab_put disk-sectors "$(cat /sys/block/xvda/size)"
-echo "domU marker round trip ok"
+key=disk-sectors; [ "$name" = xvda ] || key=disk-sectors-$name
+lab_put "$key" "$(cat /sys/block/$name/size)"
+echo "domU marker round trip ok on $name"

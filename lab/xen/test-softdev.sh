@@ -1,0 +1,35 @@
+#!/bin/bash
+# SoftDev in the Xen lab, in one command: build the release `softdev`, put it
+# with its shared libraries (the Swift runtime too) into dom0, and run
+# tests/softdev.sh there: `softdev serve` with Linux xen-blkfront guests, then
+# the side-by-side benchmark against QEMU's qdisk and the kernel's blkback.
+#
+#   lab/xen/test-softdev.sh            build, boot, test, report
+#   SOFTDEV_BIN=path lab/xen/test-softdev.sh   use that binary, build nothing
+# Environment: LAB_TIMEOUT (seconds for the QEMU run, default 1500), and what
+# run.sh takes (LAB_VERBOSE=1 streams the console).
+# Exit status: non-zero if the build, the lab or any check in dom0 failed;
+# run.sh prints each check and, on failure, the end of the console log.
+set -euo pipefail
+LAB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$LAB/../.." && pwd)
+WORK=${LAB_WORK:-$LAB/work}
+. "$LAB/lib/host.sh"
+
+T0=$(date +%s)
+if [ -z "${SOFTDEV_BIN:-}" ]; then
+  lab_say "building softdev (release)"
+  (cd "$ROOT" && swift build -c release --product softdev) || lab_die "swift build -c release failed"
+  SOFTDEV_BIN=$ROOT/.build/release/softdev
+fi
+[ -x "$SOFTDEV_BIN" ] || lab_die "no softdev binary at $SOFTDEV_BIN"
+
+# The guest's random-read tool: static, so it needs nothing from the domU image.
+mkdir -p "$WORK/bin"
+CC=$(command -v cc || command -v gcc || command -v clang) || lab_die "no C compiler for randread.c"
+"$CC" -static -O2 -Wall -o "$WORK/bin/randread" "$LAB/tests/guest/randread.c" || lab_die "cannot build randread"
+TB=$(date +%s)
+lab_say "softdev and randread ready in $((TB-T0))s"
+
+LAB_TIMEOUT=${LAB_TIMEOUT:-1500} "$LAB/run.sh" --test "$LAB/tests/softdev.sh" \
+  --bin "$SOFTDEV_BIN" --file "$WORK/bin/randread"

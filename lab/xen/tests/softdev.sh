@@ -1,0 +1,116 @@
+#!/bin/bash
+# SoftDev end to end (runs in dom0; lab/xen/test-softdev.sh starts it):
+# `softdev serve --hypervisor xen` in dom0 serves `file` disks to Linux's own
+# xen-blkfront in domUs, and everything is checked from both sides.
+#   1. a disk attached before the daemon starts (xl create -p, softdev attach,
+#      serve, xl unpause): marker round trip, ext4 round trip, dom0 fsck;
+#      at the same time a second guest with two disks, two vCPUs and a
+#      4-page ring (multi-queue); the negotiated features of both are printed
+#   2. detach and re-attach while a guest runs; at the same time another guest
+#      is destroyed mid-I/O: the daemon survives, frees the guest, and goes on
+#      serving the first one
+#   3. the side-by-side benchmark: softdev, QEMU's qdisk, kernel blkback
+#   4. SIGTERM: the daemon stops cleanly
+set -uo pipefail
+. "${LAB_SHARE:-/mnt/host}/lab/lib/lab.sh"
+. "$LAB_SHARE/lab/tests/softdev-lib.sh"
+. "$LAB_SHARE/lab/tests/bench-lib.sh"
+G=$LAB_SHARE/lab/tests/guest
+RANDREAD=$LAB_SHARE/files/randread
+T0=$(date +%s)
+took() { echo "$(( $(date +%s) - T0 ))s"; }
+
+lab_check "softdev and randread are in the share" test -x "$SOFTDEV" -a -x "$RANDREAD" || { lab_summary; exit 1; }
+
+# ---------------------------------------------------------------- 1. boot disks
+lab_log "1. ext4 guest (disk attached before the daemon starts) + two-disk multi-queue guest"
+M1=M1-$RANDOM$RANDOM; M2A=M2A-$RANDOM$RANDOM; M2B=M2B-$RANDOM$RANDOM
+new_image /run/g1.img 96 "$M1"
+new_image /run/g2a.img 32 "$M2A"
+new_image /run/g2b.img 32 "$M2B"
+cp /run/g2a.img.marker /run/marker-a; cp /run/g2b.img.marker /run/marker-b; cp /run/g1.img.marker /run/marker
+guest_script /run/g1-run.sh "sh /test/marker.sh" "sh /test/ext4.sh" "sh /test/features.sh"
+lab_domu_initrd /run/g1.gz /run/g1-run.sh "$G/marker.sh" "$G/ext4.sh" "$G/features.sh" /run/marker
+guest_script /run/g2-run.sh "LAB_DEV=/dev/xvda LAB_MARKER=/test/marker-a sh /test/marker.sh" \
+  "LAB_DEV=/dev/xvdb LAB_MARKER=/test/marker-b sh /test/marker.sh" \
+  "LAB_DEV=/dev/xvdb LAB_MIB=16 sh /test/seq-dd.sh" "sh /test/features.sh"
+lab_domu_initrd /run/g2.gz /run/g2-run.sh "$G/marker.sh" "$G/seq-dd.sh" "$G/features.sh" /run/marker-a /run/marker-b
+lab_domu_config /run/g1.cfg g1 /run/g1.gz
+# Two queues of 4-page rings with persistent grants and indirect pages preallocated by
+# blkfront for two disks need more than the default 128 MiB (the guest ran out of memory).
+LAB_DOMU_MEMORY=256 LAB_DOMU_VCPUS=2 LAB_DOMU_EXTRA="xen_blkfront.max_ring_page_order=2" lab_domu_config /run/g2.cfg g2 /run/g2.gz
+
+lab_domu_create /run/g1.cfg && D1=$(lab_domid g1)
+lab_check "g1: softdev attach while paused, before the daemon runs" sd attach g1 block xvda "file(path=/run/g1.img)"
+lab_check "softdev serve starts (--hypervisor xen)" sd_start || { cat "$SOFTDEV_LOG"; lab_summary; exit 1; }
+lab_domu_create /run/g2.cfg && D2=$(lab_domid g2)
+lab_check "g2: softdev attach xvda" sd attach g2 block xvda "file(path=/run/g2a.img)"
+lab_check "g2: softdev attach xvdb" sd attach "$D2" block xvdb "file(path=/run/g2b.img)"
+xl unpause g1; xl unpause g2
+rc1=0; lab_domu_wait g1 400 || rc1=$?
+rc2=0; lab_domu_wait g2 300 || rc2=$?
+lab_check "g1: marker and ext4 round trip (mkfs, files, fsck -fn, remount, sha256) on a softdev disk" test $rc1 = 0
+lab_check "g1: the guest saw 96 MiB (196608 sectors)" xs_is "/local/domain/$D1/data/disk-sectors" 196608
+lab_check "g2: marker round trips on two softdev disks of one guest, 16 MiB dd on xvdb" test $rc2 = 0
+print_features g1 "$D1" xvda 51712
+print_features g2 "$D2" xvda 51712
+print_features g2 "$D2" xvdb 51728
+echo "softdev list:"; sd list | sed 's/^/  /'
+lab_check "g2: the guest used 2 queues (multi-queue-num-queues)" xs_is "/local/domain/$D2/device/vbd/51712/multi-queue-num-queues" 2
+lab_check "g2: the guest used a 4-page ring (ring-page-order 2)" xs_is "/local/domain/$D2/device/vbd/51712/ring-page-order" 2
+xl destroy g1; xl destroy g2
+lab_check "g1, g2: the daemon removes the destroyed guests' backend nodes" wait_until 30 backends_gone "$D1" "$D2"
+lab_check "g1, g2: Xen freed both domains (every grant unmapped)" wait_until 30 domain_gone "$D1" "$D2"
+g2_wrote() { sector8_is /run/g2a.img "$M2A" && sector8_is /run/g2b.img "$M2B"; }
+lab_check "dom0: sector 8 of g2's xvda and xvdb holds what the guest wrote" g2_wrote
+lab_check "dom0: fsck.ext4 -fn is clean on g1's file system" fsck.ext4 -fn /run/g1.img
+rm -f /run/g1.img /run/g2a.img /run/g2b.img
+lab_log "section 1 done at $(took)"
+
+# -------------------------------------------- 2. detach, re-attach, destroy mid-I/O
+lab_log "2. detach/re-attach while g3 runs; g4 destroyed mid-I/O"
+M3=M3-$RANDOM$RANDOM; M3B=M3B-$RANDOM$RANDOM
+new_image /run/g3a.img 16 "$M3"
+new_image /run/g3b.img 16 "$M3B"
+new_image /run/g4.img 32
+cp /run/g3a.img.marker /run/marker; cp /run/g3b.img.marker /run/marker2
+lab_domu_initrd /run/g3.gz "$G/detach.sh" "$G/marker.sh" /run/marker /run/marker2
+lab_domu_initrd /run/g4.gz "$G/busy-io.sh"
+lab_domu_config /run/g3.cfg g3 /run/g3.gz
+lab_domu_config /run/g4.cfg g4 /run/g4.gz
+lab_domu_create /run/g3.cfg && D3=$(lab_domid g3)
+lab_domu_create /run/g4.cfg && D4=$(lab_domid g4)
+sd attach g3 block xvda "file(path=/run/g3a.img)" > /dev/null
+sd attach g4 block xvda "file(path=/run/g4.img)" > /dev/null
+xl unpause g3; xl unpause g4
+lab_check "g3: read its first disk and asks for the detach" wait_until 240 xs_is "/local/domain/$D3/data/phase" detach-me
+g3_detach() { sd detach g3 xvda | tee /run/detach.out; grep -q '^detached xvda from domain [0-9]*$' /run/detach.out; }
+lab_check "g3: softdev detach (the guest lets go, not forced)" g3_detach
+lab_check "g3: the backend nodes are gone after detach" wait_until 20 xs_gone "/local/domain/0/backend/softdev-vbd/$D3/51712"
+lab_check "g3: the guest saw its disk go" wait_until 60 xs_is "/local/domain/$D3/data/phase" detached
+lab_check "g4: I/O is running in the guest" wait_until 240 xs_at_least "/local/domain/$D4/data/io-rounds" 2
+xl destroy g4
+lab_check "g4: destroyed mid-I/O; the daemon unplugs its disk" wait_until 30 backends_gone "$D4"
+lab_check "g4: Xen freed the domain (the daemon unmapped every grant)" wait_until 30 domain_gone "$D4"
+lab_check "the daemon survived the destroy (running, no crash in its log)" sd_alive
+lab_check "g3: softdev attach of another image while the guest runs" sd attach g3 block xvda "file(path=/run/g3b.img)"
+rc3=0; lab_domu_wait g3 180 || rc3=$?
+lab_check "g3: the guest used the re-attached disk (marker round trip)" test $rc3 = 0
+lab_check "dom0: sector 8 of the re-attached image holds what g3 wrote" sector8_is /run/g3b.img "$M3B"
+xl destroy g3
+lab_check "g3: the daemon removes the destroyed guest's nodes" wait_until 30 backends_gone "$D3"
+rm -f /run/g3a.img /run/g3b.img /run/g4.img
+lab_log "section 2 done at $(took)"
+
+# ---------------------------------------------------------------- 3. benchmark
+lab_log "3. side by side: softdev, qdisk, blkback"
+bench_all
+lab_log "section 3 done at $(took)"
+
+# ---------------------------------------------------------------- 4. shutdown
+lab_check "the daemon is still running after all guests (no crash in its log)" sd_alive
+lab_check "softdev serve stops cleanly on SIGTERM (exit status 0)" sd_stop
+echo "==== softdev serve log ===="
+cat "$SOFTDEV_LOG"
+lab_log "all done at $(took)"
+lab_summary
