@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 swift build --build-tests
 swift test --skip-build
+# Then SoftDev against real Xen and Linux guests in the lab (release build).
+bash scripts/lab.sh

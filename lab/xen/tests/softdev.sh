@@ -61,8 +61,8 @@ lab_check "g2: the guest used a 4-page ring (ring-page-order 2)" xs_is "/local/d
 xl destroy g1; xl destroy g2
 lab_check "g1, g2: the daemon removes the destroyed guests' backend nodes" wait_until 30 backends_gone "$D1" "$D2"
 lab_check "g1, g2: Xen freed both domains (every grant unmapped)" wait_until 30 domain_gone "$D1" "$D2"
-g2_wrote() { sector8_is /run/g2a.img "$M2A" && sector8_is /run/g2b.img "$M2B"; }
-lab_check "dom0: sector 8 of g2's xvda and xvdb holds what the guest wrote" g2_wrote
+# (xvdb's was then overwritten by the guest's dd: the guest read it back itself.)
+lab_check "dom0: sector 8 of g2's xvda holds what the guest wrote" sector8_is /run/g2a.img "$M2A"
 lab_check "dom0: fsck.ext4 -fn is clean on g1's file system" fsck.ext4 -fn /run/g1.img
 rm -f /run/g1.img /run/g2a.img /run/g2b.img
 lab_log "section 1 done at $(took)"
