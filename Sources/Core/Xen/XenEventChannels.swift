@@ -55,11 +55,11 @@ final class XenEventChannel: EventChannel, @unchecked Sendable {
     }
 
     @discardableResult func consume() -> Bool {
-        guard !closed.load(ordering: .relaxed) else { return false }
-        var pending = false
-        while xenevtchn_pending(handle) >= 0 { pending = true }
-        if pending { _ = xenevtchn_unmask(handle, localPort) }
-        return pending
+        // The handle holds only our port, and the kernel queues it once until it is unmasked:
+        // one read says all there is to say.
+        guard !closed.load(ordering: .relaxed), xenevtchn_pending(handle) >= 0 else { return false }
+        _ = xenevtchn_unmask(handle, localPort)
+        return true
     }
 
     func wait(timeoutMilliseconds: Int32) -> Bool {

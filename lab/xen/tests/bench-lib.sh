@@ -16,7 +16,7 @@
 
 BENCH_MIB=${BENCH_MIB:-64}
 BENCH_RANDOM_READS=${BENCH_RANDOM_READS:-1000}
-BENCH_ROUNDS=${BENCH_ROUNDS:-2}
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 BENCH_BACKENDS=(softdev softdev-null qdisk blkback)
 declare -A BENCH_DEV=([softdev]=xvda [softdev-null]=xvdb [qdisk]=xvdc [blkback]=xvdd)
 declare -A BENCH   # BENCH[backend.key] = best value seen
