@@ -51,6 +51,8 @@ let package = Package(
                 "Core", "BlockTap", "Devices", "NBDExport", "CReference", "Daemon", "XenStore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
+        // Checks of the Xen hypervisor implementation against a real Xen (run in the lab's dom0).
+        .executableTarget(name: "xen-lab-probe", dependencies: ["Core"], path: "Sources/XenLabProbe"),
         .testTarget(name: "XenStoreTests", dependencies: ["XenStore"]),
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
         .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference"]),

@@ -5,7 +5,8 @@
 # the side-by-side benchmark against QEMU's qdisk and the kernel's blkback.
 #
 #   lab/xen/test-softdev.sh            build, boot, test, report
-#   SOFTDEV_BIN=path lab/xen/test-softdev.sh   use that binary, build nothing
+#   SOFTDEV_BIN=path lab/xen/test-softdev.sh   use that binary (and the
+#                                      xen-lab-probe beside it), build nothing
 # Environment: LAB_TIMEOUT (seconds for the QEMU run, default 1500), and what
 # run.sh takes (LAB_VERBOSE=1 streams the console).
 # Exit status: non-zero if the build, the lab or any check in dom0 failed;
@@ -18,11 +19,14 @@ WORK=${LAB_WORK:-$LAB/work}
 
 T0=$(date +%s)
 if [ -z "${SOFTDEV_BIN:-}" ]; then
-  lab_say "building softdev (release)"
-  (cd "$ROOT" && swift build -c release --product softdev) || lab_die "swift build -c release failed"
+  lab_say "building softdev and xen-lab-probe (release)"
+  (cd "$ROOT" && swift build -c release) || lab_die "swift build -c release failed"
   SOFTDEV_BIN=$ROOT/.build/release/softdev
 fi
+# The probe of the Xen implementation's error paths is built beside softdev.
+PROBE_BIN=$(dirname "$SOFTDEV_BIN")/xen-lab-probe
 [ -x "$SOFTDEV_BIN" ] || lab_die "no softdev binary at $SOFTDEV_BIN"
+[ -x "$PROBE_BIN" ] || lab_die "no xen-lab-probe beside it ($PROBE_BIN)"
 
 # The guest's random-read tool: static, so it needs nothing from the domU image.
 mkdir -p "$WORK/bin"
@@ -32,4 +36,4 @@ TB=$(date +%s)
 lab_say "softdev and randread ready in $((TB-T0))s"
 
 LAB_TIMEOUT=${LAB_TIMEOUT:-1500} "$LAB/run.sh" --test "$LAB/tests/softdev.sh" \
-  --bin "$SOFTDEV_BIN" --file "$WORK/bin/randread"
+  --bin "$SOFTDEV_BIN" --bin "$PROBE_BIN" --file "$WORK/bin/randread"

@@ -5,7 +5,8 @@
 #   1. a disk attached before the daemon starts (xl create -p, softdev attach,
 #      serve, xl unpause): marker round trip, ext4 round trip, dom0 fsck;
 #      at the same time a second guest with two disks, two vCPUs and a
-#      4-page ring (multi-queue); the negotiated features of both are printed
+#      4-page ring (multi-queue); the negotiated features of both are printed;
+#      xen-lab-probe checks the Xen implementation's error paths on g1's ring
 #   2. detach and re-attach while a guest runs; at the same time another guest
 #      is destroyed mid-I/O: the daemon survives, frees the guest, and goes on
 #      serving the first one
@@ -20,7 +21,7 @@ RANDREAD=$LAB_SHARE/files/randread
 T0=$(date +%s)
 took() { echo "$(( $(date +%s) - T0 ))s"; }
 
-lab_check "softdev and randread are in the share" test -x "$SOFTDEV" -a -x "$RANDREAD" || { lab_summary; exit 1; }
+lab_check "softdev, xen-lab-probe and randread are in the share" test -x "$SOFTDEV" -a -x "$LAB_SHARE/bin/xen-lab-probe" -a -x "$RANDREAD" || { lab_summary; exit 1; }
 
 # ---------------------------------------------------------------- 1. boot disks
 lab_log "1. ext4 guest (disk attached before the daemon starts) + two-disk multi-queue guest"
@@ -56,6 +57,8 @@ print_features g1 "$D1" xvda 51712
 print_features g2 "$D2" xvda 51712
 print_features g2 "$D2" xvdb 51728
 echo "softdev list:"; sd list | sed 's/^/  /'
+# What a Linux guest never does: bad grant references, a dead domain, ports never offered.
+lab_check "xen-lab-probe: the Xen grant table and event channels' error paths and a loopback channel" "$LAB_SHARE/bin/xen-lab-probe" "$D1"
 lab_check "g2: the guest used 2 queues (multi-queue-num-queues)" xs_is "/local/domain/$D2/device/vbd/51712/multi-queue-num-queues" 2
 lab_check "g2: the guest used a 4-page ring (ring-page-order 2)" xs_is "/local/domain/$D2/device/vbd/51712/ring-page-order" 2
 xl destroy g1; xl destroy g2
