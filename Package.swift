@@ -40,6 +40,8 @@ let package = Package(
         .target(name: "Devices", dependencies: ["Core", "CAio"]),
         // NBD export of any device stack.
         .target(name: "NBDExport", dependencies: ["Core"]),
+        // `softdev bench`: load generator, the C reference backend's harness, the tables.
+        .target(name: "Bench", dependencies: ["Core", "BlockTap", "Devices", "CReference", "CXen", "XenStore"]),
         // `softdev serve`: the daemon, its TOML config and the hypervisor choice.
         .target(name: "Daemon", dependencies: [
             "Core", "BlockTap", "Devices", "NBDExport", "XenStore",
@@ -48,12 +50,12 @@ let package = Package(
         .executableTarget(
             name: "softdev",
             dependencies: [
-                "Core", "BlockTap", "Devices", "NBDExport", "CReference", "Daemon", "XenStore",
+                "Core", "BlockTap", "Devices", "NBDExport", "Bench", "Daemon", "XenStore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "XenStoreTests", dependencies: ["XenStore"]),
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
-        .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference"]),
+        .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core"]),
         .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "Devices", "Core", "XenStore"]),
         .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "Devices", "Core"]),
