@@ -41,7 +41,7 @@ let package = Package(
         // NBD export of any device stack.
         .target(name: "NBDExport", dependencies: ["Core"]),
         // `softdev bench`: load generator, the C reference backend's harness, the tables.
-        .target(name: "Bench", dependencies: ["Core", "BlockTap", "Devices", "CReference", "CXen", "XenStore"]),
+        .target(name: "Bench", dependencies: ["Core", "BlockTap", "Devices", "NBDExport", "CReference", "CXen", "XenStore"]),
         // `softdev serve`: the daemon, its TOML config and the hypervisor choice.
         .target(name: "Daemon", dependencies: [
             "Core", "BlockTap", "Devices", "NBDExport", "XenStore",
@@ -58,7 +58,7 @@ let package = Package(
         .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core"]),
         .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "Devices", "Core", "XenStore"]),
-        .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "Devices", "Core"]),
+        .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "Devices", "Core", "Bench"]),
     ],
     swiftLanguageModes: [.v5]
 )
