@@ -48,7 +48,7 @@ let package = Package(
         .testTarget(name: "XenStoreTests", dependencies: ["XenStore"]),
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
         .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "NBDExport"]),
         .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "Devices", "Core"]),
     ],
     swiftLanguageModes: [.v5]
