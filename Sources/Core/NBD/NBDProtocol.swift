@@ -100,6 +100,22 @@ public enum NBD {
     }
 }
 
+extension NBD {
+    /// The device error for an errno a server sent (a protocol value, not the host's).
+    public static func error(fromWire value: UInt32, _ message: String) -> BlockError {
+        switch value {
+        case EPERM: return BlockError(.readOnly, errno: Glibc.EPERM, "\(message): EPERM")
+        case ENOMEM: return BlockError(.io, errno: Glibc.ENOMEM, "\(message): ENOMEM")
+        case EINVAL: return BlockError(.invalid, errno: Glibc.EINVAL, "\(message): EINVAL")
+        case ENOSPC: return BlockError(.noSpace, errno: Glibc.ENOSPC, "\(message): ENOSPC")
+        case EOVERFLOW: return BlockError(.invalid, errno: Glibc.EOVERFLOW, "\(message): EOVERFLOW")
+        case ENOTSUP: return BlockError(.notSupported, errno: Glibc.EOPNOTSUPP, "\(message): ENOTSUP")
+        case ESHUTDOWN: return BlockError(.io, errno: Glibc.ESHUTDOWN, "\(message): ESHUTDOWN (the server is shutting down)")
+        default: return BlockError(.io, errno: Glibc.EIO, "\(message): EIO" + (value == EIO ? "" : " (errno \(value))"))
+        }
+    }
+}
+
 /// Big-endian stores and loads into raw memory: the codec of every header.
 extension UnsafeMutableRawPointer {
     @inline(__always) public func storeBE(_ v: UInt16, at o: Int) { storeBytes(of: v.bigEndian, toByteOffset: o, as: UInt16.self) }

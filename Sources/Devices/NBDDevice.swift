@@ -1,0 +1,573 @@
+import Core
+import Dispatch
+import Glibc
+import Synchronization
+
+/// `nbd(socket=PATH | hostname=HOST, port=10809, export=NAME)`: a client of another NBD server
+/// (qemu-nbd, nbdkit, another SoftDev), so that a stack can span machines (nbdkit's nbd
+/// plugin, with its parameter names).
+///
+/// The handshake is fixed newstyle: NBD_OPT_GO with the export name (NBD_OPT_EXPORT_NAME with a
+/// server too old for GO), asking for the server's block sizes. Replies are simple replies;
+/// structured replies are not negotiated, so `extents` reports everything as data. The device
+/// can do what the server's transmission flags say: write unless READ_ONLY, flush, FUA, trim
+/// and write-zeroes if advertised (write-zeroes is otherwise written as zero buffers, FUA done
+/// as a flush after the write), multi-conn.
+///
+/// Many requests may be in flight: `submit` sends the request at once under a send lock and
+/// returns; a reader thread matches each reply to its request by handle and completes it, in
+/// whatever order the server answers. A request larger than the server's maximum payload is
+/// sent as several commands and completes when the last of them is answered. When the
+/// connection is lost (the server went away, or sent something that is not a reply to a
+/// request of ours), every request in flight and every later one fails with `BlockError(.io)`.
+///
+/// Completions run on the reader thread. A completion may submit again, but must not wait for
+/// another request of this device (the reader is the one that would complete it).
+///
+/// ```swift
+/// let remote = try DeviceRegistry.open("stats | nbd(hostname=storage1, export=disk)")
+/// ```
+public final class NBDDevice: BlockDevice, @unchecked Sendable {
+    public enum Address: Sendable, CustomStringConvertible {
+        case unix(path: String)
+        case tcp(host: String, port: UInt16)
+        public var description: String {
+            switch self {
+            case .unix(let path): return "socket=\(path)"
+            case .tcp(let host, let port): return "hostname=\(host), port=\(port)"
+            }
+        }
+    }
+
+    public let name = "nbd"
+    public let geometry: BlockGeometry
+    public let capabilities: BlockCapabilities
+    /// The server's transmission flags (NBD_FLAG_*), as it sent them.
+    public let transmissionFlags: UInt16
+    /// "nbd(socket=..., export=...)": the prefix of every error message.
+    public let label: String
+
+    private let socket: NBDSocket
+    /// The largest READ or WRITE payload the server takes.
+    private let maxPayload: UInt64
+    /// One request's header and payload go out together.
+    private let sendLock = Mutex(())
+    private let state = Mutex(State())
+    private var reader = pthread_t()
+    private var readerStarted = false
+
+    private struct State {
+        var inFlight: [UInt64: Command] = [:]
+        var nextHandle: UInt64 = 1
+        /// Set once, when the connection is lost or closed; every later request fails with it.
+        var failure: BlockError?
+        var closed = false
+    }
+
+    /// One NBD command on the wire: the whole of a request, or a piece of a large one.
+    private struct Command {
+        var type: NBD.Command
+        var flags: UInt16 = 0
+        var offset: UInt64
+        var length: UInt64
+        /// The payload of a WRITE, the destination of a READ's data.
+        var vectors: [iovec] = []
+        var request: PendingRequest
+    }
+
+    /// A `BlockRequest` in flight: complete when every command it was split into is answered.
+    private final class PendingRequest: @unchecked Sendable {
+        let completion: BlockCompletion
+        /// The request wants FUA and the server has none: flush once the write is done.
+        let flushAfter: Bool
+        private let progress: Mutex<(remaining: Int, error: BlockError?)>
+        init(_ completion: BlockCompletion, flushAfter: Bool = false) {
+            self.completion = completion; self.flushAfter = flushAfter
+            progress = Mutex((0, nil))
+        }
+        /// Sets how many commands must be answered; called before the first is sent.
+        func expect(_ commands: Int) { progress.withLock { $0.remaining = commands } }
+        /// Records one command's result; true when it was the last one.
+        func finished(_ error: BlockError?) -> (done: Bool, error: BlockError?) {
+            progress.withLock { progress in
+                if progress.error == nil { progress.error = error }
+                progress.remaining -= 1
+                return (progress.remaining == 0, progress.error)
+            }
+        }
+    }
+
+    // MARK: Opening
+
+    /// Connects to `address` and negotiates `export`. Errors name the server and say what
+    /// failed: "nbd(socket=/run/x.sock, export=disk): cannot connect: No such file or directory".
+    public init(address: Address, export: String = "") throws(BlockError) {
+        label = "nbd(\(address)\(export.isEmpty ? "" : ", export=\(export)"))"
+        let fd = try Self.connect(address, label: label)
+        let connection = NBDSocket(fd: fd)
+        var opened = false
+        defer { if !opened { connection.close() } }
+        socket = connection
+
+        let info = try Handshake(socket: connection, label: label).run(export: export)
+        transmissionFlags = info.flags
+        maxPayload = UInt64(info.maxPayload)
+        let logical: UInt32 = info.minimumBlock > 512 ? 4096 : 512
+        let physical = max(4096, min(info.preferredBlock, 1 << 20))
+        geometry = BlockGeometry(size: info.size - info.size % UInt64(logical), logicalBlockSize: logical, physicalBlockSize: physical)
+        guard geometry.size > 0 else { throw BlockError(.invalid, "\(label): the export is empty (\(info.size) bytes)") }
+        var caps: BlockCapabilities = []
+        if info.flags & NBD.tflagReadOnly == 0 {
+            caps.insert(.write)
+            caps.insert(.writeZeroes)  // by the command if the server has it, by writing zeroes if not
+            if info.flags & NBD.tflagSendFlush != 0 { caps.insert(.flush) }
+            if info.flags & NBD.tflagSendFUA != 0 || info.flags & NBD.tflagSendFlush != 0 { caps.insert(.fua) }
+            if info.flags & NBD.tflagSendTrim != 0 { caps.insert(.discard) }
+        }
+        if info.flags & NBD.tflagCanMultiConn != 0 { caps.insert(.multiConn) }
+        capabilities = caps
+
+        // The reader thread owns the receiving side of the socket until `close`.
+        let started = pthread_create(&reader, nil, { context in
+            Unmanaged<NBDDevice>.fromOpaque(context!).takeUnretainedValue().readReplies()
+            return nil
+        }, Unmanaged.passUnretained(self).toOpaque())
+        guard started == 0 else { throw BlockError.system("\(label): cannot start the reply thread", errno: started) }
+        readerStarted = true
+        opened = true
+    }
+
+    deinit { close() }
+
+    private static func connect(_ address: Address, label: String) throws(BlockError) -> Int32 {
+        switch address {
+        case .unix(let path):
+            guard path.utf8.count < 108 else { throw BlockError(.invalid, "\(label): the socket path is longer than 107 bytes") }
+            let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { throw BlockError.system("\(label): socket", errno: errno) }
+            var addr = sockaddr_un()
+            addr.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: Array(path.utf8)) }
+            let ok = withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            guard ok == 0 else { let e = errno; Glibc.close(fd); throw BlockError.system("\(label): cannot connect", errno: e) }
+            return fd
+        case .tcp(let host, let port):
+            var hints = addrinfo()
+            hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+            hints.ai_flags = AI_NUMERICSERV
+            var list: UnsafeMutablePointer<addrinfo>?
+            let rc = getaddrinfo(host, String(port), &hints, &list)
+            guard rc == 0 else {
+                throw BlockError(.io, "\(label): cannot resolve \(host): \(String(cString: gai_strerror(rc)))")
+            }
+            defer { freeaddrinfo(list) }
+            var lastError = ECONNREFUSED
+            var ai = list
+            while let a = ai {
+                ai = a.pointee.ai_next
+                let fd = Glibc.socket(a.pointee.ai_family, a.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), a.pointee.ai_protocol)
+                guard fd >= 0 else { lastError = errno; continue }
+                if Glibc.connect(fd, a.pointee.ai_addr, a.pointee.ai_addrlen) == 0 {
+                    // Requests are whole messages already; Nagle would only delay them.
+                    var one: Int32 = 1
+                    setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                    return fd
+                }
+                lastError = errno
+                Glibc.close(fd)
+            }
+            throw BlockError.system("\(label): cannot connect", errno: lastError)
+        }
+    }
+
+    /// What the handshake learned about the export.
+    private struct ExportInfo {
+        var size: UInt64 = 0
+        var flags: UInt16 = 0
+        var minimumBlock: UInt32 = 1
+        var preferredBlock: UInt32 = 4096
+        var maxPayload: UInt32 = NBD.maxPayload
+    }
+
+    /// The client side of the fixed newstyle handshake.
+    private struct Handshake {
+        let socket: NBDSocket
+        let label: String
+
+        func fail(_ what: String) -> BlockError { BlockError(.io, "\(label): handshake: \(what)") }
+
+        func read(_ count: Int) throws(BlockError) -> [UInt8] {
+            var bytes = [UInt8](repeating: 0, count: count)
+            guard count == 0 || bytes.withUnsafeMutableBytes({ socket.readFully($0.baseAddress!, count) }) else {
+                throw fail("the server closed the connection")
+            }
+            return bytes
+        }
+
+        func send(_ message: NBDMessage) throws(BlockError) {
+            guard socket.writeFully(message.bytes) else { throw fail("the server closed the connection") }
+        }
+
+        func sendOption(_ option: NBD.Option, _ data: [UInt8]) throws(BlockError) {
+            var m = NBDMessage()
+            m.append(NBD.optionMagic)
+            m.append(option.rawValue)
+            m.append(UInt32(data.count))
+            m.bytes += data
+            try send(m)
+        }
+
+        func run(export: String) throws(BlockError) -> ExportInfo {
+            // A server that accepts and says nothing must not hold `open` for ever.
+            var timeout = timeval(tv_sec: 30, tv_usec: 0)
+            setsockopt(socket.fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            defer {
+                var none = timeval()
+                setsockopt(socket.fd, SOL_SOCKET, SO_RCVTIMEO, &none, socklen_t(MemoryLayout<timeval>.size))
+            }
+            var greeting = NBDPayloadReader(try read(18))
+            let magic = UInt64(greeting.u32()!) << 32 | UInt64(greeting.u32()!)
+            guard magic == NBD.initMagic else { throw fail("not an NBD server (no NBDMAGIC)") }
+            let optionMagic = UInt64(greeting.u32()!) << 32 | UInt64(greeting.u32()!)
+            let serverFlags = greeting.u16()!
+            guard optionMagic == NBD.optionMagic, serverFlags & NBD.flagFixedNewstyle != 0 else {
+                throw fail("the server does not speak the fixed newstyle protocol")
+            }
+            let noZeroes = serverFlags & NBD.flagNoZeroes != 0
+            var flags = NBDMessage()
+            flags.append(UInt32(NBD.flagFixedNewstyle | (noZeroes ? NBD.flagNoZeroes : 0)))
+            try send(flags)
+
+            var go = NBDMessage()
+            go.append(UInt32(export.utf8.count))
+            go.append(export)
+            go.append(UInt16(1))
+            go.append(NBD.infoBlockSize)
+            try sendOption(.go, go.bytes)
+            var info = ExportInfo()
+            var haveExport = false
+            while true {
+                var header = NBDPayloadReader(try read(20))
+                let replyMagic = UInt64(header.u32()!) << 32 | UInt64(header.u32()!)
+                let option = header.u32()!, type = header.u32()!, length = header.u32()!
+                guard replyMagic == NBD.optionReplyMagic, option == NBD.Option.go.rawValue, length <= NBD.maxOptionLength else {
+                    throw fail("malformed reply to NBD_OPT_GO")
+                }
+                let data = try read(Int(length))
+                var payload = NBDPayloadReader(data)
+                switch type {
+                case NBD.repAck:
+                    guard haveExport else { throw fail("the server acknowledged NBD_OPT_GO without the export's size") }
+                    return info
+                case NBD.repInfo:
+                    switch payload.u16() {
+                    case NBD.infoExport?:
+                        guard let hi = payload.u32(), let lo = payload.u32(), let f = payload.u16() else { throw fail("short NBD_INFO_EXPORT") }
+                        info.size = UInt64(hi) << 32 | UInt64(lo)
+                        info.flags = f
+                        haveExport = true
+                    case NBD.infoBlockSize?:
+                        guard let minimum = payload.u32(), let preferred = payload.u32(), let maximum = payload.u32() else {
+                            throw fail("short NBD_INFO_BLOCK_SIZE")
+                        }
+                        info.minimumBlock = minimum
+                        info.preferredBlock = preferred
+                        info.maxPayload = max(4096, min(maximum, NBD.maxPayload))
+                    default: break  // information we did not ask for
+                    }
+                case NBD.repErrUnsup:
+                    return try exportName(export, noZeroes: noZeroes)
+                case _ where type & 0x8000_0000 != 0:
+                    let message = String(decoding: data, as: UTF8.self)
+                    let reason = type == NBD.repErrUnknown ? "unknown export '\(export)'" : "the server refused export '\(export)'"
+                    throw BlockError(.io, "\(label): \(reason)" + (message.isEmpty ? "" : ": \(message)"))
+                default: break
+                }
+            }
+        }
+
+        /// The old way to pick an export, for servers without NBD_OPT_GO.
+        func exportName(_ export: String, noZeroes: Bool) throws(BlockError) -> ExportInfo {
+            try sendOption(.exportName, Array(export.utf8))
+            var reply = NBDPayloadReader(try read(10))
+            _ = try read(noZeroes ? 0 : 124)
+            var info = ExportInfo()
+            info.size = UInt64(reply.u32()!) << 32 | UInt64(reply.u32()!)
+            info.flags = reply.u16()!
+            return info
+        }
+    }
+
+    // MARK: Transmission
+
+    public func submit(_ request: BlockRequest, completion: BlockCompletion) {
+        let writes = request.operation == .write || request.operation == .writeZeroes || request.operation == .discard
+        if writes && !capabilities.contains(.write) {
+            return completion.complete(.failure(BlockError(.readOnly, "\(label): the export is read-only")))
+        }
+        switch request.operation {
+        case .discard where !capabilities.contains(.discard):
+            return completion.complete(.failure(BlockError(.notSupported, "\(label): the server does not do trim")))
+        case .flush where !capabilities.contains(.flush):
+            return completion.complete(.success)  // a server without flush has nothing to make durable
+        default: break
+        }
+        let fua = request.fua && (request.operation == .write || request.operation == .writeZeroes)
+        let nativeFUA = transmissionFlags & NBD.tflagSendFUA != 0
+        let pending = PendingRequest(completion, flushAfter: fua && !nativeFUA)
+        var commands = self.commands(for: request, pending)
+        if fua && nativeFUA { for i in commands.indices { commands[i].flags |= NBD.cmdFlagFUA } }
+        pending.expect(commands.count)
+        send(commands)
+    }
+
+    /// `request` as NBD commands, each within the server's limits.
+    private func commands(for request: BlockRequest, _ pending: PendingRequest) -> [Command] {
+        func pieces(_ limit: UInt64, _ make: (UInt64, UInt64) -> Command) -> [Command] {
+            var list: [Command] = []
+            var done: UInt64 = 0
+            repeat {
+                let n = min(limit, request.length - done)
+                list.append(make(done, n))
+                done += n
+            } while done < request.length
+            return list
+        }
+        // Trim and zero carry no payload, so only the 32-bit length field limits them.
+        let bigLimit = UInt64(1 << 31)
+        switch request.operation {
+        case .read, .write:
+            let type: NBD.Command = request.operation == .read ? .read : .write
+            return pieces(maxPayload) { done, n in
+                Command(type: type, offset: request.offset + done, length: n,
+                        vectors: Self.slice(request.buffers, from: Int(done), count: Int(n)), request: pending)
+            }
+        case .flush:
+            return [Command(type: .flush, offset: 0, length: 0, request: pending)]
+        case .discard:
+            return pieces(bigLimit) { done, n in Command(type: .trim, offset: request.offset + done, length: n, request: pending) }
+        case .writeZeroes where transmissionFlags & NBD.tflagSendWriteZeroes != 0:
+            let flags = request.mayDiscard ? 0 : NBD.cmdFlagNoHole
+            return pieces(bigLimit) { done, n in
+                Command(type: .writeZeroes, flags: flags, offset: request.offset + done, length: n, request: pending)
+            }
+        case .writeZeroes:
+            // No WRITE_ZEROES on this server: WRITEs whose payload is one shared zeroed buffer.
+            return pieces(min(maxPayload, UInt64(Self.zeroesSize))) { done, n in
+                Command(type: .write, offset: request.offset + done, length: n,
+                        vectors: [iovec(iov_base: Self.zeroes, iov_len: Int(n))], request: pending)
+            }
+        }
+    }
+
+    private static let zeroesSize = 1 << 20
+    /// Only ever read (as WRITE payload), so one buffer serves every request.
+    private static let zeroes: UnsafeMutableRawPointer = calloc(1, zeroesSize)!
+
+    /// The iovecs covering bytes `[from, from + count)` of `buffers`.
+    private static func slice(_ buffers: IOBuffers, from: Int, count: Int) -> [iovec] {
+        var vectors: [iovec] = []
+        var skip = from, left = count
+        for buffer in buffers where left > 0 {
+            if skip >= buffer.count { skip -= buffer.count; continue }
+            let n = min(buffer.count - skip, left)
+            vectors.append(iovec(iov_base: buffer.baseAddress! + skip, iov_len: n))
+            left -= n
+            skip = 0
+        }
+        return vectors
+    }
+
+    /// Registers `commands` under fresh handles and sends them. If the connection is already
+    /// lost they fail at once; if it is lost while sending, the reader fails what is registered.
+    private func send(_ commands: [Command]) {
+        let handles: [UInt64]? = state.withLock { state in
+            guard state.failure == nil else { return nil }
+            return commands.map { command in
+                let handle = state.nextHandle
+                state.nextHandle &+= 1
+                state.inFlight[handle] = command
+                return handle
+            }
+        }
+        guard let handles else {
+            let failure = state.withLock { $0.failure }!
+            return finish(commands[0].request, results: Array(repeating: failure, count: commands.count))
+        }
+        sendLock.withLock { _ in
+            for (command, handle) in zip(commands, handles) {
+                var header = (UInt64(0), UInt64(0), UInt64(0), UInt32(0))  // 28 bytes, 8-aligned
+                let sent = withUnsafeMutableBytes(of: &header) { raw -> Bool in
+                    let h = raw.baseAddress!
+                    h.storeBE(NBD.requestMagic, at: 0)
+                    h.storeBE(command.flags, at: 4)
+                    h.storeBE(command.type.rawValue, at: 6)
+                    h.storeBE(handle, at: 8)
+                    h.storeBE(command.offset, at: 16)
+                    h.storeBE(UInt32(command.length), at: 24)
+                    var vectors = [iovec(iov_base: h, iov_len: NBD.requestHeaderSize)]
+                    if command.type == .write { vectors += command.vectors }
+                    return vectors.withUnsafeMutableBufferPointer { socket.writeFully($0.baseAddress!, count: $0.count) }
+                }
+                guard sent else {
+                    // The reader wakes, finds the connection gone and fails every registered command.
+                    lose("cannot send to the server (it closed the connection)")
+                    return
+                }
+            }
+        }
+    }
+
+    private func finish(_ request: PendingRequest, results: [BlockError?]) {
+        for error in results { finish(request, error) }
+    }
+
+    /// One command of `request` was answered (or failed); completes the request after its last.
+    private func finish(_ request: PendingRequest, _ error: BlockError?) {
+        let (done, failure) = request.finished(error)
+        guard done else { return }
+        if failure == nil && request.flushAfter {
+            // Emulated FUA: the write is done, now make it durable.
+            let flush = PendingRequest(request.completion)
+            flush.expect(1)
+            return send([Command(type: .flush, offset: 0, length: 0, request: flush)])
+        }
+        request.completion.complete(failure.map { .failure($0) } ?? .success)
+    }
+
+    /// Marks the connection lost (once) and wakes the reader, which fails what is in flight.
+    private func lose(_ reason: String) {
+        state.withLock { state in
+            if state.failure == nil { state.failure = BlockError(.io, "\(label): \(reason)") }
+        }
+        socket.shutdown()
+    }
+
+    /// The reader thread: one simple reply at a time, matched to its command by handle.
+    private func readReplies() {
+        var header = (UInt64(0), UInt64(0))
+        while true {
+            let ok = withUnsafeMutableBytes(of: &header) { socket.readFully($0.baseAddress!, NBD.simpleReplySize) }
+            guard ok else { return failAll("the server closed the connection") }
+            let (magic, error, handle) = withUnsafeBytes(of: &header) {
+                ($0.baseAddress!.loadBE(UInt32.self, at: 0), $0.baseAddress!.loadBE(UInt32.self, at: 4),
+                 $0.baseAddress!.loadBE(UInt64.self, at: 8))
+            }
+            guard magic == NBD.simpleReplyMagic else {
+                return failAll(magic == NBD.structuredReplyMagic ? "the server sent a structured reply we did not ask for"
+                                                                 : "the server sent a malformed reply")
+            }
+            guard let command = state.withLock({ $0.inFlight.removeValue(forKey: handle) }) else {
+                return failAll("the server answered a request we did not send (handle \(handle))")
+            }
+            if error == 0 && command.type == .read {
+                let received = command.vectors.allSatisfy { socket.readFully($0.iov_base!, $0.iov_len) }
+                guard received else {
+                    finish(command.request, BlockError(.io, "\(label): the server closed the connection during a read"))
+                    return failAll("the server closed the connection")
+                }
+            }
+            let failure = error == 0 ? nil
+                : NBD.error(fromWire: error, "\(label): \(command.type) at \(command.offset)+\(command.length)")
+            finish(command.request, failure)
+        }
+    }
+
+    /// The connection is gone: fail every command in flight and every later request.
+    private func failAll(_ reason: String) {
+        let (lost, failure) = state.withLock { state in
+            if state.failure == nil { state.failure = BlockError(.io, "\(label): \(reason)") }
+            defer { state.inFlight.removeAll() }
+            return (Array(state.inFlight.values), state.failure!)
+        }
+        socket.shutdown()
+        for command in lost { finish(command.request, failure) }
+    }
+
+    // MARK: Synchronous operations (through `submit`; never call them from a completion)
+
+    private final class Waiter: BlockCompletionSink, @unchecked Sendable {
+        let done = DispatchSemaphore(value: 0)
+        var result = BlockResult.success
+        func complete(tag: UInt64, result: BlockResult) { self.result = result; done.signal() }
+    }
+
+    private func perform(_ request: BlockRequest) throws(BlockError) {
+        let waiter = Waiter()
+        submit(request, completion: BlockCompletion(sink: waiter, tag: 0))
+        waiter.done.wait()
+        if case .failure(let error) = waiter.result { throw error }
+    }
+
+    public func read(into buffers: IOBuffers, at offset: UInt64) throws(BlockError) {
+        try perform(BlockRequest(operation: .read, offset: offset, length: UInt64(buffers.byteCount), buffers: buffers))
+    }
+    public func write(from buffers: IOBuffers, at offset: UInt64, fua: Bool) throws(BlockError) {
+        try perform(BlockRequest(operation: .write, offset: offset, length: UInt64(buffers.byteCount), buffers: buffers, fua: fua))
+    }
+    public func flush() throws(BlockError) {
+        try perform(BlockRequest(operation: .flush, offset: 0, length: 0))
+    }
+    public func discard(at offset: UInt64, length: UInt64) throws(BlockError) {
+        try perform(BlockRequest(operation: .discard, offset: offset, length: length))
+    }
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError) {
+        try perform(BlockRequest(operation: .writeZeroes, offset: offset, length: length, mayDiscard: mayDiscard))
+    }
+
+    /// Waits (up to 10 s) for the requests in flight, says goodbye (NBD_CMD_DISCONNECT), and
+    /// closes the connection. Requests still in flight then fail.
+    public func close() {
+        let first = state.withLock { state in
+            defer { state.closed = true }
+            return !state.closed
+        }
+        guard first, readerStarted else { return }
+        var waited = 0
+        while waited < 10_000 && state.withLock({ !$0.inFlight.isEmpty && $0.failure == nil }) {
+            usleep(1000)
+            waited += 1
+        }
+        if state.withLock({ $0.failure == nil }) {
+            sendLock.withLock { _ in
+                var header = [UInt8](repeating: 0, count: NBD.requestHeaderSize)
+                header.withUnsafeMutableBytes { h in
+                    h.baseAddress!.storeBE(NBD.requestMagic, at: 0)
+                    h.baseAddress!.storeBE(NBD.Command.disconnect.rawValue, at: 6)
+                }
+                _ = socket.writeFully(header)
+            }
+        }
+        lose("the device is closed")
+        pthread_join(reader, nil)
+        socket.close()
+    }
+}
+
+extension NBDDevice {
+    public static let descriptor = DeviceDescriptor(
+        name: "nbd", kind: .device,
+        summary: "A client of another NBD server (qemu-nbd, nbdkit, softdev), so that a stack can span machines.",
+        parameters: [
+            DeviceParameter("socket", "The server's unix socket. Give this or hostname."),
+            DeviceParameter("hostname", "The server's host name or address, for TCP. Give this or socket."),
+            DeviceParameter("port", "The server's TCP port (default 10809)."),
+            DeviceParameter("export", "The export name (default: the server's default export, \"\")."),
+        ],
+        open: { parameters, _ throws(DeviceSpecError) in
+            let address: Address
+            switch (parameters.string("socket"), parameters.string("hostname")) {
+            case (let path?, nil):
+                guard parameters.string("port") == nil else { throw DeviceSpecError("nbd: port= goes with hostname=, not socket=") }
+                address = .unix(path: path)
+            case (nil, let host?):
+                address = .tcp(host: host, port: try parameters.integer("port", in: UInt16(1)...UInt16.max) ?? 10809)
+            case (.some, .some): throw DeviceSpecError("nbd: give socket= or hostname=, not both")
+            case (nil, nil): throw DeviceSpecError("nbd: give socket=PATH or hostname=HOST (and port=)")
+            }
+            let export = parameters.string("export") ?? ""
+            return try DeviceSpecError.opening { () throws(BlockError) in try NBDDevice(address: address, export: export) }
+        })
+}
