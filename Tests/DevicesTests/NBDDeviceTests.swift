@@ -76,6 +76,31 @@ final class NBDDeviceTests: XCTestCase {
         XCTAssertEqual(try memory.readBytes(4096, at: 0), TestBuffer.expected(4096, 4))
     }
 
+    func testFUAIsAFlushAfterTheWriteWhenTheServerHasNoFUA() throws {
+        let stats = StatsFilter(next: MemoryDevice(size: 1 << 20))
+        let socket = try serve([NBDExport(name: "", device: NoFUA(next: stats))])
+        let device = try DeviceRegistry.open("nbd(socket=\(socket))")
+        defer { device.close() }
+        XCTAssertTrue(device.capabilities.contains(.fua), "FUA is emulated with flush")
+        let data = TestBuffer(count: 4096, pattern: 3)
+        XCTAssertEqual(device.submitAndWait(device.writeRequest(data, at: 0, fua: true)), .success)
+        XCTAssertEqual(stats.snapshot()[.write].count, 1)
+        XCTAssertEqual(stats.snapshot()[.flush].count, 1, "the write was followed by a flush")
+    }
+
+    func testServerErrorsArriveAsTheirErrno() throws {
+        let below = try DeviceRegistry.open("error(error=ENOSPC, error-pwrite-rate=1, error-offset=64K) | memory(size=1M)")
+        let socket = try serve([NBDExport(name: "", device: below)])
+        let device = try DeviceRegistry.open("nbd(socket=\(socket))")
+        defer { device.close() }
+        try device.writePattern(4096, seed: 1, at: 0)
+        XCTAssertThrowsError(try device.writePattern(4096, seed: 1, at: 65536)) { error in
+            XCTAssertEqual((error as? BlockError)?.code, .noSpace)
+            XCTAssertEqual("\(error)", "nbd(socket=\(socket)): write at 65536+4096: ENOSPC")
+        }
+        XCTAssertEqual(try device.readBytes(4096, at: 0), TestBuffer.expected(4096, 1), "the connection survives an error reply")
+    }
+
     func testTCPHostnameAndPort() throws {
         let memory = MemoryDevice(size: 1 << 20)
         let server = NBDServer(listen: .tcp(host: "127.0.0.1", port: 0), exports: [NBDExport(name: "disk", device: memory)])
@@ -106,19 +131,24 @@ final class NBDDeviceTests: XCTestCase {
         server.join()
     }
 
-    func testAgainstNbdkitMemory() throws {
+    /// nbdkit with `arguments` on a unix socket, stopped after the test; skips without nbdkit.
+    private func nbdkit(_ arguments: [String]) throws -> String {
         guard let nbdkit = ["/usr/sbin/nbdkit", "/usr/bin/nbdkit"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-            print("skipping: nbdkit is not installed")
+            print("skipping: nbdkit is not installed (apt-get install nbdkit)")
             throw XCTSkip("nbdkit is not installed")
         }
         let socket = makeTemporaryDirectory(self) + "/nbdkit.sock"
         let process = Process()
         process.executableURL = URL(fileURLWithPath: nbdkit)
-        process.arguments = ["-f", "-U", socket, "memory", "64M"]
+        process.arguments = ["-f", "-U", socket] + arguments
         try process.run()
-        defer { process.terminate(); process.waitUntilExit() }
+        addTeardownBlock { process.terminate(); process.waitUntilExit() }
         for _ in 0..<500 where !FileManager.default.fileExists(atPath: socket) { usleep(10_000) }
+        return socket
+    }
 
+    func testAgainstNbdkitMemory() throws {
+        let socket = try nbdkit(["memory", "64M"])
         let device = try DeviceRegistry.open("nbd(socket=\(socket))")
         defer { device.close() }
         XCTAssertEqual(device.geometry.size, 64 << 20)
@@ -139,6 +169,19 @@ final class NBDDeviceTests: XCTestCase {
         XCTAssertEqual(try device.readBytes(4096, at: 0), TestBuffer.expected(4096, 9))
     }
 
+    func testWriteZeroesAreWrittenWhenTheServerHasNone() throws {
+        let socket = try nbdkit(["--filter=nozero", "memory", "4M"])
+        let device = try DeviceRegistry.open("nbd(socket=\(socket))")
+        defer { device.close() }
+        XCTAssertEqual(try XCTUnwrap(device as? NBDDevice).transmissionFlags & NBD.tflagSendWriteZeroes, 0)
+        try device.writePattern(3 << 20, seed: 5, at: 0)
+        try device.writeZeroes(at: 4096, length: (2 << 20) + 8192, mayDiscard: false)
+        let back = try device.readBytes(3 << 20, at: 0)
+        XCTAssertEqual(Array(back[0..<4096]), TestBuffer.expected(4096, 5))
+        XCTAssertTrue(back[4096..<((2 << 20) + 12288)].allSatisfy { $0 == 0 })
+        XCTAssertEqual(back[(2 << 20) + 12288], TestBuffer.expected((2 << 20) + 12289, 5).last)
+    }
+
     func testSpecErrorsSayWhatIsWrong() throws {
         let socket = try serve([NBDExport(name: "disk", device: MemoryDevice(size: 1 << 20))])
         XCTAssertEqual(specError("nbd"), "nbd: give socket=PATH or hostname=HOST (and port=)")
@@ -149,6 +192,11 @@ final class NBDDeviceTests: XCTestCase {
         let unknown = try XCTUnwrap(specError("nbd(socket=\(socket), export=nope)"))
         XCTAssertTrue(unknown.hasPrefix("nbd(socket=\(socket), export=nope): unknown export 'nope'"), unknown)
     }
+}
+
+/// The device below without FUA, so that the server does not advertise it.
+private final class NoFUA: BlockFilter, @unchecked Sendable {
+    override var capabilities: BlockCapabilities { next.capabilities.subtracting(.fua) }
 }
 
 /// A server that negotiates one 1 MiB export, reads `requestsBeforeHangingUp` request headers
