@@ -182,6 +182,29 @@ final class NBDDeviceTests: XCTestCase {
         XCTAssertEqual(back[(2 << 20) + 12288], TestBuffer.expected((2 << 20) + 12289, 5).last)
     }
 
+    /// Partition tables that nbdkit's partitioning plugin writes, read through `nbd`.
+    func testPartitionsOfTablesNbdkitMakes() throws {
+        let directory = makeTemporaryDirectory(self)
+        let files = try (1...5).map { n -> String in
+            let path = directory + "/part\(n).img"
+            let file = try FileDevice(path: path, options: .init(direct: .off, createSize: 1 << 20))
+            try file.writePattern(4096, seed: UInt8(n), at: 0)
+            file.close()
+            return path
+        }
+        for type in ["mbr", "gpt"] {
+            let socket = try nbdkit(["partitioning"] + files + ["partition-type=\(type)"])
+            // With more than four, an MBR has primaries 1-3, the extended partition 4, logical 5 and 6.
+            for n in 1...5 {
+                let number = type == "mbr" && n > 3 ? n + 1 : n
+                let partition = try DeviceRegistry.open("partition(partition=\(number)) | nbd(socket=\(socket))")
+                defer { partition.close() }
+                XCTAssertEqual(partition.geometry.size, 1 << 20, "\(type) partition \(n)")
+                XCTAssertEqual(try partition.readBytes(4096, at: 0), TestBuffer.expected(4096, UInt8(n)), "\(type) partition \(n)")
+            }
+        }
+    }
+
     func testSpecErrorsSayWhatIsWrong() throws {
         let socket = try serve([NBDExport(name: "disk", device: MemoryDevice(size: 1 << 20))])
         XCTAssertEqual(specError("nbd"), "nbd: give socket=PATH or hostname=HOST (and port=)")
