@@ -44,10 +44,14 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
     public let capabilities: BlockCapabilities
     /// The server's transmission flags (NBD_FLAG_*), as it sent them.
     public let transmissionFlags: UInt16
+    /// The server sends structured replies (NBD_OPT_STRUCTURED_REPLY was accepted).
+    public let structuredReplies: Bool
     /// "nbd(socket=..., export=...)": the prefix of every error message.
     public let label: String
 
     private let socket: NBDSocket
+    /// The id of base:allocation, if the server reports holes (NBD_CMD_BLOCK_STATUS).
+    private let baseAllocation: UInt32?
     /// The largest READ or WRITE payload the server takes.
     private let maxPayload: UInt64
     /// One request's header and payload go out together.
@@ -73,6 +77,13 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
         /// The payload of a WRITE, the destination of a READ's data.
         var vectors: [iovec] = []
         var request: PendingRequest
+        /// Where a BLOCK_STATUS command's extents go.
+        var extents: ExtentList?
+    }
+
+    /// The extents the server reports for one BLOCK_STATUS command (filled by the reader).
+    private final class ExtentList: @unchecked Sendable {
+        var extents: [BlockExtent] = []
     }
 
     /// A `BlockRequest` in flight: complete when every command it was split into is answered.
@@ -125,6 +136,9 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
             if info.flags & NBD.tflagSendTrim != 0 { caps.insert(.discard) }
         }
         if info.flags & NBD.tflagCanMultiConn != 0 { caps.insert(.multiConn) }
+        if info.baseAllocation != nil { caps.insert(.extents) }
+        baseAllocation = info.baseAllocation
+        structuredReplies = info.structuredReplies
         capabilities = caps
 
         // The reader thread owns the receiving side of the socket until `close`.
@@ -189,6 +203,9 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
         var minimumBlock: UInt32 = 1
         var preferredBlock: UInt32 = 4096
         var maxPayload: UInt32 = NBD.maxPayload
+        var structuredReplies = false
+        /// The id the server gave base:allocation, if it serves it.
+        var baseAllocation: UInt32?
     }
 
     /// The client side of the fixed newstyle handshake.
@@ -240,22 +257,32 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
             flags.append(UInt32(NBD.flagFixedNewstyle | (noZeroes ? NBD.flagNoZeroes : 0)))
             try send(flags)
 
+            var info = ExportInfo()
+            info.structuredReplies = try negotiate(.structuredReply, [])
+            if info.structuredReplies {
+                var query = NBDMessage()
+                query.append(UInt32(export.utf8.count))
+                query.append(export)
+                query.append(UInt32(1))
+                query.append(UInt32(NBD.baseAllocation.utf8.count))
+                query.append(NBD.baseAllocation)
+                _ = try negotiate(.setMetaContext, query.bytes) { type, payload in
+                    guard type == NBD.repMetaContext, let id = payload.u32(), payload.string(payload.remaining) == NBD.baseAllocation else {
+                        return
+                    }
+                    info.baseAllocation = id
+                }
+            }
+
             var go = NBDMessage()
             go.append(UInt32(export.utf8.count))
             go.append(export)
             go.append(UInt16(1))
             go.append(NBD.infoBlockSize)
             try sendOption(.go, go.bytes)
-            var info = ExportInfo()
             var haveExport = false
             while true {
-                var header = NBDPayloadReader(try read(20))
-                let replyMagic = UInt64(header.u32()!) << 32 | UInt64(header.u32()!)
-                let option = header.u32()!, type = header.u32()!, length = header.u32()!
-                guard replyMagic == NBD.optionReplyMagic, option == NBD.Option.go.rawValue, length <= NBD.maxOptionLength else {
-                    throw fail("malformed reply to NBD_OPT_GO")
-                }
-                let data = try read(Int(length))
+                let (type, data) = try reply(to: .go)
                 var payload = NBDPayloadReader(data)
                 switch type {
                 case NBD.repAck:
@@ -285,6 +312,31 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
                     throw BlockError(.io, "\(label): \(reason)" + (message.isEmpty ? "" : ": \(message)"))
                 default: break
                 }
+            }
+        }
+
+        /// One option reply to `option`: its type and payload.
+        func reply(to option: NBD.Option) throws(BlockError) -> (UInt32, [UInt8]) {
+            var header = NBDPayloadReader(try read(20))
+            let replyMagic = UInt64(header.u32()!) << 32 | UInt64(header.u32()!)
+            let answered = header.u32()!, type = header.u32()!, length = header.u32()!
+            guard replyMagic == NBD.optionReplyMagic, answered == option.rawValue, length <= NBD.maxOptionLength else {
+                throw fail("malformed reply to option \(option)")
+            }
+            return (type, try read(Int(length)))
+        }
+
+        /// Sends an option whose replies end with an ACK (true) or an error (false, the
+        /// server does not do it); `each` sees the replies before the ACK.
+        func negotiate(_ option: NBD.Option, _ data: [UInt8],
+                       _ each: (UInt32, inout NBDPayloadReader) -> Void = { _, _ in }) throws(BlockError) -> Bool {
+            try sendOption(option, data)
+            while true {
+                let (type, data) = try reply(to: option)
+                if type == NBD.repAck { return true }
+                if type & 0x8000_0000 != 0 { return false }
+                var payload = NBDPayloadReader(data)
+                each(type, &payload)
             }
         }
 
@@ -367,7 +419,7 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
     private static let zeroes: UnsafeMutableRawPointer = calloc(1, zeroesSize)!
 
     /// The iovecs covering bytes `[from, from + count)` of `buffers`.
-    private static func slice(_ buffers: IOBuffers, from: Int, count: Int) -> [iovec] {
+    private static func slice(_ buffers: some Sequence<UnsafeMutableRawBufferPointer>, from: Int, count: Int) -> [iovec] {
         var vectors: [iovec] = []
         var skip = from, left = count
         for buffer in buffers where left > 0 {
@@ -445,34 +497,131 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
         socket.shutdown()
     }
 
-    /// The reader thread: one simple reply at a time, matched to its command by handle.
+    /// The reader thread: one reply (simple) or reply chunk (structured) at a time, matched to
+    /// its command by handle. What a structured reply has done so far is the reader's alone.
     private func readReplies() {
-        var header = (UInt64(0), UInt64(0))
+        var progress: [UInt64: (covered: UInt64, error: BlockError?)] = [:]
+        var magic: UInt32 = 0
         while true {
-            let ok = withUnsafeMutableBytes(of: &header) { socket.readFully($0.baseAddress!, NBD.simpleReplySize) }
-            guard ok else { return failAll("the server closed the connection") }
-            let (magic, error, handle) = withUnsafeBytes(of: &header) {
-                ($0.baseAddress!.loadBE(UInt32.self, at: 0), $0.baseAddress!.loadBE(UInt32.self, at: 4),
-                 $0.baseAddress!.loadBE(UInt64.self, at: 8))
+            guard socket.readFully(&magic, 4) else { return failAll("the server closed the connection") }
+            let failure: String?
+            switch UInt32(bigEndian: magic) {
+            case NBD.simpleReplyMagic: failure = readSimpleReply()
+            case NBD.structuredReplyMagic: failure = readChunk(&progress)
+            default: failure = "the server sent a malformed reply"
             }
-            guard magic == NBD.simpleReplyMagic else {
-                return failAll(magic == NBD.structuredReplyMagic ? "the server sent a structured reply we did not ask for"
-                                                                 : "the server sent a malformed reply")
-            }
-            guard let command = state.withLock({ $0.inFlight.removeValue(forKey: handle) }) else {
-                return failAll("the server answered a request we did not send (handle \(handle))")
-            }
-            if error == 0 && command.type == .read {
-                let received = command.vectors.allSatisfy { socket.readFully($0.iov_base!, $0.iov_len) }
-                guard received else {
-                    finish(command.request, BlockError(.io, "\(label): the server closed the connection during a read"))
-                    return failAll("the server closed the connection")
-                }
-            }
-            let failure = error == 0 ? nil
-                : NBD.error(fromWire: error, "\(label): \(command.type) at \(command.offset)+\(command.length)")
-            finish(command.request, failure)
+            if let failure { return failAll(failure) }
         }
+    }
+
+    /// The rest of a simple reply; the reason the connection cannot go on, or nil.
+    private func readSimpleReply() -> String? {
+        var header = (UInt64(0), UInt64(0))  // 12 bytes used; no padding, unlike (UInt32, UInt64)
+        guard withUnsafeMutableBytes(of: &header, { socket.readFully($0.baseAddress!, 12) }) else {
+            return "the server closed the connection"
+        }
+        let (error, handle) = withUnsafeBytes(of: &header) { ($0.baseAddress!.loadBE(UInt32.self, at: 0), $0.baseAddress!.loadBE(UInt64.self, at: 4)) }
+        guard let command = state.withLock({ $0.inFlight.removeValue(forKey: handle) }) else {
+            return "the server answered a request we did not send (handle \(handle))"
+        }
+        if error == 0 && command.type == .read && !receive(command, at: 0, count: Int(command.length)) {
+            finish(command.request, BlockError(.io, "\(label): the server closed the connection during a read"))
+            return "the server closed the connection"
+        }
+        finish(command.request, error == 0 ? nil : self.error(error, command, ""))
+        return nil
+    }
+
+    /// The rest of one structured reply chunk; the reason the connection cannot go on, or nil.
+    private func readChunk(_ progress: inout [UInt64: (covered: UInt64, error: BlockError?)]) -> String? {
+        var raw = (UInt64(0), UInt64(0))
+        guard withUnsafeMutableBytes(of: &raw, { socket.readFully($0.baseAddress!, 16) }) else { return "the server closed the connection" }
+        let (flags, type, handle, length) = withUnsafeBytes(of: &raw) {
+            ($0.baseAddress!.loadBE(UInt16.self, at: 0), $0.baseAddress!.loadBE(UInt16.self, at: 2),
+             $0.baseAddress!.loadBE(UInt64.self, at: 4), $0.baseAddress!.loadBE(UInt32.self, at: 12))
+        }
+        guard let command = state.withLock({ $0.inFlight[handle] }) else {
+            return "the server answered a request we did not send (handle \(handle))"
+        }
+        let malformed = "the server sent a malformed reply chunk (type \(type), \(length) bytes) for \(command.type)"
+        switch type {
+        case NBD.replyTypeNone:
+            guard length == 0, flags & NBD.replyFlagDone != 0 else { return malformed }
+        case NBD.replyTypeOffsetData:
+            guard command.type == .read, length >= 8, let offset = readU64() else { return malformed }
+            let count = UInt64(length - 8)
+            guard offset >= command.offset, count <= command.length, offset - command.offset <= command.length - count else { return malformed }
+            guard receive(command, at: Int(offset - command.offset), count: Int(count)) else { return "the server closed the connection" }
+            progress[handle, default: (0, nil)].covered += count
+        case NBD.replyTypeOffsetHole:
+            guard command.type == .read, length == 12, let offset = readU64(), let hole = readU32() else { return malformed }
+            let count = UInt64(hole)
+            guard offset >= command.offset, count <= command.length, offset - command.offset <= command.length - count else { return malformed }
+            for v in Self.slice(command.vectors.lazy.map { UnsafeMutableRawBufferPointer(start: $0.iov_base, count: $0.iov_len) },
+                                from: Int(offset - command.offset), count: Int(count)) {
+                memset(v.iov_base, 0, v.iov_len)
+            }
+            progress[handle, default: (0, nil)].covered += count
+        case NBD.replyTypeBlockStatus:
+            guard let list = command.extents, length >= 4, (length - 4) % 8 == 0, length <= 1 << 20,
+                  let payload = readBytes(Int(length)) else { return malformed }
+            var reader = NBDPayloadReader(payload)
+            guard reader.u32() == baseAllocation else { break }  // a context we did not ask for
+            var position = command.offset
+            while let extentLength = reader.u32(), let state = reader.u32() {
+                list.extents.append(BlockExtent(offset: position, length: UInt64(extentLength),
+                                                isHole: state & NBD.stateHole != 0, isZero: state & NBD.stateZero != 0))
+                position += UInt64(extentLength)
+            }
+        case _ where type & 0x8000 != 0:
+            guard length >= 6, length <= NBD.maxOptionLength, let payload = readBytes(Int(length)) else { return malformed }
+            var reader = NBDPayloadReader(payload)
+            let error = reader.u32()!, messageLength = Int(reader.u16()!)
+            let message = reader.string(messageLength) ?? ""
+            if progress[handle]?.error == nil {
+                progress[handle, default: (0, nil)].error = self.error(error, command, message.isEmpty ? "" : " (the server says: \(message))")
+            }
+        default:
+            return malformed
+        }
+        guard flags & NBD.replyFlagDone != 0 else { return nil }
+        state.withLock { _ = $0.inFlight.removeValue(forKey: handle) }
+        let done = progress.removeValue(forKey: handle)
+        var failure = done?.error
+        if failure == nil && command.type == .read && (done?.covered ?? 0) != command.length {
+            failure = BlockError(.io, "\(label): the server's reply covered \(done?.covered ?? 0) of the \(command.length) bytes read")
+        }
+        if failure == nil && command.type == .blockStatus && command.extents?.extents.isEmpty != false {
+            failure = BlockError(.io, "\(label): the server's block status reply had no extents")
+        }
+        finish(command.request, failure)
+        return nil
+    }
+
+    private func error(_ wire: UInt32, _ command: Command, _ detail: String) -> BlockError {
+        var error = NBD.error(fromWire: wire, "\(label): \(command.type) at \(command.offset)+\(command.length)")
+        error.message += detail
+        return error
+    }
+
+    /// Reads `count` bytes of a read's data into its buffers, from `position` on.
+    private func receive(_ command: Command, at position: Int, count: Int) -> Bool {
+        let buffers = command.vectors.lazy.map { UnsafeMutableRawBufferPointer(start: $0.iov_base, count: $0.iov_len) }
+        return Self.slice(buffers, from: position, count: count).allSatisfy { socket.readFully($0.iov_base!, $0.iov_len) }
+    }
+
+    private func readBytes(_ count: Int) -> [UInt8]? {
+        var bytes = [UInt8](repeating: 0, count: count)
+        guard count == 0 || bytes.withUnsafeMutableBytes({ socket.readFully($0.baseAddress!, count) }) else { return nil }
+        return bytes
+    }
+    private func readU64() -> UInt64? {
+        var value: UInt64 = 0
+        return socket.readFully(&value, 8) ? UInt64(bigEndian: value) : nil
+    }
+    private func readU32() -> UInt32? {
+        var value: UInt32 = 0
+        return socket.readFully(&value, 4) ? UInt32(bigEndian: value) : nil
     }
 
     /// The connection is gone: fail every command in flight and every later request.
@@ -495,10 +644,27 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
     }
 
     private func perform(_ request: BlockRequest) throws(BlockError) {
+        try wait { submit(request, completion: $0) }
+    }
+
+    private func wait(_ start: (BlockCompletion) -> Void) throws(BlockError) {
         let waiter = Waiter()
-        submit(request, completion: BlockCompletion(sink: waiter, tag: 0))
+        start(BlockCompletion(sink: waiter, tag: 0))
         waiter.done.wait()
         if case .failure(let error) = waiter.result { throw error }
+    }
+
+    /// The server's base:allocation map (NBD_CMD_BLOCK_STATUS), which may end before
+    /// `offset + length`; all data if the server does not report holes.
+    public func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent] {
+        guard baseAllocation != nil else { return [BlockExtent(offset: offset, length: length, isHole: false, isZero: false)] }
+        let list = ExtentList()
+        try wait { completion in
+            let pending = PendingRequest(completion)
+            pending.expect(1)
+            send([Command(type: .blockStatus, offset: offset, length: min(length, 1 << 31), request: pending, extents: list)])
+        }
+        return list.extents
     }
 
     public func read(into buffers: IOBuffers, at offset: UInt64) throws(BlockError) {

@@ -21,6 +21,7 @@ final class NBDDeviceTests: XCTestCase {
         let device = try DeviceRegistry.open("nbd(socket=\(socket), export=disk)")
         defer { device.close() }
         XCTAssertEqual(device.geometry.size, 64 << 20)
+        XCTAssertTrue(try XCTUnwrap(device as? NBDDevice).structuredReplies)
         XCTAssertTrue(device.capabilities.isSuperset(of: [.write, .flush, .fua, .discard, .writeZeroes, .multiConn]),
                       "\(device.capabilities)")
 
@@ -45,6 +46,18 @@ final class NBDDeviceTests: XCTestCase {
         try device.discard(at: 0, length: 65536)
         try device.writeZeroes(at: 65536, length: 65536, mayDiscard: false)
         XCTAssertEqual(try device.readBytes(131072, at: 0), [UInt8](repeating: 0, count: 131072))
+    }
+
+    func testExtentsComeFromTheServersBlockStatus() throws {
+        let memory = MemoryDevice(size: 64 << 20)
+        try memory.writePattern(65536, seed: 1, at: 1 << 20)
+        let socket = try serve([NBDExport(name: "", device: memory)])
+        let device = try DeviceRegistry.open("nbd(socket=\(socket))")
+        defer { device.close() }
+        XCTAssertTrue(device.capabilities.contains(.extents))
+        let extents = try device.extents(at: 0, length: 4 << 20)
+        XCTAssertEqual(extents.first, BlockExtent(offset: 0, length: 1 << 20, isHole: true, isZero: true), "\(extents)")
+        XCTAssertEqual(extents.dropFirst().first, BlockExtent(offset: 1 << 20, length: 65536, isHole: false, isZero: false), "\(extents)")
     }
 
     func testARequestLargerThanTheServersMaximumIsSplit() throws {
@@ -89,7 +102,7 @@ final class NBDDeviceTests: XCTestCase {
     }
 
     func testServerErrorsArriveAsTheirErrno() throws {
-        let below = try DeviceRegistry.open("error(error=ENOSPC, error-pwrite-rate=1, error-offset=64K) | memory(size=1M)")
+        let below = try DeviceRegistry.open("error(error=ENOSPC, error-pwrite-rate=1, error-pread-rate=1, error-offset=64K) | memory(size=1M)")
         let socket = try serve([NBDExport(name: "", device: below)])
         let device = try DeviceRegistry.open("nbd(socket=\(socket))")
         defer { device.close() }
@@ -97,6 +110,10 @@ final class NBDDeviceTests: XCTestCase {
         XCTAssertThrowsError(try device.writePattern(4096, seed: 1, at: 65536)) { error in
             XCTAssertEqual((error as? BlockError)?.code, .noSpace)
             XCTAssertEqual("\(error)", "nbd(socket=\(socket)): write at 65536+4096: ENOSPC")
+        }
+        XCTAssertThrowsError(try device.readBytes(4096, at: 65536), "a structured error chunk") { error in
+            XCTAssertEqual((error as? BlockError)?.code, .noSpace)
+            XCTAssertTrue("\(error)".hasPrefix("nbd(socket=\(socket)): read at 65536+4096: ENOSPC"), "\(error)")
         }
         XCTAssertEqual(try device.readBytes(4096, at: 0), TestBuffer.expected(4096, 1), "the connection survives an error reply")
     }
@@ -147,10 +164,20 @@ final class NBDDeviceTests: XCTestCase {
         return socket
     }
 
-    func testAgainstNbdkitMemory() throws {
-        let socket = try nbdkit(["memory", "64M"])
+    func testAgainstNbdkitMemoryWithStructuredReplies() throws {
+        try againstNbdkitMemory(structuredReplies: true)
+    }
+
+    func testAgainstNbdkitMemoryWithSimpleReplies() throws {
+        try againstNbdkitMemory(structuredReplies: false)
+    }
+
+    private func againstNbdkitMemory(structuredReplies: Bool) throws {
+        let socket = try nbdkit((structuredReplies ? [] : ["--no-sr"]) + ["memory", "64M"])
         let device = try DeviceRegistry.open("nbd(socket=\(socket))")
         defer { device.close() }
+        XCTAssertEqual(try XCTUnwrap(device as? NBDDevice).structuredReplies, structuredReplies)
+        XCTAssertEqual(device.capabilities.contains(.extents), structuredReplies, "block status needs structured replies")
         XCTAssertEqual(device.geometry.size, 64 << 20)
         XCTAssertTrue(device.capabilities.isSuperset(of: [.write, .flush, .fua, .discard, .writeZeroes]), "\(device.capabilities)")
         let writes = (0..<16).map { TestBuffer(count: 65536, pattern: UInt8($0)) }
@@ -249,9 +276,18 @@ private final class HangingUpServer: @unchecked Sendable {
             greeting.append(NBD.initMagic); greeting.append(NBD.optionMagic); greeting.append(NBD.flagFixedNewstyle | NBD.flagNoZeroes)
             guard socket.writeFully(greeting.bytes) else { return }
             var header = [UInt8](repeating: 0, count: 16)
-            guard header.withUnsafeMutableBytes({ socket.readFully($0.baseAddress!, 4) && socket.readFully($0.baseAddress!, 16) }) else { return }
-            var option = [UInt8](repeating: 0, count: Int(header.withUnsafeBytes { $0.baseAddress!.loadBE(UInt32.self, at: 12) }))
-            guard option.isEmpty || option.withUnsafeMutableBytes({ socket.readFully($0.baseAddress!, $0.count) }) else { return }
+            guard header.withUnsafeMutableBytes({ socket.readFully($0.baseAddress!, 4) }) else { return }
+            // Options until GO; every other option is refused as unsupported.
+            while true {
+                guard header.withUnsafeMutableBytes({ socket.readFully($0.baseAddress!, 16) }) else { return }
+                let (code, length) = header.withUnsafeBytes { ($0.baseAddress!.loadBE(UInt32.self, at: 8), $0.baseAddress!.loadBE(UInt32.self, at: 12)) }
+                var option = [UInt8](repeating: 0, count: Int(length))
+                guard option.isEmpty || option.withUnsafeMutableBytes({ socket.readFully($0.baseAddress!, $0.count) }) else { return }
+                if code == NBD.Option.go.rawValue { break }
+                var refusal = NBDMessage()
+                refusal.append(NBD.optionReplyMagic); refusal.append(code); refusal.append(NBD.repErrUnsup); refusal.append(UInt32(0))
+                guard socket.writeFully(refusal.bytes) else { return }
+            }
             var reply = NBDMessage()
             for (type, payload) in [(NBD.repInfo, 12), (NBD.repAck, 0)] {
                 reply.append(NBD.optionReplyMagic); reply.append(NBD.Option.go.rawValue); reply.append(type); reply.append(UInt32(payload))

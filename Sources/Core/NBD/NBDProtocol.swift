@@ -58,9 +58,12 @@ public enum NBD {
 
     // Structured reply chunks.
     public static let replyFlagDone: UInt16 = 1 << 0
+    public static let replyTypeNone: UInt16 = 0
     public static let replyTypeOffsetData: UInt16 = 1
+    public static let replyTypeOffsetHole: UInt16 = 2
     public static let replyTypeBlockStatus: UInt16 = 5
     public static let replyTypeError: UInt16 = 0x8001
+    public static let replyTypeErrorOffset: UInt16 = 0x8002
 
     // base:allocation descriptor flags.
     public static let stateHole: UInt32 = 1 << 0
