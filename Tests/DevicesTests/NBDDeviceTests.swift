@@ -3,6 +3,7 @@ import Devices
 import Foundation
 import Glibc
 import NBDExport
+import Synchronization
 import XCTest
 
 final class NBDDeviceTests: XCTestCase {
@@ -58,6 +59,45 @@ final class NBDDeviceTests: XCTestCase {
         let extents = try device.extents(at: 0, length: 4 << 20)
         XCTAssertEqual(extents.first, BlockExtent(offset: 0, length: 1 << 20, isHole: true, isZero: true), "\(extents)")
         XCTAssertEqual(extents.dropFirst().first, BlockExtent(offset: 1 << 20, length: 65536, isHole: false, isZero: false), "\(extents)")
+    }
+
+    func testAStackSpansTwoServers() throws {
+        // memory <- server A <- stats | nbd <- server B <- nbd: what the issue calls spanning machines.
+        let memory = MemoryDevice(size: 8 << 20)
+        let first = try serve([NBDExport(name: "disk", device: memory)])
+        let middle = try DeviceRegistry.open("stats | nbd(socket=\(first), export=disk)")
+        addTeardownBlock { middle.close() }
+        let second = try serve([NBDExport(name: "relay", device: middle)])
+        let device = try DeviceRegistry.open("nbd(socket=\(second), export=relay)")
+        defer { device.close() }
+        XCTAssertEqual(device.geometry.size, 8 << 20)
+        try device.writePattern(65536, seed: 8, at: 1 << 20, fua: true)
+        XCTAssertEqual(try device.readBytes(65536, at: 1 << 20), TestBuffer.expected(65536, 8))
+        XCTAssertEqual(try memory.readBytes(65536, at: 1 << 20), TestBuffer.expected(65536, 8))
+        XCTAssertEqual(try device.extents(at: 0, length: 2 << 20).first?.isHole, true, "holes pass through both servers")
+        XCTAssertEqual((middle as? StatsFilter)?.snapshot()[.write].count, 1)
+    }
+
+    func testThreadsSubmittingAtOnceDoNotMixTheirRequests() throws {
+        let memory = MemoryDevice(size: 16 << 20)
+        let socket = try serve([NBDExport(name: "", device: memory)])
+        let device = try DeviceRegistry.open("nbd(socket=\(socket))")
+        defer { device.close() }
+        let failures = Atomic<Int>(0)
+        DispatchQueue.concurrentPerform(iterations: 8) { thread in
+            for i in 0..<32 {
+                let offset = UInt64(thread * 32 + i) * 16384
+                do {
+                    try device.writePattern(16384, seed: UInt8(truncatingIfNeeded: thread * 32 + i), at: offset)
+                    if try device.readBytes(16384, at: offset) != TestBuffer.expected(16384, UInt8(truncatingIfNeeded: thread * 32 + i)) {
+                        failures.add(1, ordering: .relaxed)
+                    }
+                } catch {
+                    failures.add(1, ordering: .relaxed)
+                }
+            }
+        }
+        XCTAssertEqual(failures.load(ordering: .relaxed), 0)
     }
 
     func testARequestLargerThanTheServersMaximumIsSplit() throws {
