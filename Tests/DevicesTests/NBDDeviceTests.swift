@@ -188,6 +188,22 @@ final class NBDDeviceTests: XCTestCase {
         server.join()
     }
 
+    func testAServerThatDisconnectsDuringLargeWritesFailsThemAll() throws {
+        let socket = makeTemporaryDirectory(self) + "/nbd.sock"
+        let server = try HangingUpServer(socket: socket, requestsBeforeHangingUp: 1)
+        let device = try DeviceRegistry.open("nbd(socket=\(socket))")
+        defer { device.close() }
+        let buffers = (0..<4).map { _ in TestBuffer(count: 4 << 20, pattern: 1) }
+        let completions = Completions()
+        for (i, buffer) in buffers.enumerated() {
+            device.submit(device.writeRequest(buffer, at: 0), completion: completions.completion(UInt64(i)))
+        }
+        let results = completions.wait(for: 4)
+        XCTAssertEqual(results.count, 4)
+        XCTAssertTrue(results.values.allSatisfy { $0.errorCode == .io }, "\(results)")
+        server.join()
+    }
+
     /// nbdkit with `arguments` on a unix socket, stopped after the test; skips without nbdkit.
     private func nbdkit(_ arguments: [String]) throws -> String {
         guard let nbdkit = ["/usr/sbin/nbdkit", "/usr/bin/nbdkit"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
