@@ -215,10 +215,12 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
             guard device.capabilities.contains(.discard) else {
                 respond(id: d.id, operation: request.operation, status: Blkif.statusNotSupported); return
             }
-            guard writable, d.nr_sectors > 0, let end = checkedEnd(d.sector_number, d.nr_sectors), end <= sectors,
+            guard writable, let end = checkedEnd(d.sector_number, d.nr_sectors), end <= sectors,
                   aligned(d.sector_number, d.nr_sectors) else {
                 respond(id: d.id, operation: request.operation, status: Blkif.statusError); return
             }
+            // Nothing to discard: done, as Linux blkback answers it (blkdev_issue_discard of 0).
+            if d.nr_sectors == 0 { respond(id: d.id, operation: request.operation, status: Blkif.statusOkay); return }
             submitNoData(request, .discard, offset: d.sector_number * 512, length: d.nr_sectors * 512)
         case Blkif.opIndirect:
             let ind = raw.indirect
