@@ -70,9 +70,15 @@ public protocol GrantTable: AnyObject, Sendable {
 
     /// Copies each segment; a failed segment gets its `error` set and the others still happen.
     func copy(_ segments: UnsafeMutableBufferPointer<GrantCopySegment>)
+
+    /// `domain` was destroyed and its devices are unplugged: forget what is kept of it (the
+    /// emulator keeps each guest's memory mapped; Xen's gntdev needs nothing).
+    func domainDestroyed(_ domain: DomainID)
 }
 
 extension GrantTable {
+    public func domainDestroyed(_ domain: DomainID) {}
+
     public func unmap(_ mapping: GrantMapping, refs: [GrantRef]) {
         refs.withUnsafeBufferPointer { unmap(mapping, refs: $0) }
     }

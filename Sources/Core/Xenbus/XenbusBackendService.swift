@@ -111,13 +111,17 @@ public final class XenbusBackendService: @unchecked Sendable {
 
     /// A guest went away: its home in xenstore is gone; unplug what served it.
     private func reapDeadGuests() {
+        var gone = Set<DomainID>()
         for (_, d) in devices {
             let home = "/local/domain/\(d.frontendDomain)"
             if (try? hypervisor.store.readString(home)).flatMap({ $0 }) == nil {
                 log("\(d.backendPath): domain \(d.frontendDomain) is gone")
                 try? hypervisor.store.remove(d.frontendPath, transaction: .none)
                 d.unplug()
+                gone.insert(d.frontendDomain)
             }
         }
+        // Unplugging unmapped everything of theirs.
+        for domain in gone { hypervisor.grants.domainDestroyed(domain) }
     }
 }
