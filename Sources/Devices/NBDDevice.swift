@@ -7,12 +7,14 @@ import Synchronization
 /// (qemu-nbd, nbdkit, another SoftDev), so that a stack can span machines (nbdkit's nbd
 /// plugin, with its parameter names).
 ///
-/// The handshake is fixed newstyle: NBD_OPT_GO with the export name (NBD_OPT_EXPORT_NAME with a
-/// server too old for GO), asking for the server's block sizes. Replies are simple replies;
-/// structured replies are not negotiated, so `extents` reports everything as data. The device
-/// can do what the server's transmission flags say: write unless READ_ONLY, flush, FUA, trim
-/// and write-zeroes if advertised (write-zeroes is otherwise written as zero buffers, FUA done
-/// as a flush after the write), multi-conn.
+/// The handshake (`NBDClientHandshake`) is fixed newstyle: structured replies and the
+/// base:allocation context if the server has them, then NBD_OPT_GO with the export name
+/// (NBD_OPT_EXPORT_NAME with a server too old for GO), asking for the server's block sizes.
+/// Replies may be simple or structured (data, hole and error chunks); `extents` asks the server
+/// (NBD_CMD_BLOCK_STATUS) where it has base:allocation and reports all data where it has not.
+/// The device can do what the server's transmission flags say: write unless READ_ONLY, flush,
+/// FUA, trim and write-zeroes if advertised (write-zeroes is otherwise written as zero buffers,
+/// FUA done as a flush after the write), multi-conn.
 ///
 /// Many requests may be in flight: `submit` sends the request at once under a send lock and
 /// returns; a reader thread matches each reply to its request by handle and completes it, in
