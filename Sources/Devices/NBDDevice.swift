@@ -7,12 +7,14 @@ import Synchronization
 /// (qemu-nbd, nbdkit, another SoftDev), so that a stack can span machines (nbdkit's nbd
 /// plugin, with its parameter names).
 ///
-/// The handshake is fixed newstyle: NBD_OPT_GO with the export name (NBD_OPT_EXPORT_NAME with a
-/// server too old for GO), asking for the server's block sizes. Replies are simple replies;
-/// structured replies are not negotiated, so `extents` reports everything as data. The device
-/// can do what the server's transmission flags say: write unless READ_ONLY, flush, FUA, trim
-/// and write-zeroes if advertised (write-zeroes is otherwise written as zero buffers, FUA done
-/// as a flush after the write), multi-conn.
+/// The handshake (`NBDClientHandshake`) is fixed newstyle: structured replies and the
+/// base:allocation context if the server has them, then NBD_OPT_GO with the export name
+/// (NBD_OPT_EXPORT_NAME with a server too old for GO), asking for the server's block sizes.
+/// Replies may be simple or structured (data, hole and error chunks); `extents` asks the server
+/// (NBD_CMD_BLOCK_STATUS) where it has base:allocation and reports all data where it has not.
+/// The device can do what the server's transmission flags say: write unless READ_ONLY, flush,
+/// FUA, trim and write-zeroes if advertised (write-zeroes is otherwise written as zero buffers,
+/// FUA done as a flush after the write), multi-conn.
 ///
 /// Many requests may be in flight: `submit` sends the request at once under a send lock and
 /// returns; a reader thread matches each reply to its request by handle and completes it, in
@@ -525,8 +527,16 @@ extension NBDDevice {
             DeviceParameter("hostname", "The server's host name or address, for TCP. Give this or socket."),
             DeviceParameter("port", "The server's TCP port (default 10809)."),
             DeviceParameter("export", "The export name (default: the server's default export, \"\")."),
+            DeviceParameter("uri", "Instead of the others, an NBD URI in quotes: \"nbd://HOST[:PORT]/EXPORT\" or \"nbd+unix:///EXPORT?socket=PATH\"."),
         ],
         open: { parameters, _ throws(DeviceSpecError) in
+            if let uri = parameters.string("uri") {
+                guard ["socket", "hostname", "port", "export"].allSatisfy({ parameters.string($0) == nil }) else {
+                    throw DeviceSpecError("nbd: uri= says it all; give it without socket=, hostname=, port= or export=")
+                }
+                let (address, export) = try parse(uri: uri)
+                return try DeviceSpecError.opening { () throws(BlockError) in try NBDDevice(address: address, export: export) }
+            }
             let address: Address
             switch (parameters.string("socket"), parameters.string("hostname")) {
             case (let path?, nil):
@@ -540,4 +550,66 @@ extension NBDDevice {
             let export = parameters.string("export") ?? ""
             return try DeviceSpecError.opening { () throws(BlockError) in try NBDDevice(address: address, export: export) }
         })
+}
+
+extension NBDDevice {
+    /// The server and export of an NBD URI, as qemu and libnbd write them (the NBD project's
+    /// doc/uri.md): `nbd://HOST[:PORT]/EXPORT` (HOST defaults to localhost, an IPv6 address is
+    /// in brackets) or `nbd+unix:///EXPORT?socket=PATH`; the export is percent-decoded.
+    public static func parse(uri: String) throws(DeviceSpecError) -> (Address, export: String) {
+        func fail(_ why: String) -> DeviceSpecError { DeviceSpecError("nbd: uri '\(uri)' \(why)") }
+        if uri.hasPrefix("nbds") { throw fail("asks for TLS, which the nbd device does not do") }
+        let isUnix = uri.hasPrefix("nbd+unix://")
+        guard isUnix || uri.hasPrefix("nbd://") else { throw fail("is not nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH") }
+        var rest = Substring(uri.dropFirst(isUnix ? 11 : 6))
+        var socket: String?
+        if let mark = rest.firstIndex(of: "?") {
+            for item in rest[rest.index(after: mark)...].split(separator: "&") {
+                guard item.hasPrefix("socket=") else { throw fail("has a query parameter other than socket: '\(item)'") }
+                socket = percentDecoded(item.dropFirst(7))
+            }
+            rest = rest[..<mark]
+        }
+        let slash = rest.firstIndex(of: "/") ?? rest.endIndex
+        let authority = rest[..<slash]
+        let export = percentDecoded(rest[slash...].dropFirst())
+        if isUnix {
+            guard authority.isEmpty else { throw fail("has a host, which nbd+unix does not take (nbd+unix:///EXPORT?socket=PATH)") }
+            guard let socket, !socket.isEmpty else { throw fail("needs ?socket=PATH") }
+            return (.unix(path: socket), export)
+        }
+        guard socket == nil else { throw fail("has ?socket=, which only nbd+unix takes") }
+        var host = authority, port: Substring?
+        if authority.hasPrefix("[") {
+            guard let close = authority.firstIndex(of: "]") else { throw fail("has no ] after the IPv6 address") }
+            host = authority[authority.index(after: authority.startIndex)..<close]
+            let after = authority[authority.index(after: close)...]
+            guard after.isEmpty || after.hasPrefix(":") else { throw fail("has something other than :PORT after ]") }
+            if !after.isEmpty { port = after.dropFirst() }
+        } else if let colon = authority.lastIndex(of: ":") {
+            host = authority[..<colon]
+            port = authority[authority.index(after: colon)...]
+        }
+        var number: UInt16 = 10809
+        if let port {
+            guard let p = UInt16(port), p > 0 else { throw fail("has a port '\(port)' that is not a number from 1 to 65535") }
+            number = p
+        }
+        return (.tcp(host: host.isEmpty ? "localhost" : String(host), port: number), export)
+    }
+
+    /// `text` with each %XX replaced by the byte it stands for.
+    private static func percentDecoded(_ text: Substring) -> String {
+        var bytes: [UInt8] = []
+        var utf8 = Array(text.utf8)[...]
+        while let byte = utf8.popFirst() {
+            if byte == UInt8(ascii: "%"), utf8.count >= 2, let value = UInt8(String(decoding: utf8.prefix(2), as: UTF8.self), radix: 16) {
+                bytes.append(value)
+                utf8 = utf8.dropFirst(2)
+            } else {
+                bytes.append(byte)
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
 }

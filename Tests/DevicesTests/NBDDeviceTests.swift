@@ -288,6 +288,31 @@ final class NBDDeviceTests: XCTestCase {
         }
     }
 
+    func testURIsAsQemuAndLibnbdWriteThem() throws {
+        func parsed(_ uri: String) throws -> String {
+            let (address, export) = try NBDDevice.parse(uri: uri)
+            return "\(address) export=\(export)"
+        }
+        XCTAssertEqual(try parsed("nbd://storage1/disk"), "hostname=storage1, port=10809 export=disk")
+        XCTAssertEqual(try parsed("nbd://10.0.0.2:10810/"), "hostname=10.0.0.2, port=10810 export=")
+        XCTAssertEqual(try parsed("nbd://[::1]:7000/my%20disk"), "hostname=::1, port=7000 export=my disk")
+        XCTAssertEqual(try parsed("nbd://"), "hostname=localhost, port=10809 export=")
+        XCTAssertEqual(try parsed("nbd+unix:///disk?socket=/run/x.sock"), "socket=/run/x.sock export=disk")
+        XCTAssertThrowsError(try parsed("nbds://storage1/disk")) { XCTAssertTrue("\($0)".contains("TLS"), "\($0)") }
+        XCTAssertThrowsError(try parsed("nbd+unix:///disk")) { XCTAssertTrue("\($0)".contains("needs ?socket=PATH"), "\($0)") }
+        XCTAssertThrowsError(try parsed("nbd://host:http/")) { XCTAssertTrue("\($0)".contains("port 'http'"), "\($0)") }
+        XCTAssertThrowsError(try parsed("http://host/")) { XCTAssertTrue("\($0)".contains("is not nbd://"), "\($0)") }
+
+        let memory = MemoryDevice(size: 1 << 20)
+        let socket = try serve([NBDExport(name: "a disk", device: memory)])
+        let device = try DeviceRegistry.open(#"nbd(uri="nbd+unix:///a%20disk?socket=\#(socket)")"#)
+        defer { device.close() }
+        try device.writePattern(4096, seed: 6, at: 0)
+        XCTAssertEqual(try memory.readBytes(4096, at: 0), TestBuffer.expected(4096, 6))
+        XCTAssertEqual(specError(#"nbd(uri="nbd://x/", export=y)"#),
+                       "nbd: uri= says it all; give it without socket=, hostname=, port= or export=")
+    }
+
     func testSpecErrorsSayWhatIsWrong() throws {
         let socket = try serve([NBDExport(name: "disk", device: MemoryDevice(size: 1 << 20))])
         XCTAssertEqual(specError("nbd"), "nbd: give socket=PATH or hostname=HOST (and port=)")
