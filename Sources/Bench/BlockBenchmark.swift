@@ -150,7 +150,7 @@ public struct BlockBenchmark {
             let iops = row.result.iops >= 10_000 ? String(format: "%.1fk", row.result.iops / 1000) : String(format: "%.0f", row.result.iops)
             lines.append(pad([row.workload == lastWorkload ? "" : row.workload, row.target, iops,
                               String(format: "%.1f", row.result.megabytesPerSecond),
-                              row.ratioToReference.map { String(format: "%.2f", $0) } ?? "1.00"]))
+                              row.ratioToReference.map { String(format: "%.2f", $0) } ?? (row.target == "\(Target.reference)" ? "1.00" : "-")]))
             lastWorkload = row.workload
         }
         return lines.joined(separator: "\n")

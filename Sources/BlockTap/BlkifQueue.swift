@@ -218,12 +218,13 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
             guard device.capabilities.contains(.discard) else {
                 respond(id: d.id, operation: request.operation, status: Blkif.statusNotSupported); return
             }
-            guard writable, let end = checkedEnd(d.sector_number, d.nr_sectors), end <= sectors,
-                  aligned(d.sector_number, d.nr_sectors) else {
+            guard writable else { respond(id: d.id, operation: request.operation, status: Blkif.statusError); return }
+            // Nothing to discard: done, wherever it points, as Linux blkback answers it
+            // (xen_vbd_translate checks the range only for a non-empty request).
+            if d.nr_sectors == 0 { respond(id: d.id, operation: request.operation, status: Blkif.statusOkay); return }
+            guard let end = checkedEnd(d.sector_number, d.nr_sectors), end <= sectors, aligned(d.sector_number, d.nr_sectors) else {
                 respond(id: d.id, operation: request.operation, status: Blkif.statusError); return
             }
-            // Nothing to discard: done, as Linux blkback answers it (blkdev_issue_discard of 0).
-            if d.nr_sectors == 0 { respond(id: d.id, operation: request.operation, status: Blkif.statusOkay); return }
             submitNoData(request, .discard, offset: d.sector_number * 512, length: d.nr_sectors * 512)
         case Blkif.opIndirect:
             let ind = raw.indirect

@@ -7,7 +7,8 @@ import Core
 /// per request by the caller.
 ///
 /// Every segment of every request is looked up here, so the table is an open-addressing hash of
-/// the references (a multiplicative hash, linear probing, at most half full) in raw memory:
+/// the references (a multiplicative hash with a random multiplier, linear probing, at most half
+/// full) in raw memory:
 /// Swift's Dictionary hashes with SipHash, several times the cost of the whole lookup here.
 /// Entries are never removed one by one (only all at disconnect), so probing needs no tombstones.
 final class PersistentGrantCache {
@@ -15,6 +16,8 @@ final class PersistentGrantCache {
     private let domain: DomainID
     let capacity: Int
     private let shift: UInt64
+    /// A random odd multiplier per cache: a guest cannot choose references that all collide.
+    private let multiplier = UInt64.random(in: 0...UInt64.max) | 1
     private let mask: Int
     private let keys: UnsafeMutablePointer<UInt64>                 // emptyKey: free
     private let pages: UnsafeMutablePointer<UnsafeMutableRawPointer?>
@@ -49,7 +52,7 @@ final class PersistentGrantCache {
     /// reference cannot be mapped writable (the caller then maps it for this request only).
     @inline(__always) func lookupOrMap(_ ref: GrantRef) -> UnsafeMutableRawPointer? {
         let key = UInt64(ref)
-        var i = Int(truncatingIfNeeded: (key &* 0x9E37_79B9_7F4A_7C15) >> shift)
+        var i = Int(truncatingIfNeeded: (key &* multiplier) >> shift)
         while true {
             let k = keys[i]
             if k == key { return pages[i] }

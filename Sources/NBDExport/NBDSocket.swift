@@ -18,21 +18,40 @@ enum NBDListener {
         }
     }
 
-    private static func openUnix(_ path: String) throws(NBDSystemError) -> Int32 {
-        // A stale socket from an earlier run would make bind fail; anything else is not ours.
-        var st = stat()
-        if lstat(path, &st) == 0 {
-            guard st.st_mode & S_IFMT == S_IFSOCK else { throw NBDSystemError("\(path) exists and is not a socket", errno: EEXIST) }
-            unlink(path)
-        }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw NBDSystemError("socket(AF_UNIX)") }
+    private static func unixAddress(_ path: String) -> sockaddr_un {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         withUnsafeMutableBytes(of: &addr.sun_path) { p in
             let bytes = Array(path.utf8)
             p.copyBytes(from: bytes.prefix(p.count - 1))
         }
+        return addr
+    }
+
+    /// Removes a socket left by a server that is gone (nobody answers there: ECONNREFUSED);
+    /// refuses to touch a live server's socket or anything that is not a socket.
+    private static func removeStale(_ path: String) throws(NBDSystemError) {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return }
+        guard st.st_mode & S_IFMT == S_IFSOCK else { throw NBDSystemError("\(path) exists and is not a socket", errno: EEXIST) }
+        let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard probe >= 0 else { throw NBDSystemError("socket(AF_UNIX)") }
+        defer { Glibc.close(probe) }
+        var addr = unixAddress(path)
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if rc == 0 { throw NBDSystemError("\(path): another server is listening there", errno: EADDRINUSE) }
+        guard errno == ECONNREFUSED else { throw NBDSystemError("\(path) exists and cannot be probed") }
+        unlink(path)
+    }
+
+    private static func openUnix(_ path: String) throws(NBDSystemError) -> Int32 {
+        // A stale socket from an earlier run would make bind fail.
+        try removeStale(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw NBDSystemError("socket(AF_UNIX)") }
+        var addr = unixAddress(path)
         let ok = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }

@@ -57,8 +57,9 @@ struct Bench: ParsableCommand {
             scratch = path
         }
         var st = stat()
-        guard stat(path, &st) == 0, st.st_size >= 1 << 20 else {
-            throw ValidationError("--file \(path): \(st.st_size < 1 << 20 ? "smaller than 1 MiB" : String(cString: strerror(errno)))")
+        guard stat(path, &st) == 0 else { throw ValidationError("--file \(path): \(String(cString: strerror(errno)))") }
+        guard (st.st_mode & S_IFMT) == S_IFREG, st.st_size >= 1 << 20 else {
+            throw ValidationError("--file \(path): use a regular file of at least 1 MiB (its size sets the device size for every backend)")
         }
         // Every backend serves the same number of sectors, so random offsets spread alike.
         let size = UInt64(st.st_size) / 4096 * 4096

@@ -42,6 +42,7 @@ struct Guest: ParsableCommand {
         sigaddset(&signals, SIGINT)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
 
+        guard (1...16).contains(disks) else { throw ValidationError("--disks \(disks): use 1 to 16") }
         let address = localDir.map { LocalHypervisorAddress(directory: $0) } ?? .default
         let guest = try LocalHypervisor.createGuest(address, name: name, pages: 16384 * max(1, disks) + 256)
         defer { guest.destroy() }
@@ -52,6 +53,9 @@ struct Guest: ParsableCommand {
         while true {
             found = ((try? guest.store.directory(home, transaction: .none)) ?? []).sorted()
             if found.count >= disks { break }
+            var pending = sigset_t()
+            sigpending(&pending)
+            if sigismember(&pending, SIGTERM) == 1 || sigismember(&pending, SIGINT) == 1 { return }
             guard monotonicSeconds() < deadline else {
                 throw ValidationError("guest \(name): \(found.count) of \(disks) disks attached after \(wait) s (attach with `softdev attach \(name) block xvda SPEC`)")
             }

@@ -79,6 +79,26 @@ final class LocalHypervisorTests: XCTestCase {
         backend.grants.unmapPage(m, ref: readOnly)
     }
 
+    func testOnePageMappedTooManyTimesIsRefusedNotOverflowed() throws {
+        let (guest, pages) = try guestPages("g")
+        let ref = try pages.grant(frame: try pages.allocate(pages: 1), to: 0, readOnly: false)
+        // A guest may name one page in every segment of every request: 65535 pins are allowed,
+        // the next is refused (Xen: "Risk of counter overflow") and nothing is left pinned.
+        let refs = [GrantRef](repeating: ref, count: 65535)
+        let pagesOut = UnsafeMutableBufferPointer<UnsafeMutableRawPointer>.allocate(capacity: refs.count)
+        defer { pagesOut.deallocate() }
+        let held = try refs.withUnsafeBufferPointer {
+            try backend.grants.mapBatch(domain: guest.domainID, refs: $0, writable: true, pages: pagesOut)
+        }
+        XCTAssertThrowsError(try backend.grants.mapPage(domain: guest.domainID, ref: ref, writable: true)) {
+            XCTAssertEqual($0 as? GrantError, .tooManyMappings(domain: guest.domainID, ref: ref))
+        }
+        let (_, reader) = try backend.grants.mapPage(domain: guest.domainID, ref: ref, writable: false)
+        backend.grants.unmapPage(reader, ref: ref)
+        backend.grants.unmap(held, refs: refs)
+        XCTAssertNoThrow(try pages.endAccess(ref), "every pin was released")
+    }
+
     func testGrantCopyFailsOnlyTheBadSegment() throws {
         let (guest, pages) = try guestPages("g")
         let frame = try pages.allocate(pages: 2)
@@ -143,12 +163,16 @@ final class LocalHypervisorTests: XCTestCase {
         XCTAssertFalse(server.domains.contains(id))
         // What a service does on @releaseDomain: the mapping it still holds stays valid memory
         // until it unmaps (the guest's pages are let go only then); new maps are refused.
+        let table = try XCTUnwrap(backend.grants as? LocalGrantTable)
+        XCTAssertTrue(table.domainsHeld.contains(id))
         backend.grants.domainDestroyed(id)
         m.base!.storeBytes(of: 1, as: UInt8.self)
+        XCTAssertTrue(table.domainsHeld.contains(id), "still mapped: the memory must stay")
         XCTAssertThrowsError(try backend.grants.mapPage(domain: id, ref: ref, writable: false)) {
             XCTAssertEqual($0 as? GrantError, .noSuchDomain(id))
         }
         backend.grants.unmapPage(m, ref: ref)
+        XCTAssertFalse(table.domainsHeld.contains(id), "the last unmap lets the dead guest's memory go")
         XCTAssertThrowsError(try backend.grants.mapPage(domain: id, ref: ref, writable: false)) {
             XCTAssertEqual($0 as? GrantError, .noSuchDomain(id))
         }

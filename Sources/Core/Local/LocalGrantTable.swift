@@ -45,6 +45,9 @@ public final class LocalGrantTable: GrantTable, @unchecked Sendable {
         }
     }
 
+    /// The guests whose memory this table keeps mapped now (for diagnostics and tests).
+    public var domainsHeld: [DomainID] { peers.withLock { $0.keys.sorted() } }
+
     /// `domain` was destroyed: refuse new maps of it and let go of its memory (this process
     /// keeps each guest's whole memory mapped) as soon as nothing of it stays pinned.
     public func domainDestroyed(_ domain: DomainID) {
@@ -68,6 +71,10 @@ public final class LocalGrantTable: GrantTable, @unchecked Sendable {
         let mem = peer.memory
         guard !peer.destroyed else { throw .noSuchDomain(mem.domain) }
         guard ref < LocalDomainMemory.grantEntryCount else { throw .badReference(domain: mem.domain, ref: ref) }
+        // Each half of the pin count is 16 bits: refuse before it would carry or trap, as Xen
+        // refuses a map that risks overflowing its counters.
+        let held = peer.pins[Int(ref)]
+        guard (writable ? held >> 16 : held & 0xFFFF) < 0xFFFF else { throw .tooManyMappings(domain: mem.domain, ref: ref) }
         let flagsP = mem.flagsPointer(ref)
         while true {
             let flags = cxen_load16(flagsP)
