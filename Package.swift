@@ -40,6 +40,8 @@ let package = Package(
         .target(name: "Devices", dependencies: ["Core", "CAio"]),
         // NBD export of any device stack.
         .target(name: "NBDExport", dependencies: ["Core"]),
+        // `softdev bench`: load generator, the C reference backend's harness, the tables.
+        .target(name: "Bench", dependencies: ["Core", "BlockTap", "Devices", "NBDExport", "CReference", "CXen", "XenStore"]),
         // `softdev serve`: the daemon, its TOML config and the hypervisor choice.
         .target(name: "Daemon", dependencies: [
             "Core", "BlockTap", "Devices", "NBDExport", "XenStore",
@@ -48,17 +50,17 @@ let package = Package(
         .executableTarget(
             name: "softdev",
             dependencies: [
-                "Core", "BlockTap", "Devices", "NBDExport", "CReference", "Daemon", "XenStore",
+                "Core", "BlockTap", "Devices", "NBDExport", "Bench", "Daemon", "XenStore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         // Checks of the Xen hypervisor implementation against a real Xen (run in the lab's dom0).
         .executableTarget(name: "xen-lab-probe", dependencies: ["Core"], path: "Sources/XenLabProbe"),
         .testTarget(name: "XenStoreTests", dependencies: ["XenStore"]),
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
-        .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core"]),
+        .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "NBDExport"]),
         .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "Devices", "Core", "XenStore"]),
-        .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "Devices", "Core"]),
+        .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "Devices", "Core", "Bench"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -66,14 +66,17 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
         if let proto = try store.readString(fe + "/protocol"), !proto.isEmpty, proto != "x86_64-abi" {
             throw BlkifConnectError("frontend protocol \(proto) is not supported (only x86_64-abi)")
         }
-        let queueCount = Int(try store.readInt(fe + "/multi-queue-num-queues") ?? 1)
-        guard queueCount >= 1, queueCount <= options.maxQueues else {
-            throw BlkifConnectError("frontend asked for \(queueCount) queues; at most \(options.maxQueues)")
+        // The guest writes these: compare them as read, before any conversion could trap.
+        let requestedQueues = try store.readInt(fe + "/multi-queue-num-queues") ?? 1
+        guard requestedQueues >= 1, requestedQueues <= UInt64(options.maxQueues) else {
+            throw BlkifConnectError("frontend asked for \(requestedQueues) queues; at most \(options.maxQueues)")
         }
-        let order = Int(try store.readInt(fe + "/ring-page-order") ?? 0)
-        guard order <= options.maxRingPageOrder else {
-            throw BlkifConnectError("frontend ring-page-order \(order) is above max-ring-page-order \(options.maxRingPageOrder)")
+        let queueCount = Int(requestedQueues)
+        let requestedOrder = try store.readInt(fe + "/ring-page-order") ?? 0
+        guard requestedOrder <= UInt64(options.maxRingPageOrder) else {
+            throw BlkifConnectError("frontend ring-page-order \(requestedOrder) is above max-ring-page-order \(options.maxRingPageOrder)")
         }
+        let order = Int(requestedOrder)
         let offered = try store.readInt(fe + "/feature-persistent") ?? 0
         let persistent = options.persistentGrantsPerRing > 0 && offered == 1
         var opened: [BlkifQueue] = []
@@ -127,6 +130,12 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
         guard let v = try store.readInt(path) else { throw BlkifConnectError("\(path) is missing") }
         guard v <= UInt64(UInt32.max) else { throw BlkifConnectError("\(path) = \(v) is out of range") }
         return v
+    }
+
+    /// The device stack was opened for this disk alone (BlockTapService): close it, so files
+    /// are closed and filters such as `stats(file=...)` write their reports.
+    public func unplugged(_ dev: XenbusBackendDevice) {
+        device.close()
     }
 
     public func disconnect(_ dev: XenbusBackendDevice) {

@@ -7,7 +7,8 @@ public enum BlockTapService {
     /// The backend directory SoftDev's block backend owns (no kernel backend claims it).
     public static let backendType = "softdev-vbd"
 
-    /// A service that opens each device's stack with `open(spec)`.
+    /// A service that opens each device's stack with `open(spec)`; the backend owns the stack and
+    /// closes it when the disk is unplugged.
     public static func make(hypervisor: any Hypervisor, options: BlkifBackendOptions = BlkifBackendOptions(),
                             log: @escaping (String) -> Void = { _ in },
                             open: @escaping (String) throws -> any BlockDevice) -> XenbusBackendService {

@@ -16,6 +16,7 @@ public struct VirtualDisk: Equatable, Sendable, CustomStringConvertible {
                 throw VirtualDiskError("'\(text)' is not a virtual disk name (use xvda, xvdb, ... ; partitions are not devices)")
             }
             disk = disk * 26 + Int(a - 96)
+            guard disk <= (1 << 20) else { throw VirtualDiskError("'\(text)': disk number too large") }
         }
         disk -= 1
         guard disk < (1 << 20) else { throw VirtualDiskError("'\(text)': disk number too large") }

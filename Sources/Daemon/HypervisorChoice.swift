@@ -23,9 +23,13 @@ public struct HypervisorChoice: Sendable {
         self.kind = kind; self.localAddress = localAddress
     }
 
-    /// `auto` made concrete.
+    /// `auto` made concrete: Xen whenever this runs in a Xen domain (its xenbus device or
+    /// xenstored's socket is there), even if gntdev is not usable yet, so that a dom0 without
+    /// the modules gets the Xen error that says what to load, not a private emulator.
     public var resolved: HypervisorKind {
-        kind == .auto ? (XenHypervisor.isPresent ? .xen : .local) : kind
+        guard kind == .auto else { return kind }
+        let xenSigns = ["/dev/xen/xenbus", "/proc/xen/capabilities", "/run/xenstored/socket", "/var/run/xenstored/socket"]
+        return XenHypervisor.isPresent || xenSigns.contains(where: { access($0, F_OK) == 0 }) ? .xen : .local
     }
 
     /// The xenstore only (what attach, detach and list need), as a privileged client.

@@ -102,7 +102,7 @@ public struct ServeConfig: Sendable {
             do { vdev = try VirtualDisk(vdevText) } catch { throw ServeConfigError("\(disk.place): \(error)") }
             let d = Disk(domain: try disk.required("domain"), vdev: vdev, device: try disk.spec("device"),
                          readOnly: try disk.bool("readonly") ?? false)
-            if config.disks.contains(where: { $0.domain == d.domain && $0.vdev == d.vdev }) {
+            if config.disks.contains(where: { $0.domain == d.domain && $0.vdev.deviceID == d.vdev.deviceID }) {
                 throw ServeConfigError("\(disk.place): domain \(d.domain) has \(d.vdev.name) twice")
             }
             config.disks.append(d)

@@ -19,6 +19,10 @@ public final class SoftDevDaemon: @unchecked Sendable {
     public let hypervisor: any Hypervisor
     public let service: XenbusBackendService
     private let embedded: LocalHypervisorServer?
+    private let lock: ServeLock?
+    /// Configured disks attached so far, as "domid/device id": each once per guest, so that a
+    /// disk the admin detached stays detached until its guest is born again.
+    private var configuredAttached = Set<String>()
     private var nbdServers: [NBDServer] = []
     private var serviceStarted = false
     private var exportDevices: [any BlockDevice] = []
@@ -26,14 +30,16 @@ public final class SoftDevDaemon: @unchecked Sendable {
     private static let introduceToken = "daemon:introduce"
 
     /// Connects to the hypervisor `choice` names (for the local kind, becomes it if none runs).
+    /// Takes the one-daemon lock for that hypervisor first.
     public convenience init(config: ServeConfig, choice: HypervisorChoice, log: @escaping @Sendable (String) -> Void) throws {
+        let lock = try ServeLock(path: ServeLock.path(for: choice))
         let (hypervisor, embedded) = try choice.openBackend()
-        self.init(config: config, hypervisor: hypervisor, embedded: embedded, log: log)
+        self.init(config: config, hypervisor: hypervisor, embedded: embedded, lock: lock, log: log)
     }
 
-    public init(config: ServeConfig, hypervisor: any Hypervisor, embedded: LocalHypervisorServer? = nil,
+    public init(config: ServeConfig, hypervisor: any Hypervisor, embedded: LocalHypervisorServer? = nil, lock: ServeLock? = nil,
                 log: @escaping @Sendable (String) -> Void) {
-        self.config = config; self.hypervisor = hypervisor; self.embedded = embedded; self.log = log
+        self.config = config; self.hypervisor = hypervisor; self.embedded = embedded; self.lock = lock; self.log = log
         service = BlockTapService.make(hypervisor: hypervisor, options: config.blkif, log: log) { spec in
             try DeviceRegistry.open(spec)
         }
@@ -44,8 +50,9 @@ public final class SoftDevDaemon: @unchecked Sendable {
     public func start() throws {
         do {
             try startNBD()
-            try service.start()
+            // Set first: if start throws half-way, stop() must still stop the dispatcher.
             serviceStarted = true
+            try service.start()
             if !config.disks.isEmpty {
                 try service.dispatcher.watch("@introduceDomain", token: Self.introduceToken) { [weak self] _ in
                     self?.attachConfiguredDisks()
@@ -91,10 +98,7 @@ public final class SoftDevDaemon: @unchecked Sendable {
         }
         for text in config.nbdListen.isEmpty ? [Self.defaultNBDSocket] : config.nbdListen {
             let address = try NBDListenAddress.parse(text)
-            if case .unix(let path) = address {
-                // A stale socket from an earlier run would make bind fail; a live one is refused.
-                try Self.removeStaleSocket(path)
-            }
+            if text == Self.defaultNBDSocket { mkdir("/run/softdev", 0o755) }
             let server = NBDServer(listen: address, exports: exports)
             try server.start()
             nbdServers.append(server)
@@ -104,39 +108,18 @@ public final class SoftDevDaemon: @unchecked Sendable {
     /// The NBD servers, started (for tests: their bound TCP ports).
     public var nbdListeners: [NBDServer] { nbdServers }
 
-    /// Removes `path` if it is a socket nobody listens on; refuses if a server answers there.
-    static func removeStaleSocket(_ path: String) throws {
-        var st = stat()
-        guard lstat(path, &st) == 0 else {
-            // Make the parent directory (e.g. /run/softdev) if it is missing.
-            let parent = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
-            if !parent.isEmpty { mkdir(parent, 0o755) }
-            return
-        }
-        guard (st.st_mode & S_IFMT) == S_IFSOCK else { throw ServeConfigError("\(path) exists and is not a socket") }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        defer { close(fd) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            for (i, b) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = b }
-        }
-        let connected = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard connected != 0 else { throw ServeConfigError("\(path): another server is listening there") }
-        unlink(path)
-    }
-
     /// Attaches each configured disk whose guest runs and does not have it yet. Runs on the
     /// dispatcher thread (at start and on every @introduceDomain).
     private func attachConfiguredDisks() {
         let store = hypervisor.store
+        let running = Set(((try? store.directory("/local/domain", transaction: .none)) ?? []))
+        configuredAttached = configuredAttached.filter { running.contains(String($0.prefix { $0 != "/" })) }
         for disk in config.disks {
             guard let guest = try? XenbusToolstack.resolveDomain(store, disk.domain) else { continue }
             let paths = XenbusDevicePaths(frontendDomain: guest, backendDomain: hypervisor.domainID, frontendType: "vbd",
                                           backendType: BlockTapService.backendType, deviceID: disk.vdev.deviceID)
-            guard (try? store.read(paths.frontendPath, transaction: .none)) == nil else { continue }
+            guard configuredAttached.insert("\(guest)/\(disk.vdev.deviceID)").inserted,
+                  (try? store.read(paths.frontendPath, transaction: .none)) == nil else { continue }
             do {
                 try BlockTapService.attach(store: store, guest: guest, backendDomain: hypervisor.domainID, disk: disk.vdev,
                                            spec: disk.device, readOnly: disk.readOnly)

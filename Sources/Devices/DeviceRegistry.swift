@@ -56,6 +56,8 @@ public enum DeviceRegistry {
     /// All devices and filters, by name.
     public static let all: [DeviceDescriptor] = [
         FileDevice.descriptor, MemoryDevice.descriptor, NullDevice.descriptor, StatsFilter.descriptor,
+        ReadOnlyFilter.descriptor, OffsetFilter.descriptor, PartitionFilter.descriptor, ErrorFilter.descriptor,
+        LogFilter.descriptor, DelayFilter.descriptor, NBDDevice.descriptor,
     ].sorted { $0.name < $1.name }
 
     public static func descriptor(named name: String) -> DeviceDescriptor? {

@@ -1,3 +1,5 @@
+import Core
+
 /// A device stack written as text, shared by the command line and configuration files:
 ///
 /// ```
@@ -166,6 +168,16 @@ public struct DeviceSpecError: Error, Equatable, Sendable, CustomStringConvertib
     public var message: String
     public init(_ message: String) { self.message = message }
     public var description: String { message }
+
+    /// Runs `open`; a device that cannot be opened becomes a spec error with the device's own
+    /// message (which names the device and the file, socket or table that failed).
+    public static func opening<T>(_ open: () throws(BlockError) -> T) throws(DeviceSpecError) -> T {
+        do throws(BlockError) {
+            return try open()
+        } catch {
+            throw DeviceSpecError(error.message)
+        }
+    }
 }
 
 /// The parameters given to one device, already checked against the names it declares. The
@@ -213,6 +225,58 @@ public struct DeviceParameters: Sendable {
             throw DeviceSpecError("\(device): \(key) '\(value)' must be a positive multiple of \(multiple) bytes")
         }
         return bytes
+    }
+
+    /// A byte offset (a size that may be 0) that is a multiple of `multiple`; nil if absent.
+    public func offset(_ key: String, multipleOf multiple: UInt64 = 512) throws(DeviceSpecError) -> UInt64? {
+        guard let value = values[key] else { return nil }
+        guard let bytes = Self.parseSize(value) else {
+            throw DeviceSpecError("\(device): \(key) '\(value)' is not a size (use e.g. 0, 1M, 4G)")
+        }
+        guard bytes % multiple == 0 else {
+            throw DeviceSpecError("\(device): \(key) '\(value)' must be a multiple of \(multiple) bytes")
+        }
+        return bytes
+    }
+
+    /// A whole number from `range`; nil if absent.
+    public func integer<T: FixedWidthInteger>(_ key: String, in range: ClosedRange<T>) throws(DeviceSpecError) -> T? {
+        guard let value = values[key] else { return nil }
+        guard let number = T(value), range.contains(number) else {
+            throw DeviceSpecError("\(device): \(key) '\(value)' is not a whole number from \(range.lowerBound) to \(range.upperBound)")
+        }
+        return number
+    }
+
+    /// A probability written as nbdkit writes it: "0.1", "10%" or "1:10"; nil if absent.
+    public func rate(_ key: String) throws(DeviceSpecError) -> Double? {
+        guard let value = values[key] else { return nil }
+        var rate: Double?
+        if value.hasSuffix("%") {
+            rate = Double(value.dropLast()).map { $0 / 100 }
+        } else if let colon = value.firstIndex(of: ":") {
+            if let a = Double(value[..<colon]), let b = Double(value[value.index(after: colon)...]), b > 0 { rate = a / b }
+        } else {
+            rate = Double(value)
+        }
+        guard let rate, rate >= 0, rate <= 1 else {
+            throw DeviceSpecError("\(device): \(key) '\(value)' is not a rate from 0 to 1 (use e.g. 0.1, 10% or 1:10)")
+        }
+        return rate
+    }
+
+    /// A duration in nanoseconds: seconds ("2", "0.5", "2s") or "NNms", "NNus"; nil if absent.
+    public func duration(_ key: String) throws(DeviceSpecError) -> UInt64? {
+        guard let value = values[key] else { return nil }
+        let units: [(String, Double)] = [("ms", 1e6), ("us", 1e3), ("ns", 1), ("s", 1e9)]
+        var number = Substring(value), scale = 1e9
+        if let unit = units.first(where: { value.hasSuffix($0.0) }) {
+            number = number.dropLast(unit.0.count); scale = unit.1
+        }
+        guard let amount = Double(number), amount >= 0, amount * scale < 3.6e12 else {
+            throw DeviceSpecError("\(device): \(key) '\(value)' is not a duration (use e.g. 2ms, 0.5 or 1s, at most an hour)")
+        }
+        return UInt64(amount * scale)
     }
 
     /// A size that must be given.

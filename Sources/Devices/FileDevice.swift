@@ -490,10 +490,6 @@ extension FileDevice {
             let options = Options(readOnly: try parameters.bool("readonly", default: false),
                                   direct: DirectIO(rawValue: direct)!,
                                   createSize: try parameters.size("size"))
-            do throws(BlockError) {
-                return try FileDevice(path: path, options: options)
-            } catch {
-                throw DeviceSpecError(error.message)
-            }
+            return try DeviceSpecError.opening { () throws(BlockError) in try FileDevice(path: path, options: options) }
         })
 }

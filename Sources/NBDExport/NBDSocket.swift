@@ -1,3 +1,4 @@
+import Core
 import Glibc
 
 /// A failed system call in the NBD export, with the errno it failed with.
@@ -6,74 +7,6 @@ public struct NBDSystemError: Error, CustomStringConvertible {
     public let errno: Int32
     init(_ operation: String, errno e: Int32 = Glibc.errno) { self.operation = operation; self.errno = e }
     public var description: String { "\(operation): \(String(cString: strerror(errno)))" }
-}
-
-/// A connected stream socket. Every system call on a client socket is wrapped here, once.
-/// `send` uses MSG_NOSIGNAL because a client that went away must cost us an EPIPE, not the
-/// process (SIGPIPE).
-struct NBDSocket {
-    let fd: Int32
-
-    /// Reads exactly `count` bytes; false on EOF or error.
-    func readFully(_ p: UnsafeMutableRawPointer, _ count: Int) -> Bool {
-        var done = 0
-        while done < count {
-            let n = recv(fd, p + done, count - done, 0)
-            if n > 0 { done += n; continue }
-            if n < 0 && errno == EINTR { continue }
-            return false
-        }
-        return true
-    }
-
-    /// Reads what is available, at most `count`, blocking only if nothing is; 0 on EOF or error.
-    func readSome(_ p: UnsafeMutableRawPointer, _ count: Int) -> Int {
-        while true {
-            let n = recv(fd, p, count, 0)
-            if n >= 0 { return n }
-            if errno != EINTR { return 0 }
-        }
-    }
-
-    /// Writes every byte of the vectors; false if the peer is gone. `vectors` is consumed.
-    func writeFully(_ vectors: UnsafeMutablePointer<iovec>, count: Int) -> Bool {
-        var v = vectors
-        var left = count
-        while left > 0 {
-            var msg = msghdr()
-            msg.msg_iov = v
-            msg.msg_iovlen = left
-            var n = sendmsg(fd, &msg, Int32(MSG_NOSIGNAL))
-            if n < 0 {
-                if errno == EINTR { continue }
-                return false
-            }
-            // Skip what was written: whole vectors, then into the first partial one.
-            while left > 0 && n >= v.pointee.iov_len {
-                n -= v.pointee.iov_len
-                v += 1
-                left -= 1
-            }
-            if left > 0 && n > 0 {
-                v.pointee.iov_base += n
-                v.pointee.iov_len -= n
-            }
-        }
-        return true
-    }
-
-    func writeFully(_ bytes: [UInt8]) -> Bool {
-        var copy = bytes
-        return copy.withUnsafeMutableBytes { b in
-            var v = iovec(iov_base: b.baseAddress, iov_len: b.count)
-            return writeFully(&v, count: 1)
-        }
-    }
-
-    /// Wakes a thread blocked reading this socket without freeing the descriptor number, so
-    /// that no late completion can write into a socket opened later under the same number.
-    func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
-    func close() { _ = Glibc.close(fd) }
 }
 
 /// A listening socket for an `NBDListenAddress`.
@@ -85,21 +18,40 @@ enum NBDListener {
         }
     }
 
-    private static func openUnix(_ path: String) throws(NBDSystemError) -> Int32 {
-        // A stale socket from an earlier run would make bind fail; anything else is not ours.
-        var st = stat()
-        if lstat(path, &st) == 0 {
-            guard st.st_mode & S_IFMT == S_IFSOCK else { throw NBDSystemError("\(path) exists and is not a socket", errno: EEXIST) }
-            unlink(path)
-        }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw NBDSystemError("socket(AF_UNIX)") }
+    private static func unixAddress(_ path: String) -> sockaddr_un {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         withUnsafeMutableBytes(of: &addr.sun_path) { p in
             let bytes = Array(path.utf8)
             p.copyBytes(from: bytes.prefix(p.count - 1))
         }
+        return addr
+    }
+
+    /// Removes a socket left by a server that is gone (nobody answers there: ECONNREFUSED);
+    /// refuses to touch a live server's socket or anything that is not a socket.
+    private static func removeStale(_ path: String) throws(NBDSystemError) {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return }
+        guard st.st_mode & S_IFMT == S_IFSOCK else { throw NBDSystemError("\(path) exists and is not a socket", errno: EEXIST) }
+        let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard probe >= 0 else { throw NBDSystemError("socket(AF_UNIX)") }
+        defer { Glibc.close(probe) }
+        var addr = unixAddress(path)
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if rc == 0 { throw NBDSystemError("\(path): another server is listening there", errno: EADDRINUSE) }
+        guard errno == ECONNREFUSED else { throw NBDSystemError("\(path) exists and cannot be probed") }
+        unlink(path)
+    }
+
+    private static func openUnix(_ path: String) throws(NBDSystemError) -> Int32 {
+        // A stale socket from an earlier run would make bind fail.
+        try removeStale(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw NBDSystemError("socket(AF_UNIX)") }
+        var addr = unixAddress(path)
         let ok = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }

@@ -37,7 +37,7 @@ struct Attach: ParsableCommand {
         try DeviceRegistry.check(spec)
         let store = try hypervisorOptions.choice().openStore()
         let guest = try XenbusToolstack.resolveDomain(store, domain)
-        let me = try ownDomain(store)
+        let me = try XenHypervisor.ownDomainID(store)
         let paths: XenbusDevicePaths
         do {
             paths = try BlockTapService.attach(store: store, guest: guest, backendDomain: me, disk: disk, spec: spec, readOnly: readonly)
@@ -70,7 +70,7 @@ struct Detach: ParsableCommand {
         let disk = try VirtualDisk(vdev)
         let store = try hypervisorOptions.choice().openStore()
         let guest = try XenbusToolstack.resolveDomain(store, domain)
-        let paths = XenbusDevicePaths(frontendDomain: guest, backendDomain: try ownDomain(store), frontendType: "vbd",
+        let paths = XenbusDevicePaths(frontendDomain: guest, backendDomain: try XenHypervisor.ownDomainID(store), frontendType: "vbd",
                                       backendType: BlockTapService.backendType, deviceID: disk.deviceID)
         let outcome: XenbusToolstack.DetachOutcome
         do { outcome = try XenbusToolstack.detach(store, paths, timeoutSeconds: timeout) } catch XenStoreError.noEntry {
@@ -78,7 +78,7 @@ struct Detach: ParsableCommand {
         }
         switch outcome {
         case .closed: print("detached \(disk.name) from domain \(guest)")
-        case .forced: print("detached \(disk.name) from domain \(guest): the guest did not close it within \(timeout) s; its nodes were removed anyway")
+        case .forced: print("detached \(disk.name) from domain \(guest): the backend did not close it within \(timeout) s (the guest still uses the disk, or no `softdev serve` is running); its nodes were removed anyway")
         }
     }
 }
@@ -91,7 +91,7 @@ struct List: ParsableCommand {
 
     func run() throws {
         let store = try hypervisorOptions.choice().openStore()
-        let disks = AttachedDisk.all(store: store, backendDomain: try ownDomain(store))
+        let disks = AttachedDisk.all(store: store, backendDomain: try XenHypervisor.ownDomainID(store))
         guard !disks.isEmpty else { print("no soft disks attached"); return }
         var rows = [["DOMAIN", "VDEV", "STATE", "FRONTEND", "NEGOTIATED", "DEVICE"]]
         for d in disks {
@@ -108,12 +108,4 @@ struct List: ParsableCommand {
             print(cells.joined(separator: "  "))
         }
     }
-}
-
-/// The domain this program runs in: the backend domain of what it attaches.
-func ownDomain(_ store: any XenStoreClient) throws -> DomainID {
-    // xenstored answers a relative "domid" for the caller's own domain; the local hypervisor's
-    // privileged socket is domain 0 too.
-    guard let text = (try? store.readString("domid")) ?? nil, let id = DomainID(text) else { return 0 }
-    return id
 }

@@ -9,15 +9,15 @@ struct HypervisorOptions: ParsableArguments {
     @Option(help: ArgumentHelp(
         "auto, xen or local. auto picks Xen when this runs in a Xen domain that can map grants (dom0), else the local emulated hypervisor.",
         valueName: "kind"))
-    var hypervisor: HypervisorKind = .auto
+    var hypervisor: HypervisorKind?
 
     @Option(help: ArgumentHelp("The local hypervisor's directory (its hypervisor.sock and xenstored.sock). Default: $SOFTDEV_LOCAL_HYPERVISOR or /run/softdev/local.",
                                valueName: "dir"))
     var localDir: String?
 
     func choice(configured: HypervisorKind? = nil, configuredDirectory: String? = nil) -> HypervisorChoice {
-        // The command line wins over the config file, which wins over the defaults.
-        let kind = hypervisor != .auto ? hypervisor : (configured ?? .auto)
+        // The command line wins over the config file, which wins over the default (auto).
+        let kind = hypervisor ?? configured ?? .auto
         let directory = localDir ?? configuredDirectory
         return HypervisorChoice(kind: kind, localAddress: directory.map { LocalHypervisorAddress(directory: $0) } ?? .default)
     }

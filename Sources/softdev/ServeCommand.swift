@@ -21,7 +21,7 @@ struct Serve: ParsableCommand {
     var config: String?
 
     @Option(name: .customLong("nbd"), help: ArgumentHelp(
-        "Listen for NBD clients here: unix:PATH (mode 0600) or tcp:HOST:PORT. Repeatable. Default with exports: \(SoftDevDaemon.defaultNBDSocket).",
+        "Listen for NBD clients here: unix:PATH (mode 0600) or tcp:HOST:PORT. Repeatable; replaces the config's [nbd] listen. Default with exports: \(SoftDevDaemon.defaultNBDSocket).",
         valueName: "address"))
     var nbdListen: [String] = []
 
@@ -32,7 +32,8 @@ struct Serve: ParsableCommand {
 
     func run() throws {
         var settings = try config.map { try ServeConfig.load(path: $0) } ?? ServeConfig()
-        settings.nbdListen += nbdListen
+        // The command line wins over the config file.
+        if !nbdListen.isEmpty { settings.nbdListen = nbdListen }
         for text in exports {
             guard let eq = text.firstIndex(of: "="), eq != text.startIndex else {
                 throw ValidationError("--export \(text): expected NAME=SPEC, e.g. --export 'disk=file(path=disk.img)'")

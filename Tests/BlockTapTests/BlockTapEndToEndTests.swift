@@ -54,6 +54,11 @@ final class BlockTapEndToEndTests: XCTestCase {
         XCTAssertEqual(try front.control(operation: Blkif.opDiscard, sector: 0, sectors: 8), Blkif.statusOkay)
         XCTAssertEqual(try front.read(sector: 0, count: 4096), [UInt8](repeating: 0, count: 4096))
         XCTAssertEqual(try front.control(operation: Blkif.opDiscard, sector: 8192, sectors: 8), Blkif.statusError, "past the end")
+        // A discard of nothing succeeds without reaching the device, wherever it points, as
+        // with Linux blkback.
+        XCTAssertEqual(try front.control(operation: Blkif.opDiscard, sector: 16, sectors: 0), Blkif.statusOkay)
+        XCTAssertEqual(try front.control(operation: Blkif.opDiscard, sector: 8200, sectors: 0), Blkif.statusOkay)
+        XCTAssertEqual(disk.discards, 1)
         try front.close()
     }
 }

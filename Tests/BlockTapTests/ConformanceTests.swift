@@ -1,3 +1,4 @@
+import Bench
 import BlockTap
 import CReference
 import CXen

@@ -47,7 +47,7 @@ final class DeviceSpecTests: XCTestCase {
         func message(_ spec: String) -> String? {
             do { _ = try DeviceRegistry.open(spec); return nil } catch { return error.message }
         }
-        XCTAssertEqual(message("fiel(path=x)"), "unknown device 'fiel' (known: file, memory, null, stats)")
+        XCTAssertEqual(message("fiel(path=x)"), "unknown device 'fiel' (known: delay, error, file, log, memory, nbd, null, offset, partition, readonly, stats)")
         XCTAssertEqual(message("file(readonly=true)"), "file: missing parameter 'path'")
         XCTAssertEqual(message("memory(size=12Q)"), "memory: size '12Q' is not a size (use e.g. 512M, 4G)")
         XCTAssertEqual(message("stats"), "stats is a filter and needs a device below it: stats | file(path=...)")
@@ -62,11 +62,29 @@ final class DeviceSpecTests: XCTestCase {
         XCTAssertEqual(message("file(path=/nonexistent/x)"), "file(path=/nonexistent/x): cannot open: No such file or directory")
     }
 
+    func testTheREADMEExamplesParseAndNameKnownParameters() throws {
+        let examples = [
+            "stats | file(path=disk.img)",
+            "readonly | partition(partition=2) | file(path=disk.img)",
+            "log(logfile=io.jsonl) | error(error-rate=1%, error-seed=7) | memory(size=1G)",
+            "delay(delay-read=2ms, delay-write=5ms) | nbd(hostname=storage1, export=disk)",
+            #"offset(offset=1M, range=1G) | file(path="/images/my disk.img", direct=off)"#,
+        ]
+        for example in examples {
+            for element in try DeviceSpec(parsing: example).elements {
+                let descriptor = try XCTUnwrap(DeviceRegistry.descriptor(named: element.name), example)
+                for parameter in element.parameters {
+                    XCTAssertTrue(descriptor.parameters.contains { $0.name == parameter.key }, "\(example): \(parameter.key)")
+                }
+            }
+        }
+    }
+
     func testHelpListsEveryDeviceAndParameter() {
         for descriptor in DeviceRegistry.all {
             XCTAssertTrue(DeviceRegistry.help.contains(descriptor.usage))
             for parameter in descriptor.parameters { XCTAssertTrue(DeviceRegistry.help.contains("    \(parameter.name)")) }
         }
-        XCTAssertEqual(DeviceRegistry.all.map(\.name), ["file", "memory", "null", "stats"])
+        XCTAssertEqual(DeviceRegistry.all.map(\.name), ["delay", "error", "file", "log", "memory", "nbd", "null", "offset", "partition", "readonly", "stats"])
     }
 }

@@ -8,6 +8,9 @@ public enum GrantError: Error, Equatable, Sendable, CustomStringConvertible {
     case noSuchDomain(DomainID)
     /// The frame the entry names lies outside the granting domain's memory.
     case badFrame(domain: DomainID, ref: GrantRef)
+    /// The reference is mapped so many times at once that its use count would overflow (Xen:
+    /// "Risk of counter overflow"): a guest naming one page in every segment.
+    case tooManyMappings(domain: DomainID, ref: GrantRef)
     /// A system call failed.
     case system(operation: String, errno: Int32)
 
@@ -17,6 +20,7 @@ public enum GrantError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .permissionDenied(d, r): return "grant reference \(r) of domain \(d) does not permit this access"
         case let .noSuchDomain(d): return "domain \(d) does not exist"
         case let .badFrame(d, r): return "grant reference \(r) of domain \(d) names a frame outside its memory"
+        case let .tooManyMappings(d, r): return "grant reference \(r) of domain \(d) is mapped too many times at once"
         case let .system(op, e): return "\(op) failed: \(String(cString: strerror(e)))"
         }
     }
@@ -70,9 +74,15 @@ public protocol GrantTable: AnyObject, Sendable {
 
     /// Copies each segment; a failed segment gets its `error` set and the others still happen.
     func copy(_ segments: UnsafeMutableBufferPointer<GrantCopySegment>)
+
+    /// `domain` was destroyed and its devices are unplugged: forget what is kept of it (the
+    /// emulator keeps each guest's memory mapped; Xen's gntdev needs nothing).
+    func domainDestroyed(_ domain: DomainID)
 }
 
 extension GrantTable {
+    public func domainDestroyed(_ domain: DomainID) {}
+
     public func unmap(_ mapping: GrantMapping, refs: [GrantRef]) {
         refs.withUnsafeBufferPointer { unmap(mapping, refs: $0) }
     }

@@ -16,6 +16,10 @@ public final class LocalGrantTable: GrantTable, @unchecked Sendable {
         let memory: LocalDomainMemory
         let pins: UnsafeMutablePointer<UInt32>
         let lock = Mutex<Void>(())
+        /// Pins held in all (under `lock`): the memory is let go only when none remain.
+        var pinCount = 0
+        /// The guest is gone (under `lock`): nothing more may be mapped.
+        var destroyed = false
         init(memory: LocalDomainMemory) {
             self.memory = memory
             pins = .allocate(capacity: Int(LocalDomainMemory.grantEntryCount))
@@ -41,15 +45,36 @@ public final class LocalGrantTable: GrantTable, @unchecked Sendable {
         }
     }
 
-    /// Forgets a destroyed guest's memory. Call only when nothing of it is mapped any more.
-    public func forget(domain: DomainID) {
-        _ = peers.withLock { $0.removeValue(forKey: domain) }
+    /// The guests whose memory this table keeps mapped now (for diagnostics and tests).
+    public var domainsHeld: [DomainID] { peers.withLock { $0.keys.sorted() } }
+
+    /// `domain` was destroyed: refuse new maps of it and let go of its memory (this process
+    /// keeps each guest's whole memory mapped) as soon as nothing of it stays pinned.
+    public func domainDestroyed(_ domain: DomainID) {
+        guard let peer = peers.withLock({ $0[domain] }) else { return }
+        peer.lock.withLock { _ in
+            peer.destroyed = true
+            if peer.pinCount == 0 { release(peer) }
+        }
+    }
+
+    /// Drops a destroyed peer from the table (its memory is unmapped with it). Caller holds
+    /// the peer's lock.
+    private func release(_ peer: Peer) {
+        peers.withLock { table in
+            if let p = table[peer.memory.domain], p === peer { table.removeValue(forKey: peer.memory.domain) }
+        }
     }
 
     /// Validates `ref` and pins it; returns the frame. Caller holds the peer's lock.
     private func pin(_ peer: Peer, _ ref: GrantRef, writable: Bool) throws(GrantError) -> UInt32 {
         let mem = peer.memory
+        guard !peer.destroyed else { throw .noSuchDomain(mem.domain) }
         guard ref < LocalDomainMemory.grantEntryCount else { throw .badReference(domain: mem.domain, ref: ref) }
+        // Each half of the pin count is 16 bits: refuse before it would carry or trap, as Xen
+        // refuses a map that risks overflowing its counters.
+        let held = peer.pins[Int(ref)]
+        guard (writable ? held >> 16 : held & 0xFFFF) < 0xFFFF else { throw .tooManyMappings(domain: mem.domain, ref: ref) }
         let flagsP = mem.flagsPointer(ref)
         while true {
             let flags = cxen_load16(flagsP)
@@ -69,6 +94,7 @@ public final class LocalGrantTable: GrantTable, @unchecked Sendable {
             throw .badFrame(domain: mem.domain, ref: ref)
         }
         peer.pins[Int(ref)] += writable ? 0x1_0000 : 1
+        peer.pinCount += 1
         return frame
     }
 
@@ -79,6 +105,8 @@ public final class LocalGrantTable: GrantTable, @unchecked Sendable {
         guard p.pointee >= dec else { return }
         p.pointee -= dec
         unpinFlags(peer, ref)
+        peer.pinCount -= 1
+        if peer.destroyed && peer.pinCount == 0 { release(peer) }
     }
 
     /// Clears GTF_writing when no writable pin remains, GTF_reading when no pin remains.

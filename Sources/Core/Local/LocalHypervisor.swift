@@ -24,7 +24,7 @@ public enum LocalHypervisorError: Error, CustomStringConvertible {
     public var description: String {
         switch self {
         case let .cannotConnect(path, e):
-            return "cannot connect to the local hypervisor at \(path): \(String(cString: strerror(e))) (is `softdev hypervisor` running? set SOFTDEV_LOCAL_HYPERVISOR to its directory)"
+            return "cannot connect to the local hypervisor at \(path): \(String(cString: strerror(e))) (start one with `softdev serve --hypervisor local --local-dir DIR`, and give the same directory here with --local-dir or SOFTDEV_LOCAL_HYPERVISOR)"
         case let .refused(op, e): return "local hypervisor refused \(op): \(String(cString: strerror(e)))"
         case .disconnected: return "the local hypervisor went away"
         }

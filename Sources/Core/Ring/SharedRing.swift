@@ -12,7 +12,7 @@ public protocol RingTypes {
 /// rsp_event, padding), then a power-of-two number of entries.
 public enum SharedRingLayout {
     public static let headerSize = 64
-    static let reqProd = 0, reqEvent = 4, rspProd = 8, rspEvent = 12
+    @usableFromInline static let reqProd = 0, reqEvent = 4, rspProd = 8, rspEvent = 12
 
     /// __RING_SIZE: how many entries of `entrySize` fit in `bytes`, rounded down to a power of two.
     public static func entries(bytes: Int, entrySize: Int) -> UInt32 {
@@ -21,7 +21,7 @@ public enum SharedRingLayout {
         return UInt32(1) << UInt32(Int.bitWidth - 1 - n.leadingZeroBitCount)
     }
 
-    @inline(__always) static func index(_ p: UnsafeMutableRawPointer, _ offset: Int) -> UnsafeMutablePointer<UInt32> {
+    @inlinable @inline(__always) static func index(_ p: UnsafeMutableRawPointer, _ offset: Int) -> UnsafeMutablePointer<UInt32> {
         (p + offset).assumingMemoryBound(to: UInt32.self)
     }
 }
@@ -33,25 +33,32 @@ public enum SharedRingLayout {
 public struct BackRing<T: RingTypes> {
     public let shared: UnsafeMutableRawPointer
     public let size: UInt32
+    /// T.entrySize, kept here so that the entry arithmetic needs no protocol witness. (The
+    /// ring's methods are @inlinable: a backend in another module gets them specialized for
+    /// its request type instead of copying entries through generic metadata.)
+    @usableFromInline let entrySize: Int
     /// req_cons: the next request to take.
-    public private(set) var requestConsumer: UInt32 = 0
+    public var requestConsumer: UInt32 { requestConsumerIndex }
     /// rsp_prod_pvt: responses written but perhaps not yet published.
-    public private(set) var responseProducer: UInt32 = 0
+    public var responseProducer: UInt32 { responseProducerIndex }
+    @usableFromInline var requestConsumerIndex: UInt32 = 0
+    @usableFromInline var responseProducerIndex: UInt32 = 0
 
     /// Attaches to a ring of `bytes` bytes that the frontend initialised (BACK_RING_INIT).
     public init(shared: UnsafeMutableRawPointer, bytes: Int) {
         self.shared = shared
-        size = SharedRingLayout.entries(bytes: bytes, entrySize: T.entrySize)
+        entrySize = T.entrySize
+        size = SharedRingLayout.entries(bytes: bytes, entrySize: entrySize)
     }
 
-    @inline(__always) func entry(_ i: UInt32) -> UnsafeMutableRawPointer {
-        shared + SharedRingLayout.headerSize + Int(i & (size - 1)) * T.entrySize
+    @inlinable @inline(__always) func entry(_ i: UInt32) -> UnsafeMutableRawPointer {
+        shared + SharedRingLayout.headerSize + Int(i & (size - 1)) * entrySize
     }
 
     /// How many requests may be taken now (RING_UNCONSUMED_REQUESTS), or nil when the frontend
     /// published an impossible producer index (RING_REQUEST_PROD_OVERFLOW): the ring is broken
     /// and must be disconnected.
-    public func unconsumedRequests() -> UInt32? {
+    @inlinable public func unconsumedRequests() -> UInt32? {
         // Acquire: the entries are read only after the index that covers them (xen_rmb).
         let prod = cxen_load32(SharedRingLayout.index(shared, SharedRingLayout.reqProd))
         if prod &- responseProducer > size { return nil }
@@ -61,21 +68,21 @@ public struct BackRing<T: RingTypes> {
     }
 
     /// Copies the next request out of shared memory and consumes it.
-    @inline(__always) public mutating func takeRequest() -> T.Request {
+    @inlinable @inline(__always) public mutating func takeRequest() -> T.Request {
         let r = entry(requestConsumer).load(as: T.Request.self)
-        requestConsumer &+= 1
+        requestConsumerIndex &+= 1
         return r
     }
 
     /// Writes a response into the next slot (not yet visible to the frontend).
-    @inline(__always) public mutating func putResponse(_ response: T.Response) {
+    @inlinable @inline(__always) public mutating func putResponse(_ response: T.Response) {
         entry(responseProducer).storeBytes(of: response, as: T.Response.self)
-        responseProducer &+= 1
+        responseProducerIndex &+= 1
     }
 
     /// Publishes the written responses (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY); true if the
     /// frontend asked to be notified of a response in the range just published.
-    public mutating func pushResponses() -> Bool {
+    @inlinable public mutating func pushResponses() -> Bool {
         let rspProd = SharedRingLayout.index(shared, SharedRingLayout.rspProd)
         let old = cxen_load32(rspProd)
         let new = responseProducer
@@ -88,7 +95,7 @@ public struct BackRing<T: RingTypes> {
 
     /// RING_FINAL_CHECK_FOR_REQUESTS: before sleeping, ask to be notified of the next request,
     /// then look again so that a request published meanwhile is not missed. nil: broken ring.
-    public mutating func finalCheckForRequests() -> UInt32? {
+    @inlinable public mutating func finalCheckForRequests() -> UInt32? {
         guard let n = unconsumedRequests() else { return nil }
         if n > 0 { return n }
         cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.reqEvent), requestConsumer &+ 1)
@@ -103,13 +110,17 @@ public struct BackRing<T: RingTypes> {
 public struct FrontRing<T: RingTypes> {
     public let shared: UnsafeMutableRawPointer
     public let size: UInt32
-    public private(set) var requestProducer: UInt32 = 0
-    public private(set) var responseConsumer: UInt32 = 0
+    @usableFromInline let entrySize: Int
+    public var requestProducer: UInt32 { requestProducerIndex }
+    public var responseConsumer: UInt32 { responseConsumerIndex }
+    @usableFromInline var requestProducerIndex: UInt32 = 0
+    @usableFromInline var responseConsumerIndex: UInt32 = 0
 
     /// Initialises the shared ring (SHARED_RING_INIT) and attaches to it (FRONT_RING_INIT).
     public init(initializing shared: UnsafeMutableRawPointer, bytes: Int) {
         self.shared = shared
-        size = SharedRingLayout.entries(bytes: bytes, entrySize: T.entrySize)
+        entrySize = T.entrySize
+        size = SharedRingLayout.entries(bytes: bytes, entrySize: entrySize)
         cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.reqProd), 0)
         cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.rspProd), 0)
         cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.reqEvent), 1)
@@ -117,20 +128,20 @@ public struct FrontRing<T: RingTypes> {
         (shared + 16).initializeMemory(as: UInt8.self, repeating: 0, count: SharedRingLayout.headerSize - 16)
     }
 
-    @inline(__always) func entry(_ i: UInt32) -> UnsafeMutableRawPointer {
-        shared + SharedRingLayout.headerSize + Int(i & (size - 1)) * T.entrySize
+    @inlinable @inline(__always) func entry(_ i: UInt32) -> UnsafeMutableRawPointer {
+        shared + SharedRingLayout.headerSize + Int(i & (size - 1)) * entrySize
     }
 
     /// RING_FREE_REQUESTS.
-    public var freeRequests: UInt32 { size &- (requestProducer &- responseConsumer) }
+    @inlinable public var freeRequests: UInt32 { size &- (requestProducer &- responseConsumer) }
 
-    @inline(__always) public mutating func putRequest(_ request: T.Request) {
+    @inlinable @inline(__always) public mutating func putRequest(_ request: T.Request) {
         entry(requestProducer).storeBytes(of: request, as: T.Request.self)
-        requestProducer &+= 1
+        requestProducerIndex &+= 1
     }
 
     /// RING_PUSH_REQUESTS_AND_CHECK_NOTIFY.
-    public mutating func pushRequests() -> Bool {
+    @inlinable public mutating func pushRequests() -> Bool {
         let reqProd = SharedRingLayout.index(shared, SharedRingLayout.reqProd)
         let old = cxen_load32(reqProd)
         let new = requestProducer
@@ -142,18 +153,18 @@ public struct FrontRing<T: RingTypes> {
     }
 
     /// RING_HAS_UNCONSUMED_RESPONSES.
-    public func unconsumedResponses() -> UInt32 {
+    @inlinable public func unconsumedResponses() -> UInt32 {
         cxen_load32(SharedRingLayout.index(shared, SharedRingLayout.rspProd)) &- responseConsumer
     }
 
-    @inline(__always) public mutating func takeResponse() -> T.Response {
+    @inlinable @inline(__always) public mutating func takeResponse() -> T.Response {
         let r = entry(responseConsumer).load(as: T.Response.self)
-        responseConsumer &+= 1
+        responseConsumerIndex &+= 1
         return r
     }
 
     /// RING_FINAL_CHECK_FOR_RESPONSES.
-    public mutating func finalCheckForResponses() -> UInt32 {
+    @inlinable public mutating func finalCheckForResponses() -> UInt32 {
         let n = unconsumedResponses()
         if n > 0 { return n }
         cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.rspEvent), responseConsumer &+ 1)

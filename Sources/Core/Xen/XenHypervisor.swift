@@ -74,7 +74,7 @@ public final class XenHypervisor: Hypervisor, @unchecked Sendable {
 
     /// The relative path `domid` is our own home's (xen-init-dom0 writes it for dom0, libxl for
     /// other domains). A dom0 whose node is missing is still domain 0.
-    private static func ownDomainID(_ store: XenStoreSocketClient) throws -> DomainID {
+    public static func ownDomainID(_ store: any XenStoreClient) throws -> DomainID {
         if let id = try store.readInt("domid") {
             guard id < 0x7ff0 else { throw XenHypervisorError.unknownDomain("xenstore domid = \(id)") }
             return DomainID(id)
@@ -89,18 +89,5 @@ public final class XenHypervisor: Hypervisor, @unchecked Sendable {
         defer { fclose(f) }
         var line = [CChar](repeating: 0, count: 256)
         return fgets(&line, Int32(line.count), f) != nil && strstr(line, "control_d") != nil
-    }
-
-    /// The name of `domain` (its xenstore `name`), nil if it does not exist.
-    public func domainName(_ domain: DomainID) -> String? {
-        (try? store.readString("/local/domain/\(domain)/name")).flatMap { $0 }
-    }
-
-    /// The id of the domain called `name`, from the names under /local/domain.
-    public func domainID(named name: String) -> DomainID? {
-        for entry in (try? store.directory("/local/domain", transaction: .none)) ?? [] {
-            if let id = DomainID(entry), domainName(id) == name { return id }
-        }
-        return nil
     }
 }

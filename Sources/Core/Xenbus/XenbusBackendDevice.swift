@@ -12,6 +12,13 @@ public protocol XenbusBackendDriver: AnyObject {
     func connect(_ device: XenbusBackendDevice) throws
     /// Stops serving and unmaps everything; waits for requests in flight. Idempotent.
     func disconnect(_ device: XenbusBackendDevice)
+    /// The device is gone for good (detached, its guest dead, the daemon stopping): release
+    /// what `connect` cannot reuse, such as the device stack. Called once, after `disconnect`.
+    func unplugged(_ device: XenbusBackendDevice)
+}
+
+extension XenbusBackendDriver {
+    public func unplugged(_ device: XenbusBackendDevice) {}
 }
 
 /// One backend device's xenbus state machine (Linux's xenbus backend and blkback's
@@ -86,6 +93,14 @@ public final class XenbusBackendDevice: @unchecked Sendable {
             // Two watch events may collapse: connect from InitWait (or after a re-init) only once.
             guard state != .connected else { return }
             driver.disconnect(self)
+            // The frontend must point back at us: a toolstack that re-created the frontend
+            // directory for another backend (libxl removes it unconditionally on attach) would
+            // otherwise have two backends serving one ring.
+            let backendOfFrontend = (try? store.readString(frontendPath + "/backend")).flatMap { $0 }
+            guard backendOfFrontend == backendPath else {
+                fail("\(frontendPath)/backend is \(backendOfFrontend ?? "missing"), not this backend")
+                return
+            }
             do {
                 try driver.connect(self)
                 try switchState(.connected)
@@ -147,6 +162,7 @@ public final class XenbusBackendDevice: @unchecked Sendable {
         dispatcher.unwatch(frontendPath + "/state", token: token + ":fe")
         dispatcher.unwatch(backendPath + "/online", token: token + ":online")
         driver.disconnect(self)
+        driver.unplugged(self)
         onUnplug(self)
     }
 }

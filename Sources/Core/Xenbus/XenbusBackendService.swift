@@ -13,6 +13,9 @@ public final class XenbusBackendService: @unchecked Sendable {
     public let dispatcher: WatchDispatcher
     private let makeDriver: (XenbusBackendService, String) throws -> any XenbusBackendDriver
     private var devices: [String: XenbusBackendDevice] = [:]   // only touched on the dispatcher thread
+    /// Guests we have served since they were born (dispatcher thread): told to the grant
+    /// table when they die, even if their devices were unplugged before @releaseDomain.
+    private var servedDomains = Set<DomainID>()
     private let deviceCount = Atomic<Int>(0)
     public let log: (String) -> Void
 
@@ -84,6 +87,7 @@ public final class XenbusBackendService: @unchecked Sendable {
             let device = try XenbusBackendDevice(hypervisor: hypervisor, backendPath: path, driver: driver, dispatcher: dispatcher,
                                                  log: log) { [weak self] d in self?.removed(d) }
             devices[path] = device
+            servedDomains.insert(device.frontendDomain)
             deviceCount.store(devices.count, ordering: .relaxed)
             try device.start()
             log("\(path): serving domain \(device.frontendDomain)")
@@ -118,6 +122,12 @@ public final class XenbusBackendService: @unchecked Sendable {
                 try? hypervisor.store.remove(d.frontendPath, transaction: .none)
                 d.unplug()
             }
+        }
+        // Their devices are unplugged (now, or earlier when their nodes vanished): nothing of
+        // theirs is mapped any more.
+        for domain in servedDomains where (try? hypervisor.store.readString("/local/domain/\(domain)")).flatMap({ $0 }) == nil {
+            servedDomains.remove(domain)
+            hypervisor.grants.domainDestroyed(domain)
         }
     }
 }

@@ -57,11 +57,14 @@ public enum XenbusToolstack {
         }
     }
 
-    /// Removes both directories (after the backend has closed, or to force it).
+    /// Removes both directories (after the backend has closed, or to force it), and the
+    /// backend's per-guest directory once it is empty (as libxl__xs_path_cleanup does).
     public static func remove(_ store: any XenStoreClient, _ paths: XenbusDevicePaths) throws(XenStoreError) {
+        let perGuest = String(paths.backendPath[..<paths.backendPath.lastIndex(of: "/")!])
         try store.transaction { (tx) throws(XenStoreError) in
             do throws(XenStoreError) { try store.remove(paths.backendPath, transaction: tx) } catch .noEntry {}
             do throws(XenStoreError) { try store.remove(paths.frontendPath, transaction: tx) } catch .noEntry {}
+            if (try? store.directory(perGuest, transaction: tx))?.isEmpty == true { try store.remove(perGuest, transaction: tx) }
         }
     }
 }

@@ -1,12 +1,13 @@
 import Core
 import Foundation
+import NBDExport
 
 /// The NBD export against nbdkit (its `memory` and `file` plugins) on the same workloads, with
 /// the same client: fio's nbd engine (libnbd) on a unix socket. For `softdev bench`.
 ///
 /// ```swift
 /// let bench = NBDBenchmark(runtime: 5)
-/// let rows = try bench.run(device: memoryDevice)
+/// let rows = try bench.run(pairs: [.init(name: "memory", device: memory, nbdkitPlugin: ["memory", "size=1G"])])
 /// print(NBDBenchmark.table(rows))
 /// ```
 public struct NBDBenchmark: Sendable {
@@ -35,6 +36,19 @@ public struct NBDBenchmark: Sendable {
         public var workload: String
         public var iops: Double
         public var megabytesPerSecond: Double
+        /// For a softdev row: IOPS over its nbdkit peer's on the same workload.
+        public var ratioToPeer: Double?
+    }
+
+    /// A device stack behind SoftDev's export and the nbdkit plugin that does the same job,
+    /// e.g. `memory` and `["memory", "size=1G"]`.
+    public struct Pair: Sendable {
+        public var name: String
+        public var device: any BlockDevice
+        public var nbdkitPlugin: [String]
+        public init(name: String, device: any BlockDevice, nbdkitPlugin: [String]) {
+            self.name = name; self.device = device; self.nbdkitPlugin = nbdkitPlugin
+        }
     }
 
     /// Why a benchmark could not run (a missing tool names its Debian package).
@@ -45,71 +59,63 @@ public struct NBDBenchmark: Sendable {
     public var workloads: [Workload]
     /// Seconds per fio job.
     public var runtime: Int
-    /// The size of the nbdkit disks (and the part of our device fio touches).
+    /// The part of each device fio touches (the nbdkit memory disk's size too).
     public var size: UInt64
-    /// Also measure nbdkit's plugins (false: our export only).
+    /// Also measure the nbdkit peers (false: our export only).
     public var compareWithNbdkit: Bool
 
     public init(workloads: [Workload] = Workload.standard, runtime: Int = 10, size: UInt64 = 1 << 30, compareWithNbdkit: Bool = true) {
         self.workloads = workloads; self.runtime = runtime; self.size = size; self.compareWithNbdkit = compareWithNbdkit
     }
 
-    /// Runs every workload against `device` behind our export, then against `nbdkit memory` and
-    /// `nbdkit file` (a file of `size` bytes, written once so reads do not only hit holes).
-    public func run(device: any BlockDevice, name: String = "softdev") throws -> [Row] {
+    /// For each pair and workload: fio against our export of the pair's device, then against
+    /// nbdkit running the pair's plugin, one after the other on the same unix socket kind.
+    public func run(pairs: [Pair], progress: (Row) -> Void = { _ in }) throws -> [Row] {
         let fio = try Self.tool("fio", package: "fio")
+        let nbdkit = compareWithNbdkit ? try Self.tool("nbdkit", package: "nbdkit") : ""
         let directory = try Self.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
         var rows: [Row] = []
-
-        let socket = directory + "/softdev.sock"
-        let server = NBDServer(listen: .unix(path: socket), exports: [NBDExport(name: "", device: device)])
-        try server.start()
-        defer { server.stop() }
-        rows += try measure(fio, server: name, uri: "nbd+unix:///?socket=\(socket)")
-        server.stop()
-
-        guard compareWithNbdkit else { return rows }
-        let nbdkit = try Self.tool("nbdkit", package: "nbdkit")
-        rows += try withNbdkit(nbdkit, directory + "/memory.sock", ["memory", "size=\(size)"]) {
-            try measure(fio, server: "nbdkit memory", uri: $0)
-        }
-        let file = directory + "/disk.img"
-        try Self.fill(file, size: size)
-        rows += try withNbdkit(nbdkit, directory + "/file.sock", ["file", file]) {
-            try measure(fio, server: "nbdkit file", uri: $0)
+        for pair in pairs {
+            let socket = directory + "/softdev-\(pair.name).sock"
+            let server = NBDServer(listen: .unix(path: socket), exports: [NBDExport(name: "", device: pair.device)])
+            try server.start()
+            let ours = try measure(fio, server: "softdev \(pair.name)", uri: "nbd+unix:///?socket=\(socket)")
+            server.stop()
+            guard compareWithNbdkit else { ours.forEach(progress); rows += ours; continue }
+            let theirs = try withNbdkit(nbdkit, directory + "/nbdkit-\(pair.name).sock", pair.nbdkitPlugin) {
+                try measure(fio, server: "nbdkit \(pair.name)", uri: $0)
+            }
+            for (var mine, peer) in zip(ours, theirs) {
+                mine.ratioToPeer = peer.iops > 0 ? mine.iops / peer.iops : nil
+                for row in [peer, mine] { progress(row); rows.append(row) }
+            }
         }
         return rows
     }
 
-    /// The rows as an aligned text table, workloads down, servers across (IOPS and MB/s).
+    /// The rows as a table: workload, server, IOPS, MB/s, ratio to the nbdkit peer.
     public static func table(_ rows: [Row]) -> String {
-        var servers: [String] = []
-        var workloads: [String] = []
+        func pad(_ cells: [String]) -> String {
+            zip(cells, [20, 18, 10, 10, 10]).enumerated().map { i, pair in
+                let space = String(repeating: " ", count: max(0, pair.1 - pair.0.count))
+                return i < 2 ? pair.0 + space : space + pair.0
+            }.joined(separator: " ")
+        }
+        var lines = [pad(["workload", "server", "IOPS", "MB/s", "vs nbdkit"])]
+        var last = ""
         for r in rows {
-            if !servers.contains(r.server) { servers.append(r.server) }
-            if !workloads.contains(r.workload) { workloads.append(r.workload) }
+            lines.append(pad([r.workload == last ? "" : r.workload, r.server, String(format: "%.0f", r.iops),
+                              String(format: "%.1f", r.megabytesPerSecond), r.ratioToPeer.map { String(format: "%.2f", $0) } ?? ""]))
+            last = r.workload
         }
-        func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
-        var out = pad("workload", 20) + servers.map { pad($0, 26) }.joined() + "\n"
-        for w in workloads {
-            var line = pad(w, 20)
-            for s in servers {
-                if let r = rows.first(where: { $0.server == s && $0.workload == w }) {
-                    line += pad(String(format: "%9.0f IOPS %7.1f MB/s", r.iops, r.megabytesPerSecond), 26)
-                } else {
-                    line += pad("-", 26)
-                }
-            }
-            out += line + "\n"
-        }
-        return out
+        return lines.joined(separator: "\n")
     }
 
     private func measure(_ fio: String, server: String, uri: String) throws -> [Row] {
         try workloads.map { w in
             let (iops, mbs) = try Self.fio(fio, uri: uri, workload: w, runtime: runtime, size: size)
-            return Row(server: server, workload: w.name, iops: iops, megabytesPerSecond: mbs)
+            return Row(server: server, workload: w.name, iops: iops, megabytesPerSecond: mbs, ratioToPeer: nil)
         }
     }
 
@@ -150,23 +156,14 @@ public struct NBDBenchmark: Sendable {
         return try body("nbd+unix:///?socket=\(socket)")
     }
 
-    /// Writes every byte of the file, so the file plugin reads data, not holes.
-    private static func fill(_ path: String, size: UInt64) throws {
-        guard FileManager.default.createFile(atPath: path, contents: nil),
-              let h = FileHandle(forWritingAtPath: path) else { throw Failure(description: "cannot create \(path)") }
-        defer { try? h.close() }
-        let chunk = Data(repeating: 0x5a, count: 1 << 20)
-        for _ in 0..<(size >> 20) { h.write(chunk) }
-    }
-
-    static func tool(_ name: String, package: String) throws -> String {
+    public static func tool(_ name: String, package: String) throws -> String {
         for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] where access("\(dir)/\(name)", X_OK) == 0 {
             return "\(dir)/\(name)"
         }
         throw Failure(description: "\(name) is not installed: apt-get install \(package)")
     }
 
-    static func temporaryDirectory() throws -> String {
+    public static func temporaryDirectory() throws -> String {
         var template = Array("/tmp/softdev-bench.XXXXXX".utf8CString)
         guard let d = mkdtemp(&template) else { throw Failure(description: "mkdtemp failed") }
         return String(cString: d)
@@ -174,7 +171,7 @@ public struct NBDBenchmark: Sendable {
 
     /// Runs a program to its end. Its stderr goes to a file, not a second pipe: reading two
     /// pipes one after the other stalls a child that fills the other one.
-    static func execute(_ path: String, _ arguments: [String]) throws -> (Int32, String, String) {
+    public static func execute(_ path: String, _ arguments: [String]) throws -> (Int32, String, String) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: path)
         p.arguments = arguments

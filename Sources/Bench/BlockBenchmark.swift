@@ -1,0 +1,175 @@
+import BlockTap
+import Core
+import Devices
+import Foundation
+import Glibc
+
+/// `softdev bench`'s block part: the whole path (local blkfront -> shared ring -> BlockTap ->
+/// device) on SoftDev's devices, and the same workloads in the same run through the C reference
+/// backend (reference_backend.c, Xen's ring macros over a null device): the protocol's cost on
+/// this machine, which the Swift backend is measured against.
+///
+/// Each target gets its own guest with a ring of 2^4 pages and persistent grants; the targets
+/// take turns workload by workload, so a noisy neighbour hurts all of them alike.
+public struct BlockBenchmark {
+    /// What a guest's disk is served by.
+    public enum Target: Sendable, Equatable, CustomStringConvertible {
+        /// SoftDev's blkif backend over a device stack (spec).
+        case softdev(label: String, spec: String)
+        /// The C reference backend over its null device.
+        case reference
+
+        public var description: String {
+            switch self {
+            case let .softdev(label, _): return label
+            case .reference: return "C reference null"
+            }
+        }
+    }
+
+    public struct Row: Sendable {
+        public var workload: String
+        public var target: String
+        public var result: BlkifLoadGenerator.Result
+        /// This row's IOPS over the C reference's on the same workload (nil for the reference).
+        public var ratioToReference: Double?
+    }
+
+    public var targets: [Target]
+    public var workloads: [BlkifLoadGenerator.Workload]
+    public var seconds: Double
+    /// Unmeasured time before each measurement (rings warm, grants mapped).
+    public var warmup: Double
+    /// Every target's device size (the C null device's too).
+    public var deviceSize: UInt64
+    public var ringPageOrder = Blkif.maxRingPageOrder
+
+    public init(targets: [Target], workloads: [BlkifLoadGenerator.Workload] = BlkifLoadGenerator.Workload.standard,
+                seconds: Double = 2, warmup: Double = 0.3, deviceSize: UInt64 = 1 << 30) {
+        self.targets = targets; self.workloads = workloads; self.seconds = seconds; self.warmup = warmup; self.deviceSize = deviceSize
+    }
+
+    /// One guest and its disk, connected.
+    private final class Attached {
+        let target: Target
+        let guest: LocalHypervisor
+        let front: LocalBlockFrontend
+        let reference: CReferenceBackendHarness?
+        init(target: Target, guest: LocalHypervisor, front: LocalBlockFrontend, reference: CReferenceBackendHarness?) {
+            self.target = target; self.guest = guest; self.front = front; self.reference = reference
+        }
+    }
+
+    /// Runs every workload on every target; `progress` sees each row as it is measured.
+    public func run(progress: (Row) -> Void = { _ in }) throws -> [Row] {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("softdev-bench-\(getpid())").path
+        let address = LocalHypervisorAddress(directory: directory)
+        let server = try LocalHypervisorServer(address: address)
+        try server.start()
+        defer {
+            server.stop()
+            try? FileManager.default.removeItem(atPath: directory)
+        }
+        let backend = try LocalHypervisor.connectBackend(address)
+        let failures = BackendLog()
+        let service = BlockTapService.make(hypervisor: backend, log: { failures.note($0) }) { spec in try DeviceRegistry.open(spec) }
+        try service.start()
+        defer { service.stop() }
+
+        var options = LocalBlockFrontend.Options()
+        options.ringPageOrder = ringPageOrder
+        options.persistentGrants = true
+        options.bufferPages = workloads.map(\.bufferPages).max() ?? 512
+        let guestPages = options.bufferPages + (1 << ringPageOrder) + 256
+
+        var attached: [Attached] = []
+        defer {
+            for a in attached {
+                try? a.front.close(timeoutSeconds: 2)
+                a.reference?.stop()
+                a.guest.destroy()
+            }
+        }
+        for (index, target) in targets.enumerated() {
+            let guest = try LocalHypervisor.createGuest(address, name: "bench-\(index)", pages: guestPages)
+            switch target {
+            case let .softdev(_, spec):
+                let paths = try BlockTapService.attach(store: backend.store, guest: guest.domainID, disk: try VirtualDisk("xvda"), spec: spec)
+                do {
+                    attached.append(Attached(target: target, guest: guest,
+                                             front: try LocalBlockFrontend(hypervisor: guest, frontendPath: paths.frontendPath, options: options),
+                                             reference: nil))
+                } catch {
+                    throw HarnessFailure("\(target): \(error)\(failures.last.map { " (backend: \($0))" } ?? "")")
+                }
+            case .reference:
+                // A backend directory no service watches: the harness plays the backend.
+                let paths = XenbusDevicePaths(frontendDomain: guest.domainID, backendDomain: backend.domainID, frontendType: "vbd",
+                                              backendType: "cref-vbd", deviceID: 51712)
+                try XenbusToolstack.attach(backend.store, paths, frontend: ["virtual-device": "51712", "device-type": "disk"],
+                                           backend: ["params": "null", "mode": "w", "dev": "xvda", "type": "cref"])
+                let harness = CReferenceBackendHarness(backend: backend, guest: guest, paths: paths, sectors: deviceSize / 512)
+                try harness.advertise()
+                let connected = DispatchSemaphore(value: 0)
+                harness.connectInBackground { connected.signal() }
+                let front = try LocalBlockFrontend(hypervisor: guest, frontendPath: paths.frontendPath, options: options)
+                connected.wait()
+                if let error = harness.connectError { throw HarnessFailure("C reference backend: \(error)") }
+                attached.append(Attached(target: target, guest: guest, front: front, reference: harness))
+            }
+        }
+
+        var rows: [Row] = []
+        for workload in workloads {
+            var measured: [(Target, BlkifLoadGenerator.Result)] = []
+            for a in attached {
+                let generator = try BlkifLoadGenerator(front: a.front, workload: workload)
+                _ = try generator.run(seconds: warmup)
+                let result = try generator.run(seconds: seconds)
+                if result.errors > 0 {
+                    throw HarnessFailure("\(a.target) answered \(result.errors) of \(workload.name) with errors")
+                }
+                measured.append((a.target, result))
+            }
+            let reference = measured.first { $0.0 == .reference }?.1
+            for (target, result) in measured {
+                let row = Row(workload: workload.name, target: "\(target)", result: result,
+                              ratioToReference: target == .reference ? nil : reference.map { result.iops / $0.iops })
+                rows.append(row)
+                progress(row)
+            }
+        }
+        return rows
+    }
+
+    /// The rows as a table: workload, backend, IOPS, MB/s, ratio to the C reference.
+    public static func table(_ rows: [Row]) -> String {
+        var lines = [pad(["workload", "backend", "IOPS", "MB/s", "vs C"])]
+        var lastWorkload = ""
+        for row in rows {
+            let iops = row.result.iops >= 10_000 ? String(format: "%.1fk", row.result.iops / 1000) : String(format: "%.0f", row.result.iops)
+            lines.append(pad([row.workload == lastWorkload ? "" : row.workload, row.target, iops,
+                              String(format: "%.1f", row.result.megabytesPerSecond),
+                              row.ratioToReference.map { String(format: "%.2f", $0) } ?? (row.target == "\(Target.reference)" ? "1.00" : "-")]))
+            lastWorkload = row.workload
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    private static func pad(_ cells: [String]) -> String {
+        let widths = [20, 22, 10, 10, 6]
+        return zip(cells, widths).enumerated().map { i, pair in
+            let (cell, width) = pair
+            let space = String(repeating: " ", count: max(0, width - cell.count))
+            return i < 2 ? cell + space : space + cell   // numbers right-aligned
+        }.joined(separator: " ")
+    }
+}
+
+/// The backend's last log line, to explain a target that would not connect.
+private final class BackendLog: @unchecked Sendable {
+    private let lock = NSLock()
+    private var line: String?
+    func note(_ s: String) { lock.lock(); line = s; lock.unlock() }
+    var last: String? { lock.lock(); defer { lock.unlock() }; return line }
+}

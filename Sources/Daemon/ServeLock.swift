@@ -1,0 +1,42 @@
+import Foundation
+import Glibc
+
+/// One `softdev serve` per backend directory: two daemons watching the same
+/// `backend/softdev-vbd` would both try to connect every disk and break each other's. Held with
+/// flock on a file that records the holder's pid, so a crashed daemon leaves no stale lock.
+public final class ServeLock {
+    public let path: String
+    private let fd: Int32
+
+    /// Takes the lock at `path` (creating its directory), or says who holds it.
+    public init(path: String) throws {
+        self.path = path
+        try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else {
+            throw ServeConfigError("cannot open the lock \(path): \(String(cString: strerror(errno)))")
+        }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            var buffer = [UInt8](repeating: 0, count: 32)
+            let n = read(fd, &buffer, buffer.count - 1)
+            close(fd)
+            let holder = n > 0 ? String(decoding: buffer[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) : "?"
+            throw ServeConfigError("another softdev serve (pid \(holder)) is serving here (\(path)); stop it first")
+        }
+        ftruncate(fd, 0)
+        let pid = "\(getpid())\n"
+        _ = pid.withCString { write(fd, $0, strlen($0)) }
+        self.fd = fd
+    }
+
+    deinit {
+        ftruncate(fd, 0)
+        close(fd)   // releases the flock
+    }
+
+    /// Where the daemon for `choice` locks: beside the local hypervisor's sockets, or in
+    /// /run/softdev on Xen.
+    public static func path(for choice: HypervisorChoice) -> String {
+        choice.resolved == .xen ? "/run/softdev/serve.lock" : choice.localAddress.directory + "/serve.lock"
+    }
+}

@@ -1,0 +1,101 @@
+import ArgumentParser
+import Bench
+import Devices
+import Foundation
+import Glibc
+
+/// `softdev bench`.
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure IOPS and MB/s through the whole blkif path, beside the C reference backend.",
+        discussion: """
+            Runs 4 KiB random reads at queue depth 1, 32 and 256 and 1 MiB sequential reads from a local blkfront \
+            through the shared ring (2^4 pages, persistent grants) to SoftDev's backend over the null and file \
+            devices, and, in the same run, to a minimal C backend written with Xen's ring macros over a null device \
+            (the protocol's cost on this machine). "vs C" is IOPS over the C backend's on the same workload.
+            With --nbd, the same workloads run through SoftDev's NBD export and nbdkit (memory and file plugins, the \
+            file read through the page cache by both) with fio's nbd engine; "vs nbdkit" is IOPS over nbdkit's.
+            Numbers depend on the machine and on what else runs on it: compare rows of one run.
+            """)
+
+    @Option(help: "Seconds to measure each workload on each backend.")
+    var seconds: Double = 2
+
+    @Option(help: "The file device's backing file (default: a scratch file in /var/tmp, filled with data, removed afterwards).")
+    var file: String?
+
+    @Option(help: "Size of the scratch file (K, M, G).")
+    var fileSize = "256M"
+
+    @Option(help: "The file device's O_DIRECT setting: auto, on or off.")
+    var direct = "auto"
+
+    @Option(help: "Backends to measure, comma-separated: null, file, reference.")
+    var backends = "reference,null,file"
+
+    @Flag(help: "Also measure the NBD export against nbdkit's memory and file plugins with fio's nbd engine (needs fio and nbdkit).")
+    var nbd = false
+
+    @Flag(help: "Measure only the NBD export against nbdkit.")
+    var nbdOnly = false
+
+    func run() throws {
+        let wanted = Set(backends.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
+        let unknown = wanted.subtracting(["null", "file", "reference"])
+        guard unknown.isEmpty else { throw ValidationError("--backends: unknown \(unknown.sorted().joined(separator: ", ")) (use null, file, reference)") }
+        guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
+        // The file the file device (and nbdkit's file plugin) reads: --file, or a scratch file.
+        var scratch: String?
+        defer { if let scratch { unlink(scratch) } }
+        let path: String
+        if let file { path = file } else {
+            guard let bytes = DeviceParameters.parseSize(fileSize), bytes >= 1 << 20 else {
+                throw ValidationError("--file-size \(fileSize): use e.g. 256M (at least 1M)")
+            }
+            path = "/var/tmp/softdev-bench-\(getpid()).img"
+            try BenchmarkFile.fill(path, size: bytes)
+            scratch = path
+        }
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw ValidationError("--file \(path): \(String(cString: strerror(errno)))") }
+        guard (st.st_mode & S_IFMT) == S_IFREG, st.st_size >= 1 << 20 else {
+            throw ValidationError("--file \(path): use a regular file of at least 1 MiB (its size sets the device size for every backend)")
+        }
+        // Every backend serves the same number of sectors, so random offsets spread alike.
+        let size = UInt64(st.st_size) / 4096 * 4096
+        if !nbdOnly {
+            var targets: [BlockBenchmark.Target] = []
+            if wanted.contains("reference") { targets.append(.reference) }
+            if wanted.contains("null") { targets.append(.softdev(label: "softdev null", spec: "null(size=\(size))")) }
+            if wanted.contains("file") { targets.append(.softdev(label: "softdev file", spec: "file(path=\(path), direct=\(direct))")) }
+            try runBlkif(targets: targets, size: size)
+        }
+        if nbd || nbdOnly { try runNBD(path: path, size: size) }
+    }
+
+    private func runBlkif(targets: [BlockBenchmark.Target], size: UInt64) throws {
+        var bench = BlockBenchmark(targets: targets, seconds: seconds)
+        bench.deviceSize = size
+        print("blkif, local hypervisor: ring order \(bench.ringPageOrder), 1 queue, persistent grants, \(seconds) s per row, device \(size >> 20) MiB")
+        let rows = try bench.run { row in
+            FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
+        }
+        print(BlockBenchmark.table(rows))
+    }
+
+    /// The NBD export against nbdkit: our memory device against `nbdkit memory`, our file
+    /// device against `nbdkit file` on the same file (both through the page cache).
+    private func runNBD(path: String, size: UInt64) throws {
+        let runtime = max(1, Int(seconds.rounded()))
+        let bench = NBDBenchmark(runtime: runtime, size: size)
+        let memory = try DeviceRegistry.open("memory(size=\(bench.size))")
+        let fileDevice = try DeviceRegistry.open("file(path=\(path), direct=off)")
+        defer { memory.close(); fileDevice.close() }
+        print("\nNBD, fio nbd engine over a unix socket: \(runtime) s per row (+1 s ramp), \(bench.size >> 20) MiB")
+        let rows = try bench.run(pairs: [
+            .init(name: "memory", device: memory, nbdkitPlugin: ["memory", "size=\(bench.size)"]),
+            .init(name: "file", device: fileDevice, nbdkitPlugin: ["file", path]),
+        ]) { row in FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.server)\n".utf8)) }
+        print(NBDBenchmark.table(rows))
+    }
+}

@@ -1,0 +1,180 @@
+import CXen
+import Core
+import Foundation
+import XCTest
+import XenStore
+
+/// The local hypervisor as a backend meets it: grants (map, permissions, copy, revocation),
+/// event channels, and a guest's death, each through the broker's sockets and shared memory.
+final class LocalHypervisorTests: XCTestCase {
+    var server: LocalHypervisorServer!
+    var address: LocalHypervisorAddress!
+    var backend: LocalHypervisor!
+
+    override func setUpWithError() throws {
+        address = LocalHypervisorAddress(directory: FileManager.default.temporaryDirectory
+            .appendingPathComponent("softdev-core-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path)
+        server = try LocalHypervisorServer(address: address)
+        try server.start()
+        backend = try LocalHypervisor.connectBackend(address)
+    }
+
+    override func tearDown() {
+        backend?.destroy()
+        server?.stop()
+        try? FileManager.default.removeItem(atPath: address.directory)
+    }
+
+    private func guestPages(_ name: String) throws -> (LocalHypervisor, LocalGuestPages) {
+        let guest = try LocalHypervisor.createGuest(address, name: name, pages: 1024)
+        return (guest, LocalGuestPages(memory: try XCTUnwrap(guest.memory)))
+    }
+
+    func testMappedPagesAreTheGuestsPagesBothWays() throws {
+        let (guest, pages) = try guestPages("g")
+        let frame = try pages.allocate(pages: 2)
+        let refs = [try pages.grant(frame: frame, to: 0, readOnly: false), try pages.grant(frame: frame + 1, to: 0, readOnly: false)]
+        memcpy(pages.pointer(frame + 1), "hello from the guest", 20)
+        let m = try backend.grants.mapContiguous(domain: guest.domainID, refs: refs, writable: true)
+        let base = try XCTUnwrap(m.base)
+        XCTAssertEqual(String(decoding: UnsafeRawBufferPointer(start: base + 4096, count: 20), as: UTF8.self), "hello from the guest")
+        memcpy(base, "hello from the backend", 22)
+        XCTAssertEqual(String(decoding: UnsafeRawBufferPointer(start: pages.pointer(frame), count: 22), as: UTF8.self), "hello from the backend")
+        // Mapped writable: the guest cannot revoke until the backend unmaps.
+        XCTAssertThrowsError(try pages.endAccess(refs[0]))
+        backend.grants.unmap(m, refs: refs)
+        XCTAssertNoThrow(try pages.endAccess(refs[0]))
+        XCTAssertNoThrow(try pages.endAccess(refs[1]))
+    }
+
+    func testBadReferencesAreErrorsAndNothingStaysMapped() throws {
+        let (guest, pages) = try guestPages("g")
+        let frame = try pages.allocate(pages: 3)
+        let good = try pages.grant(frame: frame, to: 0, readOnly: false)
+        let readOnly = try pages.grant(frame: frame + 1, to: 0, readOnly: true)
+        let foreign = try pages.grant(frame: frame + 2, to: 7, readOnly: false)
+        let d = guest.domainID
+        XCTAssertThrowsError(try backend.grants.mapContiguous(domain: d, refs: [good, readOnly], writable: true)) {
+            XCTAssertEqual($0 as? GrantError, .permissionDenied(domain: d, ref: readOnly))
+        }
+        XCTAssertThrowsError(try backend.grants.mapContiguous(domain: d, refs: [good, foreign], writable: false)) {
+            XCTAssertEqual($0 as? GrantError, .permissionDenied(domain: d, ref: foreign))
+        }
+        XCTAssertThrowsError(try backend.grants.mapContiguous(domain: d, refs: [good, 3000], writable: false)) {
+            XCTAssertEqual($0 as? GrantError, .badReference(domain: d, ref: 3000))
+        }
+        XCTAssertThrowsError(try backend.grants.mapContiguous(domain: d, refs: [GrantRef.max], writable: false)) {
+            XCTAssertEqual($0 as? GrantError, .badReference(domain: d, ref: GrantRef.max))
+        }
+        XCTAssertThrowsError(try backend.grants.mapContiguous(domain: 999, refs: [good], writable: false)) {
+            XCTAssertEqual($0 as? GrantError, .noSuchDomain(999))
+        }
+        // Every failed map left `good` unpinned: the guest may revoke it at once.
+        XCTAssertNoThrow(try pages.endAccess(good))
+        // A revoked reference cannot be mapped.
+        XCTAssertThrowsError(try backend.grants.mapContiguous(domain: d, refs: [good], writable: false))
+        // Read-only grants map read-only.
+        let (page, m) = try backend.grants.mapPage(domain: d, ref: readOnly, writable: false)
+        XCTAssertEqual(page.load(as: UInt8.self), 0)
+        backend.grants.unmapPage(m, ref: readOnly)
+    }
+
+    func testOnePageMappedTooManyTimesIsRefusedNotOverflowed() throws {
+        let (guest, pages) = try guestPages("g")
+        let ref = try pages.grant(frame: try pages.allocate(pages: 1), to: 0, readOnly: false)
+        // A guest may name one page in every segment of every request: 65535 pins are allowed,
+        // the next is refused (Xen: "Risk of counter overflow") and nothing is left pinned.
+        let refs = [GrantRef](repeating: ref, count: 65535)
+        let pagesOut = UnsafeMutableBufferPointer<UnsafeMutableRawPointer>.allocate(capacity: refs.count)
+        defer { pagesOut.deallocate() }
+        let held = try refs.withUnsafeBufferPointer {
+            try backend.grants.mapBatch(domain: guest.domainID, refs: $0, writable: true, pages: pagesOut)
+        }
+        XCTAssertThrowsError(try backend.grants.mapPage(domain: guest.domainID, ref: ref, writable: true)) {
+            XCTAssertEqual($0 as? GrantError, .tooManyMappings(domain: guest.domainID, ref: ref))
+        }
+        let (_, reader) = try backend.grants.mapPage(domain: guest.domainID, ref: ref, writable: false)
+        backend.grants.unmapPage(reader, ref: ref)
+        backend.grants.unmap(held, refs: refs)
+        XCTAssertNoThrow(try pages.endAccess(ref), "every pin was released")
+    }
+
+    func testGrantCopyFailsOnlyTheBadSegment() throws {
+        let (guest, pages) = try guestPages("g")
+        let frame = try pages.allocate(pages: 2)
+        let writable = try pages.grant(frame: frame, to: 0, readOnly: false)
+        let readOnly = try pages.grant(frame: frame + 1, to: 0, readOnly: true)
+        memset(pages.pointer(frame + 1) + 100, 0x5A, 50)
+        let local = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 16)
+        defer { local.deallocate() }
+        memset(local, 0xC3, 4096)
+        var segments = [
+            GrantCopySegment(direction: .toGuest, domain: guest.domainID, ref: writable, offset: 10, length: 30, local: local),
+            GrantCopySegment(direction: .fromGuest, domain: guest.domainID, ref: readOnly, offset: 100, length: 50, local: local + 1000),
+            GrantCopySegment(direction: .toGuest, domain: guest.domainID, ref: readOnly, offset: 0, length: 8, local: local),
+            GrantCopySegment(direction: .toGuest, domain: guest.domainID, ref: writable, offset: 4090, length: 10, local: local),
+        ]
+        segments.withUnsafeMutableBufferPointer { backend.grants.copy($0) }
+        XCTAssertNil(segments[0].error)
+        XCTAssertNil(segments[1].error)
+        XCTAssertEqual(segments[2].error, .permissionDenied(domain: guest.domainID, ref: readOnly))
+        XCTAssertNotNil(segments[3].error, "a copy past the page's end")
+        XCTAssertTrue((10..<40).allSatisfy { pages.pointer(frame).load(fromByteOffset: $0, as: UInt8.self) == 0xC3 })
+        XCTAssertEqual(pages.pointer(frame).load(fromByteOffset: 40, as: UInt8.self), 0)
+        XCTAssertTrue((1000..<1050).allSatisfy { local.load(fromByteOffset: $0, as: UInt8.self) == 0x5A })
+        XCTAssertEqual(pages.pointer(frame + 1).load(as: UInt8.self), 0, "the read-only page was not written")
+        XCTAssertNoThrow(try pages.endAccess(writable), "copies leave no pins")
+    }
+
+    func testEventChannelsSignalBothWays() throws {
+        let (guest, _) = try guestPages("g")
+        let frontEnd = try guest.events.allocateUnbound(remote: 0)
+        let backEnd = try backend.events.bindInterdomain(remote: guest.domainID, remotePort: frontEnd.localPort)
+        XCTAssertFalse(backEnd.wait(timeoutMilliseconds: 0), "nothing pending yet")
+        frontEnd.notify(); frontEnd.notify()
+        XCTAssertTrue(backEnd.wait(timeoutMilliseconds: 1000))
+        XCTAssertFalse(backEnd.consume(), "two notifications are one pending event")
+        backEnd.notify()
+        XCTAssertTrue(frontEnd.wait(timeoutMilliseconds: 1000))
+        XCTAssertThrowsError(try backend.events.bindInterdomain(remote: guest.domainID, remotePort: frontEnd.localPort),
+                             "a port binds once")
+        XCTAssertThrowsError(try backend.events.bindInterdomain(remote: guest.domainID, remotePort: 4242))
+        XCTAssertThrowsError(try backend.events.bindInterdomain(remote: 999, remotePort: 1))
+        backEnd.close()
+        frontEnd.notify()                        // goes nowhere, harms nothing
+        frontEnd.close()
+    }
+
+    func testAGuestsDeathRemovesItsHomeAndFiresReleaseDomain() throws {
+        let (guest, pages) = try guestPages("doomed")
+        let id = guest.domainID
+        XCTAssertEqual(try backend.store.readString("/local/domain/\(id)/name"), "doomed")
+        try backend.store.watch("@releaseDomain", token: "t")
+        _ = backend.store.watchEvents.next(timeoutMilliseconds: 1000)   // the watch fires once when set
+        let ref = try pages.grant(frame: try pages.allocate(pages: 1), to: 0, readOnly: false)
+        let (_, m) = try backend.grants.mapPage(domain: id, ref: ref, writable: true)
+        guest.destroy()
+        var released = false
+        for _ in 0..<100 where !released {
+            if let e = backend.store.watchEvents.next(timeoutMilliseconds: 100), e.path == "@releaseDomain" { released = true }
+        }
+        XCTAssertTrue(released)
+        XCTAssertNil(try backend.store.readString("/local/domain/\(id)"))
+        XCTAssertFalse(server.domains.contains(id))
+        // What a service does on @releaseDomain: the mapping it still holds stays valid memory
+        // until it unmaps (the guest's pages are let go only then); new maps are refused.
+        let table = try XCTUnwrap(backend.grants as? LocalGrantTable)
+        XCTAssertTrue(table.domainsHeld.contains(id))
+        backend.grants.domainDestroyed(id)
+        m.base!.storeBytes(of: 1, as: UInt8.self)
+        XCTAssertTrue(table.domainsHeld.contains(id), "still mapped: the memory must stay")
+        XCTAssertThrowsError(try backend.grants.mapPage(domain: id, ref: ref, writable: false)) {
+            XCTAssertEqual($0 as? GrantError, .noSuchDomain(id))
+        }
+        backend.grants.unmapPage(m, ref: ref)
+        XCTAssertFalse(table.domainsHeld.contains(id), "the last unmap lets the dead guest's memory go")
+        XCTAssertThrowsError(try backend.grants.mapPage(domain: id, ref: ref, writable: false)) {
+            XCTAssertEqual($0 as? GrantError, .noSuchDomain(id))
+        }
+    }
+}
