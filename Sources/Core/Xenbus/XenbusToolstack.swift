@@ -59,12 +59,26 @@ public enum XenbusToolstack {
 
     /// Removes both directories (after the backend has closed, or to force it), and the
     /// backend's per-guest directory once it is empty (as libxl__xs_path_cleanup does).
+    ///
+    /// The daemon removes the same backend nodes when the device closes. Xen's xenstored (C,
+    /// 4.17) answers EIO rather than EAGAIN when another connection deleted a node this
+    /// transaction had already seen ("Can't find child" in the parent), as seen in the Xen lab:
+    /// that is a conflict too, so start over, a bounded number of times.
     public static func remove(_ store: any XenStoreClient, _ paths: XenbusDevicePaths) throws(XenStoreError) {
         let perGuest = String(paths.backendPath[..<paths.backendPath.lastIndex(of: "/")!])
-        try store.transaction { (tx) throws(XenStoreError) in
-            do throws(XenStoreError) { try store.remove(paths.backendPath, transaction: tx) } catch .noEntry {}
-            do throws(XenStoreError) { try store.remove(paths.frontendPath, transaction: tx) } catch .noEntry {}
-            if (try? store.directory(perGuest, transaction: tx))?.isEmpty == true { try store.remove(perGuest, transaction: tx) }
+        var attempts = 0
+        while true {
+            do {
+                try store.transaction { (tx) throws(XenStoreError) in
+                    do throws(XenStoreError) { try store.remove(paths.backendPath, transaction: tx) } catch .noEntry {}
+                    do throws(XenStoreError) { try store.remove(paths.frontendPath, transaction: tx) } catch .noEntry {}
+                    if (try? store.directory(perGuest, transaction: tx))?.isEmpty == true { try store.remove(perGuest, transaction: tx) }
+                }
+                return
+            } catch .other("EIO") where attempts < 10 {
+                attempts += 1
+                usleep(50_000)
+            }
         }
     }
 }

@@ -46,7 +46,10 @@ lab_check "g1: softdev attach while paused, before the daemon runs" sd attach g1
 lab_check "softdev serve starts (--hypervisor xen)" sd_start || { cat "$SOFTDEV_LOG"; lab_summary; exit 1; }
 lab_domu_create /run/g2.cfg && D2=$(lab_domid g2)
 lab_check "g2: softdev attach xvda" sd attach g2 block xvda "file(path=/run/g2a.img)"
-lab_check "g2: softdev attach xvdb" sd attach "$D2" block xvdb "file(path=/run/g2b.img)"
+# This attach goes through the kernel's /dev/xen/xenbus instead of xenstored's socket (what a
+# driver domain without xenstored has): transactions and permissions through the device.
+lab_check "g2: softdev attach xvdb through /dev/xen/xenbus (by domain id)" \
+  env XENSTORED_PATH=/dev/xen/xenbus timeout 60 "$SOFTDEV" attach "$D2" block xvdb "file(path=/run/g2b.img)"
 xl unpause g1; xl unpause g2
 rc1=0; lab_domu_wait g1 400 || rc1=$?
 rc2=0; lab_domu_wait g2 300 || rc2=$?
@@ -56,7 +59,8 @@ lab_check "g2: marker round trips on two softdev disks of one guest, 16 MiB dd o
 print_features g1 "$D1" xvda 51712
 print_features g2 "$D2" xvda 51712
 print_features g2 "$D2" xvdb 51728
-echo "softdev list:"; sd list | sed 's/^/  /'
+echo "softdev list:"; sd list | tee /run/list.xen | sed 's/^/  /'
+lab_check "softdev list with --hypervisor auto (Xen in dom0) says the same" bash -c "timeout 60 '$SOFTDEV' list | cmp -s - /run/list.xen"
 # What a Linux guest never does: bad grant references, a dead domain, ports never offered.
 lab_check "xen-lab-probe: the Xen grant table and event channels' error paths and a loopback channel" "$LAB_SHARE/bin/xen-lab-probe" "$D1"
 lab_check "g2: the guest used 2 queues (multi-queue-num-queues)" xs_is "/local/domain/$D2/device/vbd/51712/multi-queue-num-queues" 2
