@@ -104,6 +104,19 @@ lab_check "g3: softdev attach of another image while the guest runs" sd attach g
 rc3=0; lab_domu_wait g3 180 || rc3=$?
 lab_check "g3: the guest used the re-attached disk (marker round trip)" test $rc3 = 0
 lab_check "dom0: sector 8 of the re-attached image holds what g3 wrote" sector8_is /run/g3b.img "$M3B"
+# Hot-plug cycles on the now idle guest: attach a second disk, wait until the guest's blkfront
+# has connected it, detach it (the guest lets go), five times in a row.
+hotplug_cycles() {
+  local i fe=/local/domain/$D3/device/vbd/51728
+  for i in 1 2 3 4 5; do
+    sd attach g3 block xvdb "null(size=16M)" > /dev/null || { echo "cycle $i: attach failed"; return 1; }
+    wait_until 60 xs_is "$fe/state" 4 || { echo "cycle $i: the guest did not connect xvdb"; return 1; }
+    sd detach g3 xvdb > /run/detach.out 2>&1 || { echo "cycle $i: $(cat /run/detach.out)"; return 1; }
+    grep -q '^detached xvdb from domain [0-9]*$' /run/detach.out || { echo "cycle $i: $(cat /run/detach.out)"; return 1; }
+    wait_until 20 xs_gone "$fe" || { echo "cycle $i: the frontend nodes stayed"; return 1; }
+  done
+}
+lab_check "g3: five attach/detach cycles of a second disk while the guest runs" hotplug_cycles
 xl destroy g3
 lab_check "g3: the daemon removes the destroyed guest's nodes" wait_until 30 backends_gone "$D3"
 rm -f /run/g3a.img /run/g3b.img /run/g4.img
