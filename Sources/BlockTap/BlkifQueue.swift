@@ -27,6 +27,12 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     private let domain: DomainID
     private let sectors: UInt64
     private let blockSize: UInt64
+    /// blockSize - 1 when it is a power of two (it always is for real disks): alignment by mask,
+    /// not by a division on every request.
+    private let blockMask: UInt64?
+    /// Read once (a global or static is a lazy-initialisation check on every use).
+    private let debug = debugLogging
+    private let directSegmentsOffset = MemoryLayout<blkif_request>.offset(of: \blkif_request.seg)!
     private let writable: Bool
     private let onFatal: BlkifFatalHandler
     let persistent: PersistentGrantCache?
@@ -50,12 +56,14 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         var pendingWrite: BlockRequest?
     }
     private let slots: UnsafeMutablePointer<Slot>
-    @exclusivity(unchecked) private var freeSlots: [Int]
+    /// Free slot tags, a stack in raw memory (an Array would check uniqueness on every use).
+    private let freeSlotStack: UnsafeMutablePointer<Int>
+    @exclusivity(unchecked) private var freeSlotCount: Int
     @exclusivity(unchecked) private var inFlight = 0
     /// A WRITE_BARRIER waits here until everything before it has completed.
     @exclusivity(unchecked) private var heldBarrier: BlkifRequestBytes?
 
-    private var ringThread = pthread_t()
+    @exclusivity(unchecked) private var ringThread = pthread_t()   // set once, before the thread runs
     private let wake: Int32
     private let remoteCompletions = Mutex<[(UInt64, BlockResult)]>([])
     private let stopping = Atomic<Bool>(false)
@@ -74,6 +82,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         self.channel = channel; self.device = device; self.grants = grants; self.domain = domain
         self.sectors = device.geometry.sectors
         self.blockSize = UInt64(device.geometry.logicalBlockSize)
+        self.blockMask = blockSize.nonzeroBitCount == 1 ? blockSize - 1 : nil
         self.writable = device.capabilities.contains(.write)
         self.onFatal = onFatal
         self.persistent = persistentGrants > 0 ? PersistentGrantCache(grants: grants, domain: domain, capacity: persistentGrants) : nil
@@ -85,7 +94,9 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
                                             vectors: .allocate(capacity: maxSegs), mappedRefs: .allocate(capacity: maxSegs),
                                             batchIndex: .allocate(capacity: maxSegs), batchPages: .allocate(capacity: maxSegs)))
         }
-        freeSlots = Array((0..<n).reversed())
+        freeSlotStack = .allocate(capacity: n)
+        for i in 0..<n { freeSlotStack[i] = n - 1 - i }
+        freeSlotCount = n
         wake = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC | CXEN_EFD_NONBLOCK))
         indirectBuffer = .allocate(capacity: Blkif.segmentsPerIndirectPage * Blkif.maxIndirectPages)
     }
@@ -98,6 +109,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         }
         slots.deinitialize(count: Int(ring.size))
         slots.deallocate()
+        freeSlotStack.deallocate()
         indirectBuffer.deallocate()
         Glibc.close(wake)
     }
@@ -238,6 +250,19 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         }
     }
 
+    /// A free slot. There is always one: the ring bounds the requests taken and not yet
+    /// answered by its size, which is the number of slots.
+    @inline(__always) private func takeSlot() -> Int {
+        precondition(freeSlotCount > 0, "blkif: more requests in flight than ring slots")
+        freeSlotCount -= 1
+        return freeSlotStack[freeSlotCount]
+    }
+
+    @inline(__always) private func returnSlot(_ tag: Int) {
+        freeSlotStack[freeSlotCount] = tag
+        freeSlotCount += 1
+    }
+
     /// `sector + count` in 512-byte sectors, or nil on overflow.
     private func checkedEnd(_ sector: UInt64, _ count: UInt64) -> UInt64? {
         let (end, overflow) = sector.addingReportingOverflow(count)
@@ -245,11 +270,12 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     }
 
     private func aligned(_ sector: UInt64, _ count: UInt64) -> Bool {
-        (sector * 512) % blockSize == 0 && (count * 512) % blockSize == 0
+        if let blockMask { return (sector * 512) & blockMask == 0 && (count * 512) & blockMask == 0 }
+        return (sector * 512) % blockSize == 0 && (count * 512) % blockSize == 0
     }
 
     private func submitNoData(_ request: blkif_request, _ op: BlockOperation, offset: UInt64, length: UInt64) {
-        let tag = freeSlots.removeLast()
+        let tag = takeSlot()
         slots[tag].id = request.id
         slots[tag].operation = request.operation
         slots[tag].segmentCount = 0
@@ -276,7 +302,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
                 }
                 let page: UnsafeMutableRawPointer, m: GrantMapping
                 do { (page, m) = try grants.mapPage(domain: domain, ref: refs[p], writable: false) } catch {
-                    if debugLogging { print("blkif: indirect page: \(error)") }
+                    if debug { print("blkif: indirect page: \(error)") }
                     return false
                 }
                 memcpy(destination, page, bytes)
@@ -292,7 +318,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         // Linux blkback answers an indirect request with its inner operation.
         let responseOperation = indirect ? operation : request.operation
         let fail = { (why: String) in
-            if debugLogging { print("blkif: request \(request.id) op \(request.operation): \(why)") }
+            if self.debug { print("blkif: request \(request.id) op \(request.operation): \(why)") }
             self.respond(id: request.id, operation: responseOperation, status: Blkif.statusError)
         }
         let maxSegments = indirect ? Blkif.maxIndirectSegments : Blkif.maxDirectSegments
@@ -301,7 +327,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         if isWrite && !writable { fail("write to a read-only device"); return }
         if indirect && !loadIndirectSegments(raw, count: segmentCount) { fail("bad indirect page"); return }
 
-        let tag = freeSlots.removeLast()
+        let tag = takeSlot()
         let slot = slots + tag
         slot.pointee.id = request.id
         slot.pointee.operation = responseOperation
@@ -314,7 +340,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         var total: UInt64 = 0
         var ok = true
         withUnsafeBytes(of: raw.storage) { bytes in
-            let direct = bytes.baseAddress!.advanced(by: MemoryLayout<blkif_request>.offset(of: \blkif_request.seg)!)
+            let direct = bytes.baseAddress!.advanced(by: directSegmentsOffset)
                 .assumingMemoryBound(to: blkif_request_segment.self)
             let segs = indirect ? UnsafePointer(indirectBuffer) : direct
             for i in 0..<segmentCount {
@@ -328,9 +354,9 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
             }
         }
         guard ok, let end = checkedEnd(sector, total / 512), end <= sectors, aligned(sector, total / 512) else {
-            freeSlots.append(tag); fail("bad segment or range"); return
+            returnSlot(tag); fail("bad segment or range"); return
         }
-        guard mapSegments(slot, deviceWrites: !isWrite) else { freeSlots.append(tag); fail("grant map failed"); return }
+        guard mapSegments(slot, deviceWrites: !isWrite) else { returnSlot(tag); fail("grant map failed"); return }
         for i in 0..<segmentCount {
             let offset = Int(bitPattern: slot.pointee.vectors[i].iov_base)
             slot.pointee.vectors[i].iov_base = slot.pointee.pages[i] + offset
@@ -427,7 +453,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         case .failure(let e): status = e.code == .notSupported ? Blkif.statusNotSupported : Blkif.statusError
         }
         respond(id: slot.pointee.id, operation: slot.pointee.operation, status: status)
-        freeSlots.append(tag)
+        returnSlot(tag)
         inFlight -= 1
         if inFlight == 0, let barrier = heldBarrier {
             heldBarrier = nil

@@ -220,11 +220,15 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         if let slot { start(slot, request, completion) }
     }
 
+    /// Field offsets in a slot, computed once (a key path offset is a runtime call).
+    private static let iocbOffset = MemoryLayout<Slot>.offset(of: \Slot.iocb)!
+    private static let bounceVectorOffset = MemoryLayout<Slot>.offset(of: \Slot.bounceVector)!
+
     private func start(_ index: Int, _ request: BlockRequest, _ completion: BlockCompletion) {
         let slot = slots + index
         slot.pointee.request = request
         slot.pointee.completion = completion
-        let iocb = UnsafeMutableRawPointer(slot).advanced(by: MemoryLayout<Slot>.offset(of: \Slot.iocb)!)
+        let iocb = UnsafeMutableRawPointer(slot).advanced(by: Self.iocbOffset)
             .assumingMemoryBound(to: CAio.iocb.self)
         let data = UnsafeMutableRawPointer(bitPattern: index + 1)  // 0 is the stop request
         switch request.operation {
@@ -238,7 +242,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
                 if request.operation == .write { request.buffers.copy(to: bounce, count: Int(request.length)) }
                 slot.pointee.bounce = bounce
                 slot.pointee.bounceVector = iovec(iov_base: bounce, iov_len: Int(request.length))
-                vectors = UnsafeRawPointer(slot).advanced(by: MemoryLayout<Slot>.offset(of: \Slot.bounceVector)!)
+                vectors = UnsafeRawPointer(slot).advanced(by: Self.bounceVectorOffset)
                     .assumingMemoryBound(to: iovec.self)
                 count = 1
             }
