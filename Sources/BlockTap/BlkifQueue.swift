@@ -36,6 +36,9 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     private let writable: Bool
     private let onFatal: BlkifFatalHandler
     let persistent: PersistentGrantCache?
+    /// The persistent cache's table, for lookups that hit (most): no object is touched, so no
+    /// reference counting per segment.
+    private let persistentPages: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
 
     /// One in-flight request: everything preallocated, reused, indexed by the completion tag.
     private struct Slot {
@@ -86,6 +89,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         self.writable = device.capabilities.contains(.write)
         self.onFatal = onFatal
         self.persistent = persistentGrants > 0 ? PersistentGrantCache(grants: grants, domain: domain, capacity: persistentGrants) : nil
+        self.persistentPages = persistent?.pages
         let n = Int(ring.size)
         slots = .allocate(capacity: n)
         let maxSegs = Blkif.maxIndirectSegments
@@ -296,7 +300,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
                 let want = min(Blkif.segmentsPerIndirectPage, count - p * Blkif.segmentsPerIndirectPage)
                 let destination = indirectBuffer + p * Blkif.segmentsPerIndirectPage
                 let bytes = want * MemoryLayout<blkif_request_segment>.size
-                if let persistent, let page = persistent.lookupOrMap(refs[p]) {
+                if let page = persistentPage(refs[p]) {
                     memcpy(destination, page, bytes)
                     continue
                 }
@@ -373,13 +377,21 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         }
     }
 
+    /// The persistently mapped page of `ref`: from the table when kept already, else mapped
+    /// into the cache now if it has room; nil when not persistent.
+    @inline(__always) private func persistentPage(_ ref: GrantRef) -> UnsafeMutableRawPointer? {
+        guard let table = persistentPages else { return nil }
+        if ref < PersistentGrantCache.tableEntries, let page = table[Int(ref)] { return page }
+        return persistent?.lookupOrMap(ref)
+    }
+
     /// Maps the slot's references: persistent ones from the cache, the rest in one batch.
     private func mapSegments(_ slot: UnsafeMutablePointer<Slot>, deviceWrites: Bool) -> Bool {
         let n = slot.pointee.segmentCount
         var batch = 0
         for i in 0..<n {
             let ref = slot.pointee.refs[i]
-            if let persistent, let p = persistent.lookupOrMap(ref) {
+            if let p = persistentPage(ref) {
                 slot.pointee.pages[i] = p
             } else {
                 slot.pointee.mappedRefs[batch] = ref

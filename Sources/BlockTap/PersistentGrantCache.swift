@@ -18,7 +18,9 @@ final class PersistentGrantCache {
     private let grants: any GrantTable
     private let domain: DomainID
     let capacity: Int
-    private let pages: UnsafeMutablePointer<UnsafeMutableRawPointer?>
+    /// Indexed by reference: the kept page, or nil. Read directly by the ring thread's fast
+    /// path (`cached`), so a hit touches no object.
+    let pages: UnsafeMutablePointer<UnsafeMutableRawPointer?>
     /// What is mapped, for unmapAll (touched only when a reference is first mapped).
     private var mapped: [(ref: GrantRef, mapping: GrantMapping)] = []
 
