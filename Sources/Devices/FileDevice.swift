@@ -15,6 +15,10 @@ import Synchronization
 /// and lengths aligned to the device's direct I/O block; a request whose buffers are not goes
 /// through an aligned bounce buffer rather than failing.
 ///
+/// Without O_DIRECT (direct=off, or a file system without it), reads, writes and flushes run on
+/// a pool of worker threads instead: io_submit on a buffered file copies the data itself, on the
+/// submitting thread, one request after another.
+///
 /// Batching: each `submit` calls `io_submit` at once, so nothing ever waits for a later request;
 /// a burst of submits costs one system call each. `BlockDevice` has no "end of burst" call that
 /// would let the device gather a burst into one `io_submit` without delaying the last request.
@@ -60,6 +64,10 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     private let stopRequest = UnsafeMutablePointer<iocb>.allocate(capacity: 1)
     private var reaper = pthread_t()
     private var isClosed = false
+    /// For buffered files (see above); nil with O_DIRECT.
+    private let workers: WorkerPool?
+    /// Worker threads for a buffered file.
+    public static let bufferedWorkers = 8
 
     /// One request in flight. The iocb lives here, in memory that never moves, because the
     /// kernel holds on to it from `io_submit` until the completion is reaped.
@@ -141,6 +149,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         } catch {
             throw BlockError.system("\(label): \(error.call)", errno: error.errno)
         }
+        workers = direct ? nil : WorkerPool(threads: Self.bufferedWorkers)
         slots = .allocate(capacity: options.queueDepth)
         slots.initialize(repeating: Slot(), count: options.queueDepth)
         var free = [Int]()
@@ -208,6 +217,10 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             completion.complete(.failure(BlockError(.readOnly, "file(path=\(path)): opened with readonly=true")))
             return
         default: break
+        }
+        if let workers {
+            workers.enqueue { completion.complete(self.performSynchronously(request)) }
+            return
         }
         let slot: Int? = queue.withLock { queue in
             guard let slot = queue.free.popLast() else {
@@ -464,6 +477,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             return queue.stopping
         }
         if alreadyClosed { return }
+        workers?.stop()   // runs what was submitted, then the threads end
         // A read of no bytes completes at once; its event tells the reaper to stop once the
         // requests in flight are done (io_getevents has no other way to be woken).
         AsyncIOContext.prepare(stopRequest, .read, fd: fd, data: nil)
