@@ -27,9 +27,18 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     private let domain: DomainID
     private let sectors: UInt64
     private let blockSize: UInt64
+    /// blockSize - 1 when it is a power of two (it always is for real disks): alignment by mask,
+    /// not by a division on every request.
+    private let blockMask: UInt64?
+    /// Read once (a global or static is a lazy-initialisation check on every use).
+    private let debug = debugLogging
+    private let directSegmentsOffset = MemoryLayout<blkif_request>.offset(of: \blkif_request.seg)!
     private let writable: Bool
     private let onFatal: BlkifFatalHandler
     let persistent: PersistentGrantCache?
+    /// The persistent cache's table, for lookups that hit (most): no object is touched, so no
+    /// reference counting per segment.
+    private let persistentPages: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
 
     /// One in-flight request: everything preallocated, reused, indexed by the completion tag.
     private struct Slot {
@@ -50,12 +59,14 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         var pendingWrite: BlockRequest?
     }
     private let slots: UnsafeMutablePointer<Slot>
-    @exclusivity(unchecked) private var freeSlots: [Int]
+    /// Free slot tags, a stack in raw memory (an Array would check uniqueness on every use).
+    private let freeSlotStack: UnsafeMutablePointer<Int>
+    @exclusivity(unchecked) private var freeSlotCount: Int
     @exclusivity(unchecked) private var inFlight = 0
     /// A WRITE_BARRIER waits here until everything before it has completed.
     @exclusivity(unchecked) private var heldBarrier: BlkifRequestBytes?
 
-    private var ringThread = pthread_t()
+    @exclusivity(unchecked) private var ringThread = pthread_t()   // set once, before the thread runs
     private let wake: Int32
     private let remoteCompletions = Mutex<[(UInt64, BlockResult)]>([])
     private let stopping = Atomic<Bool>(false)
@@ -74,9 +85,11 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         self.channel = channel; self.device = device; self.grants = grants; self.domain = domain
         self.sectors = device.geometry.sectors
         self.blockSize = UInt64(device.geometry.logicalBlockSize)
+        self.blockMask = blockSize.nonzeroBitCount == 1 ? blockSize - 1 : nil
         self.writable = device.capabilities.contains(.write)
         self.onFatal = onFatal
         self.persistent = persistentGrants > 0 ? PersistentGrantCache(grants: grants, domain: domain, capacity: persistentGrants) : nil
+        self.persistentPages = persistent?.pages
         let n = Int(ring.size)
         slots = .allocate(capacity: n)
         let maxSegs = Blkif.maxIndirectSegments
@@ -85,7 +98,9 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
                                             vectors: .allocate(capacity: maxSegs), mappedRefs: .allocate(capacity: maxSegs),
                                             batchIndex: .allocate(capacity: maxSegs), batchPages: .allocate(capacity: maxSegs)))
         }
-        freeSlots = Array((0..<n).reversed())
+        freeSlotStack = .allocate(capacity: n)
+        for i in 0..<n { freeSlotStack[i] = n - 1 - i }
+        freeSlotCount = n
         wake = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC | CXEN_EFD_NONBLOCK))
         indirectBuffer = .allocate(capacity: Blkif.segmentsPerIndirectPage * Blkif.maxIndirectPages)
     }
@@ -98,6 +113,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         }
         slots.deinitialize(count: Int(ring.size))
         slots.deallocate()
+        freeSlotStack.deallocate()
         indirectBuffer.deallocate()
         Glibc.close(wake)
     }
@@ -238,6 +254,19 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         }
     }
 
+    /// A free slot. There is always one: the ring bounds the requests taken and not yet
+    /// answered by its size, which is the number of slots.
+    @inline(__always) private func takeSlot() -> Int {
+        precondition(freeSlotCount > 0, "blkif: more requests in flight than ring slots")
+        freeSlotCount -= 1
+        return freeSlotStack[freeSlotCount]
+    }
+
+    @inline(__always) private func returnSlot(_ tag: Int) {
+        freeSlotStack[freeSlotCount] = tag
+        freeSlotCount += 1
+    }
+
     /// `sector + count` in 512-byte sectors, or nil on overflow.
     private func checkedEnd(_ sector: UInt64, _ count: UInt64) -> UInt64? {
         let (end, overflow) = sector.addingReportingOverflow(count)
@@ -245,11 +274,12 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     }
 
     private func aligned(_ sector: UInt64, _ count: UInt64) -> Bool {
-        (sector * 512) % blockSize == 0 && (count * 512) % blockSize == 0
+        if let blockMask { return (sector * 512) & blockMask == 0 && (count * 512) & blockMask == 0 }
+        return (sector * 512) % blockSize == 0 && (count * 512) % blockSize == 0
     }
 
     private func submitNoData(_ request: blkif_request, _ op: BlockOperation, offset: UInt64, length: UInt64) {
-        let tag = freeSlots.removeLast()
+        let tag = takeSlot()
         slots[tag].id = request.id
         slots[tag].operation = request.operation
         slots[tag].segmentCount = 0
@@ -270,13 +300,13 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
                 let want = min(Blkif.segmentsPerIndirectPage, count - p * Blkif.segmentsPerIndirectPage)
                 let destination = indirectBuffer + p * Blkif.segmentsPerIndirectPage
                 let bytes = want * MemoryLayout<blkif_request_segment>.size
-                if let persistent, let page = persistent.lookupOrMap(refs[p]) {
+                if let page = persistentPage(refs[p]) {
                     memcpy(destination, page, bytes)
                     continue
                 }
                 let page: UnsafeMutableRawPointer, m: GrantMapping
                 do { (page, m) = try grants.mapPage(domain: domain, ref: refs[p], writable: false) } catch {
-                    if debugLogging { print("blkif: indirect page: \(error)") }
+                    if debug { print("blkif: indirect page: \(error)") }
                     return false
                 }
                 memcpy(destination, page, bytes)
@@ -292,7 +322,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         // Linux blkback answers an indirect request with its inner operation.
         let responseOperation = indirect ? operation : request.operation
         let fail = { (why: String) in
-            if debugLogging { print("blkif: request \(request.id) op \(request.operation): \(why)") }
+            if self.debug { print("blkif: request \(request.id) op \(request.operation): \(why)") }
             self.respond(id: request.id, operation: responseOperation, status: Blkif.statusError)
         }
         let maxSegments = indirect ? Blkif.maxIndirectSegments : Blkif.maxDirectSegments
@@ -301,7 +331,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         if isWrite && !writable { fail("write to a read-only device"); return }
         if indirect && !loadIndirectSegments(raw, count: segmentCount) { fail("bad indirect page"); return }
 
-        let tag = freeSlots.removeLast()
+        let tag = takeSlot()
         let slot = slots + tag
         slot.pointee.id = request.id
         slot.pointee.operation = responseOperation
@@ -314,7 +344,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         var total: UInt64 = 0
         var ok = true
         withUnsafeBytes(of: raw.storage) { bytes in
-            let direct = bytes.baseAddress!.advanced(by: MemoryLayout<blkif_request>.offset(of: \blkif_request.seg)!)
+            let direct = bytes.baseAddress!.advanced(by: directSegmentsOffset)
                 .assumingMemoryBound(to: blkif_request_segment.self)
             let segs = indirect ? UnsafePointer(indirectBuffer) : direct
             for i in 0..<segmentCount {
@@ -328,9 +358,9 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
             }
         }
         guard ok, let end = checkedEnd(sector, total / 512), end <= sectors, aligned(sector, total / 512) else {
-            freeSlots.append(tag); fail("bad segment or range"); return
+            returnSlot(tag); fail("bad segment or range"); return
         }
-        guard mapSegments(slot, deviceWrites: !isWrite) else { freeSlots.append(tag); fail("grant map failed"); return }
+        guard mapSegments(slot, deviceWrites: !isWrite) else { returnSlot(tag); fail("grant map failed"); return }
         for i in 0..<segmentCount {
             let offset = Int(bitPattern: slot.pointee.vectors[i].iov_base)
             slot.pointee.vectors[i].iov_base = slot.pointee.pages[i] + offset
@@ -347,13 +377,21 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         }
     }
 
+    /// The persistently mapped page of `ref`: from the table when kept already, else mapped
+    /// into the cache now if it has room; nil when not persistent.
+    @inline(__always) private func persistentPage(_ ref: GrantRef) -> UnsafeMutableRawPointer? {
+        guard let table = persistentPages else { return nil }
+        if ref < PersistentGrantCache.tableEntries, let page = table[Int(ref)] { return page }
+        return persistent?.lookupOrMap(ref)
+    }
+
     /// Maps the slot's references: persistent ones from the cache, the rest in one batch.
     private func mapSegments(_ slot: UnsafeMutablePointer<Slot>, deviceWrites: Bool) -> Bool {
         let n = slot.pointee.segmentCount
         var batch = 0
         for i in 0..<n {
             let ref = slot.pointee.refs[i]
-            if let persistent, let p = persistent.lookupOrMap(ref) {
+            if let p = persistentPage(ref) {
                 slot.pointee.pages[i] = p
             } else {
                 slot.pointee.mappedRefs[batch] = ref
@@ -427,7 +465,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         case .failure(let e): status = e.code == .notSupported ? Blkif.statusNotSupported : Blkif.statusError
         }
         respond(id: slot.pointee.id, operation: slot.pointee.operation, status: status)
-        freeSlots.append(tag)
+        returnSlot(tag)
         inFlight -= 1
         if inFlight == 0, let barrier = heldBarrier {
             heldBarrier = nil

@@ -15,6 +15,10 @@ import Synchronization
 /// and lengths aligned to the device's direct I/O block; a request whose buffers are not goes
 /// through an aligned bounce buffer rather than failing.
 ///
+/// Without O_DIRECT (direct=off, or a file system without it), reads, writes and flushes run on
+/// a pool of worker threads instead: io_submit on a buffered file copies the data itself, on the
+/// submitting thread, one request after another.
+///
 /// Batching: each `submit` calls `io_submit` at once, so nothing ever waits for a later request;
 /// a burst of submits costs one system call each. `BlockDevice` has no "end of burst" call that
 /// would let the device gather a burst into one `io_submit` without delaying the last request.
@@ -60,6 +64,10 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     private let stopRequest = UnsafeMutablePointer<iocb>.allocate(capacity: 1)
     private var reaper = pthread_t()
     private var isClosed = false
+    /// For buffered files (see above); nil with O_DIRECT.
+    private let workers: WorkerPool?
+    /// Worker threads for a buffered file.
+    public static let bufferedWorkers = 8
 
     /// One request in flight. The iocb lives here, in memory that never moves, because the
     /// kernel holds on to it from `io_submit` until the completion is reaped.
@@ -141,6 +149,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         } catch {
             throw BlockError.system("\(label): \(error.call)", errno: error.errno)
         }
+        workers = direct ? nil : WorkerPool(threads: Self.bufferedWorkers)
         slots = .allocate(capacity: options.queueDepth)
         slots.initialize(repeating: Slot(), count: options.queueDepth)
         var free = [Int]()
@@ -209,6 +218,10 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             return
         default: break
         }
+        if let workers {
+            workers.enqueue { completion.complete(self.performSynchronously(request)) }
+            return
+        }
         let slot: Int? = queue.withLock { queue in
             guard let slot = queue.free.popLast() else {
                 queue.waiting.append((request, completion))
@@ -220,11 +233,15 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         if let slot { start(slot, request, completion) }
     }
 
+    /// Field offsets in a slot, computed once (a key path offset is a runtime call).
+    private static let iocbOffset = MemoryLayout<Slot>.offset(of: \Slot.iocb)!
+    private static let bounceVectorOffset = MemoryLayout<Slot>.offset(of: \Slot.bounceVector)!
+
     private func start(_ index: Int, _ request: BlockRequest, _ completion: BlockCompletion) {
         let slot = slots + index
         slot.pointee.request = request
         slot.pointee.completion = completion
-        let iocb = UnsafeMutableRawPointer(slot).advanced(by: MemoryLayout<Slot>.offset(of: \Slot.iocb)!)
+        let iocb = UnsafeMutableRawPointer(slot).advanced(by: Self.iocbOffset)
             .assumingMemoryBound(to: CAio.iocb.self)
         let data = UnsafeMutableRawPointer(bitPattern: index + 1)  // 0 is the stop request
         switch request.operation {
@@ -238,7 +255,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
                 if request.operation == .write { request.buffers.copy(to: bounce, count: Int(request.length)) }
                 slot.pointee.bounce = bounce
                 slot.pointee.bounceVector = iovec(iov_base: bounce, iov_len: Int(request.length))
-                vectors = UnsafeRawPointer(slot).advanced(by: MemoryLayout<Slot>.offset(of: \Slot.bounceVector)!)
+                vectors = UnsafeRawPointer(slot).advanced(by: Self.bounceVectorOffset)
                     .assumingMemoryBound(to: iovec.self)
                 count = 1
             }
@@ -460,6 +477,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             return queue.stopping
         }
         if alreadyClosed { return }
+        workers?.stop()   // runs what was submitted, then the threads end
         // A read of no bytes completes at once; its event tells the reaper to stop once the
         // requests in flight are done (io_getevents has no other way to be woken).
         AsyncIOContext.prepare(stopRequest, .read, fd: fd, data: nil)

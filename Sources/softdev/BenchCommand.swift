@@ -33,6 +33,9 @@ struct Bench: ParsableCommand {
     @Option(help: "Backends to measure, comma-separated: null, file, reference.")
     var backends = "reference,null,file"
 
+    @Option(help: "Workloads to run, comma-separated: 4k-qd1, 4k-qd32, 4k-qd256, 1m (default: all).")
+    var workloads = "4k-qd1,4k-qd32,4k-qd256,1m"
+
     @Flag(help: "Also measure the NBD export against nbdkit's memory and file plugins with fio's nbd engine (needs fio and nbdkit).")
     var nbd = false
 
@@ -44,6 +47,12 @@ struct Bench: ParsableCommand {
         let unknown = wanted.subtracting(["null", "file", "reference"])
         guard unknown.isEmpty else { throw ValidationError("--backends: unknown \(unknown.sorted().joined(separator: ", ")) (use null, file, reference)") }
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
+        let keys = ["4k-qd1", "4k-qd32", "4k-qd256", "1m"]
+        let chosen = workloads.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        guard !chosen.isEmpty, chosen.allSatisfy(keys.contains) else {
+            throw ValidationError("--workloads \(workloads): use some of \(keys.joined(separator: ", "))")
+        }
+        let picked = keys.indices.filter { chosen.contains(keys[$0]) }
         // The file the file device (and nbdkit's file plugin) reads: --file, or a scratch file.
         var scratch: String?
         defer { if let scratch { unlink(scratch) } }
@@ -68,13 +77,13 @@ struct Bench: ParsableCommand {
             if wanted.contains("reference") { targets.append(.reference) }
             if wanted.contains("null") { targets.append(.softdev(label: "softdev null", spec: "null(size=\(size))")) }
             if wanted.contains("file") { targets.append(.softdev(label: "softdev file", spec: "file(path=\(path), direct=\(direct))")) }
-            try runBlkif(targets: targets, size: size)
+            try runBlkif(targets: targets, size: size, workloads: picked.map { BlkifLoadGenerator.Workload.standard[$0] })
         }
-        if nbd || nbdOnly { try runNBD(path: path, size: size) }
+        if nbd || nbdOnly { try runNBD(path: path, size: size, workloads: picked.map { NBDBenchmark.Workload.standard[$0] }) }
     }
 
-    private func runBlkif(targets: [BlockBenchmark.Target], size: UInt64) throws {
-        var bench = BlockBenchmark(targets: targets, seconds: seconds)
+    private func runBlkif(targets: [BlockBenchmark.Target], size: UInt64, workloads: [BlkifLoadGenerator.Workload]) throws {
+        var bench = BlockBenchmark(targets: targets, workloads: workloads, seconds: seconds)
         bench.deviceSize = size
         print("blkif, local hypervisor: ring order \(bench.ringPageOrder), 1 queue, persistent grants, \(seconds) s per row, device \(size >> 20) MiB")
         let rows = try bench.run { row in
@@ -85,9 +94,9 @@ struct Bench: ParsableCommand {
 
     /// The NBD export against nbdkit: our memory device against `nbdkit memory`, our file
     /// device against `nbdkit file` on the same file (both through the page cache).
-    private func runNBD(path: String, size: UInt64) throws {
+    private func runNBD(path: String, size: UInt64, workloads: [NBDBenchmark.Workload]) throws {
         let runtime = max(1, Int(seconds.rounded()))
-        let bench = NBDBenchmark(runtime: runtime, size: size)
+        let bench = NBDBenchmark(workloads: workloads, runtime: runtime, size: size)
         let memory = try DeviceRegistry.open("memory(size=\(bench.size))")
         let fileDevice = try DeviceRegistry.open("file(path=\(path), direct=off)")
         defer { memory.close(); fileDevice.close() }
