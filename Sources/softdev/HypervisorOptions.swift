@@ -7,7 +7,7 @@ extension HypervisorKind: ExpressibleByArgument {}
 /// `--hypervisor` and `--local-dir`, shared by every command that talks to a hypervisor.
 struct HypervisorOptions: ParsableArguments {
     @Option(help: ArgumentHelp(
-        "auto, xen or local. auto picks Xen when this runs in a Xen domain that can map grants (dom0), else the local emulated hypervisor.",
+        "auto, xen or local. auto picks Xen when this runs in a Xen domain (dom0 or a driver domain: /dev/xen/xenbus or xenstored is there), else the local emulated hypervisor. Default: the config file's, else auto.",
         valueName: "kind"))
     var hypervisor: HypervisorKind?
 
