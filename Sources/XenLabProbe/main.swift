@@ -42,6 +42,10 @@ if let mapping { hv.grants.unmap(mapping, refs: [ringRef]) }
 let (_, e2) = outcome { try hv.grants.mapContiguous(domain: guest, refs: [ringRef, badRef], writable: false) }
 check("a batch with a bad reference fails as .badReference of that reference",
       e2 == "\(GrantError.badReference(domain: guest, ref: badRef))", e2)
+// Linux keeps references 2-7 reserved and never grants them: in the table, granting nothing.
+let unused: GrantRef = 5
+let (_, e2b) = outcome { try hv.grants.mapContiguous(domain: guest, refs: [unused], writable: true) }
+check("a reference that grants nothing fails as .badReference", e2b == "\(GrantError.badReference(domain: guest, ref: unused))", e2b)
 let (again, e3) = outcome { try hv.grants.mapContiguous(domain: guest, refs: [ringRef], writable: false) }
 check("after the failed batch the good reference maps again", again != nil, e3)
 if let again { hv.grants.unmap(again, refs: [ringRef]) }
@@ -56,12 +60,14 @@ var segments = [
     GrantCopySegment(direction: .fromGuest, domain: guest, ref: badRef, offset: 0, length: 64, local: buffer + 64),
     GrantCopySegment(direction: .fromGuest, domain: guest, ref: ringRef, offset: 4090, length: 64, local: buffer + 128),
     GrantCopySegment(direction: .fromGuest, domain: missing, ref: 1, offset: 0, length: 64, local: buffer + 128),
+    GrantCopySegment(direction: .toGuest, domain: guest, ref: unused, offset: 0, length: 64, local: buffer + 128),
 ]
 segments.withUnsafeMutableBufferPointer { hv.grants.copy($0) }
 check("grant copy from the ring page succeeds beside bad segments", segments[0].error == nil, "\(segments[0].error.map { "\($0)" } ?? "")")
 check("grant copy of a bad reference: .badReference", segments[1].error == .badReference(domain: guest, ref: badRef), "\(String(describing: segments[1].error))")
 check("grant copy past the page's end: refused", segments[2].error == .badReference(domain: guest, ref: ringRef), "\(String(describing: segments[2].error))")
 check("grant copy from a missing domain: .noSuchDomain", segments[3].error == .noSuchDomain(missing), "\(String(describing: segments[3].error))")
+check("grant copy to a reference that grants nothing: .badReference", segments[4].error == .badReference(domain: guest, ref: unused), "\(String(describing: segments[4].error))")
 
 // Event channels.
 let (_, e5) = outcome { try hv.events.bindInterdomain(remote: guest, remotePort: 0x7ffff) }

@@ -11,6 +11,8 @@ final class XenHypervisorTests: XCTestCase {
         XCTAssertNil(XenGrantTable.error(status: Int16(CXEN_GNTST_okay), domain: d, ref: r))
         XCTAssertEqual(XenGrantTable.error(status: Int16(CXEN_GNTST_bad_domain), domain: d, ref: r), .noSuchDomain(d))
         XCTAssertEqual(XenGrantTable.error(status: Int16(CXEN_GNTST_bad_gntref), domain: d, ref: r), .badReference(domain: d, ref: r))
+        // Xen's answer for an entry that grants nothing to us ("Bad flags or dom").
+        XCTAssertEqual(XenGrantTable.error(status: Int16(CXEN_GNTST_general_error), domain: d, ref: r), .badReference(domain: d, ref: r))
         XCTAssertEqual(XenGrantTable.error(status: Int16(CXEN_GNTST_bad_copy_arg), domain: d, ref: r), .badReference(domain: d, ref: r))
         XCTAssertEqual(XenGrantTable.error(status: Int16(CXEN_GNTST_permission_denied), domain: d, ref: r), .permissionDenied(domain: d, ref: r))
         XCTAssertEqual(XenGrantTable.error(status: Int16(CXEN_GNTST_bad_page), domain: d, ref: r), .badFrame(domain: d, ref: r))

@@ -78,7 +78,7 @@ static inline void cxen_grant_copy_segment(xengnttab_grant_copy_segment_t *s, in
 
 // Grant operation status codes (grant_table.h's GNTST_*), as constants Swift can see.
 enum {
-    CXEN_GNTST_okay = GNTST_okay, CXEN_GNTST_bad_domain = GNTST_bad_domain, CXEN_GNTST_bad_gntref = GNTST_bad_gntref,
+    CXEN_GNTST_okay = GNTST_okay, CXEN_GNTST_general_error = GNTST_general_error, CXEN_GNTST_bad_domain = GNTST_bad_domain, CXEN_GNTST_bad_gntref = GNTST_bad_gntref,
     CXEN_GNTST_permission_denied = GNTST_permission_denied, CXEN_GNTST_bad_page = GNTST_bad_page,
     CXEN_GNTST_bad_copy_arg = GNTST_bad_copy_arg, CXEN_GNTST_address_too_big = GNTST_address_too_big,
 };

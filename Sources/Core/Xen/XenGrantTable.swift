@@ -7,7 +7,8 @@ import Glibc
 /// A map of several references is one `xengnttab_map_domain_grant_refs` call (one hypercall
 /// batch), so the pages land side by side: `pages[i] = base + i * 4096`. The kernel reports a
 /// failed map only as an errno; to name the guilty reference and the reason, the failure path
-/// probes the references with a one-byte grant copy (which returns Xen's status per reference).
+/// probes the references with a one-byte grant copy (which returns Xen's status per reference),
+/// then, for a writable map of readable pages, maps them one by one (a read-only grant).
 final class XenGrantTable: GrantTable, @unchecked Sendable {
     private let handle: OpaquePointer
 
@@ -68,18 +69,28 @@ final class XenGrantTable: GrantTable, @unchecked Sendable {
                 }
                 for k in 0..<n {
                     let s = segments[index[k]]
-                    segments[index[k]].error = Self.error(status: ops[k].status, domain: s.domain, ref: s.ref)
+                    var error = Self.error(status: ops[k].status, domain: s.domain, ref: s.ref)
+                    // Xen says only "general error" for a write to a read-only grant: if we
+                    // may read the page, that is what it was.
+                    if ops[k].status == Int16(CXEN_GNTST_general_error), s.direction == .toGuest,
+                       withUnsafePointer(to: s.ref, { readProbe(domain: s.domain, refs: UnsafeBufferPointer(start: $0, count: 1)) }) == nil {
+                        error = .permissionDenied(domain: s.domain, ref: s.ref)
+                    }
+                    segments[index[k]].error = error
                 }
             }
         }
     }
 
-    /// Xen's per-operation status as a ``GrantError`` (nil for GNTST_okay).
+    /// Xen's per-operation status as a ``GrantError`` (nil for GNTST_okay). Xen answers
+    /// GNTST_bad_gntref only for a reference past the end of the table; an entry that grants
+    /// nothing, or grants to another domain, is GNTST_general_error ("Bad flags or dom"), which
+    /// is also what a write to a read-only grant gets (callers that know tell them apart).
     static func error(status: Int16, domain: DomainID, ref: GrantRef) -> GrantError? {
         switch Int32(status) {
         case Int32(CXEN_GNTST_okay): return nil
         case Int32(CXEN_GNTST_bad_domain): return .noSuchDomain(domain)
-        case Int32(CXEN_GNTST_bad_gntref), Int32(CXEN_GNTST_bad_copy_arg),
+        case Int32(CXEN_GNTST_bad_gntref), Int32(CXEN_GNTST_general_error), Int32(CXEN_GNTST_bad_copy_arg),
              Int32(CXEN_GNTST_address_too_big):
             return .badReference(domain: domain, ref: ref)
         case Int32(CXEN_GNTST_permission_denied): return .permissionDenied(domain: domain, ref: ref)
@@ -92,18 +103,7 @@ final class XenGrantTable: GrantTable, @unchecked Sendable {
     /// dead domain), else the first one it refuses to map writable (a read-only grant), else
     /// the system error itself (out of memory, gntdev's limit).
     private func mapFailure(domain: DomainID, refs: UnsafeBufferPointer<GrantRef>, writable: Bool, errno e: Int32) -> GrantError {
-        var scratch: UInt8 = 0
-        let probe: GrantError? = withUnsafeMutablePointer(to: &scratch) { byte in
-            withUnsafeTemporaryAllocation(of: xengnttab_grant_copy_segment_t.self, capacity: refs.count) { ops -> GrantError? in
-                for i in 0..<refs.count { cxen_grant_copy_segment(&ops[i], 0, domain, refs[i], 0, 1, byte) }
-                guard xengnttab_grant_copy(handle, UInt32(refs.count), ops.baseAddress) == 0 else { return nil }
-                for i in 0..<refs.count {
-                    if let error = Self.error(status: ops[i].status, domain: domain, ref: refs[i]) { return error }
-                }
-                return nil
-            }
-        }
-        if let probe { return probe }
+        if let probe = readProbe(domain: domain, refs: refs) { return probe }
         if writable {
             for i in 0..<refs.count {
                 var r = refs[i]
@@ -114,5 +114,21 @@ final class XenGrantTable: GrantTable, @unchecked Sendable {
             }
         }
         return .system(operation: "xengnttab_map_domain_grant_refs", errno: e)
+    }
+
+    /// Reads one byte of each reference's page with a grant copy: the first reference Xen will
+    /// not let us read, and why; nil if all are readable (or the probe itself failed).
+    private func readProbe(domain: DomainID, refs: UnsafeBufferPointer<GrantRef>) -> GrantError? {
+        var scratch: UInt8 = 0
+        return withUnsafeMutablePointer(to: &scratch) { byte in
+            withUnsafeTemporaryAllocation(of: xengnttab_grant_copy_segment_t.self, capacity: refs.count) { ops -> GrantError? in
+                for i in 0..<refs.count { cxen_grant_copy_segment(&ops[i], 0, domain, refs[i], 0, 1, byte) }
+                guard xengnttab_grant_copy(handle, UInt32(refs.count), ops.baseAddress) == 0 else { return nil }
+                for i in 0..<refs.count {
+                    if let error = Self.error(status: ops[i].status, domain: domain, ref: refs[i]) { return error }
+                }
+                return nil
+            }
+        }
     }
 }
