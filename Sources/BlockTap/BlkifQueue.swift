@@ -74,8 +74,12 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     private let indirectBuffer: UnsafeMutablePointer<blkif_request_segment>
 
     /// Counters, for `softdev` status and tests.
+    /// Only the ring thread writes them, so it keeps its own counts and publishes them with a
+    /// plain atomic store (a read-modify-write per request costs a locked instruction).
     let requestsServed = Atomic<UInt64>(0)
     let requestsFailed = Atomic<UInt64>(0)
+    @exclusivity(unchecked) private var served: UInt64 = 0
+    @exclusivity(unchecked) private var failed: UInt64 = 0
 
     init(index: Int, ringMapping: GrantMapping, ringRefs: [GrantRef], channel: any EventChannel, device: any BlockDevice,
          grants: any GrantTable, domain: DomainID, persistentGrants: Int, onFatal: @escaping BlkifFatalHandler) {
@@ -207,7 +211,13 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         r.operation = operation
         r.status = status
         ring.putResponse(r)
-        if status == Blkif.statusOkay { requestsServed.add(1, ordering: .relaxed) } else { requestsFailed.add(1, ordering: .relaxed) }
+        if status == Blkif.statusOkay {
+            served &+= 1
+            requestsServed.store(served, ordering: .relaxed)
+        } else {
+            failed &+= 1
+            requestsFailed.store(failed, ordering: .relaxed)
+        }
     }
 
     private func dispatch(_ raw: BlkifRequestBytes) {
