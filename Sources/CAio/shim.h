@@ -1,1 +1,7 @@
 #include <libaio.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+// preadv2 (glibc 2.26+) is declared only under _GNU_SOURCE, which Swift's Glibc module does
+// not set: the file device needs it for RWF_NOWAIT reads from the page cache.
+extern ssize_t preadv2(int fd, const struct iovec *iov, int iovcnt, off_t offset, int flags);

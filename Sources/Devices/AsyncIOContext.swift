@@ -83,6 +83,8 @@ enum LinuxFile {
     static let O_DIRECT: Int32 = 0o200000  // aarch64, and most other architectures
     #endif
     static let RWF_DSYNC: Int32 = 0x2
+    /// Fail with EAGAIN instead of waiting for the disk (data not in the page cache).
+    static let RWF_NOWAIT: Int32 = 0x8
     static let SEEK_DATA: Int32 = 3
     static let SEEK_HOLE: Int32 = 4
     static let FALLOC_FL_KEEP_SIZE: Int32 = 0x01

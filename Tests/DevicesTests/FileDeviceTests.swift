@@ -48,6 +48,34 @@ final class FileDeviceTests: XCTestCase {
         withExtendedLifetime(buffers) {}
     }
 
+    func testABurstOnABufferedFileFromThePageCacheAndFromDisk() throws {
+        // direct=off: requests run on worker threads, reads that hit the page cache inline.
+        let file = try makeImage(size: 1 << 20, direct: .off)
+        XCTAssertFalse(file.isDirect)
+        let buffers = (0..<64).map { TestBuffer(count: 4096, pattern: UInt8($0 + 1)) }
+        let writes = Completions()
+        for (i, buffer) in buffers.enumerated() {
+            file.submit(file.writeRequest(buffer, at: UInt64(i) * 4096, fua: i % 8 == 0), completion: writes.completion(UInt64(i)))
+        }
+        XCTAssertEqual(writes.wait(for: 64).values.filter { $0 == .success }.count, 64)
+        XCTAssertEqual(file.submitAndWait(BlockRequest(operation: .flush, offset: 0, length: 0)), .success)
+        for pass in ["page cache", "disk"] {
+            if pass == "disk" {
+                // Written back by the flush; dropping the cached pages makes RWF_NOWAIT fail
+                // (EAGAIN) so that the reads go to the workers.
+                let fd = open(file.path, O_RDONLY)
+                XCTAssertEqual(posix_fadvise(fd, 0, 1 << 20, POSIX_FADV_DONTNEED), 0)
+                close(fd)
+            }
+            let back = (0..<64).map { _ in TestBuffer(count: 4096) }
+            let reads = Completions()
+            for (i, buffer) in back.enumerated() { file.submit(file.readRequest(buffer, at: UInt64(i) * 4096), completion: reads.completion(UInt64(i))) }
+            XCTAssertEqual(reads.wait(for: 64).values.filter { $0 == .success }.count, 64, pass)
+            for i in 0..<64 { XCTAssertEqual(back[i].bytes, TestBuffer.expected(4096, UInt8(i + 1)), "\(pass): block \(i)") }
+        }
+        withExtendedLifetime(buffers) {}
+    }
+
     func testMisalignedBuffersGoThroughABounceBuffer() throws {
         let file = try makeImage()
         // 3 bytes past a page boundary: O_DIRECT would fail this with EINVAL.
