@@ -19,4 +19,16 @@ public enum BenchmarkFile {
         }
         guard fsync(fd) == 0 else { throw HarnessFailure("cannot sync \(path): \(String(cString: strerror(errno)))") }
     }
+
+    /// Reads the whole file through the page cache, so that two servers compared on it both
+    /// start warm (the first one measured would otherwise pay for the cold reads).
+    public static func warm(_ path: String) throws {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw HarnessFailure("cannot open \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        let chunk = 1 << 20
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { buffer.deallocate() }
+        while read(fd, buffer, chunk) > 0 {}
+    }
 }

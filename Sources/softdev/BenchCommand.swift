@@ -99,6 +99,7 @@ struct Bench: ParsableCommand {
         let bench = NBDBenchmark(workloads: workloads, runtime: runtime, size: size)
         let memory = try DeviceRegistry.open("memory(size=\(bench.size))")
         let fileDevice = try DeviceRegistry.open("file(path=\(path), direct=off)")
+        try BenchmarkFile.warm(path)
         defer { memory.close(); fileDevice.close() }
         print("\nNBD, fio nbd engine over a unix socket: \(runtime) s per row (+1 s ramp), \(bench.size >> 20) MiB")
         let rows = try bench.run(pairs: [
