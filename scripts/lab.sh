@@ -13,6 +13,8 @@ fi
 [ "$(id -u)" = 0 ] || { echo "lab: needs root (apt-get, QEMU); SOFTDEV_SKIP_LAB=1 skips it" >&2; exit 1; }
 # Bound the whole run (build, image downloads, QEMU): a hang must fail CI, not
 # stall it. QEMU itself is bounded tighter by LAB_TIMEOUT (test-softdev.sh).
+# Run alone (not from scripts/test.sh), the release build still needs the -dev packages.
+bash scripts/install-deps.sh
 limit=${SOFTDEV_LAB_TIMEOUT:-2700}
 start=$(date +%s)
 rc=0
