@@ -24,15 +24,13 @@ public func writeNodes(_ store: any XenStoreClient, _ directory: String, _ nodes
 /// when those are not wanted, or after `timeoutSeconds`.
 public func waitForState(_ store: any XenStoreClient, _ path: String, _ states: Set<XenbusDeviceState>, timeoutSeconds: Double = 10) throws
     -> XenbusDeviceState {
-    let deadline = monotonicSeconds() + timeoutSeconds
-    while true {
-        let raw = (try? store.readInt(path)).flatMap { $0 }.map { UInt32(truncatingIfNeeded: $0) } ?? 0
-        let s = XenbusDeviceState(rawValue: raw) ?? .unknown
-        if states.contains(s) { return s }
+    let (s, reached) = try XenbusDeviceState.poll(store, path, timeoutSeconds: timeoutSeconds) { s in
+        if states.contains(s) { return true }
         if (s == .closing || s == .closed) && !states.contains(.closing) && !states.contains(.closed) {
             throw HarnessFailure("\(path) went to \(s)")
         }
-        if monotonicSeconds() > deadline { throw HarnessFailure("\(path) did not reach \(states) (it is \(s))") }
-        usleep(2000)
+        return false
     }
+    guard reached else { throw HarnessFailure("\(path) did not reach \(states) (it is \(s))") }
+    return s
 }

@@ -28,18 +28,17 @@ public struct BlkifRequestBytes {
     public var request: blkif_request { view(as: blkif_request.self) }
     public var discard: blkif_request_discard { view(as: blkif_request_discard.self) }
     public var indirect: blkif_request_indirect { view(as: blkif_request_indirect.self) }
-    /// `sector_number`, which every view (read/write, discard, indirect) keeps at one offset:
-    /// a frontend that reuses a built request changes only this.
+    /// `sector_number`, which every view (read/write, discard, indirect) keeps at one offset
+    /// (BlkifProtocolTests checks it): a frontend that reuses a built request changes only
+    /// this. Written through the read/write view, so the offset is the compiler's constant.
     public var sectorNumber: UInt64 {
-        get { withUnsafeBytes(of: storage) { $0.load(fromByteOffset: Self.sectorOffset, as: UInt64.self) } }
-        set { withUnsafeMutableBytes(of: &storage) { $0.storeBytes(of: newValue, toByteOffset: Self.sectorOffset, as: UInt64.self) } }
+        get { request.sector_number }
+        set {
+            withUnsafeMutableBytes(of: &storage) { raw in
+                raw.baseAddress!.withMemoryRebound(to: blkif_request.self, capacity: 1) { $0.pointee.sector_number = newValue }
+            }
+        }
     }
-    static let sectorOffset: Int = {
-        let offset = MemoryLayout<blkif_request>.offset(of: \.sector_number)!
-        precondition(offset == MemoryLayout<blkif_request_indirect>.offset(of: \.sector_number)!
-                     && offset == MemoryLayout<blkif_request_discard>.offset(of: \.sector_number)!)
-        return offset
-    }()
     /// Byte-level access, for tests that write garbage.
     public mutating func withBytes<R>(_ body: (UnsafeMutableRawBufferPointer) -> R) -> R { withUnsafeMutableBytes(of: &storage, body) }
 }

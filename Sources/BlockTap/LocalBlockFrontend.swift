@@ -117,18 +117,16 @@ public final class LocalBlockFrontend: @unchecked Sendable {
 
     /// Waits until the backend's state is `state` (or later in the handshake).
     public func waitForBackend(_ state: XenbusDeviceState, _ timeoutSeconds: Double) throws {
-        let deadline = monotonicSeconds() + timeoutSeconds
-        while true {
-            let s = (try? store.readInt(backendPath + "/state")).flatMap { $0 }.flatMap { XenbusDeviceState(rawValue: UInt32($0)) } ?? .unknown
-            if s == state { return }
-            if state == .initWait && s.rawValue > XenbusDeviceState.initWait.rawValue && s != .closing && s != .closed { return }
+        let (s, reached) = try XenbusDeviceState.poll(store, backendPath + "/state", timeoutSeconds: timeoutSeconds) { s in
+            if s == state { return true }
+            if state == .initWait && s.rawValue > XenbusDeviceState.initWait.rawValue && s != .closing && s != .closed { return true }
             if (s == .closing || s == .closed) && state != .closing && state != .closed {
                 let err = (try? store.readString(backendPath + "/error")).flatMap { $0 } ?? "no error given"
                 throw Failure("backend \(backendPath) went to \(s) (\(err))")
             }
-            if monotonicSeconds() > deadline { throw Failure("backend \(backendPath) did not reach \(state) (it is \(s))") }
-            usleep(2000)
+            return false
         }
+        if !reached { throw Failure("backend \(backendPath) did not reach \(state) (it is \(s))") }
     }
 
     /// Closes as blkfront does: Closing, wait for the backend to close, Closed.

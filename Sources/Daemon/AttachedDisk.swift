@@ -27,7 +27,7 @@ public struct AttachedDisk: Sendable, Equatable {
         let root = "/local/domain/\(backendDomain)/backend/\(BlockTapService.backendType)"
         var disks: [AttachedDisk] = []
         let read = { (path: String) in (try? store.readString(path)).flatMap { $0 } }
-        let state = { (path: String) in XenbusDeviceState(rawValue: UInt32(read(path) ?? "") ?? 0) ?? .unknown }
+        let state = { (path: String) in XenbusDeviceState.read(store, path) }
         for guest in ((try? store.directory(root, transaction: .none)) ?? []).compactMap({ DomainID($0) }).sorted() {
             let devices = ((try? store.directory("\(root)/\(guest)", transaction: .none)) ?? []).compactMap { UInt32($0) }.sorted()
             for id in devices {

@@ -36,11 +36,7 @@ struct Guest: ParsableCommand {
 
     func run() throws {
         setvbuf(stdout, nil, _IOLBF, 0)   // progress lines reach a log file as they happen
-        var signals = sigset_t()
-        sigemptyset(&signals)
-        sigaddset(&signals, SIGTERM)
-        sigaddset(&signals, SIGINT)
-        pthread_sigmask(SIG_BLOCK, &signals, nil)
+        let signals = StopSignals.block()
 
         guard (1...16).contains(disks) else { throw ValidationError("--disks \(disks): use 1 to 16") }
         let address = localDir.map { LocalHypervisorAddress(directory: $0) } ?? .default
@@ -53,9 +49,7 @@ struct Guest: ParsableCommand {
         while true {
             found = ((try? guest.store.directory(home, transaction: .none)) ?? []).sorted()
             if found.count >= disks { break }
-            var pending = sigset_t()
-            sigpending(&pending)
-            if sigismember(&pending, SIGTERM) == 1 || sigismember(&pending, SIGINT) == 1 { return }
+            if signals.pending { return }
             guard monotonicSeconds() < deadline else {
                 throw ValidationError("guest \(name): \(found.count) of \(disks) disks attached after \(wait) s (attach with `softdev attach \(name) block xvda SPEC`)")
             }
@@ -78,13 +72,10 @@ struct Guest: ParsableCommand {
 
         // Stay up; let go of a disk whose backend closes, as blkfront does when it is not in use.
         let end = hold < 0 ? Double.infinity : monotonicSeconds() + hold
-        var pending = sigset_t()
         while monotonicSeconds() < end {
-            sigpending(&pending)
-            if sigismember(&pending, SIGTERM) == 1 || sigismember(&pending, SIGINT) == 1 { break }
+            if signals.pending { break }
             for (i, (vdev, front)) in fronts.enumerated().reversed() {
-                let state = ((try? guest.store.readString(front.backendPath + "/state")) ?? nil) ?? ""
-                if state != "\(XenbusDeviceState.connected.rawValue)" {
+                if XenbusDeviceState.read(guest.store, front.backendPath + "/state") != .connected {
                     try? front.close(timeoutSeconds: 5)
                     print("\(vdev): the backend closed it (detached)")
                     fronts.remove(at: i)

@@ -44,18 +44,12 @@ struct Serve: ParsableCommand {
         }
         // Stop on SIGTERM/SIGINT: block them here (the threads the daemon starts inherit the
         // mask) and wait for one on this thread.
-        var signals = sigset_t()
-        sigemptyset(&signals)
-        sigaddset(&signals, SIGTERM)
-        sigaddset(&signals, SIGINT)
-        pthread_sigmask(SIG_BLOCK, &signals, nil)
+        let signals = StopSignals.block()
 
         let choice = hypervisorOptions.choice(configured: settings.hypervisor, configuredDirectory: settings.localDirectory)
         let daemon = try SoftDevDaemon(config: settings, choice: choice, log: Serve.log)
         try daemon.start()
-        var received: Int32 = 0
-        sigwait(&signals, &received)
-        Serve.log("signal \(received): stopping")
+        Serve.log("signal \(signals.wait()): stopping")
         daemon.stop()
         Serve.log("stopped")
     }

@@ -65,8 +65,7 @@ public final class XenbusBackendDevice: @unchecked Sendable {
 
     /// The frontend's state, or Unknown if its node is gone or garbage.
     public func frontendState() -> XenbusDeviceState {
-        guard let v = try? store.readInt(frontendPath + "/state"), v <= 8, let s = XenbusDeviceState(rawValue: UInt32(v)) else { return .unknown }
-        return s
+        XenbusDeviceState.read(store, frontendPath + "/state")
     }
 
     private var online: Bool {

@@ -8,3 +8,30 @@ public enum XenbusDeviceState: UInt32, Sendable, CustomStringConvertible {
          "Reconfiguring", "Reconfigured"][Int(rawValue)]
     }
 }
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import XenStore
+
+extension XenbusDeviceState {
+    /// The state in the node at `path`: Unknown when the node is missing or holds garbage
+    /// (either end may be a guest).
+    public static func read(_ store: any XenStoreClient, _ path: String) -> XenbusDeviceState {
+        guard let v = (try? store.readInt(path)) ?? nil, v <= 8 else { return .unknown }
+        return XenbusDeviceState(rawValue: UInt32(v)) ?? .unknown
+    }
+
+    /// Reads the node at `path` every `intervalMicroseconds` until `done` accepts its state or
+    /// `timeoutSeconds` pass; returns the last state read and whether `done` accepted it.
+    public static func poll(_ store: any XenStoreClient, _ path: String, timeoutSeconds: Double, intervalMicroseconds: UInt32 = 2000,
+                            until done: (XenbusDeviceState) throws -> Bool) rethrows -> (state: XenbusDeviceState, reached: Bool) {
+        let deadline = monotonicSeconds() + timeoutSeconds
+        while true {
+            let s = read(store, path)
+            if try done(s) { return (s, true) }
+            if monotonicSeconds() >= deadline { return (s, false) }
+            usleep(intervalMicroseconds)
+        }
+    }
+}

@@ -101,16 +101,12 @@ extension XenbusToolstack {
         let be = paths.backendPath
         guard (try? store.read(be, transaction: .none)) != nil else { throw XenStoreError.noEntry(be) }
         try store.write(be + "/online", "0")
-        let end = monotonicSeconds() + timeoutSeconds
-        var outcome = DetachOutcome.forced
-        while true {
-            let state = (try? store.readString(be + "/state")).flatMap { $0 }
-            if state == nil || state == "\(XenbusDeviceState.closed.rawValue)" { outcome = .closed; break }
-            if monotonicSeconds() >= end { break }
-            usleep(20_000)
+        // Closed, or its directory already removed by the backend (Unknown).
+        let (_, closed) = XenbusDeviceState.poll(store, be + "/state", timeoutSeconds: timeoutSeconds, intervalMicroseconds: 20_000) {
+            $0 == .closed || $0 == .unknown
         }
         try remove(store, paths)
-        return outcome
+        return closed ? .closed : .forced
     }
 
     /// The domain `nameOrID` names: a number, or the `name` node of a running domain
