@@ -66,6 +66,9 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     private var isClosed = false
     /// For buffered files (see above); nil with O_DIRECT.
     private let workers: WorkerPool?
+    /// Cleared when the file system refuses RWF_NOWAIT (EOPNOTSUPP, e.g. tmpfs on older
+    /// kernels): every read then goes straight to a worker instead of paying a failed call.
+    private let pageCacheReads = Atomic<Bool>(true)
     /// Worker threads for a buffered file.
     public static let bufferedWorkers = 8
 
@@ -476,8 +479,10 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     /// preadv2 with RWF_NOWAIT answers EAGAIN (or reads short) rather than wait for the disk,
     /// and then the caller hands the request to a worker. Saves a thread handoff per hit.
     private func readFromPageCache(_ request: BlockRequest) -> Bool {
-        guard request.operation == .read, request.buffers.count > 0, let vectors = request.buffers.vectors else { return false }
+        guard request.operation == .read, request.buffers.count > 0, let vectors = request.buffers.vectors,
+              pageCacheReads.load(ordering: .relaxed) else { return false }
         let done = preadv2(fd, vectors, Int32(request.buffers.count), off_t(request.offset), LinuxFile.RWF_NOWAIT)
+        if done < 0 && errno == EOPNOTSUPP { pageCacheReads.store(false, ordering: .relaxed) }
         return done == Int(request.length)
     }
 
