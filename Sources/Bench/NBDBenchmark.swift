@@ -63,9 +63,13 @@ public struct NBDBenchmark: Sendable {
     public var size: UInt64
     /// Also measure the nbdkit peers (false: our export only).
     public var compareWithNbdkit: Bool
+    /// Our server's poll window for idle connections (`NBDServer.pollMicroseconds`).
+    public var pollMicroseconds: Int
 
-    public init(workloads: [Workload] = Workload.standard, runtime: Int = 10, size: UInt64 = 1 << 30, compareWithNbdkit: Bool = true) {
+    public init(workloads: [Workload] = Workload.standard, runtime: Int = 10, size: UInt64 = 1 << 30, compareWithNbdkit: Bool = true,
+                pollMicroseconds: Int = NBDServer.defaultPollMicroseconds) {
         self.workloads = workloads; self.runtime = runtime; self.size = size; self.compareWithNbdkit = compareWithNbdkit
+        self.pollMicroseconds = pollMicroseconds
     }
 
     /// For each pair and workload: fio against our export of the pair's device, then against
@@ -78,7 +82,7 @@ public struct NBDBenchmark: Sendable {
         var rows: [Row] = []
         for pair in pairs {
             let socket = directory + "/softdev-\(pair.name).sock"
-            let server = NBDServer(listen: .unix(path: socket), exports: [NBDExport(name: "", device: pair.device)])
+            let server = NBDServer(listen: .unix(path: socket), exports: [NBDExport(name: "", device: pair.device)], pollMicroseconds: pollMicroseconds)
             try server.start()
             let ours = try measure(fio, server: "softdev \(pair.name)", uri: "nbd+unix:///?socket=\(socket)")
             server.stop()

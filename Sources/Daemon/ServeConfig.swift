@@ -1,6 +1,7 @@
 import BlockTap
 import Devices
 import Foundation
+import NBDExport
 import TOMLKit
 
 /// What `softdev serve --config FILE` reads: the hypervisor to use, the blkif features to offer,
@@ -25,6 +26,7 @@ import TOMLKit
 ///
 /// [nbd]
 /// listen = ["unix:/run/softdev/nbd.sock"]
+/// poll-us = 50                        # idle connections poll this long before sleeping; 0: never
 ///
 /// [[export]]
 /// name = "scratch"
@@ -60,6 +62,8 @@ public struct ServeConfig: Sendable {
     public var blkif = BlkifBackendOptions()
     public var disks: [Disk] = []
     public var nbdListen: [String] = []
+    /// How long an idle NBD connection polls before it sleeps, in microseconds (0: never).
+    public var nbdPollMicroseconds = NBDServer.defaultPollMicroseconds
     public var exports: [Export] = []
 
     public init() {}
@@ -110,6 +114,7 @@ public struct ServeConfig: Sendable {
         }
         if var nbd = try reader.table("nbd") {
             config.nbdListen = try nbd.strings("listen") ?? []
+            config.nbdPollMicroseconds = try nbd.int("poll-us", in: 0...1_000_000) ?? config.nbdPollMicroseconds
             try nbd.finish()
         }
         for var export in try reader.tables("export") {

@@ -80,9 +80,11 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     private var bounce: UnsafeMutableRawPointer?
     private var bounceCapacity = 0
     private let syncWaiter = SyncWaiter()
+    private var poller: NBDPoller
 
-    init(socket: NBDSocket, session: NBDSession, rmwLock: NBDLock) {
+    init(socket: NBDSocket, session: NBDSession, rmwLock: NBDLock, poller: NBDPoller) {
         self.socket = socket
+        self.poller = poller
         self.session = session
         self.device = session.export.device
         self.size = device.geometry.size
@@ -501,7 +503,8 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         // Replies gathered so far leave before we wait on the client.
         flushOut()
         while inEnd < count {
-            let n = socket.readSome(input + inEnd, Self.inCapacity - inEnd)
+            let n = poller.wait(idle: inFlight == 0) { socket.readNow(input + inEnd, Self.inCapacity - inEnd) }
+                ?? socket.readSome(input + inEnd, Self.inCapacity - inEnd)
             if n <= 0 { return false }
             inEnd += n
         }

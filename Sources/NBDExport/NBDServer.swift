@@ -17,6 +17,11 @@ import Glibc
 public final class NBDServer: @unchecked Sendable {
     public let address: NBDListenAddress
     public let exports: [NBDExport]
+    /// How long an idle connection polls its socket before blocking (see `NBDPoller`); 0 never polls.
+    public let pollMicroseconds: Int
+    /// The default poll window: longer than a queue-depth-1 client's usual gap between a reply
+    /// and its next request, short enough that a client that thinks costs little.
+    public static let defaultPollMicroseconds = 50
 
     private let lock = NBDLock()
     private var listenFD: Int32 = -1
@@ -30,10 +35,12 @@ public final class NBDServer: @unchecked Sendable {
     private var port: UInt16?
 
     /// An export named twice is a mistake in the caller's configuration.
-    public init(listen address: NBDListenAddress, exports: [NBDExport]) {
+    public init(listen address: NBDListenAddress, exports: [NBDExport], pollMicroseconds: Int = NBDServer.defaultPollMicroseconds) {
         precondition(Set(exports.map(\.name)).count == exports.count, "NBD export names must be unique")
+        precondition(pollMicroseconds >= 0, "a poll window is not negative")
         self.address = address
         self.exports = exports
+        self.pollMicroseconds = pollMicroseconds
         for e in exports { rmwLocks[e.name] = NBDLock() }
     }
 
@@ -112,7 +119,8 @@ public final class NBDServer: @unchecked Sendable {
         defer { threadEnded() }
         var negotiation = NBDNegotiation(socket: socket, exports: exports)
         let session = negotiation.run()
-        let connection = session.map { NBDConnection(socket: socket, session: $0, rmwLock: rmwLocks[$0.export.name]!) }
+        let connection = session.map { NBDConnection(socket: socket, session: $0, rmwLock: rmwLocks[$0.export.name]!,
+                                                       poller: NBDPoller(microseconds: pollMicroseconds)) }
         let proceed = lock.withLock { () -> Bool in
             negotiating[socket.fd] = nil
             guard let connection, !stopping else { return false }

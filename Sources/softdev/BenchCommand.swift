@@ -3,6 +3,7 @@ import Bench
 import Devices
 import Foundation
 import Glibc
+import NBDExport
 
 /// `softdev bench`.
 struct Bench: ParsableCommand {
@@ -42,11 +43,17 @@ struct Bench: ParsableCommand {
     @Flag(help: "Measure only the NBD export against nbdkit.")
     var nbdOnly = false
 
+    @Option(name: .customLong("nbd-poll-us"), help: ArgumentHelp(
+        "The NBD export's poll window for idle connections, in microseconds, as `softdev serve --nbd-poll-us` (0: never poll).",
+        valueName: "us"))
+    var nbdPollMicroseconds = NBDServer.defaultPollMicroseconds
+
     func run() throws {
         let wanted = Set(backends.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
         let unknown = wanted.subtracting(["null", "file", "reference"])
         guard unknown.isEmpty else { throw ValidationError("--backends: unknown \(unknown.sorted().joined(separator: ", ")) (use null, file, reference)") }
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
+        guard (0...1_000_000).contains(nbdPollMicroseconds) else { throw ValidationError("--nbd-poll-us: use 0 to 1000000 microseconds") }
         let keys = ["4k-qd1", "4k-qd32", "4k-qd256", "1m"]
         let chosen = workloads.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         guard !chosen.isEmpty, chosen.allSatisfy(keys.contains) else {
@@ -96,12 +103,13 @@ struct Bench: ParsableCommand {
     /// device against `nbdkit file` on the same file (both through the page cache).
     private func runNBD(path: String, size: UInt64, workloads: [NBDBenchmark.Workload]) throws {
         let runtime = max(1, Int(seconds.rounded()))
-        let bench = NBDBenchmark(workloads: workloads, runtime: runtime, size: size)
+        let bench = NBDBenchmark(workloads: workloads, runtime: runtime, size: size, pollMicroseconds: nbdPollMicroseconds)
         let memory = try DeviceRegistry.open("memory(size=\(bench.size))")
         let fileDevice = try DeviceRegistry.open("file(path=\(path), direct=off)")
         try BenchmarkFile.warm(path)
         defer { memory.close(); fileDevice.close() }
-        print("\nNBD, fio nbd engine over a unix socket: \(runtime) s per row (+1 s ramp), \(bench.size >> 20) MiB")
+        print("\nNBD, fio nbd engine over a unix socket: \(runtime) s per row (+1 s ramp), \(bench.size >> 20) MiB, "
+              + (bench.pollMicroseconds > 0 ? "idle connections poll \(bench.pollMicroseconds) µs before sleeping" : "no polling"))
         let rows = try bench.run(pairs: [
             .init(name: "memory", device: memory, nbdkitPlugin: ["memory", "size=\(bench.size)"]),
             .init(name: "file", device: fileDevice, nbdkitPlugin: ["file", path]),

@@ -23,6 +23,7 @@ final class ServeConfigTests: XCTestCase {
             device = "memory(size=1G)"
             [nbd]
             listen = ["unix:/run/softdev/nbd.sock", "tcp:127.0.0.1:10809"]
+            poll-us = 0
             [[export]]
             name = "scratch"
             device = "memory(size=1G)"
@@ -40,6 +41,7 @@ final class ServeConfigTests: XCTestCase {
         XCTAssertEqual(config.disks[1].domain, "7")
         XCTAssertFalse(config.disks[1].readOnly)
         XCTAssertEqual(config.nbdListen, ["unix:/run/softdev/nbd.sock", "tcp:127.0.0.1:10809"])
+        XCTAssertEqual(config.nbdPollMicroseconds, 0)
         XCTAssertEqual(config.exports, [.init(name: "scratch", device: "memory(size=1G)", description: "scratch space")])
     }
 
@@ -48,6 +50,7 @@ final class ServeConfigTests: XCTestCase {
         XCTAssertNil(config.hypervisor)
         XCTAssertEqual(config.blkif.maxQueues, BlkifBackendOptions().maxQueues)
         XCTAssertTrue(config.disks.isEmpty && config.exports.isEmpty)
+        XCTAssertEqual(config.nbdPollMicroseconds, 50)
     }
 
     func testMistakesAreNamedWithTheirPlace() {
@@ -64,6 +67,7 @@ final class ServeConfigTests: XCTestCase {
              "domain g has xvda twice"),
             ("[[export]]\nname = \"a\"\ndevice = \"null\"\nreadonly = \"yes\"", "readonly must be true or false"),
             ("[nbd]\nlisten = 5", "listen must be a string or a list of strings"),
+            ("[nbd]\npoll-us = -1", "c.toml [nbd]: poll-us must be an integer in 0...1000000"),
             ("[[export]]\nname = \"a\"\ndevice = \"null\"\n[[export]]\nname = \"a\"\ndevice = \"null\"", "export name 'a' is used twice"),
             ("disk = [", "c.toml:1:"),
         ]

@@ -9,12 +9,12 @@ final class ServerFixture {
     let socketPath: String
     let server: NBDServer
 
-    init(_ exports: [NBDExport]) throws {
+    init(_ exports: [NBDExport], pollMicroseconds: Int = NBDServer.defaultPollMicroseconds) throws {
         var template = Array("/tmp/softdev-nbd.XXXXXX".utf8CString)
         guard let d = mkdtemp(&template) else { throw POSIXError(.EIO) }
         directory = String(cString: d)
         socketPath = directory + "/nbd.sock"
-        server = NBDServer(listen: .unix(path: socketPath), exports: exports)
+        server = NBDServer(listen: .unix(path: socketPath), exports: exports, pollMicroseconds: pollMicroseconds)
         try server.start()
     }
 

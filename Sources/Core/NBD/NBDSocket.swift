@@ -29,6 +29,17 @@ public struct NBDSocket: Sendable {
         }
     }
 
+    /// Reads what is available without blocking: the byte count, 0 on EOF or error, nil if
+    /// nothing has arrived yet.
+    public func readNow(_ p: UnsafeMutableRawPointer, _ count: Int) -> Int? {
+        while true {
+            let n = recv(fd, p, count, Int32(MSG_DONTWAIT))
+            if n >= 0 { return n }
+            if errno == EINTR { continue }
+            return errno == EAGAIN || errno == EWOULDBLOCK ? nil : 0
+        }
+    }
+
     /// Writes every byte of the vectors; false if the peer is gone. `vectors` is consumed.
     public func writeFully(_ vectors: UnsafeMutablePointer<iovec>, count: Int) -> Bool {
         var v = vectors
