@@ -5,3 +5,6 @@
 // preadv2 (glibc 2.26+) is declared only under _GNU_SOURCE, which Swift's Glibc module does
 // not set: the file device needs it for RWF_NOWAIT reads from the page cache.
 extern ssize_t preadv2(int fd, const struct iovec *iov, int iovcnt, off_t offset, int flags);
+
+// fstatfs, for the file system type (memory file systems are served inline).
+#include <sys/vfs.h>

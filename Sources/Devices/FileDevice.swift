@@ -17,7 +17,10 @@ import Synchronization
 ///
 /// Without O_DIRECT (direct=off, or a file system without it), reads, writes and flushes run on
 /// a pool of worker threads instead: io_submit on a buffered file copies the data itself, on the
-/// submitting thread, one request after another.
+/// submitting thread, one request after another. Two exceptions save the handoff: reads whose
+/// data is in the page cache are done at once (`preadv2(RWF_NOWAIT)`), and a file on a memory
+/// file system (tmpfs, ramfs) is served wholly on the submitting thread, since none of its
+/// requests can wait for a disk.
 ///
 /// Batching: each `submit` calls `io_submit` at once, so nothing ever waits for a later request;
 /// a burst of submits costs one system call each. `BlockDevice` has no "end of burst" call that
@@ -40,6 +43,9 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         public var createSize: UInt64?
         /// Requests in flight at once; more wait in a queue for a free slot.
         public var queueDepth = 128
+        /// Serve a buffered file on tmpfs or ramfs on the submitting thread (see `servesInline`).
+        /// Tests turn it off to reach the worker path on a file system that refuses RWF_NOWAIT.
+        var inlineOnMemoryFileSystems = true
         public init(readOnly: Bool = false, direct: DirectIO = .auto, createSize: UInt64? = nil, queueDepth: Int = 128) {
             self.readOnly = readOnly; self.direct = direct; self.createSize = createSize; self.queueDepth = queueDepth
         }
@@ -53,6 +59,9 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     public let isDirect: Bool
     public let isBlockDevice: Bool
     public let isReadOnly: Bool
+    /// A buffered file on tmpfs or ramfs: every request is a memory copy, done on the submitting
+    /// thread (a worker would only add a thread handoff).
+    public let servesInline: Bool
     /// The memory and length alignment O_DIRECT needs on this file (1 when buffered).
     public let directAlignment: Int
 
@@ -142,6 +151,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         self.fd = fd
         isDirect = direct
         isReadOnly = options.readOnly
+        servesInline = !direct && !isBlockDevice && options.inlineOnMemoryFileSystems && Self.isOnMemoryFileSystem(fd)
         directAlignment = direct ? Self.probeDirectAlignment(fd: fd, logical: Int(logical)) : 1
         geometry = BlockGeometry(size: size, logicalBlockSize: max(logical, UInt32(directAlignment)), physicalBlockSize: physical)
         capabilities = options.readOnly ? (isBlockDevice ? [.multiConn] : [.extents, .multiConn])
@@ -152,7 +162,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         } catch {
             throw BlockError.system("\(label): \(error.call)", errno: error.errno)
         }
-        workers = direct ? nil : WorkerPool(threads: Self.bufferedWorkers)
+        workers = direct || servesInline ? nil : WorkerPool(threads: Self.bufferedWorkers)
         slots = .allocate(capacity: options.queueDepth)
         slots.initialize(repeating: Slot(), count: options.queueDepth)
         var free = [Int]()
@@ -175,6 +185,13 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         slots.deinitialize(count: aio.depth)
         slots.deallocate()
         stopRequest.deallocate()
+    }
+
+    /// tmpfs or ramfs (their statfs magic numbers, from linux/magic.h).
+    private static func isOnMemoryFileSystem(_ fd: Int32) -> Bool {
+        var fs = statfs()
+        guard fstatfs(fd, &fs) == 0 else { return false }
+        return fs.f_type == 0x0102_1994 || fs.f_type == 0x8584_58f6
     }
 
     /// The smallest O_DIRECT block this file accepts: the logical block size, or 4096 if a
@@ -221,6 +238,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             return
         default: break
         }
+        if servesInline { completion.complete(performSynchronously(request)); return }
         if let workers {
             // Data already in the page cache is copied here and now; the rest waits for a worker.
             if readFromPageCache(request) { completion.complete(.success); return }

@@ -1,13 +1,16 @@
 import Core
-import Devices
+@testable import Devices
 import Glibc
 import XCTest
 
 final class FileDeviceTests: XCTestCase {
     /// A new sparse image of `size` bytes in a fresh directory (on disk: O_DIRECT works there).
-    func makeImage(size: UInt64 = 1 << 20, direct: FileDevice.DirectIO = .on, in directory: String? = nil) throws -> FileDevice {
+    func makeImage(size: UInt64 = 1 << 20, direct: FileDevice.DirectIO = .on, in directory: String? = nil,
+                   inline: Bool = true) throws -> FileDevice {
         let path = (directory ?? makeTemporaryDirectory(self)) + "/disk.img"
-        let file = try FileDevice(path: path, options: .init(direct: direct, createSize: size))
+        var options = FileDevice.Options(direct: direct, createSize: size)
+        options.inlineOnMemoryFileSystems = inline
+        let file = try FileDevice(path: path, options: options)
         addTeardownBlock { file.close() }
         return file
     }
@@ -99,17 +102,45 @@ final class FileDeviceTests: XCTestCase {
             XCTAssertEqual((error as? BlockError)?.message,
                            "file(path=\(directory)/disk.img): this file system does not support O_DIRECT (use direct=auto or direct=off)")
         }
-        let file = try makeImage(direct: .auto, in: directory)
+        // Served by the workers (as on a disk file system that refuses RWF_NOWAIT): ramfs answers
+        // RWF_NOWAIT with EOPNOTSUPP, and submitted reads still arrive, via the workers.
+        let file = try makeImage(direct: .auto, in: directory, inline: false)
         XCTAssertFalse(file.isDirect)
+        XCTAssertFalse(file.servesInline)
         let data = TestBuffer(count: 4096, misalign: 1, pattern: 4)
         XCTAssertEqual(file.submitAndWait(file.writeRequest(data, at: 8192, fua: true)), .success)
         XCTAssertEqual(try file.readBytes(4096, at: 8192), TestBuffer.expected(4096, 4))
-        // ramfs refuses RWF_NOWAIT (EOPNOTSUPP): submitted reads still arrive, via the workers.
         for _ in 0..<2 {
             let back = TestBuffer(count: 4096)
             XCTAssertEqual(file.submitAndWait(file.readRequest(back, at: 8192)), .success)
             XCTAssertEqual(back.bytes, TestBuffer.expected(4096, 4))
         }
+    }
+
+    func testAFileOnAMemoryFileSystemIsServedOnTheSubmittingThread() throws {
+        for type in ["tmpfs", "ramfs"] {
+            let directory = try mountTemporary(self, type: type, options: type == "tmpfs" ? "size=8m" : nil)
+            let file = try makeImage(direct: .off, in: directory)
+            XCTAssertTrue(file.servesInline, type)
+            let buffers = (0..<32).map { TestBuffer(count: 4096, pattern: UInt8($0 + 1)) }
+            let writes = Completions()
+            // Inline means complete before submit returns.
+            for (i, buffer) in buffers.enumerated() {
+                file.submit(file.writeRequest(buffer, at: UInt64(i) * 8192, fua: i % 4 == 0), completion: writes.completion(UInt64(i)))
+                XCTAssertEqual(writes.arrived[UInt64(i)], .success, "\(type): write \(i) completed inline")
+            }
+            XCTAssertEqual(file.submitAndWait(BlockRequest(operation: .flush, offset: 0, length: 0)), .success)
+            for i in 0..<32 { XCTAssertEqual(fileBytes(file, 4096, at: UInt64(i) * 8192), TestBuffer.expected(4096, UInt8(i + 1)), type) }
+            let back = TestBuffer(count: 4096)
+            XCTAssertEqual(file.submitAndWait(file.readRequest(back, at: 31 * 8192)), .success)
+            XCTAssertEqual(back.bytes, TestBuffer.expected(4096, 32), type)
+            withExtendedLifetime(buffers) {}
+        }
+    }
+
+    func testABufferedFileOnADiskFileSystemIsNotServedInline() throws {
+        let file = try makeImage(direct: .off)
+        XCTAssertEqual(file.servesInline, false, "the test directory is not on tmpfs")
     }
 
     func testExtentsFollowWritesAndDiscards() throws {

@@ -44,6 +44,8 @@ final class Completions: BlockCompletionSink, @unchecked Sendable {
         done.signal()
     }
     func completion(_ tag: UInt64) -> BlockCompletion { BlockCompletion(sink: self, tag: tag) }
+    /// The results so far, without waiting.
+    var arrived: [UInt64: BlockResult] { results.withLock { $0 } }
 
     /// Waits for `count` completions (failing the test after 10 s) and returns all results.
     func wait(for count: Int) -> [UInt64: BlockResult] {
