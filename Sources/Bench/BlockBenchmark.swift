@@ -43,6 +43,8 @@ public struct BlockBenchmark {
     /// Every target's device size (the C null device's too).
     public var deviceSize: UInt64
     public var ringPageOrder = Blkif.maxRingPageOrder
+    /// SoftDev's ring threads' poll window (`BlkifBackendOptions.pollMicroseconds`).
+    public var pollMicroseconds = AdaptivePoller.defaultMicroseconds
 
     public init(targets: [Target], workloads: [BlkifLoadGenerator.Workload] = BlkifLoadGenerator.Workload.standard,
                 seconds: Double = 2, warmup: Double = 0.3, deviceSize: UInt64 = 1 << 30) {
@@ -72,7 +74,9 @@ public struct BlockBenchmark {
         }
         let backend = try LocalHypervisor.connectBackend(address)
         let failures = BackendLog()
-        let service = BlockTapService.make(hypervisor: backend, log: { failures.note($0) }) { spec in try DeviceRegistry.open(spec) }
+        var blkif = BlkifBackendOptions()
+        blkif.pollMicroseconds = pollMicroseconds
+        let service = BlockTapService.make(hypervisor: backend, options: blkif, log: { failures.note($0) }) { spec in try DeviceRegistry.open(spec) }
         try service.start()
         defer { service.stop() }
 

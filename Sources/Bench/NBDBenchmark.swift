@@ -67,7 +67,7 @@ public struct NBDBenchmark: Sendable {
     public var pollMicroseconds: Int
 
     public init(workloads: [Workload] = Workload.standard, runtime: Int = 10, size: UInt64 = 1 << 30, compareWithNbdkit: Bool = true,
-                pollMicroseconds: Int = NBDServer.defaultPollMicroseconds) {
+                pollMicroseconds: Int = AdaptivePoller.defaultMicroseconds) {
         self.workloads = workloads; self.runtime = runtime; self.size = size; self.compareWithNbdkit = compareWithNbdkit
         self.pollMicroseconds = pollMicroseconds
     }

@@ -14,6 +14,9 @@ public struct BlkifBackendOptions: Sendable {
     /// Persistent grants kept mapped per ring (Linux blkback's xen_blkif_max_pgrants); 0 turns
     /// feature-persistent off.
     public var persistentGrantsPerRing = 1056
+    /// How long an idle ring thread watches the ring for the next request before it sleeps on
+    /// the event channel, in microseconds (`AdaptivePoller`); 0 never polls.
+    public var pollMicroseconds = AdaptivePoller.defaultMicroseconds
     public init() {}
 }
 
@@ -119,7 +122,8 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
         do { channel = try hv.events.bindInterdomain(remote: dev.frontendDomain, remotePort: port) }
         catch { hv.grants.unmap(mapping, refs: refs); throw error }
         return BlkifQueue(index: index, ringMapping: mapping, ringRefs: refs, channel: channel, device: device, grants: hv.grants,
-                          domain: dev.frontendDomain, persistentGrants: persistent ? options.persistentGrantsPerRing : 0) { [weak dev] why in
+                          domain: dev.frontendDomain, persistentGrants: persistent ? options.persistentGrantsPerRing : 0,
+                          poller: AdaptivePoller(microseconds: options.pollMicroseconds)) { [weak dev] why in
             guard let dev else { return }
             // Per xenbus rules the device fails alone; the state machine runs on the dispatcher.
             dev.failAsync("queue \(index): \(why)")

@@ -72,6 +72,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     private let stopping = Atomic<Bool>(false)
     @exclusivity(unchecked) private var broken = false
     private let indirectBuffer: UnsafeMutablePointer<blkif_request_segment>
+    @exclusivity(unchecked) private var poller: AdaptivePoller
 
     /// Counters, for `softdev` status and tests.
     /// Only the ring thread writes them, so it keeps its own counts and publishes them with a
@@ -82,8 +83,10 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     @exclusivity(unchecked) private var failed: UInt64 = 0
 
     init(index: Int, ringMapping: GrantMapping, ringRefs: [GrantRef], channel: any EventChannel, device: any BlockDevice,
-         grants: any GrantTable, domain: DomainID, persistentGrants: Int, onFatal: @escaping BlkifFatalHandler) {
+         grants: any GrantTable, domain: DomainID, persistentGrants: Int, poller: AdaptivePoller,
+         onFatal: @escaping BlkifFatalHandler) {
         self.index = index
+        self.poller = poller
         self.ring = BackRing(shared: ringMapping.base!, bytes: ringMapping.pageCount * xenPageSize)
         self.ringMapping = ringMapping; self.ringRefs = ringRefs
         self.channel = channel; self.device = device; self.grants = grants; self.domain = domain
@@ -160,6 +163,12 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
             reapRemoteCompletions()
             publishResponses()
             if !stopping.load(ordering: .relaxed) && !broken && heldBarrier == nil {
+                // Idle: watch the ring a while before asking for a notification. req_event is
+                // left behind meanwhile, so a frontend that pushes now does not notify at all.
+                // (Nothing else can need this thread: nothing is in flight, and a stop is seen.)
+                if inFlight == 0, poller.wait(idle: true, {
+                    ring.unconsumedRequests() != 0 || stopping.load(ordering: .relaxed) ? true : nil
+                }) != nil { continue }
                 // Sleep only after asking for (and re-checking) the next request notification.
                 switch ring.finalCheckForRequests() {
                 case .some(let n) where n > 0: continue

@@ -41,6 +41,12 @@ public final class LocalBlockFrontend: @unchecked Sendable {
         /// Data pages: frame and (when persistent) the grant made once.
         public let bufferFrame: UInt32
         public let bufferRefs: [GrantRef]
+        /// Event notifications sent to the backend (pushes the backend asked to hear about).
+        public private(set) var notifications = 0
+        /// Publishes the requests put so far and notifies the backend if it asked for that.
+        public func pushRequests() {
+            if ring.pushRequests() { notifications += 1; channel.notify() }
+        }
         init(ring: FrontRing<BlkifRing>, ringFrame: UInt32, ringRefs: [GrantRef], channel: any EventChannel, bufferFrame: UInt32, bufferRefs: [GrantRef]) {
             self.ring = ring; self.ringFrame = ringFrame; self.ringRefs = ringRefs; self.channel = channel
             self.bufferFrame = bufferFrame; self.bufferRefs = bufferRefs
@@ -145,7 +151,7 @@ public final class LocalBlockFrontend: @unchecked Sendable {
     public func roundTrip(_ requests: [BlkifRequestBytes], queue index: Int = 0, timeoutMilliseconds: Int32 = 10_000) throws -> [blkif_response] {
         let q = queues[index]
         for r in requests { q.ring.putRequest(r) }
-        if q.ring.pushRequests() { q.channel.notify() }
+        q.pushRequests()
         return try collect(requests.count, queue: index, timeoutMilliseconds: timeoutMilliseconds)
     }
 

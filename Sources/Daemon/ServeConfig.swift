@@ -1,7 +1,7 @@
 import BlockTap
 import Devices
 import Foundation
-import NBDExport
+import Core
 import TOMLKit
 
 /// What `softdev serve --config FILE` reads: the hypervisor to use, the blkif features to offer,
@@ -11,6 +11,7 @@ import TOMLKit
 /// ```toml
 /// hypervisor = "auto"                 # auto | xen | local
 /// local-directory = "/run/softdev/local"
+/// poll-us = 50                        # idle rings and NBD connections poll this long before sleeping; 0: never
 ///
 /// [blkif]
 /// max-queues = 4
@@ -26,7 +27,6 @@ import TOMLKit
 ///
 /// [nbd]
 /// listen = ["unix:/run/softdev/nbd.sock"]
-/// poll-us = 50                        # idle connections poll this long before sleeping; 0: never
 ///
 /// [[export]]
 /// name = "scratch"
@@ -62,8 +62,12 @@ public struct ServeConfig: Sendable {
     public var blkif = BlkifBackendOptions()
     public var disks: [Disk] = []
     public var nbdListen: [String] = []
-    /// How long an idle NBD connection polls before it sleeps, in microseconds (0: never).
-    public var nbdPollMicroseconds = NBDServer.defaultPollMicroseconds
+    /// How long an idle ring thread or NBD connection polls for the next request before it
+    /// sleeps, in microseconds (0: never). Also in `blkif.pollMicroseconds`.
+    public var pollMicroseconds: Int {
+        get { blkif.pollMicroseconds }
+        set { blkif.pollMicroseconds = newValue }
+    }
     public var exports: [Export] = []
 
     public init() {}
@@ -92,6 +96,7 @@ public struct ServeConfig: Sendable {
             config.hypervisor = k
         }
         config.localDirectory = try reader.string("local-directory")
+        config.pollMicroseconds = try reader.int("poll-us", in: AdaptivePoller.microsecondRange) ?? config.pollMicroseconds
         if var blkif = try reader.table("blkif") {
             let o = config.blkif
             config.blkif.maxQueues = try blkif.int("max-queues", in: 1...16) ?? o.maxQueues
@@ -114,7 +119,6 @@ public struct ServeConfig: Sendable {
         }
         if var nbd = try reader.table("nbd") {
             config.nbdListen = try nbd.strings("listen") ?? []
-            config.nbdPollMicroseconds = try nbd.int("poll-us", in: 0...1_000_000) ?? config.nbdPollMicroseconds
             try nbd.finish()
         }
         for var export in try reader.tables("export") {

@@ -99,7 +99,7 @@ public final class SoftDevDaemon: @unchecked Sendable {
         for text in config.nbdListen.isEmpty ? [Self.defaultNBDSocket] : config.nbdListen {
             let address = try NBDListenAddress.parse(text)
             if text == Self.defaultNBDSocket { mkdir("/run/softdev", 0o755) }
-            let server = NBDServer(listen: address, exports: exports, pollMicroseconds: config.nbdPollMicroseconds)
+            let server = NBDServer(listen: address, exports: exports, pollMicroseconds: config.pollMicroseconds)
             try server.start()
             nbdServers.append(server)
         }

@@ -80,9 +80,9 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     private var bounce: UnsafeMutableRawPointer?
     private var bounceCapacity = 0
     private let syncWaiter = SyncWaiter()
-    private var poller: NBDPoller
+    private var poller: AdaptivePoller
 
-    init(socket: NBDSocket, session: NBDSession, rmwLock: NBDLock, poller: NBDPoller) {
+    init(socket: NBDSocket, session: NBDSession, rmwLock: NBDLock, poller: AdaptivePoller) {
         self.socket = socket
         self.poller = poller
         self.session = session

@@ -17,11 +17,8 @@ import Glibc
 public final class NBDServer: @unchecked Sendable {
     public let address: NBDListenAddress
     public let exports: [NBDExport]
-    /// How long an idle connection polls its socket before blocking (see `NBDPoller`); 0 never polls.
+    /// How long an idle connection polls its socket before blocking (see `AdaptivePoller`); 0 never polls.
     public let pollMicroseconds: Int
-    /// The default poll window: longer than a queue-depth-1 client's usual gap between a reply
-    /// and its next request, short enough that a client that thinks costs little.
-    public static let defaultPollMicroseconds = 50
 
     private let lock = NBDLock()
     private var listenFD: Int32 = -1
@@ -35,7 +32,7 @@ public final class NBDServer: @unchecked Sendable {
     private var port: UInt16?
 
     /// An export named twice is a mistake in the caller's configuration.
-    public init(listen address: NBDListenAddress, exports: [NBDExport], pollMicroseconds: Int = NBDServer.defaultPollMicroseconds) {
+    public init(listen address: NBDListenAddress, exports: [NBDExport], pollMicroseconds: Int = AdaptivePoller.defaultMicroseconds) {
         precondition(Set(exports.map(\.name)).count == exports.count, "NBD export names must be unique")
         precondition(pollMicroseconds >= 0, "a poll window is not negative")
         self.address = address
@@ -120,7 +117,7 @@ public final class NBDServer: @unchecked Sendable {
         var negotiation = NBDNegotiation(socket: socket, exports: exports)
         let session = negotiation.run()
         let connection = session.map { NBDConnection(socket: socket, session: $0, rmwLock: rmwLocks[$0.export.name]!,
-                                                       poller: NBDPoller(microseconds: pollMicroseconds)) }
+                                                       poller: AdaptivePoller(microseconds: pollMicroseconds)) }
         let proceed = lock.withLock { () -> Bool in
             negotiating[socket.fd] = nil
             guard let connection, !stopping else { return false }

@@ -3,7 +3,7 @@ import Bench
 import Devices
 import Foundation
 import Glibc
-import NBDExport
+import Core
 
 /// `softdev bench`.
 struct Bench: ParsableCommand {
@@ -43,17 +43,17 @@ struct Bench: ParsableCommand {
     @Flag(help: "Measure only the NBD export against nbdkit.")
     var nbdOnly = false
 
-    @Option(name: .customLong("nbd-poll-us"), help: ArgumentHelp(
-        "The NBD export's poll window for idle connections, in microseconds, as `softdev serve --nbd-poll-us` (0: never poll).",
+    @Option(name: .customLong("poll-us"), help: ArgumentHelp(
+        "SoftDev's poll window for idle rings and NBD connections, in microseconds, as `softdev serve --poll-us` (0: never poll; the C backend and nbdkit never do).",
         valueName: "us"))
-    var nbdPollMicroseconds = NBDServer.defaultPollMicroseconds
+    var pollMicroseconds = AdaptivePoller.defaultMicroseconds
 
     func run() throws {
         let wanted = Set(backends.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
         let unknown = wanted.subtracting(["null", "file", "reference"])
         guard unknown.isEmpty else { throw ValidationError("--backends: unknown \(unknown.sorted().joined(separator: ", ")) (use null, file, reference)") }
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
-        guard (0...1_000_000).contains(nbdPollMicroseconds) else { throw ValidationError("--nbd-poll-us: use 0 to 1000000 microseconds") }
+        guard AdaptivePoller.microsecondRange.contains(pollMicroseconds) else { throw ValidationError("--poll-us: use 0 to 1000000 microseconds") }
         let keys = ["4k-qd1", "4k-qd32", "4k-qd256", "1m"]
         let chosen = workloads.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         guard !chosen.isEmpty, chosen.allSatisfy(keys.contains) else {
@@ -89,10 +89,15 @@ struct Bench: ParsableCommand {
         if nbd || nbdOnly { try runNBD(path: path, size: size, workloads: picked.map { NBDBenchmark.Workload.standard[$0] }) }
     }
 
+    /// The header's words for SoftDev's poll window.
+    private static func polling(_ us: Int) -> String { us > 0 ? "SoftDev polls \(us) µs before sleeping" : "no polling" }
+
     private func runBlkif(targets: [BlockBenchmark.Target], size: UInt64, workloads: [BlkifLoadGenerator.Workload]) throws {
         var bench = BlockBenchmark(targets: targets, workloads: workloads, seconds: seconds)
         bench.deviceSize = size
-        print("blkif, local hypervisor: ring order \(bench.ringPageOrder), 1 queue, persistent grants, \(seconds) s per row, device \(size >> 20) MiB")
+        bench.pollMicroseconds = pollMicroseconds
+        print("blkif, local hypervisor: ring order \(bench.ringPageOrder), 1 queue, persistent grants, \(seconds) s per row, device \(size >> 20) MiB, "
+              + Self.polling(pollMicroseconds))
         let rows = try bench.run { row in
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
         }
@@ -103,13 +108,13 @@ struct Bench: ParsableCommand {
     /// device against `nbdkit file` on the same file (both through the page cache).
     private func runNBD(path: String, size: UInt64, workloads: [NBDBenchmark.Workload]) throws {
         let runtime = max(1, Int(seconds.rounded()))
-        let bench = NBDBenchmark(workloads: workloads, runtime: runtime, size: size, pollMicroseconds: nbdPollMicroseconds)
+        let bench = NBDBenchmark(workloads: workloads, runtime: runtime, size: size, pollMicroseconds: pollMicroseconds)
         let memory = try DeviceRegistry.open("memory(size=\(bench.size))")
         let fileDevice = try DeviceRegistry.open("file(path=\(path), direct=off)")
         try BenchmarkFile.warm(path)
         defer { memory.close(); fileDevice.close() }
         print("\nNBD, fio nbd engine over a unix socket: \(runtime) s per row (+1 s ramp), \(bench.size >> 20) MiB, "
-              + (bench.pollMicroseconds > 0 ? "idle connections poll \(bench.pollMicroseconds) µs before sleeping" : "no polling"))
+              + Self.polling(pollMicroseconds))
         let rows = try bench.run(pairs: [
             .init(name: "memory", device: memory, nbdkitPlugin: ["memory", "size=\(bench.size)"]),
             .init(name: "file", device: fileDevice, nbdkitPlugin: ["file", path]),

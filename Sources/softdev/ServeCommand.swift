@@ -2,7 +2,7 @@ import ArgumentParser
 import Daemon
 import Foundation
 import Glibc
-import NBDExport
+import Core
 
 /// `softdev serve`: the daemon.
 struct Serve: ParsableCommand {
@@ -31,18 +31,18 @@ struct Serve: ParsableCommand {
         valueName: "name=spec"))
     var exports: [String] = []
 
-    @Option(name: .customLong("nbd-poll-us"), help: ArgumentHelp(
-        "How long an idle NBD connection polls its socket for the next request before it sleeps, in microseconds; 0 never polls (saves CPU, costs latency at queue depth 1). Default: the config's [nbd] poll-us, else \(NBDServer.defaultPollMicroseconds).",
+    @Option(name: .customLong("poll-us"), help: ArgumentHelp(
+        "How long an idle ring thread or NBD connection polls for the next request before it sleeps, in microseconds; 0 never polls (saves CPU, costs latency at queue depth 1). Default: the config's poll-us, else \(AdaptivePoller.defaultMicroseconds).",
         valueName: "us"))
-    var nbdPollMicroseconds: Int?
+    var pollMicroseconds: Int?
 
     func run() throws {
         var settings = try config.map { try ServeConfig.load(path: $0) } ?? ServeConfig()
         // The command line wins over the config file.
         if !nbdListen.isEmpty { settings.nbdListen = nbdListen }
-        if let us = nbdPollMicroseconds {
-            guard (0...1_000_000).contains(us) else { throw ValidationError("--nbd-poll-us \(us): use 0 to 1000000 microseconds") }
-            settings.nbdPollMicroseconds = us
+        if let us = pollMicroseconds {
+            guard AdaptivePoller.microsecondRange.contains(us) else { throw ValidationError("--poll-us \(us): use 0 to 1000000 microseconds") }
+            settings.pollMicroseconds = us
         }
         for text in exports {
             guard let eq = text.firstIndex(of: "="), eq != text.startIndex else {

@@ -7,6 +7,7 @@ final class ServeConfigTests: XCTestCase {
         let config = try ServeConfig.parse("""
             hypervisor = "local"
             local-directory = "/tmp/x"
+            poll-us = 0
             [blkif]
             max-queues = 2
             max-ring-page-order = 3
@@ -23,7 +24,6 @@ final class ServeConfigTests: XCTestCase {
             device = "memory(size=1G)"
             [nbd]
             listen = ["unix:/run/softdev/nbd.sock", "tcp:127.0.0.1:10809"]
-            poll-us = 0
             [[export]]
             name = "scratch"
             device = "memory(size=1G)"
@@ -41,7 +41,8 @@ final class ServeConfigTests: XCTestCase {
         XCTAssertEqual(config.disks[1].domain, "7")
         XCTAssertFalse(config.disks[1].readOnly)
         XCTAssertEqual(config.nbdListen, ["unix:/run/softdev/nbd.sock", "tcp:127.0.0.1:10809"])
-        XCTAssertEqual(config.nbdPollMicroseconds, 0)
+        XCTAssertEqual(config.pollMicroseconds, 0)
+        XCTAssertEqual(config.blkif.pollMicroseconds, 0)
         XCTAssertEqual(config.exports, [.init(name: "scratch", device: "memory(size=1G)", description: "scratch space")])
     }
 
@@ -50,7 +51,7 @@ final class ServeConfigTests: XCTestCase {
         XCTAssertNil(config.hypervisor)
         XCTAssertEqual(config.blkif.maxQueues, BlkifBackendOptions().maxQueues)
         XCTAssertTrue(config.disks.isEmpty && config.exports.isEmpty)
-        XCTAssertEqual(config.nbdPollMicroseconds, 50)
+        XCTAssertEqual(config.pollMicroseconds, 50)
     }
 
     func testMistakesAreNamedWithTheirPlace() {
@@ -67,7 +68,8 @@ final class ServeConfigTests: XCTestCase {
              "domain g has xvda twice"),
             ("[[export]]\nname = \"a\"\ndevice = \"null\"\nreadonly = \"yes\"", "readonly must be true or false"),
             ("[nbd]\nlisten = 5", "listen must be a string or a list of strings"),
-            ("[nbd]\npoll-us = -1", "c.toml [nbd]: poll-us must be an integer in 0...1000000"),
+            ("poll-us = -1", "c.toml: poll-us must be an integer in 0...1000000"),
+            ("[nbd]\npoll-us = 5", "c.toml [nbd]: unknown key poll-us"),
             ("[[export]]\nname = \"a\"\ndevice = \"null\"\n[[export]]\nname = \"a\"\ndevice = \"null\"", "export name 'a' is used twice"),
             ("disk = [", "c.toml:1:"),
         ]

@@ -9,7 +9,7 @@ final class ServerFixture {
     let socketPath: String
     let server: NBDServer
 
-    init(_ exports: [NBDExport], pollMicroseconds: Int = NBDServer.defaultPollMicroseconds) throws {
+    init(_ exports: [NBDExport], pollMicroseconds: Int = AdaptivePoller.defaultMicroseconds) throws {
         var template = Array("/tmp/softdev-nbd.XXXXXX".utf8CString)
         guard let d = mkdtemp(&template) else { throw POSIXError(.EIO) }
         directory = String(cString: d)

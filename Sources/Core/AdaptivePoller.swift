@@ -1,0 +1,48 @@
+import Glibc
+
+/// Adaptive polling before a thread sleeps, for the NBD export's connections and the blkif
+/// queues (as QEMU's iothreads poll before they block, `poll-max-ns`).
+///
+/// A client at queue depth 1 sends its next request a few microseconds after our reply reaches
+/// it. Sleeping in between (in recv, or on the event channel) makes the kernel, and on a
+/// virtual machine the hypervisor too, wake the thread again, which costs more than the
+/// request. So, when nothing of the client's is in the device, the thread first checks for
+/// the next request without blocking, for up to `window`. Polling is kept only while it pays:
+/// after a miss the thread sleeps at once for a growing number of waits (1, 2, 4 … 256), so a
+/// client that thinks between requests costs one window now and then, not a spinning core.
+public struct AdaptivePoller: Sendable {
+    /// The default window: longer than a queue-depth-1 client's usual gap between a reply and
+    /// its next request, short enough that a client that thinks costs little.
+    public static let defaultMicroseconds = 50
+    /// What a configuration may ask for: up to a second.
+    public static let microsecondRange = 0...1_000_000
+    /// How long to poll before sleeping, in nanoseconds; 0 never polls.
+    public let window: UInt64
+    @usableFromInline var skip = 0
+    @usableFromInline var backoff = 1
+
+    public init(microseconds: Int) { window = UInt64(max(0, microseconds)) * 1000 }
+
+    /// The result of `attempt` once it gives one within the window, or nil: sleep instead.
+    /// `idle` false (work of this client in flight, whose completion will wake the thread)
+    /// never polls.
+    @inlinable
+    public mutating func wait<T>(idle: Bool, _ attempt: () -> T?) -> T? {
+        guard idle, window > 0 else { return nil }
+        if skip > 0 { skip -= 1; return nil }
+        let deadline = Self.now() + window
+        repeat {
+            if let n = attempt() { backoff = 1; return n }
+        } while Self.now() < deadline
+        skip = backoff
+        backoff = min(backoff * 2, 256)
+        return nil
+    }
+
+    @inlinable
+    static func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+}
