@@ -167,7 +167,8 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
                 // left behind meanwhile, so a frontend that pushes now does not notify at all.
                 // (Nothing else can need this thread: nothing is in flight, and a stop is seen.)
                 if inFlight == 0, poller.wait(idle: true, {
-                    ring.unconsumedRequests() != 0 || stopping.load(ordering: .relaxed) ? true : nil
+                    // An impossible producer index counts as work: takeRequests breaks the ring.
+                    (ring.unconsumedRequests().map { $0 != 0 } ?? true) || stopping.load(ordering: .relaxed) ? true : nil
                 }) != nil { continue }
                 // Sleep only after asking for (and re-checking) the next request notification.
                 switch ring.finalCheckForRequests() {

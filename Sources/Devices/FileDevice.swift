@@ -20,7 +20,7 @@ import Synchronization
 /// submitting thread, one request after another. Two exceptions save the handoff: reads whose
 /// data is in the page cache are done at once (`preadv2(RWF_NOWAIT)`), and a file on a memory
 /// file system (tmpfs, ramfs) is served wholly on the submitting thread, since none of its
-/// requests can wait for a disk.
+/// requests waits for a disk (unless the host swaps tmpfs pages out).
 ///
 /// Batching: each `submit` calls `io_submit` at once, so nothing ever waits for a later request;
 /// a burst of submits costs one system call each. `BlockDevice` has no "end of burst" call that
@@ -60,7 +60,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     public let isBlockDevice: Bool
     public let isReadOnly: Bool
     /// A buffered file on tmpfs or ramfs: every request is a memory copy, done on the submitting
-    /// thread (a worker would only add a thread handoff).
+    /// thread (a worker would only add a thread handoff). Large writes are then copied one at a
+    /// time per queue rather than by 8 workers at once.
     public let servesInline: Bool
     /// The memory and length alignment O_DIRECT needs on this file (1 when buffered).
     public let directAlignment: Int

@@ -503,7 +503,8 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         // Replies gathered so far leave before we wait on the client.
         flushOut()
         while inEnd < count {
-            let n = poller.wait(idle: inFlight == 0) { socket.readNow(input + inEnd, Self.inCapacity - inEnd) }
+            // Completion threads change inFlight under the pool lock.
+            let n = poller.wait(idle: pool.withLock { inFlight == 0 }) { socket.readNow(input + inEnd, Self.inCapacity - inEnd) }
                 ?? socket.readSome(input + inEnd, Self.inCapacity - inEnd)
             if n <= 0 { return false }
             inEnd += n

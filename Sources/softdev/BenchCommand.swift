@@ -53,7 +53,7 @@ struct Bench: ParsableCommand {
         let unknown = wanted.subtracting(["null", "file", "reference"])
         guard unknown.isEmpty else { throw ValidationError("--backends: unknown \(unknown.sorted().joined(separator: ", ")) (use null, file, reference)") }
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
-        guard AdaptivePoller.microsecondRange.contains(pollMicroseconds) else { throw ValidationError("--poll-us: use 0 to 1000000 microseconds") }
+        guard AdaptivePoller.microsecondRange.contains(pollMicroseconds) else { throw ValidationError("--poll-us \(pollMicroseconds): use 0 to 1000000 microseconds") }
         let keys = ["4k-qd1", "4k-qd32", "4k-qd256", "1m"]
         let chosen = workloads.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         guard !chosen.isEmpty, chosen.allSatisfy(keys.contains) else {

@@ -27,6 +27,14 @@ static inline void cxen_mb(void) { xen_mb(); }
 static inline void cxen_rmb(void) { xen_rmb(); }
 // Write barrier: write entries, then the producer index that publishes them.
 static inline void cxen_wmb(void) { xen_wmb(); }
+/* A spin-wait hint (PAUSE): yields the core to a hyperthread sibling while polling. */
+static inline void cxen_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 // Atomic compare-and-swap on a 16-bit grant entry flags word in shared memory.
 static inline int cxen_cmpxchg16(volatile uint16_t *p, uint16_t expected, uint16_t desired) {
