@@ -15,8 +15,8 @@
 # shellcheck shell=bash
 
 BENCH_MIB=${BENCH_MIB:-64}
-BENCH_RANDOM_READS=${BENCH_RANDOM_READS:-1000}
-BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+BENCH_RANDOM_READS=${BENCH_RANDOM_READS:-2000}
+BENCH_ROUNDS=${BENCH_ROUNDS:-5}
 BENCH_BACKENDS=(softdev softdev-null qdisk blkback)
 declare -A BENCH_DEV=([softdev]=xvda [softdev-null]=xvdb [qdisk]=xvdc [blkback]=xvdd)
 declare -A BENCH   # BENCH[backend.key] = best value seen

@@ -5,7 +5,9 @@
 #   1. a disk attached before the daemon starts (xl create -p, softdev attach,
 #      serve, xl unpause): marker round trip, ext4 round trip, dom0 fsck;
 #      at the same time a second guest with two disks, two vCPUs and a
-#      4-page ring (multi-queue); the negotiated features of both are printed;
+#      4-page ring (multi-queue) and without persistent grants (so that blkfront
+#      grants write data read-only and the daemon maps it so), plus a third
+#      disk attached --readonly; the negotiated features of both are printed;
 #      xen-lab-probe checks the Xen implementation's error paths on g1's ring
 #   2. detach and re-attach while a guest runs; at the same time another guest
 #      is destroyed mid-I/O: the daemon survives, frees the guest, and goes on
@@ -25,21 +27,29 @@ lab_check "softdev, xen-lab-probe and randread are in the share" test -x "$SOFTD
 
 # ---------------------------------------------------------------- 1. boot disks
 lab_log "1. ext4 guest (disk attached before the daemon starts) + two-disk multi-queue guest"
-M1=M1-$RANDOM$RANDOM; M2A=M2A-$RANDOM$RANDOM; M2B=M2B-$RANDOM$RANDOM
+M1=M1-$RANDOM$RANDOM; M2A=M2A-$RANDOM$RANDOM; M2B=M2B-$RANDOM$RANDOM; M2C=M2C-$RANDOM$RANDOM
 new_image /run/g1.img 96 "$M1"
 new_image /run/g2a.img 32 "$M2A"
 new_image /run/g2b.img 32 "$M2B"
-cp /run/g2a.img.marker /run/marker-a; cp /run/g2b.img.marker /run/marker-b; cp /run/g1.img.marker /run/marker
+new_image /run/g2c.img 16 "$M2C"
+cp /run/g2a.img.marker /run/marker-a; cp /run/g2b.img.marker /run/marker-b; cp /run/g2c.img.marker /run/marker-c
+cp /run/g1.img.marker /run/marker
+sha256sum < /run/g2c.img > /run/g2c.sha256
 guest_script /run/g1-run.sh "sh /test/marker.sh" "sh /test/ext4.sh" "sh /test/features.sh"
 lab_domu_initrd /run/g1.gz /run/g1-run.sh "$G/marker.sh" "$G/ext4.sh" "$G/features.sh" /run/marker
 guest_script /run/g2-run.sh "LAB_DEV=/dev/xvda LAB_MARKER=/test/marker-a sh /test/marker.sh" \
   "LAB_DEV=/dev/xvdb LAB_MARKER=/test/marker-b sh /test/marker.sh" \
-  "LAB_DEV=/dev/xvdb LAB_MIB=16 sh /test/seq-dd.sh" "sh /test/features.sh"
-lab_domu_initrd /run/g2.gz /run/g2-run.sh "$G/marker.sh" "$G/seq-dd.sh" "$G/features.sh" /run/marker-a /run/marker-b
+  "LAB_DEV=/dev/xvdb LAB_MIB=16 sh /test/seq-dd.sh" "LAB_DEV=/dev/xvdc LAB_MARKER=/test/marker-c sh /test/readonly.sh" \
+  "sh /test/features.sh"
+lab_domu_initrd /run/g2.gz /run/g2-run.sh "$G/marker.sh" "$G/seq-dd.sh" "$G/readonly.sh" "$G/features.sh" \
+  /run/marker-a /run/marker-b /run/marker-c
 lab_domu_config /run/g1.cfg g1 /run/g1.gz
 # Two queues of 4-page rings with persistent grants and indirect pages preallocated by
 # blkfront for two disks need more than the default 128 MiB (the guest ran out of memory).
-LAB_DOMU_MEMORY=256 LAB_DOMU_VCPUS=2 LAB_DOMU_EXTRA="xen_blkfront.max_ring_page_order=2" lab_domu_config /run/g2.cfg g2 /run/g2.gz
+# Without persistent grants blkfront grants each write's pages read-only: the daemon must map
+# them read-only (Xen refuses a writable mapping of a read-only grant).
+LAB_DOMU_MEMORY=256 LAB_DOMU_VCPUS=2 LAB_DOMU_EXTRA="xen_blkfront.max_ring_page_order=2 xen_blkfront.feature_persistent=0" \
+  lab_domu_config /run/g2.cfg g2 /run/g2.gz
 
 lab_domu_create /run/g1.cfg && D1=$(lab_domid g1)
 lab_check "g1: softdev attach while paused, before the daemon runs" sd attach g1 block xvda "file(path=/run/g1.img)"
@@ -50,15 +60,19 @@ lab_check "g2: softdev attach xvda" sd attach g2 block xvda "file(path=/run/g2a.
 # driver domain without xenstored has): transactions and permissions through the device.
 lab_check "g2: softdev attach xvdb through /dev/xen/xenbus (by domain id)" \
   env XENSTORED_PATH=/dev/xen/xenbus timeout 60 "$SOFTDEV" attach "$D2" block xvdb "file(path=/run/g2b.img)"
+lab_check "g2: softdev attach xvdc --readonly" sd attach g2 block xvdc "file(path=/run/g2c.img)" --readonly
 xl unpause g1; xl unpause g2
 rc1=0; lab_domu_wait g1 400 || rc1=$?
 rc2=0; lab_domu_wait g2 300 || rc2=$?
 lab_check "g1: marker and ext4 round trip (mkfs, files, fsck -fn, remount, sha256) on a softdev disk" test $rc1 = 0
 lab_check "g1: the guest saw 96 MiB (196608 sectors)" xs_is "/local/domain/$D1/data/disk-sectors" 196608
-lab_check "g2: marker round trips on two softdev disks of one guest, 16 MiB dd on xvdb" test $rc2 = 0
+lab_check "g2: marker round trips on two softdev disks of one guest, 16 MiB dd on xvdb, read-only xvdc refuses a write" test $rc2 = 0
+lab_check "g2: the guest saw xvdc read-only and read its marker" xs_is "/local/domain/$D2/data/readonly-xvdc" ok
+lab_check "g2: blkfront ran without persistent grants (write data granted read-only)" xs_is "/local/domain/$D2/device/vbd/51712/feature-persistent" 0
 print_features g1 "$D1" xvda 51712
 print_features g2 "$D2" xvda 51712
 print_features g2 "$D2" xvdb 51728
+print_features g2 "$D2" xvdc 51744
 echo "softdev list:"; sd list | tee /run/list.xen | sed 's/^/  /'
 lab_check "softdev list with --hypervisor auto (Xen in dom0) says the same" bash -c "timeout 60 '$SOFTDEV' list | cmp -s - /run/list.xen"
 # What a Linux guest never does: bad grant references, a dead domain, ports never offered.
@@ -70,8 +84,9 @@ lab_check "g1, g2: the daemon removes the destroyed guests' backend nodes" wait_
 lab_check "g1, g2: Xen freed both domains (every grant unmapped)" wait_until 30 domain_gone "$D1" "$D2"
 # (xvdb's was then overwritten by the guest's dd: the guest read it back itself.)
 lab_check "dom0: sector 8 of g2's xvda holds what the guest wrote" sector8_is /run/g2a.img "$M2A"
+lab_check "dom0: g2's read-only xvdc image is unchanged" bash -c "sha256sum < /run/g2c.img | cmp -s - /run/g2c.sha256"
 lab_check "dom0: fsck.ext4 -fn is clean on g1's file system" fsck.ext4 -fn /run/g1.img
-rm -f /run/g1.img /run/g2a.img /run/g2b.img
+rm -f /run/g1.img /run/g2a.img /run/g2b.img /run/g2c.img
 lab_log "section 1 done at $(took)"
 
 # -------------------------------------------- 2. detach, re-attach, destroy mid-I/O
