@@ -72,8 +72,8 @@ public struct NBDBenchmark: Sendable {
         self.pollMicroseconds = pollMicroseconds
     }
 
-    /// For each pair and workload: fio against our export of the pair's device, then against
-    /// nbdkit running the pair's plugin, one after the other on the same unix socket kind.
+    /// For each pair and workload: fio against nbdkit running the pair's plugin, then against our
+    /// export of the pair's device, one right after the other on the same unix socket kind.
     public func run(pairs: [Pair], progress: (Row) -> Void = { _ in }) throws -> [Row] {
         let fio = try Self.tool("fio", package: "fio")
         let nbdkit = compareWithNbdkit ? try Self.tool("nbdkit", package: "nbdkit") : ""
@@ -84,15 +84,21 @@ public struct NBDBenchmark: Sendable {
             let socket = directory + "/softdev-\(pair.name).sock"
             let server = NBDServer(listen: .unix(path: socket), exports: [NBDExport(name: "", device: pair.device)], pollMicroseconds: pollMicroseconds)
             try server.start()
-            let ours = try measure(fio, server: "softdev \(pair.name)", uri: "nbd+unix:///?socket=\(socket)")
-            server.stop()
-            guard compareWithNbdkit else { ours.forEach(progress); rows += ours; continue }
-            let theirs = try withNbdkit(nbdkit, directory + "/nbdkit-\(pair.name).sock", pair.nbdkitPlugin) {
-                try measure(fio, server: "nbdkit \(pair.name)", uri: $0)
+            defer { server.stop() }
+            let ours = "nbd+unix:///?socket=\(socket)"
+            guard compareWithNbdkit else {
+                for w in workloads { let row = try measure(fio, w, server: "softdev \(pair.name)", uri: ours); progress(row); rows.append(row) }
+                continue
             }
-            for (var mine, peer) in zip(ours, theirs) {
-                mine.ratioToPeer = peer.iops > 0 ? mine.iops / peer.iops : nil
-                for row in [peer, mine] { progress(row); rows.append(row) }
+            // Both servers run at once and each workload is measured on one right after the
+            // other: a slow moment of a shared machine then falls on both rows of a pair.
+            try withNbdkit(nbdkit, directory + "/nbdkit-\(pair.name).sock", pair.nbdkitPlugin) { theirs in
+                for w in workloads {
+                    let peer = try measure(fio, w, server: "nbdkit \(pair.name)", uri: theirs)
+                    var mine = try measure(fio, w, server: "softdev \(pair.name)", uri: ours)
+                    mine.ratioToPeer = peer.iops > 0 ? mine.iops / peer.iops : nil
+                    for row in [peer, mine] { progress(row); rows.append(row) }
+                }
             }
         }
         return rows
@@ -116,11 +122,9 @@ public struct NBDBenchmark: Sendable {
         return lines.joined(separator: "\n")
     }
 
-    private func measure(_ fio: String, server: String, uri: String) throws -> [Row] {
-        try workloads.map { w in
-            let (iops, mbs) = try Self.fio(fio, uri: uri, workload: w, runtime: runtime, size: size)
-            return Row(server: server, workload: w.name, iops: iops, megabytesPerSecond: mbs, ratioToPeer: nil)
-        }
+    private func measure(_ fio: String, _ w: Workload, server: String, uri: String) throws -> Row {
+        let (iops, mbs) = try Self.fio(fio, uri: uri, workload: w, runtime: runtime, size: size)
+        return Row(server: server, workload: w.name, iops: iops, megabytesPerSecond: mbs, ratioToPeer: nil)
     }
 
     /// Runs one fio job and reads IOPS and bandwidth from its JSON report.
