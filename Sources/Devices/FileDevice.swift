@@ -5,7 +5,7 @@ import Synchronization
 
 /// `file(path=..., readonly=false, direct=auto, size=...)`: a raw image file or a block device.
 ///
-/// Reads, writes and flushes submitted with `submit` go to the kernel through libaio and
+/// With O_DIRECT, reads, writes and flushes submitted with `submit` go to the kernel through libaio and
 /// complete on a reaper thread; `read` and `write` are the same operations done synchronously.
 /// Discard and write-zeroes are `fallocate` calls, which have no asynchronous form and only
 /// change metadata on a file, so they run on the submitting thread.
@@ -67,7 +67,10 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     public let directAlignment: Int
 
     private let fd: Int32
-    private let aio: AsyncIOContext
+    /// With O_DIRECT only: buffered files never use libaio (see above), so they hold no
+    /// context (it counts against the system's aio-max-nr) and no reaper thread.
+    private let aio: AsyncIOContext?
+    private let slotCount: Int
     private let slots: UnsafeMutablePointer<Slot>
     private let queue: Mutex<Queue>
     /// Submitted at close: a read of nothing whose completion tells the reaper to stop.
@@ -158,12 +161,17 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         capabilities = options.readOnly ? (isBlockDevice ? [.multiConn] : [.extents, .multiConn])
             : (isBlockDevice ? BlockCapabilities.all.subtracting(.extents) : .all)
 
-        do throws(SystemCallError) {
-            aio = try AsyncIOContext(depth: options.queueDepth)
-        } catch {
-            throw BlockError.system("\(label): \(error.call)", errno: error.errno)
+        if direct {
+            do throws(SystemCallError) {
+                aio = try AsyncIOContext(depth: options.queueDepth)
+            } catch {
+                throw BlockError.system("\(label): \(error.call)", errno: error.errno)
+            }
+        } else {
+            aio = nil
         }
         workers = direct || servesInline ? nil : WorkerPool(threads: Self.bufferedWorkers)
+        slotCount = options.queueDepth
         slots = .allocate(capacity: options.queueDepth)
         slots.initialize(repeating: Slot(), count: options.queueDepth)
         var free = [Int]()
@@ -171,6 +179,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         free.append(contentsOf: (0..<options.queueDepth).reversed())
         queue = Mutex(Queue(free: free))
         opened = true
+        guard aio != nil else { return }
 
         // The reaper thread owns io_getevents: a transport thread that submits never blocks on
         // a completion, and completions are delivered as soon as the kernel posts them.
@@ -183,7 +192,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
 
     deinit {
         close()
-        slots.deinitialize(count: aio.depth)
+        slots.deinitialize(count: slotCount)
         slots.deallocate()
         stopRequest.deallocate()
     }
@@ -290,7 +299,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             AsyncIOContext.prepare(iocb, .dataSync, fd: fd, data: data)
         }
         do throws(SystemCallError) {
-            try aio.submit(iocb)
+            // Only O_DIRECT files reach here: buffered ones are served inline or by workers.
+            try aio!.submit(iocb)
         } catch {
             finish(index, result: -Int(error.errno))
         }
@@ -298,6 +308,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
 
     /// The reaper thread: waits for completions and finishes them, until `close`.
     private func reap() {
+        guard let aio else { return }
         let events = UnsafeMutableBufferPointer<io_event>.allocate(capacity: 64)
         defer { events.deallocate() }
         var stopSeen = false
@@ -513,15 +524,17 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         }
         if alreadyClosed { return }
         workers?.stop()   // runs what was submitted, then the threads end
-        // A read of no bytes completes at once; its event tells the reaper to stop once the
-        // requests in flight are done (io_getevents has no other way to be woken).
-        AsyncIOContext.prepare(stopRequest, .read, fd: fd, data: nil)
-        do throws(SystemCallError) {
-            try aio.submit(stopRequest)
-            pthread_join(reaper, nil)
-        } catch {
-            // The reaper cannot be woken; leave it blocked rather than free what it uses.
-            return
+        if let aio {
+            // A read of no bytes completes at once; its event tells the reaper to stop once the
+            // requests in flight are done (io_getevents has no other way to be woken).
+            AsyncIOContext.prepare(stopRequest, .read, fd: fd, data: nil)
+            do throws(SystemCallError) {
+                try aio.submit(stopRequest)
+                pthread_join(reaper, nil)
+            } catch {
+                // The reaper cannot be woken; leave it blocked rather than free what it uses.
+                return
+            }
         }
         Glibc.close(fd)
     }

@@ -138,6 +138,21 @@ final class FileDeviceTests: XCTestCase {
         }
     }
 
+    func testOnlyODirectFilesHoldAnAioContext() throws {
+        /// Events reserved by every process's io_setup (buffered files never use libaio).
+        func aioEvents() throws -> Int {
+            let text = try String(contentsOfFile: "/proc/sys/fs/aio-nr", encoding: .utf8)
+            return Int(text.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1
+        }
+        let before = try aioEvents()
+        let buffered = try makeImage(direct: .off)
+        XCTAssertFalse(buffered.isDirect)
+        XCTAssertEqual(try aioEvents(), before, "a buffered file set up an aio context")
+        let direct = try makeImage(direct: .on)
+        XCTAssertGreaterThanOrEqual(try aioEvents(), before + 128, "an O_DIRECT file has its 128-event context")
+        withExtendedLifetime(direct) {}
+    }
+
     func testABufferedFileOnADiskFileSystemIsNotServedInline() throws {
         let file = try makeImage(direct: .off)
         XCTAssertEqual(file.servesInline, false, "the test directory is not on tmpfs")
