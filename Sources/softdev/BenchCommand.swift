@@ -16,6 +16,8 @@ struct Bench: ParsableCommand {
             (the protocol's cost on this machine). "vs C" is IOPS over the C backend's on the same workload.
             With --nbd, the same workloads run through SoftDev's NBD export and nbdkit (memory and file plugins, the \
             file read through the page cache by both) with fio's nbd engine; "vs nbdkit" is IOPS over nbdkit's.
+            SoftDev's idle rings and connections poll for the next request before they sleep (--poll-us, as \
+            `softdev serve`); the C backend and nbdkit never poll, so --poll-us 0 compares like for like.
             Numbers depend on the machine and on what else runs on it: compare rows of one run.
             """)
 
