@@ -164,7 +164,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
             publishResponses()
             if !stopping.load(ordering: .relaxed) && !broken && heldBarrier == nil {
                 // Idle: watch the ring a while before asking for a notification. req_event is
-                // left behind meanwhile, so a frontend that pushes now does not notify at all.
+                // left behind meanwhile, so a frontend that pushes now usually need not notify.
                 // (Nothing else can need this thread: nothing is in flight, and a stop is seen.)
                 if inFlight == 0, poller.wait(idle: true, {
                     // An impossible producer index counts as work: takeRequests breaks the ring.
