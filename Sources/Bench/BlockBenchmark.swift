@@ -43,7 +43,8 @@ public struct BlockBenchmark {
     /// Every target's device size (the C null device's too).
     public var deviceSize: UInt64
     public var ringPageOrder = Blkif.maxRingPageOrder
-    /// SoftDev's ring threads' poll window (`BlkifBackendOptions.pollMicroseconds`).
+    /// SoftDev's ring threads' poll window (`BlkifBackendOptions.pollMicroseconds`), and the C
+    /// reference backend's.
     public var pollMicroseconds = AdaptivePoller.defaultMicroseconds
 
     public init(targets: [Target], workloads: [BlkifLoadGenerator.Workload] = BlkifLoadGenerator.Workload.standard,
@@ -113,6 +114,7 @@ public struct BlockBenchmark {
                 try XenbusToolstack.attach(backend.store, paths, frontend: ["virtual-device": "51712", "device-type": "disk"],
                                            backend: ["params": "null", "mode": "w", "dev": "xvda", "type": "cref"])
                 let harness = CReferenceBackendHarness(backend: backend, guest: guest, paths: paths, sectors: deviceSize / 512)
+                harness.pollMicroseconds = pollMicroseconds   // like for like with SoftDev's rings
                 try harness.advertise()
                 let connected = DispatchSemaphore(value: 0)
                 harness.connectInBackground { connected.signal() }

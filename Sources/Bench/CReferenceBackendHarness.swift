@@ -13,6 +13,8 @@ public final class CReferenceBackendHarness: @unchecked Sendable {
     public let guest: LocalHypervisor
     public let paths: XenbusDevicePaths
     public let sectors: UInt64
+    /// The C backend's poll window, as `BlkifBackendOptions.pollMicroseconds` for SoftDev's.
+    public var pollMicroseconds = 0
     private var ringMapping: GrantMapping?
     private var ringRefs: [GrantRef] = []
     private var channel: LocalEventChannel?
@@ -77,6 +79,7 @@ public final class CReferenceBackendHarness: @unchecked Sendable {
         config.notify_fd = -1
         config.notify = creferenceNotify
         config.notify_ctx = Unmanaged.passUnretained(ch).toOpaque()
+        config.poll_us = UInt32(clamping: pollMicroseconds)
         guard let b = cref_backend_start(&config) else { throw HarnessFailure("cref_backend_start: errno \(errno)") }
         served = b
         try writeNodes(store, paths.backendPath, [

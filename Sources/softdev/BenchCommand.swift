@@ -17,7 +17,8 @@ struct Bench: ParsableCommand {
             With --nbd, the same workloads run through SoftDev's NBD export and nbdkit (memory and file plugins, the \
             file read through the page cache by both) with fio's nbd engine; "vs nbdkit" is IOPS over nbdkit's.
             SoftDev's idle rings and connections poll for the next request before they sleep (--poll-us, as \
-            `softdev serve`); the C backend and nbdkit never poll, so --poll-us 0 compares like for like.
+            `softdev serve`). The C backend polls with the same window, so "vs C" is like for like either way; \
+            nbdkit never polls, so --poll-us 0 compares the NBD export like for like.
             Numbers depend on the machine and on what else runs on it: compare rows of one run.
             """)
 
@@ -46,7 +47,7 @@ struct Bench: ParsableCommand {
     var nbdOnly = false
 
     @Option(name: .customLong("poll-us"), help: ArgumentHelp(
-        "SoftDev's poll window for idle rings and NBD connections, in microseconds, as `softdev serve --poll-us` (0: never poll; the C backend and nbdkit never do).",
+        "SoftDev's poll window for idle rings and NBD connections, in microseconds, as `softdev serve --poll-us` (0: never poll). The C reference backend gets the same window; nbdkit never polls.",
         valueName: "us"))
     var pollMicroseconds = AdaptivePoller.defaultMicroseconds
 

@@ -75,6 +75,8 @@ struct cref_backend_config {
     int notify_fd;                 // >= 0: write 8 bytes here to notify (an eventfd) ...
     void (*notify)(void *ctx);     // ... else call this
     void *notify_ctx;
+    uint32_t poll_us;              // > 0: poll the ring this long before sleeping, adaptively, as
+                                   // SoftDev's ring threads do (AdaptivePoller); 0: never
 };
 
 struct cref_backend;               // opaque
