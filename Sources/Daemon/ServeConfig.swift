@@ -1,7 +1,7 @@
 import BlockTap
+import Core
 import Devices
 import Foundation
-import Core
 import TOMLKit
 
 /// What `softdev serve --config FILE` reads: the hypervisor to use, the blkif features to offer,

@@ -1,9 +1,9 @@
 import ArgumentParser
 import Bench
+import Core
 import Devices
 import Foundation
 import Glibc
-import Core
 
 /// `softdev bench`.
 struct Bench: ParsableCommand {

@@ -1,8 +1,8 @@
 import ArgumentParser
+import Core
 import Daemon
 import Foundation
 import Glibc
-import Core
 
 /// `softdev serve`: the daemon.
 struct Serve: ParsableCommand {
