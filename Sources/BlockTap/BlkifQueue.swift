@@ -402,7 +402,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     @inline(__always) private func persistentPage(_ ref: GrantRef) -> UnsafeMutableRawPointer? {
         guard let table = persistentPages else { return nil }
         if ref < PersistentGrantCache.tableEntries, let page = table[Int(ref)] { return page }
-        return persistent?.lookupOrMap(ref)
+        return persistent?.keep(ref)
     }
 
     /// Maps the slot's references: persistent ones from the cache, the rest in one batch.

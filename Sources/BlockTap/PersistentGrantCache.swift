@@ -18,8 +18,8 @@ final class PersistentGrantCache {
     private let grants: any GrantTable
     private let domain: DomainID
     let capacity: Int
-    /// Indexed by reference: the kept page, or nil. Read directly by the ring thread's fast
-    /// path (`cached`), so a hit touches no object.
+    /// Indexed by reference: the kept page, or nil. Read directly by the ring thread
+    /// (`BlkifQueue.persistentPage`), so a hit touches no object.
     let pages: UnsafeMutablePointer<UnsafeMutableRawPointer?>
     /// What is mapped, for unmapAll (touched only when a reference is first mapped).
     private var mapped: [(ref: GrantRef, mapping: GrantMapping)] = []
@@ -41,13 +41,11 @@ final class PersistentGrantCache {
 
     var count: Int { mapped.count }
 
-    /// The page of `ref`, mapping it now if there is room; nil if the cache is full, the
-    /// reference is beyond the table, or it cannot be mapped writable (the caller then maps it
-    /// for this request only).
-    @inline(__always) func lookupOrMap(_ ref: GrantRef) -> UnsafeMutableRawPointer? {
-        guard ref < Self.tableEntries else { return nil }
-        if let page = pages[Int(ref)] { return page }
-        guard mapped.count < capacity else { return nil }
+    /// Maps `ref`, which `pages` does not hold, and keeps it if there is room; nil if the cache
+    /// is full, the reference is beyond the table, or it cannot be mapped writable (the caller
+    /// then maps it for this request only).
+    func keep(_ ref: GrantRef) -> UnsafeMutableRawPointer? {
+        guard ref < Self.tableEntries, mapped.count < capacity else { return nil }
         guard let (page, m) = try? grants.mapPage(domain: domain, ref: ref, writable: true) else { return nil }
         pages[Int(ref)] = page
         mapped.append((ref, m))

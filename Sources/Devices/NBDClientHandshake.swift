@@ -22,15 +22,12 @@ struct NBDClientHandshake {
     static func connect(_ address: NBDDevice.Address, label: String) throws(BlockError) -> Int32 {
         switch address {
         case .unix(let path):
-            guard path.utf8.count < 108 else { throw BlockError(.invalid, "\(label): the socket path is longer than 107 bytes") }
+            guard path.utf8.count <= UnixSocketAddress.maxPathBytes else {
+                throw BlockError(.invalid, "\(label): the socket path is longer than \(UnixSocketAddress.maxPathBytes) bytes")
+            }
             let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
             guard fd >= 0 else { throw BlockError.system("\(label): socket", errno: errno) }
-            var addr = sockaddr_un()
-            addr.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: Array(path.utf8)) }
-            let ok = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
+            let ok = UnixSocketAddress.with(path) { Glibc.connect(fd, $0, $1) }
             guard ok == 0 else { let e = errno; Glibc.close(fd); throw BlockError.system("\(label): cannot connect", errno: e) }
             return fd
         case .tcp(let host, let port):

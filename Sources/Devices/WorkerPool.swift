@@ -1,19 +1,17 @@
+import Core
 import Glibc
 
 /// A few threads that run submitted work in order of arrival, for system calls that block:
 /// buffered file I/O, where io_submit would do the copy on the submitting thread (QEMU's thread
 /// pool and nbdkit's worker threads do the same for such files).
 final class WorkerPool: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-    private var work: [() -> Void] = []     // under mutex; `head` is the next to run
+    private let lock = ConditionLock()
+    private var work: [() -> Void] = []     // under lock; `head` is the next to run
     private var head = 0
     private var stopping = false
     private var threads: [pthread_t] = []
 
     init(threads count: Int) {
-        pthread_mutex_init(mutex, nil)
-        pthread_cond_init(condition, nil)
         for _ in 0..<count {
             var thread = pthread_t()
             let rc = pthread_create(&thread, nil, { context in
@@ -25,40 +23,35 @@ final class WorkerPool: @unchecked Sendable {
         }
     }
 
-    deinit {
-        stop()
-        pthread_cond_destroy(condition)
-        pthread_mutex_destroy(mutex)
-        condition.deallocate()
-        mutex.deallocate()
-    }
+    deinit { stop() }
 
     func enqueue(_ item: @escaping () -> Void) {
-        pthread_mutex_lock(mutex)
-        work.append(item)
-        pthread_cond_signal(condition)
-        pthread_mutex_unlock(mutex)
+        lock.withLock {
+            work.append(item)
+            lock.signal()
+        }
     }
 
     /// Runs what is queued, then stops and joins the threads. Idempotent.
     func stop() {
-        pthread_mutex_lock(mutex)
-        stopping = true
-        pthread_cond_broadcast(condition)
-        let joining = threads
-        threads = []
-        pthread_mutex_unlock(mutex)
+        let joining = lock.withLock { () -> [pthread_t] in
+            stopping = true
+            lock.broadcast()
+            defer { threads = [] }
+            return threads
+        }
         for t in joining { pthread_join(t, nil) }
     }
 
     private func run() {
-        while true {
-            pthread_mutex_lock(mutex)
-            while head == work.count && !stopping { pthread_cond_wait(condition, mutex) }
-            if head == work.count {   // stopping and nothing left
-                pthread_mutex_unlock(mutex)
-                return
-            }
+        while let item = next() { item() }
+    }
+
+    /// The next item, waiting for one; nil once stopping and nothing is left.
+    private func next() -> (() -> Void)? {
+        lock.withLock {
+            while head == work.count && !stopping { lock.wait() }
+            guard head < work.count else { return nil }
             let item = work[head]
             head += 1
             if head == work.count {
@@ -68,8 +61,7 @@ final class WorkerPool: @unchecked Sendable {
                 work.removeFirst(head)
                 head = 0
             }
-            pthread_mutex_unlock(mutex)
-            item()
+            return item
         }
     }
 }

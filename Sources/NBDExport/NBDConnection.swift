@@ -25,7 +25,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     /// The device's alignment; sub-block I/O is read-modify-written to it.
     private let blockSize: UInt64
     /// Serialises read-modify-write cycles on this export across connections.
-    private let rmwLock: NBDLock
+    private let rmwLock: ConditionLock
 
     private final class Slot {
         let index: Int
@@ -59,10 +59,10 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     private var freeSlots: [Int] = []
     private var inFlight = 0
     private var inFlightBytes = 0
-    private let pool = NBDLock()
+    private let pool = ConditionLock()
 
     // Output: guarded by `writer`.
-    private let writer = NBDLock()
+    private let writer = ConditionLock()
     private static let outCapacity = 256 << 10
     private let out = UnsafeMutableRawPointer.allocate(byteCount: NBDConnection.outCapacity, alignment: 8)
     private var outCount = 0
@@ -82,7 +82,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     private let syncWaiter = SyncWaiter()
     private var poller: AdaptivePoller
 
-    init(socket: NBDSocket, session: NBDSession, rmwLock: NBDLock, poller: AdaptivePoller) {
+    init(socket: NBDSocket, session: NBDSession, rmwLock: ConditionLock, poller: AdaptivePoller) {
         self.socket = socket
         self.poller = poller
         self.session = session
@@ -535,7 +535,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
 
 /// Waits for one device completion on the calling thread.
 private final class SyncWaiter: BlockCompletionSink, @unchecked Sendable {
-    private let lock = NBDLock()
+    private let lock = ConditionLock()
     private var result: BlockResult?
     func complete(tag: UInt64, result: BlockResult) {
         lock.withLock { self.result = result; lock.broadcast() }

@@ -1,3 +1,4 @@
+import Core
 import Glibc
 
 /// Where an `NBDServer` listens: a unix socket (the default, mode 0600) or a TCP address.
@@ -20,9 +21,8 @@ public enum NBDListenAddress: Equatable, Sendable, CustomStringConvertible {
         if text.hasPrefix("unix:") {
             let path = String(text.dropFirst(5))
             guard !path.isEmpty else { throw NBDAddressError(text, "the unix socket path is empty") }
-            // sun_path holds 108 bytes including the terminating NUL.
-            guard path.utf8.count < 108 else {
-                throw NBDAddressError(text, "the unix socket path is longer than 107 bytes")
+            guard path.utf8.count <= UnixSocketAddress.maxPathBytes else {
+                throw NBDAddressError(text, "the unix socket path is longer than \(UnixSocketAddress.maxPathBytes) bytes")
             }
             return .unix(path: path)
         }

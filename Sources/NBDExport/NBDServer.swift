@@ -20,7 +20,7 @@ public final class NBDServer: @unchecked Sendable {
     /// How long an idle connection polls its socket before blocking (see `AdaptivePoller`); 0 never polls.
     public let pollMicroseconds: Int
 
-    private let lock = NBDLock()
+    private let lock = ConditionLock()
     private var listenFD: Int32 = -1
     private var wakePipe: (Int32, Int32) = (-1, -1)
     private var connections: [ObjectIdentifier: NBDConnection] = [:]
@@ -28,7 +28,7 @@ public final class NBDServer: @unchecked Sendable {
     private var negotiating: [Int32: NBDSocket] = [:]
     private var threads = 0
     private var stopping = false
-    private var rmwLocks: [String: NBDLock] = [:]
+    private var rmwLocks: [String: ConditionLock] = [:]
     private var port: UInt16?
 
     /// An export named twice is a mistake in the caller's configuration.
@@ -38,7 +38,7 @@ public final class NBDServer: @unchecked Sendable {
         self.address = address
         self.exports = exports
         self.pollMicroseconds = pollMicroseconds
-        for e in exports { rmwLocks[e.name] = NBDLock() }
+        for e in exports { rmwLocks[e.name] = ConditionLock() }
     }
 
     /// The TCP port the server listens on (useful with port 0); nil for unix sockets.

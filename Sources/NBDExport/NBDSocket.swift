@@ -18,16 +18,6 @@ enum NBDListener {
         }
     }
 
-    private static func unixAddress(_ path: String) -> sockaddr_un {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { p in
-            let bytes = Array(path.utf8)
-            p.copyBytes(from: bytes.prefix(p.count - 1))
-        }
-        return addr
-    }
-
     /// Removes a socket left by a server that is gone (nobody answers there: ECONNREFUSED);
     /// refuses to touch a live server's socket or anything that is not a socket.
     private static func removeStale(_ path: String) throws(NBDSystemError) {
@@ -37,10 +27,7 @@ enum NBDListener {
         let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard probe >= 0 else { throw NBDSystemError("socket(AF_UNIX)") }
         defer { Glibc.close(probe) }
-        var addr = unixAddress(path)
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let rc = UnixSocketAddress.with(path) { connect(probe, $0, $1) }
         if rc == 0 { throw NBDSystemError("\(path): another server is listening there", errno: EADDRINUSE) }
         guard errno == ECONNREFUSED else { throw NBDSystemError("\(path) exists and cannot be probed") }
         unlink(path)
@@ -51,10 +38,7 @@ enum NBDListener {
         try removeStale(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw NBDSystemError("socket(AF_UNIX)") }
-        var addr = unixAddress(path)
-        let ok = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let ok = UnixSocketAddress.with(path) { bind(fd, $0, $1) }
         guard ok == 0 else { let e = NBDSystemError("bind \(path)"); Glibc.close(fd); throw e }
         // 0600 before listen(): nobody can connect between bind and chmod.
         guard chmod(path, 0o600) == 0, listen(fd, 128) == 0 else {

@@ -7,13 +7,7 @@ enum LocalControlSocket {
     static func open(_ path: String, _ call: (Int32, UnsafePointer<sockaddr>, socklen_t) -> Int32) -> (fd: Int32, errno: Int32) {
         let s = socket(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard s >= 0 else { return (-1, errno) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { p in
-            for (i, c) in path.utf8.prefix(p.count - 1).enumerated() { p[i] = c }
-        }
-        let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-            call(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        let r = UnixSocketAddress.with(path) { call(s, $0, $1) }
         guard r == 0 else { let e = errno; Glibc.close(s); return (-1, e) }
         return (s, 0)
     }

@@ -115,17 +115,16 @@ public final class XenbusBackendService: @unchecked Sendable {
 
     /// A guest went away: its home in xenstore is gone; unplug what served it.
     private func reapDeadGuests() {
-        for (_, d) in devices {
-            let home = "/local/domain/\(d.frontendDomain)"
-            if (try? hypervisor.store.readString(home)).flatMap({ $0 }) == nil {
-                log("\(d.backendPath): domain \(d.frontendDomain) is gone")
-                try? hypervisor.store.remove(d.frontendPath, transaction: .none)
-                d.unplug()
-            }
+        // Every device's guest is among those served: each home is read once.
+        let dead = servedDomains.filter { (try? hypervisor.store.readString("/local/domain/\($0)")).flatMap({ $0 }) == nil }
+        for (_, d) in devices where dead.contains(d.frontendDomain) {
+            log("\(d.backendPath): domain \(d.frontendDomain) is gone")
+            try? hypervisor.store.remove(d.frontendPath, transaction: .none)
+            d.unplug()
         }
         // Their devices are unplugged (now, or earlier when their nodes vanished): nothing of
         // theirs is mapped any more.
-        for domain in servedDomains where (try? hypervisor.store.readString("/local/domain/\(domain)")).flatMap({ $0 }) == nil {
+        for domain in dead {
             servedDomains.remove(domain)
             hypervisor.grants.domainDestroyed(domain)
         }

@@ -1,3 +1,6 @@
+import Glibc
+import XenStore
+
 /// xenbus device states (io/xenbus.h), written by each end to its `state` node.
 public enum XenbusDeviceState: UInt32, Sendable, CustomStringConvertible {
     case unknown = 0, initialising = 1, initWait = 2, initialised = 3, connected = 4
@@ -8,11 +11,6 @@ public enum XenbusDeviceState: UInt32, Sendable, CustomStringConvertible {
          "Reconfiguring", "Reconfigured"][Int(rawValue)]
     }
 }
-
-#if canImport(Glibc)
-import Glibc
-#endif
-import XenStore
 
 extension XenbusDeviceState {
     /// The state in the node at `path`: Unknown when the node is missing or holds garbage

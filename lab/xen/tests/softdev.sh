@@ -39,9 +39,9 @@ guest_script /run/g1-run.sh "sh /test/marker.sh" "sh /test/ext4.sh" "sh /test/fe
 lab_domu_initrd /run/g1.gz /run/g1-run.sh "$G/marker.sh" "$G/ext4.sh" "$G/features.sh" /run/marker
 guest_script /run/g2-run.sh "LAB_DEV=/dev/xvda LAB_MARKER=/test/marker-a sh /test/marker.sh" \
   "LAB_DEV=/dev/xvdb LAB_MARKER=/test/marker-b sh /test/marker.sh" \
-  "LAB_DEV=/dev/xvdb LAB_MIB=16 sh /test/seq-dd.sh" "LAB_DEV=/dev/xvdc LAB_MARKER=/test/marker-c sh /test/readonly.sh" \
+  "LAB_DEV=/dev/xvdb LAB_MIB=16 sh /test/seq-dd.sh" "LAB_DEV=/dev/xvdc LAB_MARKER=/test/marker-c LAB_READONLY=1 sh /test/marker.sh" \
   "sh /test/features.sh"
-lab_domu_initrd /run/g2.gz /run/g2-run.sh "$G/marker.sh" "$G/seq-dd.sh" "$G/readonly.sh" "$G/features.sh" \
+lab_domu_initrd /run/g2.gz /run/g2-run.sh "$G/marker.sh" "$G/seq-dd.sh" "$G/features.sh" \
   /run/marker-a /run/marker-b /run/marker-c
 lab_domu_config /run/g1.cfg g1 /run/g1.gz
 # Two queues of 4-page rings with persistent grants and indirect pages preallocated by
