@@ -77,7 +77,9 @@ public struct BlockBenchmark {
         let failures = BackendLog()
         var blkif = BlkifBackendOptions()
         blkif.pollMicroseconds = pollMicroseconds
-        let service = BlockTapService.make(hypervisor: backend, options: blkif, log: { failures.note($0) }) { spec in try DeviceRegistry.open(spec) }
+        let service = BlockTapService.makeHost(hypervisor: backend, options: blkif, log: { failures.note($0) }) { spec, readOnly in
+            try DeviceRegistry.open(spec, readOnly: readOnly)
+        }
         try service.start()
         defer { service.stop() }
 

@@ -7,21 +7,28 @@ public enum BlockTapService {
     /// The backend directory SoftDev's block backend owns (no kernel backend claims it).
     public static let backendType = "softdev-vbd"
 
-    /// A service that opens each device's stack with `open(spec)`; the backend owns the stack and
-    /// closes it when the disk is unplugged.
-    public static func make(hypervisor: any Hypervisor, options: BlkifBackendOptions = BlkifBackendOptions(),
-                            log: @escaping (String) -> Void = { _ in },
-                            open: @escaping (String) throws -> any BlockDevice) -> XenbusBackendService {
-        XenbusBackendService(hypervisor: hypervisor, backendType: backendType, log: log) { service, path in
-            guard let spec = try service.hypervisor.store.readString(path + "/params"), !spec.isEmpty else {
+    /// The `softdev-vbd` backend type: each device gets a ``BlkifBackend`` over the stack its
+    /// `params` node names, opened with `open(spec, readOnly)` (readOnly: the toolstack attached
+    /// it with mode "r"); the backend owns the stack and closes it when the disk is unplugged.
+    public static func backend(options: BlkifBackendOptions = BlkifBackendOptions(), log: @escaping @Sendable (String) -> Void = { _ in },
+                               open: @escaping @Sendable (_ spec: String, _ readOnly: Bool) throws -> any BlockDevice) -> XenbusBackendType {
+        XenbusBackendType(name: backendType) { hypervisor, path in
+            guard let spec = try hypervisor.store.readString(path + "/params"), !spec.isEmpty else {
                 throw BlkifConnectError("\(path)/params is missing: it names the device stack to serve")
             }
-            var device = try open(spec)
-            if try service.hypervisor.store.readString(path + "/mode") == "r", device.capabilities.contains(.write) {
-                device = ReadOnlyView(next: device)
-            }
-            return BlkifBackend(device: device, options: options, log: log)
+            let readOnly = try hypervisor.store.readString(path + "/mode") == "r"
+            return BlkifBackend(device: try open(spec, readOnly), options: options, log: log)
         }
+    }
+
+    /// A host serving the block backend alone (the demo, the bench, tests); the daemon
+    /// registers ``backend(options:log:open:)`` beside the other classes instead.
+    public static func makeHost(hypervisor: any Hypervisor, options: BlkifBackendOptions = BlkifBackendOptions(),
+                                log: @escaping @Sendable (String) -> Void = { _ in },
+                                open: @escaping @Sendable (_ spec: String, _ readOnly: Bool) throws -> any BlockDevice) -> XenbusBackendHost {
+        let host = XenbusBackendHost(hypervisor: hypervisor, log: log)
+        host.register(backend(options: options, log: log, open: open))
+        return host
     }
 
     /// Creates the frontend and backend nodes of a disk for `guest` (what `softdev attach` does).
@@ -36,10 +43,4 @@ public enum BlockTapService {
                       "removable": "0", "bootable": "1", "device-type": "disk"])
         return paths
     }
-}
-
-/// Hides a device's write capabilities (a disk attached with mode "r").
-final class ReadOnlyView: BlockFilter, @unchecked Sendable {
-    override var name: String { "readonly" }
-    override var capabilities: BlockCapabilities { next.capabilities.subtracting([.write, .discard, .writeZeroes]) }
 }

@@ -17,7 +17,7 @@ public final class SoftDevDaemon: @unchecked Sendable {
 
     public let config: ServeConfig
     public let hypervisor: any Hypervisor
-    public let service: XenbusBackendService
+    public let service: XenbusBackendHost
     private let embedded: LocalHypervisorServer?
     private let lock: ServeLock?
     /// Configured disks attached so far, as "domid/device id": each once per guest, so that a
@@ -40,8 +40,8 @@ public final class SoftDevDaemon: @unchecked Sendable {
     public init(config: ServeConfig, hypervisor: any Hypervisor, embedded: LocalHypervisorServer? = nil, lock: ServeLock? = nil,
                 log: @escaping @Sendable (String) -> Void) {
         self.config = config; self.hypervisor = hypervisor; self.embedded = embedded; self.lock = lock; self.log = log
-        service = BlockTapService.make(hypervisor: hypervisor, options: config.blkif, log: log) { spec in
-            try DeviceRegistry.open(spec)
+        service = BlockTapService.makeHost(hypervisor: hypervisor, options: config.blkif, log: log) { spec, readOnly in
+            try DeviceRegistry.open(spec, readOnly: readOnly)
         }
     }
 
@@ -63,7 +63,7 @@ public final class SoftDevDaemon: @unchecked Sendable {
             stop()
             throw error
         }
-        log("serving on \(hypervisor.kind) as domain \(hypervisor.domainID): backend \(service.root)"
+        log("serving on \(hypervisor.kind) as domain \(hypervisor.domainID): backend \(service.root(BlockTapService.backendType))"
             + (nbdServers.isEmpty ? "" : "; NBD " + nbdServers.map { "\($0.address)" }.joined(separator: ", ")))
     }
 

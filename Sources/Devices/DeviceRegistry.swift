@@ -69,6 +69,13 @@ public enum DeviceRegistry {
         try open(DeviceSpec(parsing: spec))
     }
 
+    /// Opens `spec`'s stack; `readOnly` (a disk attached read-only) puts `readonly` on top of a
+    /// stack that can write.
+    public static func open(_ spec: String, readOnly: Bool) throws(DeviceSpecError) -> any BlockDevice {
+        let device = try open(spec)
+        return readOnly && device.capabilities.contains(.write) ? ReadOnlyFilter(next: device) : device
+    }
+
     /// Checks `spec` without opening anything: its syntax, its device names, the order of
     /// devices and filters, and the parameter names (what a config file or `softdev attach` can
     /// check before the stack is opened elsewhere).

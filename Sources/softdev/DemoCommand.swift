@@ -28,7 +28,7 @@ struct Demo: ParsableCommand {
         print("local hypervisor: \(address.directory) (XENSTORED_PATH=\(address.storeSocket) xenstore-ls)")
         let backend = try LocalHypervisor.connectBackend(address)
         let opened = try DeviceRegistry.open(device)
-        let service = BlockTapService.make(hypervisor: backend, log: { print("backend: \($0)") }) { _ in opened }
+        let service = BlockTapService.makeHost(hypervisor: backend, log: { print("backend: \($0)") }) { _, _ in opened }
         try service.start()
         defer { service.stop() }
         let guest = try LocalHypervisor.createGuest(address, name: "demo-guest", pages: 16384)

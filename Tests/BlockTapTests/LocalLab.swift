@@ -43,7 +43,7 @@ final class LocalLab {
     let address: LocalHypervisorAddress
     let server: LocalHypervisorServer
     let backend: LocalHypervisor
-    let service: XenbusBackendService
+    let service: XenbusBackendHost
     /// The test's devices by spec name, and the backend's log.
     final class Shared: @unchecked Sendable {
         let lock = NSLock()
@@ -59,10 +59,10 @@ final class LocalLab {
         try server.start()
         backend = try LocalHypervisor.connectBackend(address)
         let shared = self.shared
-        service = BlockTapService.make(hypervisor: backend, options: options, log: { line in
+        service = BlockTapService.makeHost(hypervisor: backend, options: options, log: { line in
             shared.lock.lock(); shared.log.append(line); shared.lock.unlock()
             if getenv("SOFTDEV_TEST_LOG") != nil { print(line) }
-        }) { spec in
+        }) { spec, _ in
             shared.lock.lock(); defer { shared.lock.unlock() }
             guard let d = shared.devices[spec] else { throw BlkifConnectError("no test device \(spec)") }
             return d
@@ -87,3 +87,11 @@ final class LocalLab {
     }
 }
 
+
+extension LocalLab {
+    /// Whether the backend logged a line containing `text`.
+    func logged(_ text: String) -> Bool {
+        shared.lock.lock(); defer { shared.lock.unlock() }
+        return shared.log.contains { $0.contains(text) }
+    }
+}

@@ -10,10 +10,13 @@ public protocol XenbusBackendDriver: AnyObject {
     /// event channels, start serving, and write what the frontend reads once connected.
     /// Throwing fails the device: the error goes to xenstore and the device closes.
     func connect(_ device: XenbusBackendDevice) throws
-    /// Stops serving and unmaps everything; waits for requests in flight. Idempotent.
+    /// Stops serving and unmaps everything; waits for requests in flight. Idempotent. Runs on
+    /// a teardown thread of its own (a device may take long to finish what is in flight), never
+    /// at the same time as `connect`.
     func disconnect(_ device: XenbusBackendDevice)
     /// The device is gone for good (detached, its guest dead, the daemon stopping): release
-    /// what `connect` cannot reuse, such as the device stack. Called once, after `disconnect`.
+    /// what `connect` cannot reuse, such as the device stack. Called once, after `disconnect`
+    /// has returned, on the teardown thread or the dispatcher's.
     func unplugged(_ device: XenbusBackendDevice)
 }
 
@@ -24,7 +27,13 @@ extension XenbusBackendDriver {
 /// One backend device's xenbus state machine (Linux's xenbus backend and blkback's
 /// frontend_changed, QEMU's xen-bus): InitWait, connect when the frontend is ready, Closing and
 /// Closed when it goes, back to InitWait when it re-initialises, and unplug when the toolstack
-/// sets `online` to 0 or the nodes vanish. All calls happen on the dispatcher's thread.
+/// sets `online` to 0 or the nodes vanish. The state machine runs on the dispatcher's thread.
+///
+/// Disconnecting waits for the device's requests in flight, which a slow or stuck device may
+/// hold for ever, so it runs on a teardown thread of its own: the watch thread goes on serving
+/// every other device. The state machine moves on (Closed, unplugged) when the teardown ends or
+/// after `teardownTimeout`, whichever comes first; a device still stuck then is reported, keeps
+/// what it holds until it completes, and is not connected again before its teardown ends.
 public final class XenbusBackendDevice: @unchecked Sendable {
     public let hypervisor: any Hypervisor
     public var store: any XenStoreClient { hypervisor.store }
@@ -36,16 +45,27 @@ public final class XenbusBackendDevice: @unchecked Sendable {
     public let driver: any XenbusBackendDriver
     private let dispatcher: WatchDispatcher
     private let onUnplug: (XenbusBackendDevice) -> Void
+    private let teardownTimeout: Double
     private var token: String { "xenbus:" + backendPath }
     private var unplugged = false
+    /// The driver is connected (its rings are served): a teardown is needed before anything else.
+    private var driverConnected = false
+    /// A teardown thread runs `driver.disconnect`.
+    private var tearingDown = false
+    /// What waits for the teardown (or its timeout), in order.
+    private var afterTeardown: [() -> Void] = []
+    /// `driver.unplugged` is due once the teardown really ends.
+    private var releaseDue = false
+    /// The frontend asked to connect during a teardown: look at it again when the teardown ends.
+    private var connectDeferred = false
     private let log: (String) -> Void
 
     /// Reads the backend node's `frontend` and `frontend-id` (written by the toolstack).
     public init(hypervisor: any Hypervisor, backendPath: String, driver: any XenbusBackendDriver,
-                dispatcher: WatchDispatcher, log: @escaping (String) -> Void = { _ in },
+                dispatcher: WatchDispatcher, teardownTimeout: Double = 5, log: @escaping (String) -> Void = { _ in },
                 onUnplug: @escaping (XenbusBackendDevice) -> Void) throws {
         self.hypervisor = hypervisor; self.backendPath = backendPath; self.driver = driver
-        self.dispatcher = dispatcher; self.onUnplug = onUnplug; self.log = log
+        self.dispatcher = dispatcher; self.onUnplug = onUnplug; self.log = log; self.teardownTimeout = teardownTimeout
         guard let fe = try hypervisor.store.readString(backendPath + "/frontend"), fe.hasPrefix("/") else {
             throw XenStoreError.invalid("\(backendPath)/frontend is missing")
         }
@@ -72,6 +92,9 @@ public final class XenbusBackendDevice: @unchecked Sendable {
         (try? store.readInt(backendPath + "/online")).flatMap { $0 } != 0
     }
 
+    /// True while a teardown runs (or outlived its timeout): `softdev list` shows it.
+    public var isTearingDown: Bool { tearingDown }
+
     public func switchState(_ new: XenbusDeviceState) throws {
         guard new != state || new == .initWait else { return }
         try store.write(backendPath + "/state", "\(new.rawValue)")
@@ -91,7 +114,8 @@ public final class XenbusBackendDevice: @unchecked Sendable {
         case .initialised, .connected:
             // Two watch events may collapse: connect from InitWait (or after a re-init) only once.
             guard state != .connected else { return }
-            driver.disconnect(self)
+            // A teardown still running: the frontend is looked at again when it ends.
+            guard !tearingDown else { connectDeferred = true; return }
             // The frontend must point back at us: a toolstack that re-created the frontend
             // directory for another backend (libxl removes it unconditionally on attach) would
             // otherwise have two backends serving one ring.
@@ -101,6 +125,7 @@ public final class XenbusBackendDevice: @unchecked Sendable {
                 return
             }
             do {
+                driverConnected = true
                 try driver.connect(self)
                 try switchState(.connected)
             } catch {
@@ -109,13 +134,15 @@ public final class XenbusBackendDevice: @unchecked Sendable {
         case .closing:
             try? switchState(.closing)
         case .closed:
-            driver.disconnect(self)
-            try? switchState(.closed)
-            if !online { unplug() }
+            disconnect { [self] in
+                try? switchState(.closed)
+                if !online { unplug() }
+            }
         case .unknown:
-            driver.disconnect(self)
-            try? switchState(.closed)
-            unplug()
+            disconnect { [self] in
+                try? switchState(.closed)
+                unplug()
+            }
         default:
             fail("saw state \(fe.rawValue) at frontend")
         }
@@ -125,7 +152,6 @@ public final class XenbusBackendDevice: @unchecked Sendable {
         guard !unplugged else { return }
         if (try? store.readString(backendPath)) == nil {
             // The toolstack removed the backend nodes: unplug at once.
-            driver.disconnect(self)
             unplug()
             return
         }
@@ -133,9 +159,10 @@ public final class XenbusBackendDevice: @unchecked Sendable {
         // Detach: ask the frontend to close; it answers by going to Closed.
         let fe = frontendState()
         if fe == .closed || fe == .unknown || fe == .initialising || fe == .initWait {
-            driver.disconnect(self)
-            try? switchState(.closed)
-            unplug()
+            disconnect { [self] in
+                try? switchState(.closed)
+                unplug()
+            }
         } else {
             try? switchState(.closing)
         }
@@ -145,8 +172,7 @@ public final class XenbusBackendDevice: @unchecked Sendable {
     public func fail(_ message: String) {
         log("\(backendPath): error: \(message)")
         try? store.write(backendPath + "/error", message)
-        driver.disconnect(self)
-        try? switchState(.closing)
+        disconnect { [self] in try? switchState(.closing) }
     }
 
     /// `fail`, from any thread: runs on the dispatcher thread that owns the state machine.
@@ -160,8 +186,65 @@ public final class XenbusBackendDevice: @unchecked Sendable {
         unplugged = true
         dispatcher.unwatch(frontendPath + "/state", token: token + ":fe")
         dispatcher.unwatch(backendPath + "/online", token: token + ":online")
-        driver.disconnect(self)
+        releaseDue = true
+        disconnect { [self] in
+            // The stack is released only once the teardown really ended (now, or later for a
+            // stuck device); the nodes go now.
+            if !tearingDown { releaseDriver() }
+            onUnplug(self)
+        }
+    }
+
+    private func releaseDriver() {
+        guard releaseDue else { return }
+        releaseDue = false
         driver.unplugged(self)
-        onUnplug(self)
+    }
+
+    /// Disconnects the driver on a teardown thread, then runs `next` on the dispatcher thread:
+    /// at once if nothing is connected, when the teardown ends, or after `teardownTimeout`.
+    private func disconnect(then next: @escaping () -> Void) {
+        guard driverConnected || tearingDown else { next(); return }
+        afterTeardown.append(next)
+        guard !tearingDown else { return }
+        driverConnected = false
+        tearingDown = true
+        let started = monotonicSeconds()
+        do {
+            try PosixThread.detached("tearing down \(backendPath)") { [self] in
+                driver.disconnect(self)
+                dispatcher.async { [self] in teardownEnded(after: monotonicSeconds() - started) }
+            }
+        } catch {
+            // No thread: tear down here, late rather than never.
+            log("\(backendPath): \(error); tearing down on the watch thread")
+            driver.disconnect(self)
+            teardownEnded(after: monotonicSeconds() - started)
+            return
+        }
+        dispatcher.after(teardownTimeout) { [weak self] in
+            guard let self, tearingDown, !afterTeardown.isEmpty else { return }
+            log("\(backendPath): device still busy after \(teardownTimeout) s (requests in flight): closing anyway; "
+                + "its resources are released when it completes")
+            runAfterTeardown()
+        }
+    }
+
+    private func teardownEnded(after seconds: Double) {
+        tearingDown = false
+        if seconds > teardownTimeout { log("\(backendPath): teardown ended after \(Int(seconds)) s") }
+        runAfterTeardown()
+        if unplugged {
+            releaseDriver()
+        } else if connectDeferred {
+            connectDeferred = false
+            frontendChanged()
+        }
+    }
+
+    private func runAfterTeardown() {
+        let waiting = afterTeardown
+        afterTeardown = []
+        for next in waiting { next() }
     }
 }
