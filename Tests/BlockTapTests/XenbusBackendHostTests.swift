@@ -1,6 +1,7 @@
 import BlockTap
 import Core
 import Foundation
+import Synchronization
 import XCTest
 import XenStore
 
@@ -34,6 +35,8 @@ final class RecordingDriver: XenbusBackendDriver, @unchecked Sendable {
     func disconnect(_ device: XenbusBackendDevice) { note("disconnect") }
     func unplugged(_ device: XenbusBackendDevice) { note("unplugged") }
 }
+
+final class PosixThreadBox: Sendable { let done = Atomic<Bool>(false) }
 
 /// One xenbus host per xenstore connection serves every backend type, and no device can stall
 /// the watch thread that all guests' devices share.
@@ -112,6 +115,28 @@ final class XenbusBackendHostTests: XCTestCase {
         try waitUntil("the teardown to end") { lab.logged("teardown ended") }
         try lab.backend.store.write(pa.backendPath + "/online", "0")
         try waitUntil("the stuck device's stack to be closed") { hanging.closed }
+    }
+
+    func testStoppingTheHostDoesNotWaitForAStuckDevice() throws {
+        let lab = try LocalLab()
+        let hanging = HangingDisk()
+        defer { hanging.release() }
+        let (a, pa) = try lab.guestWithDisk(hanging, name: "stuck")
+        let front = try LocalBlockFrontend(hypervisor: a, frontendPath: pa.frontendPath)
+        let (request, _) = try front.makeRequest(id: 1, write: true, sector: 0, firstPage: 0, pageCount: 1)
+        front.queues[0].ring.putRequest(request)
+        front.queues[0].pushRequests()
+        try waitUntil("the request to reach the device") { hanging.heldCount == 1 }
+        // SIGTERM's path: before, it waited for the device for ever.
+        let stopped = PosixThreadBox()
+        try PosixThread.detached("stopping the lab") {
+            lab.shutdown()
+            stopped.done.store(true, ordering: .releasing)
+        }
+        let deadline = monotonicSeconds() + lab.service.teardownTimeout + 10
+        while !stopped.done.load(ordering: .acquiring) && monotonicSeconds() < deadline { usleep(10_000) }
+        XCTAssertTrue(stopped.done.load(ordering: .acquiring), "the host stopped while its device was stuck")
+        XCTAssertEqual(hanging.heldCount, 1, "the write was never acknowledged")
     }
 
     private func waitUntil(_ what: String, timeout: Double = 20, _ condition: () throws -> Bool) throws {
