@@ -6,6 +6,8 @@ import XenStore
 public enum BlockTapService {
     /// The backend directory SoftDev's block backend owns (no kernel backend claims it).
     public static let backendType = "softdev-vbd"
+    /// The guest's directory: Linux's xen-blkfront binds `device/vbd/N`.
+    public static let frontendType = "vbd"
 
     /// The `softdev-vbd` backend type: each device gets a ``BlkifBackend`` over the stack its
     /// `params` node names, opened with `open(spec, readOnly)` (readOnly: the toolstack attached
@@ -35,12 +37,18 @@ public enum BlockTapService {
     @discardableResult
     public static func attach(store: any XenStoreClient, guest: DomainID, backendDomain: DomainID = 0, disk: VirtualDisk,
                               spec: String, readOnly: Bool = false) throws -> XenbusDevicePaths {
-        let paths = XenbusDevicePaths(frontendDomain: guest, backendDomain: backendDomain, frontendType: "vbd",
+        let paths = XenbusDevicePaths(frontendDomain: guest, backendDomain: backendDomain, frontendType: frontendType,
                                       backendType: backendType, deviceID: disk.deviceID)
-        try XenbusToolstack.attach(store, paths,
-            frontend: ["virtual-device": "\(disk.deviceID)", "device-type": "disk"],
-            backend: ["params": spec, "mode": readOnly ? "r" : "w", "dev": disk.name, "type": "softdev",
-                      "removable": "0", "bootable": "1", "device-type": "disk"])
+        let (frontend, backend) = nodes(disk.xenbusName, spec: spec, readOnly: readOnly)
+        try XenbusToolstack.attach(store, paths, frontend: frontend, backend: backend)
         return paths
+    }
+
+    /// A disk's own nodes, as libxl writes them for `xl block-attach` (besides the ones every
+    /// device has); `params` holds the device stack.
+    public static func nodes(_ disk: XenbusDeviceName, spec: String, readOnly: Bool) -> (frontend: [String: String], backend: [String: String]) {
+        (["virtual-device": "\(disk.deviceID)", "device-type": "disk"],
+         ["params": spec, "mode": readOnly ? "r" : "w", "dev": disk.name, "type": "softdev",
+          "removable": "0", "bootable": "1", "device-type": "disk"])
     }
 }

@@ -1,3 +1,5 @@
+import Core
+
 /// A guest disk name and its xenbus device id, as libxl computes them (xvda = 51712):
 /// `xvd<letters>` is 202 << 8 | disk << 4 for the first 16 disks and 1 << 28 | disk << 8 beyond;
 /// a plain number is taken as the id itself.
@@ -25,6 +27,7 @@ public struct VirtualDisk: Equatable, Sendable, CustomStringConvertible {
     }
 
     public var description: String { "\(name) (\(deviceID))" }
+    public var xenbusName: XenbusDeviceName { XenbusDeviceName(name: name, deviceID: deviceID) }
 }
 
 public struct VirtualDiskError: Error, CustomStringConvertible {

@@ -4,8 +4,8 @@ import Devices
 import Foundation
 import TOMLKit
 
-/// What `softdev serve --config FILE` reads: the hypervisor to use, the blkif features to offer,
-/// the disks to give guests by name, and the NBD exports. Every key is checked: a typo is an
+/// What `softdev serve --config FILE` reads: the hypervisor to use, each device class's backend
+/// options (`[blkif]`) and devices to give guests by name (`[[disk]]`), and the NBD exports. Every key is checked: a typo is an
 /// error with the key's place, never silently ignored.
 ///
 /// ```toml
@@ -35,14 +35,20 @@ import TOMLKit
 /// description = "scratch space"
 /// ```
 public struct ServeConfig: Sendable {
-    /// A disk the daemon attaches to a guest, found by name, whenever that guest runs.
-    public struct Disk: Sendable, Equatable {
+    /// A device the daemon attaches to a guest, found by name, whenever that guest runs.
+    public struct Attachment: Sendable, Equatable {
+        /// The device class's name (`block`).
+        public var deviceClass: String
         public var domain: String
-        public var vdev: VirtualDisk
+        public var vdev: XenbusDeviceName
         public var device: String
         public var readOnly: Bool
+        public init(deviceClass: String, domain: String, vdev: XenbusDeviceName, device: String, readOnly: Bool = false) {
+            self.deviceClass = deviceClass; self.domain = domain; self.vdev = vdev; self.device = device; self.readOnly = readOnly
+        }
+        /// A disk.
         public init(domain: String, vdev: VirtualDisk, device: String, readOnly: Bool = false) {
-            self.domain = domain; self.vdev = vdev; self.device = device; self.readOnly = readOnly
+            self.init(deviceClass: DeviceClass.block.name, domain: domain, vdev: vdev.xenbusName, device: device, readOnly: readOnly)
         }
     }
 
@@ -59,16 +65,23 @@ public struct ServeConfig: Sendable {
 
     public var hypervisor: HypervisorKind?
     public var localDirectory: String?
-    public var blkif = BlkifBackendOptions()
-    public var disks: [Disk] = []
-    public var nbdListen: [String] = []
     /// How long an idle ring thread or NBD connection polls for the next request before it
-    /// sleeps, in microseconds (0: never). Also in `blkif.pollMicroseconds`.
-    public var pollMicroseconds: Int {
-        get { blkif.pollMicroseconds }
-        set { blkif.pollMicroseconds = newValue }
+    /// sleeps, in microseconds (0: never), for every class; each class's backend options get it.
+    public var pollMicroseconds = AdaptivePoller.defaultMicroseconds {
+        didSet { blkif.pollMicroseconds = pollMicroseconds }
     }
+    /// `[blkif]`: what the block backend offers.
+    public var blkif = BlkifBackendOptions()
+    /// Every class's configured devices (`[[disk]]`, ...), in the file's order.
+    public var attachments: [Attachment] = []
+    public var nbdListen: [String] = []
     public var exports: [Export] = []
+
+    /// The configured disks (the block class's attachments).
+    public var disks: [Attachment] {
+        get { attachments.filter { $0.deviceClass == DeviceClass.block.name } }
+        set { attachments = attachments.filter { $0.deviceClass != DeviceClass.block.name } + newValue }
+    }
 
     public init() {}
 
@@ -88,7 +101,7 @@ public struct ServeConfig: Sendable {
             throw ServeConfigError("\(file):\(error.source.begin.line):\(error.source.begin.column): \(error.description)")
         }
         var config = ServeConfig()
-        var reader = TableReader(table: table, place: file)
+        var reader = ConfigTable(table: table, place: file)
         if let kind = try reader.string("hypervisor") {
             guard let k = HypervisorKind(rawValue: kind) else {
                 throw ServeConfigError("\(file): hypervisor = \"\(kind)\": use one of \(HypervisorKind.allCases.map(\.rawValue).joined(separator: ", "))")
@@ -97,25 +110,23 @@ public struct ServeConfig: Sendable {
         }
         config.localDirectory = try reader.string("local-directory")
         config.pollMicroseconds = try reader.int("poll-us", in: AdaptivePoller.microsecondRange) ?? config.pollMicroseconds
-        if var blkif = try reader.table("blkif") {
-            let o = config.blkif
-            config.blkif.maxQueues = try blkif.int("max-queues", in: 1...16) ?? o.maxQueues
-            config.blkif.maxRingPageOrder = try blkif.int("max-ring-page-order", in: 0...Blkif.maxRingPageOrder) ?? o.maxRingPageOrder
-            config.blkif.maxIndirectSegments = try blkif.int("max-indirect-segments", in: 0...Blkif.maxIndirectSegments) ?? o.maxIndirectSegments
-            config.blkif.persistentGrantsPerRing = try blkif.int("persistent-grants", in: 0...65536) ?? o.persistentGrantsPerRing
-            try blkif.finish()
-        }
-        for var disk in try reader.tables("disk") {
-            let vdevText = try disk.required("vdev")
-            let vdev: VirtualDisk
-            do { vdev = try VirtualDisk(vdevText) } catch { throw ServeConfigError("\(disk.place): \(error)") }
-            let d = Disk(domain: try disk.required("domain"), vdev: vdev, device: try disk.spec("device"),
-                         readOnly: try disk.bool("readonly") ?? false)
-            if config.disks.contains(where: { $0.domain == d.domain && $0.vdev.deviceID == d.vdev.deviceID }) {
-                throw ServeConfigError("\(disk.place): domain \(d.domain) has \(d.vdev.name) twice")
+        for deviceClass in DeviceClass.all {
+            if var options = try reader.table(deviceClass.optionsTable) {
+                try deviceClass.readOptions(&options, &config)
+                try options.finish()
             }
-            config.disks.append(d)
-            try disk.finish()
+            for var entry in try reader.tables(deviceClass.devicesTable) {
+                let vdevText = try entry.required("vdev")
+                let vdev: XenbusDeviceName
+                do { vdev = try deviceClass.parseName(vdevText) } catch { throw ServeConfigError("\(entry.place): \(error)") }
+                let a = Attachment(deviceClass: deviceClass.name, domain: try entry.required("domain"), vdev: vdev,
+                                   device: try entry.spec("device", of: deviceClass), readOnly: try entry.bool("readonly") ?? false)
+                if config.attachments.contains(where: { $0.deviceClass == a.deviceClass && $0.domain == a.domain && $0.vdev.deviceID == a.vdev.deviceID }) {
+                    throw ServeConfigError("\(entry.place): domain \(a.domain) has \(a.vdev.name) twice")
+                }
+                config.attachments.append(a)
+                try entry.finish()
+            }
         }
         if var nbd = try reader.table("nbd") {
             config.nbdListen = try nbd.strings("listen") ?? []
@@ -141,7 +152,7 @@ public struct ServeConfigError: Error, CustomStringConvertible, Sendable {
 }
 
 /// Reads typed keys from one TOML table and, at `finish`, rejects the keys nobody asked for.
-private struct TableReader {
+struct ConfigTable {
     let table: TOMLTable
     let place: String
     private var used: Set<String> = []
@@ -170,9 +181,9 @@ private struct TableReader {
     }
 
     /// A device spec: parsed and its device names checked now, opened later.
-    mutating func spec(_ key: String) throws -> String {
+    mutating func spec(_ key: String, of deviceClass: DeviceClass = .block) throws -> String {
         let text = try required(key)
-        do { try DeviceRegistry.check(text) } catch { throw ServeConfigError("\(place): \(key): \(error)") }
+        do { try deviceClass.check(text) } catch { throw ServeConfigError("\(place): \(key): \(error)") }
         return text
     }
 
@@ -197,18 +208,18 @@ private struct TableReader {
         return list
     }
 
-    mutating func table(_ key: String) throws -> TableReader? {
+    mutating func table(_ key: String) throws -> ConfigTable? {
         guard let v = value(key) else { return nil }
         guard let t = v.table else { throw wrong(key, "a table ([\(key)])") }
-        return TableReader(table: t, place: "\(place) [\(key)]")
+        return ConfigTable(table: t, place: "\(place) [\(key)]")
     }
 
-    mutating func tables(_ key: String) throws -> [TableReader] {
+    mutating func tables(_ key: String) throws -> [ConfigTable] {
         guard let v = value(key) else { return [] }
         guard let a = v.array else { throw wrong(key, "an array of tables ([[\(key)]])") }
         return try a.enumerated().map { i, element in
             guard let t = element.table else { throw wrong(key, "an array of tables ([[\(key)]])") }
-            return TableReader(table: t, place: "\(place) [[\(key)]] #\(i + 1)")
+            return ConfigTable(table: t, place: "\(place) [[\(key)]] #\(i + 1)")
         }
     }
 

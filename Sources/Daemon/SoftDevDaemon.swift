@@ -5,8 +5,9 @@ import Glibc
 import NBDExport
 import XenStore
 
-/// `softdev serve`: the block tap serving every `softdev-vbd` device of every guest, the
-/// configured disks attached whenever their guest runs, and the configured NBD exports.
+/// `softdev serve`: one xenbus host serving every device class's backend (``DeviceClass/all``)
+/// for every guest, the configured devices attached whenever their guest runs, and the
+/// configured NBD exports.
 ///
 /// Attach and detach happen through xenstore (`softdev attach`, `softdev detach` or any
 /// toolstack), so the daemon picks them up while it runs; a guest that shuts down, crashes or is
@@ -17,11 +18,11 @@ public final class SoftDevDaemon: @unchecked Sendable {
 
     public let config: ServeConfig
     public let hypervisor: any Hypervisor
-    public let service: XenbusBackendHost
+    public let host: XenbusBackendHost
     private let embedded: LocalHypervisorServer?
     private let lock: ServeLock?
-    /// Configured disks attached so far, as "domid/device id": each once per guest, so that a
-    /// disk the admin detached stays detached until its guest is born again.
+    /// Configured devices attached so far, as "domid/backend type/device id": each once per
+    /// guest, so that a device the admin detached stays detached until its guest is born again.
     private var configuredAttached = Set<String>()
     private var nbdServers: [NBDServer] = []
     private var serviceStarted = false
@@ -40,30 +41,30 @@ public final class SoftDevDaemon: @unchecked Sendable {
     public init(config: ServeConfig, hypervisor: any Hypervisor, embedded: LocalHypervisorServer? = nil, lock: ServeLock? = nil,
                 log: @escaping @Sendable (String) -> Void) {
         self.config = config; self.hypervisor = hypervisor; self.embedded = embedded; self.lock = lock; self.log = log
-        service = BlockTapService.makeHost(hypervisor: hypervisor, options: config.blkif, log: log) { spec, readOnly in
-            try DeviceRegistry.open(spec, readOnly: readOnly)
-        }
+        host = XenbusBackendHost(hypervisor: hypervisor, log: log)
+        for deviceClass in DeviceClass.all { host.register(deviceClass.backend(config, log)) }
     }
 
-    /// Opens the NBD exports' devices, starts every server, and attaches the configured disks
+    /// Opens the NBD exports' devices, starts every server, and attaches the configured devices
     /// of the guests that run now (and, through a watch, of those that start later).
     public func start() throws {
         do {
             try startNBD()
             // Set first: if start throws half-way, stop() must still stop the dispatcher.
             serviceStarted = true
-            try service.start()
-            if !config.disks.isEmpty {
-                try service.dispatcher.watch("@introduceDomain", token: Self.introduceToken) { [weak self] _ in
-                    self?.attachConfiguredDisks()
+            try host.start()
+            if !config.attachments.isEmpty {
+                try host.dispatcher.watch("@introduceDomain", token: Self.introduceToken) { [weak self] _ in
+                    self?.attachConfiguredDevices()
                 }
-                service.dispatcher.async { [weak self] in self?.attachConfiguredDisks() }
+                host.dispatcher.async { [weak self] in self?.attachConfiguredDevices() }
             }
         } catch {
             stop()
             throw error
         }
-        log("serving on \(hypervisor.kind) as domain \(hypervisor.domainID): backend \(service.root(BlockTapService.backendType))"
+        log("serving on \(hypervisor.kind) as domain \(hypervisor.domainID): backends "
+            + DeviceClass.all.map { host.root($0.backendType) }.joined(separator: ", ")
             + (nbdServers.isEmpty ? "" : "; NBD " + nbdServers.map { "\($0.address)" }.joined(separator: ", ")))
     }
 
@@ -71,8 +72,8 @@ public final class SoftDevDaemon: @unchecked Sendable {
     /// are disconnected, devices closed, and an embedded local hypervisor stops last.
     public func stop() {
         if serviceStarted {
-            if !config.disks.isEmpty { service.dispatcher.unwatch("@introduceDomain", token: Self.introduceToken) }
-            service.stop()
+            if !config.attachments.isEmpty { host.dispatcher.unwatch("@introduceDomain", token: Self.introduceToken) }
+            host.stop()
             serviceStarted = false
         }
         for server in nbdServers { server.stop() }
@@ -108,24 +109,24 @@ public final class SoftDevDaemon: @unchecked Sendable {
     /// The NBD servers, started (for tests: their bound TCP ports).
     public var nbdListeners: [NBDServer] { nbdServers }
 
-    /// Attaches each configured disk whose guest runs and does not have it yet. Runs on the
+    /// Attaches each configured device whose guest runs and does not have it yet. Runs on the
     /// dispatcher thread (at start and on every @introduceDomain).
-    private func attachConfiguredDisks() {
+    private func attachConfiguredDevices() {
         let store = hypervisor.store
         let running = Set(((try? store.directory("/local/domain", transaction: .none)) ?? []))
         configuredAttached = configuredAttached.filter { running.contains(String($0.prefix { $0 != "/" })) }
-        for disk in config.disks {
-            guard let guest = try? XenbusToolstack.resolveDomain(store, disk.domain) else { continue }
-            let paths = XenbusDevicePaths(frontendDomain: guest, backendDomain: hypervisor.domainID, frontendType: "vbd",
-                                          backendType: BlockTapService.backendType, deviceID: disk.vdev.deviceID)
-            guard configuredAttached.insert("\(guest)/\(disk.vdev.deviceID)").inserted,
+        for a in config.attachments {
+            guard let deviceClass = try? DeviceClass.named(a.deviceClass),
+                  let guest = try? XenbusToolstack.resolveDomain(store, a.domain) else { continue }
+            let paths = deviceClass.paths(guest: guest, backendDomain: hypervisor.domainID, a.vdev)
+            guard configuredAttached.insert("\(guest)/\(deviceClass.backendType)/\(a.vdev.deviceID)").inserted,
                   (try? store.read(paths.frontendPath, transaction: .none)) == nil else { continue }
             do {
-                try BlockTapService.attach(store: store, guest: guest, backendDomain: hypervisor.domainID, disk: disk.vdev,
-                                           spec: disk.device, readOnly: disk.readOnly)
-                log("attached \(disk.vdev.name) to domain \(guest) (\(disk.domain)): \(disk.device)")
+                try deviceClass.attach(store: store, guest: guest, backendDomain: hypervisor.domainID, a.vdev,
+                                       spec: a.device, readOnly: a.readOnly)
+                log("attached \(a.vdev.name) to domain \(guest) (\(a.domain)): \(a.device)")
             } catch {
-                log("cannot attach \(disk.vdev.name) to domain \(guest) (\(disk.domain)): \(error)")
+                log("cannot attach \(a.vdev.name) to domain \(guest) (\(a.domain)): \(error)")
             }
         }
     }

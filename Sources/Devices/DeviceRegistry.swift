@@ -10,20 +10,35 @@ public struct DeviceParameter: Sendable {
     }
 }
 
-/// What the registry knows about one device or filter: its name, its parameters with their
-/// help, and how to open it. Each device file declares its own (nbdkit's registration table).
+/// What the registry knows about one device or filter: its class, its name, its parameters
+/// with their help, and how to open it. Each device file declares its own (nbdkit's
+/// registration table).
 public struct DeviceDescriptor: Sendable {
     public enum Kind: Sendable { case device, filter }
+    public var deviceClass: SoftDeviceClass
     public var name: String
     public var kind: Kind
     public var summary: String
     public var parameters: [DeviceParameter]
-    /// Opens the device; `next` is the device below for a filter and nil for a device.
-    public var open: @Sendable (_ parameters: DeviceParameters, _ next: (any BlockDevice)?) throws(DeviceSpecError) -> any BlockDevice
+    /// Opens the device; `next` is the device below for a filter (of the same class) and nil
+    /// for a device.
+    public var open: @Sendable (_ parameters: DeviceParameters, _ next: (any SoftDevice)?) throws(DeviceSpecError) -> any SoftDevice
 
+    /// A block device or filter: `open` gets the block device below.
     public init(name: String, kind: Kind, summary: String, parameters: [DeviceParameter],
                 open: @escaping @Sendable (DeviceParameters, (any BlockDevice)?) throws(DeviceSpecError) -> any BlockDevice) {
-        self.name = name; self.kind = kind; self.summary = summary; self.parameters = parameters; self.open = open
+        self.init(deviceClass: .block, name: name, kind: kind, summary: summary, parameters: parameters) {
+            (parameters, next) throws(DeviceSpecError) in
+            // The registry stacks elements of one class only, so the device below is a block device.
+            try open(parameters, next.map { $0 as! any BlockDevice })
+        }
+    }
+
+    /// A device or filter of any class.
+    public init(deviceClass: SoftDeviceClass, name: String, kind: Kind, summary: String, parameters: [DeviceParameter],
+                open: @escaping @Sendable (DeviceParameters, (any SoftDevice)?) throws(DeviceSpecError) -> any SoftDevice) {
+        self.deviceClass = deviceClass; self.name = name; self.kind = kind; self.summary = summary
+        self.parameters = parameters; self.open = open
     }
 
     /// Checks the names of `element`'s parameters against this descriptor.
@@ -64,9 +79,14 @@ public enum DeviceRegistry {
         all.first { $0.name == name }
     }
 
-    /// Parses `spec` and opens its stack, innermost device first.
+    /// Parses `spec` and opens its block device stack, innermost device first.
     public static func open(_ spec: String) throws(DeviceSpecError) -> any BlockDevice {
         try open(DeviceSpec(parsing: spec))
+    }
+
+    /// Parses `spec` and opens its stack, which must be of class `deviceClass`.
+    public static func open(_ spec: String, of deviceClass: SoftDeviceClass) throws(DeviceSpecError) -> any SoftDevice {
+        try openStack(DeviceSpec(parsing: spec), of: deviceClass)
     }
 
     /// Opens `spec`'s stack; `readOnly` (a disk attached read-only) puts `readonly` on top of a
@@ -79,22 +99,25 @@ public enum DeviceRegistry {
     /// Checks `spec` without opening anything: its syntax, its device names, the order of
     /// devices and filters, and the parameter names (what a config file or `softdev attach` can
     /// check before the stack is opened elsewhere).
-    public static func check(_ spec: String) throws(DeviceSpecError) {
+    public static func check(_ spec: String, of deviceClass: SoftDeviceClass = .block) throws(DeviceSpecError) {
         let parsed = try DeviceSpec(parsing: spec)
-        for (element, descriptor) in zip(parsed.elements, try descriptors(for: parsed)) {
+        for (element, descriptor) in zip(parsed.elements, try descriptors(for: parsed, of: deviceClass)) {
             _ = try descriptor.parameters(of: element)
         }
     }
 
-    /// The descriptor of each element, checked: every name is known, filters stand above a
-    /// device and the last element is a device.
-    static func descriptors(for spec: DeviceSpec) throws(DeviceSpecError) -> [DeviceDescriptor] {
+    /// The descriptor of each element, checked: every name is known and of `deviceClass`,
+    /// filters stand above a device and the last element is a device.
+    static func descriptors(for spec: DeviceSpec, of deviceClass: SoftDeviceClass) throws(DeviceSpecError) -> [DeviceDescriptor] {
         // Check every name first, so that a typo is reported before anything is opened.
         var descriptors: [DeviceDescriptor] = []
         for element in spec.elements {
             guard let descriptor = descriptor(named: element.name) else {
                 let known = all.map(\.name).joined(separator: ", ")
                 throw DeviceSpecError("unknown device '\(element.name)' (known: \(known))")
+            }
+            guard descriptor.deviceClass == deviceClass else {
+                throw DeviceSpecError("\(descriptor.name) is a \(descriptor.deviceClass) device, not a \(deviceClass) device (in '\(spec)')")
             }
             descriptors.append(descriptor)
         }
@@ -110,10 +133,16 @@ public enum DeviceRegistry {
         return descriptors
     }
 
-    /// Opens the stack `spec` describes. If any element fails, what was opened is closed again.
+    /// Opens the block device stack `spec` describes.
     public static func open(_ spec: DeviceSpec) throws(DeviceSpecError) -> any BlockDevice {
-        let descriptors = try descriptors(for: spec)
-        var device: (any BlockDevice)?
+        try openStack(spec, of: .block) as! any BlockDevice   // a block stack's top is a block device
+    }
+
+    /// Opens the stack `spec` describes, of `deviceClass`. If any element fails, what was
+    /// opened is closed again.
+    public static func openStack(_ spec: DeviceSpec, of deviceClass: SoftDeviceClass) throws(DeviceSpecError) -> any SoftDevice {
+        let descriptors = try descriptors(for: spec, of: deviceClass)
+        var device: (any SoftDevice)?
         for (element, descriptor) in zip(spec.elements, descriptors).reversed() {
             do {
                 device = try descriptor.open(descriptor.parameters(of: element), device)
@@ -125,10 +154,19 @@ public enum DeviceRegistry {
         return device!
     }
 
-    /// A text table of every device, its parameters and their help (for `softdev devices`).
+    /// A text table of every device, its parameters and their help, by class (for `softdev devices`).
     public static var help: String {
         var text = ""
-        for descriptor in all {
+        for deviceClass in Set(all.map(\.deviceClass)).sorted(by: { $0.name < $1.name }) {
+            text += "\(deviceClass) devices and filters:\n\n" + help(of: deviceClass)
+        }
+        return text
+    }
+
+    /// The help of one class's devices.
+    public static func help(of deviceClass: SoftDeviceClass) -> String {
+        var text = ""
+        for descriptor in all where descriptor.deviceClass == deviceClass {
             text += "\(descriptor.usage)\n    \(descriptor.summary)\n"
             for parameter in descriptor.parameters {
                 text += "    \(parameter.name)\(parameter.isRequired ? " (required)" : ""): \(parameter.help)\n"

@@ -1,19 +1,22 @@
 import ArgumentParser
-import BlockTap
 import Core
 import Daemon
 import Devices
 import XenStore
 
-/// `softdev attach DOMAIN block VDEV SPEC`: what `xl block-attach` does, for softdev's backend.
+/// The device classes, for help texts: "block".
+private let classNames = DeviceClass.all.map(\.name).joined(separator: ", ")
+
+/// `softdev attach DOMAIN CLASS VDEV SPEC`: what `xl block-attach` does, for softdev's backends.
 struct Attach: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Give a guest a soft device (the daemon, `softdev serve`, serves it).",
         discussion: """
             Writes the frontend and backend xenstore nodes in one transaction, with the permissions libxl uses \
-            (the guest may read its backend's nodes, never write them), under /local/domain/<me>/backend/softdev-vbd, \
-            which no kernel backend claims. The spec is checked here and opened by the daemon. With `xl create -p`, \
-            attach, then `xl unpause`, the guest has the disk at boot.
+            (the guest may read its backend's nodes, never write them), under /local/domain/<me>/backend/softdev-<type> \
+            (\(DeviceClass.all.map { "\($0.name): \($0.backendType)" }.joined(separator: ", "))), which no kernel backend claims. \
+            The spec is checked here and opened by the daemon. With `xl create -p`, attach, then `xl unpause`, the guest has \
+            the device at boot.
             Example: softdev attach guest1 block xvdb 'stats | file(path=/srv/guest1.img)'
             """)
 
@@ -21,30 +24,31 @@ struct Attach: ParsableCommand {
 
     @Argument(help: "The guest: its name or domain id.")
     var domain: String
-    @Argument(help: "The kind of device: block.")
+    @Argument(help: ArgumentHelp("The class of device: \(classNames).", valueName: "class"))
     var type: String
-    @Argument(help: "The guest's name for the disk: xvda, xvdb, ... (or a xenbus device number).")
+    @Argument(help: "The guest's name for the device: for a disk xvda, xvdb, ... (or a xenbus device number).")
     var vdev: String
     @Argument(help: "The device stack, e.g. \"file(path=/srv/disk.img)\" (see `softdev devices`).")
     var spec: String
 
-    @Flag(help: "Attach read-only: the guest sees a read-only disk and every write fails.")
+    @Flag(help: "Attach read-only: the guest sees a read-only device and every write fails.")
     var readonly = false
 
     func run() throws {
-        guard type == "block" else { throw ValidationError("unknown device type '\(type)': softdev attaches block devices (block)") }
-        let disk = try VirtualDisk(vdev)
-        try DeviceRegistry.check(spec)
+        let deviceClass: DeviceClass
+        do { deviceClass = try DeviceClass.named(type) } catch { throw ValidationError("\(error)") }
+        let name = try deviceClass.parseName(vdev)
+        try deviceClass.check(spec)
         let store = try hypervisorOptions.choice().openStore()
         let guest = try XenbusToolstack.resolveDomain(store, domain)
         let me = try XenHypervisor.ownDomainID(store)
         let paths: XenbusDevicePaths
         do {
-            paths = try BlockTapService.attach(store: store, guest: guest, backendDomain: me, disk: disk, spec: spec, readOnly: readonly)
+            paths = try deviceClass.attach(store: store, guest: guest, backendDomain: me, name, spec: spec, readOnly: readonly)
         } catch XenStoreError.exists(let path) {
-            throw ValidationError("domain \(guest) already has a disk \(disk.name) (\(path) exists): detach it first or pick another name")
+            throw ValidationError("domain \(guest) already has a \(deviceClass.noun) \(name.name) (\(path) exists): detach it first or pick another name")
         }
-        print("attached \(disk.name) to domain \(guest): \(paths.backendPath)")
+        print("attached \(name.name) to domain \(guest): \(paths.backendPath)")
     }
 }
 
@@ -55,30 +59,50 @@ struct Detach: ParsableCommand {
         discussion: """
             Sets the backend offline; the daemon asks the guest's frontend to close and, once it has, removes its nodes. \
             If the guest does not let go within --timeout seconds (a mounted file system), the nodes are removed anyway, \
-            as `xl block-detach` does.
+            as `xl block-detach` does. The device is found by its name in every class (\(classNames)); --class picks one \
+            where a name could be of several.
             """)
 
     @OptionGroup var hypervisorOptions: HypervisorOptions
     @Argument(help: "The guest: its name or domain id.")
     var domain: String
-    @Argument(help: "The disk: xvda, xvdb, ... (or a xenbus device number).")
+    @Argument(help: "The device: for a disk xvda, xvdb, ... (or a xenbus device number).")
     var vdev: String
+    @Option(name: .customLong("class"), help: ArgumentHelp("The class of device: \(classNames). Default: the one that has it.", valueName: "class"))
+    var deviceClass: String?
     @Option(help: "Seconds to wait for the guest to let go.")
     var timeout: Double = 10
 
     func run() throws {
-        let disk = try VirtualDisk(vdev)
+        let candidates: [DeviceClass]
+        do { candidates = try deviceClass.map { [try DeviceClass.named($0)] } ?? DeviceClass.all } catch { throw ValidationError("\(error)") }
         let store = try hypervisorOptions.choice().openStore()
         let guest = try XenbusToolstack.resolveDomain(store, domain)
-        let paths = XenbusDevicePaths(frontendDomain: guest, backendDomain: try XenHypervisor.ownDomainID(store), frontendType: "vbd",
-                                      backendType: BlockTapService.backendType, deviceID: disk.deviceID)
-        let outcome: XenbusToolstack.DetachOutcome
-        do { outcome = try XenbusToolstack.detach(store, paths, timeoutSeconds: timeout) } catch XenStoreError.noEntry {
-            throw ValidationError("domain \(guest) has no softdev disk \(disk.name) (see `softdev list`)")
+        let me = try XenHypervisor.ownDomainID(store)
+        // The classes whose names accept `vdev` and that have such a device for this guest.
+        var found: [(DeviceClass, XenbusDeviceName, XenbusDevicePaths)] = []
+        var nameErrors: [String] = []
+        for c in candidates {
+            do {
+                let name = try c.parseName(vdev)
+                let paths = c.paths(guest: guest, backendDomain: me, name)
+                if (try? store.read(paths.backendPath, transaction: .none)) != nil { found.append((c, name, paths)) }
+            } catch {
+                nameErrors.append("\(error)")
+            }
         }
+        if nameErrors.count == candidates.count { throw ValidationError(nameErrors.joined(separator: "; ")) }
+        guard found.count <= 1 else {
+            throw ValidationError("domain \(guest) has a \(found.map(\.0.noun).joined(separator: " and a ")) named \(vdev): say which with --class")
+        }
+        guard let (c, name, paths) = found.first else {
+            throw ValidationError("domain \(guest) has no softdev \(candidates.map(\.noun).joined(separator: " or ")) \(vdev) (see `softdev list`)")
+        }
+        // Found above; gone meanwhile (noEntry) only if someone else detached it.
+        let outcome = try XenbusToolstack.detach(store, paths, timeoutSeconds: timeout)
         switch outcome {
-        case .closed: print("detached \(disk.name) from domain \(guest)")
-        case .forced: print("detached \(disk.name) from domain \(guest): the backend did not close it within \(timeout) s (the guest still uses the disk, or no `softdev serve` is running); its nodes were removed anyway")
+        case .closed: print("detached \(name.name) from domain \(guest)")
+        case .forced: print("detached \(name.name) from domain \(guest): the backend did not close it within \(timeout) s (the guest still uses the \(c.noun), or no `softdev serve` is running); its nodes were removed anyway")
         }
     }
 }
@@ -86,17 +110,20 @@ struct Detach: ParsableCommand {
 /// `softdev list`.
 struct List: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "List the soft disks attached to guests, their state and what their frontends negotiated.")
+        abstract: "List the soft devices attached to guests (every class), their state and what their frontends negotiated.")
     @OptionGroup var hypervisorOptions: HypervisorOptions
 
     func run() throws {
         let store = try hypervisorOptions.choice().openStore()
-        let disks = AttachedDisk.all(store: store, backendDomain: try XenHypervisor.ownDomainID(store))
-        guard !disks.isEmpty else { print("no soft disks attached"); return }
-        var rows = [["DOMAIN", "VDEV", "STATE", "FRONTEND", "NEGOTIATED", "DEVICE"]]
-        for d in disks {
+        let devices = AttachedDevice.all(store: store, backendDomain: try XenHypervisor.ownDomainID(store))
+        guard !devices.isEmpty else {
+            print("no soft \(DeviceClass.all.map(\.plural).joined(separator: " or ")) attached")
+            return
+        }
+        var rows = [["DOMAIN", "CLASS", "VDEV", "STATE", "FRONTEND", "NEGOTIATED", "DEVICE"]]
+        for d in devices {
             let who = d.domainName.map { "\(d.domain) (\($0))" } ?? "\(d.domain)"
-            rows.append([who, d.vdev + (d.readOnly ? " (ro)" : ""), "\(d.backendState)", "\(d.frontendState)", d.negotiatedSummary,
+            rows.append([who, d.deviceClass, d.vdev + (d.readOnly ? " (ro)" : ""), "\(d.backendState)", "\(d.frontendState)", d.negotiated,
                          d.spec + (d.error.map { "  error: \($0)" } ?? "")])
         }
         let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max()! }

@@ -43,7 +43,7 @@ struct Guest: ParsableCommand {
         let guest = try LocalHypervisor.createGuest(address, name: name, pages: 16384 * max(1, disks) + 256)
         defer { guest.destroy() }
         print("guest \(name): domain \(guest.domainID)")
-        let home = "/local/domain/\(guest.domainID)/device/vbd"
+        let home = "/local/domain/\(guest.domainID)/device/\(BlockTapService.frontendType)"
         let deadline = monotonicSeconds() + wait
         var found: [String] = []
         while true {

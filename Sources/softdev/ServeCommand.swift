@@ -9,16 +9,16 @@ struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve soft devices to guests (blkif) and hosts (NBD) until SIGTERM or SIGINT.",
         discussion: """
-            Serves every disk attached under /local/domain/<me>/backend/softdev-vbd (by `softdev attach`, \
-            the config file's [[disk]] tables or any toolstack), picks up attach and detach while it runs, and \
-            unplugs a guest's disks when the guest shuts down, crashes or is destroyed. With --hypervisor local \
+            Serves every device attached under /local/domain/<me>/backend/softdev-<type> (softdev-vbd for disks), by \
+            `softdev attach`, the config file's device tables ([[disk]]) or any toolstack; picks up attach and detach \
+            while it runs, and unplugs a guest's devices when the guest shuts down, crashes or is destroyed. With --hypervisor local \
             and no local hypervisor running at --local-dir, the daemon runs one itself.
             The config file is TOML; see the README ("softdev serve") for every key.
             """)
 
     @OptionGroup var hypervisorOptions: HypervisorOptions
 
-    @Option(help: ArgumentHelp("A TOML config file: hypervisor, [blkif] features, [[disk]] and [[export]] tables, [nbd] listen.", valueName: "file"))
+    @Option(help: ArgumentHelp("A TOML config file: hypervisor, poll-us, each class's backend options ([blkif]) and devices ([[disk]]), [[export]] tables, [nbd] listen.", valueName: "file"))
     var config: String?
 
     @Option(name: .customLong("nbd"), help: ArgumentHelp(

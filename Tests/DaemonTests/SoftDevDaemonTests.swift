@@ -63,12 +63,12 @@ final class SoftDevDaemonTests: XCTestCase {
         try front.write(sector: 100, data)
         XCTAssertEqual(try front.read(sector: 100, count: data.count), data)
 
-        let listed = AttachedDisk.all(store: d.hypervisor.store, backendDomain: 0)
+        let listed = AttachedDevice.all(store: d.hypervisor.store, backendDomain: 0)
         XCTAssertEqual(listed.count, 1)
         XCTAssertEqual(listed.first?.domainName, "web")
         XCTAssertEqual(listed.first?.vdev, "xvdb")
         XCTAssertEqual(listed.first?.backendState, .connected)
-        XCTAssertEqual(listed.first?.persistentGrants, true)
+        XCTAssertEqual(listed.first?.frontendNodes["feature-persistent"], "1")
         XCTAssertEqual(listed.first?.spec, "memory(size=8M)")
         try front.close()
     }
@@ -96,9 +96,9 @@ final class SoftDevDaemonTests: XCTestCase {
             XCTAssertEqual(try XenbusToolstack.detach(store, paths, timeoutSeconds: 10), .closed, "round \(round)")
             XCTAssertNil(try? store.read(paths.backendPath, transaction: .none))
             XCTAssertNil(try? store.read(paths.frontendPath, transaction: .none))
-            XCTAssertTrue(AttachedDisk.all(store: store, backendDomain: 0).isEmpty)
+            XCTAssertTrue(AttachedDevice.all(store: store, backendDomain: 0).isEmpty)
         }
-        XCTAssertEqual(d.service.count, 0)
+        XCTAssertEqual(d.host.count, 0)
     }
 
     func testDetachOfAGuestThatHoldsOnIsForcedAfterTheTimeout() throws {
@@ -110,7 +110,7 @@ final class SoftDevDaemonTests: XCTestCase {
         let front = try LocalBlockFrontend(hypervisor: guest, frontendPath: paths.frontendPath)
         // This frontend never answers Closing: detach must give up after its timeout and say so.
         XCTAssertEqual(try XenbusToolstack.detach(store, paths, timeoutSeconds: 0.5), .forced)
-        try waitUntil("the daemon to unplug the device") { d.service.count == 0 }
+        try waitUntil("the daemon to unplug the device") { d.host.count == 0 }
         XCTAssertThrowsError(try XenbusToolstack.detach(store, paths, timeoutSeconds: 0.5)) { error in
             XCTAssertEqual(error as? XenStoreError, .noEntry(paths.backendPath))
         }
@@ -130,12 +130,12 @@ final class SoftDevDaemonTests: XCTestCase {
         let fb = try LocalBlockFrontend(hypervisor: b, frontendPath: pb.frontendPath)
         try fa.write(sector: 0, [UInt8](repeating: 1, count: 4096))
         a.destroy()
-        try waitUntil("a's disk to be reaped") { d.service.count == 1 }
+        try waitUntil("a's disk to be reaped") { d.host.count == 1 }
         XCTAssertNil(try? store.read(pa.backendPath, transaction: .none))
         let data = [UInt8](repeating: 9, count: 65536)
         try fb.write(sector: 64, data)
         XCTAssertEqual(try fb.read(sector: 64, count: data.count), data)
-        XCTAssertEqual(AttachedDisk.all(store: store, backendDomain: 0).map(\.domain), [b.domainID])
+        XCTAssertEqual(AttachedDevice.all(store: store, backendDomain: 0).map(\.domain), [b.domainID])
         // Its memory is let go once its disk is unplugged, whichever came first.
         let table = try XCTUnwrap(d.hypervisor.grants as? LocalGrantTable)
         try waitUntil("a's memory to be released") { !table.domainsHeld.contains(a.domainID) }
@@ -167,7 +167,7 @@ final class SoftDevDaemonTests: XCTestCase {
         defer { other.destroy() }
         // Give the watch event time to arrive, then let the dispatcher finish what it queued.
         usleep(300_000)
-        _ = d.service.inspect { _ in true }
+        _ = d.host.inspect { _ in true }
         XCTAssertNil(try? d.hypervisor.store.read(paths.backendPath, transaction: .none), "a detached configured disk came back")
     }
 

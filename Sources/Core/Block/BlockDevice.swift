@@ -126,9 +126,7 @@ public struct BlockExtent: Equatable, Sendable {
 ///     func read(into buffers: IOBuffers, at offset: UInt64) throws(BlockError) { buffers.zero() }
 /// }
 /// ```
-public protocol BlockDevice: AnyObject, Sendable {
-    /// The device's name in a stack, e.g. "file" or "stats".
-    var name: String { get }
+public protocol BlockDevice: SoftDevice {
     var geometry: BlockGeometry { get }
     var capabilities: BlockCapabilities { get }
 
@@ -143,8 +141,6 @@ public protocol BlockDevice: AnyObject, Sendable {
     func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError)
     /// The allocation map of `[offset, offset+length)`, in order, covering at least `offset`.
     func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent]
-    /// Releases resources; no request is submitted after this.
-    func close()
 }
 
 extension BlockDevice {

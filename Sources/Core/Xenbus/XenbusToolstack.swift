@@ -21,6 +21,14 @@ public struct XenbusDevicePaths: Sendable, Equatable {
     public var backendPath: String { "/local/domain/\(backendDomain)/backend/\(backendType)/\(frontendDomain)/\(deviceID)" }
 }
 
+/// A device as its guest names it (`xvdb`, a vif's number) and its xenbus device id.
+public struct XenbusDeviceName: Sendable, Equatable, CustomStringConvertible {
+    public let name: String
+    public let deviceID: UInt32
+    public init(name: String, deviceID: UInt32) { self.name = name; self.deviceID = deviceID }
+    public var description: String { "\(name) (\(deviceID))" }
+}
+
 /// The toolstack's part of the handshake (what libxl does for `xl block-attach`): create both
 /// directories in one transaction, with the permissions that let each end read the other's
 /// nodes and write only its own.

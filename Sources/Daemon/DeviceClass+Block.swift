@@ -1,0 +1,37 @@
+import BlockTap
+import Core
+import Devices
+
+extension DeviceClass {
+    /// Disks: Linux's xen-blkfront (`vbd`) served by the blkif backend over a block stack.
+    public static let block = DeviceClass(
+        id: .block, noun: "disk", plural: "disks",
+        frontendType: BlockTapService.frontendType, backendType: BlockTapService.backendType,
+        optionsTable: "blkif", devicesTable: "disk",
+        nameHelp: "xvda, xvdb, ... (or a xenbus device number)",
+        parseName: { try VirtualDisk($0).xenbusName },
+        readOptions: { table, config in
+            let o = config.blkif
+            config.blkif.maxQueues = try table.int("max-queues", in: 1...16) ?? o.maxQueues
+            config.blkif.maxRingPageOrder = try table.int("max-ring-page-order", in: 0...Blkif.maxRingPageOrder) ?? o.maxRingPageOrder
+            config.blkif.maxIndirectSegments = try table.int("max-indirect-segments", in: 0...Blkif.maxIndirectSegments)
+                ?? o.maxIndirectSegments
+            config.blkif.persistentGrantsPerRing = try table.int("persistent-grants", in: 0...65536) ?? o.persistentGrantsPerRing
+        },
+        backend: { config, log in
+            var options = config.blkif
+            options.pollMicroseconds = config.pollMicroseconds
+            return BlockTapService.backend(options: options, log: log) { spec, readOnly in
+                try DeviceRegistry.open(spec, readOnly: readOnly)
+            }
+        },
+        nodes: { name, spec, readOnly in BlockTapService.nodes(name, spec: spec, readOnly: readOnly) },
+        negotiated: { read in
+            guard let state = read("state").flatMap(UInt32.init), state == XenbusDeviceState.connected.rawValue
+                    || state == XenbusDeviceState.initialised.rawValue else { return "-" }
+            let order = read("ring-page-order") ?? "0"
+            let queues = Int(read("multi-queue-num-queues") ?? "1") ?? 1
+            let persistent = read("feature-persistent") == "1"
+            return "ring order \(order), \(queues) queue\(queues == 1 ? "" : "s"), persistent \(persistent ? "on" : "off")"
+        })
+}

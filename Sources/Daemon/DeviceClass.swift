@@ -1,0 +1,70 @@
+import Core
+import Devices
+import XenStore
+
+/// One class of soft devices as the daemon, its config file and the CLI see it: the names, the
+/// xenbus directories, the config tables and how its backend is built. `softdev serve`,
+/// `attach`, `detach`, `list` and `devices` iterate ``all``, so that a new class (network, USB)
+/// is one entry there, written in a file of its own (see `DeviceClass+Block.swift`).
+public struct DeviceClass: Sendable {
+    /// The class as users write it: `softdev attach DOMAIN block ...`.
+    public let id: SoftDeviceClass
+    public var name: String { id.name }
+    /// What one device of the class is called in messages ("disk") and several ("disks").
+    public let noun: String
+    public let plural: String
+    /// The guest's xenbus directory (`vbd`) and ours (`softdev-vbd`, which no kernel backend claims).
+    public let frontendType: String
+    public let backendType: String
+    /// The config file's table of backend options (`[blkif]`) and array of devices (`[[disk]]`).
+    public let optionsTable: String
+    public let devicesTable: String
+    /// How a guest names a device, for help texts: "xvda, xvdb, ... (or a xenbus device number)".
+    public let nameHelp: String
+    /// The guest's name for a device (`xvdb`) and its xenbus device id; throws for a bad name.
+    public let parseName: @Sendable (String) throws -> XenbusDeviceName
+    /// Reads the options table into the config (its keys checked by `finish`).
+    let readOptions: @Sendable (inout ConfigTable, inout ServeConfig) throws -> Void
+    /// The backend type the daemon registers with its xenbus host, over the config's options;
+    /// it opens each device's stack with the registry.
+    let backend: @Sendable (_ config: ServeConfig, _ log: @escaping @Sendable (String) -> Void) -> XenbusBackendType
+    /// The frontend's and the backend's nodes for one device (besides those the toolstack
+    /// writes for every device: state, backend, frontend, online, ...).
+    let nodes: @Sendable (_ name: XenbusDeviceName, _ spec: String, _ readOnly: Bool) -> (frontend: [String: String], backend: [String: String])
+    /// What the frontend chose once connected, in a few words for `softdev list` (from the
+    /// frontend's nodes read with `read`); "-" before it connected.
+    let negotiated: @Sendable (_ read: (String) -> String?) -> String
+
+    /// Every class the daemon serves.
+    public static let all: [DeviceClass] = [.block]
+
+    /// The class named `name`, or an error that lists them.
+    public static func named(_ name: String) throws -> DeviceClass {
+        guard let c = all.first(where: { $0.name == name }) else {
+            throw ServeConfigError("unknown device type '\(name)': use \(all.map(\.name).joined(separator: " or "))")
+        }
+        return c
+    }
+
+    /// Where a device of this class lives in xenstore.
+    public func paths(guest: DomainID, backendDomain: DomainID, _ device: XenbusDeviceName) -> XenbusDevicePaths {
+        XenbusDevicePaths(frontendDomain: guest, backendDomain: backendDomain, frontendType: frontendType,
+                          backendType: backendType, deviceID: device.deviceID)
+    }
+
+    /// Checks `spec` (syntax, names, parameters) as a stack of this class, without opening it.
+    public func check(_ spec: String) throws {
+        try DeviceRegistry.check(spec, of: id)
+    }
+
+    /// Creates the frontend and backend nodes of one device for `guest`, in one transaction
+    /// with libxl's permissions (what `softdev attach` does; the daemon then serves it).
+    @discardableResult
+    public func attach(store: any XenStoreClient, guest: DomainID, backendDomain: DomainID, _ device: XenbusDeviceName,
+                       spec: String, readOnly: Bool = false) throws -> XenbusDevicePaths {
+        let paths = paths(guest: guest, backendDomain: backendDomain, device)
+        let (frontend, backend) = nodes(device, spec, readOnly)
+        try XenbusToolstack.attach(store, paths, frontend: frontend, backend: backend)
+        return paths
+    }
+}
