@@ -437,7 +437,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         // Everything before the barrier has completed (we waited); make it durable, then the
         // barrier's own data, durable too.
         var status = Blkif.statusOkay
-        if case .failure = device.performSynchronously(BlockRequest(operation: .flush, offset: 0, length: 0)) { status = Blkif.statusError }
+        if case .failure = device.submitAndWait(BlockRequest(operation: .flush, offset: 0, length: 0)) { status = Blkif.statusError }
         if status == Blkif.statusOkay && request.nr_segments > 0 {
             dispatchReadWrite(raw, operation: Blkif.opWrite, sector: request.sector_number,
                               segmentCount: Int(request.nr_segments), indirect: false, preflush: false)

@@ -6,9 +6,8 @@ import Glibc
 /// it down, to make a fast device behave like a slow disk or a distant server (nbdkit's delay
 /// filter, with its parameter names; `delay=` sets every operation at once).
 ///
-/// A submitted request waits on a timer, not on the submitting thread, so that requests in
-/// flight overlap their delays as they would on a real slow device; a synchronous operation
-/// sleeps on its caller's thread.
+/// A request waits on a timer, not on the submitting thread, so that requests in flight overlap
+/// their delays as they would on a real slow device.
 ///
 /// ```swift
 /// let slow = try DeviceRegistry.open("delay(delay-read=2ms, delay-write=5ms) | memory(size=1G)")
@@ -25,41 +24,12 @@ public final class DelayFilter: BlockFilter, @unchecked Sendable {
 
     private func delay(_ operation: BlockOperation) -> UInt64 { delays[Int(operation.rawValue)] }
 
-    private func sleep(_ operation: BlockOperation) {
-        let ns = delay(operation)
-        guard ns > 0 else { return }
-        var wait = timespec(tv_sec: Int(ns / 1_000_000_000), tv_nsec: Int(ns % 1_000_000_000))
-        var left = timespec()
-        while nanosleep(&wait, &left) != 0 && errno == EINTR { wait = left }
-    }
-
     public override func submit(_ request: BlockRequest, completion: BlockCompletion) {
         let ns = delay(request.operation)
         guard ns > 0 else { return next.submit(request, completion: completion) }
         DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(ns))) { [next] in
             next.submit(request, completion: completion)
         }
-    }
-
-    public override func read(into buffers: IOBuffers, at offset: UInt64) throws(BlockError) {
-        sleep(.read)
-        try next.read(into: buffers, at: offset)
-    }
-    public override func write(from buffers: IOBuffers, at offset: UInt64, fua: Bool) throws(BlockError) {
-        sleep(.write)
-        try next.write(from: buffers, at: offset, fua: fua)
-    }
-    public override func flush() throws(BlockError) {
-        sleep(.flush)
-        try next.flush()
-    }
-    public override func discard(at offset: UInt64, length: UInt64) throws(BlockError) {
-        sleep(.discard)
-        try next.discard(at: offset, length: length)
-    }
-    public override func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError) {
-        sleep(.writeZeroes)
-        try next.writeZeroes(at: offset, length: length, mayDiscard: mayDiscard)
     }
 }
 

@@ -87,32 +87,8 @@ public final class ErrorFilter: BlockFilter, @unchecked Sendable {
         next.submit(request, completion: completion)
     }
 
-    private func check(_ operation: Operation, _ offset: UInt64, _ length: UInt64) throws(BlockError) {
-        if let error = injected(operation, offset: offset, length: length) { throw error }
-    }
-
-    public override func read(into buffers: IOBuffers, at offset: UInt64) throws(BlockError) {
-        try check(.pread, offset, UInt64(buffers.byteCount))
-        try next.read(into: buffers, at: offset)
-    }
-    public override func write(from buffers: IOBuffers, at offset: UInt64, fua: Bool) throws(BlockError) {
-        try check(.pwrite, offset, UInt64(buffers.byteCount))
-        try next.write(from: buffers, at: offset, fua: fua)
-    }
-    public override func flush() throws(BlockError) {
-        try check(.flush, 0, 0)
-        try next.flush()
-    }
-    public override func discard(at offset: UInt64, length: UInt64) throws(BlockError) {
-        try check(.trim, offset, length)
-        try next.discard(at: offset, length: length)
-    }
-    public override func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError) {
-        try check(.zero, offset, length)
-        try next.writeZeroes(at: offset, length: length, mayDiscard: mayDiscard)
-    }
     public override func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent] {
-        try check(.extents, offset, length)
+        if let error = injected(.extents, offset: offset, length: length) { throw error }
         return try next.extents(at: offset, length: length)
     }
 }

@@ -25,7 +25,7 @@ import Synchronization
 /// Batching: each `submit` calls `io_submit` at once, so nothing ever waits for a later request;
 /// a burst of submits costs one system call each. `BlockDevice` has no "end of burst" call that
 /// would let the device gather a burst into one `io_submit` without delaying the last request.
-public final class FileDevice: BlockDevice, @unchecked Sendable {
+public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
     /// Whether to open with O_DIRECT.
     public enum DirectIO: String, Sendable, CaseIterable {
         /// O_DIRECT if the file system supports it, otherwise buffered.

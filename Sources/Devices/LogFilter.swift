@@ -60,18 +60,6 @@ public final class LogFilter: BlockFilter, @unchecked Sendable {
         return Entry(self, request.operation.description, request.offset, request.length, flags: flags)
     }
 
-    /// Runs a synchronous operation and logs it.
-    private func logged<T>(_ entry: Entry, _ body: () throws(BlockError) -> T) throws(BlockError) -> T {
-        do {
-            let value = try body()
-            write(entry, .success)
-            return value
-        } catch {
-            write(entry, .failure(error))
-            throw error
-        }
-    }
-
     private func write(_ entry: Entry, _ result: BlockResult) {
         let elapsed = timespec.now(CLOCK_MONOTONIC).nanoseconds - entry.start.nanoseconds
         var line = "{\"time\":\"\(Self.timestamp(entry.wallClock))\",\"id\":\(entry.id),\"op\":\"\(entry.operation)\""
@@ -131,32 +119,15 @@ public final class LogFilter: BlockFilter, @unchecked Sendable {
         next.submit(request, completion: BlockCompletion(sink: entry, tag: 0))
     }
 
-    public override func read(into buffers: IOBuffers, at offset: UInt64) throws(BlockError) {
-        try logged(Entry(self, "read", offset, UInt64(buffers.byteCount), flags: [])) { () throws(BlockError) in
-            try next.read(into: buffers, at: offset)
-        }
-    }
-    public override func write(from buffers: IOBuffers, at offset: UInt64, fua: Bool) throws(BlockError) {
-        try logged(Entry(self, "write", offset, UInt64(buffers.byteCount), flags: fua ? ["fua"] : [])) { () throws(BlockError) in
-            try next.write(from: buffers, at: offset, fua: fua)
-        }
-    }
-    public override func flush() throws(BlockError) {
-        try logged(Entry(self, "flush", 0, 0, flags: [])) { () throws(BlockError) in try next.flush() }
-    }
-    public override func discard(at offset: UInt64, length: UInt64) throws(BlockError) {
-        try logged(Entry(self, "discard", offset, length, flags: [])) { () throws(BlockError) in
-            try next.discard(at: offset, length: length)
-        }
-    }
-    public override func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError) {
-        try logged(Entry(self, "write-zeroes", offset, length, flags: mayDiscard ? ["may-discard"] : [])) { () throws(BlockError) in
-            try next.writeZeroes(at: offset, length: length, mayDiscard: mayDiscard)
-        }
-    }
     public override func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent] {
-        try logged(Entry(self, "extents", offset, length, flags: [])) { () throws(BlockError) in
-            try next.extents(at: offset, length: length)
+        let entry = Entry(self, "extents", offset, length, flags: [])
+        do {
+            let extents = try next.extents(at: offset, length: length)
+            write(entry, .success)
+            return extents
+        } catch {
+            write(entry, .failure(error))
+            throw error
         }
     }
 

@@ -10,7 +10,7 @@ import Synchronization
 /// 256 MiB each), so that a terabyte device costs a 32 KiB directory, and `extents` skips an
 /// empty 256 MiB page in one step. One lock guards the table and the data; it is held only for
 /// the copies of one request, and several connections may share the device (multi-conn).
-public final class MemoryDevice: BlockDevice, @unchecked Sendable {
+public final class MemoryDevice: SynchronousBlockDevice, @unchecked Sendable {
     public let name = "memory"
     public let geometry: BlockGeometry
     public let capabilities: BlockCapabilities = .all

@@ -3,7 +3,7 @@ import Core
 /// `null(size=...)`: a device that holds nothing. Reads return zeroes, writes and every other
 /// operation succeed at once and are forgotten. It measures the cost of the layers above it,
 /// so its operations allocate nothing and take no lock.
-public final class NullDevice: BlockDevice {
+public final class NullDevice: SynchronousBlockDevice {
     public let name = "null"
     public let geometry: BlockGeometry
     public let capabilities: BlockCapabilities = .all

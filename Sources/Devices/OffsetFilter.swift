@@ -57,18 +57,6 @@ public final class OffsetFilter: BlockFilter, @unchecked Sendable {
         next.submit(moved, completion: completion)
     }
 
-    public override func read(into buffers: IOBuffers, at offset: UInt64) throws(BlockError) {
-        try next.read(into: buffers, at: moved(offset, UInt64(buffers.byteCount)))
-    }
-    public override func write(from buffers: IOBuffers, at offset: UInt64, fua: Bool) throws(BlockError) {
-        try next.write(from: buffers, at: moved(offset, UInt64(buffers.byteCount)), fua: fua)
-    }
-    public override func discard(at offset: UInt64, length: UInt64) throws(BlockError) {
-        try next.discard(at: moved(offset, length), length: length)
-    }
-    public override func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError) {
-        try next.writeZeroes(at: moved(offset, length), length: length, mayDiscard: mayDiscard)
-    }
     /// The extents below, clipped to the window and moved back to start at 0.
     public override func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent] {
         let clipped = min(length, window.size - min(offset, window.size))

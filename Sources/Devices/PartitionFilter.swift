@@ -120,7 +120,7 @@ public enum PartitionTable {
         guard posix_memalign(&memory, 4096, length) == 0, let memory else { throw BlockError(.io, errno: ENOMEM, "partition: out of memory") }
         defer { free(memory) }
         var vector = iovec(iov_base: memory, iov_len: length)
-        try withUnsafeMutablePointer(to: &vector) { (v) throws(BlockError) in try device.read(into: IOBuffers(v, count: 1), at: start) }
+        try withUnsafeMutablePointer(to: &vector) { (v) throws(BlockError) in try device.sync.read(into: IOBuffers(v, count: 1), at: start) }
         let skip = Int(offset - start)
         return Array(UnsafeRawBufferPointer(start: memory + skip, count: count))
     }

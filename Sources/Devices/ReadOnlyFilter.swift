@@ -25,13 +25,6 @@ public final class ReadOnlyFilter: BlockFilter, @unchecked Sendable {
         case .write, .discard, .writeZeroes: completion.complete(.failure(refuse(request.operation)))
         }
     }
-
-    public override func write(from buffers: IOBuffers, at offset: UInt64, fua: Bool) throws(BlockError) { throw refuse(.write) }
-    public override func flush() throws(BlockError) {}
-    public override func discard(at offset: UInt64, length: UInt64) throws(BlockError) { throw refuse(.discard) }
-    public override func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError) {
-        throw refuse(.writeZeroes)
-    }
 }
 
 extension ReadOnlyFilter {

@@ -11,38 +11,28 @@ import Synchronization
 /// print(disk.snapshot().report())
 /// ```
 ///
-/// Counters are atomics, so several threads may submit at once without a lock. To time an
-/// asynchronous request the filter is the completion sink of the request it passes down: the
-/// original completion waits in one of a fixed set of slots (no allocation per request). When
-/// every slot is busy the request is passed down with its own completion and only counted.
-public final class StatsFilter: BlockFilter, BlockCompletionSink, @unchecked Sendable {
+/// Counters are atomics, so several threads may submit at once without a lock; requests are
+/// timed from submit to completion through a ``BlockCompletionRelay`` (no allocation per request).
+public final class StatsFilter: BlockFilter, @unchecked Sendable {
     public override var name: String { "stats" }
     /// Where `close` writes the report, if anywhere.
     public let reportPath: String?
 
     private let counters = (0..<5).map { _ in Counters() }
     private let started = monotonicNanoseconds()
-
-    private struct Pending {
-        var completion: BlockCompletion?
-        var operation = BlockOperation.read
-        var bytes: UInt64 = 0
-        var start: UInt64 = 0
-    }
-    private static let slotCount = 1024
-    private let pending = UnsafeMutablePointer<Pending>.allocate(capacity: StatsFilter.slotCount)
-    private let freeSlots: Mutex<[Int]>
+    /// What a request was, and when it was submitted.
+    private typealias Submitted = (operation: BlockOperation, bytes: UInt64, start: UInt64)
+    private var relay: BlockCompletionRelay<Submitted>!
 
     public init(next: any BlockDevice, reportPath: String? = nil) {
         self.reportPath = reportPath
-        pending.initialize(repeating: Pending(), count: Self.slotCount)
-        freeSlots = Mutex(Array(0..<Self.slotCount))
         super.init(next: next)
-    }
-
-    deinit {
-        pending.deinitialize(count: Self.slotCount)
-        pending.deallocate()
+        relay = BlockCompletionRelay { [counters] submitted, result in
+            counters[Int(submitted.operation.rawValue)].record(bytes: submitted.bytes,
+                                                               nanoseconds: Self.monotonicNanoseconds() - submitted.start,
+                                                               failed: result != .success)
+            return result
+        }
     }
 
     // MARK: Counting
@@ -60,11 +50,10 @@ public final class StatsFilter: BlockFilter, BlockCompletionSink, @unchecked Sen
              under10ms.load(ordering: .relaxed), under100ms.load(ordering: .relaxed), slower.load(ordering: .relaxed)]
         }
 
-        func record(bytes: UInt64, nanoseconds: UInt64?, failed: Bool) {
+        func record(bytes: UInt64, nanoseconds ns: UInt64, failed: Bool) {
             count.wrappingAdd(1, ordering: .relaxed)
             self.bytes.wrappingAdd(bytes, ordering: .relaxed)
             if failed { errors.wrappingAdd(1, ordering: .relaxed) }
-            guard let ns = nanoseconds else { return }
             totalNanoseconds.wrappingAdd(ns, ordering: .relaxed)
             var low = minNanoseconds.load(ordering: .relaxed)
             while ns < low, !minNanoseconds.weakCompareExchange(expected: low, desired: ns, ordering: .relaxed).exchanged {
@@ -91,62 +80,11 @@ public final class StatsFilter: BlockFilter, BlockCompletionSink, @unchecked Sen
         return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
     }
 
-    private func record(_ operation: BlockOperation, bytes: UInt64, since start: UInt64?, failed: Bool) {
-        counters[Int(operation.rawValue)].record(bytes: bytes, nanoseconds: start.map { Self.monotonicNanoseconds() - $0 }, failed: failed)
-    }
-
-    /// Times a synchronous operation.
-    private func timed<T>(_ operation: BlockOperation, bytes: UInt64, _ body: () throws(BlockError) -> T) throws(BlockError) -> T {
-        let start = Self.monotonicNanoseconds()
-        do {
-            let result = try body()
-            record(operation, bytes: bytes, since: start, failed: false)
-            return result
-        } catch {
-            record(operation, bytes: bytes, since: start, failed: true)
-            throw error
-        }
-    }
-
     // MARK: Operations
 
     public override func submit(_ request: BlockRequest, completion: BlockCompletion) {
-        let slot = freeSlots.withLock { $0.popLast() }
-        guard let slot else {
-            record(request.operation, bytes: request.length, since: nil, failed: false)
-            return next.submit(request, completion: completion)
-        }
-        pending[slot] = Pending(completion: completion, operation: request.operation, bytes: request.length,
-                                start: Self.monotonicNanoseconds())
-        next.submit(request, completion: BlockCompletion(sink: self, tag: UInt64(slot)))
-    }
-
-    /// The device below finished a request this filter passed down.
-    public func complete(tag: UInt64, result: BlockResult) {
-        let slot = Int(tag)
-        let request = pending[slot]
-        pending[slot].completion = nil
-        freeSlots.withLock { $0.append(slot) }
-        record(request.operation, bytes: request.bytes, since: request.start, failed: result != .success)
-        request.completion!.complete(result)
-    }
-
-    public override func read(into buffers: IOBuffers, at offset: UInt64) throws(BlockError) {
-        try timed(.read, bytes: UInt64(buffers.byteCount)) { () throws(BlockError) in try next.read(into: buffers, at: offset) }
-    }
-    public override func write(from buffers: IOBuffers, at offset: UInt64, fua: Bool) throws(BlockError) {
-        try timed(.write, bytes: UInt64(buffers.byteCount)) { () throws(BlockError) in try next.write(from: buffers, at: offset, fua: fua) }
-    }
-    public override func flush() throws(BlockError) {
-        try timed(.flush, bytes: 0) { () throws(BlockError) in try next.flush() }
-    }
-    public override func discard(at offset: UInt64, length: UInt64) throws(BlockError) {
-        try timed(.discard, bytes: length) { () throws(BlockError) in try next.discard(at: offset, length: length) }
-    }
-    public override func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError) {
-        try timed(.writeZeroes, bytes: length) { () throws(BlockError) in
-            try next.writeZeroes(at: offset, length: length, mayDiscard: mayDiscard)
-        }
+        relay.submit(request, to: next, completion: completion,
+                     context: (request.operation, request.length, Self.monotonicNanoseconds()))
     }
 
     /// Closes the device below, then writes the report if `file=` was given.

@@ -5,7 +5,7 @@ import Glibc
 import XenStore
 
 /// A dense RAM disk for the tests (the Devices module has the real ones).
-final class TestDisk: BlockDevice, @unchecked Sendable {
+final class TestDisk: SynchronousBlockDevice, @unchecked Sendable {
     let name = "testdisk"
     let geometry: BlockGeometry
     let capabilities: BlockCapabilities = [.write, .flush, .discard]

@@ -15,15 +15,15 @@ final class ErrorFilterTests: XCTestCase {
         }
         XCTAssertThrowsError(try device.writePattern(512, seed: 1, at: 512))
         XCTAssertEqual(try device.readBytes(4096, at: 0), [UInt8](repeating: 0, count: 4096), "reads pass, nothing was written")
-        XCTAssertNoThrow(try device.flush())
-        XCTAssertNoThrow(try device.discard(at: 0, length: 4096))
+        XCTAssertNoThrow(try device.sync.flush())
+        XCTAssertNoThrow(try device.sync.discard(at: 0, length: 4096))
     }
 
     func testPerOperationSettingsOverrideTheGeneralOnes() throws {
         let device = try DeviceRegistry.open("error(error=EIO, error-rate=1, error-pread-rate=0, error-trim=EPERM) | memory(size=1M)")
         XCTAssertNoThrow(try device.readBytes(512, at: 0))
-        XCTAssertThrowsError(try device.flush()) { XCTAssertEqual(($0 as? BlockError)?.errno, EIO) }
-        XCTAssertThrowsError(try device.discard(at: 0, length: 512)) { XCTAssertEqual(($0 as? BlockError)?.code, .readOnly) }
+        XCTAssertThrowsError(try device.sync.flush()) { XCTAssertEqual(($0 as? BlockError)?.errno, EIO) }
+        XCTAssertThrowsError(try device.sync.discard(at: 0, length: 512)) { XCTAssertEqual(($0 as? BlockError)?.code, .readOnly) }
     }
 
     func testTheSameSeedFailsTheSameRequests() throws {
@@ -43,7 +43,7 @@ final class ErrorFilterTests: XCTestCase {
         XCTAssertThrowsError(try device.readBytes(4096, at: 6144), "overlaps the start")
         XCTAssertThrowsError(try device.readBytes(512, at: 12288 - 512), "inside")
         XCTAssertNoThrow(try device.readBytes(4096, at: 12288), "starts where the range ends")
-        XCTAssertThrowsError(try device.flush(), "a flush has no range and may always fail")
+        XCTAssertThrowsError(try device.sync.flush(), "a flush has no range and may always fail")
     }
 
     func testErrorFileTurnsInjectionOnAndOff() throws {

@@ -18,7 +18,7 @@ final class LogFilterTests: XCTestCase {
         XCTAssertEqual(try device.readBytes(4096, at: 8192), TestBuffer.expected(4096, 1))
         XCTAssertThrowsError(try device.readBytes(512, at: 65536))
         XCTAssertEqual(device.submitAndWait(BlockRequest(operation: .writeZeroes, offset: 0, length: 65536, mayDiscard: true)), .success)
-        try device.flush()
+        try device.sync.flush()
         device.close()
 
         let log = try lines(path)
@@ -44,7 +44,7 @@ final class LogFilterTests: XCTestCase {
         let path = makeTemporaryDirectory(self) + "/requests.log"
         for _ in 0..<2 {
             let device = try DeviceRegistry.open("log(logfile=\(path), logappend=true) | null(size=1M)")
-            try device.flush()
+            try device.sync.flush()
             device.close()
         }
         XCTAssertEqual(try lines(path).count, 2)
@@ -56,7 +56,7 @@ final class LogFilterTests: XCTestCase {
     func testJSONStringsAreEscaped() throws {
         let path = makeTemporaryDirectory(self) + "/requests.log"
         let log = try LogFilter(next: QuotingDevice(), path: path)
-        XCTAssertThrowsError(try log.flush())
+        XCTAssertThrowsError(try log.sync.flush())
         log.close()
         XCTAssertEqual(try lines(path).first?["error"] as? String, "a \"quoted\"\\ message\n\u{1}")
     }
@@ -69,7 +69,7 @@ final class LogFilterTests: XCTestCase {
 }
 
 /// Fails every flush with a message JSON must escape.
-private final class QuotingDevice: BlockDevice {
+private final class QuotingDevice: SynchronousBlockDevice {
     let name = "quoting"
     let geometry = BlockGeometry(size: 1 << 20)
     let capabilities: BlockCapabilities = [.flush]

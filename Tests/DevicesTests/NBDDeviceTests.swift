@@ -43,9 +43,9 @@ final class NBDDeviceTests: XCTestCase {
             XCTAssertEqual(reads[i].bytes, TestBuffer.expected(65536, UInt8(i)), "request \(i) read back")
             XCTAssertEqual(try memory.readBytes(65536, at: UInt64(i) * 65536), TestBuffer.expected(65536, UInt8(i)), "on the server")
         }
-        try device.flush()
-        try device.discard(at: 0, length: 65536)
-        try device.writeZeroes(at: 65536, length: 65536, mayDiscard: false)
+        try device.sync.flush()
+        try device.sync.discard(at: 0, length: 65536)
+        try device.sync.writeZeroes(at: 65536, length: 65536, mayDiscard: false)
         XCTAssertEqual(try device.readBytes(131072, at: 0), [UInt8](repeating: 0, count: 131072))
     }
 
@@ -184,7 +184,7 @@ final class NBDDeviceTests: XCTestCase {
         XCTAssertEqual(results.count, 3)
         XCTAssertTrue(results.values.allSatisfy { $0.errorCode == .io }, "\(results)")
         XCTAssertEqual(device.submitAndWait(device.readRequest(buffers[0], at: 0)).errorCode, .io, "later requests fail at once")
-        XCTAssertThrowsError(try device.flush()) { XCTAssertTrue("\($0)".contains("closed the connection"), "\($0)") }
+        XCTAssertThrowsError(try device.sync.flush()) { XCTAssertTrue("\($0)".contains("closed the connection"), "\($0)") }
         server.join()
     }
 
@@ -244,9 +244,9 @@ final class NBDDeviceTests: XCTestCase {
         XCTAssertEqual(completions.wait(for: 16).values.filter { $0 == .success }.count, 16)
         for i in 0..<16 { XCTAssertEqual(try device.readBytes(65536, at: UInt64(i) * (1 << 20)), TestBuffer.expected(65536, UInt8(i))) }
         try device.writePattern(4096, seed: 9, at: 0, fua: true)
-        try device.flush()
-        try device.discard(at: 1 << 20, length: 65536)
-        try device.writeZeroes(at: 2 << 20, length: 65536, mayDiscard: true)
+        try device.sync.flush()
+        try device.sync.discard(at: 1 << 20, length: 65536)
+        try device.sync.writeZeroes(at: 2 << 20, length: 65536, mayDiscard: true)
         XCTAssertEqual(try device.readBytes(65536, at: 1 << 20), [UInt8](repeating: 0, count: 65536))
         XCTAssertEqual(try device.readBytes(65536, at: 2 << 20), [UInt8](repeating: 0, count: 65536))
         XCTAssertEqual(try device.readBytes(4096, at: 0), TestBuffer.expected(4096, 9))
@@ -258,7 +258,7 @@ final class NBDDeviceTests: XCTestCase {
         defer { device.close() }
         XCTAssertEqual(try XCTUnwrap(device as? NBDDevice).transmissionFlags & NBD.tflagSendWriteZeroes, 0)
         try device.writePattern(3 << 20, seed: 5, at: 0)
-        try device.writeZeroes(at: 4096, length: (2 << 20) + 8192, mayDiscard: false)
+        try device.sync.writeZeroes(at: 4096, length: (2 << 20) + 8192, mayDiscard: false)
         let back = try device.readBytes(3 << 20, at: 0)
         XCTAssertEqual(Array(back[0..<4096]), TestBuffer.expected(4096, 5))
         XCTAssertTrue(back[4096..<((2 << 20) + 12288)].allSatisfy { $0 == 0 })

@@ -21,7 +21,7 @@ final class SliceFilterTests: XCTestCase {
         XCTAssertEqual(readonly.submitAndWait(BlockRequest(operation: .writeZeroes, offset: 0, length: 4096)).errorCode, .readOnly)
         XCTAssertEqual(readonly.submitAndWait(BlockRequest(operation: .flush, offset: 0, length: 0)), .success)
         XCTAssertThrowsError(try readonly.writePattern(512, seed: 1, at: 0)) { XCTAssertEqual(($0 as? BlockError)?.code, .readOnly) }
-        XCTAssertThrowsError(try readonly.writeZeroes(at: 0, length: 512, mayDiscard: true))
+        XCTAssertThrowsError(try readonly.sync.writeZeroes(at: 0, length: 512, mayDiscard: true))
         XCTAssertEqual(try memory.readBytes(4096, at: 0), TestBuffer.expected(4096, 3), "nothing reached the device")
     }
 
@@ -49,7 +49,7 @@ final class SliceFilterTests: XCTestCase {
         let window = try OffsetFilter(next: memory, start: 1 << 20, length: 1 << 20)
         let data = TestBuffer(count: 8192, pattern: 1)
         XCTAssertEqual(window.submitAndWait(window.writeRequest(data, at: (1 << 20) - 4096)).errorCode, .outOfRange)
-        XCTAssertThrowsError(try window.discard(at: 1 << 20, length: 512))
+        XCTAssertThrowsError(try window.sync.discard(at: 1 << 20, length: 512))
         XCTAssertEqual(memory.allocatedChunks, 0, "nothing was written past the window")
     }
 
@@ -178,6 +178,6 @@ extension BlockDevice {
     func writeBytes(_ bytes: [UInt8], at offset: UInt64) throws {
         let buffer = TestBuffer(count: bytes.count)
         bytes.withUnsafeBytes { buffer.buffers.copy(from: $0.baseAddress!, count: bytes.count) }
-        try withExtendedLifetime(buffer) { try write(from: buffer.buffers, at: offset, fua: false) }
+        try withExtendedLifetime(buffer) { try sync.write(from: buffer.buffers, at: offset, fua: false) }
     }
 }

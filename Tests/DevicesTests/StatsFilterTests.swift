@@ -12,8 +12,8 @@ final class StatsFilterTests: XCTestCase {
         for (i, buffer) in buffers.enumerated() { stats.submit(stats.readRequest(buffer, at: 0), completion: completions.completion(UInt64(i))) }
         XCTAssertEqual(completions.wait(for: 2).values.filter { $0 == .success }.count, 2)
         XCTAssertEqual(buffers[0].bytes, TestBuffer.expected(4096, 0) + TestBuffer.expected(4096, 1), "data passes through unchanged")
-        try stats.flush()
-        try stats.discard(at: 0, length: 65536)
+        try stats.sync.flush()
+        try stats.sync.discard(at: 0, length: 65536)
 
         let snapshot = stats.snapshot()
         XCTAssertEqual(snapshot[.write].count, 3)

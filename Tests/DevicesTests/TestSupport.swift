@@ -72,12 +72,12 @@ extension BlockDevice {
     /// Writes `count` bytes of the test pattern `seed` at `offset` synchronously.
     func writePattern(_ count: Int, seed: UInt8, at offset: UInt64, fua: Bool = false) throws {
         let buffer = TestBuffer(count: count, pattern: seed)
-        try withExtendedLifetime(buffer) { try write(from: buffer.buffers, at: offset, fua: fua) }
+        try withExtendedLifetime(buffer) { try sync.write(from: buffer.buffers, at: offset, fua: fua) }
     }
     /// Reads `count` bytes at `offset` synchronously.
     func readBytes(_ count: Int, at offset: UInt64) throws -> [UInt8] {
         let buffer = TestBuffer(count: count)
-        try withExtendedLifetime(buffer) { try read(into: buffer.buffers, at: offset) }
+        try withExtendedLifetime(buffer) { try sync.read(into: buffer.buffers, at: offset) }
         return buffer.bytes
     }
 }

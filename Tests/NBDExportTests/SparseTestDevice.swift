@@ -4,7 +4,7 @@ import Glibc
 /// A sparse in-memory disk for the tests: an anonymous mapping the kernel fills lazily, with a
 /// map of which 64 KiB chunks were ever written so that `extents` reports holes. 512-byte
 /// logical blocks, so sub-sector client I/O exercises the export's read-modify-write.
-final class SparseTestDevice: BlockDevice, @unchecked Sendable {
+final class SparseTestDevice: SynchronousBlockDevice, @unchecked Sendable {
     static let chunk: UInt64 = 64 << 10
     let name = "sparse-test"
     let geometry: BlockGeometry

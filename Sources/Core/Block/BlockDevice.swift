@@ -110,16 +110,19 @@ public struct BlockExtent: Equatable, Sendable {
     }
 }
 
-/// A soft block device: a handful of operations and the capabilities that say which of them
-/// it does. Transports (the blkif backend, the NBD export) check every request against the
-/// geometry before it reaches the device, so a device sees only in-range, block-aligned I/O.
+/// A soft block device: one way in for every request (`submit`), the capabilities that say
+/// which operations it does, and its allocation map. Transports (the blkif backend, the NBD
+/// export) check every request against the geometry before it reaches the device, so a device
+/// sees only in-range, block-aligned I/O.
 ///
-/// A simple device implements the synchronous operations; the default `submit` calls them and
-/// completes at once. A device with its own queue (libaio) implements `submit` and completes
-/// later, from any thread.
+/// Every request takes the same path, `submit`, whoever sends it: a filter writes each
+/// operation once, there. A device that is synchronous by nature (memory, null) conforms to
+/// ``SynchronousBlockDevice`` and writes plain throwing operations instead of callbacks. A
+/// device with its own queue (libaio, a remote server) implements `submit` and completes later,
+/// from any thread.
 ///
 /// ```swift
-/// final class Zero: BlockDevice {
+/// final class Zero: SynchronousBlockDevice {
 ///     let name = "zero"
 ///     let geometry = BlockGeometry(size: 1 << 30)
 ///     let capabilities: BlockCapabilities = []
@@ -134,21 +137,69 @@ public protocol BlockDevice: SoftDevice {
     /// A write is complete only when it is where it should be (durable too, if `fua`).
     func submit(_ request: BlockRequest, completion: BlockCompletion)
 
-    func read(into buffers: IOBuffers, at offset: UInt64) throws(BlockError)
-    func write(from buffers: IOBuffers, at offset: UInt64, fua: Bool) throws(BlockError)
-    func flush() throws(BlockError)
-    func discard(at offset: UInt64, length: UInt64) throws(BlockError)
-    func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError)
     /// The allocation map of `[offset, offset+length)`, in order, covering at least `offset`.
     func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent]
 }
 
 extension BlockDevice {
+    public func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent] {
+        [BlockExtent(offset: offset, length: length, isHole: false, isZero: false)]
+    }
+    public func close() {}
+
+    /// Submits `request` and waits for its completion: for callers off the hot path (a
+    /// partition table read at open, a barrier's flush, tests), never for a transport's requests.
+    public func submitAndWait(_ request: BlockRequest) -> BlockResult {
+        let waiter = BlockCompletionWaiter()
+        submit(request, completion: BlockCompletion(sink: waiter, tag: 0))
+        return waiter.wait()
+    }
+
+    /// The operations as calls that wait (through `submit`), for callers off the hot path:
+    /// `try stack.sync.read(into: buffers, at: 0)`.
+    public var sync: BlockDeviceSync { BlockDeviceSync(device: self) }
+}
+
+/// A device's operations as calls that wait for their completion (``BlockDevice/sync``). A
+/// type of its own, so that these never stand in for a ``SynchronousBlockDevice``'s own
+/// operations (which `submit` calls: that would go round in circles).
+public struct BlockDeviceSync {
+    public let device: any BlockDevice
+    public func read(into buffers: IOBuffers, at offset: UInt64) throws(BlockError) {
+        try device.submitAndWait(BlockRequest(operation: .read, offset: offset, length: UInt64(buffers.byteCount), buffers: buffers)).get()
+    }
+    public func write(from buffers: IOBuffers, at offset: UInt64, fua: Bool) throws(BlockError) {
+        try device.submitAndWait(BlockRequest(operation: .write, offset: offset, length: UInt64(buffers.byteCount), buffers: buffers,
+                                              fua: fua)).get()
+    }
+    public func flush() throws(BlockError) {
+        try device.submitAndWait(BlockRequest(operation: .flush, offset: 0, length: 0)).get()
+    }
+    public func discard(at offset: UInt64, length: UInt64) throws(BlockError) {
+        try device.submitAndWait(BlockRequest(operation: .discard, offset: offset, length: length)).get()
+    }
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError) {
+        try device.submitAndWait(BlockRequest(operation: .writeZeroes, offset: offset, length: length, mayDiscard: mayDiscard)).get()
+    }
+}
+
+/// A device whose operations are plain calls that are done when they return (memory, null):
+/// it writes them as throwing functions and `submit` runs them on the caller's thread. The
+/// defaults: read-only, nothing to flush, no discard, zeroes written as buffers of zeroes.
+public protocol SynchronousBlockDevice: BlockDevice {
+    func read(into buffers: IOBuffers, at offset: UInt64) throws(BlockError)
+    func write(from buffers: IOBuffers, at offset: UInt64, fua: Bool) throws(BlockError)
+    func flush() throws(BlockError)
+    func discard(at offset: UInt64, length: UInt64) throws(BlockError)
+    func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError)
+}
+
+extension SynchronousBlockDevice {
     public func submit(_ request: BlockRequest, completion: BlockCompletion) {
         completion.complete(performSynchronously(request))
     }
 
-    /// Runs `request` through the synchronous operations.
+    /// Runs `request` through the synchronous operations, on this thread.
     public func performSynchronously(_ request: BlockRequest) -> BlockResult {
         do {
             switch request.operation {
@@ -190,8 +241,4 @@ extension BlockDevice {
             done += UInt64(n)
         }
     }
-    public func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent] {
-        [BlockExtent(offset: offset, length: length, isHole: false, isZero: false)]
-    }
-    public func close() {}
 }

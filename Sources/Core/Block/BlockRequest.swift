@@ -78,6 +78,11 @@ public struct BlockRequest: @unchecked Sendable {
 public enum BlockResult: Sendable, Equatable {
     case success
     case failure(BlockError)
+
+    /// Throws the failure.
+    public func get() throws(BlockError) {
+        if case .failure(let error) = self { throw error }
+    }
 }
 
 /// Receives completions from devices. The transport implements it; `complete` may be called on
@@ -92,4 +97,26 @@ public struct BlockCompletion: Sendable {
     public let tag: UInt64
     public init(sink: any BlockCompletionSink, tag: UInt64) { self.sink = sink; self.tag = tag }
     public func complete(_ result: BlockResult) { sink.complete(tag: tag, result: result) }
+}
+
+/// Waits for a device's completion on the calling thread (``BlockDevice/submitAndWait(_:)``,
+/// the NBD export's synchronous reads); reusable, one request at a time.
+public final class BlockCompletionWaiter: BlockCompletionSink, @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var result: BlockResult?
+
+    public init() {}
+
+    public func complete(tag: UInt64, result: BlockResult) {
+        lock.withLock { self.result = result; lock.broadcast() }
+    }
+
+    /// The result of the request completed to this waiter, once it is there.
+    public func wait() -> BlockResult {
+        lock.withLock {
+            while result == nil { lock.wait() }
+            defer { result = nil }
+            return result!
+        }
+    }
 }
