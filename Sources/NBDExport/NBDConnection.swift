@@ -1,5 +1,6 @@
 import Core
 import Glibc
+import NBDWire
 
 /// The transmission phase of one client: one reader thread that parses requests and submits
 /// them to the device without waiting, and replies sent as the device completes them, in any

@@ -3,6 +3,7 @@ import Devices
 import Foundation
 import Glibc
 import NBDExport
+import NBDWire
 import Synchronization
 import XCTest
 

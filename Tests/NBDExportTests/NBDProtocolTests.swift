@@ -1,6 +1,7 @@
 import Core
 import Foundation
 @testable import NBDExport
+import NBDWire
 import XCTest
 
 /// The protocol's edges, driven byte by byte: options that are wrong, requests that are

@@ -1,3 +1,4 @@
+import Core
 import Glibc
 
 /// The numbers of the NBD protocol (doc/proto.md in NetworkBlockDevice/nbd), as qemu-nbd,
