@@ -36,10 +36,13 @@ let package = Package(
         .target(name: "Core", dependencies: ["CXen", "XenStore"]),
         // The blkif backend and a local blkfront.
         .target(name: "BlockTap", dependencies: ["Core", "CXen"]),
+        // The NBD protocol's numbers, the big-endian codec of its messages and the stream socket
+        // both ends use: shared by the NBD export (a server) and the `nbd` device (a client).
+        .target(name: "NBDWire", dependencies: ["Core"]),
         // The soft devices.
-        .target(name: "Devices", dependencies: ["Core", "CAio"]),
+        .target(name: "Devices", dependencies: ["Core", "CAio", "NBDWire"]),
         // NBD export of any device stack.
-        .target(name: "NBDExport", dependencies: ["Core"]),
+        .target(name: "NBDExport", dependencies: ["Core", "NBDWire"]),
         // `softdev bench`: load generator, the C reference backend's harness, the tables.
         .target(name: "Bench", dependencies: ["Core", "BlockTap", "Devices", "NBDExport", "CReference", "CXen", "XenStore"]),
         // `softdev serve`: the daemon, its TOML config and the hypervisor choice.
@@ -53,14 +56,17 @@ let package = Package(
                 "Core", "BlockTap", "Devices", "NBDExport", "Bench", "Daemon", "XenStore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
+        // What the tests do when a real peer (nbdkit, qemu-img, fio...) is missing: fail in CI
+        // (SOFTDEV_REQUIRE_PEERS=1, set by scripts/test.sh), skip elsewhere.
+        .target(name: "TestPeers", path: "Tests/TestPeers"),
         // Checks of the Xen hypervisor implementation against a real Xen (run in the lab's dom0).
         .executableTarget(name: "xen-lab-probe", dependencies: ["Core"], path: "Sources/XenLabProbe"),
         .testTarget(name: "XenStoreTests", dependencies: ["XenStore"]),
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
         .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "NBDExport"]),
-        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "Devices", "Core", "XenStore"]),
-        .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "Devices", "Core", "Bench"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "NBDExport", "NBDWire", "TestPeers"]),
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "Devices", "Core", "XenStore", "TestPeers"]),
+        .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "NBDWire", "Devices", "Core", "Bench", "TestPeers"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -1,5 +1,6 @@
 import Core
 import Glibc
+import NBDWire
 
 /// Opening a connection for the `nbd` device: the socket (unix or TCP), then the client side of
 /// the fixed newstyle handshake: structured replies and base:allocation if the server has them,

@@ -1,6 +1,7 @@
 import Core
 import Dispatch
 import Glibc
+import NBDWire
 import Synchronization
 
 /// `nbd(socket=PATH | hostname=HOST, port=10809, export=NAME)`: a client of another NBD server

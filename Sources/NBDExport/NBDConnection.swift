@@ -1,5 +1,6 @@
 import Core
 import Glibc
+import NBDWire
 
 /// The transmission phase of one client: one reader thread that parses requests and submits
 /// them to the device without waiting, and replies sent as the device completes them, in any
@@ -125,32 +126,27 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
 
     /// Reads and dispatches one request; false when the connection is over.
     private func serveOne() -> Bool {
-        guard fill(NBD.requestHeaderSize) else { return false }
-        let h = UnsafeRawPointer(input + inStart)
-        inStart += NBD.requestHeaderSize
+        guard fill(NBDRequestHeader.size) else { return false }
+        let header = NBDRequestHeader(loading: input + inStart)
+        inStart += NBDRequestHeader.size
         // Garbage: the stream cannot be resynchronised, drop this client alone.
-        guard h.loadBE(UInt32.self, at: 0) == NBD.requestMagic else { return false }
-        let flags = h.loadBE(UInt16.self, at: 4)
-        let type = h.loadBE(UInt16.self, at: 6)
-        let cookie = h.loadBE(UInt64.self, at: 8)
-        let offset = h.loadBE(UInt64.self, at: 16)
-        let length = h.loadBE(UInt32.self, at: 24)
+        guard let h = header else { return false }
 
-        guard let command = NBD.Command(rawValue: type) else {
-            return replyNow(cookie, .cache, NBD.EINVAL, "unknown command \(type)")
+        guard let command = NBD.Command(rawValue: h.type) else {
+            return replyNow(h.cookie, .cache, NBD.EINVAL, "unknown command \(h.type)")
         }
         switch command {
-        case .read: return read(cookie, flags, offset, length)
-        case .write: return write(cookie, flags, offset, length)
+        case .read: return read(h.cookie, h.flags, h.offset, h.length)
+        case .write: return write(h.cookie, h.flags, h.offset, h.length)
         case .disconnect: return false
         case .flush:
-            let slot = acquire(cookie, command, 0, 0)
+            let slot = acquire(h.cookie, command, 0, 0)
             device.submit(BlockRequest(operation: .flush, offset: 0, length: 0), completion: BlockCompletion(sink: self, tag: UInt64(slot.index)))
             return true
-        case .trim: return trim(cookie, offset, length)
-        case .writeZeroes: return writeZeroes(cookie, flags, offset, length)
-        case .blockStatus: return blockStatus(cookie, flags, offset, length)
-        case .cache: return replyNow(cookie, command, NBD.EINVAL, "NBD_CMD_CACHE is not supported")
+        case .trim: return trim(h.cookie, h.offset, h.length)
+        case .writeZeroes: return writeZeroes(h.cookie, h.flags, h.offset, h.length)
+        case .blockStatus: return blockStatus(h.cookie, h.flags, h.offset, h.length)
+        case .cache: return replyNow(h.cookie, command, NBD.EINVAL, "NBD_CMD_CACHE is not supported")
         }
     }
 
@@ -327,16 +323,13 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         if statusBuffer.isEmpty { statusBuffer = [length, 0] }
         if flags & NBD.cmdFlagReqOne != 0 { statusBuffer.removeSubrange(2...) }
         let count = statusBuffer.count / 2
-        let h = scratch
-        h.storeBE(NBD.structuredReplyMagic, at: 0)
-        h.storeBE(NBD.replyFlagDone, at: 4)
-        h.storeBE(NBD.replyTypeBlockStatus, at: 6)
-        h.storeBE(cookie, at: 8)
-        h.storeBE(UInt32(4 + 8 * count), at: 16)
-        h.storeBE(NBD.baseAllocationID, at: 20)
+        // The chunk's payload: the context id, then the pairs.
+        let h = scratch, payload = NBDStructuredReplyHeader.payload
+        NBDStructuredReplyHeader(flags: NBD.replyFlagDone, type: NBD.replyTypeBlockStatus, cookie: cookie, length: UInt32(4 + 8 * count)).store(to: h)
+        h.storeBE(NBD.baseAllocationID, at: payload)
         for i in statusBuffer.indices { statusBuffer[i] = statusBuffer[i].bigEndian }
         return statusBuffer.withUnsafeMutableBytes { body in
-            sendReply(header: h, headerCount: 24, data: body.baseAddress, dataCount: 8 * count)
+            sendReply(header: h, headerCount: payload + 4, data: body.baseAddress, dataCount: 8 * count)
         }
     }
 
@@ -358,27 +351,21 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         let data = slot.buffer! + slot.skip
         if session.structuredReplies {
             // One OFFSET_DATA chunk with DONE: the whole read, so NBD_CMD_FLAG_DF always holds.
-            h.storeBE(NBD.structuredReplyMagic, at: 0)
-            h.storeBE(NBD.replyFlagDone, at: 4)
-            h.storeBE(NBD.replyTypeOffsetData, at: 6)
-            h.storeBE(slot.cookie, at: 8)
-            h.storeBE(UInt32(8 + slot.length), at: 16)
-            h.storeBE(slot.offset, at: 20)
-            sendReply(header: h, headerCount: 28, data: data, dataCount: slot.length)
+            // Its payload: the offset, then the data.
+            let payload = NBDStructuredReplyHeader.payload
+            NBDStructuredReplyHeader(flags: NBD.replyFlagDone, type: NBD.replyTypeOffsetData, cookie: slot.cookie, length: UInt32(8 + slot.length)).store(to: h)
+            h.storeBE(slot.offset, at: payload)
+            sendReply(header: h, headerCount: payload + 8, data: data, dataCount: slot.length)
         } else {
-            h.storeBE(NBD.simpleReplyMagic, at: 0)
-            h.storeBE(UInt32(0), at: 4)
-            h.storeBE(slot.cookie, at: 8)
-            sendReply(header: h, headerCount: 16, data: data, dataCount: slot.length)
+            NBDSimpleReplyHeader(error: 0, cookie: slot.cookie).store(to: h)
+            sendReply(header: h, headerCount: NBDSimpleReplyHeader.size, data: data, dataCount: slot.length)
         }
     }
 
     @discardableResult
     private func replySimple(_ h: UnsafeMutableRawPointer, _ cookie: UInt64, _ error: UInt32) -> Bool {
-        h.storeBE(NBD.simpleReplyMagic, at: 0)
-        h.storeBE(error, at: 4)
-        h.storeBE(cookie, at: 8)
-        return sendReply(header: h, headerCount: 16, data: nil, dataCount: 0)
+        NBDSimpleReplyHeader(error: error, cookie: cookie).store(to: h)
+        return sendReply(header: h, headerCount: NBDSimpleReplyHeader.size, data: nil, dataCount: 0)
     }
 
     /// Structured clients get the message too (nbdinfo and qemu print it); reads and block
@@ -388,15 +375,13 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         guard session.structuredReplies, command == .read || command == .blockStatus else {
             return replySimple(h, cookie, error)
         }
+        // The chunk's payload: the errno, the message's length, the message.
         var text = Array(message.utf8.prefix(1024))
-        h.storeBE(NBD.structuredReplyMagic, at: 0)
-        h.storeBE(NBD.replyFlagDone, at: 4)
-        h.storeBE(NBD.replyTypeError, at: 6)
-        h.storeBE(cookie, at: 8)
-        h.storeBE(UInt32(6 + text.count), at: 16)
-        h.storeBE(error, at: 20)
-        h.storeBE(UInt16(text.count), at: 24)
-        return text.withUnsafeMutableBytes { sendReply(header: h, headerCount: 26, data: $0.baseAddress, dataCount: $0.count) }
+        let payload = NBDStructuredReplyHeader.payload
+        NBDStructuredReplyHeader(flags: NBD.replyFlagDone, type: NBD.replyTypeError, cookie: cookie, length: UInt32(6 + text.count)).store(to: h)
+        h.storeBE(error, at: payload)
+        h.storeBE(UInt16(text.count), at: payload + 4)
+        return text.withUnsafeMutableBytes { sendReply(header: h, headerCount: payload + 6, data: $0.baseAddress, dataCount: $0.count) }
     }
 
     /// A reply from the reader thread for a request that never reached the device.

@@ -1,4 +1,5 @@
 import Core
+import NBDWire
 
 /// One named export of an `NBDServer`: a device stack under a name clients ask for.
 ///

@@ -1,5 +1,6 @@
 import Core
 import Glibc
+import NBDWire
 
 /// What a client and the server agreed on in the handshake.
 struct NBDSession {

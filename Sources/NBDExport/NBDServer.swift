@@ -1,5 +1,6 @@
 import Core
 import Glibc
+import NBDWire
 
 /// Serves block devices to NBD clients (qemu, nbdkit's and libnbd's tools, nbdfuse, the
 /// kernel's nbd-client) over a unix socket or TCP: the fixed newstyle handshake, several named

@@ -1,4 +1,5 @@
 import Foundation
+import TestPeers
 import XCTest
 
 /// The `softdev` binary as users run it, in separate processes: `serve --hypervisor local`
@@ -24,7 +25,7 @@ final class SoftDevCLITests: XCTestCase {
             let path = candidate.appendingPathComponent("softdev").path
             if FileManager.default.isExecutableFile(atPath: path) { return path }
         }
-        throw XCTSkip("softdev is not built next to the tests (run `swift build --build-tests`)")
+        try Peers.missing("the softdev binary beside the tests", install: "swift build --build-tests")
     }
 
     /// Starts softdev with `arguments`; its stdout and stderr go to files in the directory.

@@ -2,6 +2,7 @@ import BlockTap
 import Core
 import Daemon
 import Foundation
+import TestPeers
 import XCTest
 import XenStore
 
@@ -177,9 +178,7 @@ final class SoftDevDaemonTests: XCTestCase {
         config.nbdListen = ["tcp:127.0.0.1:0"]
         let d = try startDaemon(config)
         let port = try XCTUnwrap(d.nbdListeners.first?.boundPort)
-        guard let nbdinfo = ["/usr/bin/nbdinfo", "/usr/local/bin/nbdinfo"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-            throw XCTSkip("nbdinfo is not installed (scripts/install-deps.sh installs libnbd-bin)")
-        }
+        let nbdinfo = try Peers.program("nbdinfo", package: "libnbd-bin")
         let p = Process()
         p.executableURL = URL(fileURLWithPath: nbdinfo)
         p.arguments = ["--size", "nbd://127.0.0.1:\(port)/scratch"]

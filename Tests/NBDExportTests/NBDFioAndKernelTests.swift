@@ -1,6 +1,7 @@
 import Core
 import Foundation
 @testable import NBDExport
+import TestPeers
 import XCTest
 
 /// fio's nbd engine (libnbd) with data verification, and the kernel's view through nbdfuse:
@@ -27,7 +28,7 @@ final class NBDFioAndKernelTests: XCTestCase {
 
     func testKernelMountsExt4OnTheExportAndFsckIsClean() throws {
         for tool in [Tool.nbdfuse, .losetup, .mkfsExt4, .fsckExt4, .mount, .umount, .fusermount3] { _ = try tool.resolved() }
-        XCTAssertEqual(access("/dev/fuse", R_OK | W_OK), 0, "/dev/fuse is missing: the kernel path needs FUSE")
+        try Peers.require(access("/dev/fuse", R_OK | W_OK) == 0, "/dev/fuse (the kernel path needs FUSE)", install: "modprobe fuse")
         let f = try ServerFixture([NBDExport(name: "disk", device: SparseTestDevice(size: 128 << 20))])
         defer { f.stop() }
         let fuseDir = f.path("fuse"), mountPoint = f.path("mnt")

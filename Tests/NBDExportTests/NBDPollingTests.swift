@@ -1,5 +1,6 @@
 import Core
 @testable import NBDExport
+import NBDWire
 import XCTest
 
 final class NBDPollingTests: XCTestCase {

@@ -1,6 +1,7 @@
 import Core
 import Foundation
 @testable import NBDExport
+import NBDWire
 import XCTest
 
 /// The protocol's edges, driven byte by byte: options that are wrong, requests that are
@@ -18,6 +19,29 @@ final class NBDProtocolTests: XCTestCase {
                 XCTAssertTrue("\(error)".contains("invalid NBD address"), "\(error)")
             }
         }
+    }
+
+    func testHeadersAreLaidOutAsTheProtocolSays() {
+        // doc/proto.md: big-endian, magic first; the bytes are spelt out here, not derived.
+        func bytes(_ size: Int, _ store: (UnsafeMutableRawPointer) -> Void) -> [UInt8] {
+            var b = [UInt8](repeating: 0xAA, count: size)
+            b.withUnsafeMutableBytes { store($0.baseAddress!) }
+            return b
+        }
+        let request = NBDRequestHeader(flags: 1, type: NBD.Command.write.rawValue, cookie: 0x0102_0304_0506_0708, offset: 0x1000, length: 512)
+        let requestBytes = bytes(NBDRequestHeader.size) { request.store(to: $0) }
+        XCTAssertEqual(requestBytes, [0x25, 0x60, 0x95, 0x13, 0, 1, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8,
+                                      0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 2, 0])
+        XCTAssertEqual(requestBytes.withUnsafeBytes { NBDRequestHeader(loading: $0.baseAddress!) }, request)
+        var garbage = requestBytes
+        garbage[0] = 0
+        XCTAssertNil(garbage.withUnsafeBytes { NBDRequestHeader(loading: $0.baseAddress!) }, "a wrong magic is no request")
+
+        XCTAssertEqual(bytes(NBDSimpleReplyHeader.size) { NBDSimpleReplyHeader(error: NBD.EIO, cookie: 9).store(to: $0) },
+                       [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 9])
+        let chunk = NBDStructuredReplyHeader(flags: NBD.replyFlagDone, type: NBD.replyTypeOffsetData, cookie: 9, length: 8 + 512)
+        XCTAssertEqual(bytes(NBDStructuredReplyHeader.size) { chunk.store(to: $0) },
+                       [0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 2, 8])
     }
 
     func testTCPListenerServesQemuImg() throws {

@@ -2,6 +2,7 @@ import Core
 import Foundation
 import Glibc
 @testable import NBDExport
+import NBDWire
 
 /// A deliberately naive NBD client that sends exactly the bytes a test asks for, including
 /// what a well-behaved client never would (writes to a read-only export, garbage, bad options).

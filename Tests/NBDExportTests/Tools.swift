@@ -1,10 +1,11 @@
 import Bench
 import Foundation
-import XCTest
 @testable import NBDExport
+import TestPeers
+import XCTest
 
-/// The external clients the interop tests drive, and the Debian package each comes from: a
-/// missing client is a failure that names what to install, never a skip.
+/// The external clients the interop tests drive, and the Debian package each comes from. A
+/// missing client fails the test in CI and skips it elsewhere, naming what to install (`Peers`).
 enum Tool: String {
     case qemuImg = "qemu-img", qemuIO = "qemu-io", nbdinfo, nbdcopy, nbdfuse, fio, nbdkit
     case losetup, mkfsExt4 = "mkfs.ext4", fsckExt4 = "fsck.ext4", mount, umount, fusermount3
@@ -23,11 +24,6 @@ enum Tool: String {
     }
 }
 
-struct ToolMissing: Error, CustomStringConvertible {
-    let tool: Tool
-    var description: String { "\(tool.rawValue) is not installed: apt-get install \(tool.package)" }
-}
-
 struct ProcessResult {
     let status: Int32
     let stdout: String
@@ -36,8 +32,8 @@ struct ProcessResult {
 
 /// Runs a client to the end and returns what it printed.
 @discardableResult
-func runTool(_ tool: Tool, _ arguments: [String]) throws -> ProcessResult {
-    try runPath(try tool.resolved(), arguments)
+func runTool(_ tool: Tool, _ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> ProcessResult {
+    try runPath(try tool.resolved(file: file, line: line), arguments)
 }
 
 func runPath(_ path: String, _ arguments: [String]) throws -> ProcessResult {
@@ -46,11 +42,7 @@ func runPath(_ path: String, _ arguments: [String]) throws -> ProcessResult {
 }
 
 extension Tool {
-    func resolved() throws -> String {
-        for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"] {
-            let p = "\(dir)/\(rawValue)"
-            if access(p, X_OK) == 0 { return p }
-        }
-        throw ToolMissing(tool: self)
+    func resolved(file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        try Peers.program(rawValue, package: package, file: file, line: line)
     }
 }

@@ -11,12 +11,32 @@ SOFTDEV_PID=
 sd() { timeout 60 "$SOFTDEV" "$@" --hypervisor xen; }
 
 # sd_start: start `softdev serve` in the background, logging to SOFTDEV_LOG;
-# fails unless it is still running 2 s later.
+# fails unless it is still running 2 s later. It also makes the test stop the
+# daemon when it exits, however it exits (trap EXIT, see sd_cleanup).
 sd_start() {
+  trap sd_cleanup EXIT
   "$SOFTDEV" serve --hypervisor xen 2>> "$SOFTDEV_LOG" &
   SOFTDEV_PID=$!
   sleep 2
   kill -0 "$SOFTDEV_PID" 2>/dev/null
+}
+
+# sd_cleanup: the EXIT trap. A daemon left running holds the test's stdout, the
+# pipe dom0's init reads to its end before it powers off, so a test that ends
+# early (a failed check that exits, an unbound variable, a signal) would leave
+# the lab waiting out QEMU's whole timeout. Stops it (sd_stop: SIGKILL after
+# 30 s) and shows its log, then kills any other background job of the test (it
+# holds the same pipe). The test's exit status stays what it was.
+sd_cleanup() {
+  local job
+  if [ -n "$SOFTDEV_PID" ] && kill -0 "$SOFTDEV_PID" 2>/dev/null; then
+    echo "the test ended with softdev serve still running: stopping it"
+    sd_stop
+    echo "==== softdev serve log ===="
+    cat "$SOFTDEV_LOG"
+  fi
+  for job in $(jobs -pr); do kill -KILL "$job" 2>/dev/null; done
+  return 0
 }
 
 # sd_alive: the daemon still runs and its log shows no crash.
@@ -26,15 +46,17 @@ sd_alive() {
 }
 sd_crashed() { grep -Eq 'Fatal error|Segmentation fault|Illegal instruction|Current stack trace|Aborted' "$SOFTDEV_LOG"; }
 
-# sd_stop: SIGTERM, then wait up to 30 s for a clean exit (status 0).
+# sd_stop: SIGTERM, then wait up to 30 s for a clean exit (status 0). Once it
+# returns there is no daemon (SOFTDEV_PID is emptied: its number may be reused).
 sd_stop() {
-  local i=0 rc
-  kill -TERM "$SOFTDEV_PID" 2>/dev/null || return 1
-  while kill -0 "$SOFTDEV_PID" 2>/dev/null; do
-    i=$((i+1)); if [ $i -gt 300 ]; then echo "softdev serve ignored SIGTERM for 30 s" >&2; kill -KILL "$SOFTDEV_PID"; return 1; fi
+  local i=0 rc pid=$SOFTDEV_PID
+  SOFTDEV_PID=
+  kill -TERM "$pid" 2>/dev/null || return 1
+  while kill -0 "$pid" 2>/dev/null; do
+    i=$((i+1)); if [ $i -gt 300 ]; then echo "softdev serve ignored SIGTERM for 30 s" >&2; kill -KILL "$pid"; wait "$pid"; return 1; fi
     sleep 0.1
   done
-  wait "$SOFTDEV_PID"; rc=$?
+  wait "$pid"; rc=$?
   [ "$rc" = 0 ] || echo "softdev serve exited with status $rc" >&2
   [ "$rc" = 0 ]
 }

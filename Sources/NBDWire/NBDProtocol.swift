@@ -1,3 +1,4 @@
+import Core
 import Glibc
 
 /// The numbers of the NBD protocol (doc/proto.md in NetworkBlockDevice/nbd), as qemu-nbd,
@@ -120,16 +121,17 @@ extension NBD {
 }
 
 /// Big-endian stores and loads into raw memory: the codec of every header.
+/// `@inlinable`: the export and the `nbd` device are other modules, and these are their hot path.
 extension UnsafeMutableRawPointer {
-    @inline(__always) public func storeBE(_ v: UInt16, at o: Int) { storeBytes(of: v.bigEndian, toByteOffset: o, as: UInt16.self) }
-    @inline(__always) public func storeBE(_ v: UInt32, at o: Int) { storeBytes(of: v.bigEndian, toByteOffset: o, as: UInt32.self) }
-    @inline(__always) public func storeBE(_ v: UInt64, at o: Int) { storeBytes(of: v.bigEndian, toByteOffset: o, as: UInt64.self) }
+    @inlinable @inline(__always) public func storeBE(_ v: UInt16, at o: Int) { storeBytes(of: v.bigEndian, toByteOffset: o, as: UInt16.self) }
+    @inlinable @inline(__always) public func storeBE(_ v: UInt32, at o: Int) { storeBytes(of: v.bigEndian, toByteOffset: o, as: UInt32.self) }
+    @inlinable @inline(__always) public func storeBE(_ v: UInt64, at o: Int) { storeBytes(of: v.bigEndian, toByteOffset: o, as: UInt64.self) }
 }
 
 extension UnsafeRawPointer {
-    @inline(__always) public func loadBE(_: UInt16.Type, at o: Int) -> UInt16 { UInt16(bigEndian: loadUnaligned(fromByteOffset: o, as: UInt16.self)) }
-    @inline(__always) public func loadBE(_: UInt32.Type, at o: Int) -> UInt32 { UInt32(bigEndian: loadUnaligned(fromByteOffset: o, as: UInt32.self)) }
-    @inline(__always) public func loadBE(_: UInt64.Type, at o: Int) -> UInt64 { UInt64(bigEndian: loadUnaligned(fromByteOffset: o, as: UInt64.self)) }
+    @inlinable @inline(__always) public func loadBE(_: UInt16.Type, at o: Int) -> UInt16 { UInt16(bigEndian: loadUnaligned(fromByteOffset: o, as: UInt16.self)) }
+    @inlinable @inline(__always) public func loadBE(_: UInt32.Type, at o: Int) -> UInt32 { UInt32(bigEndian: loadUnaligned(fromByteOffset: o, as: UInt32.self)) }
+    @inlinable @inline(__always) public func loadBE(_: UInt64.Type, at o: Int) -> UInt64 { UInt64(bigEndian: loadUnaligned(fromByteOffset: o, as: UInt64.self)) }
 }
 
 /// A growable byte array for the negotiation phase (not the hot path), big-endian appends.
