@@ -80,7 +80,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     private var statusBuffer: [UInt32] = []
     private var bounce: UnsafeMutableRawPointer?
     private var bounceCapacity = 0
-    private let syncWaiter = SyncWaiter()
+    private let syncWaiter = BlockCompletionWaiter()
     private var poller: AdaptivePoller
 
     init(socket: NBDSocket, session: NBDSession, rmwLock: ConditionLock, poller: AdaptivePoller) {
@@ -515,21 +515,5 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
             left -= n
         }
         return true
-    }
-}
-
-/// Waits for one device completion on the calling thread.
-private final class SyncWaiter: BlockCompletionSink, @unchecked Sendable {
-    private let lock = ConditionLock()
-    private var result: BlockResult?
-    func complete(tag: UInt64, result: BlockResult) {
-        lock.withLock { self.result = result; lock.broadcast() }
-    }
-    func wait() -> BlockResult {
-        lock.withLock {
-            while result == nil { lock.wait() }
-            defer { result = nil }
-            return result!
-        }
     }
 }
