@@ -145,6 +145,35 @@ final class LocalHypervisorTests: XCTestCase {
         frontEnd.close()
     }
 
+    func testAGuestCannotMakeTheBackendsNotifyOrConsumeBlock() throws {
+        let (guest, _) = try guestPages("hostile")
+        let frontEnd = try guest.events.allocateUnbound(remote: 0)
+        let backEnd = try backend.events.bindInterdomain(remote: guest.domainID, remotePort: frontEnd.localPort)
+        // What a hostile guest can do with the descriptor it holds: make it blocking, push an
+        // eventfd's counter to its largest value (so that one more write would wait for a read
+        // that never comes), fill the backend's side with notifications, and never read.
+        let fd = frontEnd.fileDescriptor
+        XCTAssertEqual(fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK), 0)
+        var most: UInt64 = 0xffff_ffff_ffff_fffe
+        _ = write(fd, &most, 8)
+        var flood = [UInt8](repeating: 1, count: 4096)
+        while send(fd, &flood, flood.count, Int32(MSG_DONTWAIT)) > 0 {}
+
+        // The backend's ring thread: notify far more often than anything can hold, take and
+        // clear what is pending, and wait. Each must return, whatever the guest did.
+        let backendThread = try PosixThread("backend ring thread") {
+            for _ in 0..<100_000 { backEnd.notify() }
+            while backEnd.consume() {}
+            XCTAssertFalse(backEnd.consume(), "nothing pending once drained")
+            XCTAssertFalse(backEnd.wait(timeoutMilliseconds: 0))
+        }
+        XCTAssertTrue(backendThread.join(timeout: 5), "the backend's notify or consume blocked")
+
+        // And the channel still works both ways once the guest behaves.
+        frontEnd.notify()
+        XCTAssertTrue(backEnd.wait(timeoutMilliseconds: 1000))
+    }
+
     func testAGuestsDeathRemovesItsHomeAndFiresReleaseDomain() throws {
         let (guest, pages) = try guestPages("doomed")
         let id = guest.domainID

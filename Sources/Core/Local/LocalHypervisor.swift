@@ -142,20 +142,20 @@ private final class NoEvents: EventChannels, @unchecked Sendable {
     func allocateUnbound(remote: DomainID) throws(EventChannelError) -> any EventChannel { throw .noSuchDomain(remote) }
 }
 
-/// Event channels through the broker: it creates the eventfd pair and hands each end its fds.
+/// Event channels through the broker: it creates a socket pair and hands each end its socket.
 final class LocalEventChannels: EventChannels, @unchecked Sendable {
     private unowned let hypervisor: LocalHypervisor
     init(_ hypervisor: LocalHypervisor) { self.hypervisor = hypervisor }
 
     private func channel(_ m: LocalControlMessage, remote: DomainID, port: EventPort) throws(EventChannelError) -> any EventChannel {
         let reply: LocalControlMessage, fds: [Int32]
-        do { (reply, fds) = try hypervisor.call(m, expectFDs: 2) }
+        do { (reply, fds) = try hypervisor.call(m, expectFDs: 1) }
         catch LocalHypervisorError.refused(_, let e) where e == ESRCH { throw .noSuchDomain(remote) }
         catch LocalHypervisorError.refused(_, let e) where e == EBUSY { throw .portInUse(domain: remote, port: port) }
         catch LocalHypervisorError.refused(_, let e) { throw .noSuchPort(domain: remote, port: port) .orSystem(e) }
         catch { throw .system(operation: "event channel", errno: EPIPE) }
         let h = hypervisor
-        return LocalEventChannel(port: reply.a, receive: fds[0], send: fds[1]) { port in
+        return LocalEventChannel(port: reply.a, socket: fds[0]) { port in
             _ = try? h.call(LocalControlMessage(.closePort, a: port))
         }
     }

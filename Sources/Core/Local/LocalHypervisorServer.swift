@@ -4,7 +4,7 @@ import Synchronization
 import XenStore
 
 /// The emulated hypervisor: the broker that creates guest domains (a sealed memfd of memory
-/// each), hands domain memory to backends, pairs event channels (an eventfd each way), and
+/// each), hands domain memory to backends, pairs event channels (a socket pair each), and
 /// runs the xenstore server. Every client connection is one domain; when a guest's connection
 /// closes, the guest is destroyed (its xenstore home removed, `@releaseDomain` fired), just as
 /// when a real guest crashes.
@@ -15,8 +15,18 @@ public final class LocalHypervisorServer: @unchecked Sendable {
     private struct Port {
         var remote: DomainID
         var remotePort: EventPort?
-        /// Held only while unbound: the two eventfds the binding side will receive.
-        var pendingFDs: (receive: Int32, send: Int32)?
+        /// Held for as long as this port exists: a copy of the peer's end, so that the peer
+        /// closing its end (or dying) never hangs ours up; a hung-up socket polls readable for
+        /// ever and would spin the thread that waits on it. Nothing reads it.
+        var peerEnd: Int32
+        /// Held only while unbound: the end the binding side will receive, and the copy of
+        /// ours that its port will keep as its `peerEnd`.
+        var pending: (end: Int32, keep: Int32)?
+        /// Closes what the broker holds for this port.
+        func release() {
+            Glibc.close(peerEnd)
+            if let pending { Glibc.close(pending.end); Glibc.close(pending.keep) }
+        }
     }
     private struct Domain {
         var name: String
@@ -97,7 +107,7 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         state.withLock { s in
             for (_, d) in s.domains {
                 if d.memoryFD >= 0 { Glibc.close(d.memoryFD) }
-                for (_, p) in d.ports { if let f = p.pendingFDs { Glibc.close(f.receive); Glibc.close(f.send) } }
+                for (_, p) in d.ports { p.release() }
             }
             s.domains = [0: Domain(name: "Domain-0", memoryFD: -1)]
         }
@@ -152,17 +162,18 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             }
             fds = [fd]
         case (.allocUnbound, .some(let me)):
-            let remote = DomainID(truncatingIfNeeded: m.a)
-            guard let (port, mine, theirs) = allocUnbound(me, remote: remote) else { reply.status = ESRCH; break }
-            reply.a = port
-            fds = [mine.receive, mine.send]
-            closeAfterSend = fds
-            _ = theirs
+            switch allocUnbound(me, remote: DomainID(truncatingIfNeeded: m.a)) {
+            case .success(let (port, end)):
+                reply.a = port
+                fds = [end]
+                closeAfterSend = fds
+            case .failure(let e): reply.status = e.rawValue
+            }
         case (.bindInterdomain, .some(let me)):
             switch bind(me, remote: DomainID(truncatingIfNeeded: m.a), remotePort: m.b) {
-            case .success(let (port, f)):
+            case .success(let (port, end)):
                 reply.a = port
-                fds = [f.receive, f.send]
+                fds = [end]
                 closeAfterSend = fds
             case .failure(let e): reply.status = e.rawValue
             }
@@ -209,44 +220,53 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         return (id, fd)
     }
 
-    private func allocUnbound(_ me: DomainID, remote: DomainID) -> (EventPort, (receive: Int32, send: Int32), Void)? {
-        let a = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC)), b = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC))
-        guard a >= 0, b >= 0 else { if a >= 0 { Glibc.close(a) }; if b >= 0 { Glibc.close(b) }; return nil }
-        // We receive on `a` and send to `b`; the binder will receive on `b` and send to `a`.
-        let port: EventPort? = state.withLock { s in
+    /// A new unbound port of `me` for `remote`; returns it and `me`'s end of its socket pair.
+    private func allocUnbound(_ me: DomainID, remote: DomainID) -> Result<(EventPort, Int32), Errno> {
+        var pair: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0 else {
+            return .failure(Errno(rawValue: errno))
+        }
+        // `me` gets pair[0]; the binder will get pair[1]. Each port keeps a copy of the other's.
+        let keepTheirs = fcntl(pair[1], F_DUPFD_CLOEXEC, 0), keepMine = fcntl(pair[0], F_DUPFD_CLOEXEC, 0)
+        let port: EventPort? = keepTheirs < 0 || keepMine < 0 ? nil : state.withLock { s in
             guard s.domains[remote] != nil, var d = s.domains[me] else { return nil }
             let port = d.nextPort
             d.nextPort += 1
-            d.ports[port] = Port(remote: remote, remotePort: nil, pendingFDs: (dup(b), dup(a)))
+            d.ports[port] = Port(remote: remote, remotePort: nil, peerEnd: keepTheirs, pending: (pair[1], keepMine))
             s.domains[me] = d
             return port
         }
-        guard let port else { Glibc.close(a); Glibc.close(b); return nil }
-        return (port, (a, b), ())
+        guard let port else {
+            let e = keepTheirs < 0 || keepMine < 0 ? EMFILE : ESRCH
+            for fd in pair + [keepTheirs, keepMine] where fd >= 0 { Glibc.close(fd) }
+            return .failure(Errno(rawValue: e))
+        }
+        return .success((port, pair[0]))
     }
 
-    private func bind(_ me: DomainID, remote: DomainID, remotePort: EventPort) -> Result<(EventPort, (receive: Int32, send: Int32)), Errno> {
+    /// Binds a port of `me` to `remote`'s unbound `remotePort`; returns it and `me`'s end.
+    private func bind(_ me: DomainID, remote: DomainID, remotePort: EventPort) -> Result<(EventPort, Int32), Errno> {
         state.withLock { s in
             guard var r = s.domains[remote] else { return .failure(Errno(rawValue: ESRCH)) }
             guard var p = r.ports[remotePort], p.remote == me else { return .failure(Errno(rawValue: ENOENT)) }
-            guard let f = p.pendingFDs, p.remotePort == nil else { return .failure(Errno(rawValue: EBUSY)) }
+            guard let pending = p.pending, p.remotePort == nil else { return .failure(Errno(rawValue: EBUSY)) }
             guard var d = s.domains[me] else { return .failure(Errno(rawValue: ESRCH)) }
             let port = d.nextPort
             d.nextPort += 1
-            d.ports[port] = Port(remote: remote, remotePort: remotePort, pendingFDs: nil)
+            d.ports[port] = Port(remote: remote, remotePort: remotePort, peerEnd: pending.keep, pending: nil)
             p.remotePort = port
-            p.pendingFDs = nil
+            p.pending = nil
             r.ports[remotePort] = p
             s.domains[remote] = r
             s.domains[me] = d
-            return .success((port, f))
+            return .success((port, pending.end))
         }
     }
 
     private func closePort(_ me: DomainID, _ port: EventPort) {
         state.withLock { s in
             guard let p = s.domains[me]?.ports.removeValue(forKey: port) else { return }
-            if let f = p.pendingFDs { Glibc.close(f.receive); Glibc.close(f.send) }
+            p.release()
             if let rp = p.remotePort { s.domains[p.remote]?.ports[rp]?.remotePort = nil }
         }
     }
@@ -259,15 +279,15 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             // Ports others left unbound for the dead domain can never be bound now.
             for k in s.domains.keys {
                 for (port, p) in s.domains[k]!.ports where p.remote == id {
-                    if let f = p.pendingFDs { Glibc.close(f.receive); Glibc.close(f.send) }
-                    s.domains[k]!.ports[port]?.pendingFDs = nil
+                    if let f = p.pending { Glibc.close(f.end); Glibc.close(f.keep) }
+                    s.domains[k]!.ports[port]?.pending = nil
                 }
             }
             return d
         }
         if let d = gone {
             if d.memoryFD >= 0 { Glibc.close(d.memoryFD) }
-            for (_, p) in d.ports { if let f = p.pendingFDs { Glibc.close(f.receive); Glibc.close(f.send) } }
+            for (_, p) in d.ports { p.release() }
         }
         // As the toolstack does when a domain dies: remove its home, then tell watchers.
         try? admin?.remove("/local/domain/\(id)", transaction: .none)
