@@ -1,5 +1,5 @@
 import CXen
-import Core
+@testable import Core
 import Foundation
 import XCTest
 import XenStore
@@ -143,6 +143,46 @@ final class LocalHypervisorTests: XCTestCase {
         backEnd.close()
         frontEnd.notify()                        // goes nowhere, harms nothing
         frontEnd.close()
+    }
+
+    func testAGuestCannotReachAnotherGuestsMemoryOnlyDomain0MapsGrants() throws {
+        let (a, aPages) = try guestPages("a")
+        let (b, _) = try guestPages("b")
+        let frame = try aPages.allocate(pages: 2)
+        memcpy(aPages.pointer(frame), "secret of a", 11)
+        let toDom0 = try aPages.grant(frame: frame, to: 0, readOnly: true)
+        let toB = try aPages.grant(frame: frame + 1, to: b.domainID, readOnly: false)
+        let refused = GrantError.system(
+            operation: "domain \(b.domainID) mapping grants of domain \(a.domainID) (on the local hypervisor only domain 0 maps grants)",
+            errno: EPERM)
+
+        // Guest B asks for A's memory: whole (what a grant map would be built on), through a
+        // grant made to dom0, through a grant copy, even through a grant made to B itself.
+        XCTAssertThrowsError(try b.openMemory(a.domainID)) { XCTAssertEqual($0 as? GrantError, refused) }
+        XCTAssertThrowsError(try b.grants.mapPage(domain: a.domainID, ref: toDom0, writable: false)) {
+            XCTAssertEqual($0 as? GrantError, refused)
+        }
+        XCTAssertThrowsError(try b.grants.mapPage(domain: a.domainID, ref: toB, writable: true)) {
+            XCTAssertEqual($0 as? GrantError, refused)
+        }
+        let local = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 16)
+        defer { local.deallocate() }
+        var copy = [GrantCopySegment(direction: .fromGuest, domain: a.domainID, ref: toDom0, offset: 0, length: 11, local: local)]
+        copy.withUnsafeMutableBufferPointer { b.grants.copy($0) }
+        XCTAssertEqual(copy[0].error, refused)
+        XCTAssertEqual((b.grants as? LocalGrantTable)?.domainsHeld, [], "B holds none of A's memory")
+
+        // Domain 0 may, and then each grant's own rules hold: only what was granted to it, and a
+        // read-only grant maps read-only.
+        let (page, m) = try backend.grants.mapPage(domain: a.domainID, ref: toDom0, writable: false)
+        XCTAssertEqual(String(decoding: UnsafeRawBufferPointer(start: page, count: 11), as: UTF8.self), "secret of a")
+        backend.grants.unmapPage(m, ref: toDom0)
+        XCTAssertThrowsError(try backend.grants.mapPage(domain: a.domainID, ref: toDom0, writable: true)) {
+            XCTAssertEqual($0 as? GrantError, .permissionDenied(domain: a.domainID, ref: toDom0))
+        }
+        XCTAssertThrowsError(try backend.grants.mapPage(domain: a.domainID, ref: toB, writable: false)) {
+            XCTAssertEqual($0 as? GrantError, .permissionDenied(domain: a.domainID, ref: toB))
+        }
     }
 
     func testAGuestCannotMakeTheBackendsNotifyOrConsumeBlock() throws {

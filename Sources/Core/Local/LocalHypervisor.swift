@@ -115,11 +115,14 @@ public final class LocalHypervisor: Hypervisor, @unchecked Sendable {
         try controlLock.withLock { _ in try Self.call(control, m, expectFDs: expectFDs) }
     }
 
+    /// Another domain's whole memory, for mapping its grants: the broker hands it to domain 0 only.
     func openMemory(_ domain: DomainID) throws(GrantError) -> LocalDomainMemory {
         if domain == domainID, let memory { return memory }
         let fds: [Int32]
         do { fds = try call(LocalControlMessage(.openMemory, a: UInt32(domain)), expectFDs: 1).1 }
-        catch LocalHypervisorError.refused(_, let e) where e == ESRCH { throw .noSuchDomain(domain) }
+        catch LocalHypervisorError.refused(_, let e) where e == EPERM {
+            throw .system(operation: "domain \(domainID) mapping grants of domain \(domain) (on the local hypervisor only domain 0 maps grants)", errno: EPERM)
+        }
         catch { throw .noSuchDomain(domain) }
         return try LocalDomainMemory(domain: domain, fd: fds[0])
     }

@@ -4,8 +4,8 @@ import Synchronization
 import XenStore
 
 /// The emulated hypervisor: the broker that creates guest domains (a sealed memfd of memory
-/// each), hands domain memory to backends, pairs event channels (a socket pair each), and
-/// runs the xenstore server. Every client connection is one domain; when a guest's connection
+/// each), hands domain memory to the backend domain (0, and no other), pairs event channels (a
+/// socket pair each), and runs the xenstore server. Every client connection is one domain; when a guest's connection
 /// closes, the guest is destroyed (its xenstore home removed, `@releaseDomain` fired), just as
 /// when a real guest crashes.
 public final class LocalHypervisorServer: @unchecked Sendable {
@@ -156,7 +156,13 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             state.withLock { $0.connectionDomain[c] = id }
             reply.a = UInt32(id)
             fds = [fd]
-        case (.openMemory, .some):
+        case (.openMemory, .some(let me)):
+            // Only domain 0 is handed a guest's memory, all of it, as Xen's dom0 may map any
+            // guest's frames; its grant table then checks each grant (grantee, read-only) as Xen
+            // does. A file descriptor cannot be narrowed to the pages granted to a domain, so a
+            // guest domain gets none: another guest's memory is never in its reach, and a backend
+            // in a guest (a driver domain) needs real Xen.
+            guard me == 0 else { reply.status = EPERM; break }
             guard let fd = state.withLock({ $0.domains[DomainID(truncatingIfNeeded: m.a)]?.memoryFD }), fd >= 0 else {
                 reply.status = ESRCH; break
             }
