@@ -79,6 +79,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     private var isClosed = false
     /// For buffered files (see above); nil with O_DIRECT.
     private let workers: WorkerPool?
+    /// Tests only: an errno the reaper's next wait fails with (see `failNextCompletionWait`).
+    private let injectedWaitFailure = Atomic<Int32>(0)
     /// Cleared when the file system refuses RWF_NOWAIT (EOPNOTSUPP, e.g. tmpfs on older
     /// kernels): every read then goes straight to a worker instead of paying a failed call.
     private let pageCacheReads = Atomic<Bool>(true)
@@ -102,6 +104,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         var waiting: [(BlockRequest, BlockCompletion)] = []
         var inFlight = 0
         var stopping = false
+        /// Set when completions can no longer be reaped (see `failAll`): every request fails.
+        var failure: BlockError?
     }
 
     /// Opens `path`. Errors name the file and say what failed, e.g.
@@ -255,25 +259,33 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             workers.enqueue { completion.complete(self.performSynchronously(request)) }
             return
         }
-        let slot: Int? = queue.withLock { queue in
+        let slot: Result<Int, BlockError>? = queue.withLock { queue in
+            if let failure = queue.failure { return .failure(failure) }
             guard let slot = queue.free.popLast() else {
                 queue.waiting.append((request, completion))
                 return nil
             }
             queue.inFlight += 1
-            return slot
+            // Under the lock, as every change of a slot's completion: `failAll` takes them.
+            slots[slot].request = request
+            slots[slot].completion = completion
+            return .success(slot)
         }
-        if let slot { start(slot, request, completion) }
+        switch slot {
+        case .success(let slot): start(slot)
+        case .failure(let error): completion.complete(.failure(error))
+        case nil: break
+        }
     }
 
     /// Field offsets in a slot, computed once (a key path offset is a runtime call).
     private static let iocbOffset = MemoryLayout<Slot>.offset(of: \Slot.iocb)!
     private static let bounceVectorOffset = MemoryLayout<Slot>.offset(of: \Slot.bounceVector)!
 
-    private func start(_ index: Int, _ request: BlockRequest, _ completion: BlockCompletion) {
+    /// Submits the request the slot holds to the kernel.
+    private func start(_ index: Int) {
         let slot = slots + index
-        slot.pointee.request = request
-        slot.pointee.completion = completion
+        let request = slot.pointee.request
         let iocb = UnsafeMutableRawPointer(slot).advanced(by: Self.iocbOffset)
             .assumingMemoryBound(to: CAio.iocb.self)
         let data = UnsafeMutableRawPointer(bitPattern: index + 1)  // 0 is the stop request
@@ -316,8 +328,10 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             let count: Int
             do throws(SystemCallError) {
                 count = try aio.reap(into: events, minimum: 1)
+                let injected = injectedWaitFailure.exchange(0, ordering: .relaxed)
+                if injected != 0 { throw SystemCallError("io_getevents", errno: injected) }
             } catch {
-                fatalError("file(path=\(path)): \(error)")  // EFAULT/EINVAL: a bug, not an I/O error
+                return failAll(error)
             }
             for event in events[0..<count] {
                 let tag = Int(bitPattern: event.data)
@@ -325,6 +339,34 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
                 finish(tag - 1, result: Int(bitPattern: event.res))
             }
         }
+    }
+
+    /// io_getevents failed (EFAULT or EINVAL: a bug, not an I/O error, but the daemon serves
+    /// other devices and must not trap): no completion can be reaped any more, and none names
+    /// its request, so every request in flight or waiting fails with EIO, and so does every
+    /// later one, until the device is closed. The slots in flight stay taken: the kernel may
+    /// still hold their iocbs (io_destroy waits for them).
+    private func failAll(_ error: SystemCallError) {
+        let failure = BlockError(.io, errno: EIO, "file(path=\(path)): \(error): the device fails every request until it is reopened")
+        let failed: [BlockCompletion] = queue.withLock { queue in
+            queue.failure = failure
+            var failed = queue.waiting.map(\.1)
+            queue.waiting = []
+            for i in 0..<slotCount {
+                if let completion = slots[i].completion { failed.append(completion) }
+                slots[i].completion = nil
+            }
+            return failed
+        }
+        fputs("softdev: \(failure.message) (\(failed.count) requests failed)\n", stderr)
+        for completion in failed { completion.complete(.failure(failure)) }
+    }
+
+    /// Tests only: the reaper's next wait for completions fails with `errno` once it returns
+    /// (what it reaped is lost), as io_getevents would on a bug; nothing else makes it fail on
+    /// demand.
+    func failNextCompletionWait(errno: Int32) {
+        injectedWaitFailure.store(errno, ordering: .relaxed)
     }
 
     /// Completes the request in slot `index` whose kernel result was `result` (bytes or -errno),
@@ -350,18 +392,22 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             free(bounce)
             slot.pointee.bounce = nil
         }
-        let completion = slot.pointee.completion!
-        slot.pointee.completion = nil
         // Free the slot before completing, so that a transport that submits from its
         // completion finds one.
-        let next: (BlockRequest, BlockCompletion)? = queue.withLock { queue in
-            if !queue.waiting.isEmpty { return queue.waiting.removeFirst() }
+        let (completion, startNext): (BlockCompletion?, Bool) = queue.withLock { queue in
+            // None: `failAll` has failed this request already; the slot stays taken.
+            guard let completion = slot.pointee.completion else { return (nil, false) }
+            slot.pointee.completion = nil
+            if !queue.waiting.isEmpty {
+                (slot.pointee.request, slot.pointee.completion) = queue.waiting.removeFirst()
+                return (completion, true)
+            }
             queue.free.append(index)
             queue.inFlight -= 1
-            return nil
+            return (completion, false)
         }
-        completion.complete(outcome)
-        if let next { start(index, next.0, next.1) }
+        completion?.complete(outcome)
+        if startNext { start(index) }
     }
 
     /// A read or write the kernel has finished with `result`: complete, short or failed.
