@@ -27,6 +27,8 @@ public final class XenStoreServer: @unchecked Sendable {
         var connections: [ConnectionID: Connection] = [:]
         var lastID: ConnectionID = 0
         var stopping = false
+        /// Why the server stopped serving by itself (see `run`).
+        var failure: String?
     }
 
     /// The socket path, if the server listens on one.
@@ -109,10 +111,12 @@ public final class XenStoreServer: @unchecked Sendable {
     }
 
     /// Serves an already-connected stream descriptor as `domain`; the server owns it from now on.
+    /// After a `failure` it is closed at once (ID 0): its client sees the store gone.
     @discardableResult
     public func addConnection(fileDescriptor fd: Int32, domain: UInt16) -> ConnectionID {
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
         let id = state.withLock { s -> ConnectionID in
+            if s.failure != nil { Glibc.close(fd); return 0 }
             s.lastID += 1
             s.connections[s.lastID] = Connection(fd: fd)
             s.tree.addConnection(s.lastID, domain: domain)
@@ -145,6 +149,9 @@ public final class XenStoreServer: @unchecked Sendable {
         state.withLock { $0.tree.isIntroduced(domain) }
     }
 
+    /// Why the server stopped serving by itself, or nil while it serves (or was stopped).
+    public var failure: String? { state.withLock { $0.failure } }
+
     /// The number of open connections (for tests and diagnostics).
     public var connectionCount: Int { state.withLock { $0.connections.count } }
 
@@ -168,7 +175,19 @@ public final class XenStoreServer: @unchecked Sendable {
             }
             if stopping { return }
             let n = poll(&fds, nfds_t(fds.count), -1)
-            if n < 0 { if errno == EINTR { continue }; fatalError(XenStorePOSIX.errorText("poll")) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                // poll itself failed (EINVAL: more descriptors than RLIMIT_NOFILE; ENOMEM), so
+                // no connection can be served: close them all, so that every client sees the
+                // store go away and reports it, and stop, rather than trap or spin.
+                let reason = XenStorePOSIX.errorText("xenstore server: poll")
+                fputs("softdev: \(reason); the xenstore server stops serving\n", stderr)
+                state.withLock { s in
+                    s.failure = reason
+                    for id in Array(s.connections.keys) { drop(id, &s) }
+                }
+                return
+            }
             if fds[0].revents != 0 {
                 var v: UInt64 = 0
                 _ = Glibc.read(wakeFD, &v, 8)
