@@ -75,7 +75,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     private let queue: Mutex<Queue>
     /// Submitted at close: a read of nothing whose completion tells the reaper to stop.
     private let stopRequest = UnsafeMutablePointer<iocb>.allocate(capacity: 1)
-    private var reaper = pthread_t()
+    /// Set once the reaper runs (the last step of `init`), with O_DIRECT only.
+    private var reaper: PosixThread?
     private var isClosed = false
     /// For buffered files (see above); nil with O_DIRECT.
     private let workers: WorkerPool?
@@ -174,7 +175,11 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         } else {
             aio = nil
         }
-        workers = direct || servesInline ? nil : WorkerPool(threads: Self.bufferedWorkers)
+        do throws(ThreadStartError) {
+            workers = direct || servesInline ? nil : try WorkerPool(threads: Self.bufferedWorkers, purpose: "\(label)'s workers")
+        } catch {
+            throw BlockError.system("\(label): cannot start the worker threads", errno: error.errno)
+        }
         slotCount = options.queueDepth
         slots = .allocate(capacity: options.queueDepth)
         slots.initialize(repeating: Slot(), count: options.queueDepth)
@@ -186,12 +191,14 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         guard aio != nil else { return }
 
         // The reaper thread owns io_getevents: a transport thread that submits never blocks on
-        // a completion, and completions are delivered as soon as the kernel posts them.
-        let started = pthread_create(&reaper, nil, { context in
-            Unmanaged<FileDevice>.fromOpaque(context!).takeUnretainedValue().reap()
-            return nil
-        }, Unmanaged.passUnretained(self).toOpaque())
-        precondition(started == 0, "\(label): cannot start the completion thread: \(String(cString: strerror(started)))")
+        // a completion, and completions are delivered as soon as the kernel posts them. `close`
+        // joins it, so it need not hold the device. If it cannot start, the open fails (and
+        // `deinit`, run for the failed initialiser, closes the file).
+        do throws(ThreadStartError) {
+            reaper = try PosixThread("\(label)'s completions") { [unowned(unsafe) self] in reap() }
+        } catch {
+            throw BlockError.system("\(label): cannot start the completion thread", errno: error.errno)
+        }
     }
 
     deinit {
@@ -570,13 +577,13 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         }
         if alreadyClosed { return }
         workers?.stop()   // runs what was submitted, then the threads end
-        if let aio {
+        if let aio, let reaper {
             // A read of no bytes completes at once; its event tells the reaper to stop once the
             // requests in flight are done (io_getevents has no other way to be woken).
             AsyncIOContext.prepare(stopRequest, .read, fd: fd, data: nil)
             do throws(SystemCallError) {
                 try aio.submit(stopRequest)
-                pthread_join(reaper, nil)
+                reaper.join()
             } catch {
                 // The reaper cannot be woken; leave it blocked rather than free what it uses.
                 return

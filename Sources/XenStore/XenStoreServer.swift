@@ -34,7 +34,8 @@ public final class XenStoreServer: @unchecked Sendable {
     /// The socket path, if the server listens on one.
     public let socketPath: String?
     private let state = Mutex(State())
-    private let wakeFD: Int32
+    /// Made by `start` (-1 before: waking a server that does not run yet does nothing).
+    private var wakeFD: Int32 = -1
     private var listenFD: Int32 = -1
     private var thread: XenStoreThread?
 
@@ -42,19 +43,24 @@ public final class XenStoreServer: @unchecked Sendable {
     /// in-process connections if nil. Nothing happens until `start()`.
     public init(socketPath: String? = nil) {
         self.socketPath = socketPath
-        wakeFD = XenStorePOSIX.eventFD()
     }
 
     deinit {
         stop()
-        Glibc.close(wakeFD)
+        if wakeFD >= 0 { Glibc.close(wakeFD) }
     }
 
     /// Creates the socket (mode 0660) and starts the poll thread.
     public func start() throws(XenStoreError) {
         precondition(thread == nil, "XenStoreServer started twice")
+        if wakeFD < 0 { wakeFD = try XenStorePOSIX.eventFD() }
         if let path = socketPath { listenFD = try Self.listen(on: path) }
-        thread = XenStoreThread { [self] in run() }
+        do {
+            thread = try XenStoreThread("the xenstore server") { [self] in run() }
+        } catch {
+            closeListener()
+            throw error
+        }
     }
 
     private static func listen(on path: String) throws(XenStoreError) -> Int32 {
@@ -90,11 +96,14 @@ public final class XenStoreServer: @unchecked Sendable {
         state.withLock { s in
             for id in Array(s.connections.keys) { drop(id, &s) }
         }
-        if listenFD >= 0 {
-            Glibc.close(listenFD)
-            listenFD = -1
-            if let path = socketPath { unlink(path) }
-        }
+        closeListener()
+    }
+
+    private func closeListener() {
+        guard listenFD >= 0 else { return }
+        Glibc.close(listenFD)
+        listenFD = -1
+        if let path = socketPath { unlink(path) }
     }
 
     // MARK: in-process connections and domains
@@ -107,7 +116,7 @@ public final class XenStoreServer: @unchecked Sendable {
             throw .other(XenStorePOSIX.errorText("socketpair"))
         }
         addConnection(fileDescriptor: pair[0], domain: domain)
-        return XenStoreSocketClient(fileDescriptor: pair[1])
+        return try XenStoreSocketClient(fileDescriptor: pair[1])
     }
 
     /// Serves an already-connected stream descriptor as `domain`; the server owns it from now on.

@@ -77,7 +77,12 @@ public final class LocalHypervisor: Hypervisor, @unchecked Sendable {
             let (_, sfds) = try Self.call(control, LocalControlMessage(.connectStore), expectFDs: 1)
             storeFD = sfds[0]
         }
-        store = XenStoreSocketClient(fileDescriptor: storeFD)
+        do {
+            store = try XenStoreSocketClient(fileDescriptor: storeFD)
+        } catch {
+            Glibc.close(control)   // for a guest, the hypervisor then destroys the domain
+            throw error
+        }
         grants = LocalGrantTable(me: domainID) { [unowned self] (d) throws(GrantError) in try self.openMemory(d) }
         events = LocalEventChannels(self)
     }

@@ -40,10 +40,11 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         var connectionDomain: [Int32: DomainID] = [:]
     }
     private let state = Mutex(State())
-    private var listener: Int32 = -1
-    private var wake: Int32 = -1
-    private var thread: pthread_t?
+    private let listener: Int32
+    private let wake: Int32
+    private var thread: PosixThread?
     private let running = Atomic<Bool>(false)
+    private let closed = Atomic<Bool>(false)
     /// Our own dom0 connection to the store, for what a toolstack writes at domain creation.
     private var admin: XenStoreSocketClient?
 
@@ -52,8 +53,15 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         self.address = address
         try Self.makeDirectory(address.directory)
         storeServer = XenStoreServer(socketPath: address.storeSocket)
-        listener = try Self.listen(address.controlSocket)
-        wake = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC))
+        let wake = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC))
+        guard wake >= 0 else { throw LocalHypervisorError.cannotConnect(path: address.controlSocket, errno: errno) }
+        do {
+            listener = try Self.listen(address.controlSocket)
+        } catch {
+            Glibc.close(wake)
+            throw error
+        }
+        self.wake = wake
     }
 
     deinit { stop() }
@@ -79,28 +87,34 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         return s
     }
 
+    /// Starts the xenstore server and the broker's thread; throws (and serves nothing) if
+    /// either cannot start.
     public func start() throws {
-        try storeServer.start()
-        admin = try storeServer.connect(as: 0)
-        try admin?.write("/local/domain/0/name", "Domain-0")
-        try admin?.write("/local/domain/0/domid", "0")
-        running.store(true, ordering: .sequentiallyConsistent)
-        let box = Unmanaged.passRetained(self)
-        var t = pthread_t()
-        pthread_create(&t, nil, { arg in
-            let server = Unmanaged<LocalHypervisorServer>.fromOpaque(arg!).takeRetainedValue()
-            server.serve()
-            return nil
-        }, box.toOpaque())
-        thread = t
+        do {
+            try storeServer.start()
+            admin = try storeServer.connect(as: 0)
+            try admin?.write("/local/domain/0/name", "Domain-0")
+            try admin?.write("/local/domain/0/domid", "0")
+            running.store(true, ordering: .sequentiallyConsistent)
+            // The thread holds the server until `stop` ends it.
+            thread = try PosixThread("the local hypervisor's broker") { [self] in serve() }
+        } catch {
+            stop()
+            throw error
+        }
     }
 
+    /// Stops serving, closes the sockets and lets every domain go. Idempotent; a stopped
+    /// server does not start again.
     public func stop() {
-        guard running.exchange(false, ordering: .sequentiallyConsistent) else { return }
-        var one: UInt64 = 1
-        _ = Glibc.write(wake, &one, 8)
-        if let t = thread { pthread_join(t, nil) }
-        thread = nil
+        if running.exchange(false, ordering: .sequentiallyConsistent) {
+            var one: UInt64 = 1
+            _ = Glibc.write(wake, &one, 8)
+            thread?.join()
+            thread = nil
+        }
+        guard !closed.exchange(true, ordering: .sequentiallyConsistent) else { return }
+        admin?.close()
         storeServer.stop()
         Glibc.close(listener); Glibc.close(wake)
         unlink(address.controlSocket)
