@@ -15,7 +15,6 @@ struct LocalControlMessage {
         case bindInterdomain = 5   // a = remote domid, b = remote port -> a = port, fds [our end]
         case closePort = 6         // a = port
         case connectStore = 7      // -> fds [xenstore connection]
-        case domainInfo = 8        // a = domid -> name; status ENOENT if gone
     }
     var operation: UInt32 = 0
     /// 0 on success, else an errno value.

@@ -29,13 +29,12 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         }
     }
     private struct Domain {
-        var name: String
         var memoryFD: Int32   // -1 for domain 0
         var ports: [EventPort: Port] = [:]
         var nextPort: EventPort = 1
     }
     private struct State {
-        var domains: [DomainID: Domain] = [0: Domain(name: "Domain-0", memoryFD: -1)]
+        var domains: [DomainID: Domain] = [0: Domain(memoryFD: -1)]
         var nextDomain: DomainID = 1
         var connectionDomain: [Int32: DomainID] = [:]
     }
@@ -123,7 +122,7 @@ public final class LocalHypervisorServer: @unchecked Sendable {
                 if d.memoryFD >= 0 { Glibc.close(d.memoryFD) }
                 for (_, p) in d.ports { p.release() }
             }
-            s.domains = [0: Domain(name: "Domain-0", memoryFD: -1)]
+            s.domains = [0: Domain(memoryFD: -1)]
         }
     }
 
@@ -207,9 +206,6 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             storeServer.addConnection(fileDescriptor: pair[0], domain: me)
             fds = [pair[1]]
             closeAfterSend = fds
-        case (.domainInfo, .some):
-            guard let name = state.withLock({ $0.domains[DomainID(truncatingIfNeeded: m.a)]?.name }) else { reply.status = ENOENT; break }
-            reply.name = name
         default:
             reply.status = EINVAL
         }
@@ -226,7 +222,7 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         let id: DomainID = state.withLock { s in
             let id = s.nextDomain
             s.nextDomain = s.nextDomain == 0x7fef ? 1 : s.nextDomain + 1   // DOMID_FIRST_RESERVED
-            s.domains[id] = Domain(name: name.isEmpty ? "guest\(id)" : name, memoryFD: fd)
+            s.domains[id] = Domain(memoryFD: fd)
             return id
         }
         if let p = mmap(nil, xenPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED {
@@ -236,7 +232,7 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             h.pointee.total_frames = UInt32(frames)
             munmap(p, xenPageSize)
         }
-        introduceInStore(id, name: state.withLock { $0.domains[id]!.name })
+        introduceInStore(id, name: name.isEmpty ? "guest\(id)" : name)
         return (id, fd)
     }
 
