@@ -214,6 +214,60 @@ final class LocalHypervisorTests: XCTestCase {
         XCTAssertTrue(backEnd.wait(timeoutMilliseconds: 1000))
     }
 
+    /// A raw connection to the broker as a new guest, for what LocalHypervisor never sends.
+    private func rawGuest() throws -> Int32 {
+        let (s, e) = LocalControlSocket.open(address.controlSocket) { connect($0, $1, $2) }
+        XCTAssertGreaterThanOrEqual(s, 0, "connect: errno \(e)")
+        addTeardownBlock { close(s) }
+        XCTAssertTrue(LocalControlMessage(.createDomain, a: 16, name: "raw").send(on: s))
+        let (reply, fds) = try XCTUnwrap(LocalControlMessage.receive(on: s, maxFDs: 1))
+        XCTAssertEqual(reply.status, 0)
+        fds.forEach { close($0) }
+        return s
+    }
+
+    func testAGuestThatReadsNoRepliesIsDroppedAndTheBrokerServesTheOthers() throws {
+        let raw = try rawGuest()
+        XCTAssertEqual(fcntl(raw, F_SETFL, fcntl(raw, F_GETFL) | O_NONBLOCK), 0)
+        var dropped = false
+        for _ in 0..<5000 where !dropped {
+            if LocalControlMessage(.closePort, a: 1).send(on: raw) { continue }
+            if errno == EAGAIN { usleep(1000) } else { dropped = true }
+        }
+        XCTAssertTrue(dropped, "the broker hung up on a guest that reads none of its replies")
+
+        let address = self.address!, backend = self.backend!
+        let others = try PosixThread("another guest and the backend") {
+            do {
+                let guest = try LocalHypervisor.createGuest(address, name: "polite", pages: 16)
+                let front = try guest.events.allocateUnbound(remote: 0)
+                _ = try backend.events.bindInterdomain(remote: guest.domainID, remotePort: front.localPort)
+            } catch {
+                XCTFail("\(error)")
+            }
+        }
+        XCTAssertTrue(others.join(timeout: 5), "the broker still serves the others")
+    }
+
+    func testAGuestHasAtMost64PortsAndMakes4StoreConnectionsDomain0IsNotBound() throws {
+        let (guest, _) = try guestPages("greedy")
+        var ports = try (0..<LocalHypervisorServer.guestPortLimit).map { _ in try guest.events.allocateUnbound(remote: 0) }
+        XCTAssertThrowsError(try guest.events.allocateUnbound(remote: 0)) {
+            XCTAssertEqual($0 as? EventChannelError, .system(operation: "event channel", errno: ENOSPC))
+        }
+        ports.removeLast().close()
+        XCTAssertNoThrow(try guest.events.allocateUnbound(remote: 0), "a closed port makes room")
+        XCTAssertNoThrow(try (0...LocalHypervisorServer.guestPortLimit).map { _ in try backend.events.allocateUnbound(remote: guest.domainID) })
+
+        let raw = try rawGuest()
+        for i in 0...LocalHypervisorServer.guestStoreConnectionLimit {
+            XCTAssertTrue(LocalControlMessage(.connectStore).send(on: raw))
+            let (reply, fds) = try XCTUnwrap(LocalControlMessage.receive(on: raw, maxFDs: 1))
+            fds.forEach { close($0) }
+            XCTAssertEqual(reply.status, i < LocalHypervisorServer.guestStoreConnectionLimit ? 0 : EDQUOT, "connection \(i + 1)")
+        }
+    }
+
     func testAGuestsDeathRemovesItsHomeAndFiresReleaseDomain() throws {
         let (guest, pages) = try guestPages("doomed")
         let id = guest.domainID

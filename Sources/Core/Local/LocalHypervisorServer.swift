@@ -32,7 +32,15 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         var memoryFD: Int32   // -1 for domain 0
         var ports: [EventPort: Port] = [:]
         var nextPort: EventPort = 1
+        var storeConnections = 0
     }
+    /// What a guest domain may have, as Xen's per-domain max_event_channels and xenstored's
+    /// quotas bound a guest: event channel ports open at once, and xenstore connections made
+    /// in its life (a guest needs one). Each holds descriptors in this process, and a guest
+    /// must not exhaust the descriptors every other domain needs. Domain 0 serves every guest
+    /// and has no such bound.
+    static let guestPortLimit = 64
+    static let guestStoreConnectionLimit = 4
     private struct State {
         var domains: [DomainID: Domain] = [0: Domain(memoryFD: -1)]
         var nextDomain: DomainID = 1
@@ -138,7 +146,14 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             if fds[1].revents != 0 { break }
             if fds[0].revents & Int16(POLLIN) != 0 {
                 let c = accept(listener, nil, nil)
-                if c >= 0 { connections.append(c) }
+                if c >= 0 {
+                    // Replies go out without waiting (see `handle`), and no child inherits it.
+                    _ = fcntl(c, F_SETFL, fcntl(c, F_GETFL) | O_NONBLOCK)
+                    _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+                    connections.append(c)
+                } else if errno == EMFILE || errno == ENFILE {
+                    usleep(10_000)   // out of descriptors: serve the others rather than spin
+                }
             }
             for p in fds.dropFirst(2) where p.revents != 0 {
                 if !handle(connection: p.fd) {
@@ -199,6 +214,12 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         case (.closePort, .some(let me)):
             closePort(me, m.a)
         case (.connectStore, .some(let me)):
+            let allowed = state.withLock { s in
+                guard me == 0 || (s.domains[me]?.storeConnections ?? 0) < Self.guestStoreConnectionLimit else { return false }
+                s.domains[me]?.storeConnections += 1
+                return true
+            }
+            guard allowed else { reply.status = EDQUOT; break }
             var pair: [Int32] = [-1, -1]
             guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
                 reply.status = errno; break
@@ -209,6 +230,9 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         default:
             reply.status = EINVAL
         }
+        // Without waiting: a domain that does not read its replies (its socket's queue is
+        // full) is dropped, as xenstored drops a client that does not read, rather than let it
+        // stop this thread, which serves every domain.
         let sent = reply.send(on: c, fds: fds)
         closeAfterSend.forEach { Glibc.close($0) }
         return sent
@@ -244,20 +268,19 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         }
         // `me` gets pair[0]; the binder will get pair[1]. Each port keeps a copy of the other's.
         let keepTheirs = fcntl(pair[1], F_DUPFD_CLOEXEC, 0), keepMine = fcntl(pair[0], F_DUPFD_CLOEXEC, 0)
-        let port: EventPort? = keepTheirs < 0 || keepMine < 0 ? nil : state.withLock { s in
-            guard s.domains[remote] != nil, var d = s.domains[me] else { return nil }
+        let port: Result<EventPort, Errno> = keepTheirs < 0 || keepMine < 0 ? .failure(Errno(rawValue: EMFILE)) : state.withLock { s in
+            guard s.domains[remote] != nil, var d = s.domains[me] else { return .failure(Errno(rawValue: ESRCH)) }
+            guard me == 0 || d.ports.count < Self.guestPortLimit else { return .failure(Errno(rawValue: ENOSPC)) }
             let port = d.nextPort
             d.nextPort += 1
             d.ports[port] = Port(remote: remote, remotePort: nil, peerEnd: keepTheirs, pending: (pair[1], keepMine))
             s.domains[me] = d
-            return port
+            return .success(port)
         }
-        guard let port else {
-            let e = keepTheirs < 0 || keepMine < 0 ? EMFILE : ESRCH
+        if case .failure = port {
             for fd in pair + [keepTheirs, keepMine] where fd >= 0 { Glibc.close(fd) }
-            return .failure(Errno(rawValue: e))
         }
-        return .success((port, pair[0]))
+        return port.map { ($0, pair[0]) }
     }
 
     /// Binds a port of `me` to `remote`'s unbound `remotePort`; returns it and `me`'s end.
@@ -267,6 +290,7 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             guard var p = r.ports[remotePort], p.remote == me else { return .failure(Errno(rawValue: ENOENT)) }
             guard let pending = p.pending, p.remotePort == nil else { return .failure(Errno(rawValue: EBUSY)) }
             guard var d = s.domains[me] else { return .failure(Errno(rawValue: ESRCH)) }
+            guard me == 0 || d.ports.count < Self.guestPortLimit else { return .failure(Errno(rawValue: ENOSPC)) }
             let port = d.nextPort
             d.nextPort += 1
             d.ports[port] = Port(remote: remote, remotePort: remotePort, peerEnd: pending.keep, pending: nil)
