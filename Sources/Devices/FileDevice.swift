@@ -75,10 +75,13 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
     private let queue: Mutex<Queue>
     /// Submitted at close: a read of nothing whose completion tells the reaper to stop.
     private let stopRequest = UnsafeMutablePointer<iocb>.allocate(capacity: 1)
-    private var reaper = pthread_t()
+    /// Set once the reaper runs (the last step of `init`), with O_DIRECT only.
+    private var reaper: PosixThread?
     private var isClosed = false
     /// For buffered files (see above); nil with O_DIRECT.
     private let workers: WorkerPool?
+    /// Tests only: an errno the reaper's next wait fails with (see `failNextCompletionWait`).
+    private let injectedWaitFailure = Atomic<Int32>(0)
     /// Cleared when the file system refuses RWF_NOWAIT (EOPNOTSUPP, e.g. tmpfs on older
     /// kernels): every read then goes straight to a worker instead of paying a failed call.
     private let pageCacheReads = Atomic<Bool>(true)
@@ -102,6 +105,8 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
         var waiting: [(BlockRequest, BlockCompletion)] = []
         var inFlight = 0
         var stopping = false
+        /// Set when completions can no longer be reaped (see `failAll`): every request fails.
+        var failure: BlockError?
     }
 
     /// Opens `path`. Errors name the file and say what failed, e.g.
@@ -170,7 +175,11 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
         } else {
             aio = nil
         }
-        workers = direct || servesInline ? nil : WorkerPool(threads: Self.bufferedWorkers)
+        do throws(ThreadStartError) {
+            workers = direct || servesInline ? nil : try WorkerPool(threads: Self.bufferedWorkers, purpose: "\(label)'s workers")
+        } catch {
+            throw BlockError.system("\(label): cannot start the worker threads", errno: error.errno)
+        }
         slotCount = options.queueDepth
         slots = .allocate(capacity: options.queueDepth)
         slots.initialize(repeating: Slot(), count: options.queueDepth)
@@ -182,12 +191,14 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
         guard aio != nil else { return }
 
         // The reaper thread owns io_getevents: a transport thread that submits never blocks on
-        // a completion, and completions are delivered as soon as the kernel posts them.
-        let started = pthread_create(&reaper, nil, { context in
-            Unmanaged<FileDevice>.fromOpaque(context!).takeUnretainedValue().reap()
-            return nil
-        }, Unmanaged.passUnretained(self).toOpaque())
-        precondition(started == 0, "\(label): cannot start the completion thread: \(String(cString: strerror(started)))")
+        // a completion, and completions are delivered as soon as the kernel posts them. `close`
+        // joins it, so it need not hold the device. If it cannot start, the open fails (and
+        // `deinit`, run for the failed initialiser, closes the file).
+        do throws(ThreadStartError) {
+            reaper = try PosixThread("\(label)'s completions") { [unowned(unsafe) self] in reap() }
+        } catch {
+            throw BlockError.system("\(label): cannot start the completion thread", errno: error.errno)
+        }
     }
 
     deinit {
@@ -255,25 +266,33 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
             workers.enqueue { completion.complete(self.performSynchronously(request)) }
             return
         }
-        let slot: Int? = queue.withLock { queue in
+        let slot: Result<Int, BlockError>? = queue.withLock { queue in
+            if let failure = queue.failure { return .failure(failure) }
             guard let slot = queue.free.popLast() else {
                 queue.waiting.append((request, completion))
                 return nil
             }
             queue.inFlight += 1
-            return slot
+            // Under the lock, as every change of a slot's completion: `failAll` takes them.
+            slots[slot].request = request
+            slots[slot].completion = completion
+            return .success(slot)
         }
-        if let slot { start(slot, request, completion) }
+        switch slot {
+        case .success(let slot): start(slot)
+        case .failure(let error): completion.complete(.failure(error))
+        case nil: break
+        }
     }
 
     /// Field offsets in a slot, computed once (a key path offset is a runtime call).
     private static let iocbOffset = MemoryLayout<Slot>.offset(of: \Slot.iocb)!
     private static let bounceVectorOffset = MemoryLayout<Slot>.offset(of: \Slot.bounceVector)!
 
-    private func start(_ index: Int, _ request: BlockRequest, _ completion: BlockCompletion) {
+    /// Submits the request the slot holds to the kernel.
+    private func start(_ index: Int) {
         let slot = slots + index
-        slot.pointee.request = request
-        slot.pointee.completion = completion
+        let request = slot.pointee.request
         let iocb = UnsafeMutableRawPointer(slot).advanced(by: Self.iocbOffset)
             .assumingMemoryBound(to: CAio.iocb.self)
         let data = UnsafeMutableRawPointer(bitPattern: index + 1)  // 0 is the stop request
@@ -316,8 +335,10 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
             let count: Int
             do throws(SystemCallError) {
                 count = try aio.reap(into: events, minimum: 1)
+                let injected = injectedWaitFailure.exchange(0, ordering: .relaxed)
+                if injected != 0 { throw SystemCallError("io_getevents", errno: injected) }
             } catch {
-                fatalError("file(path=\(path)): \(error)")  // EFAULT/EINVAL: a bug, not an I/O error
+                return failAll(error)
             }
             for event in events[0..<count] {
                 let tag = Int(bitPattern: event.data)
@@ -325,6 +346,34 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
                 finish(tag - 1, result: Int(bitPattern: event.res))
             }
         }
+    }
+
+    /// io_getevents failed (EFAULT or EINVAL: a bug, not an I/O error, but the daemon serves
+    /// other devices and must not trap): no completion can be reaped any more, and none names
+    /// its request, so every request in flight or waiting fails with EIO, and so does every
+    /// later one, until the device is closed. The slots in flight stay taken: the kernel may
+    /// still hold their iocbs (io_destroy waits for them).
+    private func failAll(_ error: SystemCallError) {
+        let failure = BlockError(.io, errno: EIO, "file(path=\(path)): \(error): the device fails every request until it is reopened")
+        let failed: [BlockCompletion] = queue.withLock { queue in
+            queue.failure = failure
+            var failed = queue.waiting.map(\.1)
+            queue.waiting = []
+            for i in 0..<slotCount {
+                if let completion = slots[i].completion { failed.append(completion) }
+                slots[i].completion = nil
+            }
+            return failed
+        }
+        fputs("softdev: \(failure.message) (\(failed.count) requests failed)\n", stderr)
+        for completion in failed { completion.complete(.failure(failure)) }
+    }
+
+    /// Tests only: the reaper's next wait for completions fails with `errno` once it returns
+    /// (what it reaped is lost), as io_getevents would on a bug; nothing else makes it fail on
+    /// demand.
+    func failNextCompletionWait(errno: Int32) {
+        injectedWaitFailure.store(errno, ordering: .relaxed)
     }
 
     /// Completes the request in slot `index` whose kernel result was `result` (bytes or -errno),
@@ -350,18 +399,22 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
             free(bounce)
             slot.pointee.bounce = nil
         }
-        let completion = slot.pointee.completion!
-        slot.pointee.completion = nil
         // Free the slot before completing, so that a transport that submits from its
         // completion finds one.
-        let next: (BlockRequest, BlockCompletion)? = queue.withLock { queue in
-            if !queue.waiting.isEmpty { return queue.waiting.removeFirst() }
+        let (completion, startNext): (BlockCompletion?, Bool) = queue.withLock { queue in
+            // None: `failAll` has failed this request already; the slot stays taken.
+            guard let completion = slot.pointee.completion else { return (nil, false) }
+            slot.pointee.completion = nil
+            if !queue.waiting.isEmpty {
+                (slot.pointee.request, slot.pointee.completion) = queue.waiting.removeFirst()
+                return (completion, true)
+            }
             queue.free.append(index)
             queue.inFlight -= 1
-            return nil
+            return (completion, false)
         }
-        completion.complete(outcome)
-        if let next { start(index, next.0, next.1) }
+        completion?.complete(outcome)
+        if startNext { start(index) }
     }
 
     /// A read or write the kernel has finished with `result`: complete, short or failed.
@@ -524,13 +577,13 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
         }
         if alreadyClosed { return }
         workers?.stop()   // runs what was submitted, then the threads end
-        if let aio {
+        if let aio, let reaper {
             // A read of no bytes completes at once; its event tells the reaper to stop once the
             // requests in flight are done (io_getevents has no other way to be woken).
             AsyncIOContext.prepare(stopRequest, .read, fd: fd, data: nil)
             do throws(SystemCallError) {
                 try aio.submit(stopRequest)
-                pthread_join(reaper, nil)
+                reaper.join()
             } catch {
                 // The reaper cannot be woken; leave it blocked rather than free what it uses.
                 return

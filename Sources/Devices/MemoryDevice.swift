@@ -22,8 +22,18 @@ public final class MemoryDevice: SynchronousBlockDevice, @unchecked Sendable {
     /// Guards `directory`, the pages and the chunks.
     private let lock = Mutex(())
     private var directory: [Page?]
+    /// Zeroed memory of a given size, or nil when there is none: calloc, or a test's stand-in
+    /// that fails on demand. A device larger than the host's memory is allowed (it is sparse),
+    /// so running out is a client's doing and must be an error of that request, never a trap.
+    private let allocate: @Sendable (Int) -> UnsafeMutableRawPointer?
 
-    public init(size: UInt64) {
+    public convenience init(size: UInt64) {
+        self.init(size: size, allocate: { calloc(1, $0) })
+    }
+
+    /// `allocate` returns zeroed memory that `free` releases, or nil when none is left.
+    init(size: UInt64, allocate: @escaping @Sendable (Int) -> UnsafeMutableRawPointer?) {
+        self.allocate = allocate
         geometry = BlockGeometry(size: size)
         let chunks = (size + UInt64(Self.chunkSize) - 1) / UInt64(Self.chunkSize)
         directory = Array(repeating: nil, count: Int((chunks + UInt64(Self.chunksPerPage) - 1) / UInt64(Self.chunksPerPage)))
@@ -47,16 +57,21 @@ public final class MemoryDevice: SynchronousBlockDevice, @unchecked Sendable {
         directory[index / Self.chunksPerPage]?[index % Self.chunksPerPage]
     }
 
-    private func allocateChunk(_ index: Int) -> UnsafeMutableRawPointer {
+    /// The chunk, allocated if need be; nil when the host has no memory left for it.
+    private func allocateChunk(_ index: Int) -> UnsafeMutableRawPointer? {
         if let chunk = chunk(index) { return chunk }
         let pageIndex = index / Self.chunksPerPage
-        let page = directory[pageIndex] ?? {
-            let page = Page.allocate(capacity: Self.chunksPerPage)
-            page.initialize(repeating: nil, count: Self.chunksPerPage)
+        let page: Page
+        if let existing = directory[pageIndex] {
+            page = existing
+        } else {
+            // Zeroed: every chunk pointer starts nil.
+            guard let memory = allocate(Self.chunksPerPage * MemoryLayout<UnsafeMutableRawPointer?>.stride) else { return nil }
+            page = memory.bindMemory(to: UnsafeMutableRawPointer?.self, capacity: Self.chunksPerPage)
             directory[pageIndex] = page
-            return page
-        }()
-        let chunk = calloc(1, Self.chunkSize)!  // zeroed: the parts not written read as zeroes
+        }
+        // Zeroed: the parts not written read as zeroes.
+        guard let chunk = allocate(Self.chunkSize) else { return nil }
         page[index % Self.chunksPerPage] = chunk
         return chunk
     }
@@ -99,12 +114,20 @@ public final class MemoryDevice: SynchronousBlockDevice, @unchecked Sendable {
         }
     }
 
+    /// A write the host has no memory for fails with ENOSPC (the pieces before it are written,
+    /// as a disk that fills up part way), and the device goes on serving.
     public func write(from buffers: IOBuffers, at offset: UInt64, fua: Bool) throws(BlockError) {
-        lock.withLock { _ in
+        let failedAt: UInt64? = lock.withLock { _ in
+            var failedAt: UInt64?
             forEachPiece(buffers, at: offset) { position, memory, length in
-                let chunk = allocateChunk(Int(position / UInt64(Self.chunkSize)))
+                guard failedAt == nil else { return }
+                guard let chunk = allocateChunk(Int(position / UInt64(Self.chunkSize))) else { failedAt = position; return }
                 memcpy(chunk + Int(position % UInt64(Self.chunkSize)), memory, length)
             }
+            return failedAt
+        }
+        if let failedAt {
+            throw BlockError(.noSpace, "memory: no host memory left for the write at offset \(failedAt)")
         }
     }
 
@@ -182,7 +205,7 @@ public final class MemoryDevice: SynchronousBlockDevice, @unchecked Sendable {
         lock.withLock { _ in
             for case let page? in directory {
                 for i in 0..<Self.chunksPerPage { free(page[i]) }
-                page.deallocate()
+                free(page)
             }
             for i in directory.indices { directory[i] = nil }
         }

@@ -60,8 +60,8 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
     /// One request's header and payload go out together.
     private let sendLock = Mutex(())
     private let state = Mutex(State())
-    private var reader = pthread_t()
-    private var readerStarted = false
+    /// Set once the reply thread runs (the last step of `init`).
+    private var reader: PosixThread?
 
     private struct State {
         var inFlight: [UInt64: Command] = [:]
@@ -145,13 +145,13 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
         structuredReplies = info.structuredReplies
         capabilities = caps
 
-        // The reader thread owns the receiving side of the socket until `close`.
-        let started = pthread_create(&reader, nil, { context in
-            Unmanaged<NBDDevice>.fromOpaque(context!).takeUnretainedValue().readReplies()
-            return nil
-        }, Unmanaged.passUnretained(self).toOpaque())
-        guard started == 0 else { throw BlockError.system("\(label): cannot start the reply thread", errno: started) }
-        readerStarted = true
+        // The reader thread owns the receiving side of the socket until `close`, which joins it
+        // (so it need not hold the device).
+        do throws(ThreadStartError) {
+            reader = try PosixThread("\(label)'s replies") { [unowned(unsafe) self] in readReplies() }
+        } catch {
+            throw BlockError.system("\(label): cannot start the reply thread", errno: error.errno)
+        }
         opened = true
     }
 
@@ -497,7 +497,7 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
             defer { state.closed = true }
             return !state.closed
         }
-        guard first, readerStarted else { return }
+        guard first, let reader else { return }
         var waited = 0
         while waited < 10_000 && state.withLock({ !$0.inFlight.isEmpty && $0.failure == nil }) {
             usleep(1000)
@@ -514,7 +514,7 @@ public final class NBDDevice: BlockDevice, @unchecked Sendable {
             }
         }
         lose("the device is closed")
-        pthread_join(reader, nil)
+        reader.join()
         socket.close()
     }
 }

@@ -9,17 +9,20 @@ final class WorkerPool: @unchecked Sendable {
     private var work: [() -> Void] = []     // under lock; `head` is the next to run
     private var head = 0
     private var stopping = false
-    private var threads: [pthread_t] = []
+    private var threads: [PosixThread] = []
 
-    init(threads count: Int) {
+    /// Starts `count` threads, or none: if one cannot start, those started are stopped and
+    /// the error thrown (the device's open fails, not the process).
+    init(threads count: Int, purpose: String) throws(ThreadStartError) {
         for _ in 0..<count {
-            var thread = pthread_t()
-            let rc = pthread_create(&thread, nil, { context in
-                Unmanaged<WorkerPool>.fromOpaque(context!).takeUnretainedValue().run()
-                return nil
-            }, Unmanaged.passUnretained(self).toOpaque())
-            precondition(rc == 0, "cannot start a worker thread: \(String(cString: strerror(rc)))")
-            threads.append(thread)
+            do throws(ThreadStartError) {
+                // `stop` joins every thread before the pool goes, so they need not hold it.
+                let thread = try PosixThread(purpose) { [unowned(unsafe) self] in run() }
+                lock.withLock { threads.append(thread) }
+            } catch {
+                stop()
+                throw error
+            }
         }
     }
 
@@ -34,13 +37,13 @@ final class WorkerPool: @unchecked Sendable {
 
     /// Runs what is queued, then stops and joins the threads. Idempotent.
     func stop() {
-        let joining = lock.withLock { () -> [pthread_t] in
+        let joining = lock.withLock { () -> [PosixThread] in
             stopping = true
             lock.broadcast()
             defer { threads = [] }
             return threads
         }
-        for t in joining { pthread_join(t, nil) }
+        for t in joining { t.join() }
     }
 
     private func run() {

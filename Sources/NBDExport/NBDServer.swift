@@ -61,7 +61,13 @@ public final class NBDServer: @unchecked Sendable {
             if case .tcp = address { port = NBDListener.boundPort(fd) }
             threads += 1
         }
-        spawnThread { [self] in acceptLoop(fd) }
+        do throws(ThreadStartError) {
+            try spawnThread("the NBD listener") { [self] in acceptLoop(fd) }
+        } catch {
+            threadEnded()
+            stop()   // closes the listener and removes its socket
+            throw NBDSystemError("start the NBD listener's thread", errno: error.errno)
+        }
     }
 
     /// Stops accepting, disconnects every client, waits until their in-flight requests have
@@ -108,7 +114,14 @@ public final class NBDServer: @unchecked Sendable {
                 return true
             }
             guard accepted else { socket.close(); return }
-            spawnThread { [self] in serve(socket) }
+            do throws(ThreadStartError) {
+                try spawnThread("an NBD connection") { [self] in serve(socket) }
+            } catch {
+                // No thread for this client: it alone is dropped, the others are served.
+                lock.withLock { negotiating[client] = nil }
+                socket.close()
+                threadEnded()
+            }
         }
     }
 

@@ -1,18 +1,8 @@
-import Glibc
+import Core
 
-/// Starts a detached POSIX thread running `body`: connections and the listener each own one.
-func spawnThread(_ body: @escaping @Sendable () -> Void) {
-    final class Box { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
-    let box = Unmanaged.passRetained(Box(body)).toOpaque()
-    var attr = pthread_attr_t()
-    pthread_attr_init(&attr)
-    pthread_attr_setdetachstate(&attr, Int32(PTHREAD_CREATE_DETACHED))
-    var thread = pthread_t()
-    let rc = pthread_create(&thread, &attr, { arg in
-        let box = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
-        box.body()
-        return nil
-    }, box)
-    pthread_attr_destroy(&attr)
-    precondition(rc == 0, "pthread_create failed: \(rc)")
+/// Starts a detached thread running `body`: connections and the listener each own one. Throws
+/// if it cannot start (EAGAIN at the thread limit): the caller fails that connection or that
+/// start, not the process.
+func spawnThread(_ purpose: String, _ body: @escaping @Sendable () -> Void) throws(ThreadStartError) {
+    try PosixThread.detached(purpose, body)
 }

@@ -27,12 +27,15 @@ public final class XenStoreServer: @unchecked Sendable {
         var connections: [ConnectionID: Connection] = [:]
         var lastID: ConnectionID = 0
         var stopping = false
+        /// Why the server stopped serving by itself (see `run`).
+        var failure: String?
     }
 
     /// The socket path, if the server listens on one.
     public let socketPath: String?
     private let state = Mutex(State())
-    private let wakeFD: Int32
+    /// Made by `start` (-1 before: waking a server that does not run yet does nothing).
+    private var wakeFD: Int32 = -1
     private var listenFD: Int32 = -1
     private var thread: XenStoreThread?
 
@@ -40,19 +43,24 @@ public final class XenStoreServer: @unchecked Sendable {
     /// in-process connections if nil. Nothing happens until `start()`.
     public init(socketPath: String? = nil) {
         self.socketPath = socketPath
-        wakeFD = XenStorePOSIX.eventFD()
     }
 
     deinit {
         stop()
-        Glibc.close(wakeFD)
+        if wakeFD >= 0 { Glibc.close(wakeFD) }
     }
 
     /// Creates the socket (mode 0660) and starts the poll thread.
     public func start() throws(XenStoreError) {
         precondition(thread == nil, "XenStoreServer started twice")
+        if wakeFD < 0 { wakeFD = try XenStorePOSIX.eventFD() }
         if let path = socketPath { listenFD = try Self.listen(on: path) }
-        thread = XenStoreThread { [self] in run() }
+        do {
+            thread = try XenStoreThread("the xenstore server") { [self] in run() }
+        } catch {
+            closeListener()
+            throw error
+        }
     }
 
     private static func listen(on path: String) throws(XenStoreError) -> Int32 {
@@ -88,11 +96,14 @@ public final class XenStoreServer: @unchecked Sendable {
         state.withLock { s in
             for id in Array(s.connections.keys) { drop(id, &s) }
         }
-        if listenFD >= 0 {
-            Glibc.close(listenFD)
-            listenFD = -1
-            if let path = socketPath { unlink(path) }
-        }
+        closeListener()
+    }
+
+    private func closeListener() {
+        guard listenFD >= 0 else { return }
+        Glibc.close(listenFD)
+        listenFD = -1
+        if let path = socketPath { unlink(path) }
     }
 
     // MARK: in-process connections and domains
@@ -105,14 +116,16 @@ public final class XenStoreServer: @unchecked Sendable {
             throw .other(XenStorePOSIX.errorText("socketpair"))
         }
         addConnection(fileDescriptor: pair[0], domain: domain)
-        return XenStoreSocketClient(fileDescriptor: pair[1])
+        return try XenStoreSocketClient(fileDescriptor: pair[1])
     }
 
     /// Serves an already-connected stream descriptor as `domain`; the server owns it from now on.
+    /// After a `failure` it is closed at once (ID 0): its client sees the store gone.
     @discardableResult
     public func addConnection(fileDescriptor fd: Int32, domain: UInt16) -> ConnectionID {
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
         let id = state.withLock { s -> ConnectionID in
+            if s.failure != nil { Glibc.close(fd); return 0 }
             s.lastID += 1
             s.connections[s.lastID] = Connection(fd: fd)
             s.tree.addConnection(s.lastID, domain: domain)
@@ -145,6 +158,9 @@ public final class XenStoreServer: @unchecked Sendable {
         state.withLock { $0.tree.isIntroduced(domain) }
     }
 
+    /// Why the server stopped serving by itself, or nil while it serves (or was stopped).
+    public var failure: String? { state.withLock { $0.failure } }
+
     /// The number of open connections (for tests and diagnostics).
     public var connectionCount: Int { state.withLock { $0.connections.count } }
 
@@ -168,7 +184,19 @@ public final class XenStoreServer: @unchecked Sendable {
             }
             if stopping { return }
             let n = poll(&fds, nfds_t(fds.count), -1)
-            if n < 0 { if errno == EINTR { continue }; fatalError(XenStorePOSIX.errorText("poll")) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                // poll itself failed (EINVAL: more descriptors than RLIMIT_NOFILE; ENOMEM), so
+                // no connection can be served: close them all, so that every client sees the
+                // store go away and reports it, and stop, rather than trap or spin.
+                let reason = XenStorePOSIX.errorText("xenstore server: poll")
+                fputs("softdev: \(reason); the xenstore server stops serving\n", stderr)
+                state.withLock { s in
+                    s.failure = reason
+                    for id in Array(s.connections.keys) { drop(id, &s) }
+                }
+                return
+            }
             if fds[0].revents != 0 {
                 var v: UInt64 = 0
                 _ = Glibc.read(wakeFD, &v, 8)

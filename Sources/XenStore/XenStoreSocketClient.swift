@@ -13,9 +13,15 @@ public final class XenStoreSocketClient: XenStoreClient, @unchecked Sendable {
     public var watchEvents: XenStoreWatchQueue { channel.watchEvents }
     private let channel: Channel
 
-    /// Takes ownership of a connected stream descriptor.
-    public init(fileDescriptor: Int32, replyTimeout: Double = 30) {
-        channel = Channel(fd: fileDescriptor, replyTimeout: replyTimeout)
+    /// Takes ownership of a connected stream descriptor (closed if this throws: the reader
+    /// thread could not start).
+    public init(fileDescriptor: Int32, replyTimeout: Double = 30) throws(XenStoreError) {
+        do {
+            channel = try Channel(fd: fileDescriptor, replyTimeout: replyTimeout)
+        } catch {
+            Glibc.close(fileDescriptor)
+            throw error
+        }
     }
 
     /// Connects to a xenstored-compatible Unix socket.
@@ -28,14 +34,14 @@ public final class XenStoreSocketClient: XenStoreClient, @unchecked Sendable {
             Glibc.close(fd)
             throw .disconnected(text)
         }
-        self.init(fileDescriptor: fd, replyTimeout: replyTimeout)
+        try self.init(fileDescriptor: fd, replyTimeout: replyTimeout)
     }
 
     /// Opens Xen's xenbus device, which carries the same protocol to the real xenstored.
     public convenience init(xenbusDevice path: String = "/dev/xen/xenbus", replyTimeout: Double = 30) throws(XenStoreError) {
         let fd = open(path, O_RDWR | O_CLOEXEC)
         guard fd >= 0 else { throw .disconnected(XenStorePOSIX.errorText("open \(path)")) }
-        self.init(fileDescriptor: fd, replyTimeout: replyTimeout)
+        try self.init(fileDescriptor: fd, replyTimeout: replyTimeout)
     }
 
     /// Connects as libxenstore's xs_open does: `$XENSTORED_PATH` if set, else
@@ -166,7 +172,7 @@ extension XenStoreSocketClient {
     /// The connection and its reader thread. Separate from the client so that the thread does not
     /// keep the client alive: dropping the client shuts the channel down.
     final class Channel: @unchecked Sendable {
-        let watchEvents = XenStoreWatchQueue()
+        let watchEvents: XenStoreWatchQueue
         private let fd: Int32
         private let stopFD: Int32
         private let replyTimeout: Double
@@ -179,11 +185,18 @@ extension XenStoreSocketClient {
         private var failure: String?
         private var reader: XenStoreThread?
 
-        init(fd: Int32, replyTimeout: Double) {
+        init(fd: Int32, replyTimeout: Double) throws(XenStoreError) {
             self.fd = fd
             self.replyTimeout = replyTimeout
-            stopFD = XenStorePOSIX.eventFD()
-            reader = XenStoreThread { [self] in readLoop() }
+            watchEvents = try XenStoreWatchQueue()
+            let stop = try XenStorePOSIX.eventFD()
+            stopFD = stop
+            do {
+                reader = try XenStoreThread("a xenstore connection's reader") { [self] in readLoop() }
+            } catch {
+                Glibc.close(stop)
+                throw error
+            }
         }
 
         /// Sends one request and waits for its reply's payload; an XS_ERROR reply throws the

@@ -2,12 +2,15 @@ import Glibc
 import CXen
 
 /// A POSIX thread running a closure; `join()` waits for it. Used instead of Foundation's Thread
-/// so the module needs only Glibc.
+/// so the module needs only Glibc, and instead of Core's PosixThread because Core depends on
+/// this module.
 final class XenStoreThread: @unchecked Sendable {
     private var thread = pthread_t()
     private var joined = false
 
-    init(_ body: @escaping @Sendable () -> Void) {
+    /// Starts `body`; throws (naming `purpose`) if the thread cannot start, e.g. EAGAIN at the
+    /// process's thread limit: that server or connection fails, not the process.
+    init(_ purpose: String, _ body: @escaping @Sendable () -> Void) throws(XenStoreError) {
         final class Box { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
         let box = Unmanaged.passRetained(Box(body)).toOpaque()
         let rc = pthread_create(&thread, nil, { raw in
@@ -15,7 +18,10 @@ final class XenStoreThread: @unchecked Sendable {
             box.body()
             return nil
         }, box)
-        precondition(rc == 0, "pthread_create failed: \(rc)")
+        guard rc == 0 else {
+            Unmanaged<Box>.fromOpaque(box).release()
+            throw .other("cannot start a thread for \(purpose): \(String(cString: strerror(rc)))")
+        }
     }
 
     /// Waits for the thread to finish; a no-op the second time or from the thread itself.
@@ -113,10 +119,10 @@ enum XenStorePOSIX {
         }
     }
 
-    /// A non-blocking eventfd, used to wake a poll loop.
-    static func eventFD() -> Int32 {
+    /// A non-blocking eventfd, used to wake a poll loop; fails at the process's descriptor limit.
+    static func eventFD() throws(XenStoreError) -> Int32 {
         let fd = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC | CXEN_EFD_NONBLOCK))
-        precondition(fd >= 0, "eventfd failed: errno \(errno)")
+        guard fd >= 0 else { throw .other(errorText("eventfd")) }
         return fd
     }
 

@@ -8,9 +8,8 @@ public final class XenStoreWatchQueue: @unchecked Sendable {
     private let events = Mutex<[XenStoreWatchEvent]>([])
     public let fileDescriptor: Int32
 
-    public init() {
-        fileDescriptor = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC | CXEN_EFD_NONBLOCK))
-        precondition(fileDescriptor >= 0, "eventfd failed: errno \(errno)")
+    public init() throws(XenStoreError) {
+        fileDescriptor = try XenStorePOSIX.eventFD()
     }
     deinit { Glibc.close(fileDescriptor) }
 

@@ -58,6 +58,10 @@ final class XenStoreClock {
 /// copy. A transaction keeps a journal of the generation every node had when the transaction first
 /// looked at it; commit fails with EAGAIN if any of them has changed in the store since.
 struct XenStoreWorkspace {
+    /// Nodes an unprivileged domain may own (cxenstored's quota-nb-entry-per-domain): with
+    /// values of at most a payload each, a guest cannot grow the store's memory without bound.
+    static let entryQuota = 1000
+
     var nodes: [String: XenStoreNode]
     let clock: XenStoreClock
     /// Path -> generation when first touched (0: did not exist). nil outside a transaction.
@@ -134,6 +138,11 @@ struct XenStoreWorkspace {
             ancestor = XenStorePath.parent(ancestor)!   // the root always exists
         }
         var parent = try existing(ancestor, domain: domain, need: .write)
+        if domain != 0 {
+            // A scan, not a count kept on every change: only a guest's creations pay for it.
+            let owned = nodes.values.reduce(0) { $1.permissions.first?.domain == domain ? $0 + 1 : $0 }
+            guard owned + missing.count <= Self.entryQuota else { throw .other("ENOSPC") }
+        }
         var parentPath = ancestor
         for newPath in missing.reversed() {
             var permissions = parent.permissions

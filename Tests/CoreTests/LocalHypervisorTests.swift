@@ -1,5 +1,5 @@
 import CXen
-import Core
+@testable import Core
 import Foundation
 import XCTest
 import XenStore
@@ -143,6 +143,129 @@ final class LocalHypervisorTests: XCTestCase {
         backEnd.close()
         frontEnd.notify()                        // goes nowhere, harms nothing
         frontEnd.close()
+    }
+
+    func testAGuestCannotReachAnotherGuestsMemoryOnlyDomain0MapsGrants() throws {
+        let (a, aPages) = try guestPages("a")
+        let (b, _) = try guestPages("b")
+        let frame = try aPages.allocate(pages: 2)
+        memcpy(aPages.pointer(frame), "secret of a", 11)
+        let toDom0 = try aPages.grant(frame: frame, to: 0, readOnly: true)
+        let toB = try aPages.grant(frame: frame + 1, to: b.domainID, readOnly: false)
+        let refused = GrantError.system(
+            operation: "domain \(b.domainID) mapping grants of domain \(a.domainID) (on the local hypervisor only domain 0 maps grants)",
+            errno: EPERM)
+
+        // Guest B asks for A's memory: whole (what a grant map would be built on), through a
+        // grant made to dom0, through a grant copy, even through a grant made to B itself.
+        XCTAssertThrowsError(try b.openMemory(a.domainID)) { XCTAssertEqual($0 as? GrantError, refused) }
+        XCTAssertThrowsError(try b.grants.mapPage(domain: a.domainID, ref: toDom0, writable: false)) {
+            XCTAssertEqual($0 as? GrantError, refused)
+        }
+        XCTAssertThrowsError(try b.grants.mapPage(domain: a.domainID, ref: toB, writable: true)) {
+            XCTAssertEqual($0 as? GrantError, refused)
+        }
+        let local = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 16)
+        defer { local.deallocate() }
+        var copy = [GrantCopySegment(direction: .fromGuest, domain: a.domainID, ref: toDom0, offset: 0, length: 11, local: local)]
+        copy.withUnsafeMutableBufferPointer { b.grants.copy($0) }
+        XCTAssertEqual(copy[0].error, refused)
+        XCTAssertEqual((b.grants as? LocalGrantTable)?.domainsHeld, [], "B holds none of A's memory")
+
+        // Domain 0 may, and then each grant's own rules hold: only what was granted to it, and a
+        // read-only grant maps read-only.
+        let (page, m) = try backend.grants.mapPage(domain: a.domainID, ref: toDom0, writable: false)
+        XCTAssertEqual(String(decoding: UnsafeRawBufferPointer(start: page, count: 11), as: UTF8.self), "secret of a")
+        backend.grants.unmapPage(m, ref: toDom0)
+        XCTAssertThrowsError(try backend.grants.mapPage(domain: a.domainID, ref: toDom0, writable: true)) {
+            XCTAssertEqual($0 as? GrantError, .permissionDenied(domain: a.domainID, ref: toDom0))
+        }
+        XCTAssertThrowsError(try backend.grants.mapPage(domain: a.domainID, ref: toB, writable: false)) {
+            XCTAssertEqual($0 as? GrantError, .permissionDenied(domain: a.domainID, ref: toB))
+        }
+    }
+
+    func testAGuestCannotMakeTheBackendsNotifyOrConsumeBlock() throws {
+        let (guest, _) = try guestPages("hostile")
+        let frontEnd = try guest.events.allocateUnbound(remote: 0)
+        let backEnd = try backend.events.bindInterdomain(remote: guest.domainID, remotePort: frontEnd.localPort)
+        // What a hostile guest can do with the descriptor it holds: make it blocking, push an
+        // eventfd's counter to its largest value (so that one more write would wait for a read
+        // that never comes), fill the backend's side with notifications, and never read.
+        let fd = frontEnd.fileDescriptor
+        XCTAssertEqual(fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK), 0)
+        var most: UInt64 = 0xffff_ffff_ffff_fffe
+        _ = write(fd, &most, 8)
+        var flood = [UInt8](repeating: 1, count: 4096)
+        while send(fd, &flood, flood.count, Int32(MSG_DONTWAIT)) > 0 {}
+
+        // The backend's ring thread: notify far more often than anything can hold, take and
+        // clear what is pending, and wait. Each must return, whatever the guest did.
+        let backendThread = try PosixThread("backend ring thread") {
+            for _ in 0..<100_000 { backEnd.notify() }
+            while backEnd.consume() {}
+            XCTAssertFalse(backEnd.consume(), "nothing pending once drained")
+            XCTAssertFalse(backEnd.wait(timeoutMilliseconds: 0))
+        }
+        XCTAssertTrue(backendThread.join(timeout: 5), "the backend's notify or consume blocked")
+
+        // And the channel still works both ways once the guest behaves.
+        frontEnd.notify()
+        XCTAssertTrue(backEnd.wait(timeoutMilliseconds: 1000))
+    }
+
+    /// A raw connection to the broker as a new guest, for what LocalHypervisor never sends.
+    private func rawGuest() throws -> Int32 {
+        let (s, e) = LocalControlSocket.open(address.controlSocket) { connect($0, $1, $2) }
+        XCTAssertGreaterThanOrEqual(s, 0, "connect: errno \(e)")
+        addTeardownBlock { close(s) }
+        XCTAssertTrue(LocalControlMessage(.createDomain, a: 16, name: "raw").send(on: s))
+        let (reply, fds) = try XCTUnwrap(LocalControlMessage.receive(on: s, maxFDs: 1))
+        XCTAssertEqual(reply.status, 0)
+        fds.forEach { close($0) }
+        return s
+    }
+
+    func testAGuestThatReadsNoRepliesIsDroppedAndTheBrokerServesTheOthers() throws {
+        let raw = try rawGuest()
+        XCTAssertEqual(fcntl(raw, F_SETFL, fcntl(raw, F_GETFL) | O_NONBLOCK), 0)
+        var dropped = false
+        for _ in 0..<5000 where !dropped {
+            if LocalControlMessage(.closePort, a: 1).send(on: raw) { continue }
+            if errno == EAGAIN { usleep(1000) } else { dropped = true }
+        }
+        XCTAssertTrue(dropped, "the broker hung up on a guest that reads none of its replies")
+
+        let address = self.address!, backend = self.backend!
+        let others = try PosixThread("another guest and the backend") {
+            do {
+                let guest = try LocalHypervisor.createGuest(address, name: "polite", pages: 16)
+                let front = try guest.events.allocateUnbound(remote: 0)
+                _ = try backend.events.bindInterdomain(remote: guest.domainID, remotePort: front.localPort)
+            } catch {
+                XCTFail("\(error)")
+            }
+        }
+        XCTAssertTrue(others.join(timeout: 5), "the broker still serves the others")
+    }
+
+    func testAGuestHasAtMost64PortsAndMakes4StoreConnectionsDomain0IsNotBound() throws {
+        let (guest, _) = try guestPages("greedy")
+        var ports = try (0..<LocalHypervisorServer.guestPortLimit).map { _ in try guest.events.allocateUnbound(remote: 0) }
+        XCTAssertThrowsError(try guest.events.allocateUnbound(remote: 0)) {
+            XCTAssertEqual($0 as? EventChannelError, .system(operation: "event channel", errno: ENOSPC))
+        }
+        ports.removeLast().close()
+        XCTAssertNoThrow(try guest.events.allocateUnbound(remote: 0), "a closed port makes room")
+        XCTAssertNoThrow(try (0...LocalHypervisorServer.guestPortLimit).map { _ in try backend.events.allocateUnbound(remote: guest.domainID) })
+
+        let raw = try rawGuest()
+        for i in 0...LocalHypervisorServer.guestStoreConnectionLimit {
+            XCTAssertTrue(LocalControlMessage(.connectStore).send(on: raw))
+            let (reply, fds) = try XCTUnwrap(LocalControlMessage.receive(on: raw, maxFDs: 1))
+            fds.forEach { close($0) }
+            XCTAssertEqual(reply.status, i < LocalHypervisorServer.guestStoreConnectionLimit ? 0 : EDQUOT, "connection \(i + 1)")
+        }
     }
 
     func testAGuestsDeathRemovesItsHomeAndFiresReleaseDomain() throws {

@@ -51,6 +51,28 @@ final class FileDeviceTests: XCTestCase {
         withExtendedLifetime(buffers) {}
     }
 
+    func testAFailedWaitForCompletionsFailsRequestsWithEIONotTheDaemon() throws {
+        // io_getevents fails (EFAULT) when the first of them completes: every request in
+        // flight, and every one after them, fails with EIO; none hangs, nothing traps.
+        let file = try makeImage()
+        file.failNextCompletionWait(errno: EFAULT)
+        let buffers = (0..<32).map { TestBuffer(count: 4096, pattern: UInt8($0)) }
+        let writes = Completions()
+        for (i, buffer) in buffers.enumerated() {
+            file.submit(file.writeRequest(buffer, at: UInt64(i) * 4096), completion: writes.completion(UInt64(i)))
+        }
+        let results = writes.wait(for: 32)
+        XCTAssertEqual(results.count, 32, "every request completed")
+        XCTAssertEqual(results.values.filter { if case .failure(let e) = $0 { e.errno == EIO } else { false } }.count, 32)
+        guard case .failure(let later) = file.submitAndWait(file.writeRequest(buffers[0], at: 0)) else {
+            return XCTFail("a request after the failure succeeded without a reaper")
+        }
+        XCTAssertEqual(later.errno, EIO)
+        XCTAssertEqual(later.code, .io)
+        file.close()   // returns: the reaper is gone, nothing waits for it
+        withExtendedLifetime(buffers) {}
+    }
+
     func testABurstOnABufferedFileFromThePageCacheAndFromDisk() throws {
         // direct=off: requests run on worker threads, reads that hit the page cache inline.
         let file = try makeImage(size: 1 << 20, direct: .off)

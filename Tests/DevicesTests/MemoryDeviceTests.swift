@@ -1,6 +1,8 @@
 import Core
-import Devices
+@testable import Devices
 import Dispatch
+import Glibc
+import Synchronization
 import XCTest
 
 final class MemoryDeviceTests: XCTestCase {
@@ -63,6 +65,32 @@ final class MemoryDeviceTests: XCTestCase {
         for i in 0..<64 {
             XCTAssertEqual(try memory.readBytes(length, at: UInt64(i) * stride), TestBuffer.expected(length, UInt8(i)), "writer \(i)")
         }
+    }
+
+    func testAWriteTheHostHasNoMemoryForFailsWithNoSpaceAndTheDeviceKeepsServing() throws {
+        // A 500 GiB device on a host whose memory runs out after the directory page and two
+        // chunks: calloc's nil, as a client filling the device would meet it.
+        final class Budget: Sendable { let left = Atomic<Int>(3) }
+        let budget = Budget()
+        let memory = MemoryDevice(size: 500 << 30) { size in
+            budget.left.subtract(1, ordering: .relaxed).newValue >= 0 ? calloc(1, size) : nil
+        }
+        try memory.writePattern(4096, seed: 1, at: 0)
+        try memory.writePattern(4096, seed: 2, at: chunk)
+        let full = TestBuffer(count: 4096, pattern: 3)
+        guard case .failure(let error) = memory.submitAndWait(memory.writeRequest(full, at: 7 * chunk)) else {
+            return XCTFail("a write with no memory left succeeded")
+        }
+        XCTAssertEqual(error.code, .noSpace)
+        XCTAssertEqual(error.errno, ENOSPC)
+
+        // Still serving: what was written reads back, the failed range reads as a hole, and
+        // writes into chunks that exist still succeed.
+        XCTAssertEqual(try memory.readBytes(4096, at: 0), TestBuffer.expected(4096, 1))
+        XCTAssertEqual(try memory.readBytes(4096, at: 7 * chunk), [UInt8](repeating: 0, count: 4096))
+        try memory.writePattern(4096, seed: 4, at: chunk + 8192)
+        XCTAssertEqual(try memory.readBytes(4096, at: chunk + 8192), TestBuffer.expected(4096, 4))
+        XCTAssertEqual(memory.allocatedChunks, 2)
     }
 
     func testNullReadsZeroesAndForgetsWrites() throws {

@@ -62,6 +62,31 @@ final class XenStoreRobustnessTests: XCTestCase {
         XCTAssertEqual(try good.readString("/alive"), "yes")
     }
 
+    func testAFailedPollStopsTheServerWithAnErrorNotATrap() throws {
+        // poll fails with EINVAL when it is given more descriptors than RLIMIT_NOFILE: the
+        // server's three (its wake-up, the listener, one client) against a limit of two.
+        let server = XenStoreServer(socketPath: nil)
+        try server.start()
+        defer { server.stop() }
+        let client = try server.connect(as: 0)
+        try client.write("/before", "1")
+        var saved = rlimit()
+        XCTAssertEqual(getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &saved), 0)
+        var low = saved
+        low.rlim_cur = 2
+        XCTAssertEqual(setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &low), 0)
+        server.introduceDomain(9)   // wakes the poll loop
+        for _ in 0..<500 where server.failure == nil { usleep(10_000) }
+        XCTAssertEqual(setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &saved), 0)
+
+        XCTAssertEqual(server.failure, "xenstore server: poll: Invalid argument")
+        XCTAssertEqual(server.connectionCount, 0, "every connection closed")
+        XCTAssertThrowsError(try client.readString("/before")) { error in
+            guard case .disconnected = error as? XenStoreError else { return XCTFail("\(error)") }
+        }
+        XCTAssertThrowsError(try server.connect(as: 0).readString("/before"), "a later connection is closed at once")
+    }
+
     func testRandomBytesNeverCrashTheServer() throws {
         let server = try makeServer(self)
         var generator = SystemRandomNumberGenerator()

@@ -48,16 +48,33 @@ final class XenStoreStoreTests: XCTestCase {
         XCTAssertEqual(try xs.directory("/many", transaction: .none), names)
     }
 
-    func testRelativePathsAreUnderTheDomainHome() throws {
+    /// Domain 0's client and a connection acting for `domain`, which owns `path` (made by dom0).
+    private func guest(_ domain: UInt16, owning path: String) throws -> (dom0: XenStoreSocketClient, guest: XenStoreSocketClient) {
         let server = try makeServer(self)
         let dom0 = try XenStoreSocketClient(socketPath: server.socketPath!)
-        try dom0.mkdir("/local/domain/3", transaction: .none)
-        try dom0.setPermissions("/local/domain/3", [.init(domain: 3, access: .none)], transaction: .none)
-        let guest = try server.connect(as: 3)
+        try dom0.mkdir(path, transaction: .none)
+        try dom0.setPermissions(path, [.init(domain: domain, access: .none)], transaction: .none)
+        return (dom0, try server.connect(as: domain))
+    }
+
+    func testRelativePathsAreUnderTheDomainHome() throws {
+        let (dom0, guest) = try guest(3, owning: "/local/domain/3")
         try guest.write("device/vbd/768/state", "1")
         XCTAssertEqual(try dom0.readString("/local/domain/3/device/vbd/768/state"), "1")
         XCTAssertEqual(try dom0.permissions("/local/domain/3/device/vbd/768/state", transaction: .none),
                        [.init(domain: 3, access: .none)])
+    }
+
+    func testAGuestOwnsAtMostTheEntryQuotaOfNodes() throws {
+        let (dom0, guest) = try guest(3, owning: "/local/domain/3/data")
+        // `data` itself is one of its nodes.
+        for i in 1..<XenStoreWorkspace.entryQuota { try guest.write("data/\(i)", "x") }
+        XCTAssertThrowsError(try guest.write("data/more", "x")) { XCTAssertEqual($0 as? XenStoreError, .other("ENOSPC")) }
+        XCTAssertThrowsError(try guest.mkdir("data/a/b", transaction: .none)) { XCTAssertEqual($0 as? XenStoreError, .other("ENOSPC")) }
+        try guest.write("data/1", "rewriting is no new node")
+        try guest.remove("data/1", transaction: .none)
+        try guest.write("data/more", "a removed node makes room")
+        try dom0.write("/local/domain/3/data/dom0s", "domain 0 has no quota")
     }
 
     func testPermissions() throws {

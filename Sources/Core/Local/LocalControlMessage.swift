@@ -2,7 +2,8 @@ import CXen
 import Glibc
 
 /// The emulated hypervisor's "hypercalls": fixed-size messages on a SOCK_SEQPACKET Unix socket,
-/// with file descriptors (domain memory, eventfds, xenstore connections) passed as SCM_RIGHTS.
+/// with file descriptors (domain memory, event channel sockets, xenstore connections) passed as
+/// SCM_RIGHTS.
 /// One connection is one domain: the first message says which (dom0 backend or a new guest),
 /// and closing it destroys the guest, as a crash would.
 struct LocalControlMessage {
@@ -10,11 +11,10 @@ struct LocalControlMessage {
         case helloBackend = 1      // -> domid 0
         case createDomain = 2      // name, a = data frames -> a = domid, fds [memory]
         case openMemory = 3        // a = domid -> a = total frames, fds [memory]
-        case allocUnbound = 4      // a = remote domid -> a = port, fds [receive, send]
-        case bindInterdomain = 5   // a = remote domid, b = remote port -> a = port, fds [receive, send]
+        case allocUnbound = 4      // a = remote domid -> a = port, fds [our end of the channel]
+        case bindInterdomain = 5   // a = remote domid, b = remote port -> a = port, fds [our end]
         case closePort = 6         // a = port
         case connectStore = 7      // -> fds [xenstore connection]
-        case domainInfo = 8        // a = domid -> name; status ENOENT if gone
     }
     var operation: UInt32 = 0
     /// 0 on success, else an errno value.

@@ -1,30 +1,44 @@
 import CXen
 import Glibc
 
-/// One end of an emulated event channel: an eventfd we wait on and the peer's eventfd we signal.
-/// The eventfd's counter plays the pending bit; reading it is "clear pending and unmask".
+/// One end of an emulated event channel: our end of a Unix stream socket pair whose other end
+/// the peer domain holds. A byte sent is a notification; the bytes waiting play the pending
+/// bit, and reading them is "clear pending and unmask".
+///
+/// Why a socket pair and not an eventfd: the two holders of an eventfd share one open file
+/// description (SCM_RIGHTS passes the description, and an eventfd cannot be reopened through
+/// /proc), so a guest could clear O_NONBLOCK on it, or push its counter to the maximum, and make
+/// the backend's notify or consume block for ever. Each end of a socket pair is a description
+/// of its own, held only by its domain (and the broker), and send and recv with MSG_DONTWAIT
+/// never block whatever flags a peer sets; MSG_NOSIGNAL makes a vanished peer an error, not a
+/// SIGPIPE.
 public final class LocalEventChannel: EventChannel, @unchecked Sendable {
     public let localPort: EventPort
     public let fileDescriptor: Int32
-    private let sendFD: Int32
     private let onClose: (EventPort) -> Void
     private var closed = false
 
-    init(port: EventPort, receive: Int32, send: Int32, onClose: @escaping (EventPort) -> Void) {
-        localPort = port; fileDescriptor = receive; sendFD = send; self.onClose = onClose
-        // Waiting is done with poll, so the receiving end must never block a read.
-        _ = fcntl(receive, F_SETFL, fcntl(receive, F_GETFL) | O_NONBLOCK)
+    init(port: EventPort, socket: Int32, onClose: @escaping (EventPort) -> Void) {
+        localPort = port; fileDescriptor = socket; self.onClose = onClose
+        // Waiting is done with poll; a C peer of the tests (the reference frontend and backend)
+        // then read()s, which must not block either.
+        _ = fcntl(socket, F_SETFL, fcntl(socket, F_GETFL) | O_NONBLOCK)
     }
     deinit { close() }
 
     public func notify() {
-        var one: UInt64 = 1
-        _ = Glibc.write(sendFD, &one, 8)
+        var one: UInt8 = 1
+        // EAGAIN: the peer has not read what is there already, so it is notified already.
+        _ = send(fileDescriptor, &one, 1, Int32(MSG_DONTWAIT) | Int32(MSG_NOSIGNAL))
     }
 
     @discardableResult public func consume() -> Bool {
-        var value: UInt64 = 0
-        return Glibc.read(fileDescriptor, &value, 8) == 8
+        // One read, of at most a small buffer: bounded however much a peer sends. Bytes left
+        // over make the next poll return at once, the spurious wake-up a peer notifying in a
+        // loop causes anyway.
+        withUnsafeTemporaryAllocation(byteCount: 512, alignment: 8) { buffer in
+            recv(fileDescriptor, buffer.baseAddress, buffer.count, Int32(MSG_DONTWAIT)) > 0
+        }
     }
 
     public func wait(timeoutMilliseconds: Int32) -> Bool {
@@ -40,7 +54,6 @@ public final class LocalEventChannel: EventChannel, @unchecked Sendable {
         guard !closed else { return }
         closed = true
         Glibc.close(fileDescriptor)
-        Glibc.close(sendFD)
         onClose(localPort)
     }
 }

@@ -37,14 +37,13 @@ public final class LocalHypervisor: Hypervisor, @unchecked Sendable {
     public let domainID: DomainID
     public let address: LocalHypervisorAddress
     public var kind: String { "local" }
-    public private(set) var grants: any GrantTable = NoGrants()
-    public private(set) var events: any EventChannels = NoEvents()
+    public let grants: any GrantTable
+    public let events: any EventChannels
     public let store: any XenStoreClient
     /// For a guest: its own memory, where it allocates pages and grants them.
     public let memory: LocalDomainMemory?
 
-    private let control: Int32
-    private let controlLock = Mutex<Void>(())
+    private let control: LocalControlConnection
 
     /// Connects as the backend domain (0).
     public static func connectBackend(_ address: LocalHypervisorAddress = .default) throws -> LocalHypervisor {
@@ -59,27 +58,28 @@ public final class LocalHypervisor: Hypervisor, @unchecked Sendable {
 
     private init(address: LocalHypervisorAddress, hello: LocalControlMessage) throws {
         self.address = address
-        control = try Self.connect(address.controlSocket)
-        guard hello.send(on: control), let (reply, fds) = LocalControlMessage.receive(on: control, maxFDs: 1) else {
-            Glibc.close(control); throw LocalHypervisorError.disconnected
-        }
-        guard reply.status == 0 else { Glibc.close(control); throw LocalHypervisorError.refused(operation: "hello", errno: reply.status) }
-        domainID = DomainID(truncatingIfNeeded: reply.a)
-        if hello.operation == LocalControlMessage.Operation.createDomain.rawValue {
-            guard let fd = fds.first else { Glibc.close(control); throw LocalHypervisorError.disconnected }
-            memory = try LocalDomainMemory(domain: domainID, fd: fd)
-        } else {
-            memory = nil
-        }
+        let (s, e) = LocalControlSocket.open(address.controlSocket) { Glibc.connect($0, $1, $2) }
+        guard s >= 0 else { throw LocalHypervisorError.cannotConnect(path: address.controlSocket, errno: e) }
+        let control = LocalControlConnection(s)
+        // Until the end of this initialiser, a failure closes the connection (for a guest, the
+        // hypervisor then destroys the domain it just created).
+        var connected = false
+        defer { if !connected { control.close() } }
+        let (reply, fds) = try control.call(hello, expectFDs: hello.operation == LocalControlMessage.Operation.createDomain.rawValue ? 1 : 0)
+        let me = DomainID(truncatingIfNeeded: reply.a)
+        let memory = try fds.first.map { (fd) throws(GrantError) in try LocalDomainMemory(domain: me, fd: fd) }
         // The xenstore connection is made by the broker, bound to our domain id.
-        let storeFD: Int32
-        do {
-            let (_, sfds) = try Self.call(control, LocalControlMessage(.connectStore), expectFDs: 1)
-            storeFD = sfds[0]
+        let storeFD = try control.call(LocalControlMessage(.connectStore), expectFDs: 1).1[0]
+        store = try XenStoreSocketClient(fileDescriptor: storeFD)
+        grants = LocalGrantTable(me: me) { (domain) throws(GrantError) in
+            if domain == me, let memory { return memory }
+            return try control.openMemory(domain, as: me)
         }
-        store = XenStoreSocketClient(fileDescriptor: storeFD)
-        grants = LocalGrantTable(me: domainID) { [unowned self] (d) throws(GrantError) in try self.openMemory(d) }
-        events = LocalEventChannels(self)
+        events = LocalEventChannels(control)
+        domainID = me
+        self.memory = memory
+        self.control = control
+        connected = true
     }
 
     deinit { destroy() }
@@ -89,74 +89,75 @@ public final class LocalHypervisor: Hypervisor, @unchecked Sendable {
     public func destroy() {
         guard !destroyed.exchange(true, ordering: .sequentiallyConsistent) else { return }
         (store as? XenStoreSocketClient)?.close()
-        Glibc.close(control)
+        control.close()
     }
 
-    private static func connect(_ path: String) throws -> Int32 {
-        let (s, e) = LocalControlSocket.open(path) { Glibc.connect($0, $1, $2) }
-        guard s >= 0 else { throw LocalHypervisorError.cannotConnect(path: path, errno: e) }
-        return s
-    }
-
-    private static func call(_ control: Int32, _ m: LocalControlMessage, expectFDs: Int) throws -> (LocalControlMessage, [Int32]) {
-        guard m.send(on: control), let (reply, fds) = LocalControlMessage.receive(on: control, maxFDs: max(expectFDs, 1)) else {
-            throw LocalHypervisorError.disconnected
-        }
-        guard reply.status == 0 else {
-            fds.forEach { Glibc.close($0) }
-            throw LocalHypervisorError.refused(operation: "\(m.operation)", errno: reply.status)
-        }
-        guard fds.count == expectFDs else { fds.forEach { Glibc.close($0) }; throw LocalHypervisorError.disconnected }
-        return (reply, fds)
-    }
-
-    /// One request and its reply, serialised on the control connection.
-    func call(_ m: LocalControlMessage, expectFDs: Int = 0) throws -> (LocalControlMessage, [Int32]) {
-        try controlLock.withLock { _ in try Self.call(control, m, expectFDs: expectFDs) }
-    }
-
+    /// Another domain's whole memory, for mapping its grants: the broker hands it to domain 0 only.
     func openMemory(_ domain: DomainID) throws(GrantError) -> LocalDomainMemory {
         if domain == domainID, let memory { return memory }
+        return try control.openMemory(domain, as: domainID)
+    }
+}
+
+/// The control connection: one request and its reply at a time, shared by the hypervisor
+/// object, its grant table and its event channels.
+final class LocalControlConnection: @unchecked Sendable {
+    private let socket: Int32
+    private let lock = Mutex<Bool>(false)   // closed
+
+    init(_ socket: Int32) { self.socket = socket }
+
+    /// Sends `m` and waits for its reply, which must carry `expectFDs` descriptors.
+    func call(_ m: LocalControlMessage, expectFDs: Int = 0) throws -> (LocalControlMessage, [Int32]) {
+        try lock.withLock { closed in
+            guard !closed, m.send(on: socket),
+                  let (reply, fds) = LocalControlMessage.receive(on: socket, maxFDs: max(expectFDs, 1)) else {
+                throw LocalHypervisorError.disconnected
+            }
+            guard reply.status == 0 else {
+                fds.forEach { Glibc.close($0) }
+                throw LocalHypervisorError.refused(operation: "\(m.operation)", errno: reply.status)
+            }
+            guard fds.count == expectFDs else { fds.forEach { Glibc.close($0) }; throw LocalHypervisorError.disconnected }
+            return (reply, fds)
+        }
+    }
+
+    /// `domain`'s memory, asked for by domain `me`.
+    func openMemory(_ domain: DomainID, as me: DomainID) throws(GrantError) -> LocalDomainMemory {
         let fds: [Int32]
         do { fds = try call(LocalControlMessage(.openMemory, a: UInt32(domain)), expectFDs: 1).1 }
-        catch LocalHypervisorError.refused(_, let e) where e == ESRCH { throw .noSuchDomain(domain) }
+        catch LocalHypervisorError.refused(_, let e) where e == EPERM {
+            throw .system(operation: "domain \(me) mapping grants of domain \(domain) (on the local hypervisor only domain 0 maps grants)", errno: EPERM)
+        }
         catch { throw .noSuchDomain(domain) }
         return try LocalDomainMemory(domain: domain, fd: fds[0])
     }
 
-    /// Whether `domain` still exists, and its name.
-    public func domainName(_ domain: DomainID) -> String? {
-        (try? call(LocalControlMessage(.domainInfo, a: UInt32(domain))))?.0.name
+    /// Closes the connection; later calls throw `.disconnected`. Idempotent.
+    func close() {
+        lock.withLock { closed in
+            if !closed { Glibc.close(socket) }
+            closed = true
+        }
     }
 }
 
-/// Placeholders used only while the hypervisor object is being initialised.
-private final class NoGrants: GrantTable, @unchecked Sendable {
-    func mapContiguous(domain: DomainID, refs: [GrantRef], writable: Bool) throws(GrantError) -> GrantMapping { throw .noSuchDomain(domain) }
-    func mapBatch(domain: DomainID, refs: UnsafeBufferPointer<GrantRef>, writable: Bool, pages: UnsafeMutableBufferPointer<UnsafeMutableRawPointer>) throws(GrantError) -> GrantMapping { throw .noSuchDomain(domain) }
-    func unmap(_ mapping: GrantMapping, refs: UnsafeBufferPointer<GrantRef>) {}
-    func copy(_ segments: UnsafeMutableBufferPointer<GrantCopySegment>) {}
-}
-private final class NoEvents: EventChannels, @unchecked Sendable {
-    func bindInterdomain(remote: DomainID, remotePort: EventPort) throws(EventChannelError) -> any EventChannel { throw .noSuchDomain(remote) }
-    func allocateUnbound(remote: DomainID) throws(EventChannelError) -> any EventChannel { throw .noSuchDomain(remote) }
-}
-
-/// Event channels through the broker: it creates the eventfd pair and hands each end its fds.
+/// Event channels through the broker: it creates a socket pair and hands each end its socket.
 final class LocalEventChannels: EventChannels, @unchecked Sendable {
-    private unowned let hypervisor: LocalHypervisor
-    init(_ hypervisor: LocalHypervisor) { self.hypervisor = hypervisor }
+    private let control: LocalControlConnection
+    init(_ control: LocalControlConnection) { self.control = control }
 
     private func channel(_ m: LocalControlMessage, remote: DomainID, port: EventPort) throws(EventChannelError) -> any EventChannel {
         let reply: LocalControlMessage, fds: [Int32]
-        do { (reply, fds) = try hypervisor.call(m, expectFDs: 2) }
+        do { (reply, fds) = try control.call(m, expectFDs: 1) }
         catch LocalHypervisorError.refused(_, let e) where e == ESRCH { throw .noSuchDomain(remote) }
         catch LocalHypervisorError.refused(_, let e) where e == EBUSY { throw .portInUse(domain: remote, port: port) }
         catch LocalHypervisorError.refused(_, let e) { throw .noSuchPort(domain: remote, port: port) .orSystem(e) }
         catch { throw .system(operation: "event channel", errno: EPIPE) }
-        let h = hypervisor
-        return LocalEventChannel(port: reply.a, receive: fds[0], send: fds[1]) { port in
-            _ = try? h.call(LocalControlMessage(.closePort, a: port))
+        let control = control
+        return LocalEventChannel(port: reply.a, socket: fds[0]) { port in
+            _ = try? control.call(LocalControlMessage(.closePort, a: port))
         }
     }
 

@@ -4,8 +4,8 @@ import Synchronization
 import XenStore
 
 /// The emulated hypervisor: the broker that creates guest domains (a sealed memfd of memory
-/// each), hands domain memory to backends, pairs event channels (an eventfd each way), and
-/// runs the xenstore server. Every client connection is one domain; when a guest's connection
+/// each), hands domain memory to the backend domain (0, and no other), pairs event channels (a
+/// socket pair each), and runs the xenstore server. Every client connection is one domain; when a guest's connection
 /// closes, the guest is destroyed (its xenstore home removed, `@releaseDomain` fired), just as
 /// when a real guest crashes.
 public final class LocalHypervisorServer: @unchecked Sendable {
@@ -15,25 +15,43 @@ public final class LocalHypervisorServer: @unchecked Sendable {
     private struct Port {
         var remote: DomainID
         var remotePort: EventPort?
-        /// Held only while unbound: the two eventfds the binding side will receive.
-        var pendingFDs: (receive: Int32, send: Int32)?
+        /// Held for as long as this port exists: a copy of the peer's end, so that the peer
+        /// closing its end (or dying) never hangs ours up; a hung-up socket polls readable for
+        /// ever and would spin the thread that waits on it. Nothing reads it.
+        var peerEnd: Int32
+        /// Held only while unbound: the end the binding side will receive, and the copy of
+        /// ours that its port will keep as its `peerEnd`.
+        var pending: (end: Int32, keep: Int32)?
+        /// Closes what the broker holds for this port.
+        func release() {
+            Glibc.close(peerEnd)
+            if let pending { Glibc.close(pending.end); Glibc.close(pending.keep) }
+        }
     }
     private struct Domain {
-        var name: String
         var memoryFD: Int32   // -1 for domain 0
         var ports: [EventPort: Port] = [:]
         var nextPort: EventPort = 1
+        var storeConnections = 0
     }
+    /// What a guest domain may have, as Xen's per-domain max_event_channels and xenstored's
+    /// quotas bound a guest: event channel ports open at once, and xenstore connections made
+    /// in its life (a guest needs one). Each holds descriptors in this process, and a guest
+    /// must not exhaust the descriptors every other domain needs. Domain 0 serves every guest
+    /// and has no such bound.
+    static let guestPortLimit = 64
+    static let guestStoreConnectionLimit = 4
     private struct State {
-        var domains: [DomainID: Domain] = [0: Domain(name: "Domain-0", memoryFD: -1)]
+        var domains: [DomainID: Domain] = [0: Domain(memoryFD: -1)]
         var nextDomain: DomainID = 1
         var connectionDomain: [Int32: DomainID] = [:]
     }
     private let state = Mutex(State())
-    private var listener: Int32 = -1
-    private var wake: Int32 = -1
-    private var thread: pthread_t?
+    private let listener: Int32
+    private let wake: Int32
+    private var thread: PosixThread?
     private let running = Atomic<Bool>(false)
+    private let closed = Atomic<Bool>(false)
     /// Our own dom0 connection to the store, for what a toolstack writes at domain creation.
     private var admin: XenStoreSocketClient?
 
@@ -42,8 +60,15 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         self.address = address
         try Self.makeDirectory(address.directory)
         storeServer = XenStoreServer(socketPath: address.storeSocket)
-        listener = try Self.listen(address.controlSocket)
-        wake = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC))
+        let wake = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC))
+        guard wake >= 0 else { throw LocalHypervisorError.cannotConnect(path: address.controlSocket, errno: errno) }
+        do {
+            listener = try Self.listen(address.controlSocket)
+        } catch {
+            Glibc.close(wake)
+            throw error
+        }
+        self.wake = wake
     }
 
     deinit { stop() }
@@ -69,37 +94,43 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         return s
     }
 
+    /// Starts the xenstore server and the broker's thread; throws (and serves nothing) if
+    /// either cannot start.
     public func start() throws {
-        try storeServer.start()
-        admin = try storeServer.connect(as: 0)
-        try admin?.write("/local/domain/0/name", "Domain-0")
-        try admin?.write("/local/domain/0/domid", "0")
-        running.store(true, ordering: .sequentiallyConsistent)
-        let box = Unmanaged.passRetained(self)
-        var t = pthread_t()
-        pthread_create(&t, nil, { arg in
-            let server = Unmanaged<LocalHypervisorServer>.fromOpaque(arg!).takeRetainedValue()
-            server.serve()
-            return nil
-        }, box.toOpaque())
-        thread = t
+        do {
+            try storeServer.start()
+            admin = try storeServer.connect(as: 0)
+            try admin?.write("/local/domain/0/name", "Domain-0")
+            try admin?.write("/local/domain/0/domid", "0")
+            running.store(true, ordering: .sequentiallyConsistent)
+            // The thread holds the server until `stop` ends it.
+            thread = try PosixThread("the local hypervisor's broker") { [self] in serve() }
+        } catch {
+            stop()
+            throw error
+        }
     }
 
+    /// Stops serving, closes the sockets and lets every domain go. Idempotent; a stopped
+    /// server does not start again.
     public func stop() {
-        guard running.exchange(false, ordering: .sequentiallyConsistent) else { return }
-        var one: UInt64 = 1
-        _ = Glibc.write(wake, &one, 8)
-        if let t = thread { pthread_join(t, nil) }
-        thread = nil
+        if running.exchange(false, ordering: .sequentiallyConsistent) {
+            var one: UInt64 = 1
+            _ = Glibc.write(wake, &one, 8)
+            thread?.join()
+            thread = nil
+        }
+        guard !closed.exchange(true, ordering: .sequentiallyConsistent) else { return }
+        admin?.close()
         storeServer.stop()
         Glibc.close(listener); Glibc.close(wake)
         unlink(address.controlSocket)
         state.withLock { s in
             for (_, d) in s.domains {
                 if d.memoryFD >= 0 { Glibc.close(d.memoryFD) }
-                for (_, p) in d.ports { if let f = p.pendingFDs { Glibc.close(f.receive); Glibc.close(f.send) } }
+                for (_, p) in d.ports { p.release() }
             }
-            s.domains = [0: Domain(name: "Domain-0", memoryFD: -1)]
+            s.domains = [0: Domain(memoryFD: -1)]
         }
     }
 
@@ -115,7 +146,14 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             if fds[1].revents != 0 { break }
             if fds[0].revents & Int16(POLLIN) != 0 {
                 let c = accept(listener, nil, nil)
-                if c >= 0 { connections.append(c) }
+                if c >= 0 {
+                    // Replies go out without waiting (see `handle`), and no child inherits it.
+                    _ = fcntl(c, F_SETFL, fcntl(c, F_GETFL) | O_NONBLOCK)
+                    _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+                    connections.append(c)
+                } else if errno == EMFILE || errno == ENFILE {
+                    usleep(10_000)   // out of descriptors: serve the others rather than spin
+                }
             }
             for p in fds.dropFirst(2) where p.revents != 0 {
                 if !handle(connection: p.fd) {
@@ -146,29 +184,42 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             state.withLock { $0.connectionDomain[c] = id }
             reply.a = UInt32(id)
             fds = [fd]
-        case (.openMemory, .some):
+        case (.openMemory, .some(let me)):
+            // Only domain 0 is handed a guest's memory, all of it, as Xen's dom0 may map any
+            // guest's frames; its grant table then checks each grant (grantee, read-only) as Xen
+            // does. A file descriptor cannot be narrowed to the pages granted to a domain, so a
+            // guest domain gets none: another guest's memory is never in its reach, and a backend
+            // in a guest (a driver domain) needs real Xen.
+            guard me == 0 else { reply.status = EPERM; break }
             guard let fd = state.withLock({ $0.domains[DomainID(truncatingIfNeeded: m.a)]?.memoryFD }), fd >= 0 else {
                 reply.status = ESRCH; break
             }
             fds = [fd]
         case (.allocUnbound, .some(let me)):
-            let remote = DomainID(truncatingIfNeeded: m.a)
-            guard let (port, mine, theirs) = allocUnbound(me, remote: remote) else { reply.status = ESRCH; break }
-            reply.a = port
-            fds = [mine.receive, mine.send]
-            closeAfterSend = fds
-            _ = theirs
+            switch allocUnbound(me, remote: DomainID(truncatingIfNeeded: m.a)) {
+            case .success(let (port, end)):
+                reply.a = port
+                fds = [end]
+                closeAfterSend = fds
+            case .failure(let e): reply.status = e.rawValue
+            }
         case (.bindInterdomain, .some(let me)):
             switch bind(me, remote: DomainID(truncatingIfNeeded: m.a), remotePort: m.b) {
-            case .success(let (port, f)):
+            case .success(let (port, end)):
                 reply.a = port
-                fds = [f.receive, f.send]
+                fds = [end]
                 closeAfterSend = fds
             case .failure(let e): reply.status = e.rawValue
             }
         case (.closePort, .some(let me)):
             closePort(me, m.a)
         case (.connectStore, .some(let me)):
+            let allowed = state.withLock { s in
+                guard me == 0 || (s.domains[me]?.storeConnections ?? 0) < Self.guestStoreConnectionLimit else { return false }
+                s.domains[me]?.storeConnections += 1
+                return true
+            }
+            guard allowed else { reply.status = EDQUOT; break }
             var pair: [Int32] = [-1, -1]
             guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
                 reply.status = errno; break
@@ -176,12 +227,12 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             storeServer.addConnection(fileDescriptor: pair[0], domain: me)
             fds = [pair[1]]
             closeAfterSend = fds
-        case (.domainInfo, .some):
-            guard let name = state.withLock({ $0.domains[DomainID(truncatingIfNeeded: m.a)]?.name }) else { reply.status = ENOENT; break }
-            reply.name = name
         default:
             reply.status = EINVAL
         }
+        // Without waiting: a domain that does not read its replies (its socket's queue is
+        // full) is dropped, as xenstored drops a client that does not read, rather than let it
+        // stop this thread, which serves every domain.
         let sent = reply.send(on: c, fds: fds)
         closeAfterSend.forEach { Glibc.close($0) }
         return sent
@@ -195,7 +246,7 @@ public final class LocalHypervisorServer: @unchecked Sendable {
         let id: DomainID = state.withLock { s in
             let id = s.nextDomain
             s.nextDomain = s.nextDomain == 0x7fef ? 1 : s.nextDomain + 1   // DOMID_FIRST_RESERVED
-            s.domains[id] = Domain(name: name.isEmpty ? "guest\(id)" : name, memoryFD: fd)
+            s.domains[id] = Domain(memoryFD: fd)
             return id
         }
         if let p = mmap(nil, xenPageSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED {
@@ -205,48 +256,57 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             h.pointee.total_frames = UInt32(frames)
             munmap(p, xenPageSize)
         }
-        introduceInStore(id, name: state.withLock { $0.domains[id]!.name })
+        introduceInStore(id, name: name.isEmpty ? "guest\(id)" : name)
         return (id, fd)
     }
 
-    private func allocUnbound(_ me: DomainID, remote: DomainID) -> (EventPort, (receive: Int32, send: Int32), Void)? {
-        let a = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC)), b = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC))
-        guard a >= 0, b >= 0 else { if a >= 0 { Glibc.close(a) }; if b >= 0 { Glibc.close(b) }; return nil }
-        // We receive on `a` and send to `b`; the binder will receive on `b` and send to `a`.
-        let port: EventPort? = state.withLock { s in
-            guard s.domains[remote] != nil, var d = s.domains[me] else { return nil }
+    /// A new unbound port of `me` for `remote`; returns it and `me`'s end of its socket pair.
+    private func allocUnbound(_ me: DomainID, remote: DomainID) -> Result<(EventPort, Int32), Errno> {
+        var pair: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0 else {
+            return .failure(Errno(rawValue: errno))
+        }
+        // `me` gets pair[0]; the binder will get pair[1]. Each port keeps a copy of the other's.
+        let keepTheirs = fcntl(pair[1], F_DUPFD_CLOEXEC, 0), keepMine = fcntl(pair[0], F_DUPFD_CLOEXEC, 0)
+        let port: Result<EventPort, Errno> = keepTheirs < 0 || keepMine < 0 ? .failure(Errno(rawValue: EMFILE)) : state.withLock { s in
+            guard s.domains[remote] != nil, var d = s.domains[me] else { return .failure(Errno(rawValue: ESRCH)) }
+            guard me == 0 || d.ports.count < Self.guestPortLimit else { return .failure(Errno(rawValue: ENOSPC)) }
             let port = d.nextPort
             d.nextPort += 1
-            d.ports[port] = Port(remote: remote, remotePort: nil, pendingFDs: (dup(b), dup(a)))
+            d.ports[port] = Port(remote: remote, remotePort: nil, peerEnd: keepTheirs, pending: (pair[1], keepMine))
             s.domains[me] = d
-            return port
+            return .success(port)
         }
-        guard let port else { Glibc.close(a); Glibc.close(b); return nil }
-        return (port, (a, b), ())
+        if case .failure = port {
+            for fd in pair + [keepTheirs, keepMine] where fd >= 0 { Glibc.close(fd) }
+        }
+        return port.map { ($0, pair[0]) }
     }
 
-    private func bind(_ me: DomainID, remote: DomainID, remotePort: EventPort) -> Result<(EventPort, (receive: Int32, send: Int32)), Errno> {
+    /// Binds a port of `me` to `remote`'s unbound `remotePort`; returns it and `me`'s end.
+    private func bind(_ me: DomainID, remote: DomainID, remotePort: EventPort) -> Result<(EventPort, Int32), Errno> {
         state.withLock { s in
             guard var r = s.domains[remote] else { return .failure(Errno(rawValue: ESRCH)) }
             guard var p = r.ports[remotePort], p.remote == me else { return .failure(Errno(rawValue: ENOENT)) }
-            guard let f = p.pendingFDs, p.remotePort == nil else { return .failure(Errno(rawValue: EBUSY)) }
+            guard let pending = p.pending, p.remotePort == nil else { return .failure(Errno(rawValue: EBUSY)) }
             guard var d = s.domains[me] else { return .failure(Errno(rawValue: ESRCH)) }
+            guard me == 0 || d.ports.count < Self.guestPortLimit else { return .failure(Errno(rawValue: ENOSPC)) }
             let port = d.nextPort
             d.nextPort += 1
-            d.ports[port] = Port(remote: remote, remotePort: remotePort, pendingFDs: nil)
+            d.ports[port] = Port(remote: remote, remotePort: remotePort, peerEnd: pending.keep, pending: nil)
             p.remotePort = port
-            p.pendingFDs = nil
+            p.pending = nil
             r.ports[remotePort] = p
             s.domains[remote] = r
             s.domains[me] = d
-            return .success((port, f))
+            return .success((port, pending.end))
         }
     }
 
     private func closePort(_ me: DomainID, _ port: EventPort) {
         state.withLock { s in
             guard let p = s.domains[me]?.ports.removeValue(forKey: port) else { return }
-            if let f = p.pendingFDs { Glibc.close(f.receive); Glibc.close(f.send) }
+            p.release()
             if let rp = p.remotePort { s.domains[p.remote]?.ports[rp]?.remotePort = nil }
         }
     }
@@ -259,15 +319,15 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             // Ports others left unbound for the dead domain can never be bound now.
             for k in s.domains.keys {
                 for (port, p) in s.domains[k]!.ports where p.remote == id {
-                    if let f = p.pendingFDs { Glibc.close(f.receive); Glibc.close(f.send) }
-                    s.domains[k]!.ports[port]?.pendingFDs = nil
+                    if let f = p.pending { Glibc.close(f.end); Glibc.close(f.keep) }
+                    s.domains[k]!.ports[port]?.pending = nil
                 }
             }
             return d
         }
         if let d = gone {
             if d.memoryFD >= 0 { Glibc.close(d.memoryFD) }
-            for (_, p) in d.ports { if let f = p.pendingFDs { Glibc.close(f.receive); Glibc.close(f.send) } }
+            for (_, p) in d.ports { p.release() }
         }
         // As the toolstack does when a domain dies: remove its home, then tell watchers.
         try? admin?.remove("/local/domain/\(id)", transaction: .none)
