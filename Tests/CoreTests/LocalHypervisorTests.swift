@@ -145,6 +145,33 @@ final class LocalHypervisorTests: XCTestCase {
         frontEnd.close()
     }
 
+    /// A backend process that dies (its control connection goes) leaves its ports; the guest's
+    /// ports are unbound again, as Xen's evtchn_close leaves them, so a backend started again
+    /// binds them and notifications flow both ways on the guest's unchanged channel.
+    func testABackendThatDiesLeavesTheGuestsPortToBindAgain() throws {
+        let (guest, _) = try guestPages("g")
+        let frontEnd = try guest.events.allocateUnbound(remote: 0)
+        let first = try LocalHypervisor.connectBackend(address)
+        let old = try first.events.bindInterdomain(remote: guest.domainID, remotePort: frontEnd.localPort)
+        XCTAssertThrowsError(try backend.events.bindInterdomain(remote: guest.domainID, remotePort: frontEnd.localPort),
+                             "bound to the first backend")
+        frontEnd.notify()
+        first.destroy()          // killed: nothing closed its ports
+        _ = old
+        var again: (any EventChannel)?
+        let deadline = monotonicSeconds() + 5
+        while again == nil && monotonicSeconds() < deadline {
+            again = try? backend.events.bindInterdomain(remote: guest.domainID, remotePort: frontEnd.localPort)
+            if again == nil { usleep(5_000) }   // the broker notices the death on its own thread
+        }
+        let channel = try XCTUnwrap(again, "the port could be bound again")
+        channel.consume()        // what the dead backend left unread
+        frontEnd.notify()
+        XCTAssertTrue(channel.wait(timeoutMilliseconds: 1000), "the guest's notification reaches the new backend")
+        channel.notify()
+        XCTAssertTrue(frontEnd.wait(timeoutMilliseconds: 1000), "and the new backend's reaches the guest")
+    }
+
     func testAGuestCannotReachAnotherGuestsMemoryOnlyDomain0MapsGrants() throws {
         let (a, aPages) = try guestPages("a")
         let (b, _) = try guestPages("b")

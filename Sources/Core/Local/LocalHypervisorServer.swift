@@ -13,6 +13,9 @@ public final class LocalHypervisorServer: @unchecked Sendable {
     public let storeServer: XenStoreServer
 
     private struct Port {
+        /// The control connection that opened it: when that connection goes (its process
+        /// died), the port is closed, as the kernel closes an evtchn device's ports.
+        var owner: Int32
         var remote: DomainID
         var remotePort: EventPort?
         /// Held for as long as this port exists: a copy of the peer's end, so that the peer
@@ -196,7 +199,7 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             }
             fds = [fd]
         case (.allocUnbound, .some(let me)):
-            switch allocUnbound(me, remote: DomainID(truncatingIfNeeded: m.a)) {
+            switch allocUnbound(me, remote: DomainID(truncatingIfNeeded: m.a), owner: c) {
             case .success(let (port, end)):
                 reply.a = port
                 fds = [end]
@@ -204,7 +207,7 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             case .failure(let e): reply.status = e.rawValue
             }
         case (.bindInterdomain, .some(let me)):
-            switch bind(me, remote: DomainID(truncatingIfNeeded: m.a), remotePort: m.b) {
+            switch bind(me, remote: DomainID(truncatingIfNeeded: m.a), remotePort: m.b, owner: c) {
             case .success(let (port, end)):
                 reply.a = port
                 fds = [end]
@@ -261,7 +264,7 @@ public final class LocalHypervisorServer: @unchecked Sendable {
     }
 
     /// A new unbound port of `me` for `remote`; returns it and `me`'s end of its socket pair.
-    private func allocUnbound(_ me: DomainID, remote: DomainID) -> Result<(EventPort, Int32), Errno> {
+    private func allocUnbound(_ me: DomainID, remote: DomainID, owner: Int32) -> Result<(EventPort, Int32), Errno> {
         var pair: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0 else {
             return .failure(Errno(rawValue: errno))
@@ -273,7 +276,7 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             guard me == 0 || d.ports.count < Self.guestPortLimit else { return .failure(Errno(rawValue: ENOSPC)) }
             let port = d.nextPort
             d.nextPort += 1
-            d.ports[port] = Port(remote: remote, remotePort: nil, peerEnd: keepTheirs, pending: (pair[1], keepMine))
+            d.ports[port] = Port(owner: owner, remote: remote, remotePort: nil, peerEnd: keepTheirs, pending: (pair[1], keepMine))
             s.domains[me] = d
             return .success(port)
         }
@@ -284,7 +287,7 @@ public final class LocalHypervisorServer: @unchecked Sendable {
     }
 
     /// Binds a port of `me` to `remote`'s unbound `remotePort`; returns it and `me`'s end.
-    private func bind(_ me: DomainID, remote: DomainID, remotePort: EventPort) -> Result<(EventPort, Int32), Errno> {
+    private func bind(_ me: DomainID, remote: DomainID, remotePort: EventPort, owner: Int32) -> Result<(EventPort, Int32), Errno> {
         state.withLock { s in
             guard var r = s.domains[remote] else { return .failure(Errno(rawValue: ESRCH)) }
             guard var p = r.ports[remotePort], p.remote == me else { return .failure(Errno(rawValue: ENOENT)) }
@@ -293,7 +296,7 @@ public final class LocalHypervisorServer: @unchecked Sendable {
             guard me == 0 || d.ports.count < Self.guestPortLimit else { return .failure(Errno(rawValue: ENOSPC)) }
             let port = d.nextPort
             d.nextPort += 1
-            d.ports[port] = Port(remote: remote, remotePort: remotePort, peerEnd: pending.keep, pending: nil)
+            d.ports[port] = Port(owner: owner, remote: remote, remotePort: remotePort, peerEnd: pending.keep, pending: nil)
             p.remotePort = port
             p.pending = nil
             r.ports[remotePort] = p
@@ -304,16 +307,38 @@ public final class LocalHypervisorServer: @unchecked Sendable {
     }
 
     private func closePort(_ me: DomainID, _ port: EventPort) {
-        state.withLock { s in
-            guard let p = s.domains[me]?.ports.removeValue(forKey: port) else { return }
+        state.withLock { s in close(me, port, &s) }
+    }
+
+    /// Closes `me`'s `port`. As Xen's evtchn_close, the peer's port of a bound pair becomes
+    /// unbound again, for `me`: a new binding (a backend started again after it was killed)
+    /// takes it over, on the same socket pair, so the peer's end goes on working unchanged.
+    private func close(_ me: DomainID, _ port: EventPort, _ s: inout State) {
+        guard let p = s.domains[me]?.ports.removeValue(forKey: port) else { return }
+        guard let rp = p.remotePort, var r = s.domains[p.remote]?.ports[rp] else { p.release(); return }
+        let end = fcntl(r.peerEnd, F_DUPFD_CLOEXEC, 0)
+        guard end >= 0 else {
             p.release()
-            if let rp = p.remotePort { s.domains[p.remote]?.ports[rp]?.remotePort = nil }
+            s.domains[p.remote]?.ports[rp]?.remotePort = nil
+            return
         }
+        // Our old end (a copy) for the next binder; the copy of the peer's end we held becomes
+        // the one its port will keep.
+        r.remotePort = nil
+        r.pending = (end, p.peerEnd)
+        s.domains[p.remote]!.ports[rp] = r
     }
 
     private func disconnect(_ c: Int32) {
         Glibc.close(c)
-        guard let id = state.withLock({ $0.connectionDomain.removeValue(forKey: c) }), id != 0 else { return }
+        guard let id = state.withLock({ $0.connectionDomain.removeValue(forKey: c) }) else { return }
+        guard id != 0 else {
+            // A process of domain 0 (the daemon, a tool) went: its ports close with it.
+            state.withLock { s in
+                for (port, p) in s.domains[0]?.ports ?? [:] where p.owner == c { close(0, port, &s) }
+            }
+            return
+        }
         let gone: Domain? = state.withLock { s in
             let d = s.domains.removeValue(forKey: id)
             // Ports others left unbound for the dead domain can never be bound now.

@@ -14,6 +14,12 @@ public protocol XenbusBackendDriver: AnyObject {
     /// a teardown thread of its own (a device may take long to finish what is in flight), never
     /// at the same time as `connect`.
     func disconnect(_ device: XenbusBackendDevice)
+    /// A daemon before this one served the device and was killed while the frontend was
+    /// connected (both `state` nodes say so when the device is found): pick its rings up where
+    /// it left them, with no state change the frontend would see (Linux's blkfront reconnects
+    /// only on resume from suspend). Throwing closes the device; a ring found broken must not
+    /// be written to.
+    func resume(_ device: XenbusBackendDevice) throws
     /// The device is gone for good (detached, its guest dead, the daemon stopping): release
     /// what `connect` cannot reuse, such as the device stack. Called once, after `disconnect`
     /// has returned, on the teardown thread or the dispatcher's.
@@ -22,6 +28,10 @@ public protocol XenbusBackendDriver: AnyObject {
 
 extension XenbusBackendDriver {
     public func unplugged(_ device: XenbusBackendDevice) {}
+    /// A backend that cannot resume exactly does not pretend to: the device closes.
+    public func resume(_ device: XenbusBackendDevice) throws {
+        throw XenStoreError.invalid("this backend cannot pick up a connected frontend after a restart")
+    }
 }
 
 /// One backend device's xenbus state machine (Linux's xenbus backend and blkback's
@@ -75,10 +85,28 @@ public final class XenbusBackendDevice: @unchecked Sendable {
         frontendPath = fe; frontendDomain = DomainID(id)
     }
 
-    /// Advertises, switches to InitWait and starts following the frontend.
+    /// True while `driver.resume` runs.
+    public private(set) var isResuming = false
+
+    /// Advertises, switches to InitWait and starts following the frontend; or, for a device a
+    /// killed daemon left Connected, resumes it as it is.
     public func start() throws {
-        try driver.advertise(self)
-        try switchState(.initWait)
+        let fe = frontendState()
+        if XenbusDeviceState.read(store, backendPath + "/state") == .connected && (fe == .connected || fe == .initialised) {
+            state = .connected
+            driverConnected = true
+            isResuming = true
+            defer { isResuming = false }
+            do {
+                try driver.resume(self)
+                log("\(backendPath): resumed after a restart")
+            } catch {
+                fail("cannot resume after a restart: \(error)")
+            }
+        } else {
+            try driver.advertise(self)
+            try switchState(.initWait)
+        }
         try dispatcher.watch(frontendPath + "/state", token: token + ":fe") { [weak self] _ in self?.frontendChanged() }
         try dispatcher.watch(backendPath + "/online", token: token + ":online") { [weak self] _ in self?.onlineChanged() }
     }
