@@ -72,7 +72,7 @@ public enum DeviceRegistry {
     public static let all: [DeviceDescriptor] = [
         FileDevice.descriptor, MemoryDevice.descriptor, NullDevice.descriptor, StatsFilter.descriptor,
         ReadOnlyFilter.descriptor, OffsetFilter.descriptor, PartitionFilter.descriptor, ErrorFilter.descriptor,
-        LogFilter.descriptor, DelayFilter.descriptor, NBDDevice.descriptor,
+        LogFilter.descriptor, DelayFilter.descriptor, NBDDevice.descriptor, FUAFilter.descriptor,
     ].sorted { $0.name < $1.name }
 
     public static func descriptor(named name: String) -> DeviceDescriptor? {
