@@ -14,7 +14,7 @@ public let xenPageSize = 4096
 /// the guest's pages), event channels (to signal), and xenstore (to set up).
 ///
 /// Two implementations exist: ``LocalHypervisor`` emulates Xen in user space across processes
-/// (shared memory, eventfds, a xenstore server on a Unix socket), and the Xen implementation uses
+/// (shared memory, socket pairs for event channels, a xenstore server on a Unix socket), and the Xen implementation uses
 /// libxengnttab, libxenevtchn and xenstored. Backends are written against this protocol and never
 /// know which one they run on.
 public protocol Hypervisor: AnyObject, Sendable {
