@@ -15,8 +15,8 @@ public let xenPageSize = 4096
 ///
 /// Two implementations exist: ``LocalHypervisor`` emulates Xen in user space across processes
 /// (shared memory, socket pairs for event channels, a xenstore server on a Unix socket), and the
-/// Xen implementation uses libxengnttab, libxenevtchn and xenstored. Backends are written against this protocol and never
-/// know which one they run on.
+/// Xen implementation uses libxengnttab, libxenevtchn and xenstored. Backends are written
+/// against this protocol and never know which one they run on.
 public protocol Hypervisor: AnyObject, Sendable {
     /// The domain this program runs in (0 for a backend in dom0).
     var domainID: DomainID { get }
