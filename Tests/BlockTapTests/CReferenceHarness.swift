@@ -28,7 +28,7 @@ final class CConformanceFrontend {
         guard let memory = guest.memory else { throw HarnessFailure("not a guest") }
         let store = guest.store
         let be = paths.backendPath, fe = paths.frontendPath
-        _ = try waitForState(store, be + "/state", [.initWait])
+        _ = try XenbusDeviceState.wait(store, be + "/state", for: [.initWait])
         let maxOrder = Int(try store.readInt(be + "/max-ring-page-order") ?? 0)
         guard ringOrder <= maxOrder else { throw HarnessFailure("backend offers ring order \(maxOrder) < \(ringOrder)") }
         let offered = try store.readInt(be + "/feature-persistent")
@@ -72,7 +72,7 @@ final class CConformanceFrontend {
         try writeNodes(store, fe, ringNodes + [
             ("event-channel", "\(ch.localPort)"), ("protocol", "x86_64-abi"), ("feature-persistent", persistent ? "1" : "0"),
             ("state", "\(XenbusDeviceState.initialised.rawValue)")])
-        _ = try waitForState(store, be + "/state", [.connected])
+        _ = try XenbusDeviceState.wait(store, be + "/state", for: [.connected])
         sectors = try store.readInt(be + "/sectors") ?? 0
         try store.write(fe + "/state", "\(XenbusDeviceState.connected.rawValue)")
     }
@@ -94,9 +94,9 @@ final class CConformanceFrontend {
     func close() throws -> Int {
         let store = guest.store
         try store.write(paths.frontendPath + "/state", "\(XenbusDeviceState.closing.rawValue)")
-        _ = try waitForState(store, paths.backendPath + "/state", [.closing, .closed])
+        _ = try XenbusDeviceState.wait(store, paths.backendPath + "/state", for: [.closing, .closed])
         try store.write(paths.frontendPath + "/state", "\(XenbusDeviceState.closed.rawValue)")
-        _ = try waitForState(store, paths.backendPath + "/state", [.closed])
+        _ = try XenbusDeviceState.wait(store, paths.backendPath + "/state", for: [.closed])
         let busy = Int(cref_front_free(front))
         channel.close()
         return busy

@@ -131,7 +131,7 @@ final class HostileFrontendTests: XCTestCase {
         let reqProd = q.ring.shared.assumingMemoryBound(to: UInt32.self)
         reqProd.pointee = q.ring.size + 40   // more than a ring ahead of the responses
         q.channel.notify()
-        try front.waitForBackend(.closing, 5)
+        try front.connection.waitForBackend([.closing, .closed], timeoutSeconds: 5)
         let error = try lab.backend.store.readString(paths.backendPath + "/error")
         XCTAssertNotNil(error)
         XCTAssertTrue(error!.contains("impossible"), error!)
