@@ -137,15 +137,28 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         freeSlotStack.deallocate()
     }
 
+    /// Whether `start` was called (by the connecting thread, which also stops): a queue that
+    /// never started releases its ring itself, as the loop knows it only from `start`.
+    private var started = false
+
     /// Starts the ring thread; on failure `stop` still releases the ring.
-    func start() throws(ThreadStartError) { try loop.start(self) }
+    func start() throws(ThreadStartError) {
+        started = true
+        try loop.start(self)
+    }
 
     /// Stops taking requests and waits up to `seconds` for those in flight. True if the ring
     /// thread ended, having unmapped everything and closed the channel; false if the device
     /// still holds requests: their pages stay mapped, and the thread releases everything when
     /// the last of them completes.
     @discardableResult
-    func stop(timeout seconds: Double = .infinity) -> Bool { loop.stop(timeout: seconds) }
+    func stop(timeout seconds: Double = .infinity) -> Bool {
+        if !started {
+            started = true   // once
+            ended()
+        }
+        return loop.stop(timeout: seconds)
+    }
 
     /// Stops taking requests without waiting (several queues stop together, then are waited for).
     func requestStop() { loop.requestStop() }

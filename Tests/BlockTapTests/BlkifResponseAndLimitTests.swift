@@ -116,4 +116,36 @@ final class BlkifResponseAndLimitTests: XCTestCase {
         try front.write(sector: 8, [UInt8](repeating: 0x42, count: 4096))
         XCTAssertEqual(try front.read(sector: 8, count: 4096), [UInt8](repeating: 0x42, count: 4096))
     }
+
+    /// A connect that fails at its second queue releases the first, which never started: its
+    /// ring is unmapped, so the guest can take its pages back. Written with the generic
+    /// ``LocalFrontend``, as a frontend of another class would be.
+    func testAConnectThatFailsMidwayReleasesTheQueuesAlreadyOpened() throws {
+        let lab = try LocalLab()
+        defer { lab.shutdown() }
+        let mapTable = PersistentGrantCache.mapTable
+        var calls = 0
+        PersistentGrantCache.mapTable = { bytes in
+            calls += 1
+            if calls == 2 { errno = ENOMEM; return nil }
+            return mapTable(bytes)
+        }
+        defer { PersistentGrantCache.mapTable = mapTable }
+        let (guest, paths) = try lab.guestWithDisk(TestDisk(size: 1 << 20))
+        let link = try LocalFrontend(hypervisor: guest, frontendPath: paths.frontendPath)
+        var nodes = [("protocol", "x86_64-abi"), ("feature-persistent", "1"), ("multi-queue-num-queues", "2")]
+        var rings: [LocalFrontend.Ring<BlkifRing>] = []
+        for q in 0..<2 {
+            let ring = try link.makeRing(BlkifRing.self, pageOrder: 1)
+            let channel = try link.makeChannel()
+            nodes += ring.nodes(prefix: "queue-\(q)/") + [("queue-\(q)/event-channel", "\(channel.localPort)")]
+            rings.append(ring)
+        }
+        XCTAssertEqual(nodes.map(\.0).filter { $0.hasPrefix("queue-0/") }, ["queue-0/ring-ref0", "queue-0/ring-ref1", "queue-0/event-channel"])
+        XCTAssertThrowsError(try link.connect(nodes: nodes, timeoutSeconds: 5))
+        XCTAssertEqual(calls, 2, "the second queue's table failed")
+        for ref in rings.flatMap(\.refs) {
+            XCTAssertNoThrow(try link.pages.endAccess(ref), "ring page \(ref) was released")
+        }
+    }
 }

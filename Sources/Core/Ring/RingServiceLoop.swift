@@ -110,7 +110,8 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
     deinit { Glibc.close(wake) }
 
     /// Starts the thread that serves `service`. On failure nothing runs and `stop` releases the
-    /// service's resources (`ended`).
+    /// service's resources (`ended`). (A loop stopped without a `start` knows no service: it
+    /// closes its channels, and the service releases the rest itself.)
     /// (Inlinable, as `run` is: the tap's module gets the loop specialized for its service.)
     @inlinable public func start(_ service: Service) throws(ThreadStartError) {
         life.withLock { $0.service = service }
@@ -138,12 +139,17 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
     @discardableResult
     public func stop(timeout seconds: Double = .infinity) -> Bool {
         requestStop()
-        let (thread, neverStarted): (PosixThread?, Service?) = life.withLock { l in
-            if l.thread == nil, !l.ended, let s = l.service { l.ended = true; l.service = nil; return (nil, s) }
-            return (l.thread, nil)
+        let (thread, neverStarted, service): (PosixThread?, Bool, Service?) = life.withLock { l in
+            if l.thread == nil && !l.ended {
+                l.ended = true
+                defer { l.service = nil }
+                return (nil, true, l.service)
+            }
+            return (l.thread, false, nil)
         }
-        if let neverStarted {
-            neverStarted.ended()
+        if neverStarted {
+            // No thread ran, so nothing can be in flight: release now, on this thread.
+            service?.ended()
             closeChannels()
             return true
         }
