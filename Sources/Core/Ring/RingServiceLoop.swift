@@ -114,14 +114,17 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
     /// closes its channels, and the service releases the rest itself.)
     /// (Inlinable, as `run` is: the tap's module gets the loop specialized for its service.)
     @inlinable public func start(_ service: Service) throws(ThreadStartError) {
-        life.withLock { $0.service = service }
-        let thread = try PosixThread(purpose) { [self] in
-            self.run(service)
-            // The last use of the service from this loop: drop it, so that a queue that `stop`
-            // gave up on is freed now that its device finally completed.
-            self.life.withLock { $0.ended = true; $0.service = nil }
+        // Under the lock, so that a `stop` on another thread sees either no start or a thread
+        // (the thread takes the lock only as it ends).
+        try life.withLock { (l) throws(ThreadStartError) in
+            l.service = service
+            l.thread = try PosixThread(purpose) { [self] in
+                self.run(service)
+                // The last use of the service from this loop: drop it, so that a queue that
+                // `stop` gave up on is freed now that its device finally completed.
+                self.life.withLock { $0.ended = true; $0.service = nil }
+            }
         }
-        life.withLock { $0.thread = thread }
     }
 
     /// True on the loop's thread: a completion there is finished inline, not posted.
