@@ -21,8 +21,8 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
     @exclusivity(unchecked) private var ring: BackRing<BlkifRing>
     private let ringMapping: GrantMapping
     private let ringRefs: [GrantRef]
-    private let device: any BlockDevice
     private let channel: any EventChannel
+    private let device: any BlockDevice
     private let grants: any GrantTable
     private let domain: DomainID
     private let sectors: UInt64
@@ -135,6 +135,7 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         slots.deinitialize(count: Int(ring.size))
         slots.deallocate()
         freeSlotStack.deallocate()
+        indirectBuffer.deallocate()
     }
 
     /// Whether `start` was called (by the connecting thread, which also stops): a queue that
