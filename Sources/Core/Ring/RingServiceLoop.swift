@@ -32,7 +32,8 @@ public protocol RingService: AnyObject {
     func prepareToSleep() -> Bool
     /// Event channel `index` (in the order given to the loop) fired; its event is consumed.
     func eventChannelFired(_ index: Int)
-    /// Extra file descriptor `index` is ready with `events` (poll's revents).
+    /// Extra file descriptor `index` is ready with `events` (poll's revents). Poll is level-
+    /// triggered: read what is ready (or stop asking for it), or the loop wakes again at once.
     func fileDescriptorReady(_ index: Int, events: Int16)
     /// The loop ended: nothing is in flight. Unmap the rings and the guest's pages here; this
     /// runs on the loop's thread, possibly long after `stop` gave up waiting, so nothing is
