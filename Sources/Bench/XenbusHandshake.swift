@@ -20,17 +20,8 @@ public func writeNodes(_ store: any XenStoreClient, _ directory: String, _ nodes
     }
 }
 
-/// Polls `path` (a xenbus state node) until it holds one of `states`; throws on Closing/Closed
-/// when those are not wanted, or after `timeoutSeconds`.
+/// Waits until the state node at `path` holds one of `states` (``XenbusDeviceState/wait``).
 public func waitForState(_ store: any XenStoreClient, _ path: String, _ states: Set<XenbusDeviceState>, timeoutSeconds: Double = 10) throws
     -> XenbusDeviceState {
-    let (s, reached) = try XenbusDeviceState.poll(store, path, timeoutSeconds: timeoutSeconds) { s in
-        if states.contains(s) { return true }
-        if (s == .closing || s == .closed) && !states.contains(.closing) && !states.contains(.closed) {
-            throw HarnessFailure("\(path) went to \(s)")
-        }
-        return false
-    }
-    guard reached else { throw HarnessFailure("\(path) did not reach \(states) (it is \(s))") }
-    return s
+    try XenbusDeviceState.wait(store, path, for: states, timeoutSeconds: timeoutSeconds)
 }

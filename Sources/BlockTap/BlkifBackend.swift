@@ -9,7 +9,8 @@ public struct BlkifBackendOptions: Sendable {
     public var maxQueues = 4
     /// max-ring-page-order: a ring of up to 2^order pages (order 4: 512 requests).
     public var maxRingPageOrder = Blkif.maxRingPageOrder
-    /// feature-max-indirect-segments.
+    /// feature-max-indirect-segments: the most segments an indirect request may carry (at most
+    /// Blkif.maxIndirectSegments, which the slots are sized for); 0 refuses indirect requests.
     public var maxIndirectSegments = Blkif.maxIndirectSegments
     /// Persistent grants kept mapped per ring (Linux blkback's xen_blkif_max_pgrants); 0 turns
     /// feature-persistent off.
@@ -17,7 +18,14 @@ public struct BlkifBackendOptions: Sendable {
     /// How long an idle ring thread watches the ring for the next request before it sleeps on
     /// the event channel, in microseconds (`AdaptivePoller`); 0 never polls.
     public var pollMicroseconds = AdaptivePoller.defaultMicroseconds
+    /// How long a disconnect waits for the requests a device holds. A device that has not
+    /// completed them by then is reported; its ring thread keeps the guest's pages mapped and
+    /// releases them when the last request completes.
+    public var stopTimeoutSeconds = 10.0
     public init() {}
+
+    /// The indirect segment limit both advertised and enforced.
+    var effectiveMaxIndirectSegments: Int { min(max(0, maxIndirectSegments), Blkif.maxIndirectSegments) }
 }
 
 /// The blkif backend (Linux's xen-blkback, QEMU's xen-block): offers the features, reads the
@@ -57,7 +65,7 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
                 try put("discard-secure", "0")
             }
             try put("feature-persistent", options.persistentGrantsPerRing > 0 ? "1" : "0")
-            try put("feature-max-indirect-segments", "\(options.maxIndirectSegments)")
+            try put("feature-max-indirect-segments", "\(options.effectiveMaxIndirectSegments)")
             try put("max-ring-page-order", "\(options.maxRingPageOrder)")
             try put("multi-queue-max-queues", "\(options.maxQueues)")
         }
@@ -89,7 +97,7 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
                 opened.append(try openQueue(dev, index: q, directory: dir, order: order, persistent: persistent))
             }
         } catch {
-            opened.forEach { $0.stop() }
+            opened.forEach { $0.stop() }   // never started: releases at once
             throw error
         }
         let g = device.geometry
@@ -100,9 +108,14 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
             try put("sector-size", "\(g.logicalBlockSize)")
             try put("physical-sector-size", "\(g.physicalBlockSize)")
         }
+        do {
+            for q in opened { try q.start() }
+        } catch {
+            opened.forEach { $0.stop() }
+            throw BlkifConnectError("\(error)")
+        }
         queues = opened
         negotiated = Negotiated(queues: queueCount, ringPageOrder: order, persistentGrants: persistent)
-        opened.forEach { $0.start() }
         log("\(dev.backendPath): connected to domain \(dev.frontendDomain): \(negotiated!), device \(device.name) \(g.size) bytes")
     }
 
@@ -121,9 +134,9 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
         let channel: any EventChannel
         do { channel = try hv.events.bindInterdomain(remote: dev.frontendDomain, remotePort: port) }
         catch { hv.grants.unmap(mapping, refs: refs); throw error }
-        return BlkifQueue(index: index, ringMapping: mapping, ringRefs: refs, channel: channel, device: device, grants: hv.grants,
+        return try BlkifQueue(index: index, ringMapping: mapping, ringRefs: refs, channel: channel, device: device, grants: hv.grants,
                           domain: dev.frontendDomain, persistentGrants: persistent ? options.persistentGrantsPerRing : 0,
-                          poller: AdaptivePoller(microseconds: options.pollMicroseconds)) { [weak dev] why in
+                          maxIndirectSegments: options.effectiveMaxIndirectSegments, poller: AdaptivePoller(microseconds: options.pollMicroseconds)) { [weak dev] why in
             guard let dev else { return }
             // Per xenbus rules the device fails alone; the state machine runs on the dispatcher.
             dev.failAsync("queue \(index): \(why)")
@@ -144,17 +157,16 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
 
     public func disconnect(_ dev: XenbusBackendDevice) {
         guard !queues.isEmpty else { return }
-        queues.forEach { $0.stop() }
+        // Every queue stops taking requests at once; then each gets what is left of the wait.
+        queues.forEach { $0.requestStop() }
+        let deadline = monotonicSeconds() + options.stopTimeoutSeconds
+        for q in queues where !q.stop(timeout: max(0, deadline - monotonicSeconds())) {
+            log("\(dev.backendPath): queue \(q.index): the device still holds requests after \(options.stopTimeoutSeconds) s; their pages stay mapped until it completes them")
+        }
         let served = queues.reduce(0) { $0 + $1.requestsServed.load(ordering: .relaxed) }
         let failed = queues.reduce(0) { $0 + $1.requestsFailed.load(ordering: .relaxed) }
         queues = []
         log("\(dev.backendPath): disconnected (\(served) requests served, \(failed) failed)")
-    }
-
-    /// Requests served and failed since connect, over all queues.
-    public var counters: (served: UInt64, failed: UInt64) {
-        (queues.reduce(0) { $0 + $1.requestsServed.load(ordering: .relaxed) },
-         queues.reduce(0) { $0 + $1.requestsFailed.load(ordering: .relaxed) })
     }
 }
 

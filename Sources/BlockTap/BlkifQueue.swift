@@ -7,13 +7,13 @@ import Synchronization
 /// error (an impossible producer index): the device is disconnected, the daemon goes on.
 public typealias BlkifFatalHandler = (String) -> Void
 
-/// One blkif ring (one queue of a multi-queue device) and the thread that owns it: it drains
-/// the ring, checks each request's private copy, maps its pages, hands a ``BlockRequest`` to
-/// the device, and pushes responses as the device completes them, notifying once per batch.
-/// SOFTDEV_DEBUG_BLKIF=1 prints why each request failed.
+/// One blkif ring (one queue of a multi-queue device), served on the thread of a
+/// ``RingServiceLoop``: it drains the ring, checks each request's private copy, maps its pages,
+/// hands a ``BlockRequest`` to the device, and pushes responses as the device completes them,
+/// notifying once per batch. SOFTDEV_DEBUG_BLKIF=1 prints why each request failed.
 let debugLogging = getenv("SOFTDEV_DEBUG_BLKIF") != nil
 
-final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
+final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
     let index: Int
     // The ring thread alone touches the mutable state below (ring, free slots, counts): the
     // dynamic exclusivity checks Swift would make on every access are turned off for them, as
@@ -34,6 +34,14 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     private let debug = debugLogging
     private let directSegmentsOffset = MemoryLayout<blkif_request>.offset(of: \blkif_request.seg)!
     private let writable: Bool
+    /// feature-max-indirect-segments as advertised: an indirect request with more is an error,
+    /// and 0 refuses indirect requests.
+    private let maxIndirectSegments: Int
+    /// Where blkif_response's fields sit (io/blkif.h): each response is stored field by field
+    /// into a zeroed slot, never as a Swift value with its padding.
+    private let responseIDOffset = MemoryLayout<blkif_response>.offset(of: \blkif_response.id)!
+    private let responseOperationOffset = MemoryLayout<blkif_response>.offset(of: \blkif_response.operation)!
+    private let responseStatusOffset = MemoryLayout<blkif_response>.offset(of: \blkif_response.status)!
     private let onFatal: BlkifFatalHandler
     let persistent: PersistentGrantCache?
     /// The persistent cache's table, for lookups that hit (most): no object is touched, so no
@@ -62,17 +70,15 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     /// Free slot tags, a stack in raw memory (an Array would check uniqueness on every use).
     private let freeSlotStack: UnsafeMutablePointer<Int>
     @exclusivity(unchecked) private var freeSlotCount: Int
-    @exclusivity(unchecked) private var inFlight = 0
+    /// Requests handed to the device and not yet answered (the loop waits for them at stop).
+    @exclusivity(unchecked) private(set) var inFlight = 0
     /// A WRITE_BARRIER waits here until everything before it has completed.
     @exclusivity(unchecked) private var heldBarrier: BlkifRequestBytes?
 
-    @exclusivity(unchecked) private var ringThread = pthread_t()   // set once, before the thread runs
-    private let wake: Int32
-    private let remoteCompletions = Mutex<[(UInt64, BlockResult)]>([])
-    private let stopping = Atomic<Bool>(false)
+    /// The thread, its waiting and polling, and the completions of other threads.
+    private let loop: RingServiceLoop<BlkifQueue>
     @exclusivity(unchecked) private var broken = false
     private let indirectBuffer: UnsafeMutablePointer<blkif_request_segment>
-    @exclusivity(unchecked) private var poller: AdaptivePoller
 
     /// Counters, for `softdev` status and tests.
     /// Only the ring thread writes them, so it keeps its own counts and publishes them with a
@@ -82,11 +88,11 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     @exclusivity(unchecked) private var served: UInt64 = 0
     @exclusivity(unchecked) private var failed: UInt64 = 0
 
+    /// Takes over `ringMapping` and `channel` even when it throws: they are released then.
     init(index: Int, ringMapping: GrantMapping, ringRefs: [GrantRef], channel: any EventChannel, device: any BlockDevice,
-         grants: any GrantTable, domain: DomainID, persistentGrants: Int, poller: AdaptivePoller,
-         onFatal: @escaping BlkifFatalHandler) {
+         grants: any GrantTable, domain: DomainID, persistentGrants: Int, maxIndirectSegments: Int, poller: AdaptivePoller,
+         onFatal: @escaping BlkifFatalHandler) throws {
         self.index = index
-        self.poller = poller
         self.ring = BackRing(shared: ringMapping.base!, bytes: ringMapping.pageCount * xenPageSize)
         self.ringMapping = ringMapping; self.ringRefs = ringRefs
         self.channel = channel; self.device = device; self.grants = grants; self.domain = domain
@@ -94,10 +100,19 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         self.blockSize = UInt64(device.geometry.logicalBlockSize)
         self.blockMask = blockSize.nonzeroBitCount == 1 ? blockSize - 1 : nil
         self.writable = device.capabilities.contains(.write)
+        self.maxIndirectSegments = min(max(0, maxIndirectSegments), Blkif.maxIndirectSegments)
         self.onFatal = onFatal
-        self.persistent = persistentGrants > 0 ? PersistentGrantCache(grants: grants, domain: domain, capacity: persistentGrants) : nil
-        self.persistentPages = persistent?.pages
         let n = Int(ring.size)
+        do {
+            self.persistent = persistentGrants > 0 ? try PersistentGrantCache(grants: grants, domain: domain, capacity: persistentGrants) : nil
+            loop = try RingServiceLoop(purpose: "blkif queue \(index) of domain \(domain)", channels: [channel],
+                                       poller: poller, completionCapacity: n)
+        } catch {
+            grants.unmap(ringMapping, refs: ringRefs)
+            channel.close()
+            throw error
+        }
+        self.persistentPages = persistent?.pages
         slots = .allocate(capacity: n)
         let maxSegs = Blkif.maxIndirectSegments
         for i in 0..<n {
@@ -108,7 +123,6 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         freeSlotStack = .allocate(capacity: n)
         for i in 0..<n { freeSlotStack[i] = n - 1 - i }
         freeSlotCount = n
-        wake = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC | CXEN_EFD_NONBLOCK))
         indirectBuffer = .allocate(capacity: Blkif.segmentsPerIndirectPage * Blkif.maxIndirectPages)
     }
 
@@ -122,70 +136,62 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
         slots.deallocate()
         freeSlotStack.deallocate()
         indirectBuffer.deallocate()
-        Glibc.close(wake)
     }
 
-    func start() {
-        let box = Unmanaged.passRetained(self)
-        pthread_create(&ringThread, nil, { arg in
-            let q = Unmanaged<BlkifQueue>.fromOpaque(arg!).takeRetainedValue()
-            q.run()
-            return nil
-        }, box.toOpaque())
+    /// Whether `start` was called (by the connecting thread, which also stops): a queue that
+    /// never started releases its ring itself, as the loop knows it only from `start`.
+    private var started = false
+
+    /// Starts the ring thread; on failure `stop` still releases the ring.
+    func start() throws(ThreadStartError) {
+        started = true
+        try loop.start(self)
     }
 
-    /// Stops taking requests, waits for those in flight, unmaps everything and closes the channel.
-    func stop() {
-        guard !stopping.exchange(true, ordering: .sequentiallyConsistent) else { return }
-        signalWake()
-        pthread_join(ringThread, nil)
+    /// Stops taking requests and waits up to `seconds` for those in flight. True if the ring
+    /// thread ended, having unmapped everything and closed the channel; false if the device
+    /// still holds requests: their pages stay mapped, and the thread releases everything when
+    /// the last of them completes.
+    @discardableResult
+    func stop(timeout seconds: Double = .infinity) -> Bool {
+        if !started {
+            started = true   // once
+            ended()
+        }
+        return loop.stop(timeout: seconds)
+    }
+
+    /// Stops taking requests without waiting (several queues stop together, then are waited for).
+    func requestStop() { loop.requestStop() }
+
+    // MARK: The ring thread (RingService)
+
+    func takeWork() {
+        if !broken { takeRequests() }
+    }
+
+    func finish(_ completion: (UInt64, BlockResult)) { finish(Int(completion.0), completion.1) }
+
+    func publish() { publishResponses() }
+
+    /// A held barrier waits for completions, a broken ring for the stop: neither watches the ring.
+    var awaitsWork: Bool { !broken && heldBarrier == nil }
+
+    /// An impossible producer index counts as work: takeRequests breaks the ring.
+    func hasWork() -> Bool { ring.unconsumedRequests().map { $0 != 0 } ?? true }
+
+    func prepareToSleep() -> Bool {
+        switch ring.finalCheckForRequests() {
+        case .some(let n) where n > 0: return true
+        case .none: breakRing("the frontend published an impossible request producer index"); return true
+        default: return false
+        }
+    }
+
+    /// Nothing is in flight: no device can write into a mapped page any more.
+    func ended() {
         persistent?.unmapAll()
         ringRefs.withUnsafeBufferPointer { grants.unmap(ringMapping, refs: $0) }
-        channel.close()
-    }
-
-    private func signalWake() {
-        var one: UInt64 = 1
-        _ = Glibc.write(wake, &one, 8)
-    }
-
-    // MARK: The ring thread
-
-    private func run() {
-        var fds = [pollfd(fd: channel.fileDescriptor, events: Int16(POLLIN), revents: 0),
-                   pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
-        while true {
-            if stopping.load(ordering: .relaxed) {
-                if inFlight == 0 { break }
-            } else if !broken {
-                takeRequests()
-            }
-            reapRemoteCompletions()
-            publishResponses()
-            if !stopping.load(ordering: .relaxed) && !broken && heldBarrier == nil {
-                // Idle: watch the ring a while before asking for a notification. req_event is
-                // left behind meanwhile, so a frontend that pushes now usually need not notify.
-                // (Nothing else can need this thread: nothing is in flight, and a stop is seen.)
-                if inFlight == 0, poller.wait(idle: true, {
-                    // An impossible producer index counts as work: takeRequests breaks the ring.
-                    (ring.unconsumedRequests().map { $0 != 0 } ?? true) || stopping.load(ordering: .relaxed) ? true : nil
-                }) != nil { continue }
-                // Sleep only after asking for (and re-checking) the next request notification.
-                switch ring.finalCheckForRequests() {
-                case .some(let n) where n > 0: continue
-                case .none: breakRing("the frontend published an impossible request producer index"); continue
-                default: break
-                }
-            }
-            if remoteCompletions.withLock({ !$0.isEmpty }) { continue }
-            fds[0].revents = 0; fds[1].revents = 0
-            if poll(&fds, 2, stopping.load(ordering: .relaxed) ? 10 : -1) > 0 {
-                if fds[0].revents != 0 { channel.consume() }
-                if fds[1].revents != 0 { var v: UInt64 = 0; _ = Glibc.read(wake, &v, 8) }
-            }
-        }
-        reapRemoteCompletions()
-        publishResponses()
     }
 
     private func breakRing(_ why: String) {
@@ -216,11 +222,14 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     }
 
     private func respond(id: UInt64, operation: UInt8, status: Int16) {
-        var r = blkif_response()
-        r.id = id
-        r.operation = operation
-        r.status = status
-        ring.putResponse(r)
+        // Field by field into a zeroed slot: blkif_response has 5 bytes of padding, which a
+        // Swift value would fill with whatever was on this stack (XSA-216).
+        let idOffset = responseIDOffset, operationOffset = responseOperationOffset, statusOffset = responseStatusOffset
+        ring.putResponse(zeroed: { slot in
+            slot.storeBytes(of: id, toByteOffset: idOffset, as: UInt64.self)
+            slot.storeBytes(of: operation, toByteOffset: operationOffset, as: UInt8.self)
+            slot.storeBytes(of: status, toByteOffset: statusOffset, as: Int16.self)
+        })
         if status == Blkif.statusOkay {
             served &+= 1
             requestsServed.store(served, ordering: .relaxed)
@@ -345,7 +354,7 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
             if self.debug { print("blkif: request \(request.id) op \(request.operation): \(why)") }
             self.respond(id: request.id, operation: responseOperation, status: Blkif.statusError)
         }
-        let maxSegments = indirect ? Blkif.maxIndirectSegments : Blkif.maxDirectSegments
+        let maxSegments = indirect ? maxIndirectSegments : Blkif.maxDirectSegments
         guard segmentCount >= 1, segmentCount <= maxSegments else { fail("\(segmentCount) segments"); return }
         let isWrite = operation == Blkif.opWrite
         if isWrite && !writable { fail("write to a read-only device"); return }
@@ -449,21 +458,11 @@ final class BlkifQueue: BlockCompletionSink, @unchecked Sendable {
     // MARK: Completions
 
     func complete(tag: UInt64, result: BlockResult) {
-        if pthread_equal(pthread_self(), ringThread) != 0 {
+        if loop.isLoopThread {
             finish(Int(tag), result)
         } else {
-            remoteCompletions.withLock { $0.append((tag, result)) }
-            signalWake()
+            loop.post((tag, result))
         }
-    }
-
-    private func reapRemoteCompletions() {
-        let done = remoteCompletions.withLock { q -> [(UInt64, BlockResult)] in
-            if q.isEmpty { return [] }
-            defer { q.removeAll(keepingCapacity: true) }
-            return q
-        }
-        for (tag, result) in done { finish(Int(tag), result) }
     }
 
     private func finish(_ tag: Int, _ result: BlockResult) {

@@ -6,7 +6,8 @@ import XenStore
 /// A blkfront written in Swift for a guest of the local hypervisor: it does what Linux's
 /// xen-blkfront does on the wire (rings of 2^order pages, several queues, persistent or
 /// per-request grants, indirect segments) so that the demo, the tests and the benchmark drive
-/// the backend exactly as a guest would.
+/// the backend exactly as a guest would. The handshake, rings and channels are a
+/// ``LocalFrontend``'s; this adds blkif's nodes and requests.
 public final class LocalBlockFrontend: @unchecked Sendable {
     public struct Options: Sendable {
         public var queues = 1
@@ -19,18 +20,19 @@ public final class LocalBlockFrontend: @unchecked Sendable {
         public init() {}
     }
 
-    public let hypervisor: LocalHypervisor
-    public let pages: LocalGuestPages
-    public let frontendPath: String
-    public let backendPath: String
-    public let backendDomain: DomainID
+    /// The xenbus handshake, grants, rings and channels.
+    public let connection: LocalFrontend
+    public var hypervisor: LocalHypervisor { connection.hypervisor }
+    public var pages: LocalGuestPages { connection.pages }
+    public var frontendPath: String { connection.frontendPath }
+    public var backendPath: String { connection.backendPath }
+    public var backendDomain: DomainID { connection.backendDomain }
     public private(set) var sectors: UInt64 = 0
     public private(set) var sectorSize: UInt32 = 512
     public private(set) var readOnly = false
     public private(set) var backendFeatures: [String: String] = [:]
     public let options: Options
     public private(set) var queues: [Queue] = []
-    private var store: any XenStoreClient { hypervisor.store }
 
     /// One ring with its event channel and buffers.
     public final class Queue: @unchecked Sendable {
@@ -60,88 +62,44 @@ public final class LocalBlockFrontend: @unchecked Sendable {
 
     /// Connects the frontend at `frontendPath` (written by the toolstack) to its backend.
     public init(hypervisor: LocalHypervisor, frontendPath: String, options: Options = Options(), timeoutSeconds: Double = 10) throws {
-        guard let memory = hypervisor.memory else { throw Failure("a frontend needs a guest domain") }
-        self.hypervisor = hypervisor
-        self.pages = LocalGuestPages(memory: memory)
-        self.frontendPath = frontendPath
+        connection = try LocalFrontend(hypervisor: hypervisor, frontendPath: frontendPath, timeoutSeconds: timeoutSeconds)
         self.options = options
-        let store = hypervisor.store
-        guard let be = try store.readString(frontendPath + "/backend"), let bid = try store.readInt(frontendPath + "/backend-id") else {
-            throw Failure("\(frontendPath) has no backend (was the device attached?)")
-        }
-        backendPath = be
-        backendDomain = DomainID(bid)
-        try waitForBackend(.initWait, timeoutSeconds)
-        for k in ["feature-persistent", "feature-max-indirect-segments", "max-ring-page-order", "multi-queue-max-queues",
-                  "feature-flush-cache", "feature-discard", "discard-granularity"] {
-            if let v = try store.readString(be + "/" + k) { backendFeatures[k] = v }
-        }
+        backendFeatures = try connection.backendNodes(["feature-persistent", "feature-max-indirect-segments", "max-ring-page-order",
+                                                       "multi-queue-max-queues", "feature-flush-cache", "feature-discard",
+                                                       "discard-granularity"])
         let maxOrder = Int(backendFeatures["max-ring-page-order"] ?? "0") ?? 0
         let maxQueues = Int(backendFeatures["multi-queue-max-queues"] ?? "1") ?? 1
         let order = min(options.ringPageOrder, maxOrder)
         let queueCount = max(1, min(options.queues, maxQueues))
         let persistent = options.persistentGrants && backendFeatures["feature-persistent"] == "1"
 
-        for q in 0..<queueCount { queues.append(try makeQueue(order: order, persistent: persistent, index: q)) }
-        try store.transaction { (tx) throws(XenStoreError) in
-            func put(_ k: String, _ v: String) throws(XenStoreError) { try store.write(frontendPath + "/" + k, v, transaction: tx) }
-            if order > 0 { try put("ring-page-order", "\(order)") }
-            if queueCount > 1 { try put("multi-queue-num-queues", "\(queueCount)") }
-            try put("protocol", "x86_64-abi")
-            try put("feature-persistent", persistent ? "1" : "0")
-            for (i, queue) in queues.enumerated() {
-                let dir = queueCount == 1 ? "" : "queue-\(i)/"
-                if order == 0 { try put(dir + "ring-ref", "\(queue.ringRefs[0])") }
-                else { for (j, r) in queue.ringRefs.enumerated() { try put(dir + "ring-ref\(j)", "\(r)") } }
-                try put(dir + "event-channel", "\(queue.channel.localPort)")
-            }
-            try put("state", "\(XenbusDeviceState.initialised.rawValue)")
+        var nodes: [(String, String)] = [("protocol", "x86_64-abi"), ("feature-persistent", persistent ? "1" : "0")]
+        if order > 0 { nodes.append(("ring-page-order", "\(order)")) }
+        if queueCount > 1 { nodes.append(("multi-queue-num-queues", "\(queueCount)")) }
+        for i in 0..<queueCount {
+            queues.append(try makeQueue(order: order, persistent: persistent, directory: queueCount == 1 ? "" : "queue-\(i)/",
+                                        nodes: &nodes))
         }
-        try waitForBackend(.connected, timeoutSeconds)
-        sectors = try store.readInt(be + "/sectors") ?? 0
-        sectorSize = UInt32(try store.readInt(be + "/sector-size") ?? 512)
-        readOnly = ((try store.readInt(be + "/info") ?? 0) & UInt64(Blkif.vdiskReadOnly)) != 0
-        try store.write(frontendPath + "/state", "\(XenbusDeviceState.connected.rawValue)")
+        try connection.connect(nodes: nodes, timeoutSeconds: timeoutSeconds)
+        let info = try connection.backendNodes(["sectors", "sector-size", "info"])
+        sectors = info["sectors"].flatMap { UInt64($0) } ?? 0
+        sectorSize = info["sector-size"].flatMap { UInt32($0) } ?? 512
+        readOnly = ((info["info"].flatMap { UInt64($0) } ?? 0) & UInt64(Blkif.vdiskReadOnly)) != 0
     }
 
-    private func makeQueue(order: Int, persistent: Bool, index: Int) throws -> Queue {
-        let ringPages = 1 << order
-        let ringFrame = try pages.allocate(pages: ringPages)
-        let ring = FrontRing<BlkifRing>(initializing: pages.pointer(ringFrame), bytes: ringPages * xenPageSize)
-        var refs: [GrantRef] = []
-        for i in 0..<ringPages { refs.append(try pages.grant(frame: ringFrame + UInt32(i), to: backendDomain, readOnly: false)) }
-        let channel = try hypervisor.events.allocateUnbound(remote: backendDomain)
+    /// A ring, its channel and its buffers; adds the nodes that describe it under `directory`.
+    private func makeQueue(order: Int, persistent: Bool, directory: String, nodes: inout [(String, String)]) throws -> Queue {
+        let ring = try connection.makeRing(BlkifRing.self, pageOrder: order)
+        let channel = try connection.makeChannel()
+        nodes += ring.nodes(prefix: directory) + [(directory + "event-channel", "\(channel.localPort)")]
         let bufferFrame = try pages.allocate(pages: options.bufferPages)
-        var bufferRefs: [GrantRef] = []
-        if persistent {
-            for i in 0..<options.bufferPages {
-                bufferRefs.append(try pages.grant(frame: bufferFrame + UInt32(i), to: backendDomain, readOnly: false))
-            }
-        }
-        return Queue(ring: ring, ringFrame: ringFrame, ringRefs: refs, channel: channel, bufferFrame: bufferFrame, bufferRefs: bufferRefs)
-    }
-
-    /// Waits until the backend's state is `state` (or later in the handshake).
-    public func waitForBackend(_ state: XenbusDeviceState, _ timeoutSeconds: Double) throws {
-        let (s, reached) = try XenbusDeviceState.poll(store, backendPath + "/state", timeoutSeconds: timeoutSeconds) { s in
-            if s == state { return true }
-            if state == .initWait && s.rawValue > XenbusDeviceState.initWait.rawValue && s != .closing && s != .closed { return true }
-            if (s == .closing || s == .closed) && state != .closing && state != .closed {
-                let err = (try? store.readString(backendPath + "/error")).flatMap { $0 } ?? "no error given"
-                throw Failure("backend \(backendPath) went to \(s) (\(err))")
-            }
-            return false
-        }
-        if !reached { throw Failure("backend \(backendPath) did not reach \(state) (it is \(s))") }
+        let bufferRefs = persistent ? try connection.grant(frame: bufferFrame, count: options.bufferPages, readOnly: false) : []
+        return Queue(ring: ring.ring, ringFrame: ring.frame, ringRefs: ring.refs, channel: channel, bufferFrame: bufferFrame, bufferRefs: bufferRefs)
     }
 
     /// Closes as blkfront does: Closing, wait for the backend to close, Closed.
     public func close(timeoutSeconds: Double = 10) throws {
-        try store.write(frontendPath + "/state", "\(XenbusDeviceState.closing.rawValue)")
-        try? waitForBackend(.closing, timeoutSeconds)
-        try store.write(frontendPath + "/state", "\(XenbusDeviceState.closed.rawValue)")
-        try? waitForBackend(.closed, timeoutSeconds)
-        for q in queues { q.channel.close() }
+        try connection.close(timeoutSeconds: timeoutSeconds)
     }
 
     // MARK: Requests

@@ -24,14 +24,23 @@ final class PersistentGrantCache {
     /// What is mapped, for unmapAll (touched only when a reference is first mapped).
     private var mapped: [(ref: GrantRef, mapping: GrantMapping)] = []
 
-    init(grants: any GrantTable, domain: DomainID, capacity: Int) {
+    /// Throws when the table cannot be mapped (address space or memory exhausted): that one
+    /// device fails to connect, with the reason in its `error` node; the daemon goes on.
+    init(grants: any GrantTable, domain: DomainID, capacity: Int) throws(BlkifConnectError) {
         self.grants = grants; self.domain = domain; self.capacity = capacity
         let bytes = Self.tableEntries * MemoryLayout<UnsafeMutableRawPointer?>.stride
-        guard let area = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), area != MAP_FAILED else {
-            fatalError("persistent grant table: mmap of \(bytes) bytes failed: \(String(cString: strerror(errno)))")
+        guard let area = Self.mapTable(bytes) else {
+            throw BlkifConnectError("persistent grant table: mmap of \(bytes) bytes failed: \(String(cString: strerror(errno)))")
         }
         pages = area.bindMemory(to: UnsafeMutableRawPointer?.self, capacity: Self.tableEntries)   // zero: nothing kept
         mapped.reserveCapacity(capacity)
+    }
+
+    /// Maps anonymous zeroed memory for the table, or returns nil with errno set. A variable
+    /// so that a test can make it fail as an exhausted address space would.
+    nonisolated(unsafe) static var mapTable: (Int) -> UnsafeMutableRawPointer? = { bytes in
+        guard let area = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), area != MAP_FAILED else { return nil }
+        return area
     }
 
     deinit {

@@ -9,13 +9,12 @@ import XenStore
 
 /// The C conformance frontend (conformance.c) attached to a disk served by SoftDev's Swift
 /// backend: Swift makes the guest's pages and event channel and does the xenstore handshake
-/// (as Linux blkfront does: wait for InitWait, read the features, write ring-ref(s),
-/// event-channel, ring-page-order, protocol, feature-persistent, Initialised, wait for
-/// Connected); C owns the ring and every grant, and runs the checks.
+/// with a ``LocalFrontend`` (as Linux blkfront does: wait for InitWait, read the features,
+/// write ring-ref(s), event-channel, ring-page-order, protocol, feature-persistent,
+/// Initialised, wait for Connected); C owns the ring and every grant, and runs the checks.
 final class CConformanceFrontend {
     static let dataPages: UInt32 = 2048
-    let guest: LocalHypervisor
-    let paths: XenbusDevicePaths
+    let link: LocalFrontend
     let channel: LocalEventChannel
     let front: OpaquePointer
     let sectors: UInt64
@@ -23,26 +22,22 @@ final class CConformanceFrontend {
     let maxIndirectSegments: UInt32
 
     init(guest: LocalHypervisor, paths: XenbusDevicePaths, ringOrder: Int, persistent wantPersistent: Bool, deviceBytes: UnsafeRawPointer?) throws {
-        self.guest = guest
-        self.paths = paths
         guard let memory = guest.memory else { throw HarnessFailure("not a guest") }
-        let store = guest.store
-        let be = paths.backendPath, fe = paths.frontendPath
-        _ = try waitForState(store, be + "/state", [.initWait])
-        let maxOrder = Int(try store.readInt(be + "/max-ring-page-order") ?? 0)
+        link = try LocalFrontend(hypervisor: guest, frontendPath: paths.frontendPath)
+        let features = try link.backendNodes(["max-ring-page-order", "feature-persistent", "feature-max-indirect-segments",
+                                              "feature-discard", "discard-secure"])
+        func feature(_ key: String) -> UInt32 { features[key].flatMap { UInt32($0) } ?? 0 }
+        let maxOrder = Int(feature("max-ring-page-order"))
         guard ringOrder <= maxOrder else { throw HarnessFailure("backend offers ring order \(maxOrder) < \(ringOrder)") }
-        let offered = try store.readInt(be + "/feature-persistent")
-        let persistent = wantPersistent && offered == 1
+        let persistent = wantPersistent && feature("feature-persistent") == 1
         self.persistent = persistent
-        maxIndirectSegments = UInt32(try store.readInt(be + "/feature-max-indirect-segments") ?? 0)
-        let discard = (try store.readInt(be + "/feature-discard")) == 1
+        maxIndirectSegments = feature("feature-max-indirect-segments")
+        let discard = feature("feature-discard") == 1
 
-        let pages = LocalGuestPages(memory: memory)   // used for frames only: C makes the grants
+        let pages = link.pages   // used for frames only: C makes the grants
         let ringFrame = try pages.allocate(pages: 1 << ringOrder)
         let dataFrame = try pages.allocate(pages: Int(Self.dataPages))
-        guard let ch = try guest.events.allocateUnbound(remote: paths.backendDomain) as? LocalEventChannel else {
-            throw HarnessFailure("not a local event channel")
-        }
+        guard let ch = try link.makeChannel() as? LocalEventChannel else { throw HarnessFailure("not a local event channel") }
         channel = ch
         var env = cref_front_env()
         env.ring = pages.pointer(ringFrame)
@@ -58,7 +53,7 @@ final class CConformanceFrontend {
         env.persistent = persistent ? 1 : 0
         env.max_indirect_segments = maxIndirectSegments
         env.discard = discard ? 1 : 0
-        env.discard_secure = UInt32(try store.readInt(be + "/discard-secure") ?? 0)
+        env.discard_secure = feature("discard-secure")
         env.wait_fd = ch.fileDescriptor
         env.notify = creferenceNotify
         env.notify_ctx = Unmanaged.passUnretained(ch).toOpaque()
@@ -69,12 +64,9 @@ final class CConformanceFrontend {
 
         let ringNodes = ringOrder == 0 ? [("ring-ref", "\(refs[0])")]
             : [("ring-page-order", "\(ringOrder)")] + (0..<(1 << ringOrder)).map { ("ring-ref\($0)", "\(refs[$0])") }
-        try writeNodes(store, fe, ringNodes + [
-            ("event-channel", "\(ch.localPort)"), ("protocol", "x86_64-abi"), ("feature-persistent", persistent ? "1" : "0"),
-            ("state", "\(XenbusDeviceState.initialised.rawValue)")])
-        _ = try waitForState(store, be + "/state", [.connected])
-        sectors = try store.readInt(be + "/sectors") ?? 0
-        try store.write(fe + "/state", "\(XenbusDeviceState.connected.rawValue)")
+        try link.connect(nodes: ringNodes + [("event-channel", "\(ch.localPort)"), ("protocol", "x86_64-abi"),
+                                             ("feature-persistent", persistent ? "1" : "0")])
+        sectors = try link.backendNodes(["sectors"])["sectors"].flatMap { UInt64($0) } ?? 0
     }
 
     /// Runs the suite; returns (name, passed, message) per check.
@@ -92,13 +84,7 @@ final class CConformanceFrontend {
     /// Closes as blkfront does (Closing, backend closes, Closed), then revokes every grant;
     /// returns how many the backend had not released.
     func close() throws -> Int {
-        let store = guest.store
-        try store.write(paths.frontendPath + "/state", "\(XenbusDeviceState.closing.rawValue)")
-        _ = try waitForState(store, paths.backendPath + "/state", [.closing, .closed])
-        try store.write(paths.frontendPath + "/state", "\(XenbusDeviceState.closed.rawValue)")
-        _ = try waitForState(store, paths.backendPath + "/state", [.closed])
-        let busy = Int(cref_front_free(front))
-        channel.close()
-        return busy
+        try link.close()
+        return Int(cref_front_free(front))
     }
 }

@@ -113,4 +113,24 @@ final class SharedRingTests: XCTestCase {
         setWord(0, 266)                          // the frontend reuses the 10 answered slots
         XCTAssertEqual(back.unconsumedRequests(), 10)
     }
+
+    /// putResponse(zeroed:) writes the whole response: bytes the fill leaves alone are zero,
+    /// not what the slot held (the request, or anything else), and nothing past the response.
+    func testAZeroedResponseSlotKeepsNoOldBytes() {
+        var back = BackRing<PaddedRing>(shared: page, bytes: 4096)
+        _ = FrontRing<PaddedRing>(initializing: page, bytes: 4096)
+        let slot = page + SharedRingLayout.headerSize
+        memset(slot, 0xAA, 2 * PaddedRing.entrySize)
+        back.putResponse(zeroed: { $0.storeBytes(of: 0x11, toByteOffset: 0, as: UInt8.self) })
+        XCTAssertEqual(Array(UnsafeRawBufferPointer(start: slot, count: PaddedRing.entrySize)),
+                       [0x11, 0, 0, 0, 0, 0, 0, 0, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA, 0xAA], "8 bytes of response, then the entry's rest")
+        XCTAssertEqual(back.responseProducer, 1)
+    }
+}
+
+/// A ring whose 8-byte responses sit in 16-byte entries, to see what a response write touches.
+enum PaddedRing: RingTypes {
+    typealias Request = (UInt64, UInt64)
+    typealias Response = UInt64
+    static var entrySize: Int { 16 }
 }

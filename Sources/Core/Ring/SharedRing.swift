@@ -74,9 +74,22 @@ public struct BackRing<T: RingTypes> {
         return r
     }
 
-    /// Writes a response into the next slot (not yet visible to the frontend).
+    /// Writes a response into the next slot (not yet visible to the frontend). Only for a
+    /// response type without padding: a Swift value's padding bytes are whatever was on the
+    /// stack, and they would land in the guest's page. Use `putResponse(zeroed:)` otherwise.
     @inlinable @inline(__always) public mutating func putResponse(_ response: T.Response) {
         entry(responseProducer).storeBytes(of: response, as: T.Response.self)
+        responseProducerIndex &+= 1
+    }
+
+    /// Writes the next response slot whole: its `MemoryLayout<T.Response>.size` bytes are
+    /// zeroed, then `fill` stores the fields at their C offsets, so no padding byte carries
+    /// this process's memory into the peer's page (XSA-216: blkback leaked kernel stack through
+    /// blkif_response's padding). Not yet visible to the frontend.
+    @inlinable @inline(__always) public mutating func putResponse(zeroed fill: (UnsafeMutableRawPointer) -> Void) {
+        let slot = entry(responseProducer)
+        slot.initializeMemory(as: UInt8.self, repeating: 0, count: MemoryLayout<T.Response>.size)
+        fill(slot)
         responseProducerIndex &+= 1
     }
 

@@ -33,3 +33,40 @@ extension XenbusDeviceState {
         }
     }
 }
+
+/// Why ``XenbusDeviceState/wait(_:_:for:timeoutSeconds:)`` gave up.
+public enum XenbusWaitError: Error, CustomStringConvertible {
+    /// The other end went to Closing or Closed, which was not awaited; `error` is what it wrote
+    /// in the `error` node beside its `state` (xenbus_dev_fatal's report), if anything.
+    case closed(path: String, state: XenbusDeviceState, error: String?)
+    /// The time ran out; `state` is the last one read.
+    case timedOut(path: String, wanted: Set<XenbusDeviceState>, state: XenbusDeviceState)
+    public var description: String {
+        switch self {
+        case let .closed(path, s, error): return "\(path) went to \(s) (\(error ?? "no error given"))"
+        case let .timedOut(path, wanted, s):
+            return "\(path) did not reach \(wanted.sorted { $0.rawValue < $1.rawValue }.map(\.description).joined(separator: " or ")) (it is \(s))"
+        }
+    }
+}
+
+extension XenbusDeviceState {
+    /// Waits until the state node at `path` holds one of `states`, for either end of a handshake
+    /// (a frontend waiting for its backend, a harness playing the backend); returns the state
+    /// reached. Closing or Closed, unless awaited, ends the wait at once with the peer's `error`
+    /// node, since a device that closes will not come back by itself.
+    @discardableResult
+    public static func wait(_ store: any XenStoreClient, _ path: String, for states: Set<XenbusDeviceState>,
+                            timeoutSeconds: Double = 10) throws(XenbusWaitError) -> XenbusDeviceState {
+        let closingAwaited = states.contains(.closing) || states.contains(.closed)
+        let (s, reached) = poll(store, path, timeoutSeconds: timeoutSeconds) { s in
+            states.contains(s) || (!closingAwaited && (s == .closing || s == .closed))
+        }
+        if reached && states.contains(s) { return s }
+        if reached {
+            let directory = path.hasSuffix("/state") ? String(path.dropLast("/state".count)) : path
+            throw .closed(path: path, state: s, error: (try? store.readString(directory + "/error")) ?? nil)
+        }
+        throw .timedOut(path: path, wanted: states, state: s)
+    }
+}

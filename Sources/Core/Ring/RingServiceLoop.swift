@@ -1,0 +1,238 @@
+import CXen
+import Glibc
+import Synchronization
+
+/// What one class of tap (blkif, netif, usbif) does on the thread of a ``RingServiceLoop``; the
+/// loop owns the thread, the waiting, the polling, the cross-thread completions and the stop.
+/// Every method is called on the loop's thread alone, so the service's ring state needs no lock.
+public protocol RingService: AnyObject {
+    /// What another thread hands back when a piece of work ends (blkif: a slot's tag and the
+    /// device's result).
+    associatedtype Completion
+
+    /// Takes what the rings hold and starts it (requests to a device, frames to a TAP fd).
+    /// Called on every turn until the loop stops.
+    func takeWork()
+    /// Finishes one completion another thread posted (writes its response, frees its slot).
+    func finish(_ completion: Completion)
+    /// Publishes the responses written this turn and notifies the peers that asked for it.
+    func publish()
+    /// Work started and not finished. While any is in flight the loop does not poll (its
+    /// completion will wake the thread) and does not end when stopped.
+    var inFlight: Int { get }
+    /// Whether the loop should watch the rings for new work before it sleeps. A service that
+    /// can take nothing now (a blkif barrier waiting for what is before it, a ring found broken)
+    /// answers false, and the loop sleeps until a completion, an event or a stop.
+    var awaitsWork: Bool { get }
+    /// Whether the rings hold work now: the adaptive poller's question, asked often, so it must
+    /// be cheap (an index compared, nothing written).
+    func hasWork() -> Bool
+    /// Before sleeping: asks the peers to notify (req_event = cons + 1) and checks once more
+    /// (RING_FINAL_CHECK_FOR_REQUESTS); true if work arrived meanwhile, so the loop does not sleep.
+    func prepareToSleep() -> Bool
+    /// Event channel `index` (in the order given to the loop) fired; its event is consumed.
+    func eventChannelFired(_ index: Int)
+    /// Extra file descriptor `index` is ready with `events` (poll's revents). Poll is level-
+    /// triggered: read what is ready (or stop asking for it), or the loop wakes again at once.
+    func fileDescriptorReady(_ index: Int, events: Int16)
+    /// The loop ended: nothing is in flight. Unmap the rings and the guest's pages here; this
+    /// runs on the loop's thread, possibly long after `stop` gave up waiting, so nothing is
+    /// unmapped while a device may still write into it.
+    func ended()
+}
+
+extension RingService {
+    public var awaitsWork: Bool { true }
+    public func eventChannelFired(_ index: Int) {}
+    public func fileDescriptorReady(_ index: Int, events: Int16) {}
+}
+
+/// One thread that serves a queue's rings: it waits (poll) on any number of event channels
+/// plus extra file descriptors (a TAP fd, a libusb fd, a socket, a device's completion eventfd),
+/// takes the completions other threads post in batches, polls the rings adaptively when idle
+/// (``AdaptivePoller``), and stops with a timeout. The class-specific logic is a ``RingService``.
+///
+/// ```swift
+/// let loop = try RingServiceLoop<MyQueue>(purpose: "vif 3/0", channels: [tx, rx],
+///                                          fileDescriptors: [tapFD], poller: AdaptivePoller(microseconds: 50),
+///                                          completionCapacity: 256)
+/// try loop.start(myQueue)
+/// // on another thread, when a device is done:
+/// loop.post(completion)
+/// // at disconnect:
+/// if !loop.stop(timeout: 5) { log("still in flight; released when the device completes") }
+/// ```
+///
+/// Per turn it does: take work (until stopped), finish posted completions, publish; then, if
+/// nothing is in flight, poll the rings for a while; then arm notifications and sleep in poll.
+/// A turn with no posted completion takes no lock, and a request served inline (a device that
+/// completes in `submit` on this thread) passes through none of this.
+public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
+    public let purpose: String
+    /// Polled for events, in this order; consumed by the loop, then reported to the service.
+    public let channels: [any EventChannel]
+    /// Polled beside the channels, with the events asked for each.
+    public let fileDescriptors: [(fd: Int32, events: Int16)]
+    @usableFromInline let completions: RingCompletionQueue<Service.Completion>
+    /// Written by `post` when the completion queue was empty, read by the loop's poll.
+    @usableFromInline let wake: Int32
+    @usableFromInline let stopping = Atomic<Bool>(false)
+    /// The loop's thread, recorded by the thread itself before it takes any work: everything
+    /// that compares against it (a completion) happens after that work was started.
+    @usableFromInline @exclusivity(unchecked) var loopThread = pthread_t()
+    @usableFromInline @exclusivity(unchecked) var poller: AdaptivePoller
+
+    @usableFromInline struct Life {
+        @usableFromInline var thread: PosixThread?
+        /// Held from `start` until the thread ends (then released, breaking the cycle with a
+        /// service that holds its loop), or given `ended` by `stop` if it never started.
+        @usableFromInline var service: Service?
+        @usableFromInline var ended = false
+        @usableFromInline init() {}
+    }
+    @usableFromInline let life = Mutex(Life())
+
+    public struct SetupError: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// `completionCapacity`: the most completions that can be pending at once (the ring's size).
+    public init(purpose: String, channels: [any EventChannel], fileDescriptors: [(fd: Int32, events: Int16)] = [],
+                poller: AdaptivePoller, completionCapacity: Int) throws(SetupError) {
+        self.purpose = purpose
+        self.channels = channels
+        self.fileDescriptors = fileDescriptors
+        self.poller = poller
+        completions = RingCompletionQueue(capacity: completionCapacity)
+        wake = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC | CXEN_EFD_NONBLOCK))
+        guard wake >= 0 else { throw SetupError(description: "\(purpose): eventfd: \(String(cString: strerror(errno)))") }
+    }
+
+    deinit { Glibc.close(wake) }
+
+    /// Starts the thread that serves `service`. On failure nothing runs and `stop` releases the
+    /// service's resources (`ended`). (A loop stopped without a `start` knows no service: it
+    /// closes its channels, and the service releases the rest itself.)
+    /// (Inlinable, as `run` is: the tap's module gets the loop specialized for its service.)
+    @inlinable public func start(_ service: Service) throws(ThreadStartError) {
+        // Under the lock, so that a `stop` on another thread sees either no start or a thread
+        // (the thread takes the lock only as it ends).
+        try life.withLock { (l) throws(ThreadStartError) in
+            l.service = service
+            l.thread = try PosixThread(purpose) { [self] in
+                self.run(service)
+                // The last use of the service from this loop: drop it, so that a queue that
+                // `stop` gave up on is freed now that its device finally completed.
+                self.life.withLock { $0.ended = true; $0.service = nil }
+            }
+        }
+    }
+
+    /// True on the loop's thread: a completion there is finished inline, not posted.
+    @inlinable public var isLoopThread: Bool { pthread_equal(pthread_self(), loopThread) != 0 }
+
+    /// From any thread but the loop's: hands `completion` to the loop, waking it if it may sleep.
+    @inlinable public func post(_ completion: Service.Completion) {
+        if completions.post(completion) { signalWake() }
+    }
+
+    /// Stops taking work and waits up to `seconds` for the work in flight to finish and the
+    /// thread to end (it unmaps and closes everything as it ends). True if it ended; false if a
+    /// device still holds work: the thread goes on, and releases everything when the last
+    /// completion arrives. Never unmaps memory a device may still write to. Idempotent.
+    @discardableResult
+    public func stop(timeout seconds: Double = .infinity) -> Bool {
+        requestStop()
+        let (thread, neverStarted, service): (PosixThread?, Bool, Service?) = life.withLock { l in
+            if l.thread == nil && !l.ended {
+                l.ended = true
+                defer { l.service = nil }
+                return (nil, true, l.service)
+            }
+            return (l.thread, false, nil)
+        }
+        if neverStarted {
+            // No thread ran, so nothing can be in flight: release now, on this thread.
+            service?.ended()
+            closeChannels()
+            return true
+        }
+        guard let thread else { return true }
+        if seconds == .infinity {
+            // In slices: a thread an earlier `stop` gave up on is detached, and only its end
+            // (not pthread_join) can be waited for.
+            while !thread.join(timeout: 60) {}
+            return true
+        }
+        return thread.join(timeout: seconds)
+    }
+
+    /// Stops taking work without waiting: the loop finishes what is in flight and ends. For a
+    /// caller that stops several loops at once, then waits for each with `stop(timeout:)`.
+    public func requestStop() {
+        if !stopping.exchange(true, ordering: .sequentiallyConsistent) { signalWake() }
+    }
+
+    /// Whether the loop has ended (for a caller that `stop` returned false to).
+    public var hasEnded: Bool { life.withLock { $0.ended } }
+
+    @usableFromInline func signalWake() {
+        var one: UInt64 = 1
+        _ = Glibc.write(wake, &one, 8)
+    }
+
+    @usableFromInline func closeChannels() {
+        for c in channels { c.close() }
+    }
+
+    // MARK: The loop's thread
+
+    @inlinable func run(_ service: Service) {
+        loopThread = pthread_self()
+        let channelCount = channels.count
+        var fds = channels.map { pollfd(fd: $0.fileDescriptor, events: Int16(POLLIN), revents: 0) }
+        fds += fileDescriptors.map { pollfd(fd: $0.fd, events: $0.events, revents: 0) }
+        fds.append(pollfd(fd: wake, events: Int16(POLLIN), revents: 0))
+        let wakeIndex = fds.count - 1
+        let finish = { (c: Service.Completion) in service.finish(c) }
+        while true {
+            let isStopping = stopping.load(ordering: .relaxed)
+            if isStopping {
+                if service.inFlight == 0 { break }
+            } else {
+                service.takeWork()
+            }
+            completions.drain(finish)
+            service.publish()
+            if !isStopping && service.awaitsWork {
+                // Idle: watch the rings a while before asking for a notification. The event
+                // index is left behind meanwhile, so a peer that pushes now usually need not
+                // notify. (Nothing else can need this thread: nothing is in flight, and a stop
+                // is seen.)
+                if service.inFlight == 0, poller.wait(idle: true, {
+                    service.hasWork() || stopping.load(ordering: .relaxed) ? true : nil
+                }) != nil { continue }
+                // Sleep only after asking for (and re-checking) the next notification.
+                if service.prepareToSleep() { continue }
+            }
+            if !completions.isEmpty { continue }
+            for i in 0..<fds.count { fds[i].revents = 0 }
+            // While stopping, a short timeout: the completions awaited wake the thread anyway,
+            // this only bounds the cost of a wake-up lost to a misbehaving device.
+            if poll(&fds, nfds_t(fds.count), isStopping ? 10 : -1) > 0 {
+                for i in 0..<channelCount where fds[i].revents != 0 {
+                    channels[i].consume()
+                    service.eventChannelFired(i)
+                }
+                for i in channelCount..<wakeIndex where fds[i].revents != 0 {
+                    service.fileDescriptorReady(i - channelCount, events: fds[i].revents)
+                }
+                if fds[wakeIndex].revents != 0 { var v: UInt64 = 0; _ = Glibc.read(wake, &v, 8) }
+            }
+        }
+        completions.drain(finish)
+        service.publish()
+        service.ended()
+        closeChannels()
+    }
+}
