@@ -18,10 +18,6 @@ public struct BlkifBackendOptions: Sendable {
     /// How long an idle ring thread watches the ring for the next request before it sleeps on
     /// the event channel, in microseconds (`AdaptivePoller`); 0 never polls.
     public var pollMicroseconds = AdaptivePoller.defaultMicroseconds
-    /// How long a disconnect waits for the requests a device holds. A device that has not
-    /// completed them by then is reported; its ring thread keeps the guest's pages mapped and
-    /// releases them when the last request completes.
-    public var stopTimeoutSeconds = 10.0
     public init() {}
 
     /// The indirect segment limit both advertised and enforced.
@@ -157,12 +153,13 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
 
     public func disconnect(_ dev: XenbusBackendDevice) {
         guard !queues.isEmpty else { return }
-        // Every queue stops taking requests at once; then each gets what is left of the wait.
+        // Every queue stops taking requests at once; then this (teardown) thread waits until
+        // each has ended, however long its device takes: the xenbus host bounds how long the
+        // guest waits and reports a stuck device, while the stack is closed (`unplugged`) only
+        // once nothing is in flight. Each ring thread keeps the guest's pages mapped until
+        // its last request completes.
         queues.forEach { $0.requestStop() }
-        let deadline = monotonicSeconds() + options.stopTimeoutSeconds
-        for q in queues where !q.stop(timeout: max(0, deadline - monotonicSeconds())) {
-            log("\(dev.backendPath): queue \(q.index): the device still holds requests after \(options.stopTimeoutSeconds) s; their pages stay mapped until it completes them")
-        }
+        for q in queues { _ = q.stop(timeout: .infinity) }
         let served = queues.reduce(0) { $0 + $1.requestsServed.load(ordering: .relaxed) }
         let failed = queues.reduce(0) { $0 + $1.requestsFailed.load(ordering: .relaxed) }
         queues = []

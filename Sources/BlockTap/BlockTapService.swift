@@ -26,9 +26,9 @@ public enum BlockTapService {
     /// A host serving the block backend alone (the demo, the bench, tests); the daemon
     /// registers ``backend(options:log:open:)`` beside the other classes instead.
     public static func makeHost(hypervisor: any Hypervisor, options: BlkifBackendOptions = BlkifBackendOptions(),
-                                log: @escaping @Sendable (String) -> Void = { _ in },
+                                teardownTimeout: Double = 5, log: @escaping @Sendable (String) -> Void = { _ in },
                                 open: @escaping @Sendable (_ spec: String, _ readOnly: Bool) throws -> any BlockDevice) -> XenbusBackendHost {
-        let host = XenbusBackendHost(hypervisor: hypervisor, log: log)
+        let host = XenbusBackendHost(hypervisor: hypervisor, teardownTimeout: teardownTimeout, log: log)
         host.register(backend(options: options, log: log, open: open))
         return host
     }

@@ -86,8 +86,9 @@ final class BlkifLateCompletionTests: XCTestCase {
     var paths: XenbusDevicePaths!
     var front: LocalBlockFrontend!
 
-    func connect(held: Bool, options: BlkifBackendOptions = BlkifBackendOptions(), persistent: Bool = true) throws {
-        lab = try LocalLab(options: options)
+    func connect(held: Bool, options: BlkifBackendOptions = BlkifBackendOptions(), teardownTimeout: Double = 5,
+                 persistent: Bool = true) throws {
+        lab = try LocalLab(options: options, teardownTimeout: teardownTimeout)
         disk = try LateDisk(size: 1 << 20, held: held)
         let guest: LocalHypervisor
         (guest, paths) = try lab.guestWithDisk(disk)
@@ -170,14 +171,12 @@ final class BlkifLateCompletionTests: XCTestCase {
         XCTAssertEqual(try front.read(sector: 24, count: 4096), [UInt8](repeating: 0x5F, count: 4096))
     }
 
-    /// The guest closes its disk while the device holds a request: the disconnect waits
-    /// `stopTimeoutSeconds`, reports it and lets xenbus go on; the request's page and the ring
-    /// stay mapped (the device may still write into them) until the device completes, and are
+    /// The guest closes its disk while the device holds a request: the xenbus host waits its
+    /// teardown timeout, reports it and lets xenbus go on; the request's page and the ring stay
+    /// mapped (the device may still write into them) until the device completes, and are
     /// released then.
     func testStoppingWithARequestInFlightNeitherHangsNorUnmapsItsPages() throws {
-        var options = BlkifBackendOptions()
-        options.stopTimeoutSeconds = 0.3
-        try connect(held: true, options: options, persistent: false)
+        try connect(held: true, teardownTimeout: 0.3, persistent: false)
         let (read, refs) = try front.makeRequest(id: 5, write: false, sector: 0, firstPage: 0, pageCount: 1)
         push([read])
         waitUntil("the read reaches the device") { disk.submitted == 1 }
@@ -188,7 +187,7 @@ final class BlkifLateCompletionTests: XCTestCase {
         waitUntil("the backend is Closed") { XenbusDeviceState.read(lab.backend.store, paths.backendPath + "/state") == .closed }
         waitUntil("the stuck request is reported") {
             lab.shared.lock.lock(); defer { lab.shared.lock.unlock() }
-            return lab.shared.log.contains { $0.contains("still holds requests") }
+            return lab.shared.log.contains { $0.contains("still busy") }
         }
         let ringRef = front.queues[0].ringRefs[0]
         XCTAssertThrowsError(try front.pages.endAccess(refs[0]), "the data page stays mapped for the device")

@@ -52,14 +52,14 @@ final class LocalLab {
     }
     let shared = Shared()
 
-    init(options: BlkifBackendOptions = BlkifBackendOptions()) throws {
+    init(options: BlkifBackendOptions = BlkifBackendOptions(), teardownTimeout: Double = 5) throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("softdev-lab-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
         address = LocalHypervisorAddress(directory: dir)
         server = try LocalHypervisorServer(address: address)
         try server.start()
         backend = try LocalHypervisor.connectBackend(address)
         let shared = self.shared
-        service = BlockTapService.makeHost(hypervisor: backend, options: options, log: { line in
+        service = BlockTapService.makeHost(hypervisor: backend, options: options, teardownTimeout: teardownTimeout, log: { line in
             shared.lock.lock(); shared.log.append(line); shared.lock.unlock()
             if getenv("SOFTDEV_TEST_LOG") != nil { print(line) }
         }) { spec, _ in

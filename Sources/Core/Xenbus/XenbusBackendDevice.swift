@@ -140,8 +140,10 @@ public final class XenbusBackendDevice: @unchecked Sendable {
                 try? switchState(.initWait)
             }
         case .initialised, .connected:
-            // Two watch events may collapse: connect from InitWait (or after a re-init) only once.
-            guard state != .connected else { return }
+            // Connect from InitWait only (the first time, or after a re-init): two watch events
+            // may collapse into one, and a device that failed stays Closing until the frontend
+            // starts over, rather than fail again over its own error node.
+            guard state == .initWait else { return }
             // A teardown still running: the frontend is looked at again when it ends.
             guard !tearingDown else { connectDeferred = true; return }
             // The frontend must point back at us: a toolstack that re-created the frontend
