@@ -27,7 +27,7 @@ final class LocalHypervisorTests: XCTestCase {
 
     private func guestPages(_ name: String) throws -> (LocalHypervisor, LocalGuestPages) {
         let guest = try LocalHypervisor.createGuest(address, name: name, pages: 1024)
-        return (guest, LocalGuestPages(memory: try XCTUnwrap(guest.memory)))
+        return (guest, try XCTUnwrap(guest.pages))
     }
 
     func testMappedPagesAreTheGuestsPagesBothWays() throws {

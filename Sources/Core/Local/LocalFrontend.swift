@@ -50,9 +50,9 @@ public final class LocalFrontend: @unchecked Sendable {
     /// Finds the backend of the device at `frontendPath` (written by the toolstack) and waits
     /// until it has written its features (InitWait, or later if it is ahead).
     public init(hypervisor: LocalHypervisor, frontendPath: String, timeoutSeconds: Double = 10) throws {
-        guard let memory = hypervisor.memory else { throw Failure("a frontend needs a guest domain") }
+        guard let pages = hypervisor.pages else { throw Failure("a frontend needs a guest domain") }
         self.hypervisor = hypervisor
-        self.pages = LocalGuestPages(memory: memory)
+        self.pages = pages
         self.frontendPath = frontendPath
         let store = hypervisor.store
         guard let be = try store.readString(frontendPath + "/backend"), let bid = try store.readInt(frontendPath + "/backend-id"),

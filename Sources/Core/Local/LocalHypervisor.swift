@@ -42,6 +42,9 @@ public final class LocalHypervisor: Hypervisor, @unchecked Sendable {
     public let store: any XenStoreClient
     /// For a guest: its own memory, where it allocates pages and grants them.
     public let memory: LocalDomainMemory?
+    /// For a guest: the one allocator of its pages and grant references, which every frontend
+    /// of the guest shares (two allocators would hand out the same frames and references).
+    public let pages: LocalGuestPages?
 
     private let control: LocalControlConnection
 
@@ -78,6 +81,7 @@ public final class LocalHypervisor: Hypervisor, @unchecked Sendable {
         events = LocalEventChannels(control)
         domainID = me
         self.memory = memory
+        pages = memory.map { LocalGuestPages(memory: $0) }
         self.control = control
         connected = true
     }
