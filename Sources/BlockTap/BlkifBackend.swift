@@ -18,6 +18,11 @@ public struct BlkifBackendOptions: Sendable {
     /// How long an idle ring thread watches the ring for the next request before it sleeps on
     /// the event channel, in microseconds (`AdaptivePoller`); 0 never polls.
     public var pollMicroseconds = AdaptivePoller.defaultMicroseconds
+    /// Where each ring's private state is kept (``RingRecoveryRecord``), so that a daemon
+    /// killed and started again resumes its guests' rings: a directory under /run (the daemon
+    /// uses /run/softdev/rings on Xen, `<local-dir>/rings` on the local hypervisor). nil keeps
+    /// none: a restarted daemon then closes the disks it finds Connected.
+    public var ringStateDirectory: String?
     public init() {}
 
     /// The indirect segment limit both advertised and enforced.
@@ -68,6 +73,20 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
     }
 
     public func connect(_ dev: XenbusBackendDevice) throws {
+        try connect(dev, resuming: false)
+    }
+
+    /// The frontend stayed Connected while the daemon before this one was killed: the same
+    /// rings, picked up from their records (a ring without one, or whose record does not fit
+    /// the shared ring, is not written to: the device closes).
+    public func resume(_ dev: XenbusBackendDevice) throws {
+        guard options.ringStateDirectory != nil else {
+            throw BlkifConnectError("no ring state directory: the rings' state was not kept, so they cannot be resumed")
+        }
+        try connect(dev, resuming: true)
+    }
+
+    private func connect(_ dev: XenbusBackendDevice, resuming: Bool) throws {
         let store = dev.store
         let fe = dev.frontendPath
         if let proto = try store.readString(fe + "/protocol"), !proto.isEmpty, proto != "x86_64-abi" {
@@ -90,7 +109,7 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
         do {
             for q in 0..<queueCount {
                 let dir = queueCount == 1 ? fe : fe + "/queue-\(q)"
-                opened.append(try openQueue(dev, index: q, directory: dir, order: order, persistent: persistent))
+                opened.append(try openQueue(dev, index: q, directory: dir, order: order, persistent: persistent, resuming: resuming))
             }
         } catch {
             opened.forEach { $0.stop() }   // never started: releases at once
@@ -112,10 +131,11 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
         }
         queues = opened
         negotiated = Negotiated(queues: queueCount, ringPageOrder: order, persistentGrants: persistent)
-        log("\(dev.backendPath): connected to domain \(dev.frontendDomain): \(negotiated!), device \(device.name) \(g.size) bytes")
+        log("\(dev.backendPath): \(resuming ? "resumed" : "connected") to domain \(dev.frontendDomain): \(negotiated!), device \(device.name) \(g.size) bytes")
     }
 
-    private func openQueue(_ dev: XenbusBackendDevice, index: Int, directory: String, order: Int, persistent: Bool) throws -> BlkifQueue {
+    private func openQueue(_ dev: XenbusBackendDevice, index: Int, directory: String, order: Int, persistent: Bool,
+                           resuming: Bool) throws -> BlkifQueue {
         let store = dev.store
         var refs: [GrantRef] = []
         let single = try store.readString(directory + "/ring-ref")
@@ -126,13 +146,33 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
         }
         let port = EventPort(try readNumber(store, directory + "/event-channel"))
         let hv = dev.hypervisor
+        // The record first: resuming without one touches nothing of the guest's.
+        var record: RingRecoveryRecord?
+        var recovered: RingRecoveryRecord.Recovered?
+        if let stateDirectory = options.ringStateDirectory {
+            let entries = SharedRingLayout.entries(bytes: (1 << order) * xenPageSize, entrySize: BlkifRing.entrySize)
+            let name = "\(dev.frontendDomain)-\(dev.backendPath.split(separator: "/").last ?? "")-\(index).ring"
+            do {
+                record = try RingRecoveryRecord(path: stateDirectory + "/" + name,
+                                                identity: .init(frontendDomain: dev.frontendDomain, ringRefs: refs, eventPort: port),
+                                                slots: Int(entries), requestSize: MemoryLayout<BlkifRequestBytes>.size, resume: resuming)
+            } catch {
+                throw BlkifConnectError("queue \(index): \(error)")
+            }
+            if resuming {
+                recovered = record!.recover()
+                log("\(dev.backendPath): queue \(index): resuming at request \(recovered!.requestConsumer), response \(recovered!.responseProducer); "
+                    + "\(recovered!.pending.count) request\(recovered!.pending.count == 1 ? "" : "s") the killed daemon left unanswered served again")
+            }
+        }
         let mapping = try hv.grants.mapContiguous(domain: dev.frontendDomain, refs: refs, writable: true)
         let channel: any EventChannel
         do { channel = try hv.events.bindInterdomain(remote: dev.frontendDomain, remotePort: port) }
         catch { hv.grants.unmap(mapping, refs: refs); throw error }
         return try BlkifQueue(index: index, ringMapping: mapping, ringRefs: refs, channel: channel, device: device, grants: hv.grants,
                           domain: dev.frontendDomain, persistentGrants: persistent ? options.persistentGrantsPerRing : 0,
-                          maxIndirectSegments: options.effectiveMaxIndirectSegments, poller: AdaptivePoller(microseconds: options.pollMicroseconds)) { [weak dev] why in
+                          maxIndirectSegments: options.effectiveMaxIndirectSegments, poller: AdaptivePoller(microseconds: options.pollMicroseconds),
+                          record: record, resume: recovered) { [weak dev] why in
             guard let dev else { return }
             // Per xenbus rules the device fails alone; the state machine runs on the dispatcher.
             dev.failAsync("queue \(index): \(why)")

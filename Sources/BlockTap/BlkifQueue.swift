@@ -77,6 +77,19 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
 
     /// The thread, its waiting and polling, and the completions of other threads.
     private let loop: RingServiceLoop<BlkifQueue>
+
+    /// The ring's private state where it outlives the daemon (nil: not kept): every request is
+    /// recorded before anything can answer it, in the record slot of the tag it gets (the top
+    /// of the free stack), or answered at once from that slot.
+    private let record: RingRecoveryRecord?
+    /// The record slot of the request being dispatched, for a response written before or
+    /// without a tag.
+    @exclusivity(unchecked) private var recordSlot = 0
+    /// The tag a held barrier keeps its record in (taken from the free stack, so that no other
+    /// request records over it).
+    @exclusivity(unchecked) private var heldBarrierTag: Int?
+    /// Requests a killed daemon consumed and never answered, served again first (resume).
+    @exclusivity(unchecked) private var recovered: [(slot: Int, bytes: [UInt8])]
     @exclusivity(unchecked) private var broken = false
     private let indirectBuffer: UnsafeMutablePointer<blkif_request_segment>
 
@@ -91,9 +104,12 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
     /// Takes over `ringMapping` and `channel` even when it throws: they are released then.
     init(index: Int, ringMapping: GrantMapping, ringRefs: [GrantRef], channel: any EventChannel, device: any BlockDevice,
          grants: any GrantTable, domain: DomainID, persistentGrants: Int, maxIndirectSegments: Int, poller: AdaptivePoller,
+         record: RingRecoveryRecord? = nil, resume: RingRecoveryRecord.Recovered? = nil,
          onFatal: @escaping BlkifFatalHandler) throws {
         self.index = index
         self.ring = BackRing(shared: ringMapping.base!, bytes: ringMapping.pageCount * xenPageSize)
+        self.record = record
+        self.recovered = resume?.pending.map { ($0.slot, $0.bytes) } ?? []
         self.ringMapping = ringMapping; self.ringRefs = ringRefs
         self.channel = channel; self.device = device; self.grants = grants; self.domain = domain
         self.sectors = device.geometry.sectors
@@ -104,6 +120,10 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         self.onFatal = onFatal
         let n = Int(ring.size)
         do {
+            if let resume {
+                // The killed daemon's indices, if the shared ring agrees; else nothing is written.
+                try ring.resume(requestConsumer: resume.requestConsumer, responseProducer: resume.responseProducer)
+            }
             self.persistent = persistentGrants > 0 ? try PersistentGrantCache(grants: grants, domain: domain, capacity: persistentGrants) : nil
             loop = try RingServiceLoop(purpose: "blkif queue \(index) of domain \(domain)", channels: [channel],
                                        poller: poller, completionCapacity: n)
@@ -167,7 +187,26 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
     // MARK: The ring thread (RingService)
 
     func takeWork() {
+        if !recovered.isEmpty { serveRecovered() }
         if !broken { takeRequests() }
+    }
+
+    /// The requests a killed daemon consumed and never answered, in the order it took them,
+    /// each in the record slot it has (made the top of the free stack, so that it is its tag).
+    private func serveRecovered() {
+        let pending = recovered
+        recovered = []
+        for (slot, bytes) in pending {
+            for i in 0..<freeSlotCount where freeSlotStack[i] == slot {
+                freeSlotStack[i] = freeSlotStack[freeSlotCount - 1]
+                freeSlotStack[freeSlotCount - 1] = slot
+                break
+            }
+            recordSlot = slot
+            var raw = BlkifRequestBytes()
+            withUnsafeMutableBytes(of: &raw.storage) { $0.copyBytes(from: bytes.prefix($0.count)) }
+            dispatch(raw)
+        }
     }
 
     func finish(_ completion: (UInt64, BlockResult)) { finish(Int(completion.0), completion.1) }
@@ -188,8 +227,11 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         }
     }
 
-    /// Nothing is in flight: no device can write into a mapped page any more.
+    /// Nothing is in flight: no device can write into a mapped page any more. The ring was
+    /// stopped on purpose (the frontend closed, a detach, the daemon stopping): nothing is left
+    /// to resume, so the record goes.
     func ended() {
+        record?.remove()
         persistent?.unmapAll()
         ringRefs.withUnsafeBufferPointer { grants.unmap(ringMapping, refs: $0) }
     }
@@ -212,7 +254,13 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
             }
             if n == 0 { return }
             for _ in 0..<n {
+                let index = ring.requestConsumer
                 let request = ring.takeRequest()   // the one copy out of shared memory
+                if let record {
+                    // Recorded before anything can answer it (a response may overwrite its entry).
+                    recordSlot = freeSlotStack[freeSlotCount - 1]
+                    withUnsafeBytes(of: request.storage) { record.taken(slot: recordSlot, index: index, request: $0.baseAddress!) }
+                }
                 dispatch(request)
                 if heldBarrier != nil { return }
             }
@@ -221,15 +269,23 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         }
     }
 
-    private func respond(id: UInt64, operation: UInt8, status: Int16) {
+    /// Writes a response; `tag` names the request's record slot (nil: the request being
+    /// dispatched, answered at once).
+    private func respond(id: UInt64, operation: UInt8, status: Int16, tag: Int? = nil) {
         // Field by field into a zeroed slot: blkif_response has 5 bytes of padding, which a
         // Swift value would fill with whatever was on this stack (XSA-216).
         let idOffset = responseIDOffset, operationOffset = responseOperationOffset, statusOffset = responseStatusOffset
+        let responseIndex = ring.responseProducer
         ring.putResponse(zeroed: { slot in
             slot.storeBytes(of: id, toByteOffset: idOffset, as: UInt64.self)
             slot.storeBytes(of: operation, toByteOffset: operationOffset, as: UInt8.self)
             slot.storeBytes(of: status, toByteOffset: statusOffset, as: Int16.self)
         })
+        if let record {
+            let slot = tag ?? recordSlot
+            record.answered(slot: slot, response: responseIndex)
+            record.released(slot: slot)
+        }
         if status == Blkif.statusOkay {
             served &+= 1
             requestsServed.store(served, ordering: .relaxed)
@@ -255,7 +311,11 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
                                   segmentCount: Int(request.nr_segments), indirect: false, preflush: true)
             }
         case Blkif.opWriteBarrier:
-            if inFlight > 0 { heldBarrier = raw; return }
+            if inFlight > 0 {
+                heldBarrier = raw
+                if record != nil { heldBarrierTag = takeSlot() }   // == recordSlot: its record stays
+                return
+            }
             runBarrier(raw)
         case Blkif.opDiscard:
             let d = raw.discard
@@ -483,11 +543,17 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         case .success: status = Blkif.statusOkay
         case .failure(let e): status = e.code == .notSupported ? Blkif.statusNotSupported : Blkif.statusError
         }
-        respond(id: slot.pointee.id, operation: slot.pointee.operation, status: status)
+        respond(id: slot.pointee.id, operation: slot.pointee.operation, status: status, tag: tag)
         returnSlot(tag)
         inFlight -= 1
         if inFlight == 0, let barrier = heldBarrier {
             heldBarrier = nil
+            if let kept = heldBarrierTag {
+                // Its record slot on top again: the barrier's write (if any) takes it as its tag.
+                heldBarrierTag = nil
+                returnSlot(kept)
+                recordSlot = kept
+            }
             runBarrier(barrier)
         }
     }

@@ -21,6 +21,7 @@ extension DeviceClass {
         backend: { config, log in
             var options = config.blkif
             options.pollMicroseconds = config.pollMicroseconds
+            options.ringStateDirectory = config.ringStateDirectory
             return BlockTapService.backend(options: options, log: log) { spec, readOnly in
                 try DeviceRegistry.open(spec, readOnly: readOnly)
             }

@@ -70,6 +70,9 @@ public struct ServeConfig: Sendable {
     public var pollMicroseconds = AdaptivePoller.defaultMicroseconds {
         didSet { blkif.pollMicroseconds = pollMicroseconds }
     }
+    /// Where the rings' records are kept so that a restarted daemon resumes them (nil: none
+    /// kept); the daemon sets `<run directory>/rings` (``ServeLock/runDirectory(for:)``).
+    public var ringStateDirectory: String?
     /// `[blkif]`: what the block backend offers.
     public var blkif = BlkifBackendOptions()
     /// Every class's configured devices (`[[disk]]`, ...), in the file's order.

@@ -37,6 +37,12 @@ public final class ServeLock {
     /// Where the daemon for `choice` locks: beside the local hypervisor's sockets, or in
     /// /run/softdev on Xen.
     public static func path(for choice: HypervisorChoice) -> String {
-        choice.resolved == .xen ? "/run/softdev/serve.lock" : choice.localAddress.directory + "/serve.lock"
+        runDirectory(for: choice) + "/serve.lock"
+    }
+
+    /// The daemon's place for what outlives one run of it (the lock, the rings' records):
+    /// /run/softdev on Xen, the local hypervisor's directory otherwise.
+    public static func runDirectory(for choice: HypervisorChoice) -> String {
+        choice.resolved == .xen ? "/run/softdev" : choice.localAddress.directory
     }
 }

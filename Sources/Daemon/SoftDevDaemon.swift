@@ -34,6 +34,14 @@ public final class SoftDevDaemon: @unchecked Sendable {
     /// Takes the one-daemon lock for that hypervisor first.
     public convenience init(config: ServeConfig, choice: HypervisorChoice, log: @escaping @Sendable (String) -> Void) throws {
         let lock = try ServeLock(path: ServeLock.path(for: choice))
+        var config = config
+        if config.ringStateDirectory == nil {
+            let rings = ServeLock.runDirectory(for: choice) + "/rings"
+            guard mkdir(rings, 0o700) == 0 || errno == EEXIST else {
+                throw ServeConfigError("cannot create \(rings) for the rings' records: \(String(cString: strerror(errno)))")
+            }
+            config.ringStateDirectory = rings
+        }
         let (hypervisor, embedded) = try choice.openBackend()
         self.init(config: config, hypervisor: hypervisor, embedded: embedded, lock: lock, log: log)
     }

@@ -18,26 +18,11 @@ final class SoftDevCLITests: XCTestCase {
         try? FileManager.default.removeItem(atPath: directory)
     }
 
-    /// The softdev binary built beside this test bundle.
-    private func binary() throws -> String {
-        let dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        for candidate in [dir, dir.deletingLastPathComponent()] {
-            let path = candidate.appendingPathComponent("softdev").path
-            if FileManager.default.isExecutableFile(atPath: path) { return path }
-        }
-        try Peers.missing("the softdev binary beside the tests", install: "swift build --build-tests")
-    }
+    private func binary() throws -> String { try SoftDevBinary.path() }
 
     /// Starts softdev with `arguments`; its stdout and stderr go to files in the directory.
     private func start(_ arguments: [String], log: String) throws -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: try binary())
-        p.arguments = arguments
-        _ = FileManager.default.createFile(atPath: directory + "/" + log, contents: nil)
-        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: directory + "/" + log))
-        p.standardOutput = handle
-        p.standardError = handle
-        try p.run()
+        let p = try SoftDevBinary.launch(arguments, log: directory + "/" + log)
         running.append(p)
         return p
     }

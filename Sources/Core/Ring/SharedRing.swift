@@ -55,6 +55,24 @@ public struct BackRing<T: RingTypes> {
         shared + SharedRingLayout.headerSize + Int(i & (size - 1)) * entrySize
     }
 
+    /// Picks up a ring a killed backend left (``RingRecoveryRecord``): its private indices as
+    /// recorded, checked against what the shared ring says (the frontend's req_prod, the
+    /// published rsp_prod): published <= private producer <= consumer <= req_prod, within one
+    /// ring. Throws, touching nothing, when they do not fit: that ring must not be written to.
+    public mutating func resume(requestConsumer: UInt32, responseProducer: UInt32) throws(RingResumeError) {
+        let reqProd = cxen_load32(SharedRingLayout.index(shared, SharedRingLayout.reqProd))
+        let rspProd = cxen_load32(SharedRingLayout.index(shared, SharedRingLayout.rspProd))
+        let published = responseProducer &- rspProd, answered = requestConsumer &- responseProducer
+        let waiting = reqProd &- requestConsumer
+        guard published <= size, answered <= size, waiting <= size, published &+ answered <= size,
+              answered &+ waiting <= size else {
+            throw RingResumeError(description: "the shared ring (req_prod \(reqProd), rsp_prod \(rspProd)) does not fit the "
+                + "recorded state (req_cons \(requestConsumer), rsp_prod_pvt \(responseProducer))")
+        }
+        requestConsumerIndex = requestConsumer
+        responseProducerIndex = responseProducer
+    }
+
     /// How many requests may be taken now (RING_UNCONSUMED_REQUESTS), or nil when the frontend
     /// published an impossible producer index (RING_REQUEST_PROD_OVERFLOW): the ring is broken
     /// and must be disconnected.
@@ -115,6 +133,11 @@ public struct BackRing<T: RingTypes> {
         cxen_mb()                  // publish req_event before re-reading req_prod
         return unconsumedRequests()
     }
+}
+
+/// Why a ring cannot be picked up where a killed backend left it.
+public struct RingResumeError: Error, CustomStringConvertible {
+    public let description: String
 }
 
 /// The frontend's view of a shared ring (FRONT_RING): it produces requests and consumes
