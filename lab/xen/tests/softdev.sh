@@ -12,6 +12,9 @@
 #   2. detach and re-attach while a guest runs; at the same time another guest
 #      is destroyed mid-I/O: the daemon survives, frees the guest, and goes on
 #      serving the first one
+#   2b. SIGKILL of the daemon while a guest writes and verifies on one disk
+#      (the other idle), and a new daemon: it resumes both rings where the
+#      killed one left them; the guest's I/O completes, intact, with no error
 #   3. the side-by-side benchmark: softdev, QEMU's qdisk, kernel blkback
 #   4. SIGTERM: the daemon stops cleanly
 set -uo pipefail
@@ -136,6 +139,34 @@ xl destroy g3
 lab_check "g3: the daemon removes the destroyed guest's nodes" wait_until 30 backends_gone "$D3"
 rm -f /run/g3a.img /run/g3b.img /run/g4.img
 lab_log "section 2 done at $(took)"
+
+# ------------------------------------- 2b. the daemon killed and started again
+lab_log "2b. softdev serve killed (SIGKILL) while g5 writes and verifies, then started again"
+M5=M5-$RANDOM$RANDOM
+new_image /run/g5a.img 32
+new_image /run/g5b.img 16 "$M5"
+cp /run/g5b.img.marker /run/marker
+lab_domu_initrd /run/g5.gz "$G/restart-io.sh" "$G/marker.sh" /run/marker
+lab_domu_config /run/g5.cfg g5 /run/g5.gz
+lab_domu_create /run/g5.cfg && D5=$(lab_domid g5)
+sd attach g5 block xvda "file(path=/run/g5a.img)" > /dev/null
+sd attach g5 block xvdb "file(path=/run/g5b.img)" > /dev/null
+xl unpause g5
+lab_check "g5: I/O is running in the guest (xvda busy, xvdb idle)" wait_until 240 xs_at_least "/local/domain/$D5/data/io-rounds" 3
+kill -KILL "$SOFTDEV_PID"; wait "$SOFTDEV_PID" 2>/dev/null; SOFTDEV_PID=
+R5=$(xenstore-read "/local/domain/$D5/data/io-rounds")
+lab_check "softdev serve starts again after SIGKILL" sd_start
+resumed_both() { [ "$(grep -c "softdev-vbd/$D5/.*resumed after a restart" "$SOFTDEV_LOG")" = 2 ]; }
+lab_check "g5: the new daemon resumed both disks where the killed one left them" wait_until 30 resumed_both
+lab_check "g5: I/O goes on after the restart" wait_until 120 xs_at_least "/local/domain/$D5/data/io-rounds" $((R5 + 5))
+xenstore-write "/local/domain/$D5/data/stop" 1
+rc5=0; lab_domu_wait g5 180 || rc5=$?
+lab_check "g5: every round read back what it wrote, the idle disk works, no block error in the guest's log" test $rc5 = 0
+lab_check "g5: the guest's verdict" xs_is "/local/domain/$D5/data/restart-io" ok
+xl destroy g5
+lab_check "g5: the daemon removes the destroyed guest's nodes" wait_until 30 backends_gone "$D5"
+rm -f /run/g5a.img /run/g5b.img
+lab_log "section 2b done at $(took)"
 
 # ---------------------------------------------------------------- 3. benchmark
 lab_log "3. side by side: softdev, qdisk, blkback"
