@@ -90,6 +90,9 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
     @exclusivity(unchecked) private var heldBarrierTag: Int?
     /// Requests a killed daemon consumed and never answered, served again first (resume).
     @exclusivity(unchecked) private var recovered: [(slot: Int, bytes: [UInt8])]
+    /// The device's completions, collected on this ring's thread when it has a queue of its own
+    /// (libaio): no other thread wakes and hands them over.
+    private let completionSource: BlockCompletionSource?
     @exclusivity(unchecked) private var broken = false
     private let indirectBuffer: UnsafeMutablePointer<blkif_request_segment>
 
@@ -125,8 +128,15 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
                 try ring.resume(requestConsumer: resume.requestConsumer, responseProducer: resume.responseProducer)
             }
             self.persistent = persistentGrants > 0 ? try PersistentGrantCache(grants: grants, domain: domain, capacity: persistentGrants) : nil
-            loop = try RingServiceLoop(purpose: "blkif queue \(index) of domain \(domain)", channels: [channel],
-                                       poller: poller, completionCapacity: n)
+            completionSource = device.attachCompletionSource()
+            do {
+                loop = try RingServiceLoop(purpose: "blkif queue \(index) of domain \(domain)", channels: [channel],
+                                           fileDescriptors: completionSource.map { [($0.fileDescriptor, Int16(POLLIN))] } ?? [],
+                                           poller: poller, completionCapacity: n)
+            } catch {
+                completionSource?.detach()
+                throw error
+            }
         } catch {
             grants.unmap(ringMapping, refs: ringRefs)
             channel.close()
@@ -213,6 +223,9 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
 
     func publish() { publishResponses() }
 
+    /// The device's completion descriptor (the one extra descriptor) is readable.
+    func fileDescriptorReady(_ index: Int, events: Int16) { completionSource?.collect() }
+
     /// A held barrier waits for completions, a broken ring for the stop: neither watches the ring.
     var awaitsWork: Bool { !broken && heldBarrier == nil }
 
@@ -231,6 +244,7 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
     /// stopped on purpose (the frontend closed, a detach, the daemon stopping): nothing is left
     /// to resume, so the record goes.
     func ended() {
+        completionSource?.detach()
         record?.remove()
         persistent?.unmapAll()
         ringRefs.withUnsafeBufferPointer { grants.unmap(ringMapping, refs: $0) }

@@ -8,3 +8,7 @@ extern ssize_t preadv2(int fd, const struct iovec *iov, int iovcnt, off_t offset
 
 // fstatfs, for the file system type (memory file systems are served inline).
 #include <sys/vfs.h>
+
+// The eventfd a file device's iocbs signal on completion (io_set_eventfd), non-blocking.
+#include <sys/eventfd.h>
+static inline int caio_eventfd(void) { return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }

@@ -6,7 +6,10 @@ import Synchronization
 /// `file(path=..., readonly=false, direct=auto, size=...)`: a raw image file or a block device.
 ///
 /// With O_DIRECT, reads, writes and flushes submitted with `submit` go to the kernel through libaio and
-/// complete on a reaper thread; `read` and `write` are the same operations done synchronously.
+/// complete on a reaper thread, or on the transport's own thread when it collects them
+/// (`attachCompletionSource`: the kernel signals an eventfd the ring thread polls beside its
+/// rings, so a completion costs no thread hand-over); `read` and `write` are the same
+/// operations done synchronously.
 /// Discard and write-zeroes are `fallocate` calls, which have no asynchronous form and only
 /// change metadata on a file, so they run on the submitting thread.
 ///
@@ -77,6 +80,15 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
     private let stopRequest = UnsafeMutablePointer<iocb>.allocate(capacity: 1)
     /// Set once the reaper runs (the last step of `init`), with O_DIRECT only.
     private var reaper: PosixThread?
+    /// With O_DIRECT: the eventfd every iocb signals when it completes (io_set_eventfd), which
+    /// the reaper, or a transport that attached (`attachCompletionSource`), polls; -1 without.
+    private let completionEvent: Int32
+    /// Wakes the reaper when transports attach or detach, or the stop request was collected.
+    private let reaperWake: Int32
+    /// Transports collecting completions now: while any does, the reaper leaves them to it.
+    private let attachedCollectors = Atomic<Int>(0)
+    /// The stop request's completion was collected (by whichever thread).
+    private let stopCollected = Atomic<Bool>(false)
     private var isClosed = false
     /// For buffered files (see above); nil with O_DIRECT.
     private let workers: WorkerPool?
@@ -172,8 +184,18 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
             } catch {
                 throw BlockError.system("\(label): \(error.call)", errno: error.errno)
             }
+            completionEvent = caio_eventfd()
+            reaperWake = caio_eventfd()
+            guard completionEvent >= 0, reaperWake >= 0 else {
+                let e = errno
+                if completionEvent >= 0 { Glibc.close(completionEvent) }
+                if reaperWake >= 0 { Glibc.close(reaperWake) }
+                throw BlockError.system("\(label): eventfd", errno: e)
+            }
         } else {
             aio = nil
+            completionEvent = -1
+            reaperWake = -1
         }
         do throws(ThreadStartError) {
             workers = direct || servesInline ? nil : try WorkerPool(threads: Self.bufferedWorkers, purpose: "\(label)'s workers")
@@ -317,6 +339,7 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
         default:
             AsyncIOContext.prepare(iocb, .dataSync, fd: fd, data: data)
         }
+        io_set_eventfd(iocb, completionEvent)
         do throws(SystemCallError) {
             // Only O_DIRECT files reach here: buffered ones are served inline or by workers.
             try aio!.submit(iocb)
@@ -325,27 +348,74 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
         }
     }
 
-    /// The reaper thread: waits for completions and finishes them, until `close`.
+    /// The reaper thread: waits for completions and collects them while no transport does,
+    /// until `close`'s stop request is collected and nothing is in flight.
     private func reap() {
-        guard let aio else { return }
-        let events = UnsafeMutableBufferPointer<io_event>.allocate(capacity: 64)
-        defer { events.deallocate() }
-        var stopSeen = false
-        while !(stopSeen && queue.withLock({ $0.inFlight == 0 })) {
-            let count: Int
-            do throws(SystemCallError) {
-                count = try aio.reap(into: events, minimum: 1)
-                let injected = injectedWaitFailure.exchange(0, ordering: .relaxed)
-                if injected != 0 { throw SystemCallError("io_getevents", errno: injected) }
-            } catch {
-                return failAll(error)
+        var fds = [pollfd(fd: completionEvent, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: reaperWake, events: Int16(POLLIN), revents: 0)]
+        while !(stopCollected.load(ordering: .acquiring) && queue.withLock({ $0.inFlight == 0 })) {
+            // A negative descriptor is skipped by poll: while a transport collects, only a
+            // wake-up (attach, detach, the stop collected elsewhere) concerns this thread.
+            let collecting = attachedCollectors.load(ordering: .acquiring) == 0
+            fds[0].fd = collecting ? completionEvent : -1
+            fds[0].revents = 0; fds[1].revents = 0
+            if poll(&fds, 2, -1) < 0 && errno != EINTR {
+                return failAll(SystemCallError("poll", errno: errno))
             }
-            for event in events[0..<count] {
-                let tag = Int(bitPattern: event.data)
-                if tag == 0 { stopSeen = true; continue }
-                finish(tag - 1, result: Int(bitPattern: event.res))
+            if fds[1].revents != 0 { var v: UInt64 = 0; _ = Glibc.read(reaperWake, &v, 8) }
+            if collecting && fds[0].revents != 0 && !collect() { return }
+        }
+    }
+
+    /// Delivers the completions the kernel has posted, on the calling thread (the reaper, or a
+    /// transport's); false once completions can no longer be collected (`failAll` ran).
+    @discardableResult
+    private func collect() -> Bool {
+        guard let aio else { return true }
+        // Reset the eventfd first: a completion posted after this signals it again.
+        var signalled: UInt64 = 0
+        _ = Glibc.read(completionEvent, &signalled, 8)
+        return withUnsafeTemporaryAllocation(of: io_event.self, capacity: 32) { events -> Bool in
+            while true {
+                let count: Int
+                do throws(SystemCallError) {
+                    count = try aio.reap(into: events, minimum: 0)
+                    let injected = injectedWaitFailure.exchange(0, ordering: .relaxed)
+                    if injected != 0 { throw SystemCallError("io_getevents", errno: injected) }
+                } catch {
+                    failAll(error)
+                    return false
+                }
+                for event in events[0..<count] {
+                    let tag = Int(bitPattern: event.data)
+                    if tag == 0 {
+                        stopCollected.store(true, ordering: .releasing)
+                        wakeReaper()
+                        continue
+                    }
+                    finish(tag - 1, result: Int(bitPattern: event.res))
+                }
+                if count < events.count { return true }
             }
         }
+    }
+
+    private func wakeReaper() {
+        var one: UInt64 = 1
+        _ = Glibc.write(reaperWake, &one, 8)
+    }
+
+    /// O_DIRECT files: the transport's thread polls the completion eventfd beside its rings and
+    /// collects the completions itself; the reaper steps aside until it detaches.
+    public func attachCompletionSource() -> BlockCompletionSource? {
+        guard aio != nil else { return nil }
+        attachedCollectors.wrappingAdd(1, ordering: .acquiringAndReleasing)
+        wakeReaper()
+        return BlockCompletionSource(fileDescriptor: completionEvent, collect: { [unowned(unsafe) self] in collect() },
+                                     detach: { [unowned(unsafe) self] in
+            attachedCollectors.wrappingSubtract(1, ordering: .acquiringAndReleasing)
+            wakeReaper()
+        })
     }
 
     /// io_getevents failed (EFAULT or EINVAL: a bug, not an I/O error, but the daemon serves
@@ -578,9 +648,11 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
         if alreadyClosed { return }
         workers?.stop()   // runs what was submitted, then the threads end
         if let aio, let reaper {
-            // A read of no bytes completes at once; its event tells the reaper to stop once the
-            // requests in flight are done (io_getevents has no other way to be woken).
+            // A read of no bytes completes at once, last; whichever thread collects it tells the
+            // reaper, which stops once the requests in flight are done. (Transports have
+            // detached by now: the device is closed after their rings stopped.)
             AsyncIOContext.prepare(stopRequest, .read, fd: fd, data: nil)
+            io_set_eventfd(stopRequest, completionEvent)
             do throws(SystemCallError) {
                 try aio.submit(stopRequest)
                 reaper.join()
@@ -589,6 +661,7 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
                 return
             }
         }
+        if completionEvent >= 0 { Glibc.close(completionEvent); Glibc.close(reaperWake) }
         Glibc.close(fd)
     }
 }

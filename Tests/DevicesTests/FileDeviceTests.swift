@@ -255,3 +255,40 @@ final class FileDeviceTests: XCTestCase {
         }
     }
 }
+
+/// A transport that collects an O_DIRECT file's completions on its own thread.
+final class FileCompletionSourceTests: XCTestCase {
+    final class Sink: BlockCompletionSink, @unchecked Sendable {
+        let lock = NSLock()
+        var results: [BlockResult] = []
+        var threads: [pthread_t] = []
+        func complete(tag: UInt64, result: BlockResult) { lock.withLock { results.append(result); threads.append(pthread_self()) } }
+    }
+
+    func testCompletionsAreCollectedOnTheTransportsThreadOnceEach() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("source-\(getpid()).img").path
+        defer { unlink(path) }
+        let device = try FileDevice(path: path, options: .init(direct: .auto, createSize: 1 << 20))
+        defer { device.close() }
+        guard device.isDirect else { throw XCTSkip("no O_DIRECT on \(path)'s file system: nothing to collect") }
+        let source = try XCTUnwrap(device.attachCompletionSource(), "an O_DIRECT file has a completion source")
+        let sink = Sink()
+        let buffer = TestBuffer(count: 4096, pattern: 9)
+        for i in 0..<8 {
+            device.submit(BlockRequest(operation: .write, offset: UInt64(i) * 4096, length: 4096, buffers: buffer.buffers),
+                          completion: BlockCompletion(sink: sink, tag: UInt64(i)))
+        }
+        let deadline = monotonicSeconds() + 10
+        while sink.lock.withLock({ sink.results.count }) < 8 && monotonicSeconds() < deadline {
+            var p = pollfd(fd: source.fileDescriptor, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, 100) > 0 { source.collect() }
+        }
+        XCTAssertEqual(sink.results, Array(repeating: .success, count: 8), "each write completed once")
+        XCTAssertTrue(sink.threads.contains { pthread_equal($0, pthread_self()) != 0 }, "collected here, not only by the reaper")
+        source.detach()
+        // Detached: the reaper collects again.
+        let back = TestBuffer(count: 4096)
+        try withExtendedLifetime(back) { try device.sync.read(into: back.buffers, at: 7 * 4096) }
+        XCTAssertEqual(back.bytes, buffer.bytes, "what was written reads back through the reaper")
+    }
+}

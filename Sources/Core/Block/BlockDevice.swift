@@ -139,9 +139,31 @@ public protocol BlockDevice: SoftDevice {
 
     /// The allocation map of `[offset, offset+length)`, in order, covering at least `offset`.
     func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent]
+
+    /// For a device with a completion queue of its own (libaio): lets the transport's thread
+    /// collect the completions itself, waiting on a descriptor beside its rings, instead of a
+    /// thread of the device's collecting them and handing each over (a wake-up less per
+    /// request). nil (the default): the device completes as it does.
+    func attachCompletionSource() -> BlockCompletionSource?
+}
+
+/// Where a transport's thread collects a device's completions (``BlockDevice/attachCompletionSource()``).
+public struct BlockCompletionSource: @unchecked Sendable {
+    /// Readable while completions wait to be collected.
+    public let fileDescriptor: Int32
+    /// Delivers the completions that wait, each through its `BlockCompletion`, on the calling
+    /// thread. Any thread may call it; each completion is delivered once.
+    public let collect: () -> Void
+    /// The transport no longer waits on the descriptor (its ring stopped): the device's own
+    /// thread collects again.
+    public let detach: () -> Void
+    public init(fileDescriptor: Int32, collect: @escaping () -> Void, detach: @escaping () -> Void) {
+        self.fileDescriptor = fileDescriptor; self.collect = collect; self.detach = detach
+    }
 }
 
 extension BlockDevice {
+    public func attachCompletionSource() -> BlockCompletionSource? { nil }
     public func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent] {
         [BlockExtent(offset: offset, length: length, isHole: false, isZero: false)]
     }

@@ -24,5 +24,7 @@ open class BlockFilter: BlockDevice, @unchecked Sendable {
     open func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent] {
         try next.extents(at: offset, length: length)
     }
+    /// The device below's: a filter's completions pass through it whichever thread collects them.
+    open func attachCompletionSource() -> BlockCompletionSource? { next.attachCompletionSource() }
     open func close() { next.close() }
 }
