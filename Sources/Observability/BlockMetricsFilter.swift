@@ -40,8 +40,14 @@ public final class BlockMetricsFilter: BlockFilter, @unchecked Sendable {
     private let series: [Series]
     private let inFlight: Meter
     private let closed = Atomic<Bool>(false)
-    /// What a request was, and when it was submitted.
-    private typealias Submitted = (operation: BlockOperation, bytes: UInt64, start: ContinuousClock.Instant)
+    /// What a request was, and when it was submitted. A struct, not a tuple: the relay is generic
+    /// and not specialised across modules, and a tuple's type metadata is looked up in the
+    /// runtime's cache on every use, a struct's is not.
+    private struct Submitted {
+        let operation: BlockOperation
+        let bytes: UInt64
+        let start: ContinuousClock.Instant
+    }
     private var relay: BlockCompletionRelay<Submitted>!
 
     public init(next: any BlockDevice, metrics: MetricsRegistry, device: String, transport: String) {
@@ -66,7 +72,7 @@ public final class BlockMetricsFilter: BlockFilter, @unchecked Sendable {
 
     public override func submit(_ request: BlockRequest, completion: BlockCompletion) {
         inFlight.increment()
-        relay.submit(request, to: next, completion: completion, context: (request.operation, request.length, .now))
+        relay.submit(request, to: next, completion: completion, context: Submitted(operation: request.operation, bytes: request.length, start: .now))
     }
 
     /// Closes the stack below, then removes this device's series from the scrape.
