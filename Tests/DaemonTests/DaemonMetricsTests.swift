@@ -80,6 +80,20 @@ extension SoftDevDaemonTests {
         XCTAssertEqual(Self.sample(text, "softdev_frontends_connected", ["class": "block"]), 0, text)
     }
 
+    func testAMetricsPortInUseStopsTheDaemonWithTheReason() throws {
+        // Someone else holds the port.
+        let holder = MetricsEndpoint(host: "127.0.0.1", port: 0, metrics: MetricsRegistry())
+        try holder.start()
+        defer { holder.stop() }
+        let port = try XCTUnwrap(holder.boundPort)
+        var config = ServeConfig()
+        config.metricsListen = MetricsListenAddress(host: "127.0.0.1", port: port)
+        XCTAssertThrowsError(try startDaemon(config)) { error in
+            XCTAssertTrue("\(error)".contains("metrics: cannot listen on 127.0.0.1:\(port): Address already in use"), "\(error)")
+        }
+        daemon = nil
+    }
+
     // MARK: Helpers
 
     /// GET /metrics: the body of a 200 answer.
