@@ -19,7 +19,7 @@ struct Serve: ParsableCommand {
 
     @OptionGroup var hypervisorOptions: HypervisorOptions
 
-    @Option(help: ArgumentHelp("A TOML config file: hypervisor, poll-us, each class's backend options ([blkif]) and devices ([[disk]]), [[export]] tables, [nbd] listen.", valueName: "file"))
+    @Option(help: ArgumentHelp("A TOML config file: hypervisor, poll-us, log-level, each class's backend options ([blkif]) and devices ([[disk]]), [[export]] tables, [nbd] listen, [metrics] listen.", valueName: "file"))
     var config: String?
 
     @Option(name: .customLong("nbd"), help: ArgumentHelp(
