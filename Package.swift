@@ -13,6 +13,9 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // The Xen ABI (io/ring.h, blkif.h, netif.h, usbif.h, xs_wire.h, grant_table.h) and the
@@ -45,16 +48,28 @@ let package = Package(
         .target(name: "NBDExport", dependencies: ["Core", "NBDWire"]),
         // `softdev bench`: load generator, the C reference backend's harness, the tables.
         .target(name: "Bench", dependencies: ["Core", "BlockTap", "Devices", "NBDExport", "CReference", "CXen", "XenStore"]),
+        // What operators see of the daemon: the swift-metrics registry with Prometheus text, the
+        // filter that measures each served block stack, the /metrics HTTP endpoint, and the
+        // swift-log handler that writes the daemon's lines.
+        .target(name: "Observability", dependencies: [
+            "Core",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "CoreMetrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+        ]),
         // `softdev serve`: the daemon, its TOML config and the hypervisor choice.
         .target(name: "Daemon", dependencies: [
-            "Core", "BlockTap", "Devices", "NBDExport", "XenStore",
+            "Core", "BlockTap", "Devices", "NBDExport", "XenStore", "Observability",
             .product(name: "TOMLKit", package: "TOMLKit"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "CoreMetrics", package: "swift-metrics"),
         ]),
         .executableTarget(
             name: "softdev",
             dependencies: [
-                "Core", "BlockTap", "Devices", "NBDExport", "Bench", "Daemon", "XenStore",
+                "Core", "BlockTap", "Devices", "NBDExport", "Bench", "Daemon", "XenStore", "Observability",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]),
         // What the tests do when a real peer (nbdkit, qemu-img, fio...) is missing: fail in CI
         // (SOFTDEV_REQUIRE_PEERS=1, set by scripts/test.sh), skip elsewhere.
@@ -65,7 +80,8 @@ let package = Package(
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
         .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "NBDExport", "NBDWire", "TestPeers"]),
-        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "Devices", "Core", "XenStore", "TestPeers"]),
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "Devices", "Core", "XenStore", "TestPeers", "Observability",
+                                                       .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "NBDWire", "Devices", "Core", "Bench", "TestPeers"]),
     ],
     swiftLanguageModes: [.v5]

@@ -1,6 +1,7 @@
 import BlockTap
 import Core
 import Devices
+import Observability
 
 extension DeviceClass {
     /// Disks: Linux's xen-blkfront (`vbd`) served by the blkif backend over a block stack.
@@ -18,12 +19,19 @@ extension DeviceClass {
                 ?? o.maxIndirectSegments
             config.blkif.persistentGrantsPerRing = try table.int("persistent-grants", in: 0...65536) ?? o.persistentGrantsPerRing
         },
-        backend: { config, log in
+        backend: { config, log, metrics in
             var options = config.blkif
             options.pollMicroseconds = config.pollMicroseconds
             options.ringStateDirectory = config.ringStateDirectory
-            return BlockTapService.backend(options: options, log: log) { spec, readOnly in
-                try DeviceRegistry.open(spec, readOnly: readOnly)
+            guard let metrics else {
+                return BlockTapService.backend(options: options, log: log) { spec, readOnly in try DeviceRegistry.open(spec, readOnly: readOnly) }
+            }
+            // The block tap opens a stack from its spec alone; the metrics label it with the
+            // backend path, so each device gets a backend type of its own that knows the path.
+            return XenbusBackendType(name: BlockTapService.backendType) { [options] hypervisor, path in
+                try BlockTapService.backend(options: options, log: log) { spec, readOnly in
+                    BlockMetricsFilter(next: try DeviceRegistry.open(spec, readOnly: readOnly), metrics: metrics, device: path, transport: "blkif")
+                }.makeDriver(hypervisor, path)
             }
         },
         nodes: { name, spec, readOnly in BlockTapService.nodes(name, spec: spec, readOnly: readOnly) },

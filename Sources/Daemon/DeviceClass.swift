@@ -1,5 +1,6 @@
 import Core
 import Devices
+import Observability
 import XenStore
 
 /// One class of soft devices as the daemon, its config file and the CLI see it: the names, the
@@ -26,8 +27,9 @@ public struct DeviceClass: Sendable {
     /// Reads the options table into the config (its keys checked by `finish`).
     let readOptions: @Sendable (inout ConfigTable, inout ServeConfig) throws -> Void
     /// The backend type the daemon registers with its xenbus host, over the config's options;
-    /// it opens each device's stack with the registry.
-    let backend: @Sendable (_ config: ServeConfig, _ log: @escaping @Sendable (String) -> Void) -> XenbusBackendType
+    /// it opens each device's stack with the registry and, when metrics are on, puts the class's
+    /// measuring filter on top, labelled with the device's backend path.
+    let backend: @Sendable (_ config: ServeConfig, _ log: @escaping @Sendable (String) -> Void, _ metrics: MetricsRegistry?) -> XenbusBackendType
     /// The frontend's and the backend's nodes for one device (besides those the toolstack
     /// writes for every device: state, backend, frontend, online, ...).
     let nodes: @Sendable (_ name: XenbusDeviceName, _ spec: String, _ readOnly: Bool) -> (frontend: [String: String], backend: [String: String])

@@ -2,6 +2,7 @@ import BlockTap
 import Core
 import Devices
 import Foundation
+import Logging
 import TOMLKit
 
 /// What `softdev serve --config FILE` reads: the hypervisor to use, each device class's backend
@@ -12,6 +13,7 @@ import TOMLKit
 /// hypervisor = "auto"                 # auto | xen | local
 /// local-directory = "/run/softdev/local"
 /// poll-us = 50                        # idle rings and NBD connections poll this long before sleeping; 0: never
+/// log-level = "info"                  # trace | debug | info | notice | warning | error | critical
 ///
 /// [blkif]
 /// max-queues = 4
@@ -33,6 +35,9 @@ import TOMLKit
 /// device = "memory(size=1G)"
 /// readonly = false
 /// description = "scratch space"
+///
+/// [metrics]                           # off unless listen is given
+/// listen = "127.0.0.1:9464"           # Prometheus scrapes http://127.0.0.1:9464/metrics
 /// ```
 public struct ServeConfig: Sendable {
     /// A device the daemon attaches to a guest, found by name, whenever that guest runs.
@@ -79,6 +84,10 @@ public struct ServeConfig: Sendable {
     public var attachments: [Attachment] = []
     public var nbdListen: [String] = []
     public var exports: [Export] = []
+    /// `log-level`: the least severe messages the daemon writes (nil: info).
+    public var logLevel: Logger.Level?
+    /// `[metrics] listen`: where the Prometheus endpoint listens; nil: no metrics are kept.
+    public var metricsListen: MetricsListenAddress?
 
     /// The configured disks (the block class's attachments).
     public var disks: [Attachment] {
@@ -112,6 +121,7 @@ public struct ServeConfig: Sendable {
             config.hypervisor = k
         }
         config.localDirectory = try reader.string("local-directory")
+        if let level = try reader.string("log-level") { config.logLevel = try parseLogLevel(level, place: "\(file): log-level") }
         config.pollMicroseconds = try reader.int("poll-us", in: AdaptivePoller.microsecondRange) ?? config.pollMicroseconds
         for deviceClass in DeviceClass.all {
             if var options = try reader.table(deviceClass.optionsTable) {
@@ -134,6 +144,12 @@ public struct ServeConfig: Sendable {
         if var nbd = try reader.table("nbd") {
             config.nbdListen = try nbd.strings("listen") ?? []
             try nbd.finish()
+        }
+        if var metrics = try reader.table("metrics") {
+            if let listen = try metrics.string("listen") {
+                config.metricsListen = try MetricsListenAddress.parse(listen, place: "\(metrics.place): listen")
+            }
+            try metrics.finish()
         }
         for var export in try reader.tables("export") {
             let e = Export(name: try export.required("name"), device: try export.spec("device"),

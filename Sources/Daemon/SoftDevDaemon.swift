@@ -1,8 +1,11 @@
 import BlockTap
 import Core
+import CoreMetrics
 import Devices
 import Glibc
+import Logging
 import NBDExport
+import Observability
 import XenStore
 
 /// `softdev serve`: one xenbus host serving every device class's backend (``DeviceClass/all``)
@@ -12,6 +15,9 @@ import XenStore
 /// Attach and detach happen through xenstore (`softdev attach`, `softdev detach` or any
 /// toolstack), so the daemon picks them up while it runs; a guest that shuts down, crashes or is
 /// destroyed loses its devices through `@releaseDomain`.
+///
+/// It logs through swift-log (``DaemonLog``) and, with `[metrics] listen`, keeps swift-metrics
+/// series for every stack it serves and answers Prometheus on `GET /metrics`.
 public final class SoftDevDaemon: @unchecked Sendable {
     /// Where NBD exports listen when the config names none.
     public static let defaultNBDSocket = "unix:/run/softdev/nbd.sock"
@@ -27,12 +33,19 @@ public final class SoftDevDaemon: @unchecked Sendable {
     private var nbdServers: [NBDServer] = []
     private var serviceStarted = false
     private var exportDevices: [any BlockDevice] = []
-    private let log: @Sendable (String) -> Void
+    public let logger: Logger
+    /// Core's and the taps' plain-string messages, through `logger` (``DaemonLog/messages(to:)``).
+    private let coreLog: @Sendable (String) -> Void
+    /// The series of every served stack and of each class; nil when metrics are off.
+    public let metrics: MetricsRegistry?
+    private var endpoint: MetricsEndpoint?
+    /// Per class: devices served, and those Connected (set at each scrape).
+    private var classGauges: [(deviceClass: DeviceClass, attached: Gauge, connected: Gauge)] = []
     private static let introduceToken = "daemon:introduce"
 
     /// Connects to the hypervisor `choice` names (for the local kind, becomes it if none runs).
     /// Takes the one-daemon lock for that hypervisor first.
-    public convenience init(config: ServeConfig, choice: HypervisorChoice, log: @escaping @Sendable (String) -> Void) throws {
+    public convenience init(config: ServeConfig, choice: HypervisorChoice, logger: Logger) throws {
         let lock = try ServeLock(path: ServeLock.path(for: choice))
         var config = config
         if config.ringStateDirectory == nil {
@@ -43,20 +56,28 @@ public final class SoftDevDaemon: @unchecked Sendable {
             config.ringStateDirectory = rings
         }
         let (hypervisor, embedded) = try choice.openBackend()
-        self.init(config: config, hypervisor: hypervisor, embedded: embedded, lock: lock, log: log)
+        self.init(config: config, hypervisor: hypervisor, embedded: embedded, lock: lock, logger: logger)
+    }
+
+    /// The same, with each log line (at the config's level) given to `log`.
+    public convenience init(config: ServeConfig, choice: HypervisorChoice, log: @escaping @Sendable (String) -> Void) throws {
+        try self.init(config: config, choice: choice, logger: DaemonLog.logger(level: config.logLevel, output: log))
     }
 
     public init(config: ServeConfig, hypervisor: any Hypervisor, embedded: LocalHypervisorServer? = nil, lock: ServeLock? = nil,
-                log: @escaping @Sendable (String) -> Void) {
-        self.config = config; self.hypervisor = hypervisor; self.embedded = embedded; self.lock = lock; self.log = log
-        host = XenbusBackendHost(hypervisor: hypervisor, log: log)
-        for deviceClass in DeviceClass.all { host.register(deviceClass.backend(config, log)) }
+                logger: Logger) {
+        self.config = config; self.hypervisor = hypervisor; self.embedded = embedded; self.lock = lock; self.logger = logger
+        coreLog = DaemonLog.messages(to: logger)
+        metrics = config.metricsListen == nil ? nil : MetricsRegistry()
+        host = XenbusBackendHost(hypervisor: hypervisor, log: coreLog)
+        for deviceClass in DeviceClass.all { host.register(deviceClass.backend(config, coreLog, metrics)) }
     }
 
     /// Opens the NBD exports' devices, starts every server, and attaches the configured devices
     /// of the guests that run now (and, through a watch, of those that start later).
     public func start() throws {
         do {
+            try startMetrics()
             try startNBD()
             // Set first: if start throws half-way, stop() must still stop the dispatcher.
             serviceStarted = true
@@ -71,14 +92,20 @@ public final class SoftDevDaemon: @unchecked Sendable {
             stop()
             throw error
         }
-        log("serving on \(hypervisor.kind) as domain \(hypervisor.domainID): backends "
-            + DeviceClass.all.map { host.root($0.backendType) }.joined(separator: ", ")
-            + (nbdServers.isEmpty ? "" : "; NBD " + nbdServers.map { "\($0.address)" }.joined(separator: ", ")))
+        logger.notice("""
+            serving on \(hypervisor.kind) as domain \(hypervisor.domainID): backends \
+            \(DeviceClass.all.map { host.root($0.backendType) }.joined(separator: ", "))\
+            \(nbdServers.isEmpty ? "" : "; NBD " + nbdServers.map { "\($0.address)" }.joined(separator: ", "))\
+            \(endpoint.map { "; metrics http://\(config.metricsListen!.host):\($0.boundPort ?? 0)/metrics" } ?? "")
+            """)
     }
 
     /// Stops serving: every device is unplugged (its guest sees the backend close), NBD clients
     /// are disconnected, devices closed, and an embedded local hypervisor stops last.
     public func stop() {
+        // First: a scrape reads the host's devices on its dispatcher, which stops below.
+        endpoint?.stop()
+        endpoint = nil
         if serviceStarted {
             if !config.attachments.isEmpty { host.dispatcher.unwatch("@introduceDomain", token: Self.introduceToken) }
             host.stop()
@@ -88,7 +115,41 @@ public final class SoftDevDaemon: @unchecked Sendable {
         nbdServers.removeAll()
         for device in exportDevices { device.close() }
         exportDevices.removeAll()
+        for g in classGauges { g.attached.destroy(); g.connected.destroy() }
+        classGauges.removeAll()
         embedded?.stop()
+    }
+
+    /// The Prometheus endpoint and the per-class gauges, when `[metrics] listen` is set.
+    private func startMetrics() throws {
+        guard let metrics, let listen = config.metricsListen else { return }
+        classGauges = DeviceClass.all.map { c in
+            (c, Gauge(label: MetricsRegistry.devicesAttached, dimensions: [("class", c.name)], factory: metrics),
+             Gauge(label: MetricsRegistry.frontendsConnected, dimensions: [("class", c.name)], factory: metrics))
+        }
+        let endpoint = MetricsEndpoint(host: listen.host, port: listen.port, metrics: metrics) { [weak self] in self?.refreshClassGauges() }
+        do { try endpoint.start() } catch { throw ServeConfigError("metrics: \(error)") }
+        self.endpoint = endpoint
+    }
+
+    /// The endpoint, started (for tests: its bound port).
+    public var metricsEndpoint: MetricsEndpoint? { endpoint }
+
+    /// Counts each class's devices and those whose backend is Connected, at scrape time (on the
+    /// host's dispatcher thread, which owns the devices' states).
+    private func refreshClassGauges() {
+        let host = host
+        let roots = classGauges.map { host.root($0.deviceClass.backendType) + "/" }
+        let counts = host.inspect { devices in
+            roots.map { root in
+                let mine = devices.filter { $0.key.hasPrefix(root) }.values
+                return (mine.count, mine.filter { $0.state == .connected }.count)
+            }
+        }
+        for (g, (attached, connected)) in zip(classGauges, counts) {
+            g.attached.record(attached)
+            g.connected.record(connected)
+        }
     }
 
     private func startNBD() throws {
@@ -102,8 +163,10 @@ public final class SoftDevDaemon: @unchecked Sendable {
             do { device = try DeviceRegistry.open(e.device) } catch {
                 throw ServeConfigError("export '\(e.name)': \(error)")
             }
-            exportDevices.append(device)
-            exports.append(NBDExport(name: e.name, device: device, readOnly: e.readOnly, description: e.description))
+            // Measured under the export's name, like a disk under its backend path.
+            let served = metrics.map { BlockMetricsFilter(next: device, metrics: $0, device: e.name, transport: "nbd") } ?? device
+            exportDevices.append(served)
+            exports.append(NBDExport(name: e.name, device: served, readOnly: e.readOnly, description: e.description))
         }
         for text in config.nbdListen.isEmpty ? [Self.defaultNBDSocket] : config.nbdListen {
             let address = try NBDListenAddress.parse(text)
@@ -132,9 +195,11 @@ public final class SoftDevDaemon: @unchecked Sendable {
             do {
                 try deviceClass.attach(store: store, guest: guest, backendDomain: hypervisor.domainID, a.vdev,
                                        spec: a.device, readOnly: a.readOnly)
-                log("attached \(a.vdev.name) to domain \(guest) (\(a.domain)): \(a.device)")
+                logger.info("attached \(a.vdev.name) to domain \(guest) (\(a.domain)): \(a.device)",
+                            metadata: ["class": "\(deviceClass.name)", "device": "\(paths.backendPath)"])
             } catch {
-                log("cannot attach \(a.vdev.name) to domain \(guest) (\(a.domain)): \(error)")
+                logger.error("cannot attach \(a.vdev.name) to domain \(guest) (\(a.domain)): \(error)",
+                             metadata: ["class": "\(deviceClass.name)", "device": "\(paths.backendPath)"])
             }
         }
     }

@@ -3,6 +3,7 @@ import Core
 import Daemon
 import Foundation
 import Glibc
+import Logging
 
 /// `softdev serve`: the daemon.
 struct Serve: ParsableCommand {
@@ -18,7 +19,7 @@ struct Serve: ParsableCommand {
 
     @OptionGroup var hypervisorOptions: HypervisorOptions
 
-    @Option(help: ArgumentHelp("A TOML config file: hypervisor, poll-us, each class's backend options ([blkif]) and devices ([[disk]]), [[export]] tables, [nbd] listen.", valueName: "file"))
+    @Option(help: ArgumentHelp("A TOML config file: hypervisor, poll-us, log-level, each class's backend options ([blkif]) and devices ([[disk]]), [[export]] tables, [nbd] listen, [metrics] listen.", valueName: "file"))
     var config: String?
 
     @Option(name: .customLong("nbd"), help: ArgumentHelp(
@@ -36,10 +37,24 @@ struct Serve: ParsableCommand {
         valueName: "us"))
     var pollMicroseconds: Int?
 
+    @Option(name: .customLong("log-level"), help: ArgumentHelp(
+        "The least severe messages to write: \(ServeConfig.logLevels.joined(separator: ", ")). Default: the config's log-level, else info (debug adds each device's xenbus state steps).",
+        valueName: "level"))
+    var logLevel: String?
+
+    @Option(name: .customLong("metrics"), help: ArgumentHelp(
+        "Keep metrics of every device served and answer Prometheus at http://HOST:PORT/metrics. Replaces the config's [metrics] listen. Default: off.",
+        valueName: "host:port"))
+    var metricsListen: String?
+
     func run() throws {
         var settings = try config.map { try ServeConfig.load(path: $0) } ?? ServeConfig()
         // The command line wins over the config file.
         if !nbdListen.isEmpty { settings.nbdListen = nbdListen }
+        do {
+            if let logLevel { settings.logLevel = try ServeConfig.parseLogLevel(logLevel, place: "--log-level") }
+            if let metricsListen { settings.metricsListen = try MetricsListenAddress.parse(metricsListen, place: "--metrics") }
+        } catch { throw ValidationError(error.description) }
         if let us = pollMicroseconds {
             guard AdaptivePoller.microsecondRange.contains(us) else { throw ValidationError("--poll-us \(us): use 0 to 1000000 microseconds") }
             settings.pollMicroseconds = us
@@ -57,21 +72,12 @@ struct Serve: ParsableCommand {
         let signals = StopSignals.block()
 
         let choice = hypervisorOptions.choice(configured: settings.hypervisor, configuredDirectory: settings.localDirectory)
-        let daemon = try SoftDevDaemon(config: settings, choice: choice, log: Serve.log)
+        // One line per event to stderr, as daemons log under a service manager.
+        let logger = DaemonLog.logger(level: settings.logLevel)
+        let daemon = try SoftDevDaemon(config: settings, choice: choice, logger: logger)
         try daemon.start()
-        Serve.log("signal \(signals.wait()): stopping")
+        logger.notice("signal \(signals.wait()): stopping")
         daemon.stop()
-        Serve.log("stopped")
-    }
-
-    /// One line to stderr with the time, as daemons log under a service manager.
-    static let log: @Sendable (String) -> Void = { message in
-        var now = timespec()
-        clock_gettime(CLOCK_REALTIME, &now)
-        var tm = tm()
-        var seconds = now.tv_sec
-        gmtime_r(&seconds, &tm)
-        let stamp = String(format: "%02d:%02d:%02d.%03d", tm.tm_hour, tm.tm_min, tm.tm_sec, now.tv_nsec / 1_000_000)
-        FileHandle.standardError.write(Data("softdev \(stamp) \(message)\n".utf8))
+        logger.notice("stopped")
     }
 }

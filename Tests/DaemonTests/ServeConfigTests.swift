@@ -85,4 +85,33 @@ final class ServeConfigTests: XCTestCase {
             XCTAssertTrue("\(error)".contains("/nonexistent/softdev.toml: cannot read the config file"), "\(error)")
         }
     }
+
+    func testLogLevelAndMetricsAreReadAndOffByDefault() throws {
+        let config = try ServeConfig.parse("log-level = \"debug\"\n[metrics]\nlisten = \"127.0.0.1:9464\"")
+        XCTAssertEqual(config.logLevel, .debug)
+        XCTAssertEqual(config.metricsListen, MetricsListenAddress(host: "127.0.0.1", port: 9464))
+        XCTAssertEqual(try ServeConfig.parse("[metrics]\nlisten = \"[::1]:0\"").metricsListen, MetricsListenAddress(host: "::1", port: 0))
+        let empty = try ServeConfig.parse("[metrics]")
+        XCTAssertNil(empty.metricsListen)
+        XCTAssertNil(empty.logLevel)
+    }
+
+    func testABadLogLevelOrMetricsAddressIsNamedClearly() {
+        let cases: [(String, String)] = [
+            ("log-level = \"verbose\"", "c.toml: log-level = \"verbose\": use one of trace, debug, info, notice, warning, error, critical"),
+            ("log-level = 3", "c.toml: log-level must be a string"),
+            ("[metrics]\nlisten = \"9464\"", "c.toml [metrics]: listen = \"9464\": expected HOST:PORT, e.g. \"127.0.0.1:9464\""),
+            ("[metrics]\nlisten = \"127.0.0.1\"", "c.toml [metrics]: listen = \"127.0.0.1\": expected HOST:PORT"),
+            ("[metrics]\nlisten = \"127.0.0.1:99999\"", "listen = \"127.0.0.1:99999\": expected HOST:PORT"),
+            ("[metrics]\nlisten = \"unix:/run/m.sock\"", "listen = \"unix:/run/m.sock\": expected HOST:PORT"),
+            ("[metrics]\nlisten = \"::1:9464\"", "listen = \"::1:9464\": expected HOST:PORT"),
+            ("[metrics]\nlisten = 9464", "c.toml [metrics]: listen must be a string"),
+            ("[metrics]\nport = 9464", "c.toml [metrics]: unknown key port"),
+        ]
+        for (text, expected) in cases {
+            XCTAssertThrowsError(try ServeConfig.parse(text, file: "c.toml"), text) { error in
+                XCTAssertTrue("\(error)".contains(expected), "\(text): got '\(error)', expected '\(expected)'")
+            }
+        }
+    }
 }

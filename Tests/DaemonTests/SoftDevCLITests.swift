@@ -122,4 +122,13 @@ final class SoftDevCLITests: XCTestCase {
         let export = try softdev(["serve", "--local-dir", directory + "/hv", "--export", "=null(size=1M)"])
         XCTAssertTrue(export.output.contains("expected NAME=SPEC"), export.output)
     }
+
+    func testServeRejectsABadLogLevelAndMetricsAddress() throws {
+        let level = try softdev(["serve", "--local-dir", directory + "/hv", "--log-level", "loud"])
+        XCTAssertNotEqual(level.status, 0)
+        XCTAssertTrue(level.output.contains("--log-level = \"loud\": use one of trace, debug, info, notice, warning, error, critical"), level.output)
+        let metrics = try softdev(["serve", "--local-dir", directory + "/hv", "--metrics", "9464"])
+        XCTAssertNotEqual(metrics.status, 0)
+        XCTAssertTrue(metrics.output.contains("--metrics = \"9464\": expected HOST:PORT"), metrics.output)
+    }
 }

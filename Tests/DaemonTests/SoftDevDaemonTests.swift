@@ -26,7 +26,7 @@ final class SoftDevDaemonTests: XCTestCase {
         try? FileManager.default.removeItem(atPath: directory)
     }
 
-    private func startDaemon(_ config: ServeConfig) throws -> SoftDevDaemon {
+    func startDaemon(_ config: ServeConfig) throws -> SoftDevDaemon {
         let d = try SoftDevDaemon(config: config, choice: HypervisorChoice(kind: .local, localAddress: LocalHypervisorAddress(directory: directory)),
                                   log: { if getenv("SOFTDEV_TEST_LOG") != nil { print($0) } })
         try d.start()
@@ -34,7 +34,7 @@ final class SoftDevDaemonTests: XCTestCase {
         return d
     }
 
-    private func waitUntil(_ what: String, timeout: Double = 10, _ condition: () -> Bool) throws {
+    func waitUntil(_ what: String, timeout: Double = 10, _ condition: () -> Bool) throws {
         let end = monotonicSeconds() + timeout
         while !condition() {
             guard monotonicSeconds() < end else { throw TimedOut(what: what) }

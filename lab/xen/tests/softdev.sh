@@ -156,7 +156,7 @@ lab_check "g5: I/O is running in the guest (xvda busy, xvdb idle)" wait_until 24
 kill -KILL "$SOFTDEV_PID"; wait "$SOFTDEV_PID" 2>/dev/null; SOFTDEV_PID=
 R5=$(xenstore-read "/local/domain/$D5/data/io-rounds")
 lab_check "softdev serve starts again after SIGKILL" sd_start
-resumed_both() { [ "$(grep -c "softdev-vbd/$D5/.*resumed after a restart" "$SOFTDEV_LOG")" = 2 ]; }
+resumed_both() { [ "$(grep "resumed after a restart" "$SOFTDEV_LOG" | grep -c "softdev-vbd/$D5/")" = 2 ]; }
 lab_check "g5: the new daemon resumed both disks where the killed one left them" wait_until 30 resumed_both
 lab_check "g5: I/O goes on after the restart" wait_until 120 xs_at_least "/local/domain/$D5/data/io-rounds" $((R5 + 5))
 xenstore-write "/local/domain/$D5/data/stop" 1

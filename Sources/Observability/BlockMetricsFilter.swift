@@ -1,0 +1,85 @@
+import Core
+import CoreMetrics
+import Synchronization
+
+/// What the daemon puts at the top of every block stack it serves (a guest's disk, an NBD
+/// export) when metrics are on: per operation, the requests, bytes, errors and latency, and the
+/// requests in flight, as swift-metrics series labelled with the device's class, name (the
+/// backend path of a disk, the name of an export) and transport. Closing the stack removes them.
+///
+/// ```swift
+/// let disk = BlockMetricsFilter(next: try DeviceRegistry.open("memory(size=1G)"), metrics: registry,
+///                               device: "/local/domain/0/backend/softdev-vbd/3/51712", transport: "blkif")
+/// ```
+///
+/// The hot path stays cheap: the counters are atomics in the Prometheus backend, the request
+/// goes down through a ``BlockCompletionRelay`` (no allocation per request), and the only lock is
+/// the latency histogram's, held for a bucket walk.
+public final class BlockMetricsFilter: BlockFilter, @unchecked Sendable {
+    /// The device below's: the daemon adds this filter, not the user's spec, so messages that
+    /// name the device ("device memory 8388608 bytes") stay as they were.
+    public override var name: String { next.name }
+
+    /// One operation's series. A class: a completion takes one reference to it, not four.
+    private final class Series: Sendable {
+        let requests: Counter, bytes: Counter, errors: Counter, duration: Timer
+
+        init(_ labels: [(String, String)], _ metrics: MetricsRegistry) {
+            requests = Counter(label: MetricsRegistry.requests, dimensions: labels, factory: metrics)
+            bytes = Counter(label: MetricsRegistry.bytes, dimensions: labels, factory: metrics)
+            errors = Counter(label: MetricsRegistry.errors, dimensions: labels, factory: metrics)
+            duration = Timer(label: MetricsRegistry.duration, dimensions: labels, factory: metrics)
+        }
+
+        func destroy() {
+            requests.destroy(); bytes.destroy(); errors.destroy(); duration.destroy()
+        }
+    }
+
+    /// Indexed by `BlockOperation.rawValue`.
+    private let series: [Series]
+    private let inFlight: Meter
+    private let closed = Atomic<Bool>(false)
+    /// What a request was, and when it was submitted. A struct, not a tuple: the relay is generic
+    /// and not specialised across modules, and a tuple's type metadata is looked up in the
+    /// runtime's cache on every use, a struct's is not.
+    private struct Submitted {
+        let operation: BlockOperation
+        let bytes: UInt64
+        let start: ContinuousClock.Instant
+    }
+    private var relay: BlockCompletionRelay<Submitted>!
+
+    public init(next: any BlockDevice, metrics: MetricsRegistry, device: String, transport: String) {
+        let labels = [("class", SoftDeviceClass.block.name), ("device", device), ("transport", transport)]
+        // In raw-value order, so that an operation finds its series by index.
+        series = [BlockOperation.read, .write, .flush, .discard, .writeZeroes].map {
+            Series(labels + [("operation", $0.description)], metrics)
+        }
+        inFlight = Meter(label: MetricsRegistry.inFlight, dimensions: labels, factory: metrics)
+        super.init(next: next)
+        relay = BlockCompletionRelay { [series, inFlight] submitted, result in
+            let s = series[Int(submitted.operation.rawValue)]
+            let elapsed = (ContinuousClock.now - submitted.start).components
+            s.duration.recordNanoseconds(elapsed.seconds * 1_000_000_000 + elapsed.attoseconds / 1_000_000_000)
+            s.requests.increment()
+            s.bytes.increment(by: submitted.bytes)
+            if result != .success { s.errors.increment() }
+            inFlight.decrement()
+            return result
+        }
+    }
+
+    public override func submit(_ request: BlockRequest, completion: BlockCompletion) {
+        inFlight.increment()
+        relay.submit(request, to: next, completion: completion, context: Submitted(operation: request.operation, bytes: request.length, start: .now))
+    }
+
+    /// Closes the stack below, then removes this device's series from the scrape.
+    public override func close() {
+        guard !closed.exchange(true, ordering: .relaxed) else { return }
+        next.close()
+        for s in series { s.destroy() }
+        inFlight.destroy()
+    }
+}
