@@ -112,7 +112,7 @@ struct Bench: ParsableCommand {
         let fileSystem = BenchmarkFile.fileSystemType(path) ?? "an unknown file system"
         print("blkif, local hypervisor: ring order \(bench.ringPageOrder), 1 queue, persistent grants, \(seconds) s per row "
               + "(+\(bench.warmup) s warm-up), device \(size >> 20) MiB; file device \(isDirect ? "O_DIRECT" : "buffered") on "
-              + "\(fileSystem) (\(path)), fio libaio the same"
+              + "\(fileSystem) (\(path)), fio libaio \(isDirect ? "O_DIRECT" : "buffered") on the same file"
               + (isDirect ? "" : ", file synced after each write row") + "; " + Self.polling(pollMicroseconds))
         let rows = try bench.run { row in
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
