@@ -12,7 +12,10 @@ import Glibc
 /// kernel gives a careful C program on that file, without any ring.
 ///
 /// Each target gets its own guest with a ring of 2^4 pages and persistent grants; the targets
-/// take turns workload by workload, so a noisy neighbour hurts all of them alike.
+/// take turns workload by workload, so a noisy neighbour hurts all of them alike. Each workload
+/// is measured in halves, the targets in order and then in reverse (A B, B A): what one row
+/// leaves behind for the next (dirty pages, a disk still writing the last burst back, a warm or
+/// cold cache) then falls on both sides of a ratio instead of always on the later one.
 public struct BlockBenchmark {
     /// What a guest's disk is served by.
     public enum Target: Sendable, Equatable, CustomStringConvertible {
@@ -58,6 +61,8 @@ public struct BlockBenchmark {
     /// time): buffered writes then leave no dirty pages for the next row, another target's, to
     /// write back.
     public var file: String?
+    /// Turns per workload, each of `seconds / rounds`, every second one in reverse order.
+    public var rounds = 2
 
     public init(targets: [Target], workloads: [BlkifLoadGenerator.Workload] = BlkifLoadGenerator.Workload.standard,
                 seconds: Double = 2, warmup: Double = 0.3, deviceSize: UInt64 = 1 << 30) {
@@ -147,12 +152,16 @@ public struct BlockBenchmark {
 
         var rows: [Row] = []
         for workload in workloads {
-            var measured: [(Target, BlkifLoadGenerator.Result)] = []
-            for (target, guest) in zip(targets, guests) {
-                let result = try guest.map { try measure($0, workload) } ?? measureFio(target, workload)
-                if workload.write, let file { try BenchmarkFile.sync(file) }
-                measured.append((target, result))
+            var totals = [BlkifLoadGenerator.Result](repeating: .init(requests: 0, bytes: 0, seconds: 0, errors: 0), count: targets.count)
+            for round in 0..<max(1, rounds) {
+                for i in round % 2 == 0 ? Array(targets.indices) : targets.indices.reversed() {
+                    let part = seconds / Double(max(1, rounds))
+                    let result = try guests[i].map { try measure($0, workload, seconds: part) } ?? measureFio(targets[i], workload, seconds: part)
+                    if workload.write, let file { try BenchmarkFile.sync(file) }
+                    totals[i].add(result)
+                }
             }
+            let measured = Array(zip(targets, totals))
             let reference = measured.first { $0.0 == .reference }?.1
             var fio: [String: BlkifLoadGenerator.Result] = [:]
             for case let (.fioLibaio(_, _, peerOf), result) in measured { fio[peerOf] = result }
@@ -170,7 +179,7 @@ public struct BlockBenchmark {
     }
 
     /// A warmed-up measurement of one workload through a guest's ring.
-    private func measure(_ a: Attached, _ workload: BlkifLoadGenerator.Workload) throws -> BlkifLoadGenerator.Result {
+    private func measure(_ a: Attached, _ workload: BlkifLoadGenerator.Workload, seconds: Double) throws -> BlkifLoadGenerator.Result {
         let generator = try BlkifLoadGenerator(front: a.front, workload: workload)
         _ = try generator.run(seconds: warmup)
         let result = try generator.run(seconds: seconds)
@@ -181,7 +190,7 @@ public struct BlockBenchmark {
     }
 
     /// fio's libaio engine on the file, for as long as a ring's row (its ramp as the warm-up).
-    private func measureFio(_ target: Target, _ workload: BlkifLoadGenerator.Workload) throws -> BlkifLoadGenerator.Result {
+    private func measureFio(_ target: Target, _ workload: BlkifLoadGenerator.Workload, seconds: Double) throws -> BlkifLoadGenerator.Result {
         guard case let .fioLibaio(path, direct, _) = target else { throw HarnessFailure("\(target) has no guest") }
         let r = try FioJob.run(engine: ["--ioengine=libaio", "--filename=\(path)", "--direct=\(direct ? 1 : 0)"], workload: workload,
                                size: deviceSize, runtimeMilliseconds: Int(seconds * 1000), rampMilliseconds: Int(warmup * 1000))
@@ -211,6 +220,13 @@ public struct BlockBenchmark {
             let space = String(repeating: " ", count: max(0, width - cell.count))
             return i < 2 ? cell + space : space + cell   // numbers right-aligned
         }.joined(separator: " ")
+    }
+}
+
+extension BlkifLoadGenerator.Result {
+    /// Adds another measurement of the same workload on the same target (a second half).
+    fileprivate mutating func add(_ other: Self) {
+        requests += other.requests; bytes += other.bytes; seconds += other.seconds; errors += other.errors
     }
 }
 

@@ -5,11 +5,16 @@ import Foundation
 public enum FioJob {
     /// What fio's JSON report says of the job's one direction (read or write), ramp excluded.
     public struct Report: Sendable {
-        public var requests: UInt64
-        public var bytes: UInt64
-        public var seconds: Double
-        public var iops: Double
-        public var megabytesPerSecond: Double
+        public var requests: UInt64 = 0
+        public var bytes: UInt64 = 0
+        public var seconds: Double = 0
+        public var iops: Double { seconds > 0 ? Double(requests) / seconds : 0 }
+        public var megabytesPerSecond: Double { seconds > 0 ? Double(bytes) / seconds / 1e6 : 0 }
+
+        /// Adds another job of the same workload on the same server (a second half).
+        public mutating func add(_ other: Report) {
+            requests += other.requests; bytes += other.bytes; seconds += other.seconds
+        }
     }
 
     /// Runs `workload` with the engine's arguments (e.g. `--ioengine=nbd`, `--uri=...`) over the
@@ -33,7 +38,7 @@ public enum FioJob {
         if number("total_ios") == 0 || (stats["io_bytes"] as? NSNumber) == nil {
             throw HarnessFailure("fio \(w.name) (\(engine.joined(separator: " "))) completed no \(w.write ? "write" : "read")")
         }
-        return Report(requests: UInt64(number("total_ios")), bytes: UInt64(number("io_bytes")), seconds: number("runtime") / 1000,
-                      iops: number("iops"), megabytesPerSecond: number("bw_bytes") / 1_000_000)
+        // fio's own "iops" is the same ratio; the counts let two halves add up exactly.
+        return Report(requests: UInt64(number("total_ios")), bytes: UInt64(number("io_bytes")), seconds: number("runtime") / 1000)
     }
 }

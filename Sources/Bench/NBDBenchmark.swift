@@ -22,6 +22,10 @@ public struct NBDBenchmark: Sendable {
         public var megabytesPerSecond: Double
         /// For a softdev row: IOPS over its nbdkit peer's on the same workload.
         public var ratioToPeer: Double?
+
+        init(_ w: Workload, _ server: String, _ report: FioJob.Report) {
+            self.server = server; workload = w.name; iops = report.iops; megabytesPerSecond = report.megabytesPerSecond
+        }
     }
 
     /// A device stack behind SoftDev's export and the nbdkit plugin that does the same job,
@@ -53,6 +57,10 @@ public struct NBDBenchmark: Sendable {
     public var compareWithNbdkit: Bool
     /// Our server's poll window for idle connections (`NBDServer.pollMicroseconds`).
     public var pollMicroseconds: Int
+    /// Turns per workload and pair, each of `runtime / rounds` (and its own ramp), every second
+    /// one with our export first (nbdkit, ours, ours, nbdkit): what one job leaves behind (dirty
+    /// pages, writeback still under way) then falls on both rows of a pair.
+    public var rounds = 2
 
     public init(workloads: [Workload] = Workload.standard, runtime: Int = 10, size: UInt64 = 1 << 30, compareWithNbdkit: Bool = true,
                 pollMicroseconds: Int = AdaptivePoller.defaultMicroseconds) {
@@ -60,8 +68,9 @@ public struct NBDBenchmark: Sendable {
         self.pollMicroseconds = pollMicroseconds
     }
 
-    /// For each pair and workload: fio against nbdkit running the pair's plugin, then against our
-    /// export of the pair's device, one right after the other on the same unix socket kind.
+    /// For each pair and workload: fio against nbdkit running the pair's plugin and against our
+    /// export of the pair's device, one right after the other on the same unix socket kind, in
+    /// `rounds` turns.
     public func run(pairs: [Pair], progress: (Row) -> Void = { _ in }) throws -> [Row] {
         _ = try Self.tool("fio", package: "fio")
         let nbdkit = compareWithNbdkit ? try Self.tool("nbdkit", package: "nbdkit") : ""
@@ -75,15 +84,26 @@ public struct NBDBenchmark: Sendable {
             defer { server.stop() }
             let ours = "nbd+unix:///?socket=\(socket)"
             guard compareWithNbdkit else {
-                for w in workloads { let row = try measure(w, pair, server: "softdev \(pair.name)", uri: ours); progress(row); rows.append(row) }
+                for w in workloads {
+                    let row = Row(w, "softdev \(pair.name)", try measure(w, pair, uri: ours, milliseconds: runtime * 1000))
+                    progress(row); rows.append(row)
+                }
                 continue
             }
             // Both servers run at once and each workload is measured on one right after the
             // other: a slow moment of a shared machine then falls on both rows of a pair.
             try withNbdkit(nbdkit, directory + "/nbdkit-\(pair.name).sock", pair.nbdkitPlugin) { theirs in
                 for w in workloads {
-                    let peer = try measure(w, pair, server: "nbdkit \(pair.name)", uri: theirs)
-                    var mine = try measure(w, pair, server: "softdev \(pair.name)", uri: ours)
+                    var theirTotal = FioJob.Report(), ourTotal = FioJob.Report()
+                    let part = runtime * 1000 / max(1, rounds)
+                    for round in 0..<max(1, rounds) {
+                        for uri in round % 2 == 0 ? [theirs, ours] : [ours, theirs] {
+                            let report = try measure(w, pair, uri: uri, milliseconds: part)
+                            if uri == ours { ourTotal.add(report) } else { theirTotal.add(report) }
+                        }
+                    }
+                    let peer = Row(w, "nbdkit \(pair.name)", theirTotal)
+                    var mine = Row(w, "softdev \(pair.name)", ourTotal)
                     mine.ratioToPeer = peer.iops > 0 ? mine.iops / peer.iops : nil
                     for row in [peer, mine] { progress(row); rows.append(row) }
                 }
@@ -110,11 +130,11 @@ public struct NBDBenchmark: Sendable {
         return lines.joined(separator: "\n")
     }
 
-    private func measure(_ w: Workload, _ pair: Pair, server: String, uri: String) throws -> Row {
+    private func measure(_ w: Workload, _ pair: Pair, uri: String, milliseconds: Int) throws -> FioJob.Report {
         let report = try FioJob.run(engine: ["--ioengine=nbd", "--uri=\(uri)"], workload: w, size: size,
-                                    runtimeMilliseconds: runtime * 1000, rampMilliseconds: 1000)
+                                    runtimeMilliseconds: milliseconds, rampMilliseconds: 1000)
         if w.write, let file = pair.file { try BenchmarkFile.sync(file) }
-        return Row(server: server, workload: w.name, iops: report.iops, megabytesPerSecond: report.megabytesPerSecond, ratioToPeer: nil)
+        return report
     }
 
     /// Starts nbdkit in the foreground on `socket`, runs `body` with its URI, stops it.

@@ -19,6 +19,8 @@ struct Bench: ParsableCommand {
             With --nbd, the same workloads run through SoftDev's NBD export and nbdkit (memory and file plugins, the \
             file read and written through the page cache by both, synced after each write row) with fio's nbd \
             engine; "vs nbdkit" is IOPS over nbdkit's.
+            Each row is measured in two turns of half its time, the targets in order and then reversed, so that \
+            what one row leaves behind (dirty pages, a disk still writing a burst back) falls on both sides of a ratio.
             The write workloads overwrite the file's contents (a --file too).
             SoftDev's idle rings and connections poll for the next request before they sleep (--poll-us, as \
             `softdev serve`). The C backend polls with the same window, so "vs C" is like for like either way; \
@@ -111,7 +113,7 @@ struct Bench: ParsableCommand {
         bench.file = path
         let fileSystem = BenchmarkFile.fileSystemType(path) ?? "an unknown file system"
         print("blkif, local hypervisor: ring order \(bench.ringPageOrder), 1 queue, persistent grants, \(seconds) s per row "
-              + "(+\(bench.warmup) s warm-up), device \(size >> 20) MiB; file device \(isDirect ? "O_DIRECT" : "buffered") on "
+              + "in \(bench.rounds) turns, the targets in order then reversed (+\(bench.warmup) s warm-up each), device \(size >> 20) MiB; file device \(isDirect ? "O_DIRECT" : "buffered") on "
               + "\(fileSystem) (\(path)), fio libaio \(isDirect ? "O_DIRECT" : "buffered") on the same file"
               + (isDirect ? "" : ", file synced after each write row") + "; " + Self.polling(pollMicroseconds))
         let rows = try bench.run { row in
@@ -129,7 +131,8 @@ struct Bench: ParsableCommand {
         let fileDevice = try DeviceRegistry.open("file(path=\(path), direct=off)")
         try BenchmarkFile.warm(path)
         defer { memory.close(); fileDevice.close() }
-        print("\nNBD, fio nbd engine over a unix socket: \(runtime) s per row (+1 s ramp), \(bench.size >> 20) MiB; file: both "
+        print("\nNBD, fio nbd engine over a unix socket: \(runtime) s per row in \(bench.rounds) turns, "
+              + "nbdkit first then ours first (+1 s ramp each), \(bench.size >> 20) MiB; file: both "
               + "servers buffered (page cache) on \(BenchmarkFile.fileSystemType(path) ?? "an unknown file system"), file synced after "
               + "each write row; " + Self.polling(pollMicroseconds))
         let rows = try bench.run(pairs: [

@@ -25,6 +25,8 @@ final class BenchmarkTests: XCTestCase {
         for row in rows {
             XCTAssertGreaterThan(row.result.requests, 0, "\(row.workload) on \(row.target)")
             XCTAssertEqual(row.result.bytes, row.result.requests * UInt64(row.workload.hasPrefix("1m") ? 1 << 20 : 4096))
+            // Measured in two halves (A B, B A) that add up to the whole row.
+            XCTAssertGreaterThanOrEqual(row.result.seconds, bench.seconds, "\(row.workload) on \(row.target)")
         }
         // Each softdev row is compared with the reference of its own workload.
         XCTAssertNil(rows[0].ratioToReference)
