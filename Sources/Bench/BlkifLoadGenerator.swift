@@ -4,38 +4,14 @@ import Core
 import Glibc
 
 /// Drives one queue of a ``LocalBlockFrontend`` as hard as a guest could: keeps `queueDepth`
-/// READs in flight, refilling as responses arrive, for a fixed time. Every request is built
-/// once per slot up front (its buffer pages persistently granted, its indirect page filled and
-/// granted), so that the frontend costs the same few stores per request whichever backend it
-/// measures: the difference between two runs is the backend's.
+/// READs (or WRITEs, of the granted buffer pages) in flight, refilling as responses arrive, for
+/// a fixed time. Every request is built once per slot up front (its buffer pages persistently
+/// granted, its indirect page filled and granted), so that the frontend costs the same few
+/// stores per request whichever backend it measures: the difference between two runs is the
+/// backend's.
 public final class BlkifLoadGenerator {
-    public struct Workload: Sendable, Equatable {
-        public var name: String
-        /// Bytes per request (a multiple of 4096, at most 256 pages).
-        public var blockSize: Int
-        public var queueDepth: Int
-        /// Random offsets (else sequential, wrapping at the end of the device).
-        public var random: Bool
-        public init(name: String, blockSize: Int, queueDepth: Int, random: Bool) {
-            self.name = name; self.blockSize = blockSize; self.queueDepth = queueDepth; self.random = random
-        }
-
-        /// The workloads: 4 KiB random reads at queue depth 1, 32 and 256, and 1 MiB
-        /// sequential reads (queue depth 4).
-        public static let standard: [Workload] = [
-            Workload(name: "4k randread qd1", blockSize: 4096, queueDepth: 1, random: true),
-            Workload(name: "4k randread qd32", blockSize: 4096, queueDepth: 32, random: true),
-            Workload(name: "4k randread qd256", blockSize: 4096, queueDepth: 256, random: true),
-            Workload(name: "1m read qd4", blockSize: 1 << 20, queueDepth: 4, random: false),
-        ]
-
-        /// Buffer pages a frontend needs for this workload: one set per slot, plus one indirect
-        /// page per slot when requests are indirect.
-        public var bufferPages: Int {
-            let pages = blockSize / xenPageSize
-            return queueDepth * (pages + (pages > Blkif.maxDirectSegments ? 1 : 0)) + 1
-        }
-    }
+    /// The bench's workloads (``BenchmarkWorkload``), named as in the NBD table.
+    public typealias Workload = BenchmarkWorkload
 
     public struct Result: Sendable {
         public var requests: UInt64
@@ -74,7 +50,7 @@ public final class BlkifLoadGenerator {
                 indirectFrame = front.queues[0].bufferFrame + UInt32(page)
                 page += 1
             }
-            let (request, refs) = try front.makeRequest(id: UInt64(slot), write: false, sector: 0, firstPage: first,
+            let (request, refs) = try front.makeRequest(id: UInt64(slot), write: workload.write, sector: 0, firstPage: first,
                                                         pageCount: pagesPerRequest, indirectPageFrame: indirectFrame)
             if indirect, let r = refs.last { ownGrants.append(r) }
             slots.append(request)
@@ -136,5 +112,14 @@ public final class BlkifLoadGenerator {
         }
         let elapsed = monotonicSeconds() - start
         return Result(requests: completed, bytes: completed * UInt64(workload.blockSize), seconds: elapsed, errors: errors)
+    }
+}
+
+extension BenchmarkWorkload {
+    /// Buffer pages a frontend needs for this workload: one set per slot, plus one indirect
+    /// page per slot when requests are indirect.
+    public var bufferPages: Int {
+        let pages = blockSize / xenPageSize
+        return queueDepth * (pages + (pages > Blkif.maxDirectSegments ? 1 : 0)) + 1
     }
 }

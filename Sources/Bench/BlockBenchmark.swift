@@ -7,10 +7,15 @@ import Glibc
 /// `softdev bench`'s block part: the whole path (local blkfront -> shared ring -> BlockTap ->
 /// device) on SoftDev's devices, and the same workloads in the same run through the C reference
 /// backend (reference_backend.c, Xen's ring macros over a null device): the protocol's cost on
-/// this machine, which the Swift backend is measured against.
+/// this machine, which the Swift backend is measured against. A file device is measured beside
+/// fio's libaio engine on the same file with the same O_DIRECT setting (`fioLibaio`): what the
+/// kernel gives a careful C program on that file, without any ring.
 ///
 /// Each target gets its own guest with a ring of 2^4 pages and persistent grants; the targets
-/// take turns workload by workload, so a noisy neighbour hurts all of them alike.
+/// take turns workload by workload, so a noisy neighbour hurts all of them alike. Each workload
+/// is measured in halves, the targets in order and then in reverse (A B, B A): what one row
+/// leaves behind for the next (dirty pages, a disk still writing the last burst back, a warm or
+/// cold cache) then falls on both sides of a ratio instead of always on the later one.
 public struct BlockBenchmark {
     /// What a guest's disk is served by.
     public enum Target: Sendable, Equatable, CustomStringConvertible {
@@ -18,11 +23,15 @@ public struct BlockBenchmark {
         case softdev(label: String, spec: String)
         /// The C reference backend over its null device.
         case reference
+        /// fio's libaio engine on `path`, with O_DIRECT or through the page cache, as the peer
+        /// of the SoftDev target labelled `peerOf` (a file device on the same file).
+        case fioLibaio(path: String, direct: Bool, peerOf: String)
 
         public var description: String {
             switch self {
             case let .softdev(label, _): return label
             case .reference: return "C reference null"
+            case let .fioLibaio(_, direct, _): return "fio libaio (\(direct ? "O_DIRECT" : "buffered"))"
             }
         }
     }
@@ -33,6 +42,8 @@ public struct BlockBenchmark {
         public var result: BlkifLoadGenerator.Result
         /// This row's IOPS over the C reference's on the same workload (nil for the reference).
         public var ratioToReference: Double?
+        /// A SoftDev row's IOPS over its fio peer's on the same workload (nil without a peer).
+        public var ratioToFio: Double? = nil
     }
 
     public var targets: [Target]
@@ -46,6 +57,12 @@ public struct BlockBenchmark {
     /// SoftDev's ring threads' poll window (`BlkifBackendOptions.pollMicroseconds`), and the C
     /// reference backend's.
     public var pollMicroseconds = AdaptivePoller.defaultMicroseconds
+    /// The file the file targets write, synced after every write row (outside the measured
+    /// time): buffered writes then leave no dirty pages for the next row, another target's, to
+    /// write back.
+    public var file: String?
+    /// Turns per workload, each of `seconds / rounds`, every second one in reverse order.
+    public var rounds = 2
 
     public init(targets: [Target], workloads: [BlkifLoadGenerator.Workload] = BlkifLoadGenerator.Workload.standard,
                 seconds: Double = 2, warmup: Double = 0.3, deviceSize: UInt64 = 1 << 30) {
@@ -97,7 +114,10 @@ public struct BlockBenchmark {
                 a.guest.destroy()
             }
         }
+        // Each target's guest, by the target's index (nil for fio, which opens the file itself).
+        var guests: [Attached?] = []
         for (index, target) in targets.enumerated() {
+            if case .fioLibaio = target { guests.append(nil); continue }
             let guest = try LocalHypervisor.createGuest(address, name: "bench-\(index)", pages: guestPages)
             switch target {
             case let .softdev(_, spec):
@@ -124,25 +144,33 @@ public struct BlockBenchmark {
                 connected.wait()
                 if let error = harness.connectError { throw HarnessFailure("C reference backend: \(error)") }
                 attached.append(Attached(target: target, guest: guest, front: front, reference: harness))
+            case .fioLibaio:
+                continue
             }
+            guests.append(attached.last)
         }
 
         var rows: [Row] = []
         for workload in workloads {
-            var measured: [(Target, BlkifLoadGenerator.Result)] = []
-            for a in attached {
-                let generator = try BlkifLoadGenerator(front: a.front, workload: workload)
-                _ = try generator.run(seconds: warmup)
-                let result = try generator.run(seconds: seconds)
-                if result.errors > 0 {
-                    throw HarnessFailure("\(a.target) answered \(result.errors) of \(workload.name) with errors")
+            var totals = [BlkifLoadGenerator.Result](repeating: .init(requests: 0, bytes: 0, seconds: 0, errors: 0), count: targets.count)
+            for round in 0..<max(1, rounds) {
+                for i in round % 2 == 0 ? Array(targets.indices) : targets.indices.reversed() {
+                    let part = seconds / Double(max(1, rounds))
+                    let result = try guests[i].map { try measure($0, workload, seconds: part) } ?? measureFio(targets[i], workload, seconds: part)
+                    if workload.write, let file { try BenchmarkFile.sync(file) }
+                    totals[i].add(result)
                 }
-                measured.append((a.target, result))
             }
+            let measured = Array(zip(targets, totals))
             let reference = measured.first { $0.0 == .reference }?.1
+            var fio: [String: BlkifLoadGenerator.Result] = [:]
+            for case let (.fioLibaio(_, _, peerOf), result) in measured { fio[peerOf] = result }
             for (target, result) in measured {
-                let row = Row(workload: workload.name, target: "\(target)", result: result,
-                              ratioToReference: target == .reference ? nil : reference.map { result.iops / $0.iops })
+                var row = Row(workload: workload.name, target: "\(target)", result: result, ratioToReference: nil)
+                if case .softdev = target {
+                    row.ratioToReference = reference.map { result.iops / $0.iops }
+                    row.ratioToFio = fio["\(target)"].map { result.iops / $0.iops }
+                }
                 rows.append(row)
                 progress(row)
             }
@@ -150,27 +178,55 @@ public struct BlockBenchmark {
         return rows
     }
 
-    /// The rows as a table: workload, backend, IOPS, MB/s, ratio to the C reference.
+    /// A warmed-up measurement of one workload through a guest's ring.
+    private func measure(_ a: Attached, _ workload: BlkifLoadGenerator.Workload, seconds: Double) throws -> BlkifLoadGenerator.Result {
+        let generator = try BlkifLoadGenerator(front: a.front, workload: workload)
+        _ = try generator.run(seconds: warmup)
+        let result = try generator.run(seconds: seconds)
+        if result.errors > 0 {
+            throw HarnessFailure("\(a.target) answered \(result.errors) of \(workload.name) with errors")
+        }
+        return result
+    }
+
+    /// fio's libaio engine on the file, for as long as a ring's row (its ramp as the warm-up).
+    private func measureFio(_ target: Target, _ workload: BlkifLoadGenerator.Workload, seconds: Double) throws -> BlkifLoadGenerator.Result {
+        guard case let .fioLibaio(path, direct, _) = target else { throw HarnessFailure("\(target) has no guest") }
+        let r = try FioJob.run(engine: ["--ioengine=libaio", "--filename=\(path)", "--direct=\(direct ? 1 : 0)"], workload: workload,
+                               size: deviceSize, runtimeMilliseconds: Int(seconds * 1000), rampMilliseconds: Int(warmup * 1000))
+        return BlkifLoadGenerator.Result(requests: r.requests, bytes: r.bytes, seconds: r.seconds, errors: 0)
+    }
+
+    /// The rows as a table: workload, backend, IOPS, MB/s, ratio to the C reference, ratio to
+    /// fio on the same file.
     public static func table(_ rows: [Row]) -> String {
-        var lines = [pad(["workload", "backend", "IOPS", "MB/s", "vs C"])]
+        var lines = [pad(["workload", "backend", "IOPS", "MB/s", "vs C", "vs fio"])]
         var lastWorkload = ""
         for row in rows {
             let iops = row.result.iops >= 10_000 ? String(format: "%.1fk", row.result.iops / 1000) : String(format: "%.0f", row.result.iops)
             lines.append(pad([row.workload == lastWorkload ? "" : row.workload, row.target, iops,
                               String(format: "%.1f", row.result.megabytesPerSecond),
-                              row.ratioToReference.map { String(format: "%.2f", $0) } ?? (row.target == "\(Target.reference)" ? "1.00" : "-")]))
+                              row.ratioToReference.map { String(format: "%.2f", $0) } ?? (row.target == "\(Target.reference)" ? "1.00" : "-"),
+                              row.ratioToFio.map { String(format: "%.2f", $0) } ?? (row.target.hasPrefix("fio ") ? "1.00" : "-")]))
             lastWorkload = row.workload
         }
         return lines.joined(separator: "\n")
     }
 
     private static func pad(_ cells: [String]) -> String {
-        let widths = [20, 22, 10, 10, 6]
+        let widths = [20, 22, 10, 10, 6, 7]
         return zip(cells, widths).enumerated().map { i, pair in
             let (cell, width) = pair
             let space = String(repeating: " ", count: max(0, width - cell.count))
             return i < 2 ? cell + space : space + cell   // numbers right-aligned
         }.joined(separator: " ")
+    }
+}
+
+extension BlkifLoadGenerator.Result {
+    /// Adds another measurement of the same workload on the same target (a second half).
+    fileprivate mutating func add(_ other: Self) {
+        requests += other.requests; bytes += other.bytes; seconds += other.seconds; errors += other.errors
     }
 }
 

@@ -11,24 +11,8 @@ import NBDExport
 /// print(NBDBenchmark.table(rows))
 /// ```
 public struct NBDBenchmark: Sendable {
-    /// One fio job.
-    public struct Workload: Sendable, Equatable {
-        public var name: String
-        /// fio's `rw`: randread, read, randwrite, write ...
-        public var pattern: String
-        public var blockSize: Int
-        public var queueDepth: Int
-        public init(name: String, pattern: String, blockSize: Int, queueDepth: Int) {
-            self.name = name; self.pattern = pattern; self.blockSize = blockSize; self.queueDepth = queueDepth
-        }
-        /// 4 KiB random reads at queue depth 1, 32 and 256, and 1 MiB sequential reads.
-        public static let standard: [Workload] = [
-            Workload(name: "4k randread qd1", pattern: "randread", blockSize: 4096, queueDepth: 1),
-            Workload(name: "4k randread qd32", pattern: "randread", blockSize: 4096, queueDepth: 32),
-            Workload(name: "4k randread qd256", pattern: "randread", blockSize: 4096, queueDepth: 256),
-            Workload(name: "1m read qd8", pattern: "read", blockSize: 1 << 20, queueDepth: 8),
-        ]
-    }
+    /// One fio job: the workloads are the blkif table's, with the same names.
+    public typealias Workload = BenchmarkWorkload
 
     /// One measurement: a server on a workload.
     public struct Row: Sendable, Equatable {
@@ -38,6 +22,10 @@ public struct NBDBenchmark: Sendable {
         public var megabytesPerSecond: Double
         /// For a softdev row: IOPS over its nbdkit peer's on the same workload.
         public var ratioToPeer: Double?
+
+        init(_ w: Workload, _ server: String, _ report: FioJob.Report) {
+            self.server = server; workload = w.name; iops = report.iops; megabytesPerSecond = report.megabytesPerSecond
+        }
     }
 
     /// A device stack behind SoftDev's export and the nbdkit plugin that does the same job,
@@ -46,8 +34,12 @@ public struct NBDBenchmark: Sendable {
         public var name: String
         public var device: any BlockDevice
         public var nbdkitPlugin: [String]
-        public init(name: String, device: any BlockDevice, nbdkitPlugin: [String]) {
-            self.name = name; self.device = device; self.nbdkitPlugin = nbdkitPlugin
+        /// The file both servers write, if any: synced after each write row (outside the
+        /// measured time), so that every row starts with no dirty pages and none pays for the
+        /// writeback of the row before it (the other server's).
+        public var file: String?
+        public init(name: String, device: any BlockDevice, nbdkitPlugin: [String], file: String? = nil) {
+            self.name = name; self.device = device; self.nbdkitPlugin = nbdkitPlugin; self.file = file
         }
     }
 
@@ -65,6 +57,10 @@ public struct NBDBenchmark: Sendable {
     public var compareWithNbdkit: Bool
     /// Our server's poll window for idle connections (`NBDServer.pollMicroseconds`).
     public var pollMicroseconds: Int
+    /// Turns per workload and pair, each of `runtime / rounds` (and its own ramp), every second
+    /// one with our export first (nbdkit, ours, ours, nbdkit): what one job leaves behind (dirty
+    /// pages, writeback still under way) then falls on both rows of a pair.
+    public var rounds = 2
 
     public init(workloads: [Workload] = Workload.standard, runtime: Int = 10, size: UInt64 = 1 << 30, compareWithNbdkit: Bool = true,
                 pollMicroseconds: Int = AdaptivePoller.defaultMicroseconds) {
@@ -72,10 +68,11 @@ public struct NBDBenchmark: Sendable {
         self.pollMicroseconds = pollMicroseconds
     }
 
-    /// For each pair and workload: fio against nbdkit running the pair's plugin, then against our
-    /// export of the pair's device, one right after the other on the same unix socket kind.
+    /// For each pair and workload: fio against nbdkit running the pair's plugin and against our
+    /// export of the pair's device, one right after the other on the same unix socket kind, in
+    /// `rounds` turns.
     public func run(pairs: [Pair], progress: (Row) -> Void = { _ in }) throws -> [Row] {
-        let fio = try Self.tool("fio", package: "fio")
+        _ = try Self.tool("fio", package: "fio")
         let nbdkit = compareWithNbdkit ? try Self.tool("nbdkit", package: "nbdkit") : ""
         let directory = try Self.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
@@ -87,15 +84,26 @@ public struct NBDBenchmark: Sendable {
             defer { server.stop() }
             let ours = "nbd+unix:///?socket=\(socket)"
             guard compareWithNbdkit else {
-                for w in workloads { let row = try measure(fio, w, server: "softdev \(pair.name)", uri: ours); progress(row); rows.append(row) }
+                for w in workloads {
+                    let row = Row(w, "softdev \(pair.name)", try measure(w, pair, uri: ours, milliseconds: runtime * 1000))
+                    progress(row); rows.append(row)
+                }
                 continue
             }
             // Both servers run at once and each workload is measured on one right after the
             // other: a slow moment of a shared machine then falls on both rows of a pair.
             try withNbdkit(nbdkit, directory + "/nbdkit-\(pair.name).sock", pair.nbdkitPlugin) { theirs in
                 for w in workloads {
-                    let peer = try measure(fio, w, server: "nbdkit \(pair.name)", uri: theirs)
-                    var mine = try measure(fio, w, server: "softdev \(pair.name)", uri: ours)
+                    var theirTotal = FioJob.Report(), ourTotal = FioJob.Report()
+                    let part = runtime * 1000 / max(1, rounds)
+                    for round in 0..<max(1, rounds) {
+                        for uri in round % 2 == 0 ? [theirs, ours] : [ours, theirs] {
+                            let report = try measure(w, pair, uri: uri, milliseconds: part)
+                            if uri == ours { ourTotal.add(report) } else { theirTotal.add(report) }
+                        }
+                    }
+                    let peer = Row(w, "nbdkit \(pair.name)", theirTotal)
+                    var mine = Row(w, "softdev \(pair.name)", ourTotal)
                     mine.ratioToPeer = peer.iops > 0 ? mine.iops / peer.iops : nil
                     for row in [peer, mine] { progress(row); rows.append(row) }
                 }
@@ -122,29 +130,11 @@ public struct NBDBenchmark: Sendable {
         return lines.joined(separator: "\n")
     }
 
-    private func measure(_ fio: String, _ w: Workload, server: String, uri: String) throws -> Row {
-        let (iops, mbs) = try Self.fio(fio, uri: uri, workload: w, runtime: runtime, size: size)
-        return Row(server: server, workload: w.name, iops: iops, megabytesPerSecond: mbs, ratioToPeer: nil)
-    }
-
-    /// Runs one fio job and reads IOPS and bandwidth from its JSON report.
-    static func fio(_ fio: String, uri: String, workload w: Workload, runtime: Int, size: UInt64) throws -> (Double, Double) {
-        let args = ["--name=bench", "--ioengine=nbd", "--uri=\(uri)", "--rw=\(w.pattern)", "--bs=\(w.blockSize)",
-                    "--iodepth=\(w.queueDepth)", "--size=\(size)", "--runtime=\(runtime)", "--time_based",
-                    "--ramp_time=1", "--output-format=json"]
-        let (status, out, err) = try Self.execute(fio, args)
-        guard status == 0 else { throw Failure(description: "fio \(w.name) on \(uri) failed: \(err)") }
-        // fio may print notices before the JSON document.
-        guard let start = out.firstIndex(of: "{"),
-              let json = try? JSONSerialization.jsonObject(with: Data(out[start...].utf8)) as? [String: Any],
-              let job = (json["jobs"] as? [[String: Any]])?.first else {
-            throw Failure(description: "fio printed no JSON report: \(out.prefix(200))")
-        }
-        let direction = w.pattern.contains("write") ? "write" : "read"
-        let stats = job[direction] as? [String: Any] ?? [:]
-        let iops = (stats["iops"] as? NSNumber)?.doubleValue ?? 0
-        let bytes = (stats["bw_bytes"] as? NSNumber)?.doubleValue ?? 0
-        return (iops, bytes / 1_000_000)
+    private func measure(_ w: Workload, _ pair: Pair, uri: String, milliseconds: Int) throws -> FioJob.Report {
+        let report = try FioJob.run(engine: ["--ioengine=nbd", "--uri=\(uri)"], workload: w, size: size,
+                                    runtimeMilliseconds: milliseconds, rampMilliseconds: 1000)
+        if w.write, let file = pair.file { try BenchmarkFile.sync(file) }
+        return report
     }
 
     /// Starts nbdkit in the foreground on `socket`, runs `body` with its URI, stops it.

@@ -8,14 +8,20 @@ import Glibc
 /// `softdev bench`.
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Measure IOPS and MB/s through the whole blkif path, beside the C reference backend.",
+        abstract: "Measure IOPS and MB/s through the whole blkif path and the NBD export, beside their peers.",
         discussion: """
-            Runs 4 KiB random reads at queue depth 1, 32 and 256 and 1 MiB sequential reads from a local blkfront \
-            through the shared ring (2^4 pages, persistent grants) to SoftDev's backend over the null and file \
-            devices, and, in the same run, to a minimal C backend written with Xen's ring macros over a null device \
-            (the protocol's cost on this machine). "vs C" is IOPS over the C backend's on the same workload.
+            Runs 4 KiB random reads at queue depth 1, 32 and 256, 4 KiB random writes at queue depth 1 and 32, and \
+            1 MiB sequential reads and writes (queue depth 4) from a local blkfront through the shared ring (2^4 \
+            pages, persistent grants) to SoftDev's backend over the null and file devices, and, in the same run, to a \
+            minimal C backend written with Xen's ring macros over a null device (the protocol's cost on this \
+            machine), and fio's libaio engine on the file itself with the file device's O_DIRECT setting. "vs C" is \
+            IOPS over the C backend's on the same workload, "vs fio" the file device's IOPS over fio's.
             With --nbd, the same workloads run through SoftDev's NBD export and nbdkit (memory and file plugins, the \
-            file read through the page cache by both) with fio's nbd engine; "vs nbdkit" is IOPS over nbdkit's.
+            file read and written through the page cache by both, synced after each write row) with fio's nbd \
+            engine; "vs nbdkit" is IOPS over nbdkit's.
+            Each row is measured in two turns of half its time, the targets in order and then reversed, so that \
+            what one row leaves behind (dirty pages, a disk still writing a burst back) falls on both sides of a ratio.
+            The write workloads overwrite the file's contents (a --file too).
             SoftDev's idle rings and connections poll for the next request before they sleep (--poll-us, as \
             `softdev serve`). The C backend polls with the same window, so "vs C" is like for like either way; \
             nbdkit never polls, so --poll-us 0 compares the NBD export like for like.
@@ -25,7 +31,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Seconds to measure each workload on each backend.")
     var seconds: Double = 2
 
-    @Option(help: "The file device's backing file (default: a scratch file in /var/tmp, filled with data, removed afterwards).")
+    @Option(help: "The file device's backing file (default: a scratch file in /var/tmp, filled with data, removed afterwards). The write workloads overwrite it.")
     var file: String?
 
     @Option(help: "Size of the scratch file (K, M, G).")
@@ -34,11 +40,12 @@ struct Bench: ParsableCommand {
     @Option(help: "The file device's O_DIRECT setting: auto, on or off.")
     var direct = "auto"
 
-    @Option(help: "Backends to measure, comma-separated: null, file, reference.")
-    var backends = "reference,null,file"
+    @Option(help: "Backends to measure through blkif, comma-separated: reference, null, fio (fio's libaio on the file), file.")
+    var backends = "reference,null,fio,file"
 
-    @Option(help: "Workloads to run, comma-separated: 4k-qd1, 4k-qd32, 4k-qd256, 1m (default: all).")
-    var workloads = "4k-qd1,4k-qd32,4k-qd256,1m"
+    @Option(help: ArgumentHelp("Workloads to run, comma-separated, or all: \(BenchmarkWorkload.standard.map(\.name).joined(separator: ", ")) (4k-qd1, 4k-qd32, 4k-qd256 and 1m still name the reads).",
+                               valueName: "names"))
+    var workloads = "all"
 
     @Flag(help: "Also measure the NBD export against nbdkit's memory and file plugins with fio's nbd engine (needs fio and nbdkit).")
     var nbd = false
@@ -53,16 +60,12 @@ struct Bench: ParsableCommand {
 
     func run() throws {
         let wanted = Set(backends.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
-        let unknown = wanted.subtracting(["null", "file", "reference"])
-        guard unknown.isEmpty else { throw ValidationError("--backends: unknown \(unknown.sorted().joined(separator: ", ")) (use null, file, reference)") }
+        let unknown = wanted.subtracting(["null", "file", "reference", "fio"])
+        guard unknown.isEmpty else { throw ValidationError("--backends: unknown \(unknown.sorted().joined(separator: ", ")) (use reference, null, fio, file)") }
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
         guard AdaptivePoller.microsecondRange.contains(pollMicroseconds) else { throw ValidationError("--poll-us \(pollMicroseconds): use 0 to 1000000 microseconds") }
-        let keys = ["4k-qd1", "4k-qd32", "4k-qd256", "1m"]
-        let chosen = workloads.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
-        guard !chosen.isEmpty, chosen.allSatisfy(keys.contains) else {
-            throw ValidationError("--workloads \(workloads): use some of \(keys.joined(separator: ", "))")
-        }
-        let picked = keys.indices.filter { chosen.contains(keys[$0]) }
+        let picked: [BenchmarkWorkload]
+        do { picked = try BenchmarkWorkload.select(workloads) } catch { throw ValidationError("\(error)") }
         // The file the file device (and nbdkit's file plugin) reads: --file, or a scratch file.
         var scratch: String?
         defer { if let scratch { unlink(scratch) } }
@@ -83,24 +86,36 @@ struct Bench: ParsableCommand {
         // Every backend serves the same number of sectors, so random offsets spread alike.
         let size = UInt64(st.st_size) / 4096 * 4096
         if !nbdOnly {
+            // Whether the file device gets O_DIRECT on this file (direct=auto: where the file
+            // system has it), so that fio runs the same way and the header says which.
+            let fileSpec = "file(path=\(path), direct=\(direct))"
+            let probe = try DeviceRegistry.open(fileSpec)
+            let isDirect = (probe as? FileDevice)?.isDirect ?? false
+            probe.close()
             var targets: [BlockBenchmark.Target] = []
             if wanted.contains("reference") { targets.append(.reference) }
             if wanted.contains("null") { targets.append(.softdev(label: "softdev null", spec: "null(size=\(size))")) }
-            if wanted.contains("file") { targets.append(.softdev(label: "softdev file", spec: "file(path=\(path), direct=\(direct))")) }
-            try runBlkif(targets: targets, size: size, workloads: picked.map { BlkifLoadGenerator.Workload.standard[$0] })
+            if wanted.contains("fio") { targets.append(.fioLibaio(path: path, direct: isDirect, peerOf: "softdev file")) }
+            if wanted.contains("file") { targets.append(.softdev(label: "softdev file", spec: fileSpec)) }
+            try runBlkif(targets: targets, size: size, path: path, direct: isDirect, workloads: picked)
         }
-        if nbd || nbdOnly { try runNBD(path: path, size: size, workloads: picked.map { NBDBenchmark.Workload.standard[$0] }) }
+        if nbd || nbdOnly { try runNBD(path: path, size: size, workloads: picked) }
     }
 
     /// The header's words for SoftDev's poll window.
     private static func polling(_ us: Int) -> String { us > 0 ? "SoftDev polls \(us) µs before sleeping" : "no polling" }
 
-    private func runBlkif(targets: [BlockBenchmark.Target], size: UInt64, workloads: [BlkifLoadGenerator.Workload]) throws {
+    private func runBlkif(targets: [BlockBenchmark.Target], size: UInt64, path: String, direct isDirect: Bool,
+                          workloads: [BenchmarkWorkload]) throws {
         var bench = BlockBenchmark(targets: targets, workloads: workloads, seconds: seconds)
         bench.deviceSize = size
         bench.pollMicroseconds = pollMicroseconds
-        print("blkif, local hypervisor: ring order \(bench.ringPageOrder), 1 queue, persistent grants, \(seconds) s per row, device \(size >> 20) MiB, "
-              + Self.polling(pollMicroseconds))
+        bench.file = path
+        let fileSystem = BenchmarkFile.fileSystemType(path) ?? "an unknown file system"
+        print("blkif, local hypervisor: ring order \(bench.ringPageOrder), 1 queue, persistent grants, \(seconds) s per row "
+              + "in \(bench.rounds) turns, the targets in order then reversed (+\(bench.warmup) s warm-up each), device \(size >> 20) MiB; file device \(isDirect ? "O_DIRECT" : "buffered") on "
+              + "\(fileSystem) (\(path)), fio libaio \(isDirect ? "O_DIRECT" : "buffered") on the same file"
+              + (isDirect ? "" : ", file synced after each write row") + "; " + Self.polling(pollMicroseconds))
         let rows = try bench.run { row in
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
         }
@@ -109,18 +124,20 @@ struct Bench: ParsableCommand {
 
     /// The NBD export against nbdkit: our memory device against `nbdkit memory`, our file
     /// device against `nbdkit file` on the same file (both through the page cache).
-    private func runNBD(path: String, size: UInt64, workloads: [NBDBenchmark.Workload]) throws {
+    private func runNBD(path: String, size: UInt64, workloads: [BenchmarkWorkload]) throws {
         let runtime = max(1, Int(seconds.rounded()))
         let bench = NBDBenchmark(workloads: workloads, runtime: runtime, size: size, pollMicroseconds: pollMicroseconds)
         let memory = try DeviceRegistry.open("memory(size=\(bench.size))")
         let fileDevice = try DeviceRegistry.open("file(path=\(path), direct=off)")
         try BenchmarkFile.warm(path)
         defer { memory.close(); fileDevice.close() }
-        print("\nNBD, fio nbd engine over a unix socket: \(runtime) s per row (+1 s ramp), \(bench.size >> 20) MiB, "
-              + Self.polling(pollMicroseconds))
+        print("\nNBD, fio nbd engine over a unix socket: \(runtime) s per row in \(bench.rounds) turns, "
+              + "nbdkit first then ours first (+1 s ramp each), \(bench.size >> 20) MiB; file: both "
+              + "servers buffered (page cache) on \(BenchmarkFile.fileSystemType(path) ?? "an unknown file system"), file synced after "
+              + "each write row; " + Self.polling(pollMicroseconds))
         let rows = try bench.run(pairs: [
             .init(name: "memory", device: memory, nbdkitPlugin: ["memory", "size=\(bench.size)"]),
-            .init(name: "file", device: fileDevice, nbdkitPlugin: ["file", path]),
+            .init(name: "file", device: fileDevice, nbdkitPlugin: ["file", path], file: path),
         ]) { row in FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.server)\n".utf8)) }
         print(NBDBenchmark.table(rows))
     }
