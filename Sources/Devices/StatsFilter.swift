@@ -19,18 +19,16 @@ public final class StatsFilter: BlockFilter, @unchecked Sendable {
     public let reportPath: String?
 
     private let counters = (0..<5).map { _ in Counters() }
-    private let started = monotonicNanoseconds()
-    /// What a request was, and when it was submitted.
-    private typealias Submitted = (operation: BlockOperation, bytes: UInt64, start: UInt64)
-    private var relay: BlockCompletionRelay<Submitted>!
+    private let started = BlockCompletionRelay.nanoseconds()
+    private var relay: BlockCompletionRelay!
 
     public init(next: any BlockDevice, reportPath: String? = nil) {
         self.reportPath = reportPath
         super.init(next: next)
-        relay = BlockCompletionRelay { [counters] submitted, result in
-            counters[Int(submitted.operation.rawValue)].record(bytes: submitted.bytes,
-                                                               nanoseconds: Self.monotonicNanoseconds() - submitted.start,
-                                                               failed: result != .success)
+        relay = BlockCompletionRelay { [counters] request, result in
+            counters[Int(request.operation.rawValue)].record(bytes: request.length,
+                                                             nanoseconds: BlockCompletionRelay.nanoseconds() - request.submitted,
+                                                             failed: result != .success)
             return result
         }
     }
@@ -74,17 +72,10 @@ public final class StatsFilter: BlockFilter, @unchecked Sendable {
         }
     }
 
-    private static func monotonicNanoseconds() -> UInt64 {
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
-    }
-
     // MARK: Operations
 
     public override func submit(_ request: BlockRequest, completion: BlockCompletion) {
-        relay.submit(request, to: next, completion: completion,
-                     context: (request.operation, request.length, Self.monotonicNanoseconds()))
+        relay.submit(request, to: next, completion: completion)
     }
 
     /// Closes the device below, then writes the report if `file=` was given.
@@ -111,7 +102,7 @@ public final class StatsFilter: BlockFilter, @unchecked Sendable {
                 totalNanoseconds: c.totalNanoseconds.load(ordering: .relaxed), minNanoseconds: minimum == .max ? 0 : minimum,
                 maxNanoseconds: c.maxNanoseconds.load(ordering: .relaxed), latencyBuckets: c.buckets)
         }
-        return StatsSnapshot(seconds: Double(Self.monotonicNanoseconds() - started) / 1e9, operations: operations)
+        return StatsSnapshot(seconds: Double(BlockCompletionRelay.nanoseconds() - started) / 1e9, operations: operations)
     }
 }
 

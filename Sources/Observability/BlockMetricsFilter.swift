@@ -40,15 +40,7 @@ public final class BlockMetricsFilter: BlockFilter, @unchecked Sendable {
     private let series: [Series]
     private let inFlight: Meter
     private let closed = Atomic<Bool>(false)
-    /// What a request was, and when it was submitted. A struct, not a tuple: the relay is generic
-    /// and not specialised across modules, and a tuple's type metadata is looked up in the
-    /// runtime's cache on every use, a struct's is not.
-    private struct Submitted {
-        let operation: BlockOperation
-        let bytes: UInt64
-        let start: ContinuousClock.Instant
-    }
-    private var relay: BlockCompletionRelay<Submitted>!
+    private var relay: BlockCompletionRelay!
 
     public init(next: any BlockDevice, metrics: MetricsRegistry, device: String, transport: String) {
         let labels = [("class", SoftDeviceClass.block.name), ("device", device), ("transport", transport)]
@@ -58,12 +50,11 @@ public final class BlockMetricsFilter: BlockFilter, @unchecked Sendable {
         }
         inFlight = Meter(label: MetricsRegistry.inFlight, dimensions: labels, factory: metrics)
         super.init(next: next)
-        relay = BlockCompletionRelay { [series, inFlight] submitted, result in
-            let s = series[Int(submitted.operation.rawValue)]
-            let elapsed = (ContinuousClock.now - submitted.start).components
-            s.duration.recordNanoseconds(elapsed.seconds * 1_000_000_000 + elapsed.attoseconds / 1_000_000_000)
+        relay = BlockCompletionRelay { [series, inFlight] request, result in
+            let s = series[Int(request.operation.rawValue)]
+            s.duration.recordNanoseconds(Int64(BlockCompletionRelay.nanoseconds() - request.submitted))
             s.requests.increment()
-            s.bytes.increment(by: submitted.bytes)
+            s.bytes.increment(by: request.length)
             if result != .success { s.errors.increment() }
             inFlight.decrement()
             return result
@@ -72,7 +63,7 @@ public final class BlockMetricsFilter: BlockFilter, @unchecked Sendable {
 
     public override func submit(_ request: BlockRequest, completion: BlockCompletion) {
         inFlight.increment()
-        relay.submit(request, to: next, completion: completion, context: Submitted(operation: request.operation, bytes: request.length, start: .now))
+        relay.submit(request, to: next, completion: completion)
     }
 
     /// Closes the stack below, then removes this device's series from the scrape.

@@ -52,14 +52,15 @@ final class BlockFilterTests: XCTestCase {
         below.holding = true
         let seen = Recorder()
         // Two slots for five requests: three go through the overflow path.
-        let relay = BlockCompletionRelay<UInt64>(slots: 2) { tag, result in
+        let relay = BlockCompletionRelay(slots: 2) { request, result in
+            let tag = request.offset / 512
             seen.complete(tag: tag, result: result)
             return tag == 3 ? .failure(BlockError(.io, "the filter failed it")) : result
         }
         let callers = Recorder()
         for tag in UInt64(0)..<5 {
             relay.submit(BlockRequest(operation: .write, offset: tag * 512, length: 0), to: below,
-                         completion: BlockCompletion(sink: callers, tag: tag), context: tag)
+                         completion: BlockCompletion(sink: callers, tag: tag))
         }
         XCTAssertTrue(callers.results.isEmpty, "nothing completes before the device does")
         for c in below.held.reversed() { c.complete(.success) }
