@@ -27,8 +27,10 @@ public final class DelayFilter: BlockFilter, @unchecked Sendable {
     public override func submit(_ request: BlockRequest, completion: BlockCompletion) {
         let ns = delay(request.operation)
         guard ns > 0 else { return next.submit(request, completion: completion) }
+        var later = request
+        later.callerMayWait = false   // submitted from a timer thread, which must not wait
         DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(ns))) { [next] in
-            next.submit(request, completion: completion)
+            next.submit(later, completion: completion)
         }
     }
 }

@@ -285,6 +285,7 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
         if let workers {
             // Data already in the page cache is copied here and now; the rest waits for a worker.
             if readFromPageCache(request) { completion.complete(.success); return }
+            if request.callerMayWait { completion.complete(performSynchronously(request)); return }
             workers.enqueue { completion.complete(self.performSynchronously(request)) }
             return
         }

@@ -41,6 +41,8 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         var length = 0
         /// Where the client's bytes start in `buffer` (an unaligned read reads whole blocks).
         var skip = 0
+        /// No other request of the connection was in flight when this one was taken.
+        var alone = false
         init(index: Int) { self.index = index }
         func reserve(_ n: Int) {
             guard n > capacity else { return }
@@ -141,13 +143,22 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         case .disconnect: return false
         case .flush:
             let slot = acquire(h.cookie, command, 0, 0)
-            device.submit(BlockRequest(operation: .flush, offset: 0, length: 0), completion: BlockCompletion(sink: self, tag: UInt64(slot.index)))
+            submit(BlockRequest(operation: .flush, offset: 0, length: 0), slot)
             return true
         case .trim: return trim(h.cookie, h.offset, h.length)
         case .writeZeroes: return writeZeroes(h.cookie, h.flags, h.offset, h.length)
         case .blockStatus: return blockStatus(h.cookie, h.flags, h.offset, h.length)
         case .cache: return replyNow(h.cookie, command, NBD.EINVAL, "NBD_CMD_CACHE is not supported")
         }
+    }
+
+    /// Hands `request` to the device, completing into `slot`. Alone in flight with no other
+    /// request waiting in the input, this thread has nothing else to do: the device may run a
+    /// blocking operation on it (`callerMayWait`) rather than hand it to a thread and back.
+    private func submit(_ request: BlockRequest, _ slot: Slot) {
+        var request = request
+        request.callerMayWait = slot.alone && inStart == inEnd
+        device.submit(request, completion: BlockCompletion(sink: self, tag: UInt64(slot.index)))
     }
 
     /// The error for a request outside the device; nil if it is inside. Writes past the end are
@@ -170,8 +181,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         slot.skip = Int(offset - start)
         slot.reserve(Int(end - start))
         slot.iov[0] = iovec(iov_base: slot.buffer, iov_len: Int(end - start))
-        device.submit(BlockRequest(operation: .read, offset: start, length: end - start, buffers: IOBuffers(slot.iov, count: 1)),
-                      completion: BlockCompletion(sink: self, tag: UInt64(slot.index)))
+        submit(BlockRequest(operation: .read, offset: start, length: end - start, buffers: IOBuffers(slot.iov, count: 1)), slot)
         return true
     }
 
@@ -192,8 +202,7 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         if length == 0 { release(slot); return replyNow(cookie, .write, 0) }
         if offset % blockSize == 0 && UInt64(length) % blockSize == 0 {
             slot.iov[0] = iovec(iov_base: slot.buffer, iov_len: Int(length))
-            device.submit(BlockRequest(operation: .write, offset: offset, length: UInt64(length), buffers: IOBuffers(slot.iov, count: 1), fua: fua),
-                          completion: BlockCompletion(sink: self, tag: UInt64(slot.index)))
+            submit(BlockRequest(operation: .write, offset: offset, length: UInt64(length), buffers: IOBuffers(slot.iov, count: 1), fua: fua), slot)
             return true
         }
         let result = readModifyWrite(offset, Int(length), fua: fua, data: slot.buffer, holding: 1)
@@ -453,8 +462,10 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         }
         inFlight += 1
         inFlightBytes += bytes
+        let alone = inFlight == 1
         pool.unlock()
         slot.cookie = cookie; slot.command = command; slot.offset = offset; slot.length = length; slot.skip = 0
+        slot.alone = alone
         return slot
     }
 

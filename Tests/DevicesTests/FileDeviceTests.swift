@@ -292,3 +292,29 @@ final class FileCompletionSourceTests: XCTestCase {
         XCTAssertEqual(back.bytes, buffer.bytes, "what was written reads back through the reaper")
     }
 }
+
+/// A transport whose thread has nothing else to do lets a buffered file run the request on it.
+final class FileCallerMayWaitTests: XCTestCase {
+    func testABufferedRequestRunsOnTheCallersThreadWhenItMayWaitElseOnAWorker() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("maywait-\(getpid()).img").path
+        defer { unlink(path) }
+        let device = try FileDevice(path: path, options: .init(direct: .off, createSize: 1 << 20))
+        defer { device.close() }
+        let sink = FileCompletionSourceTests.Sink()
+        let buffer = TestBuffer(count: 4096, pattern: 3)
+        var request = BlockRequest(operation: .write, offset: 0, length: 4096, buffers: buffer.buffers)
+        request.callerMayWait = true
+        device.submit(request, completion: BlockCompletion(sink: sink, tag: 0))
+        XCTAssertEqual(sink.lock.withLock { sink.results }, [.success], "done before submit returned")
+        XCTAssertTrue(pthread_equal(sink.threads[0], pthread_self()) != 0, "on this thread")
+        guard !device.servesInline else { return }   // tmpfs: every request runs here anyway
+        request.callerMayWait = false
+        request.offset = 4096
+        device.submit(request, completion: BlockCompletion(sink: sink, tag: 1))
+        let deadline = monotonicSeconds() + 10
+        while sink.lock.withLock({ sink.results.count }) < 2 && monotonicSeconds() < deadline { usleep(1000) }
+        XCTAssertEqual(sink.lock.withLock { sink.results }, [.success, .success])
+        XCTAssertTrue(pthread_equal(sink.threads[1], pthread_self()) == 0, "otherwise on a worker")
+        withExtendedLifetime(buffer) {}
+    }
+}

@@ -67,6 +67,12 @@ public struct BlockRequest: @unchecked Sendable {
     public var fua: Bool
     /// For `writeZeroes`: the device may punch a hole instead of writing.
     public var mayDiscard: Bool
+    /// The submitting thread has nothing else to do until this request completes (an NBD
+    /// connection with no other request in flight or waiting, as nbdkit's threads are): a
+    /// device that would hand a blocking operation to a thread of its own may run it on this
+    /// one, saving two thread hand-overs. A filter that passes the request on from another
+    /// thread (a timer) clears it.
+    public var callerMayWait = false
 
     public init(operation: BlockOperation, offset: UInt64, length: UInt64, buffers: IOBuffers = .empty,
                 fua: Bool = false, mayDiscard: Bool = false) {
