@@ -30,6 +30,10 @@ public final class BlkifLoadGenerator {
 
     /// Prepares one request per slot. The frontend must have been made with persistent grants
     /// and at least `workload.bufferPages` buffer pages.
+    /// How long the guest watches its ring for responses before it sleeps on the event
+    /// channel, in microseconds (0: never), as the backends watch theirs for requests.
+    public var pollMicroseconds = 0
+
     public init(front: LocalBlockFrontend, workload: Workload) throws {
         self.front = front
         self.workload = workload
@@ -90,6 +94,7 @@ public final class BlkifLoadGenerator {
         q.pushRequests()
         var inFlight = workload.queueDepth
         var stopping = false
+        var poller = AdaptivePoller(microseconds: pollMicroseconds)
         while inFlight > 0 {
             var reaped = 0
             while q.ring.unconsumedResponses() > 0 {
@@ -105,6 +110,7 @@ public final class BlkifLoadGenerator {
                 if !stopping && monotonicSeconds() >= end { stopping = true }
                 continue
             }
+            if poller.wait(idle: true, { q.ring.unconsumedResponses() > 0 ? true : nil }) != nil { continue }
             if q.ring.finalCheckForResponses() > 0 { continue }
             guard q.channel.wait(timeoutMilliseconds: 10_000) else {
                 throw HarnessFailure("\(workload.name): no response within 10 s (\(inFlight) in flight)")

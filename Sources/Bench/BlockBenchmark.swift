@@ -181,6 +181,7 @@ public struct BlockBenchmark {
     /// A warmed-up measurement of one workload through a guest's ring.
     private func measure(_ a: Attached, _ workload: BlkifLoadGenerator.Workload, seconds: Double) throws -> BlkifLoadGenerator.Result {
         let generator = try BlkifLoadGenerator(front: a.front, workload: workload)
+        generator.pollMicroseconds = pollMicroseconds
         _ = try generator.run(seconds: warmup)
         let result = try generator.run(seconds: seconds)
         if result.errors > 0 {

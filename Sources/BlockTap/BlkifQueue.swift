@@ -225,6 +225,9 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
 
     /// The device's completion descriptor (the one extra descriptor) is readable.
     func fileDescriptorReady(_ index: Int, events: Int16) { completionSource?.collect() }
+    var pollsCompletions: Bool { completionSource != nil }
+    func completionsReady() -> Bool { completionSource?.ready() ?? false }
+    func collectCompletions() { completionSource?.collect() }
 
     /// A held barrier waits for completions, a broken ring for the stop: neither watches the ring.
     var awaitsWork: Bool { !broken && heldBarrier == nil }

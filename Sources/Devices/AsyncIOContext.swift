@@ -29,6 +29,10 @@ final class AsyncIOContext: @unchecked Sendable {
 
     deinit { io_destroy(context) }
 
+    /// Whether completions wait to be reaped: a look at the ring the kernel shares, no system
+    /// call (cheap enough to poll).
+    var hasCompletions: Bool { caio_has_events(context) != 0 }
+
     /// Submits `count` iocbs in one system call; returns how many the kernel took (a prefix,
     /// possibly fewer than `count`: the caller resubmits or fails the rest).
     func submit(_ iocbs: UnsafeMutablePointer<UnsafeMutablePointer<iocb>?>, count: Int) throws(SystemCallError) -> Int {

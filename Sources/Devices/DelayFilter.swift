@@ -29,7 +29,7 @@ public final class DelayFilter: BlockFilter, @unchecked Sendable {
         guard ns > 0 else { return next.submit(request, completion: completion) }
         var later = request
         later.callerMayWait = false   // submitted from a timer thread, which must not wait
-        DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(ns))) { [next] in
+        DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(ns))) { [next, later] in
             next.submit(later, completion: completion)
         }
     }

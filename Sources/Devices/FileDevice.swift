@@ -416,7 +416,7 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
                                      detach: { [unowned(unsafe) self] in
             attachedCollectors.wrappingSubtract(1, ordering: .acquiringAndReleasing)
             wakeReaper()
-        })
+        }, ready: { [unowned(unsafe) aio] in aio!.hasCompletions })
     }
 
     /// io_getevents failed (EFAULT or EINVAL: a bug, not an I/O error, but the daemon serves

@@ -23,8 +23,11 @@ struct Bench: ParsableCommand {
             what one row leaves behind (dirty pages, a disk still writing a burst back) falls on both sides of a ratio.
             The write workloads overwrite the file's contents (a --file too).
             SoftDev's idle rings and connections poll for the next request before they sleep (--poll-us, as \
-            `softdev serve`). The C backend polls with the same window, so "vs C" is like for like either way; \
-            nbdkit never polls, so --poll-us 0 compares the NBD export like for like.
+            `softdev serve`), and a ring with an O_DIRECT file's request in flight polls the file's completion \
+            ring. The C backend polls with the same window, and so does the bench's guest (its blkfront watches its \
+            ring for responses), so "vs C" is like for like either way. fio's libaio and nbdkit never poll: \
+            --poll-us 0 compares the file device and the NBD export with them like for like (a Linux guest's \
+            blkfront does not poll either).
             Numbers depend on the machine and on what else runs on it: compare rows of one run.
             """)
 
@@ -104,6 +107,9 @@ struct Bench: ParsableCommand {
 
     /// The header's words for SoftDev's poll window.
     private static func polling(_ us: Int) -> String { us > 0 ? "SoftDev polls \(us) µs before sleeping" : "no polling" }
+    private static func blkifPolling(_ us: Int) -> String {
+        us > 0 ? "SoftDev, the C backend and the guest poll \(us) µs before sleeping" : "no polling"
+    }
 
     private func runBlkif(targets: [BlockBenchmark.Target], size: UInt64, path: String, direct isDirect: Bool,
                           workloads: [BenchmarkWorkload]) throws {
@@ -115,7 +121,7 @@ struct Bench: ParsableCommand {
         print("blkif, local hypervisor: ring order \(bench.ringPageOrder), 1 queue, persistent grants, \(seconds) s per row "
               + "in \(bench.rounds) turns, the targets in order then reversed (+\(bench.warmup) s warm-up each), device \(size >> 20) MiB; file device \(isDirect ? "O_DIRECT" : "buffered") on "
               + "\(fileSystem) (\(path)), fio libaio \(isDirect ? "O_DIRECT" : "buffered") on the same file"
-              + (isDirect ? "" : ", file synced after each write row") + "; " + Self.polling(pollMicroseconds))
+              + (isDirect ? "" : ", file synced after each write row") + "; " + Self.blkifPolling(pollMicroseconds))
         let rows = try bench.run { row in
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
         }

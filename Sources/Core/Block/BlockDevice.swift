@@ -157,8 +157,12 @@ public struct BlockCompletionSource: @unchecked Sendable {
     /// The transport no longer waits on the descriptor (its ring stopped): the device's own
     /// thread collects again.
     public let detach: () -> Void
-    public init(fileDescriptor: Int32, collect: @escaping () -> Void, detach: @escaping () -> Void) {
-        self.fileDescriptor = fileDescriptor; self.collect = collect; self.detach = detach
+    /// Whether completions wait, asked without a system call: a transport may poll it for a
+    /// while before it sleeps (a fast disk completes within microseconds).
+    public let ready: () -> Bool
+    public init(fileDescriptor: Int32, collect: @escaping () -> Void, detach: @escaping () -> Void,
+                ready: @escaping () -> Bool = { false }) {
+        self.fileDescriptor = fileDescriptor; self.collect = collect; self.detach = detach; self.ready = ready
     }
 }
 

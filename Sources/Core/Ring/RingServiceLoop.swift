@@ -30,6 +30,14 @@ public protocol RingService: AnyObject {
     /// Before sleeping: asks the peers to notify (req_event = cons + 1) and checks once more
     /// (RING_FINAL_CHECK_FOR_REQUESTS); true if work arrived meanwhile, so the loop does not sleep.
     func prepareToSleep() -> Bool
+    /// Whether a device's completions wait to be collected, asked without a system call (an
+    /// O_DIRECT file's completion ring): while work is in flight the loop polls this a while
+    /// before it sleeps, as QEMU polls linux-aio, since a fast disk answers within microseconds.
+    func completionsReady() -> Bool
+    /// Whether `completionsReady` can say anything (a device with such a ring is below).
+    var pollsCompletions: Bool { get }
+    /// Collects what `completionsReady` saw.
+    func collectCompletions()
     /// Event channel `index` (in the order given to the loop) fired; its event is consumed.
     func eventChannelFired(_ index: Int)
     /// Extra file descriptor `index` is ready with `events` (poll's revents). Poll is level-
@@ -42,6 +50,9 @@ public protocol RingService: AnyObject {
 }
 
 extension RingService {
+    public var pollsCompletions: Bool { false }
+    public func completionsReady() -> Bool { false }
+    public func collectCompletions() {}
     public var awaitsWork: Bool { true }
     public func eventChannelFired(_ index: Int) {}
     public func fileDescriptorReady(_ index: Int, events: Int16) {}
@@ -81,6 +92,8 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
     /// that compares against it (a completion) happens after that work was started.
     @usableFromInline @exclusivity(unchecked) var loopThread = pthread_t()
     @usableFromInline @exclusivity(unchecked) var poller: AdaptivePoller
+    /// The same window for a device's completions while work is in flight, with its own backoff.
+    @usableFromInline @exclusivity(unchecked) var completionPoller: AdaptivePoller
 
     @usableFromInline struct Life {
         @usableFromInline var thread: PosixThread?
@@ -103,6 +116,7 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
         self.channels = channels
         self.fileDescriptors = fileDescriptors
         self.poller = poller
+        self.completionPoller = AdaptivePoller(microseconds: Int(poller.window / 1000))
         completions = RingCompletionQueue(capacity: completionCapacity)
         wake = cxen_eventfd(0, Int32(CXEN_EFD_CLOEXEC | CXEN_EFD_NONBLOCK))
         guard wake >= 0 else { throw SetupError(description: "\(purpose): eventfd: \(String(cString: strerror(errno)))") }
@@ -214,6 +228,12 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
                 }) != nil { continue }
                 // Sleep only after asking for (and re-checking) the next notification.
                 if service.prepareToSleep() { continue }
+            }
+            if !isStopping && service.inFlight > 0 && service.pollsCompletions, completionPoller.wait(idle: true, {
+                service.completionsReady() || !completions.isEmpty ? true : nil
+            }) != nil {
+                service.collectCompletions()
+                continue
             }
             if !completions.isEmpty { continue }
             for i in 0..<fds.count { fds[i].revents = 0 }
