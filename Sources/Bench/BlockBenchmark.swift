@@ -57,6 +57,8 @@ public struct BlockBenchmark {
     /// SoftDev's ring threads' poll window (`BlkifBackendOptions.pollMicroseconds`), and the C
     /// reference backend's.
     public var pollMicroseconds = AdaptivePoller.defaultMicroseconds
+    /// Whether SoftDev's rings keep their records (`RingRecoveryRecord`), as the daemon does.
+    public var keepsRingRecords = true
     /// The file the file targets write, synced after every write row (outside the measured
     /// time): buffered writes then leave no dirty pages for the next row, another target's, to
     /// write back.
@@ -94,6 +96,12 @@ public struct BlockBenchmark {
         let failures = BackendLog()
         var blkif = BlkifBackendOptions()
         blkif.pollMicroseconds = pollMicroseconds
+        // Each ring keeps its record for a restarted daemon, as `softdev serve` does.
+        if keepsRingRecords {
+            let rings = directory + "/rings"
+            mkdir(rings, 0o700)
+            blkif.ringStateDirectory = rings
+        }
         let service = BlockTapService.makeHost(hypervisor: backend, options: blkif, log: { failures.note($0) }) { spec, readOnly in
             try DeviceRegistry.open(spec, readOnly: readOnly)
         }

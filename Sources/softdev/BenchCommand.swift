@@ -121,7 +121,8 @@ struct Bench: ParsableCommand {
         print("blkif, local hypervisor: ring order \(bench.ringPageOrder), 1 queue, persistent grants, \(seconds) s per row "
               + "in \(bench.rounds) turns, the targets in order then reversed (+\(bench.warmup) s warm-up each), device \(size >> 20) MiB; file device \(isDirect ? "O_DIRECT" : "buffered") on "
               + "\(fileSystem) (\(path)), fio libaio \(isDirect ? "O_DIRECT" : "buffered") on the same file"
-              + (isDirect ? "" : ", file synced after each write row") + "; " + Self.blkifPolling(pollMicroseconds))
+              + (isDirect ? "" : ", file synced after each write row") + "; rings keep their records for a restart, as the daemon's; "
+              + Self.blkifPolling(pollMicroseconds))
         let rows = try bench.run { row in
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
         }
