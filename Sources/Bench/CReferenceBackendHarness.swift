@@ -47,7 +47,7 @@ public final class CReferenceBackendHarness: @unchecked Sendable {
     public func connect() throws {
         let store = backend.store
         let fe = paths.frontendPath
-        _ = try waitForState(store, fe + "/state", [.initialised, .connected])
+        _ = try XenbusDeviceState.wait(store, fe + "/state", for: [.initialised, .connected])
         let order = Int(try store.readInt(fe + "/ring-page-order") ?? 0)
         if order == 0, let r = try store.readInt(fe + "/ring-ref") { ringRefs = [GrantRef(r)] } else {
             for i in 0..<(1 << order) {

@@ -19,9 +19,3 @@ public func writeNodes(_ store: any XenStoreClient, _ directory: String, _ nodes
         for (key, value) in nodes { try store.write(directory + "/" + key, value, transaction: tx) }
     }
 }
-
-/// Waits until the state node at `path` holds one of `states` (``XenbusDeviceState/wait``).
-public func waitForState(_ store: any XenStoreClient, _ path: String, _ states: Set<XenbusDeviceState>, timeoutSeconds: Double = 10) throws
-    -> XenbusDeviceState {
-    try XenbusDeviceState.wait(store, path, for: states, timeoutSeconds: timeoutSeconds)
-}
