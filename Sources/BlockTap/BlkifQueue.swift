@@ -82,6 +82,8 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
     /// recorded before anything can answer it, in the record slot of the tag it gets (the top
     /// of the free stack), or answered at once from that slot.
     private let record: RingRecoveryRecord?
+    /// Its stores, for the hot path (a value: no reference counted per request).
+    private let recordStores: RingRecoveryRecord.Stores?
     /// The record slot of the request being dispatched, for a response written before or
     /// without a tag.
     @exclusivity(unchecked) private var recordSlot = 0
@@ -112,6 +114,7 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         self.index = index
         self.ring = BackRing(shared: ringMapping.base!, bytes: ringMapping.pageCount * xenPageSize)
         self.record = record
+        self.recordStores = record?.stores
         self.recovered = resume?.pending.map { ($0.slot, $0.bytes) } ?? []
         self.ringMapping = ringMapping; self.ringRefs = ringRefs
         self.channel = channel; self.device = device; self.grants = grants; self.domain = domain
@@ -273,10 +276,10 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
             for _ in 0..<n {
                 let index = ring.requestConsumer
                 let request = ring.takeRequest()   // the one copy out of shared memory
-                if let record {
+                if let recordStores {
                     // Recorded before anything can answer it (a response may overwrite its entry).
                     recordSlot = freeSlotStack[freeSlotCount - 1]
-                    withUnsafeBytes(of: request.storage) { record.taken(slot: recordSlot, index: index, request: $0.baseAddress!) }
+                    withUnsafeBytes(of: request.storage) { recordStores.taken(slot: recordSlot, index: index, request: $0.baseAddress!) }
                 }
                 dispatch(request)
                 if heldBarrier != nil { return }
@@ -298,10 +301,10 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
             slot.storeBytes(of: operation, toByteOffset: operationOffset, as: UInt8.self)
             slot.storeBytes(of: status, toByteOffset: statusOffset, as: Int16.self)
         })
-        if let record {
+        if let recordStores {
             let slot = tag ?? recordSlot
-            record.answered(slot: slot, response: responseIndex)
-            record.released(slot: slot)
+            recordStores.answered(slot: slot, response: responseIndex)
+            recordStores.released(slot: slot)
         }
         if status == Blkif.statusOkay {
             served &+= 1
@@ -330,7 +333,7 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         case Blkif.opWriteBarrier:
             if inFlight > 0 {
                 heldBarrier = raw
-                if record != nil { heldBarrierTag = takeSlot() }   // == recordSlot: its record stays
+                if recordStores != nil { heldBarrierTag = takeSlot() }   // == recordSlot: its record stays
                 return
             }
             runBarrier(raw)

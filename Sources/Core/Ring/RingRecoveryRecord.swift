@@ -156,23 +156,42 @@ public final class RingRecoveryRecord: @unchecked Sendable {
     /// Step 1: `request` (`requestSize` bytes), the ring's request `index`, is in `slot`; the
     /// consumer index is past it.
     @inline(__always) public func taken(slot: Int, index: UInt32, request: UnsafeRawPointer) {
-        let r = record(slot)
-        memcpy(r + 16, request, requestSize)
-        r.storeBytes(of: index, toByteOffset: Slot.index, as: UInt32.self)
-        r.storeBytes(of: 0, toByteOffset: Slot.answer, as: UInt32.self)
-        r.storeBytes(of: Self.taken, toByteOffset: Slot.state, as: UInt32.self)
-        store(Header.consumer, index &+ 1)
+        stores.taken(slot: slot, index: index, request: request)
     }
 
     /// Step 2: the response to `slot`'s request is in the ring at index `response`.
-    @inline(__always) public func answered(slot: Int, response: UInt32) {
-        record(slot).storeBytes(of: response &+ 1, toByteOffset: Slot.answer, as: UInt32.self)
-        store(Header.producer, response &+ 1)
-    }
+    @inline(__always) public func answered(slot: Int, response: UInt32) { stores.answered(slot: slot, response: response) }
 
     /// Step 3: the slot is free.
-    @inline(__always) public func released(slot: Int) {
-        record(slot).storeBytes(of: 0, toByteOffset: Slot.state, as: UInt32.self)
+    @inline(__always) public func released(slot: Int) { stores.released(slot: slot) }
+
+    /// The three steps as plain stores into the mapping, for a ring thread's hot path: a value
+    /// with no reference to count (valid while the record lives; the ring holds it).
+    public var stores: Stores { Stores(base: base, recordSize: recordSize, requestSize: requestSize) }
+
+    public struct Stores: @unchecked Sendable {
+        let base: UnsafeMutableRawPointer
+        let recordSize: Int
+        let requestSize: Int
+
+        @inline(__always) func record(_ slot: Int) -> UnsafeMutableRawPointer {
+            base + RingRecoveryRecord.headerSize + slot * recordSize
+        }
+        @inline(__always) public func taken(slot: Int, index: UInt32, request: UnsafeRawPointer) {
+            let r = record(slot)
+            memcpy(r + 16, request, requestSize)
+            r.storeBytes(of: index, toByteOffset: Slot.index, as: UInt32.self)
+            r.storeBytes(of: 0, toByteOffset: Slot.answer, as: UInt32.self)
+            r.storeBytes(of: RingRecoveryRecord.taken, toByteOffset: Slot.state, as: UInt32.self)
+            base.storeBytes(of: index &+ 1, toByteOffset: Header.consumer, as: UInt32.self)
+        }
+        @inline(__always) public func answered(slot: Int, response: UInt32) {
+            record(slot).storeBytes(of: response &+ 1, toByteOffset: Slot.answer, as: UInt32.self)
+            base.storeBytes(of: response &+ 1, toByteOffset: Header.producer, as: UInt32.self)
+        }
+        @inline(__always) public func released(slot: Int) {
+            record(slot).storeBytes(of: 0, toByteOffset: Slot.state, as: UInt32.self)
+        }
     }
 
     /// The ring was disconnected cleanly: nothing to resume, the file goes.
