@@ -42,5 +42,6 @@ extension DeviceClass {
             let queues = Int(read("multi-queue-num-queues") ?? "1") ?? 1
             let persistent = read("feature-persistent") == "1"
             return "ring order \(order), \(queues) queue\(queues == 1 ? "" : "s"), persistent \(persistent ? "on" : "off")"
-        })
+        },
+        localFrontend: { guest, path, options in try LocalGuestDisk(guest: guest, frontendPath: path, options: options) })
 }

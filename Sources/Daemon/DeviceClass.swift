@@ -36,6 +36,10 @@ public struct DeviceClass: Sendable {
     /// What the frontend chose once connected, in a few words for `softdev list` (from the
     /// frontend's nodes read with `read`); "-" before it connected.
     let negotiated: @Sendable (_ read: (String) -> String?) -> String
+    /// `softdev guest`: connects the class's Swift frontend to the device at `frontendPath` of
+    /// a local guest (nil: the class has none yet).
+    public let localFrontend: (@Sendable (_ guest: LocalHypervisor, _ frontendPath: String, _ options: LocalGuestOptions) throws
+                                -> any LocalGuestDevice)?
 
     /// Every class the daemon serves.
     public static let all: [DeviceClass] = [.block]
