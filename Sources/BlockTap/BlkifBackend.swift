@@ -130,8 +130,9 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
             throw BlkifConnectError("\(error)")
         }
         queues = opened
-        negotiated = Negotiated(queues: queueCount, ringPageOrder: order, persistentGrants: persistent)
-        log("\(dev.backendPath): \(resuming ? "resumed" : "connected") to domain \(dev.frontendDomain): \(negotiated!), device \(device.name) \(g.size) bytes")
+        let chosen = Negotiated(queues: queueCount, ringPageOrder: order, persistentGrants: persistent)
+        negotiated = chosen
+        log("\(dev.backendPath): \(resuming ? "resumed" : "connected") to domain \(dev.frontendDomain): \(chosen), device \(device.name) \(g.size) bytes")
     }
 
     private func openQueue(_ dev: XenbusBackendDevice, index: Int, directory: String, order: Int, persistent: Bool,
@@ -159,10 +160,10 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
             } catch {
                 throw BlkifConnectError("queue \(index): \(error)")
             }
-            if resuming {
-                recovered = record!.recover()
-                log("\(dev.backendPath): queue \(index): resuming at request \(recovered!.requestConsumer), response \(recovered!.responseProducer); "
-                    + "\(recovered!.pending.count) request\(recovered!.pending.count == 1 ? "" : "s") the killed daemon left unanswered served again")
+            if resuming, let found = record?.recover() {
+                recovered = found
+                log("\(dev.backendPath): queue \(index): resuming at request \(found.requestConsumer), response \(found.responseProducer); "
+                    + "\(found.pending.count) request\(found.pending.count == 1 ? "" : "s") the killed daemon left unanswered served again")
             }
         }
         let mapping = try hv.grants.mapContiguous(domain: dev.frontendDomain, refs: refs, writable: true)

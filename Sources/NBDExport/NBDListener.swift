@@ -48,42 +48,8 @@ enum NBDListener {
     }
 
     private static func openTCP(_ host: String, _ port: UInt16) throws(NBDSystemError) -> Int32 {
-        var hints = addrinfo()
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV
-        var list: UnsafeMutablePointer<addrinfo>?
-        let rc = getaddrinfo(host, String(port), &hints, &list)
-        guard rc == 0, let first = list else {
-            throw NBDSystemError("resolve \(host): \(String(cString: gai_strerror(rc)))", errno: EINVAL)
-        }
-        defer { freeaddrinfo(list) }
-        var last = NBDSystemError("listen tcp:\(host):\(port)", errno: EADDRNOTAVAIL)
-        var ai: UnsafeMutablePointer<addrinfo>? = first
-        while let a = ai {
-            ai = a.pointee.ai_next
-            let fd = socket(a.pointee.ai_family, a.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), a.pointee.ai_protocol)
-            if fd < 0 { last = NBDSystemError("socket"); continue }
-            var one: Int32 = 1
-            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-            if bind(fd, a.pointee.ai_addr, a.pointee.ai_addrlen) == 0 && listen(fd, 128) == 0 { return fd }
-            last = NBDSystemError("listen tcp:\(host):\(port)")
-            Glibc.close(fd)
-        }
-        throw last
-    }
-
-    /// The port a TCP listener got (for port 0 in tests).
-    static func boundPort(_ fd: Int32) -> UInt16? {
-        var ss = sockaddr_storage()
-        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let ok = withUnsafeMutablePointer(to: &ss) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
-        }
-        guard ok == 0 else { return nil }
-        switch Int32(ss.ss_family) {
-        case AF_INET: return withUnsafePointer(to: &ss) { $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) } }
-        case AF_INET6: return withUnsafePointer(to: &ss) { $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin6_port) } }
-        default: return nil
+        do { return try TCPListener.open(host: host, port: port) } catch {
+            throw error.errno == 0 ? NBDSystemError(error.message, errno: EINVAL) : NBDSystemError("listen tcp:\(host):\(port)", errno: error.errno)
         }
     }
 }

@@ -58,7 +58,7 @@ public final class NBDServer: @unchecked Sendable {
         lock.withLock {
             listenFD = fd
             wakePipe = (p[0], p[1])
-            if case .tcp = address { port = NBDListener.boundPort(fd) }
+            if case .tcp = address { port = TCPListener.boundPort(fd) }
             threads += 1
         }
         do throws(ThreadStartError) {

@@ -46,17 +46,7 @@ public final class MetricsEndpoint: @unchecked Sendable {
     }
 
     /// The port bound (the one the kernel picked for port 0).
-    public var boundPort: UInt16? {
-        var address = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let ok = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(listener, $0, &length) == 0 }
-        }
-        guard ok else { return nil }
-        return withUnsafePointer(to: &address) { p in
-            p.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) }
-        }
-    }
+    public var boundPort: UInt16? { TCPListener.boundPort(listener) }
 
     /// Stops answering; a scrape being answered finishes first.
     public func stop() {
@@ -68,26 +58,7 @@ public final class MetricsEndpoint: @unchecked Sendable {
     }
 
     private static func listen(_ host: String, _ port: UInt16) throws(MetricsEndpointError) -> Int32 {
-        var hints = addrinfo()
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV
-        var list: UnsafeMutablePointer<addrinfo>?
-        let rc = getaddrinfo(host, String(port), &hints, &list)
-        guard rc == 0, let first = list else {
-            throw MetricsEndpointError("cannot resolve \(host): \(String(cString: gai_strerror(rc)))")
-        }
-        defer { freeaddrinfo(list) }
-        var failure = "no address"
-        for a in sequence(first: first, next: { $0.pointee.ai_next }) {
-            let fd = socket(a.pointee.ai_family, a.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), a.pointee.ai_protocol)
-            guard fd >= 0 else { failure = String(cString: strerror(errno)); continue }
-            var on: Int32 = 1
-            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, socklen_t(MemoryLayout<Int32>.size))
-            if bind(fd, a.pointee.ai_addr, a.pointee.ai_addrlen) == 0 && Glibc.listen(fd, 16) == 0 { return fd }
-            failure = String(cString: strerror(errno))
-            close(fd)
-        }
-        throw MetricsEndpointError("cannot listen on \(host):\(port): \(failure)")
+        do { return try TCPListener.open(host: host, port: port, backlog: 16) } catch { throw MetricsEndpointError(error.message) }
     }
 
     private func acceptLoop() {

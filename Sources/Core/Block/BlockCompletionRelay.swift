@@ -73,7 +73,8 @@ public final class BlockCompletionRelay: BlockCompletionSink, @unchecked Sendabl
 
     public func complete(tag: UInt64, result: BlockResult) {
         let slot = Int(tag)
-        let completion = completions[slot].take()!
+        // A device that completes a request twice is wrong; the second is dropped, not trapped.
+        guard slot < capacity, let completion = completions[slot].take() else { return }
         let kept = requests[slot]
         free.withLock { $0.append(slot) }
         completion.complete(handler(kept, result))
@@ -84,9 +85,13 @@ public final class BlockCompletionRelay: BlockCompletionSink, @unchecked Sendabl
         let relay: BlockCompletionRelay
         let completion: BlockCompletion
         let kept: BlockRelayedRequest
+        let done = Atomic<Bool>(false)
         init(_ relay: BlockCompletionRelay, _ completion: BlockCompletion, _ kept: BlockRelayedRequest) {
             self.relay = relay; self.completion = completion; self.kept = kept
         }
-        func complete(tag: UInt64, result: BlockResult) { completion.complete(relay.handler(kept, result)) }
+        func complete(tag: UInt64, result: BlockResult) {
+            guard !done.exchange(true, ordering: .acquiringAndReleasing) else { return }   // completed twice: dropped
+            completion.complete(relay.handler(kept, result))
+        }
     }
 }
