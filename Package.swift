@@ -8,6 +8,7 @@ let package = Package(
         .executable(name: "softdev", targets: ["softdev"]),
         .library(name: "Core", targets: ["Core"]),
         .library(name: "BlockTap", targets: ["BlockTap"]),
+        .library(name: "NetTap", targets: ["NetTap"]),
         .library(name: "Devices", targets: ["Devices"]),
     ],
     dependencies: [
@@ -28,6 +29,8 @@ let package = Package(
             ]),
         // libaio from libaio-dev.
         .systemLibrary(name: "CAio", pkgConfig: nil, providers: [.apt(["libaio-dev"])]),
+        // libpcap from libpcap-dev: tcpdump's filter compiler for the `filter` network device.
+        .systemLibrary(name: "CPcap", pkgConfig: nil, providers: [.apt(["libpcap-dev"])]),
         // C code written with Xen's own ring macros: the conformance frontend and the
         // reference backend the benchmark compares against.
         .target(name: "CReference", dependencies: ["CXen"]),
@@ -39,11 +42,13 @@ let package = Package(
         .target(name: "Core", dependencies: ["CXen", "XenStore"]),
         // The blkif backend and a local blkfront.
         .target(name: "BlockTap", dependencies: ["Core", "CXen"]),
+        // The netif backend and a local netfront.
+        .target(name: "NetTap", dependencies: ["Core", "CXen"]),
         // The NBD protocol's numbers, the big-endian codec of its messages and the stream socket
         // both ends use: shared by the NBD export (a server) and the `nbd` device (a client).
         .target(name: "NBDWire", dependencies: ["Core"]),
         // The soft devices.
-        .target(name: "Devices", dependencies: ["Core", "CAio", "NBDWire"]),
+        .target(name: "Devices", dependencies: ["Core", "CAio", "CPcap", "NBDWire"]),
         // NBD export of any device stack.
         .target(name: "NBDExport", dependencies: ["Core", "NBDWire"]),
         // `softdev bench`: load generator, the C reference backend's harness, the tables.

@@ -69,14 +69,22 @@ public struct DeviceDescriptor: Sendable {
 /// ```
 public enum DeviceRegistry {
     /// All devices and filters, by name.
-    public static let all: [DeviceDescriptor] = [
+    public static let all: [DeviceDescriptor] = ([
         FileDevice.descriptor, MemoryDevice.descriptor, NullDevice.descriptor, StatsFilter.descriptor,
         ReadOnlyFilter.descriptor, OffsetFilter.descriptor, PartitionFilter.descriptor, ErrorFilter.descriptor,
         LogFilter.descriptor, DelayFilter.descriptor, NBDDevice.descriptor, FUAFilter.descriptor,
-    ].sorted { $0.name < $1.name }
+    ] + networkDevices).sorted { $0.name < $1.name }
+    /// The network class's devices and filters (`Devices/Net`).
+    static let networkDevices: [DeviceDescriptor] = []
 
     public static func descriptor(named name: String) -> DeviceDescriptor? {
         all.first { $0.name == name }
+    }
+
+    /// The device or filter `name` of `deviceClass` (a name such as `stats` exists in several
+    /// classes), or else of any class (so that the error can say which class it is).
+    public static func descriptor(named name: String, of deviceClass: SoftDeviceClass) -> DeviceDescriptor? {
+        all.first { $0.name == name && $0.deviceClass == deviceClass } ?? descriptor(named: name)
     }
 
     /// Parses `spec` and opens its block device stack, innermost device first.
@@ -112,8 +120,8 @@ public enum DeviceRegistry {
         // Check every name first, so that a typo is reported before anything is opened.
         var descriptors: [DeviceDescriptor] = []
         for element in spec.elements {
-            guard let descriptor = descriptor(named: element.name) else {
-                let known = all.map(\.name).joined(separator: ", ")
+            guard let descriptor = descriptor(named: element.name, of: deviceClass) else {
+                let known = all.filter { $0.deviceClass == deviceClass }.map(\.name).joined(separator: ", ")
                 throw DeviceSpecError("unknown device '\(element.name)' (known: \(known))")
             }
             guard descriptor.deviceClass == deviceClass else {

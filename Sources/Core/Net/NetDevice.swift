@@ -1,0 +1,105 @@
+/// The offloads one side of a link takes from the other: what a frame may still need done when
+/// it is handed over. The guest's frontend says what it takes (netif's `feature-gso-tcpv4`,
+/// `feature-sg`...), a TAP what its `TUNSETOFFLOAD` enabled; a frame needing more is finished
+/// in software (a checksum) or dropped and counted (a segment too large).
+public struct NetOffloads: OptionSet, Sendable, CustomStringConvertible {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// Partial checksums (``FrameOffload/Checksum/partial(start:offset:)``) are finished by the taker.
+    public static let checksum = NetOffloads(rawValue: 1 << 0)
+    /// TCP segments over IPv4 larger than the MTU, cut by the taker.
+    public static let tso4 = NetOffloads(rawValue: 1 << 1)
+    /// TCP segments over IPv6 larger than the MTU, cut by the taker.
+    public static let tso6 = NetOffloads(rawValue: 1 << 2)
+    /// Frames longer than one page (netif's scatter-gather: a frame in several slots).
+    public static let largeFrames = NetOffloads(rawValue: 1 << 3)
+
+    public static let all: NetOffloads = [.checksum, .tso4, .tso6, .largeFrames]
+
+    public var description: String {
+        let names: [(NetOffloads, String)] = [(.checksum, "csum"), (.tso4, "tso4"), (.tso6, "tso6"), (.largeFrames, "sg")]
+        let s = names.filter { contains($0.0) }.map(\.1).joined(separator: ",")
+        return s.isEmpty ? "none" : s
+    }
+
+    /// Whether a frame with `offload` can be handed over as it is.
+    public func accepts(_ offload: FrameOffload) -> Bool {
+        if case .partial = offload.checksum, !contains(.checksum) { return false }
+        if let gso = offload.segmentation {
+            return contains(gso.kind == .tcpv4 ? .tso4 : .tso6)
+        }
+        return true
+    }
+}
+
+/// Where frames coming up a stack, toward the guest, go: the element above (a filter), or the
+/// tap's backend at the top (a vif's queues), or the other end of a link.
+public protocol NetFrameReceiver: AnyObject, Sendable {
+    /// A frame on its way to the guest. Called on any thread (a TAP's reader, another guest's
+    /// ring thread through a switch); must not block: a receiver that cannot take it now (the
+    /// guest posted no buffers and its backlog is full) drops it and counts the drop.
+    func toGuest(_ frame: EthernetFrame)
+}
+
+/// A soft network device: an element of a chain between a guest's network card and an
+/// endpoint (a TAP interface, a switch, a sink). Frames go down the chain from the guest
+/// (`fromGuest`) and come up toward it (``NetFrameReceiver/toGuest(_:)`` of the element above),
+/// each direction written once, as block devices write `submit` once.
+///
+/// The top of a stack is connected before any frame flows (`connect`), and closed after the
+/// last; an endpoint that has a reader of its own (a TAP) starts it in `connect` and stops it
+/// in `close`. `fromGuest` may be called from several threads at once (one per queue of a
+/// multi-queue vif) and must not block: a device that cannot take a frame now drops it.
+///
+/// ```swift
+/// final class DropBroadcast: NetFilter {
+///     override var name: String { "drop-broadcast" }
+///     override func fromGuest(_ frame: EthernetFrame) {
+///         if frame.destination != .broadcast { next.fromGuest(frame) }
+///     }
+/// }
+/// ```
+public protocol NetDevice: SoftDevice {
+    /// What the device takes from above: a frame needing something else is finished (checksum)
+    /// or dropped (segmentation) before it is handed down.
+    var offloads: NetOffloads { get }
+    /// A frame from the guest, on its way down.
+    func fromGuest(_ frame: EthernetFrame)
+    /// Connects the receiver of frames coming up, which takes `offloads` (what it can do with
+    /// a frame: a TAP enables only the kernel offloads the guest side can take).
+    func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads)
+}
+
+/// A network device that stacks over another: frames pass through unchanged both ways unless
+/// the filter overrides a direction: `fromGuest` (down) or `toGuest` (up).
+open class NetFilter: NetDevice, NetFrameReceiver, @unchecked Sendable {
+    public let next: any NetDevice
+    /// The receiver above, set by `connect` before frames flow and cleared by `close`.
+    public private(set) var receiver: (any NetFrameReceiver)?
+    /// What the receiver above takes.
+    public private(set) var receiverOffloads: NetOffloads = []
+
+    public init(next: any NetDevice) { self.next = next }
+
+    open var name: String { "filter" }
+    open var offloads: NetOffloads { next.offloads }
+    /// Down, toward the endpoint.
+    open func fromGuest(_ frame: EthernetFrame) { next.fromGuest(frame) }
+    /// Up, toward the guest.
+    open func toGuest(_ frame: EthernetFrame) { receiver?.toGuest(frame) }
+    open func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads) {
+        self.receiver = receiver
+        receiverOffloads = offloads
+        next.connect(self, accepting: offloads)
+    }
+    /// Closes the device below first (an endpoint's reader stops), then forgets the receiver.
+    open func close() {
+        next.close()
+        receiver = nil
+    }
+}
+
+extension SoftDeviceClass {
+    /// Network cards: ``NetDevice``, served over netif and between endpoints.
+    public static let net = SoftDeviceClass("net")
+}
