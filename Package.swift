@@ -87,6 +87,7 @@ let package = Package(
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "NBDExport", "NBDWire", "TestPeers"]),
         .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "Devices", "Core", "XenStore", "TestPeers", "Observability",
                                                        .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "NetTapTests", dependencies: ["NetTap", "Core", "CXen", "XenStore"]),
         .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "NBDWire", "Devices", "Core", "Bench", "TestPeers"]),
     ],
     swiftLanguageModes: [.v5]

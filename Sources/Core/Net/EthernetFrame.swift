@@ -57,6 +57,20 @@ public struct EthernetFrame: @unchecked Sendable {
         try storage.withUnsafeMutablePointerToElements { try fill(UnsafeMutableRawBufferPointer(start: $0, count: count)) }
     }
 
+    /// A frame of `count` bytes not yet written, and where they are: for a transport that
+    /// fills many frames with one batched copy (netif's grant copies per ring sweep). The
+    /// pointer stays valid while the frame (or a copy of it) lives; every byte must be written
+    /// before the frame is handed on, and nothing else may write through it after that.
+    public static func allocate(count: Int, offload: FrameOffload = .none, queue: Int = 0) -> (frame: EthernetFrame, bytes: UnsafeMutableRawPointer) {
+        let storage = FrameStorage.make(capacity: count)
+        let pointer = storage.withUnsafeMutablePointerToElements { UnsafeMutableRawPointer($0) }
+        return (EthernetFrame(storage: storage, count: count, offload: offload, queue: queue), pointer)
+    }
+
+    @usableFromInline init(storage: FrameStorage, count: Int, offload: FrameOffload, queue: Int) {
+        self.storage = storage; self.count = count; self.offload = offload; self.queue = queue
+    }
+
     /// A frame holding `bytes`.
     public init<C: Collection>(_ bytes: C, offload: FrameOffload = .none, queue: Int = 0) where C.Element == UInt8 {
         let n = bytes.count

@@ -1,0 +1,489 @@
+import CXen
+import Core
+import Glibc
+import Synchronization
+
+/// What a queue reports when its frontend broke the protocol beyond a dropped frame: the vif
+/// is disconnected (netback's xenvif_fatal_tx_err), the daemon and other vifs go on.
+typealias NetifFatalHandler = @Sendable (String) -> Void
+
+/// What a queue was told about its frontend at connect.
+struct NetifQueueFeatures {
+    /// feature-sg: frames to the guest may take several slots.
+    var scatterGather = false
+    /// feature-gso-tcpv4 / -tcpv6: large TCP segments go to the guest with a GSO extra.
+    var gsoTCPv4 = false
+    var gsoTCPv6 = false
+    /// The most bytes of frames waiting for the guest's buffers (XSA-392): more are dropped.
+    var backlogBytes = 1 << 20
+}
+
+/// Counters of one queue, read from any thread (`softdev list`, tests, the bench).
+final class NetifQueueCounters: Sendable {
+    let txFrames = Atomic<UInt64>(0), txBytes = Atomic<UInt64>(0), txDropped = Atomic<UInt64>(0)
+    let rxFrames = Atomic<UInt64>(0), rxBytes = Atomic<UInt64>(0), rxDropped = Atomic<UInt64>(0)
+}
+
+/// One netif queue (a tx ring and an rx ring with one or two event channels) served on a
+/// ``RingServiceLoop`` thread. Tx: each request is copied once out of the ring and validated
+/// as netback does; the frames of a whole ring sweep are brought out of the guest with one
+/// batched grant copy; one response per consumed slot; then the frames go down the device
+/// stack. Rx: frames from the stack (any thread) wait in a backlog bounded in bytes and are
+/// copied into the buffers the guest posted, one batched grant copy per sweep.
+final class NetifQueue: RingService, @unchecked Sendable {
+    typealias Completion = EthernetFrame
+
+    let index: Int
+    @exclusivity(unchecked) private var tx: BackRing<NetifTxRing>
+    @exclusivity(unchecked) private var rx: BackRing<NetifRxRing>
+    private let txMapping: GrantMapping, rxMapping: GrantMapping
+    private let txRef: GrantRef, rxRef: GrantRef
+    /// The tx channel, and the rx channel (the same object unless the channels are split).
+    private let txChannel: any EventChannel, rxChannel: any EventChannel
+    private let device: any NetDevice
+    private let grants: any GrantTable
+    private let domain: DomainID
+    private let features: NetifQueueFeatures
+    private let onFatal: NetifFatalHandler
+    private let loop: RingServiceLoop<NetifQueue>
+    let counters = NetifQueueCounters()
+    /// Multicast addresses the guest added (netback's list; at most 64).
+    @exclusivity(unchecked) private(set) var multicast: Set<MACAddress> = []
+    @exclusivity(unchecked) private var broken = false
+
+    // Tx sweep state, kept between sweeps so that nothing is allocated once it has grown.
+    private struct TxPacket {
+        var frame: EthernetFrame?
+        /// The ring index of the packet's first slot and how many slots it took (extras included).
+        var firstSlot: UInt32
+        var slots: Int
+        var firstID: UInt16
+        var status: Int16
+        var segments: Range<Int>
+        var csumBlank: Bool
+        var gso: FrameOffload.Segmentation?
+    }
+    @exclusivity(unchecked) private var txPackets: [TxPacket] = []
+    /// Each consumed slot's id (0 for an extra, answered RSP_NULL) and whether it is an extra.
+    @exclusivity(unchecked) private var txSlotIDs: [(id: UInt16, extra: Bool)] = []
+    /// The current packet's data slots after the first, as copied out of the ring.
+    @exclusivity(unchecked) private var furtherSlots: [netif_tx_request] = []
+    @exclusivity(unchecked) private var copies: UnsafeMutablePointer<GrantCopySegment>
+    private let copyCapacity: Int
+
+    // Rx state: the backlog (frames handed over by other threads land in `pendingRx` on the
+    // loop's thread; `backlogBytes` counts both, so a flood is refused at the door).
+    private let backlogBytes = Atomic<Int>(0)
+    @exclusivity(unchecked) private var pendingRx: [EthernetFrame] = []
+    @exclusivity(unchecked) private var pendingRxHead = 0
+    private struct RxSlot { var id: UInt16; var length: UInt16; var flags: UInt16; var extra: netif_extra_info? }
+    @exclusivity(unchecked) private var rxSlots: [RxSlot] = []
+    @exclusivity(unchecked) private var rxFrames: [(firstSlot: Int, slots: Int, segments: Range<Int>, bytes: Int)] = []
+    @exclusivity(unchecked) private var rxResponsesWritten = false
+
+    /// Takes over the mappings and channels even when it throws: they are released then.
+    init(index: Int, tx txMapping: GrantMapping, txRef: GrantRef, rx rxMapping: GrantMapping, rxRef: GrantRef,
+         txChannel: any EventChannel, rxChannel: (any EventChannel)?, device: any NetDevice, grants: any GrantTable,
+         domain: DomainID, features: NetifQueueFeatures, poller: AdaptivePoller, onFatal: @escaping NetifFatalHandler) throws {
+        self.index = index
+        self.txMapping = txMapping; self.rxMapping = rxMapping; self.txRef = txRef; self.rxRef = rxRef
+        tx = BackRing(shared: txMapping.base!, bytes: xenPageSize)
+        rx = BackRing(shared: rxMapping.base!, bytes: xenPageSize)
+        self.txChannel = txChannel
+        self.rxChannel = rxChannel ?? txChannel
+        self.device = device; self.grants = grants; self.domain = domain; self.features = features; self.onFatal = onFatal
+        // A sweep copies at most a ring of tx slots, and a ring of rx slots.
+        copyCapacity = Int(tx.size) + Int(rx.size)
+        copies = .allocate(capacity: copyCapacity)
+        do {
+            loop = try RingServiceLoop(purpose: "netif queue \(index) of domain \(domain)",
+                                       channels: rxChannel.map { [txChannel, $0] } ?? [txChannel],
+                                       poller: poller, completionCapacity: Int(rx.size))
+        } catch {
+            copies.deallocate()
+            grants.unmap(txMapping, refs: [txRef]); grants.unmap(rxMapping, refs: [rxRef])
+            txChannel.close(); rxChannel?.close()
+            throw error
+        }
+        txPackets.reserveCapacity(Int(tx.size)); txSlotIDs.reserveCapacity(Int(tx.size))
+        rxSlots.reserveCapacity(Int(rx.size)); rxFrames.reserveCapacity(Int(rx.size))
+    }
+
+    deinit { copies.deallocate() }
+
+    private var started = false
+
+    func start() throws(ThreadStartError) {
+        started = true
+        try loop.start(self)
+    }
+
+    @discardableResult
+    func stop(timeout seconds: Double = .infinity) -> Bool {
+        if !started { started = true; ended() }
+        return loop.stop(timeout: seconds)
+    }
+
+    func requestStop() { loop.requestStop() }
+
+    /// From any thread: a frame for the guest. Dropped (and counted) when the backlog is full,
+    /// so a guest that posts no buffers costs bounded memory.
+    func enqueue(_ frame: EthernetFrame) {
+        let bytes = frame.count
+        let before = backlogBytes.add(bytes, ordering: .relaxed).oldValue
+        guard before + bytes <= features.backlogBytes || before == 0 else {
+            backlogBytes.subtract(bytes, ordering: .relaxed)
+            counters.rxDropped.add(1, ordering: .relaxed)
+            return
+        }
+        loop.post(frame)
+    }
+
+    // MARK: The ring thread (RingService)
+
+    var inFlight: Int { 0 }
+    var awaitsWork: Bool { !broken }
+
+    func takeWork() {
+        if !broken { takeTx() }
+    }
+
+    func finish(_ frame: EthernetFrame) {
+        if broken { return dropBacklogged(frame) }
+        pendingRx.append(frame)
+    }
+
+    func publish() {
+        if !broken && pendingRxHead < pendingRx.count { deliverRx() }
+        if tx.pushResponses() { txChannel.notify() }
+        if rxResponsesWritten {
+            rxResponsesWritten = false
+            if rx.pushResponses() { rxChannel.notify() }
+        }
+    }
+
+    func hasWork() -> Bool {
+        guard let t = tx.unconsumedRequests() else { return true }
+        if t > 0 { return true }
+        guard pendingRxHead < pendingRx.count else { return false }
+        return (rx.unconsumedRequests() ?? 1) > 0
+    }
+
+    func prepareToSleep() -> Bool {
+        guard let t = tx.finalCheckForRequests() else { fatal("the frontend published an impossible tx request producer index"); return true }
+        if t > 0 { return true }
+        // Frames wait for buffers: ask to hear of the next one the guest posts.
+        if pendingRxHead < pendingRx.count {
+            guard let r = rx.finalCheckForRequests() else { fatal("the frontend published an impossible rx request producer index"); return true }
+            if r > 0 { return true }
+        }
+        return false
+    }
+
+    func ended() {
+        for i in pendingRxHead..<pendingRx.count { dropBacklogged(pendingRx[i]) }
+        pendingRx = []; pendingRxHead = 0
+        grants.unmap(txMapping, refs: [txRef])
+        grants.unmap(rxMapping, refs: [rxRef])
+    }
+
+    private func dropBacklogged(_ frame: EthernetFrame) {
+        backlogBytes.subtract(frame.count, ordering: .relaxed)
+        counters.rxDropped.add(1, ordering: .relaxed)
+    }
+
+    private func fatal(_ why: String) {
+        guard !broken else { return }
+        broken = true
+        onFatal(why)
+    }
+
+    // MARK: Tx: frames from the guest
+
+    /// One sweep: every complete packet the ring holds is validated and its data copied out
+    /// in one batch; then each slot is answered, and the good frames go down the stack.
+    private func takeTx() {
+        while true {
+            guard let available = tx.unconsumedRequests() else {
+                return fatal("the frontend published an impossible tx request producer index (more than a ring ahead)")
+            }
+            if available == 0 { return }
+            var remaining = Int(available)
+            var copyCount = 0
+            txPackets.removeAll(keepingCapacity: true)
+            txSlotIDs.removeAll(keepingCapacity: true)
+            while remaining > 0 {
+                guard let packet = takePacket(&remaining, &copyCount) else { return }   // fatal
+                txPackets.append(packet)
+            }
+            if copyCount > 0 { grants.copy(UnsafeMutableBufferPointer(start: copies, count: copyCount)) }
+            // Answer every slot (the copies are done: no grant is held any more), then hand
+            // the frames on.
+            var slot = 0
+            for p in 0..<txPackets.count {
+                var packet = txPackets[p]
+                if packet.status == Netif.statusOkay, var frame = packet.frame {
+                    for s in packet.segments where copies[s].error != nil {
+                        packet.status = Netif.statusError
+                        break
+                    }
+                    if packet.status == Netif.statusOkay && !prepareOffload(&frame, packet) { packet.status = Netif.statusError }
+                    packet.frame = packet.status == Netif.statusOkay ? frame : nil
+                }
+                for i in 0..<packet.slots {
+                    let s = txSlotIDs[slot + i]
+                    let status = s.extra ? Netif.statusNull : packet.status
+                    tx.putResponse(netif_tx_response(id: s.id, status: status))
+                }
+                slot += packet.slots
+                txPackets[p] = packet
+            }
+            if tx.pushResponses() { txChannel.notify() }
+            for p in 0..<txPackets.count {
+                if let frame = txPackets[p].frame {
+                    counters.txFrames.add(1, ordering: .relaxed)
+                    counters.txBytes.add(UInt64(frame.count), ordering: .relaxed)
+                    device.fromGuest(frame)
+                } else if txPackets[p].status != Netif.statusOkay {
+                    counters.txDropped.add(1, ordering: .relaxed)
+                }
+                txPackets[p].frame = nil
+            }
+        }
+    }
+
+    /// Takes one packet's slots (first, extras, more data) from the ring, copying each request
+    /// once; queues its grant copies. nil: the frontend broke the protocol (fatal, reported).
+    private func takePacket(_ remaining: inout Int, _ copyCount: inout Int) -> TxPacket? {
+        let firstIndex = tx.requestConsumer
+        let first = tx.takeRequest()
+        remaining -= 1
+        txSlotIDs.append((first.id, false))
+        var packet = TxPacket(frame: nil, firstSlot: firstIndex, slots: 1, firstID: first.id, status: Netif.statusOkay,
+                              segments: copyCount..<copyCount, csumBlank: first.flags & Netif.txChecksumBlank != 0, gso: nil)
+        // Extra-info slots follow the first, chained by EXTRA_FLAG_MORE.
+        var multicastAdd: MACAddress?, multicastDel: MACAddress?
+        if first.flags & Netif.txExtraInfo != 0 {
+            var more = true
+            while more {
+                guard remaining > 0 else { fatal("a tx request announces an extra-info slot the ring does not hold"); return nil }
+                let raw = tx.takeRequest()
+                remaining -= 1
+                packet.slots += 1
+                txSlotIDs.append((0, true))
+                let extra = withUnsafeBytes(of: raw) { $0.load(as: netif_extra_info.self) }
+                guard extra.type != 0, extra.type < Netif.extraTypeMax else {
+                    fatal("invalid extra-info type \(extra.type)"); return nil
+                }
+                switch extra.type {
+                case Netif.extraGSO:
+                    let gso = extra.u.gso
+                    guard gso.size != 0 else { fatal("a GSO extra with size 0"); return nil }
+                    switch gso.type {
+                    case Netif.gsoTCPv4: packet.gso = .init(kind: .tcpv4, size: gso.size)
+                    case Netif.gsoTCPv6: packet.gso = .init(kind: .tcpv6, size: gso.size)
+                    default: fatal("a GSO extra of type \(gso.type) (only TCPv4 and TCPv6 exist)"); return nil
+                    }
+                case Netif.extraMulticastAdd: multicastAdd = mac(extra)
+                case Netif.extraMulticastDel: multicastDel = mac(extra)
+                default: break   // a hash: nothing to do with it here
+                }
+                more = extra.flags & Netif.extraFlagMore != 0
+            }
+        }
+        // A multicast add or delete is a dummy request: answered, its data never read (netback).
+        if multicastAdd != nil || multicastDel != nil {
+            if let a = multicastAdd {
+                if multicast.count < Netif.maxMulticastAddresses || multicast.contains(a) { multicast.insert(a) }
+                else { packet.status = Netif.statusError }
+            }
+            if let d = multicastDel { multicast.remove(d) }
+            return packet
+        }
+        // The data slots: the first request's size is the frame's; each further slot's size is
+        // its own and must fit in what is left (netback's xenvif_count_requests).
+        let total = Int(first.size)
+        var firstOwn = total
+        furtherSlots.removeAll(keepingCapacity: true)
+        var more = first.flags & Netif.txMoreData != 0
+        var drop = false
+        var dataSlots = 1
+        while more {
+            guard remaining > 0 else {
+                fatal("a tx frame announces more slots than the ring holds (\(dataSlots + 1) or more)"); return nil
+            }
+            if dataSlots >= Netif.fatalSlots {
+                fatal("a tx frame of \(dataSlots + 1) or more slots (at most \(Netif.fatalSlots))"); return nil
+            }
+            let r = tx.takeRequest()
+            remaining -= 1
+            packet.slots += 1
+            dataSlots += 1
+            furtherSlots.append(r)   // the copy taken out of the ring: never read from the ring again
+            txSlotIDs.append((r.id, false))
+            if dataSlots > Netif.maxSlots { drop = true }
+            if Int(r.size) > firstOwn { drop = true }   // larger than what is left of the frame
+            if Int(r.offset) + Int(r.size) > xenPageSize {
+                fatal("a tx slot crosses its page (offset \(r.offset), size \(r.size))"); return nil
+            }
+            if !drop { firstOwn -= Int(r.size) }
+            more = r.flags & Netif.txMoreData != 0
+        }
+        if Int(first.offset) + firstOwn > xenPageSize && !drop {
+            fatal("the first tx slot crosses its page (offset \(first.offset), size \(firstOwn))"); return nil
+        }
+        if drop || firstOwn < Netif.minimumFirstSlot {
+            packet.status = Netif.statusError
+            return packet
+        }
+        // The frame, and its copies: the first slot's own bytes, then each further slot's.
+        let (frame, bytes) = EthernetFrame.allocate(count: total, queue: index)
+        packet.frame = frame
+        var position = 0
+        func copy(_ ref: GrantRef, _ offset: UInt16, _ length: Int) {
+            guard length > 0 else { return }   // a zero-length slot carries nothing (XSA-448)
+            copies[copyCount] = GrantCopySegment(direction: .fromGuest, domain: domain, ref: ref, offset: offset,
+                                                 length: UInt16(length), local: bytes + position)
+            copyCount += 1
+            position += length
+        }
+        copy(first.gref, first.offset, firstOwn)
+        for r in furtherSlots { copy(r.gref, r.offset, Int(r.size)) }
+        packet.segments = packet.segments.lowerBound..<copyCount
+        return packet
+    }
+
+    private func mac(_ extra: netif_extra_info) -> MACAddress {
+        withUnsafeBytes(of: extra.u.mcast.addr) { MACAddress($0, at: 0) }
+    }
+
+    /// The frame's offload metadata from the request's flags and GSO extra, checked as
+    /// netback's checksum_setup does: a partial checksum must sit in TCP or UDP over IP.
+    private func prepareOffload(_ frame: inout EthernetFrame, _ packet: TxPacket) -> Bool {
+        frame.offload.segmentation = packet.gso
+        guard packet.csumBlank || packet.gso != nil else { return true }
+        guard let headers = FrameHeaders(frame), let location = headers.checksumLocation else { return false }
+        if let gso = packet.gso {
+            guard headers.transportProtocol == FrameHeaders.tcp,
+                  headers.network == (gso.kind == .tcpv4 ? .ipv4 : .ipv6) else { return false }
+            // A GSO frame is always partial; one not marked so gets its pseudo-header sum.
+            if !packet.csumBlank { return FrameChecksum.preparePartial(&frame, headers: headers) }
+        }
+        frame.offload.checksum = .partial(start: location.start, offset: location.offset)
+        return true
+    }
+
+    // MARK: Rx: frames to the guest
+
+    /// Copies as many waiting frames as the posted buffers hold, in one batch; a frame the
+    /// guest cannot take (too large without scatter-gather, GSO it did not ask for) is dropped.
+    private func deliverRx() {
+        var copyCount = 0
+        rxSlots.removeAll(keepingCapacity: true)
+        rxFrames.removeAll(keepingCapacity: true)
+        guard var available = rx.unconsumedRequests().map(Int.init) else {
+            return fatal("the frontend published an impossible rx request producer index (more than a ring ahead)")
+        }
+        while pendingRxHead < pendingRx.count {
+            var frame = pendingRx[pendingRxHead]
+            if !fitsGuest(&frame) {
+                pendingRxHead += 1
+                dropBacklogged(frame)
+                continue
+            }
+            // Kept in the backlog until the copy is done (a finished checksum made a new copy).
+            pendingRx[pendingRxHead] = frame
+            let dataSlots = max(1, (frame.count + xenPageSize - 1) / xenPageSize)
+            let needed = dataSlots + (frame.offload.segmentation != nil ? 1 : 0)
+            if needed > available { break }   // wait for buffers (the backlog is bounded)
+            available -= needed
+            pendingRxHead += 1
+            let firstSlot = rxSlots.count
+            let segmentStart = copyCount
+            frame.withUnsafeBytes { b in
+                var offset = 0
+                for s in 0..<dataSlots {
+                    let request = rx.takeRequest()
+                    let length = min(xenPageSize, frame.count - offset)
+                    var flags: UInt16 = s + 1 < dataSlots ? Netif.rxMoreData : 0
+                    if s == 0 {
+                        switch frame.offload.checksum {
+                        case .partial: flags |= Netif.rxChecksumBlank | Netif.rxDataValidated
+                        case .validated: flags |= Netif.rxDataValidated
+                        case .none: break
+                        }
+                        if frame.offload.segmentation != nil { flags |= Netif.rxExtraInfo }
+                    }
+                    if length > 0 {
+                        copies[copyCount] = GrantCopySegment(direction: .toGuest, domain: domain, ref: request.gref, offset: 0,
+                                                             length: UInt16(length), local: UnsafeMutableRawPointer(mutating: b.baseAddress! + offset))
+                        copyCount += 1
+                    }
+                    rxSlots.append(RxSlot(id: request.id, length: UInt16(length), flags: flags, extra: nil))
+                    offset += length
+                    // The GSO extra takes the slot after the first data slot.
+                    if s == 0, let gso = frame.offload.segmentation {
+                        let extraRequest = rx.takeRequest()
+                        var extra = netif_extra_info()
+                        extra.type = Netif.extraGSO
+                        extra.u.gso.size = gso.size
+                        extra.u.gso.type = gso.kind == .tcpv4 ? Netif.gsoTCPv4 : Netif.gsoTCPv6
+                        rxSlots.append(RxSlot(id: extraRequest.id, length: 0, flags: 0, extra: extra))
+                    }
+                }
+            }
+            rxFrames.append((firstSlot, rxSlots.count - firstSlot, segmentStart..<copyCount, frame.count))
+        }
+        if copyCount > 0 { grants.copy(UnsafeMutableBufferPointer(start: copies, count: copyCount)) }
+        for f in rxFrames {
+            var failed = false
+            for s in f.segments where copies[s].error != nil { failed = true }
+            for i in f.firstSlot..<(f.firstSlot + f.slots) {
+                let slot = rxSlots[i]
+                var raw: UInt64 = 0
+                if let extra = slot.extra {
+                    withUnsafeMutableBytes(of: &raw) { $0.storeBytes(of: extra, as: netif_extra_info.self) }
+                } else {
+                    // A failed copy: the frame's first slot says so, netfront drops the frame.
+                    let status = failed && i == f.firstSlot ? Netif.statusError : Int16(slot.length)
+                    let response = netif_rx_response(id: slot.id, offset: 0, flags: slot.flags, status: status)
+                    withUnsafeMutableBytes(of: &raw) { $0.storeBytes(of: response, as: netif_rx_response.self) }
+                }
+                rx.putResponse(raw)
+            }
+            if failed {
+                counters.rxDropped.add(1, ordering: .relaxed)
+            } else {
+                counters.rxFrames.add(1, ordering: .relaxed)
+                counters.rxBytes.add(UInt64(f.bytes), ordering: .relaxed)
+            }
+        }
+        if !rxFrames.isEmpty { rxResponsesWritten = true }
+        // The delivered frames' bytes are copied: release them and their room in the backlog.
+        var released = 0
+        for i in 0..<pendingRxHead { released += pendingRx[i].count }
+        if released > 0 { backlogBytes.subtract(released, ordering: .relaxed) }
+        if pendingRxHead == pendingRx.count {
+            pendingRx.removeAll(keepingCapacity: true)
+        } else if pendingRxHead > 0 {
+            pendingRx.removeFirst(pendingRxHead)
+        }
+        pendingRxHead = 0
+    }
+
+    /// Whether the guest can take `frame` as it negotiated (finishing a checksum it could not
+    /// find); false: drop it.
+    private func fitsGuest(_ frame: inout EthernetFrame) -> Bool {
+        if frame.count == 0 || frame.count > Netif.maxFrameSize { return false }
+        if frame.count > xenPageSize && !features.scatterGather { return false }
+        if let gso = frame.offload.segmentation {
+            guard gso.kind == .tcpv4 ? features.gsoTCPv4 : features.gsoTCPv6 else { return false }
+        }
+        if (frame.count + xenPageSize - 1) / xenPageSize > Netif.maxSlots { return false }
+        // netfront finds a partial checksum itself, for TCP and UDP over IP only.
+        if case .partial = frame.offload.checksum, FrameHeaders(frame)?.checksumLocation == nil {
+            return FrameChecksum.complete(&frame)
+        }
+        return true
+    }
+}
