@@ -44,10 +44,12 @@ public enum Netif {
     public static let statusDropped = Int16(NETIF_RSP_DROPPED)
     public static let statusNull = Int16(NETIF_RSP_NULL)
 
-    /// The most data slots a frame may take and still be taken whole (netback's
-    /// XEN_NETBK_LEGACY_SLOTS_MAX, netfront's XEN_NETIF_NR_SLOTS_MIN): more is dropped.
+    /// XEN_NETIF_NR_SLOTS_MIN (18): a frame to the guest takes at most this many data slots
+    /// (netfront's limit); a frame from the guest may have this many slots after its first
+    /// (netback's XEN_NETBK_LEGACY_SLOTS_MAX), more are dropped.
     public static let maxSlots = Int(XEN_NETIF_NR_SLOTS_MIN)
-    /// Slots beyond which a frontend is broken, not merely odd (netback's fatal_skb_slots).
+    /// Slots after the first beyond which a frontend is broken, not merely odd (netback's
+    /// fatal_skb_slots): a frame of more than 21 slots disconnects the vif.
     public static let fatalSlots = 20
     /// The shortest first slot netback takes (ETH_HLEN).
     public static let minimumFirstSlot = 14

@@ -307,21 +307,22 @@ final class NetifQueue: RingService, @unchecked Sendable {
         furtherSlots.removeAll(keepingCapacity: true)
         var more = first.flags & Netif.txMoreData != 0
         var drop = false
-        var dataSlots = 1
+        // Counted as netback's xenvif_count_requests counts: the slots after the first.
+        var further = 0
         while more {
             guard remaining > 0 else {
-                fatal("a tx frame announces more slots than the ring holds (\(dataSlots + 1) or more)"); return nil
+                fatal("a tx frame announces more slots than the ring holds (\(further + 2) or more)"); return nil
             }
-            if dataSlots >= Netif.fatalSlots {
-                fatal("a tx frame of \(dataSlots + 1) or more slots (at most \(Netif.fatalSlots))"); return nil
+            if further >= Netif.fatalSlots {
+                fatal("a tx frame of \(further + 2) or more slots (at most \(Netif.fatalSlots + 1))"); return nil
             }
+            if further >= Netif.maxSlots { drop = true }
             let r = tx.takeRequest()
             remaining -= 1
             packet.slots += 1
-            dataSlots += 1
+            further += 1
             furtherSlots.append(r)   // the copy taken out of the ring: never read from the ring again
             txSlotIDs.append((r.id, false))
-            if dataSlots > Netif.maxSlots { drop = true }
             if Int(r.size) > firstOwn { drop = true }   // larger than what is left of the frame
             if Int(r.offset) + Int(r.size) > xenPageSize {
                 fatal("a tx slot crosses its page (offset \(r.offset), size \(r.size))"); return nil
