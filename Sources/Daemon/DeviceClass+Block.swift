@@ -34,8 +34,9 @@ extension DeviceClass {
                 }.makeDriver(hypervisor, path)
             }
         },
-        nodes: { name, spec, readOnly in BlockTapService.nodes(name, spec: spec, readOnly: readOnly) },
-        negotiated: { read in
+        settings: [],
+        nodes: { name, spec, readOnly, _, _ in BlockTapService.nodes(name, spec: spec, readOnly: readOnly) },
+        negotiated: { read, _ in
             guard let state = read("state").flatMap(UInt32.init), state == XenbusDeviceState.connected.rawValue
                     || state == XenbusDeviceState.initialised.rawValue else { return "-" }
             let order = read("ring-page-order") ?? "0"

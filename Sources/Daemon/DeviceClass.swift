@@ -30,19 +30,24 @@ public struct DeviceClass: Sendable {
     /// it opens each device's stack with the registry and, when metrics are on, puts the class's
     /// measuring filter on top, labelled with the device's backend path.
     let backend: @Sendable (_ config: ServeConfig, _ log: @escaping @Sendable (String) -> Void, _ metrics: MetricsRegistry?) -> XenbusBackendType
+    /// Settings of one device besides its name and stack (a vif's `mac`), by key, with their
+    /// help: config tables and `softdev attach` options accept these for this class alone.
+    public let settings: [(key: String, help: String)]
     /// The frontend's and the backend's nodes for one device (besides those the toolstack
-    /// writes for every device: state, backend, frontend, online, ...).
-    let nodes: @Sendable (_ name: XenbusDeviceName, _ spec: String, _ readOnly: Bool) -> (frontend: [String: String], backend: [String: String])
+    /// writes for every device: state, backend, frontend, online, ...); throws for a bad setting.
+    let nodes: @Sendable (_ name: XenbusDeviceName, _ spec: String, _ readOnly: Bool, _ settings: [String: String],
+                          _ guest: DomainID) throws -> (frontend: [String: String], backend: [String: String])
     /// What the frontend chose once connected, in a few words for `softdev list` (from the
-    /// frontend's nodes read with `read`); "-" before it connected.
-    let negotiated: @Sendable (_ read: (String) -> String?) -> String
+    /// frontend's nodes read with `frontend`, the backend's with `backend`, e.g. its counters);
+    /// "-" before it connected.
+    let negotiated: @Sendable (_ frontend: (String) -> String?, _ backend: (String) -> String?) -> String
     /// `softdev guest`: connects the class's Swift frontend to the device at `frontendPath` of
     /// a local guest (nil: the class has none yet).
     public let localFrontend: (@Sendable (_ guest: LocalHypervisor, _ frontendPath: String, _ options: LocalGuestOptions) throws
                                 -> any LocalGuestDevice)?
 
     /// Every class the daemon serves.
-    public static let all: [DeviceClass] = [.block]
+    public static let all: [DeviceClass] = [.block, .net]
 
     /// The class named `name`, or an error that lists them.
     public static func named(_ name: String) throws -> DeviceClass {
@@ -67,9 +72,13 @@ public struct DeviceClass: Sendable {
     /// with libxl's permissions (what `softdev attach` does; the daemon then serves it).
     @discardableResult
     public func attach(store: any XenStoreClient, guest: DomainID, backendDomain: DomainID, _ device: XenbusDeviceName,
-                       spec: String, readOnly: Bool = false) throws -> XenbusDevicePaths {
+                       spec: String, readOnly: Bool = false, settings: [String: String] = [:]) throws -> XenbusDevicePaths {
+        for key in settings.keys where !self.settings.contains(where: { $0.key == key }) {
+            let known = self.settings.isEmpty ? "none" : self.settings.map(\.key).joined(separator: ", ")
+            throw ServeConfigError("\(key) is not a setting of \(plural) (theirs: \(known))")
+        }
         let paths = paths(guest: guest, backendDomain: backendDomain, device)
-        let (frontend, backend) = nodes(device, spec, readOnly)
+        let (frontend, backend) = try nodes(device, spec, readOnly, settings, guest)
         try XenbusToolstack.attach(store, paths, frontend: frontend, backend: backend)
         return paths
     }

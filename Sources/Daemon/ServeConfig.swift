@@ -3,6 +3,7 @@ import Core
 import Devices
 import Foundation
 import Logging
+import NetTap
 import TOMLKit
 
 /// What `softdev serve --config FILE` reads: the hypervisor to use, each device class's backend
@@ -48,8 +49,12 @@ public struct ServeConfig: Sendable {
         public var vdev: XenbusDeviceName
         public var device: String
         public var readOnly: Bool
-        public init(deviceClass: String, domain: String, vdev: XenbusDeviceName, device: String, readOnly: Bool = false) {
+        /// The class's own settings (a vif's `mac`).
+        public var settings: [String: String]
+        public init(deviceClass: String, domain: String, vdev: XenbusDeviceName, device: String, readOnly: Bool = false,
+                    settings: [String: String] = [:]) {
             self.deviceClass = deviceClass; self.domain = domain; self.vdev = vdev; self.device = device; self.readOnly = readOnly
+            self.settings = settings
         }
         /// A disk.
         public init(domain: String, vdev: VirtualDisk, device: String, readOnly: Bool = false) {
@@ -73,13 +78,15 @@ public struct ServeConfig: Sendable {
     /// How long an idle ring thread or NBD connection polls for the next request before it
     /// sleeps, in microseconds (0: never), for every class; each class's backend options get it.
     public var pollMicroseconds = AdaptivePoller.defaultMicroseconds {
-        didSet { blkif.pollMicroseconds = pollMicroseconds }
+        didSet { blkif.pollMicroseconds = pollMicroseconds; netif.pollMicroseconds = pollMicroseconds }
     }
     /// Where the rings' records are kept so that a restarted daemon resumes them (nil: none
     /// kept); the daemon sets `<run directory>/rings` (``ServeLock/runDirectory(for:)``).
     public var ringStateDirectory: String?
     /// `[blkif]`: what the block backend offers.
     public var blkif = BlkifBackendOptions()
+    /// `[netif]`: what the network backend offers.
+    public var netif = NetifBackendOptions()
     /// Every class's configured devices (`[[disk]]`, ...), in the file's order.
     public var attachments: [Attachment] = []
     public var nbdListen: [String] = []
@@ -132,8 +139,13 @@ public struct ServeConfig: Sendable {
                 let vdevText = try entry.required("vdev")
                 let vdev: XenbusDeviceName
                 do { vdev = try deviceClass.parseName(vdevText) } catch { throw ServeConfigError("\(entry.place): \(error)") }
+                var settings: [String: String] = [:]
+                for (key, _) in deviceClass.settings { settings[key] = try entry.string(key) }
                 let a = Attachment(deviceClass: deviceClass.name, domain: try entry.required("domain"), vdev: vdev,
-                                   device: try entry.spec("device", of: deviceClass), readOnly: try entry.bool("readonly") ?? false)
+                                   device: try entry.spec("device", of: deviceClass), readOnly: try entry.bool("readonly") ?? false,
+                                   settings: settings)
+                do { _ = try deviceClass.nodes(vdev, a.device, a.readOnly, settings, 1) }
+                catch { throw ServeConfigError("\(entry.place): \(error)") }
                 if config.attachments.contains(where: { $0.deviceClass == a.deviceClass && $0.domain == a.domain && $0.vdev.deviceID == a.vdev.deviceID }) {
                     throw ServeConfigError("\(entry.place): domain \(a.domain) has \(a.vdev.name) twice")
                 }

@@ -194,7 +194,7 @@ public final class SoftDevDaemon: @unchecked Sendable {
                   (try? store.read(paths.frontendPath, transaction: .none)) == nil else { continue }
             do {
                 try deviceClass.attach(store: store, guest: guest, backendDomain: hypervisor.domainID, a.vdev,
-                                       spec: a.device, readOnly: a.readOnly)
+                                       spec: a.device, readOnly: a.readOnly, settings: a.settings)
                 logger.info("attached \(a.vdev.name) to domain \(guest) (\(a.domain)): \(a.device)",
                             metadata: ["class": "\(deviceClass.name)", "device": "\(paths.backendPath)"])
             } catch {

@@ -17,7 +17,9 @@ struct Attach: ParsableCommand {
             (\(DeviceClass.all.map { "\($0.name): \($0.backendType)" }.joined(separator: ", "))), which no kernel backend claims. \
             The spec is checked here and opened by the daemon. With `xl create -p`, attach, then `xl unpause`, the guest has \
             the device at boot.
-            Example: softdev attach guest1 block xvdb 'stats | file(path=/srv/guest1.img)'
+            Examples:
+              softdev attach guest1 block xvdb 'stats | file(path=/srv/guest1.img)'
+              softdev attach guest1 net 0 'pcap(file=/tmp/g1.pcap) | tap(name=sd-g1)' --mac 00:16:3e:00:00:01
             """)
 
     @OptionGroup var hypervisorOptions: HypervisorOptions
@@ -26,25 +28,31 @@ struct Attach: ParsableCommand {
     var domain: String
     @Argument(help: ArgumentHelp("The class of device: \(classNames).", valueName: "class"))
     var type: String
-    @Argument(help: "The guest's name for the device: for a disk xvda, xvdb, ... (or a xenbus device number).")
+    @Argument(help: ArgumentHelp("The guest's name for the device: \(DeviceClass.all.map { "for \($0.plural) \($0.nameHelp)" }.joined(separator: "; ")).",
+                                 valueName: "vdev"))
     var vdev: String
     @Argument(help: "The device stack, e.g. \"file(path=/srv/disk.img)\" (see `softdev devices`).")
     var spec: String
 
-    @Flag(help: "Attach read-only: the guest sees a read-only device and every write fails.")
+    @Flag(help: "Attach read-only (block): the guest sees a read-only disk and every write fails.")
     var readonly = false
+    @Option(help: ArgumentHelp("The guest's MAC address (net), e.g. 00:16:3e:01:02:03. Default: 00:16:3e, then from the domain and vif numbers.",
+                               valueName: "mac"))
+    var mac: String?
 
     func run() throws {
         let deviceClass: DeviceClass
         do { deviceClass = try DeviceClass.named(type) } catch { throw ValidationError("\(error)") }
         let name = try deviceClass.parseName(vdev)
         try deviceClass.check(spec)
+        if readonly && deviceClass.name != DeviceClass.block.name { throw ValidationError("--readonly is for disks (block)") }
         let store = try hypervisorOptions.choice().openStore()
         let guest = try XenbusToolstack.resolveDomain(store, domain)
         let me = try XenHypervisor.ownDomainID(store)
         let paths: XenbusDevicePaths
         do {
-            paths = try deviceClass.attach(store: store, guest: guest, backendDomain: me, name, spec: spec, readOnly: readonly)
+            paths = try deviceClass.attach(store: store, guest: guest, backendDomain: me, name, spec: spec, readOnly: readonly,
+                                           settings: mac.map { ["mac": $0] } ?? [:])
         } catch XenStoreError.exists(let path) {
             throw ValidationError("domain \(guest) already has a \(deviceClass.noun) \(name.name) (\(path) exists): detach it first or pick another name")
         }

@@ -13,7 +13,8 @@ struct Guest: ParsableCommand {
             Creates a guest domain named NAME on the local hypervisor at --local-dir (run `softdev serve --hypervisor local` \
             first), waits for --disks devices to be attached to it (by the daemon's config or `softdev attach NAME block ...`), \
             connects its class's Swift frontend to each (a blkfront to a disk, as Linux's xen-blkfront would), and with \
-            --check does the class's round trip (a disk: writes, reads back and compares a pattern if it is writable). It \
+            --check does the class's round trip (a disk: writes, reads back and compares a pattern if it is writable; a \
+            network card: sends an ARP request and sees the backend take it). A network card gets the Swift netfront. It \
             then stays up for --hold seconds (or until SIGTERM/SIGINT); a device the backend closes (`softdev detach`) is \
             let go at once. When this process ends, the guest is destroyed.
             """)
@@ -22,11 +23,11 @@ struct Guest: ParsableCommand {
     var name: String
     @Option(help: ArgumentHelp("The local hypervisor's directory. Default: $SOFTDEV_LOCAL_HYPERVISOR or /run/softdev/local.", valueName: "dir"))
     var localDir: String?
-    @Option(help: "Devices (disks) to wait for before connecting.")
+    @Option(help: "Devices (disks and network cards together) to wait for before connecting.")
     var disks = 1
     @Option(help: "Seconds to wait for them.")
     var wait: Double = 30
-    @Flag(help: "Check each device: write, read back and compare a pattern on each writable disk.")
+    @Flag(help: "Check each device: write, read back and compare a pattern on each writable disk; send a frame on each network card.")
     var check = false
     @Option(parsing: .unconditional, help: "Seconds to stay up after connecting (-1: until SIGTERM or SIGINT).")
     var hold: Double = 0

@@ -205,6 +205,12 @@ public final class XenbusBackendDevice: @unchecked Sendable {
         disconnect { [self] in try? switchState(.closing) }
     }
 
+    /// Runs `task` on the dispatcher's thread `seconds` from now (a driver's periodic report);
+    /// never after the host stopped.
+    public func after(_ seconds: Double, _ task: @escaping () -> Void) {
+        dispatcher.after(seconds, task)
+    }
+
     /// `fail`, from any thread: runs on the dispatcher thread that owns the state machine.
     public func failAsync(_ message: String) {
         dispatcher.async { [weak self] in self?.fail(message) }
