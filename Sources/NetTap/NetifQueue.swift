@@ -54,10 +54,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
     // Tx sweep state, kept between sweeps so that nothing is allocated once it has grown.
     private struct TxPacket {
         var frame: EthernetFrame?
-        /// The ring index of the packet's first slot and how many slots it took (extras included).
-        var firstSlot: UInt32
+        /// How many slots it took (extras included).
         var slots: Int
-        var firstID: UInt16
         var status: Int16
         var segments: Range<Int>
         var csumBlank: Bool
@@ -201,9 +199,11 @@ final class NetifQueue: RingService, @unchecked Sendable {
     // MARK: Tx: frames from the guest
 
     /// One sweep: every complete packet the ring holds is validated and its data copied out
-    /// in one batch; then each slot is answered, and the good frames go down the stack.
+    /// in one batch; then each slot is answered, and the good frames go down the stack. One
+    /// sweep a turn, so that frames for the guest are delivered between sweeps however busy
+    /// its tx ring is.
     private func takeTx() {
-        while true {
+        do {
             guard let available = tx.unconsumedRequests() else {
                 return fatal("the frontend published an impossible tx request producer index (more than a ring ahead)")
             }
@@ -255,11 +255,10 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// Takes one packet's slots (first, extras, more data) from the ring, copying each request
     /// once; queues its grant copies. nil: the frontend broke the protocol (fatal, reported).
     private func takePacket(_ remaining: inout Int, _ copyCount: inout Int) -> TxPacket? {
-        let firstIndex = tx.requestConsumer
         let first = tx.takeRequest()
         remaining -= 1
         txSlotIDs.append((first.id, false))
-        var packet = TxPacket(frame: nil, firstSlot: firstIndex, slots: 1, firstID: first.id, status: Netif.statusOkay,
+        var packet = TxPacket(frame: nil, slots: 1, status: Netif.statusOkay,
                               segments: copyCount..<copyCount, csumBlank: first.flags & Netif.txChecksumBlank != 0, gso: nil)
         // Extra-info slots follow the first, chained by EXTRA_FLAG_MORE.
         var multicastAdd: MACAddress?, multicastDel: MACAddress?
