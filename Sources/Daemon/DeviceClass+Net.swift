@@ -1,6 +1,7 @@
 import Core
 import Devices
 import NetTap
+import Observability
 
 extension DeviceClass {
     /// Network cards: Linux's xen-netfront (`vif`) served by the netif backend over a network
@@ -22,14 +23,21 @@ extension DeviceClass {
             config.netif.maxQueues = try table.int("max-queues", in: 1...16) ?? o.maxQueues
             config.netif.backlogBytes = try table.int("rx-backlog-kib", in: 64...(1 << 20)).map { $0 << 10 } ?? o.backlogBytes
         },
-        backend: { config, log, _ in
+        backend: { config, log, metrics in
             var options = config.netif
             options.pollMicroseconds = config.pollMicroseconds
-            return NetTapService.backend(options: options, log: log) { spec in
+            let open = { (spec: String) throws -> any NetDevice in
                 guard let device = try DeviceRegistry.open(spec, of: .net) as? any NetDevice else {
                     throw ServeConfigError("'\(spec)' is not a network device stack")
                 }
                 return device
+            }
+            guard let metrics else { return NetTapService.backend(options: options, log: log, open: open) }
+            // Labelled with the vif's backend path, as disks are.
+            return XenbusBackendType(name: NetTapService.backendType) { [options] hypervisor, path in
+                try NetTapService.backend(options: options, log: log) { spec in
+                    NetMetricsFilter(next: try open(spec), metrics: metrics, device: path, transport: "netif")
+                }.makeDriver(hypervisor, path)
             }
         },
         settings: [("mac", "the guest's MAC address, e.g. 00:16:3e:01:02:03 (default: 00:16:3e, then from the domain and vif numbers)")],

@@ -29,6 +29,8 @@ public final class MetricsRegistry: MetricsFactory, Sendable {
     public static let inFlight = "softdev_requests_in_flight"
     public static let devicesAttached = "softdev_devices_attached"
     public static let frontendsConnected = "softdev_frontends_connected"
+    public static let frames = "softdev_frames_total"
+    public static let frameBytes = "softdev_frame_bytes_total"
 
     public static let help: [String: String] = [
         requests: "Requests the device stack completed, by operation, counted at completion.",
@@ -39,6 +41,8 @@ public final class MetricsRegistry: MetricsFactory, Sendable {
             + "occupancy the daemon has (blkif requests taken off the ring and not answered, NBD requests read and not answered).",
         devicesAttached: "Devices of the class the daemon's xenbus host serves, in any xenbus state.",
         frontendsConnected: "Devices of the class whose backend is Connected to its guest's frontend.",
+        frames: "Frames through the top of a network stack, by direction (from-guest, to-guest).",
+        frameBytes: "Bytes of the frames through the top of a network stack, by direction.",
     ]
 
     /// Latency buckets: 10 µs (a memory device's request) to 1 s (a stuck remote disk); 1-2-5
