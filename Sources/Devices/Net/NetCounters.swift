@@ -35,3 +35,16 @@ struct NetDirectionCounters: Sendable {
     let fromGuest = NetTrafficCounter()
     let toGuest = NetTrafficCounter()
 }
+
+/// Frames, bytes and drops both ways: what a device has counted so far.
+public struct NetCounters: Equatable, Sendable, CustomStringConvertible {
+    /// Down, from the guest toward the endpoint.
+    public var fromGuest: NetTraffic
+    /// Up, toward the guest.
+    public var toGuest: NetTraffic
+    public init(fromGuest: NetTraffic = NetTraffic(), toGuest: NetTraffic = NetTraffic()) {
+        self.fromGuest = fromGuest; self.toGuest = toGuest
+    }
+    init(_ live: NetDirectionCounters) { self.init(fromGuest: live.fromGuest.snapshot, toGuest: live.toGuest.snapshot) }
+    public var description: String { "from guest: \(fromGuest); to guest: \(toGuest)" }
+}
