@@ -7,17 +7,9 @@ import XCTest
 /// `pcap`: files that tcpdump and tshark read back, with directions and finished checksums.
 final class NetCaptureTests: XCTestCase {
     func run(_ program: String, _ arguments: [String]) throws -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: program)
-        process.arguments = arguments
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        XCTAssertEqual(process.terminationStatus, 0, "\(program) \(arguments)")
-        return String(decoding: data, as: UTF8.self)
+        let (status, output) = try Peers.run(program, arguments, errors: false)
+        XCTAssertEqual(status, 0, "\(program) \(arguments)")
+        return output
     }
 
     /// Captures three frames from the guest (one TCP with a partial checksum) and one to it.

@@ -10,18 +10,9 @@ import XCTest
 final class NetLinkTests: XCTestCase {
     @discardableResult
     func sh(_ arguments: [String], check: Bool = true) throws -> (status: Int32, output: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: arguments[0])
-        process.arguments = Array(arguments.dropFirst())
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
-        try process.run()
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let output = String(decoding: data, as: UTF8.self)
-        if check { XCTAssertEqual(process.terminationStatus, 0, "\(arguments.joined(separator: " ")): \(output)") }
-        return (process.terminationStatus, output)
+        let (status, output) = try Peers.run(arguments[0], Array(arguments.dropFirst()))
+        if check { XCTAssertEqual(status, 0, "\(arguments.joined(separator: " ")): \(output)") }
+        return (status, output)
     }
 
     /// Root and /dev/net/tun, or the test is skipped saying why.
