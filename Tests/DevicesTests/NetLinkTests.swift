@@ -96,6 +96,8 @@ final class NetLinkTests: XCTestCase {
             let end = try XCTUnwrap(json["end"] as? [String: Any])
             let received = try XCTUnwrap((end["sum_received"] as? [String: Any])?["bytes"] as? NSNumber)
             XCTAssertGreaterThan(received.int64Value, 0)
+            XCTAssertGreaterThan(a.counts.toGuest.bytes / max(a.counts.toGuest.frames, 1), 1514,
+                                 "the kernel hands A segments larger than the MTU (TSO), and B takes them")
             print("iperf3 across the link: \(received.int64Value) bytes; A read \(a.counts.toGuest), B wrote \(b.counts.fromGuest)")
         }
     }
