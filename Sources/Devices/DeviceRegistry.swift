@@ -75,7 +75,10 @@ public enum DeviceRegistry {
         LogFilter.descriptor, DelayFilter.descriptor, NBDDevice.descriptor, FUAFilter.descriptor,
     ] + networkDevices).sorted { $0.name < $1.name }
     /// The network class's devices and filters (`Devices/Net`).
-    static let networkDevices: [DeviceDescriptor] = []
+    static let networkDevices: [DeviceDescriptor] = [
+        TapDevice.descriptor, SwitchPort.descriptor, CaptureFilter.descriptor, NetStatsFilter.descriptor,
+        PacketFilter.descriptor, NetNullDevice.descriptor,
+    ]
 
     public static func descriptor(named name: String) -> DeviceDescriptor? {
         all.first { $0.name == name }

@@ -85,6 +85,8 @@ final class DeviceSpecTests: XCTestCase {
             XCTAssertTrue(DeviceRegistry.help.contains(descriptor.usage))
             for parameter in descriptor.parameters { XCTAssertTrue(DeviceRegistry.help.contains("    \(parameter.name)")) }
         }
-        XCTAssertEqual(DeviceRegistry.all.map(\.name), ["delay", "error", "file", "fua", "log", "memory", "nbd", "null", "offset", "partition", "readonly", "stats"])
+        XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .block }.map(\.name),
+                       ["delay", "error", "file", "fua", "log", "memory", "nbd", "null", "offset", "partition", "readonly", "stats"])
+        XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .net }.map(\.name), ["filter", "null", "pcap", "stats", "switch", "tap"])
     }
 }

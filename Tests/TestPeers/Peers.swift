@@ -44,6 +44,22 @@ public enum Peers {
         if !present { try missing(what, install: install, file: file, line: line) }
     }
 
+    /// Runs `program` with `arguments` to the end: its exit status and its output (standard
+    /// error too, unless `errors` is false, when it is thrown away).
+    @discardableResult
+    public static func run(_ program: String, _ arguments: [String], errors: Bool = true) throws -> (status: Int32, output: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: program)
+        process.arguments = arguments
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = errors ? pipe : FileHandle.nullDevice
+        try process.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
     private static func install(_ package: String) -> String { "apt-get install \(package), or scripts/install-deps.sh" }
 
     static func find(_ name: String) -> String? {

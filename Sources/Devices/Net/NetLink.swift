@@ -1,0 +1,62 @@
+import Core
+
+/// Two network endpoints joined without a guest: what the network tap exports on a host
+/// without Xen. The first element of the spec stands in for the guest (an endpoint device,
+/// e.g. a TAP); the rest is an ordinary net stack, filters then an endpoint:
+///
+/// ```swift
+/// let link = try NetLink(spec: "tap(name=a) | filter(expr=\"tcp\") | tap(name=b)")
+/// ...
+/// link.close()
+/// ```
+///
+/// Frames the first endpoint produces go down the stack (its `fromGuest`); frames coming up
+/// the stack go to the first endpoint's `fromGuest`. Each side accepts what the other's
+/// `offloads` says, so TAP to TAP keeps checksum and TSO offloads end to end.
+public final class NetLink: @unchecked Sendable {
+    /// The endpoint standing in for the guest.
+    public let first: any NetDevice
+    /// The stack below it (its top element).
+    public let stack: any NetDevice
+
+    /// Hands frames to a device's `fromGuest`: the adapter each side's receiver is.
+    private final class Forwarder: NetFrameReceiver, @unchecked Sendable {
+        let target: any NetDevice
+        init(_ target: any NetDevice) { self.target = target }
+        func toGuest(_ frame: EthernetFrame) { target.fromGuest(frame) }
+    }
+
+    /// Opens both sides of `spec` and connects them.
+    public convenience init(spec: String) throws(DeviceSpecError) {
+        try self.init(DeviceSpec(parsing: spec))
+    }
+
+    public init(_ spec: DeviceSpec) throws(DeviceSpecError) {
+        guard spec.elements.count >= 2 else {
+            throw DeviceSpecError("a link joins two endpoints, '\(spec)' has one: write e.g. tap(name=a) | tap(name=b)")
+        }
+        let head = DeviceSpec(elements: [spec.elements[0]])
+        if let descriptor = DeviceRegistry.descriptor(named: spec.elements[0].name, of: .net), descriptor.kind == .filter,
+           descriptor.deviceClass == .net {
+            throw DeviceSpecError("\(descriptor.name) is a filter: a link starts with an endpoint (the guest's side), e.g. tap(name=a) | \(spec.elements[0].name)(...) | tap(name=b)")
+        }
+        let first = try DeviceRegistry.openStack(head, of: .net) as! any NetDevice
+        let stack: any NetDevice
+        do {
+            stack = try DeviceRegistry.openStack(DeviceSpec(elements: Array(spec.elements.dropFirst())), of: .net) as! any NetDevice
+        } catch {
+            first.close()
+            throw error
+        }
+        self.first = first
+        self.stack = stack
+        stack.connect(Forwarder(first), accepting: first.offloads)
+        first.connect(Forwarder(stack), accepting: stack.offloads)
+    }
+
+    /// Closes the first endpoint (its reader stops), then the stack.
+    public func close() {
+        first.close()
+        stack.close()
+    }
+}

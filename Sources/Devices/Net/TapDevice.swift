@@ -1,0 +1,222 @@
+import CAio
+import Core
+import Glibc
+import Synchronization
+
+/// `tap(name=IFNAME, queues=N)`: an endpoint on a Linux TAP interface. Frames from the guest
+/// are written to it with a `virtio_net_hdr` carrying their offloads (``VirtioNetHeader``), so
+/// the kernel finishes checksums and cuts TCP segments; frames the kernel sends come back up
+/// with theirs. The interface is created if missing (or attached to, if it exists as a TAP
+/// with the same flags) and brought up. With `queues` > 1 it is multi-queue: one descriptor
+/// and one reader thread per queue, a frame going out on `frame.queue % queues` and coming in
+/// with the index of the descriptor it was read from.
+///
+/// The kernel's offloads toward the guest (`TUNSETOFFLOAD`) are set in `connect` from what the
+/// receiver accepts: checksum offload if it takes `.checksum`, TSO4/TSO6 only if it also takes
+/// `.largeFrames`; never UFO/USO. Writes never block: a full queue drops the frame and counts it.
+public final class TapDevice: NetDevice, @unchecked Sendable {
+    public let name = "tap"
+    /// The interface's name as the kernel gave it.
+    public let interfaceName: String
+    /// The kernel takes every offload a virtio_net_hdr can carry.
+    public let offloads: NetOffloads = .all
+    /// The `TUN_F_*` bits `connect` enabled.
+    public private(set) var kernelOffloads: UInt32 = 0
+
+    private let fds: [Int32]
+    private let stopEvent: Int32
+    private var readers: [PosixThread] = []
+    private var receiver: (any NetFrameReceiver)?
+    private let closed = Atomic<Bool>(false)
+    private let counters = NetDirectionCounters()
+
+    // if_tun.h
+    static let TUNSETIFF: UInt = 0x4004_54ca
+    static let TUNSETOFFLOAD: UInt = 0x4004_54d0
+    static let TUNSETVNETHDRSZ: UInt = 0x4004_54d8
+    static let IFF_TAP: Int16 = 0x0002, IFF_NO_PI: Int16 = 0x1000, IFF_VNET_HDR: Int16 = 0x4000, IFF_MULTI_QUEUE: Int16 = 0x0100
+    static let TUN_F_CSUM: UInt32 = 0x01, TUN_F_TSO4: UInt32 = 0x02, TUN_F_TSO6: UInt32 = 0x04
+    /// The largest frame the kernel hands a TAP (64 KiB of GSO plus headers), with room to spare.
+    static let readBufferSize = VirtioNetHeader.size + 65536 + 1024
+
+    /// Opens (creating if needed) the TAP interface `name` with `queues` queues and brings it up.
+    public init(name: String, queues: Int = 1) throws(DeviceSpecError) {
+        let label = "tap(name=\(name))"
+        guard !name.isEmpty, name.utf8.count < Int(IFNAMSIZ), !name.contains("/"), !name.contains(" ") else {
+            throw DeviceSpecError("\(label): an interface name is 1 to \(Int(IFNAMSIZ) - 1) characters without '/' or spaces: choose a shorter name")
+        }
+        guard (1...256).contains(queues) else { throw DeviceSpecError("\(label): queues must be from 1 to 256") }
+        var opened: [Int32] = []
+        func fail(_ what: String, _ code: Int32) -> DeviceSpecError {
+            for fd in opened { Glibc.close(fd) }
+            return DeviceSpecError("\(label): \(what): \(String(cString: strerror(code)))\(Self.advice(code))")
+        }
+        var kernelName = name
+        var flags = Self.IFF_TAP | Self.IFF_NO_PI | Self.IFF_VNET_HDR
+        if queues > 1 { flags |= Self.IFF_MULTI_QUEUE }
+        for _ in 0..<queues {
+            let fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC)
+            guard fd >= 0 else { throw fail("cannot open /dev/net/tun", errno) }
+            opened.append(fd)
+            var request = Self.interfaceRequest(name, flags: flags)
+            guard ioctl(fd, Self.TUNSETIFF, &request) == 0 else { throw fail("cannot create or attach the TAP interface (TUNSETIFF)", errno) }
+            kernelName = Self.name(of: request)
+            var size: Int32 = Int32(VirtioNetHeader.size)
+            guard ioctl(fd, Self.TUNSETVNETHDRSZ, &size) == 0 else { throw fail("TUNSETVNETHDRSZ", errno) }
+        }
+        let socket = Glibc.socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        guard socket >= 0 else { throw fail("cannot open a socket to bring the interface up", errno) }
+        defer { Glibc.close(socket) }
+        var request = Self.interfaceRequest(kernelName, flags: 0)
+        guard ioctl(socket, UInt(SIOCGIFFLAGS), &request) == 0 else { throw fail("SIOCGIFFLAGS", errno) }
+        request.ifr_ifru.ifru_flags |= Int16(IFF_UP)
+        guard ioctl(socket, UInt(SIOCSIFFLAGS), &request) == 0 else { throw fail("cannot bring \(kernelName) up (SIOCSIFFLAGS)", errno) }
+        let event = caio_eventfd()
+        guard event >= 0 else { throw fail("eventfd", errno) }
+        stopEvent = event
+        fds = opened
+        interfaceName = kernelName
+    }
+
+    /// What to do about `code`, after its message.
+    static func advice(_ code: Int32) -> String {
+        switch code {
+        case ENOENT, ENODEV: return " (load the tun module: modprobe tun; in a container, pass /dev/net/tun in)"
+        case EPERM, EACCES: return " (a TAP interface needs root or CAP_NET_ADMIN)"
+        case EBUSY: return " (the interface exists with other flags or its queues are taken: pick another name or delete it with ip link del)"
+        case EINVAL: return " (the interface exists and is not a TAP with these flags: pick another name)"
+        default: return ""
+        }
+    }
+
+    static func interfaceRequest(_ name: String, flags: Int16) -> ifreq {
+        var request = ifreq()
+        withUnsafeMutableBytes(of: &request.ifr_ifrn.ifrn_name) { b in
+            for (i, c) in name.utf8.prefix(b.count - 1).enumerated() { b[i] = c }
+        }
+        request.ifr_ifru.ifru_flags = flags
+        return request
+    }
+
+    static func name(of request: ifreq) -> String {
+        withUnsafeBytes(of: request.ifr_ifrn.ifrn_name) { b in
+            String(decoding: b.prefix { $0 != 0 }, as: UTF8.self)
+        }
+    }
+
+    /// The queues (descriptors) of the interface.
+    public var queues: Int { fds.count }
+
+    /// Frames, bytes and drops each way so far.
+    public var counts: NetCounters { NetCounters(counters) }
+
+    // MARK: Guest → TAP
+
+    public func fromGuest(_ frame: EthernetFrame) {
+        guard !closed.load(ordering: .relaxed) else { counters.fromGuest.drop(); return }
+        var frame = frame
+        guard let header = VirtioNetHeader.fromGuest(&frame) else { counters.fromGuest.drop(); return }
+        let fd = fds[frame.queue % fds.count]
+        let written = withUnsafeTemporaryAllocation(byteCount: VirtioNetHeader.size, alignment: 8) { raw in
+            header.write(to: raw)
+            return frame.withUnsafeBytes { body in
+                var vectors = (iovec(iov_base: raw.baseAddress, iov_len: VirtioNetHeader.size),
+                               iovec(iov_base: UnsafeMutableRawPointer(mutating: body.baseAddress), iov_len: body.count))
+                return withUnsafePointer(to: &vectors) {
+                    $0.withMemoryRebound(to: iovec.self, capacity: 2) { writev(fd, $0, 2) }
+                }
+            }
+        }
+        // EAGAIN (the queue is full), EIO (the interface is down), EINVAL (the kernel refused
+        // the header): the frame is lost either way, and counted.
+        if written < 0 { counters.fromGuest.drop() } else { counters.fromGuest.count(frame) }
+    }
+
+    // MARK: TAP → guest
+
+    public func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads) {
+        guard !closed.load(ordering: .relaxed), readers.isEmpty else { return }
+        self.receiver = receiver
+        var bits: UInt32 = 0
+        if offloads.contains(.checksum) {
+            bits |= Self.TUN_F_CSUM
+            if offloads.contains(.largeFrames) {
+                if offloads.contains(.tso4) { bits |= Self.TUN_F_TSO4 }
+                if offloads.contains(.tso6) { bits |= Self.TUN_F_TSO6 }
+            }
+        }
+        if ioctl(fds[0], Self.TUNSETOFFLOAD, Int32(bitPattern: bits)) != 0 {
+            fputs("tap(name=\(interfaceName)): TUNSETOFFLOAD \(bits): \(String(cString: strerror(errno))); the kernel finishes every offload itself\n", stderr)
+            bits = 0
+            _ = ioctl(fds[0], Self.TUNSETOFFLOAD, Int32(0))
+        }
+        kernelOffloads = bits
+        for (queue, fd) in fds.enumerated() {
+            do throws(ThreadStartError) {
+                readers.append(try PosixThread("tap(name=\(interfaceName)) queue \(queue)") { [self] in read(fd, queue: queue, to: receiver) })
+            } catch {
+                fputs("tap(name=\(interfaceName)): \(error); queue \(queue) is not read\n", stderr)
+            }
+        }
+    }
+
+    /// One queue's reader: waits for frames or the stop event, reads until the queue is empty.
+    private func read(_ fd: Int32, queue: Int, to receiver: any NetFrameReceiver) {
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Self.readBufferSize, alignment: 16)
+        defer { buffer.deallocate() }
+        var polled = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: stopEvent, events: Int16(POLLIN), revents: 0)]
+        while true {
+            polled[0].revents = 0; polled[1].revents = 0
+            let n = poll(&polled, 2, -1)
+            if n < 0 { if errno == EINTR { continue } else { return } }
+            if polled[1].revents != 0 { return }
+            if polled[0].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 && polled[0].revents & Int16(POLLIN) == 0 { return }
+            // A burst at most, then look at the stop event again.
+            for _ in 0..<256 {
+                let length = Glibc.read(fd, buffer, Self.readBufferSize)
+                if length < 0 { if errno == EINTR { continue } else { break } }
+                guard let frame = Self.frame(from: UnsafeRawBufferPointer(start: buffer, count: length), queue: queue) else {
+                    counters.toGuest.drop(); continue
+                }
+                counters.toGuest.count(frame)
+                receiver.toGuest(frame)
+            }
+        }
+    }
+
+    /// The frame after the virtio_net_hdr in `bytes`, with its offload; nil if it is to be dropped.
+    static func frame(from bytes: UnsafeRawBufferPointer, queue: Int) -> EthernetFrame? {
+        guard bytes.count >= VirtioNetHeader.size + 14 else { return nil }
+        let length = bytes.count - VirtioNetHeader.size
+        guard let offload = VirtioNetHeader(bytes).offload(frameLength: length) else { return nil }
+        return EthernetFrame(count: length, offload: offload, queue: queue) {
+            $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[VirtioNetHeader.size...]))
+        }
+    }
+
+    /// Stops and joins the readers, then closes the interface's descriptors (a TAP this device
+    /// created goes with the last one).
+    public func close() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        var one: UInt64 = 1
+        _ = write(stopEvent, &one, 8)
+        for reader in readers { reader.join() }
+        readers = []
+        receiver = nil
+        for fd in fds { Glibc.close(fd) }
+        Glibc.close(stopEvent)
+    }
+}
+
+extension TapDevice {
+    public static let descriptor = DeviceDescriptor(
+        deviceClass: .net, name: "tap", kind: .device,
+        summary: "A Linux TAP interface (created if missing, brought up), with checksum and TSO offloads both ways.",
+        parameters: [
+            DeviceParameter("name", required: true, "The interface's name (at most 15 characters), e.g. sd-vif1."),
+            DeviceParameter("queues", "Queues (one descriptor and reader thread each), 1 to 256; default 1."),
+        ],
+        open: { parameters, _ throws(DeviceSpecError) in
+            try TapDevice(name: parameters.required("name"), queues: parameters.integer("queues", in: 1...256) ?? 1)
+        })
+}
