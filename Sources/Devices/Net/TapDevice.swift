@@ -135,7 +135,9 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
     // MARK: TAP → guest
 
     public func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads) {
-        guard !closed.load(ordering: .relaxed), readers.isEmpty else { return }
+        // Connected again (the guest's netfront reconnected, perhaps with other features): the
+        // same receiver, the kernel's offloads set anew, the readers already running.
+        guard !closed.load(ordering: .relaxed) else { return }
         self.receiver = receiver
         var bits: UInt32 = 0
         if offloads.contains(.checksum) {
@@ -151,6 +153,7 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
             _ = ioctl(fds[0], Self.TUNSETOFFLOAD, Int32(0))
         }
         kernelOffloads = bits
+        guard readers.isEmpty else { return }
         for (queue, fd) in fds.enumerated() {
             do throws(ThreadStartError) {
                 readers.append(try PosixThread("tap(name=\(interfaceName)) queue \(queue)") { [self] in read(fd, queue: queue, to: receiver) })
