@@ -72,7 +72,7 @@ let package = Package(
         .executableTarget(
             name: "softdev",
             dependencies: [
-                "Core", "BlockTap", "Devices", "NBDExport", "Bench", "Daemon", "XenStore", "Observability",
+                "Core", "BlockTap", "NetTap", "Devices", "NBDExport", "Bench", "Daemon", "XenStore", "Observability",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -85,7 +85,7 @@ let package = Package(
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
         .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "NBDExport", "NBDWire", "TestPeers"]),
-        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "Devices", "Core", "XenStore", "TestPeers", "Observability",
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "NetTap", "Devices", "Core", "XenStore", "TestPeers", "Observability",
                                                        .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "NetTapTests", dependencies: ["NetTap", "Core", "CXen", "XenStore"]),
         .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "NBDWire", "Devices", "Core", "Bench", "TestPeers"]),

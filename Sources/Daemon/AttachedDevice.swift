@@ -40,7 +40,8 @@ public struct AttachedDevice: Sendable, Equatable {
                         deviceClass: deviceClass.name, domain: guest, domainName: read("/local/domain/\(guest)/name"), deviceID: id,
                         vdev: read(be + "/dev") ?? "\(id)", spec: read(be + "/params") ?? "", readOnly: read(be + "/mode") == "r",
                         backendState: XenbusDeviceState.read(store, be + "/state"), frontendState: XenbusDeviceState.read(store, fe + "/state"),
-                        error: read(be + "/error"), negotiated: deviceClass.negotiated({ nodes[$0] }, { read(be + "/" + $0) }), frontendNodes: nodes))
+                        error: read(be + "/error"), negotiated: deviceClass.negotiated({ nodes[$0] ?? ($0.contains("/") ? read(fe + "/" + $0) : nil) },
+                                                                                { read(be + "/" + $0) }), frontendNodes: nodes))
                 }
             }
         }

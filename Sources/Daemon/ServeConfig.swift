@@ -37,6 +37,9 @@ import TOMLKit
 /// readonly = false
 /// description = "scratch space"
 ///
+/// [[link]]                            # two endpoints joined by a network stack, no guest needed
+/// device = "tap(name=a) | pcap(file=/tmp/ab.pcap) | tap(name=b)"
+///
 /// [metrics]                           # off unless listen is given
 /// listen = "127.0.0.1:9464"           # Prometheus scrapes http://127.0.0.1:9464/metrics
 /// ```
@@ -89,6 +92,9 @@ public struct ServeConfig: Sendable {
     public var netif = NetifBackendOptions()
     /// Every class's configured devices (`[[disk]]`, ...), in the file's order.
     public var attachments: [Attachment] = []
+    /// `[[link]]` and `--link`: network stacks joining two endpoints without a guest
+    /// (`tap(name=a) | filter(expr="tcp") | tap(name=b)`), the network tap's export.
+    public var links: [String] = []
     public var nbdListen: [String] = []
     public var exports: [Export] = []
     /// `log-level`: the least severe messages the daemon writes (nil: info).
@@ -162,6 +168,12 @@ public struct ServeConfig: Sendable {
                 config.metricsListen = try MetricsListenAddress.parse(listen, place: "\(metrics.place): listen")
             }
             try metrics.finish()
+        }
+        for var link in try reader.tables("link") {
+            let spec = try link.required("device")
+            do { try NetLink.check(spec) } catch { throw ServeConfigError("\(link.place): device: \(error)") }
+            config.links.append(spec)
+            try link.finish()
         }
         for var export in try reader.tables("export") {
             let e = Export(name: try export.required("name"), device: try export.spec("device"),

@@ -33,6 +33,7 @@ public final class SoftDevDaemon: @unchecked Sendable {
     private var nbdServers: [NBDServer] = []
     private var serviceStarted = false
     private var exportDevices: [any BlockDevice] = []
+    private var links: [NetLink] = []
     public let logger: Logger
     /// Core's and the taps' plain-string messages, through `logger` (``DaemonLog/messages(to:)``).
     private let coreLog: @Sendable (String) -> Void
@@ -79,6 +80,7 @@ public final class SoftDevDaemon: @unchecked Sendable {
         do {
             try startMetrics()
             try startNBD()
+            try startLinks()
             // Set first: if start throws half-way, stop() must still stop the dispatcher.
             serviceStarted = true
             try host.start()
@@ -96,6 +98,7 @@ public final class SoftDevDaemon: @unchecked Sendable {
             serving on \(hypervisor.kind) as domain \(hypervisor.domainID): backends \
             \(DeviceClass.all.map { host.root($0.backendType) }.joined(separator: ", "))\
             \(nbdServers.isEmpty ? "" : "; NBD " + nbdServers.map { "\($0.address)" }.joined(separator: ", "))\
+            \(links.isEmpty ? "" : "; \(links.count) network link\(links.count == 1 ? "" : "s")")\
             \(endpoint.map { "; metrics http://\(config.metricsListen!.host):\($0.boundPort ?? 0)/metrics" } ?? "")
             """)
     }
@@ -115,6 +118,8 @@ public final class SoftDevDaemon: @unchecked Sendable {
         nbdServers.removeAll()
         for device in exportDevices { device.close() }
         exportDevices.removeAll()
+        for link in links { link.close() }
+        links.removeAll()
         for g in classGauges { g.attached.destroy(); g.connected.destroy() }
         classGauges.removeAll()
         embedded?.stop()
@@ -176,6 +181,18 @@ public final class SoftDevDaemon: @unchecked Sendable {
             nbdServers.append(server)
         }
     }
+
+    /// Opens the network links (`[[link]]`, `--link`): frames flow between their endpoints
+    /// from now until `stop`.
+    private func startLinks() throws {
+        for spec in config.links {
+            do { links.append(try NetLink(spec: spec)) } catch { throw ServeConfigError("link '\(spec)': \(error)") }
+            logger.info("link: \(spec)")
+        }
+    }
+
+    /// The open links (for tests: their endpoints' counters).
+    public var openLinks: [NetLink] { links }
 
     /// The NBD servers, started (for tests: their bound TCP ports).
     public var nbdListeners: [NBDServer] { nbdServers }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Core
 import Daemon
+import Devices
 import Foundation
 import Glibc
 import Logging
@@ -8,10 +9,10 @@ import Logging
 /// `softdev serve`: the daemon.
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Serve soft devices to guests (blkif) and hosts (NBD) until SIGTERM or SIGINT.",
+        abstract: "Serve soft devices to guests (blkif, netif) and hosts (NBD, network links) until SIGTERM or SIGINT.",
         discussion: """
-            Serves every device attached under /local/domain/<me>/backend/softdev-<type> (softdev-vbd for disks), by \
-            `softdev attach`, the config file's device tables ([[disk]]) or any toolstack; picks up attach and detach \
+            Serves every device attached under /local/domain/<me>/backend/softdev-<type> (softdev-vbd for disks, softdev-vif \
+            for network cards), by `softdev attach`, the config file's device tables ([[disk]], [[nic]]) or any toolstack; picks up attach and detach \
             while it runs, and unplugs a guest's devices when the guest shuts down, crashes or is destroyed. With --hypervisor local \
             and no local hypervisor running at --local-dir, the daemon runs one itself.
             The config file is TOML; see the README ("softdev serve") for every key.
@@ -31,6 +32,11 @@ struct Serve: ParsableCommand {
         "Serve a device stack over NBD under a name, e.g. --export 'disk=stats | file(path=disk.img)'. Repeatable.",
         valueName: "name=spec"))
     var exports: [String] = []
+
+    @Option(name: .customLong("link"), help: ArgumentHelp(
+        "Join two network endpoints through a stack, without a guest, e.g. --link 'tap(name=a) | filter(expr=\"tcp\") | tap(name=b)' (the first element stands in for the guest). Repeatable; added to the config's [[link]] tables.",
+        valueName: "spec"))
+    var links: [String] = []
 
     @Option(name: .customLong("poll-us"), help: ArgumentHelp(
         "How long an idle ring thread or NBD connection polls for the next request before it sleeps, in microseconds; 0 never polls (saves CPU, costs latency at queue depth 1). Default: the config's poll-us, else \(AdaptivePoller.defaultMicroseconds).",
@@ -66,6 +72,10 @@ struct Serve: ParsableCommand {
             let name = String(text[..<eq]), spec = String(text[text.index(after: eq)...])
             guard !settings.exports.contains(where: { $0.name == name }) else { throw ValidationError("--export: the name '\(name)' is used twice") }
             settings.exports.append(.init(name: name, device: spec))
+        }
+        for spec in links {
+            do { try NetLink.check(spec) } catch { throw ValidationError("--link \(spec): \(error)") }
+            settings.links.append(spec)
         }
         // Stop on SIGTERM/SIGINT: block them here (the threads the daemon starts inherit the
         // mask) and wait for one on this thread.

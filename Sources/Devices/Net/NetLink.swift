@@ -31,15 +31,27 @@ public final class NetLink: @unchecked Sendable {
         try self.init(DeviceSpec(parsing: spec))
     }
 
-    public init(_ spec: DeviceSpec) throws(DeviceSpecError) {
+    /// Checks `spec` as a link (syntax, names, classes, parameters) without opening anything.
+    public static func check(_ text: String) throws(DeviceSpecError) {
+        let spec = try DeviceSpec(parsing: text)
+        try checkShape(spec)
+        try DeviceRegistry.check(DeviceSpec(elements: [spec.elements[0]]).description, of: .net)
+        try DeviceRegistry.check(DeviceSpec(elements: Array(spec.elements.dropFirst())).description, of: .net)
+    }
+
+    private static func checkShape(_ spec: DeviceSpec) throws(DeviceSpecError) {
         guard spec.elements.count >= 2 else {
             throw DeviceSpecError("a link joins two endpoints, '\(spec)' has one: write e.g. tap(name=a) | tap(name=b)")
         }
-        let head = DeviceSpec(elements: [spec.elements[0]])
         if let descriptor = DeviceRegistry.descriptor(named: spec.elements[0].name, of: .net), descriptor.kind == .filter,
            descriptor.deviceClass == .net {
             throw DeviceSpecError("\(descriptor.name) is a filter: a link starts with an endpoint (the guest's side), e.g. tap(name=a) | \(spec.elements[0].name)(...) | tap(name=b)")
         }
+    }
+
+    public init(_ spec: DeviceSpec) throws(DeviceSpecError) {
+        try Self.checkShape(spec)
+        let head = DeviceSpec(elements: [spec.elements[0]])
         let first = try DeviceRegistry.openStack(head, of: .net) as! any NetDevice
         let stack: any NetDevice
         do {
