@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "Core", targets: ["Core"]),
         .library(name: "BlockTap", targets: ["BlockTap"]),
         .library(name: "NetTap", targets: ["NetTap"]),
+        .library(name: "USBTap", targets: ["USBTap"]),
         .library(name: "Devices", targets: ["Devices"]),
     ],
     dependencies: [
@@ -44,6 +45,8 @@ let package = Package(
         .target(name: "BlockTap", dependencies: ["Core", "CXen"]),
         // The netif backend and a local netfront.
         .target(name: "NetTap", dependencies: ["Core", "CXen"]),
+        // The usbif backend and a local usbfront.
+        .target(name: "USBTap", dependencies: ["Core", "CXen"]),
         // The NBD protocol's numbers, the big-endian codec of its messages and the stream socket
         // both ends use: shared by the NBD export (a server) and the `nbd` device (a client).
         .target(name: "NBDWire", dependencies: ["Core"]),
@@ -88,6 +91,7 @@ let package = Package(
         .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "NetTap", "Devices", "Core", "XenStore", "TestPeers", "Observability",
                                                        .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "NetTapTests", dependencies: ["NetTap", "Core", "CXen", "XenStore"]),
+        .testTarget(name: "USBTapTests", dependencies: ["USBTap", "Core", "CXen", "XenStore"]),
         .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "NBDWire", "Devices", "Core", "Bench", "TestPeers"]),
     ],
     swiftLanguageModes: [.v5]

@@ -211,6 +211,16 @@ public final class XenbusBackendDevice: @unchecked Sendable {
         dispatcher.after(seconds, task)
     }
 
+    /// Watches `relativePath` under the backend's directory for the driver (a USB controller's
+    /// `port/N` nodes): `handler` runs on the dispatcher's thread, once at once and on every
+    /// change, until the device is unplugged.
+    public func watchBackend(_ relativePath: String, _ handler: @escaping () -> Void) throws {
+        let path = backendPath + "/" + relativePath
+        driverWatches.append(path)
+        try dispatcher.watch(path, token: token + ":driver:" + relativePath) { _ in handler() }
+    }
+    private var driverWatches: [String] = []
+
     /// `fail`, from any thread: runs on the dispatcher thread that owns the state machine.
     public func failAsync(_ message: String) {
         dispatcher.async { [weak self] in self?.fail(message) }
@@ -222,6 +232,8 @@ public final class XenbusBackendDevice: @unchecked Sendable {
         unplugged = true
         dispatcher.unwatch(frontendPath + "/state", token: token + ":fe")
         dispatcher.unwatch(backendPath + "/online", token: token + ":online")
+        for path in driverWatches { dispatcher.unwatch(path, token: token + ":driver:" + String(path.dropFirst(backendPath.count + 1))) }
+        driverWatches = []
         releaseDue = true
         disconnect { [self] in
             // The stack is released only once the teardown really ended (now, or later for a
