@@ -191,5 +191,9 @@ struct cref_net_backend;           // opaque
 struct cref_net_backend *cref_net_backend_start(const struct cref_net_backend_config *config);
 void cref_net_backend_stop(struct cref_net_backend *backend, struct cref_net_backend_stats *stats);
 void cref_net_backend_get_stats(const struct cref_net_backend *backend, struct cref_net_backend_stats *stats);
+// From any thread: from its next turn on, the backend fills rx buffers with frames of `size`
+// bytes (0: none) and, for frames above 1514 bytes when the frontend takes GSO, a GSO extra of
+// `gso_size`.
+void cref_net_backend_set_rx(struct cref_net_backend *backend, uint32_t size, uint16_t gso_size);
 
 #endif
