@@ -10,7 +10,7 @@ import XenStore
 /// handshake (the features, InitWait; at the frontend's Initialised or Connected: the queue's
 /// rings and event channels), maps the rings with the backend domain's grant table, and C
 /// serves them: tx frames copied out and dropped, rx buffers filled with generated frames.
-public final class CReferenceNetBackendHarness: @unchecked Sendable {
+public final class CReferenceNetBackendHarness: BackendHarness, @unchecked Sendable {
     public let backend: LocalHypervisor
     public let guest: LocalHypervisor
     public let paths: XenbusDevicePaths
@@ -32,15 +32,8 @@ public final class CReferenceNetBackendHarness: @unchecked Sendable {
             ("state", "\(XenbusDeviceState.initWait.rawValue)")])
     }
 
-    /// `connect()` on its own thread (the frontend's set-up blocks until we are Connected);
-    /// `done` runs after it, with `connectError` set if it failed.
-    public private(set) var connectError: Error?
-    public func connectInBackground(done: @escaping @Sendable () -> Void) {
-        Thread.detachNewThread {
-            do { try self.connect() } catch { self.connectError = error }
-            done()
-        }
-    }
+    /// Why `connectInBackground` failed (``BackendHarness``).
+    public var connectError: Error?
 
     /// Waits for the frontend, maps its rings, binds its event channel(s), starts the C backend
     /// and goes Connected.

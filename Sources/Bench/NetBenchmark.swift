@@ -101,15 +101,9 @@ public struct NetBenchmark {
     }
 
     public func run(progress: (Row) -> Void = { _ in }) throws -> [Row] {
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("softdev-netbench-\(getpid())").path
-        let address = LocalHypervisorAddress(directory: directory)
-        let server = try LocalHypervisorServer(address: address)
-        try server.start()
-        defer {
-            server.stop()
-            try? FileManager.default.removeItem(atPath: directory)
-        }
-        let backend = try LocalHypervisor.connectBackend(address)
+        let hypervisor = try BenchHypervisor(name: "softdev-netbench")
+        defer { hypervisor.stop() }
+        let (address, backend) = (hypervisor.address, hypervisor.backend)
         var options = NetifBackendOptions()
         options.pollMicroseconds = pollMicroseconds
         let sinks = Mutex<[String: BenchNetSink]>([:])

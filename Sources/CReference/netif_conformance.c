@@ -62,8 +62,7 @@ struct cref_netfront {
     uint64_t tx_slots_sent, tx_responses, tx_extras_sent, tx_nulls;
     uint64_t rx_responses;
     uint8_t *frame, *taken;             // MAX_FRAME each: what we send, what the endpoint took
-    struct cref_check *results;
-    int nresults, max;
+    struct cref_results out;
 };
 
 // MARK: Set-up
@@ -159,16 +158,10 @@ int cref_netfront_free(struct cref_netfront *f) {
 // MARK: Results
 
 static void check(struct cref_netfront *f, const char *name, int passed, const char *fmt, ...) {
-    if (f->nresults < f->max) {
-        struct cref_check *c = &f->results[f->nresults];
-        snprintf(c->name, sizeof c->name, "%s", name);
-        c->passed = passed;
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(c->message, sizeof c->message, fmt, ap);
-        va_end(ap);
-    }
-    f->nresults++;
+    va_list ap;
+    va_start(ap, fmt);
+    cref_record(&f->out, name, passed, fmt, ap);
+    va_end(ap);
 }
 
 static void tx_breach(struct cref_netfront *f, const char *fmt, ...) {
@@ -745,9 +738,7 @@ static void check_short_first_slot(struct cref_netfront *f) {
 }
 
 int cref_netfront_run_suite(struct cref_netfront *f, struct cref_check *results, int max) {
-    f->results = results;
-    f->max = max;
-    f->nresults = 0;
+    f->out = (struct cref_results){ .results = results, .max = max };
     // netfront kicks every channel once it is connected (its posted buffers are waiting).
     for (uint32_t i = 0; i < f->env.queues; i++) {
         f->env.notify(f->q[i].env.tx_notify_ctx);
@@ -771,5 +762,5 @@ int cref_netfront_run_suite(struct cref_netfront *f, struct cref_check *results,
     else check(f, "rx-responses-in-their-slots", f->rx_responses > 0, "%llu responses: each in its request's slot, offset + status <= 4096",
                (unsigned long long)f->rx_responses);
     check(f, "grants-released-by-responses", f->busy_grants == 0, "%d grants still mapped when their response came", f->busy_grants);
-    return f->nresults;
+    return f->out.count;
 }

@@ -5,7 +5,7 @@
 // validate the copy as netback does, one batch of grant copies for the whole sweep, checked
 // and pinned per segment as LocalGrantTable does, one response per slot, push once, notify at
 // most once) and nothing else. With poll_us it polls before sleeping exactly as SoftDev's ring
-// threads do (the rules of reference_backend.c's poll_ring, which are AdaptivePoller's).
+// threads do (cref_poll, AdaptivePoller's rules).
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -49,7 +49,7 @@ struct cref_net_backend {
     int stop_fd;
     int stopping;
     struct cref_net_backend_stats stats;
-    uint32_t poll_skip, poll_backoff;
+    struct cref_poller poller;
     // Sweep state, allocated once.
     struct copy_op copies[2 * RING_SLOTS];
     struct tx_packet packets[RING_SLOTS];
@@ -291,12 +291,6 @@ void cref_net_backend_set_rx(struct cref_net_backend *b, uint32_t size, uint16_t
 
 // MARK: The thread
 
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 // Work waiting: tx requests, or rx buffers for a whole frame.
 static int has_work(struct cref_net_backend *b) {
     if (__atomic_load_n(&b->tx.sring->req_prod, __ATOMIC_ACQUIRE) != b->tx.req_cons) return 1;
@@ -304,24 +298,11 @@ static int has_work(struct cref_net_backend *b) {
            __atomic_load_n(&b->rx.sring->req_prod, __ATOMIC_ACQUIRE) - b->rx.req_cons >= b->rx_slots_per_frame;
 }
 
-// AdaptivePoller's rules, as reference_backend.c's poll_ring.
-static int poll_rings(struct cref_net_backend *b) {
-    if (b->config.poll_us == 0) return 0;
-    if (b->poll_skip > 0) { b->poll_skip--; return 0; }
-    uint64_t deadline = now_ns() + (uint64_t)b->config.poll_us * 1000u;
-    unsigned turn = 0;
-    do {
-        if (has_work(b) || __atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE) ||
-            __atomic_load_n(&b->rx_generation, __ATOMIC_ACQUIRE) != b->rx_seen) {
-            b->poll_backoff = 1;
-            return 1;
-        }
-        cxen_cpu_relax();
-        turn++;
-    } while ((turn & 7) != 0 || now_ns() < deadline);
-    b->poll_skip = b->poll_backoff;
-    if (b->poll_backoff < 256) b->poll_backoff *= 2;
-    return 0;
+// Work waiting, the rx frame size changed, or a stop.
+static int rings_ready(void *ctx) {
+    struct cref_net_backend *b = ctx;
+    return has_work(b) || __atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE) ||
+           __atomic_load_n(&b->rx_generation, __ATOMIC_ACQUIRE) != b->rx_seen;
 }
 
 static void *run(void *arg) {
@@ -345,7 +326,7 @@ static void *run(void *arg) {
                 continue;
             }
             if (t > 0 || r > 0) continue;
-            if (poll_rings(b)) continue;
+            if (cref_poll(&b->poller, b->config.poll_us, rings_ready, b)) continue;
             // Ask for a notification of the next tx request and of the next rx buffer, then
             // look once more: what was published before the event index was seen counts.
             int more;
@@ -382,7 +363,7 @@ struct cref_net_backend *cref_net_backend_start(const struct cref_net_backend_co
     if (!b) return NULL;
     int e;
     b->config = *config;
-    b->poll_backoff = 1;
+    b->poller.backoff = 1;
     b->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     b->staging = malloc((size_t)RING_SLOTS * PAGE);
     b->template = calloc(1, 65536);
