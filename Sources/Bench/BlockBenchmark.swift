@@ -84,15 +84,9 @@ public struct BlockBenchmark {
 
     /// Runs every workload on every target; `progress` sees each row as it is measured.
     public func run(progress: (Row) -> Void = { _ in }) throws -> [Row] {
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("softdev-bench-\(getpid())").path
-        let address = LocalHypervisorAddress(directory: directory)
-        let server = try LocalHypervisorServer(address: address)
-        try server.start()
-        defer {
-            server.stop()
-            try? FileManager.default.removeItem(atPath: directory)
-        }
-        let backend = try LocalHypervisor.connectBackend(address)
+        let hypervisor = try BenchHypervisor(name: "softdev-bench")
+        defer { hypervisor.stop() }
+        let (directory, address, backend) = (hypervisor.directory, hypervisor.address, hypervisor.backend)
         let failures = BackendLog()
         var blkif = BlkifBackendOptions()
         blkif.pollMicroseconds = pollMicroseconds

@@ -8,7 +8,7 @@ import XenStore
 /// The C reference backend (reference_backend.c) playing the backend of a guest's disk whose
 /// backend directory no service watches: Swift does the backend's xenstore handshake and maps
 /// the ring (with the backend domain's grant table), C serves the ring.
-public final class CReferenceBackendHarness: @unchecked Sendable {
+public final class CReferenceBackendHarness: BackendHarness, @unchecked Sendable {
     public let backend: LocalHypervisor
     public let guest: LocalHypervisor
     public let paths: XenbusDevicePaths
@@ -32,15 +32,8 @@ public final class CReferenceBackendHarness: @unchecked Sendable {
             ("state", "\(XenbusDeviceState.initWait.rawValue)")])
     }
 
-    /// `connect()` on its own thread (the frontend's set-up blocks until we are Connected);
-    /// `done` runs after it, with `connectError` set if it failed.
-    public private(set) var connectError: Error?
-    public func connectInBackground(done: @escaping @Sendable () -> Void) {
-        Thread.detachNewThread {
-            do { try self.connect() } catch { self.connectError = error }
-            done()
-        }
-    }
+    /// Why `connectInBackground` failed (``BackendHarness``).
+    public var connectError: Error?
 
     /// Waits for the frontend's Initialised, maps its ring, binds its event channel, starts the
     /// C backend and goes Connected.

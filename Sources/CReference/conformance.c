@@ -77,8 +77,7 @@ struct cref_front {
     int busy_total;                     // grants still busy after a response, over the suite
     char error[160];                    // why the last batch failed
     // Results.
-    struct cref_check *results;
-    int nresults, max;
+    struct cref_results out;
 };
 
 // MARK: Set-up
@@ -309,16 +308,10 @@ static int run_batch(struct cref_front *f, struct spec *specs, int n) {
 // MARK: Results
 
 static void check(struct cref_front *f, const char *name, int passed, const char *fmt, ...) {
-    if (f->nresults < f->max) {
-        struct cref_check *c = &f->results[f->nresults];
-        snprintf(c->name, sizeof c->name, "%s", name);
-        c->passed = passed;
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(c->message, sizeof c->message, fmt, ap);
-        va_end(ap);
-    }
-    f->nresults++;
+    va_list ap;
+    va_start(ap, fmt);
+    cref_record(&f->out, name, passed, fmt, ap);
+    va_end(ap);
 }
 
 // A check whose message is `ok_message` if it passed, else why it failed.
@@ -727,9 +720,7 @@ static void check_indirect_partial(struct cref_front *f) {
 
 int cref_front_run_suite(struct cref_front *f, uint64_t sectors, struct cref_check *results, int max) {
     f->sectors = sectors;
-    f->results = results;
-    f->max = max;
-    f->nresults = 0;
+    f->out = (struct cref_results){ .results = results, .max = max };
     unsigned want = __CONST_RING_SIZE(blkif, LOCALXEN_PAGE_SIZE << f->env.ring_order);
     check(f, "ring-size", RING_SIZE(&f->ring) == want && want == 32u << f->env.ring_order, "%u entries for %u pages",
           RING_SIZE(&f->ring), 1u << f->env.ring_order);
@@ -744,5 +735,5 @@ int cref_front_run_suite(struct cref_front *f, uint64_t sectors, struct cref_che
     check_indirect_partial(f);
     // With persistent grants only the bad-grant requests grant per request.
     check(f, "grants-revoked-after-responses", f->busy_total == 0, "%d grants stayed mapped after their response", f->busy_total);
-    return f->nresults;
+    return f->out.count;
 }

@@ -9,6 +9,7 @@
 
 #include <stdint.h>
 #include "cxen.h"
+#include "creference.h"
 
 // MARK: Guest side
 
@@ -46,5 +47,46 @@ void cref_grant_mapper_destroy(struct cref_grant_mapper *m);
 // write access when `writable`) or it names a frame outside the guest's data frames.
 void *cref_grant_map(struct cref_grant_mapper *m, uint32_t ref, int writable);
 void cref_grant_unmap(struct cref_grant_mapper *m, uint32_t ref, int writable);
+
+// MARK: Shared by the C files: results of a suite, the adaptive poll
+
+#include <stdarg.h>
+#include <time.h>
+
+// A suite's results: up to `max` written, `count` counts every check.
+struct cref_results {
+    struct cref_check *results;
+    int count, max;
+};
+void cref_record(struct cref_results *r, const char *name, int passed, const char *fmt, va_list ap);
+
+static inline uint64_t cref_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+// SoftDev's AdaptivePoller, rule for rule: watch `ready` for up to window_us before the thread
+// sleeps; after a miss skip the next 1, 2, 4 ... 256 polls. 1 if ready() became true.
+struct cref_poller {
+    uint32_t skip, backoff;     // backoff starts at 1
+};
+static inline int cref_poll(struct cref_poller *p, uint32_t window_us, int (*ready)(void *), void *ctx) {
+    if (window_us == 0) return 0;
+    if (p->skip > 0) { p->skip--; return 0; }
+    uint64_t deadline = cref_now_ns() + (uint64_t)window_us * 1000u;
+    unsigned turn = 0;
+    do {
+        if (ready(ctx)) {
+            p->backoff = 1;
+            return 1;
+        }
+        cxen_cpu_relax();
+        turn++;
+    } while ((turn & 7) != 0 || cref_now_ns() < deadline);
+    p->skip = p->backoff;
+    if (p->backoff < 256) p->backoff *= 2;
+    return 0;
+}
 
 #endif

@@ -52,7 +52,7 @@ struct cref_backend {
     uint8_t *pages[MAX_INDIRECT_SEGMENTS];
     uint8_t transient[MAX_INDIRECT_SEGMENTS];
     struct cref_backend_stats stats;   // updated with relaxed atomics
-    uint32_t poll_skip, poll_backoff;  // the adaptive poll's state (see poll_ring)
+    struct cref_poller poller;         // the adaptive poll's state
 };
 
 // Only the ring thread writes the counters: a relaxed load and store (plain moves), no locked
@@ -200,32 +200,11 @@ static int drain(struct cref_backend *b) {
     return 1;
 }
 
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-// Watches req_prod for up to poll_us before the thread asks for a notification and sleeps;
-// 1 if a request (or a stop) came. After a miss it skips the next 1, 2, 4 ... 256 polls.
-// The same rules as SoftDev's AdaptivePoller, line for line.
-static int poll_ring(struct cref_backend *b) {
-    if (b->config.poll_us == 0) return 0;
-    if (b->poll_skip > 0) { b->poll_skip--; return 0; }
-    uint64_t deadline = now_ns() + (uint64_t)b->config.poll_us * 1000u;
-    unsigned turn = 0;
-    do {
-        if (__atomic_load_n(&b->ring.sring->req_prod, __ATOMIC_ACQUIRE) != b->ring.req_cons ||
-            __atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE)) {
-            b->poll_backoff = 1;
-            return 1;
-        }
-        cxen_cpu_relax();
-        turn++;
-    } while ((turn & 7) != 0 || now_ns() < deadline);
-    b->poll_skip = b->poll_backoff;
-    if (b->poll_backoff < 256) b->poll_backoff *= 2;
-    return 0;
+// A request (or a stop) came.
+static int ring_ready(void *ctx) {
+    struct cref_backend *b = ctx;
+    return __atomic_load_n(&b->ring.sring->req_prod, __ATOMIC_ACQUIRE) != b->ring.req_cons ||
+           __atomic_load_n(&b->stopping, __ATOMIC_ACQUIRE);
 }
 
 static void *run(void *arg) {
@@ -244,7 +223,7 @@ static void *run(void *arg) {
             if (notify) notify_frontend(b);
             if (!broken) {
                 // Idle (a null device completes every request at once): poll first.
-                if (poll_ring(b)) continue;
+                if (cref_poll(&b->poller, b->config.poll_us, ring_ready, b)) continue;
                 int more;
                 // Ask for a notification of the next request, then look once more: a request
                 // published before req_event was seen would otherwise never be noticed.
@@ -270,7 +249,7 @@ struct cref_backend *cref_backend_start(const struct cref_backend_config *config
     if (!b) return NULL;
     int e;
     b->config = *config;
-    b->poll_backoff = 1;
+    b->poller.backoff = 1;
     if (b->config.max_indirect_segments > MAX_INDIRECT_SEGMENTS) b->config.max_indirect_segments = MAX_INDIRECT_SEGMENTS;
     b->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     b->persistent_page = calloc(LOCALXEN_GRANT_ENTRIES, sizeof(void *));

@@ -52,6 +52,14 @@ public final class LocalNetFrontend: @unchecked Sendable {
             freeTxIDs = (0..<UInt16(txRefs.count)).reversed()
         }
 
+        /// Forgets the tx statuses collected so far; returns how many were not OKAY (a load
+        /// generator's tally, which would otherwise keep every status).
+        public func clearTxStatuses() -> Int {
+            let failed = txStatuses.reduce(0) { $0 + ($1 == Netif.statusOkay ? 0 : 1) }
+            txStatuses.removeAll(keepingCapacity: true)
+            return failed
+        }
+
         /// Publishes the tx requests put so far, notifying the backend if it asked.
         public func pushTx() { if tx.pushRequests() { txChannel.notify() } }
 

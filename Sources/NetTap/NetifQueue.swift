@@ -59,6 +59,9 @@ final class NetifQueue: RingService, @unchecked Sendable {
         var status: Int16
         var segments: Range<Int>
         var csumBlank: Bool
+        /// data_validated without csum_blank: the guest vouches for the checksum (netback:
+        /// CHECKSUM_UNNECESSARY).
+        var dataValidated: Bool
         var gso: FrameOffload.Segmentation?
     }
     @exclusivity(unchecked) private var txPackets: [TxPacket] = []
@@ -259,7 +262,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
         remaining -= 1
         txSlotIDs.append((first.id, false))
         var packet = TxPacket(frame: nil, slots: 1, status: Netif.statusOkay,
-                              segments: copyCount..<copyCount, csumBlank: first.flags & Netif.txChecksumBlank != 0, gso: nil)
+                              segments: copyCount..<copyCount, csumBlank: first.flags & Netif.txChecksumBlank != 0,
+                              dataValidated: first.flags & Netif.txDataValidated != 0, gso: nil)
         // Extra-info slots follow the first, chained by EXTRA_FLAG_MORE.
         var multicastAdd: MACAddress?, multicastDel: MACAddress?
         if first.flags & Netif.txExtraInfo != 0 {
@@ -361,7 +365,10 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// netback's checksum_setup does: a partial checksum must sit in TCP or UDP over IP.
     private func prepareOffload(_ frame: inout EthernetFrame, _ packet: TxPacket) -> Bool {
         frame.offload.segmentation = packet.gso
-        guard packet.csumBlank || packet.gso != nil else { return true }
+        guard packet.csumBlank || packet.gso != nil else {
+            if packet.dataValidated { frame.offload.checksum = .validated }
+            return true
+        }
         guard let headers = FrameHeaders(frame), let location = headers.checksumLocation else { return false }
         if let gso = packet.gso {
             guard headers.transportProtocol == FrameHeaders.tcp,

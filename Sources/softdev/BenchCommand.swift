@@ -8,7 +8,7 @@ import Glibc
 /// `softdev bench`.
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Measure IOPS and MB/s through the whole blkif path and the NBD export, beside their peers.",
+        abstract: "Measure IOPS and MB/s through the whole blkif path and the NBD export, frames/s through the netif rings, beside their peers.",
         discussion: """
             Runs 4 KiB random reads at queue depth 1, 32 and 256, 4 KiB random writes at queue depth 1 and 32, and \
             1 MiB sequential reads and writes (queue depth 4) from a local blkfront through the shared ring (2^4 \
@@ -28,6 +28,10 @@ struct Bench: ParsableCommand {
             ring for responses), so "vs C" is like for like either way. fio's libaio and nbdkit never poll: \
             --poll-us 0 compares the file device and the NBD export with them like for like (a Linux guest's \
             blkfront does not poll either).
+            With --net, the netif rings instead: a local netfront sends frames as fast as it can (tx) or takes the \
+            frames the backend side makes for every buffer it posts (rx), 64-byte, 1514-byte and 64 KiB TCPv4 GSO \
+            frames, through SoftDev's netif backend over a sink and through a minimal C netif backend written with \
+            Xen's ring macros (the protocol's cost on this machine); "vs C" is frames/s over the C backend's.
             Numbers depend on the machine and on what else runs on it: compare rows of one run.
             """)
 
@@ -56,12 +60,16 @@ struct Bench: ParsableCommand {
     @Flag(help: "Measure only the NBD export against nbdkit.")
     var nbdOnly = false
 
+    @Flag(help: "Measure only the netif rings: SoftDev's netif backend over a sink against the C reference netif backend, tx and rx.")
+    var net = false
+
     @Option(name: .customLong("poll-us"), help: ArgumentHelp(
         "SoftDev's poll window for idle rings and NBD connections, in microseconds, as `softdev serve --poll-us` (0: never poll). The C reference backend gets the same window; nbdkit never polls.",
         valueName: "us"))
     var pollMicroseconds = AdaptivePoller.defaultMicroseconds
 
     func run() throws {
+        if net { return try runNet() }
         let wanted = Set(backends.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
         let unknown = wanted.subtracting(["null", "file", "reference", "fio"])
         guard unknown.isEmpty else { throw ValidationError("--backends: unknown \(unknown.sorted().joined(separator: ", ")) (use reference, null, fio, file)") }
@@ -127,6 +135,22 @@ struct Bench: ParsableCommand {
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
         }
         print(BlockBenchmark.table(rows))
+    }
+
+    /// The netif rings: SoftDev's backend over a sink against the C reference backend.
+    private func runNet() throws {
+        guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
+        guard AdaptivePoller.microsecondRange.contains(pollMicroseconds) else { throw ValidationError("--poll-us \(pollMicroseconds): use 0 to 1000000 microseconds") }
+        var bench = NetBenchmark(seconds: seconds)
+        bench.pollMicroseconds = pollMicroseconds
+        print("netif, local hypervisor: 1 queue, split event channels, 256 rx buffers, \(seconds) s per row in \(bench.rounds) turns, "
+              + "the targets in order then reversed (+\(bench.warmup) s warm-up each); the guest pushes tx in batches of what the ring "
+              + "holds; rx frames come from the sink (SoftDev, handed up by the guest's thread as it reposts buffers) or the C backend's "
+              + "generator; " + Self.blkifPolling(pollMicroseconds))
+        let rows = try bench.run { row in
+            FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
+        }
+        print(NetBenchmark.table(rows))
     }
 
     /// The NBD export against nbdkit: our memory device against `nbdkit memory`, our file

@@ -96,4 +96,104 @@ void cref_backend_stop(struct cref_backend *backend, struct cref_backend_stats *
 // Counters so far (read while running: approximate).
 void cref_backend_get_stats(const struct cref_backend *backend, struct cref_backend_stats *stats);
 
+// MARK: The netif conformance frontend (netif_conformance.c)
+
+// Up to this many queues.
+#define CREF_NET_MAX_QUEUES 8
+// Pages a queue's environment gives for tx data and for rx buffers (one per ring slot).
+#define CREF_NET_QUEUE_PAGES 256
+
+// One queue's pages and event channels. Pointers are into the guest's memory (page-aligned
+// frames); `frame` fields are their frame numbers (pages are consecutive).
+struct cref_net_queue_env {
+    void *tx_ring;                 // one page: the tx shared ring, initialised by C
+    uint32_t tx_ring_frame;
+    void *rx_ring;                 // one page: the rx shared ring
+    uint32_t rx_ring_frame;
+    void *tx_data;                 // CREF_NET_QUEUE_PAGES pages, granted read-only per slot
+    uint32_t tx_data_frame;
+    void *rx_data;                 // CREF_NET_QUEUE_PAGES pages, granted writable per posted buffer
+    uint32_t rx_data_frame;
+    int tx_wait_fd;                // the tx event channel: poll for POLLIN, then read 8 bytes
+    int rx_wait_fd;                // the rx one (the same fd when the channels are not split)
+    void *tx_notify_ctx;           // passed to notify() to kick the backend's tx ...
+    void *rx_notify_ctx;           // ... and rx channel (the same when not split)
+};
+
+// A frame's offload metadata as the endpoint (the device below the backend) sees it.
+enum { CREF_NET_CSUM_NONE = 0, CREF_NET_CSUM_VALIDATED = 1, CREF_NET_CSUM_PARTIAL = 2 };
+struct cref_net_meta {
+    uint32_t queue;                // the queue it came in on / is for
+    uint8_t csum;                  // CREF_NET_CSUM_*
+    uint8_t gso_type;              // XEN_NETIF_GSO_TYPE_* (0: none)
+    uint16_t gso_size;
+    uint16_t csum_start, csum_offset;   // CREF_NET_CSUM_PARTIAL
+};
+
+struct cref_netfront_env {
+    void *grant_table;             // the guest's grant_entry_v1 table
+    uint32_t first_free_ref;       // grant refs [first_free_ref, first_free_ref + free_refs)
+    uint32_t free_refs;            //   are C's to use
+    uint16_t backend_domid;
+    uint16_t split_event_channels; // informational: the queues' fds differ
+    uint32_t queues;               // 1 ... CREF_NET_MAX_QUEUES
+    struct cref_net_queue_env queue[CREF_NET_MAX_QUEUES];
+    void (*notify)(void *ctx);     // notify an event channel (ctx: a queue's *_notify_ctx)
+    // The endpoint below the backend: the next frame it took from the guest (waiting up to
+    // timeout_ms), as its length with its bytes in buf (at most capacity) and meta, or -1 if
+    // none came; and a frame to hand up to the guest.
+    int64_t (*endpoint_take)(void *ctx, uint8_t *buf, uint32_t capacity, struct cref_net_meta *meta, uint32_t timeout_ms);
+    void (*endpoint_send)(void *ctx, const uint8_t *buf, uint32_t length, const struct cref_net_meta *meta);
+    void *endpoint_ctx;
+    uint32_t timeout_ms;           // longest wait for a response or a frame (0: 5 s)
+};
+
+struct cref_netfront;              // opaque
+
+// Initialises every queue's rings (SHARED_RING_INIT, FRONT_RING_INIT), grants them, and posts
+// a ring's worth of rx buffers (as netfront does before it connects). Writes each queue's
+// tx-ring-ref and rx-ring-ref to tx_refs[q], rx_refs[q]. NULL (errno set) on bad arguments.
+struct cref_netfront *cref_netfront_init(const struct cref_netfront_env *env, uint32_t *tx_refs, uint32_t *rx_refs);
+// Runs the netif suite against the connected backend (feature-sg and GSO negotiated); writes
+// up to `max` results and returns how many checks ran.
+int cref_netfront_run_suite(struct cref_netfront *front, struct cref_check *results, int max);
+// Revokes every grant still held (call after the backend disconnected) and frees the frontend;
+// returns how many grants stayed busy.
+int cref_netfront_free(struct cref_netfront *front);
+
+// MARK: The netif reference backend (netif_reference_backend.c)
+
+struct cref_net_backend_config {
+    void *guest_memory;            // the guest's whole memory, mapped (base of frame 0)
+    uint32_t total_frames;
+    void *tx_ring;                 // the tx and rx shared rings, mapped (one page each)
+    void *rx_ring;
+    uint16_t domid;                // our domain id: grants must name it
+    uint16_t gso;                  // the frontend asked for feature-gso-tcpv4: large rx frames get a GSO extra
+    uint32_t rx_frame_size;        // > 0: fill every posted rx buffer with frames of this size (<= 65535)
+    uint16_t rx_gso_size;          // the MSS in rx frames' GSO extra
+    int tx_wait_fd;                // our ends of the event channels (the same fd when not split)
+    int rx_wait_fd;
+    void (*notify)(void *ctx);     // notify the frontend
+    void *tx_notify_ctx, *rx_notify_ctx;
+    uint32_t poll_us;              // the adaptive poll window, as SoftDev's ring threads (0: never)
+};
+
+struct cref_net_backend_stats {
+    uint64_t tx_frames, tx_bytes;  // frames from the guest, copied out and dropped (the sink)
+    uint64_t tx_errors;            // tx frames answered ERROR
+    uint64_t rx_frames, rx_bytes;  // frames put in the guest's buffers
+    uint64_t notifies, wakeups;
+    int32_t broken;                // 1 when the frontend broke a ring
+};
+
+struct cref_net_backend;           // opaque
+struct cref_net_backend *cref_net_backend_start(const struct cref_net_backend_config *config);
+void cref_net_backend_stop(struct cref_net_backend *backend, struct cref_net_backend_stats *stats);
+void cref_net_backend_get_stats(const struct cref_net_backend *backend, struct cref_net_backend_stats *stats);
+// From any thread: from its next turn on, the backend fills rx buffers with frames of `size`
+// bytes (0: none) and, for frames above 1514 bytes when the frontend takes GSO, a GSO extra of
+// `gso_size`.
+void cref_net_backend_set_rx(struct cref_net_backend *backend, uint32_t size, uint16_t gso_size);
+
 #endif
