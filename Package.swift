@@ -67,7 +67,7 @@ let package = Package(
         ]),
         // `softdev serve`: the daemon, its TOML config and the hypervisor choice.
         .target(name: "Daemon", dependencies: [
-            "Core", "BlockTap", "NetTap", "Devices", "NBDExport", "XenStore", "Observability",
+            "Core", "BlockTap", "NetTap", "USBTap", "Devices", "NBDExport", "XenStore", "Observability",
             .product(name: "TOMLKit", package: "TOMLKit"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "CoreMetrics", package: "swift-metrics"),

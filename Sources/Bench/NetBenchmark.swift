@@ -247,7 +247,7 @@ public final class BenchNetSink: NetDevice, @unchecked Sendable {
     /// Hands `frame` up to the guest `count` times.
     public func send(_ frame: EthernetFrame, count: Int) {
         guard count > 0, let r = receiver.withLock({ $0 }) else { return }
-        for _ in 0..<count { r.toGuest(frame) }
+        r.toGuest([EthernetFrame](repeating: frame, count: count))
     }
 }
 

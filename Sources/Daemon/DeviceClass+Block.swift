@@ -44,5 +44,6 @@ extension DeviceClass {
             let persistent = read("feature-persistent") == "1"
             return "ring order \(order), \(queues) queue\(queues == 1 ? "" : "s"), persistent \(persistent ? "on" : "off")"
         },
+        plugInto: nil, unplugFrom: nil,
         localFrontend: { guest, path, options in try LocalGuestDisk(guest: guest, frontendPath: path, options: options) })
 }

@@ -26,7 +26,7 @@ extension DeviceClass {
         backend: { config, log, metrics in
             var options = config.netif
             options.pollMicroseconds = config.pollMicroseconds
-            let open = { (spec: String) throws -> any NetDevice in
+            let open: @Sendable (String) throws -> any NetDevice = { spec in
                 guard let device = try DeviceRegistry.open(spec, of: .net) as? any NetDevice else {
                     throw ServeConfigError("'\(spec)' is not a network device stack")
                 }
@@ -63,5 +63,6 @@ extension DeviceClass {
             if let stats = backend("statistics") { text += ", " + stats }
             return text
         },
+        plugInto: nil, unplugFrom: nil,
         localFrontend: { guest, path, options in try LocalGuestNic(guest: guest, frontendPath: path, options: options) })
 }

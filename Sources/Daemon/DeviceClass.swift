@@ -41,13 +41,18 @@ public struct DeviceClass: Sendable {
     /// frontend's nodes read with `frontend`, the backend's with `backend`, e.g. its counters);
     /// "-" before it connected.
     let negotiated: @Sendable (_ frontend: (String) -> String?, _ backend: (String) -> String?) -> String
+    /// For a class whose devices share one xenbus device (USB: ports of one controller), what
+    /// attaching and detaching one does instead of creating and removing the xenbus device.
+    let plugInto: (@Sendable (_ store: any XenStoreClient, _ paths: XenbusDevicePaths, _ name: XenbusDeviceName, _ spec: String,
+                              _ settings: [String: String], _ guest: DomainID) throws -> Void)?
+    let unplugFrom: (@Sendable (_ store: any XenStoreClient, _ paths: XenbusDevicePaths, _ name: XenbusDeviceName) throws -> Void)?
     /// `softdev guest`: connects the class's Swift frontend to the device at `frontendPath` of
     /// a local guest (nil: the class has none yet).
     public let localFrontend: (@Sendable (_ guest: LocalHypervisor, _ frontendPath: String, _ options: LocalGuestOptions) throws
                                 -> any LocalGuestDevice)?
 
     /// Every class the daemon serves.
-    public static let all: [DeviceClass] = [.block, .net]
+    public static let all: [DeviceClass] = [.block, .net, .usb]
 
     /// The class named `name`, or an error that lists them.
     public static func named(_ name: String) throws -> DeviceClass {
@@ -78,8 +83,23 @@ public struct DeviceClass: Sendable {
             throw ServeConfigError("\(key) is not a setting of \(plural) (theirs: \(known))")
         }
         let paths = paths(guest: guest, backendDomain: backendDomain, device)
+        if let plugInto, (try? store.read(paths.backendPath, transaction: .none)) != nil {
+            try plugInto(store, paths, device, spec, settings, guest)
+            return paths
+        }
         let (frontend, backend) = try nodes(device, spec, readOnly, settings, guest)
         try XenbusToolstack.attach(store, paths, frontend: frontend, backend: backend)
         return paths
+    }
+
+    /// Takes one device away from `guest` (what `softdev detach` does): the xenbus device's
+    /// close handshake, or for a class of ports, the port emptied.
+    public func detach(store: any XenStoreClient, paths: XenbusDevicePaths, _ device: XenbusDeviceName,
+                       timeoutSeconds: Double) throws -> XenbusToolstack.DetachOutcome {
+        if let unplugFrom {
+            try unplugFrom(store, paths, device)
+            return .closed
+        }
+        return try XenbusToolstack.detach(store, paths, timeoutSeconds: timeoutSeconds)
     }
 }

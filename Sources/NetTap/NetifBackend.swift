@@ -194,6 +194,17 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
         queue.enqueue(frame)
     }
 
+    /// Frames for the guest, each queue's taken with one lock.
+    public func toGuest(_ frames: [EthernetFrame]) {
+        let qs = queues.withLock { $0 }
+        guard !qs.isEmpty else {
+            droppedDisconnected.add(UInt64(frames.count), ordering: .relaxed)
+            return
+        }
+        if qs.count == 1 { return qs[0].enqueue(frames) }
+        for (i, q) in qs.enumerated() { q.enqueue(frames.lazy.filter { $0.queue % qs.count == i }) }
+    }
+
     public func disconnect(_ dev: XenbusBackendDevice) {
         let stopping = queues.withLock { qs in defer { qs = [] }; return qs }
         guard !stopping.isEmpty else { return }

@@ -130,14 +130,24 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// From any thread: a frame for the guest. Dropped (and counted) when the backlog is full,
     /// so a guest that posts no buffers costs bounded memory.
     func enqueue(_ frame: EthernetFrame) {
+        if admit(frame) { loop.post(frame) }
+    }
+
+    /// From any thread: frames for the guest, handed over with one lock and one wake-up.
+    func enqueue(_ frames: some Sequence<EthernetFrame>) {
+        loop.post(contentsOf: frames.lazy.filter { self.admit($0) })
+    }
+
+    /// Whether the backlog has room for `frame` (counted in it if so, dropped if not).
+    private func admit(_ frame: EthernetFrame) -> Bool {
         let bytes = frame.count
         let before = backlogBytes.add(bytes, ordering: .relaxed).oldValue
         guard before + bytes <= features.backlogBytes || before == 0 else {
             backlogBytes.subtract(bytes, ordering: .relaxed)
             counters.rxDropped.add(1, ordering: .relaxed)
-            return
+            return false
         }
-        loop.post(frame)
+        return true
     }
 
     // MARK: The ring thread (RingService)
@@ -226,7 +236,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
             for p in 0..<txPackets.count {
                 var packet = txPackets[p]
                 if packet.status == Netif.statusOkay, var frame = packet.frame {
-                    for s in packet.segments where copies[s].error != nil {
+                    for s in packet.segments where copies[s].failed {
                         packet.status = Netif.statusError
                         break
                     }
@@ -444,7 +454,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
         if copyCount > 0 { grants.copy(UnsafeMutableBufferPointer(start: copies, count: copyCount)) }
         for f in rxFrames {
             var failed = false
-            for s in f.segments where copies[s].error != nil { failed = true }
+            for s in f.segments where copies[s].failed { failed = true }
             for i in f.firstSlot..<(f.firstSlot + f.slots) {
                 let slot = rxSlots[i]
                 var raw: UInt64 = 0

@@ -20,6 +20,7 @@ struct Attach: ParsableCommand {
             Examples:
               softdev attach guest1 block xvdb 'stats | file(path=/srv/guest1.img)'
               softdev attach guest1 net 0 'pcap(file=/tmp/g1.pcap) | tap(name=sd-g1)' --mac 00:16:3e:00:00:01
+              softdev attach guest1 usb 1 'storage(device="file(path=/srv/stick.img)")' --ports 4
             """)
 
     @OptionGroup var hypervisorOptions: HypervisorOptions
@@ -39,6 +40,10 @@ struct Attach: ParsableCommand {
     @Option(help: ArgumentHelp("The guest's MAC address (net), e.g. 00:16:3e:01:02:03. Default: 00:16:3e, then from the domain and vif numbers.",
                                valueName: "mac"))
     var mac: String?
+    @Option(help: ArgumentHelp("Ports of the guest's USB controller (usb), 1 to 31, when this device creates it. Default: 8.", valueName: "n"))
+    var ports: Int?
+    @Option(name: .customLong("usb-version"), help: ArgumentHelp("USB version of the guest's controller (usb), 1 or 2, when this device creates it. Default: 2.", valueName: "v"))
+    var usbVersion: Int?
 
     func run() throws {
         let deviceClass: DeviceClass
@@ -46,13 +51,20 @@ struct Attach: ParsableCommand {
         let name = try deviceClass.parseName(vdev)
         try deviceClass.check(spec)
         if readonly && deviceClass.name != DeviceClass.block.name { throw ValidationError("--readonly is for disks (block)") }
+        var settings: [String: String] = [:]
+        if let mac { settings["mac"] = mac }
+        if let ports { settings["ports"] = "\(ports)" }
+        if let usbVersion { settings["usb-version"] = "\(usbVersion)" }
+        for key in settings.keys where !deviceClass.settings.contains(where: { $0.key == key }) {
+            throw ValidationError("--\(key == "usb-version" ? "usb-version" : key) is not for \(deviceClass.plural)")
+        }
         let store = try hypervisorOptions.choice().openStore()
         let guest = try XenbusToolstack.resolveDomain(store, domain)
         let me = try XenHypervisor.ownDomainID(store)
         let paths: XenbusDevicePaths
         do {
             paths = try deviceClass.attach(store: store, guest: guest, backendDomain: me, name, spec: spec, readOnly: readonly,
-                                           settings: mac.map { ["mac": $0] } ?? [:])
+                                           settings: settings)
         } catch XenStoreError.exists(let path) {
             throw ValidationError("domain \(guest) already has a \(deviceClass.noun) \(name.name) (\(path) exists): detach it first or pick another name")
         }
@@ -107,7 +119,7 @@ struct Detach: ParsableCommand {
             throw ValidationError("domain \(guest) has no softdev \(candidates.map(\.noun).joined(separator: " or ")) \(vdev) (see `softdev list`)")
         }
         // Found above; gone meanwhile (noEntry) only if someone else detached it.
-        let outcome = try XenbusToolstack.detach(store, paths, timeoutSeconds: timeout)
+        let outcome = try c.detach(store: store, paths: paths, name, timeoutSeconds: timeout)
         switch outcome {
         case .closed: print("detached \(name.name) from domain \(guest)")
         case .forced: print("detached \(name.name) from domain \(guest): the backend did not close it within \(timeout) s (the guest still uses the \(c.noun), or no `softdev serve` is running); its nodes were removed anyway")

@@ -139,6 +139,7 @@ struct Bench: ParsableCommand {
 
     /// The netif rings: SoftDev's backend over a sink against the C reference backend.
     private func runNet() throws {
+        FrameMemory.keepFreedMemory()   // as `softdev serve` does
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
         guard AdaptivePoller.microsecondRange.contains(pollMicroseconds) else { throw ValidationError("--poll-us \(pollMicroseconds): use 0 to 1000000 microseconds") }
         var bench = NetBenchmark(seconds: seconds)

@@ -54,6 +54,7 @@ struct Serve: ParsableCommand {
     var metricsListen: String?
 
     func run() throws {
+        FrameMemory.keepFreedMemory()
         var settings = try config.map { try ServeConfig.load(path: $0) } ?? ServeConfig()
         // The command line wins over the config file.
         if !nbdListen.isEmpty { settings.nbdListen = nbdListen }

@@ -3,6 +3,7 @@
 #define SOFTDEV_CXEN_H
 
 #include <stdint.h>
+#include <malloc.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -90,5 +91,11 @@ enum {
     CXEN_GNTST_permission_denied = GNTST_permission_denied, CXEN_GNTST_bad_page = GNTST_bad_page,
     CXEN_GNTST_bad_copy_arg = GNTST_bad_copy_arg, CXEN_GNTST_address_too_big = GNTST_address_too_big,
 };
+
+// Keep freed heap memory instead of giving it back at once (FrameMemory.keepFreedMemory).
+static inline void cxen_keep_freed_memory(int trim_threshold, int mmap_threshold) {
+    mallopt(M_TRIM_THRESHOLD, trim_threshold);
+    mallopt(M_MMAP_THRESHOLD, mmap_threshold);
+}
 
 #endif

@@ -50,11 +50,42 @@ public struct GrantCopySegment: @unchecked Sendable {
     public var offset: UInt16
     public var length: UInt16
     public var local: UnsafeMutableRawPointer
-    /// Set by `copy`: nil on success.
-    public var error: GrantError?
+    /// The outcome, kept as plain numbers so that a segment is copied (a batch of them per ring
+    /// sweep) without reference counting: `failure` 0 is success, else a `GrantError` case.
+    private var failure: UInt8 = 0
+    private var failureErrno: Int32 = 0
     public init(direction: Direction, domain: DomainID, ref: GrantRef, offset: UInt16, length: UInt16, local: UnsafeMutableRawPointer) {
-        self.direction = direction; self.domain = domain; self.ref = ref; self.offset = offset; self.length = length; self.local = local; self.error = nil
+        self.direction = direction; self.domain = domain; self.ref = ref; self.offset = offset; self.length = length; self.local = local
     }
+
+    /// Set by `copy`: nil on success. (A system call's failure reads back as a failed grant copy.)
+    public var error: GrantError? {
+        get {
+            switch failure {
+            case 0: return nil
+            case 1: return .badReference(domain: domain, ref: ref)
+            case 2: return .permissionDenied(domain: domain, ref: ref)
+            case 3: return .noSuchDomain(domain)
+            case 4: return .badFrame(domain: domain, ref: ref)
+            case 5: return .tooManyMappings(domain: domain, ref: ref)
+            default: return .system(operation: "grant copy", errno: failureErrno)
+            }
+        }
+        set {
+            switch newValue {
+            case nil: failure = 0
+            case .badReference: failure = 1
+            case .permissionDenied: failure = 2
+            case .noSuchDomain: failure = 3
+            case .badFrame: failure = 4
+            case .tooManyMappings: failure = 5
+            case .system(_, let e): failure = 6; failureErrno = e
+            }
+        }
+    }
+    /// Whether the copy failed (no error value built).
+    @inlinable public var failed: Bool { failedCode != 0 }
+    @usableFromInline var failedCode: UInt8 { failure }
 }
 
 /// The grant table as a backend sees it: map another domain's granted pages, or copy to and

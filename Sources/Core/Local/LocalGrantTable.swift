@@ -17,9 +17,9 @@ public final class LocalGrantTable: GrantTable, @unchecked Sendable {
         let pins: UnsafeMutablePointer<UInt32>
         let lock = Mutex<Void>(())
         /// Pins held in all (under `lock`): the memory is let go only when none remain.
-        var pinCount = 0
+        @exclusivity(unchecked) var pinCount = 0
         /// The guest is gone (under `lock`): nothing more may be mapped.
-        var destroyed = false
+        @exclusivity(unchecked) var destroyed = false
         init(memory: LocalDomainMemory) {
             self.memory = memory
             pins = .allocate(capacity: Int(LocalDomainMemory.grantEntryCount))
@@ -176,24 +176,40 @@ public final class LocalGrantTable: GrantTable, @unchecked Sendable {
         }
     }
 
+    /// Each segment is checked and marked busy as Xen's grant copy does; a run of segments of
+    /// one domain (a ring sweep's) takes that domain's lock once.
     public func copy(_ segments: UnsafeMutableBufferPointer<GrantCopySegment>) {
-        for i in 0..<segments.count {
-            var s = segments[i]
-            s.error = nil
-            do {
-                guard Int(s.offset) + Int(s.length) <= xenPageSize else { throw GrantError.badReference(domain: s.domain, ref: s.ref) }
-                let peer = try peer(s.domain)
-                let toGuest = s.direction == .toGuest
-                try peer.lock.withLock { _ throws(GrantError) in
-                    let page = peer.memory.frame(try pin(peer, s.ref, writable: toGuest))
-                    if toGuest { memcpy(page + Int(s.offset), s.local, Int(s.length)) }
-                    else { memcpy(s.local, page + Int(s.offset), Int(s.length)) }
-                    unpin(peer, s.ref, writable: toGuest)
+        var i = 0
+        while i < segments.count {
+            let domain = segments[i].domain
+            var end = i + 1
+            while end < segments.count && segments[end].domain == domain { end += 1 }
+            let peer: Peer
+            do { peer = try self.peer(domain) } catch {
+                for k in i..<end { segments[k].error = error }
+                i = end
+                continue
+            }
+            peer.lock.withLock { _ in
+                for k in i..<end {
+                    let s = segments[k]
+                    guard Int(s.offset) + Int(s.length) <= xenPageSize else {
+                        segments[k].error = .badReference(domain: s.domain, ref: s.ref)
+                        continue
+                    }
+                    let toGuest = s.direction == .toGuest
+                    do throws(GrantError) {
+                        let page = peer.memory.frame(try pin(peer, s.ref, writable: toGuest))
+                        if toGuest { memcpy(page + Int(s.offset), s.local, Int(s.length)) }
+                        else { memcpy(s.local, page + Int(s.offset), Int(s.length)) }
+                        unpin(peer, s.ref, writable: toGuest)
+                        segments[k].error = nil
+                    } catch {
+                        segments[k].error = error
+                    }
                 }
-            } catch let e as GrantError {
-                s.error = e
-            } catch {}
-            segments[i] = s
+            }
+            i = end
         }
     }
 }

@@ -39,6 +39,13 @@ public protocol NetFrameReceiver: AnyObject, Sendable {
     /// ring thread through a switch); must not block: a receiver that cannot take it now (the
     /// guest posted no buffers and its backlog is full) drops it and counts the drop.
     func toGuest(_ frame: EthernetFrame)
+    /// Several frames at once (a TAP reader's read-until-empty, a generator): a receiver that
+    /// hands frames to another thread takes one lock and one wake-up for all of them.
+    func toGuest(_ frames: [EthernetFrame])
+}
+
+extension NetFrameReceiver {
+    public func toGuest(_ frames: [EthernetFrame]) { for f in frames { toGuest(f) } }
 }
 
 /// A soft network device: an element of a chain between a guest's network card and an

@@ -33,6 +33,17 @@ public final class RingCompletionQueue<Element>: @unchecked Sendable {
         }
     }
 
+    /// From any thread: queues every element of `elements` under one lock; true if the queue
+    /// was empty (wake the ring thread).
+    @inlinable public func post<S: Sequence>(contentsOf elements: S) -> Bool where S.Element == Element {
+        pending.withLock { q in
+            let wasEmpty = q.isEmpty
+            q.append(contentsOf: elements)
+            count.store(q.count, ordering: .releasing)
+            return wasEmpty && !q.isEmpty
+        }
+    }
+
     /// Whether anything is queued (one atomic load).
     @inlinable public var isEmpty: Bool { count.load(ordering: .acquiring) == 0 }
 

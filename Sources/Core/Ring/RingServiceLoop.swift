@@ -150,6 +150,12 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
         if completions.post(completion) { signalWake() }
     }
 
+    /// From any thread but the loop's: hands several completions over with one lock and at
+    /// most one wake-up.
+    @inlinable public func post<S: Sequence>(contentsOf completions: S) where S.Element == Service.Completion {
+        if self.completions.post(contentsOf: completions) { signalWake() }
+    }
+
     /// Stops taking work and waits up to `seconds` for the work in flight to finish and the
     /// thread to end (it unmaps and closes everything as it ends). True if it ended; false if a
     /// device still holds work: the thread goes on, and releases everything when the last
