@@ -80,7 +80,7 @@ public enum DeviceRegistry {
         PacketFilter.descriptor, NetNullDevice.descriptor,
     ]
     /// The USB class's soft devices (`Devices/USB`).
-    static let usbDevices: [DeviceDescriptor] = [USBStorageDevice.descriptor]
+    static let usbDevices: [DeviceDescriptor] = [USBStorageDevice.descriptor, USBKeyboard.descriptor]
 
     public static func descriptor(named name: String) -> DeviceDescriptor? {
         all.first { $0.name == name }
