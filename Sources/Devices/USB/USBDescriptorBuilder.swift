@@ -39,3 +39,12 @@ enum USBDescriptorBuilder {
         }
     }
 }
+
+extension Array where Element == URB {
+    /// Takes `urb` out of a device's list of waiting URBs; false if it is not there (done already).
+    mutating func removeURB(_ urb: URB) -> Bool {
+        guard let i = firstIndex(where: { $0 === urb }) else { return false }
+        remove(at: i)
+        return true
+    }
+}

@@ -124,12 +124,7 @@ public final class USBKeyboard: USBDevice, @unchecked Sendable {
     }
 
     public func cancel(_ urb: URB) {
-        let found = state.withLock { s in
-            guard let i = s.pending.firstIndex(where: { $0 === urb }) else { return false }
-            s.pending.remove(at: i)
-            return true
-        }
-        if found { urb.complete(.cancelled) }
+        if state.withLock({ $0.pending.removeURB(urb) }) { urb.complete(.cancelled) }
     }
 
     /// A port reset: queued keys are dropped, pending URBs cancelled.

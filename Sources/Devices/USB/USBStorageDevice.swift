@@ -118,12 +118,7 @@ public final class USBStorageDevice: USBDevice, BlockCompletionSink, @unchecked 
     }
 
     public func cancel(_ urb: URB) {
-        let found = state.withLock { s in
-            guard let i = s.pendingIn.firstIndex(where: { $0 === urb }) else { return false }
-            s.pendingIn.remove(at: i)
-            return true
-        }
-        if found { urb.complete(.cancelled) }
+        if state.withLock({ $0.pendingIn.removeURB(urb) }) { urb.complete(.cancelled) }
     }
 
     public func setConfiguration(_ value: UInt8) -> USBStatus {
