@@ -80,7 +80,12 @@ final class LoopbackDevice: USBDevice, @unchecked Sendable {
     }
     var pending: Int { lock.lock(); defer { lock.unlock() }; return pendingInterrupt.count }
     func setConfiguration(_ value: UInt8) -> USBStatus { lock.lock(); configurations.append(value); lock.unlock(); return .ok }
-    func reset() { lock.lock(); resets += 1; lock.unlock() }
+    /// A port reset cancels the interrupt URBs that wait (as the USBDevice contract says), on
+    /// the caller's thread.
+    func reset() {
+        lock.lock(); resets += 1; let waiting = pendingInterrupt; pendingInterrupt = []; lock.unlock()
+        for urb in waiting { urb.complete(.cancelled) }
+    }
     func attach(to port: (any USBPortEvents)?) { lock.lock(); self.port = port; lock.unlock() }
     func close() { lock.lock(); closed = true; lock.unlock() }
 }
