@@ -252,6 +252,35 @@ final class USBStorageTests: XCTestCase {
         try front.close()
     }
 
+    /// A port reset while a read is with the (slow) stack: the waiting IN URB is cancelled, the
+    /// late completion is dropped, the next commands work; unplugging closes the block stack.
+    func testResetDuringAReadAndUnplugClosesTheStack() throws {
+        let disk = ClosingDisk(next: try DeviceRegistry.open("delay(delay=100ms) | memory(size=1M)"))
+        let device = USBStorageDevice(disk: disk)
+        lab.register(device, as: "stick")
+        let (guest, paths) = try lab.guestWithController(plugged: [1: "stick"])
+        let front = try LocalUSBFrontend(hypervisor: guest, frontendPath: paths.frontendPath)
+        try front.waitForPort(1)
+        _ = try front.enumerate(port: 1, address: 5)
+        var bot = BOTHost(front: front, port: 1, address: 5)
+        XCTAssertEqual(try bot.bulkOut(BOTHost.cbw(tag: 9, length: 4096, isIn: true, cdb: read10(lba: 0, blocks: 8))).status, .ok)
+        let waiting = try bot.putIn(4096)
+        _ = try front.enumerate(port: 1, address: 6)
+        XCTAssertEqual(try front.wait(waiting, isIn: true).status, .cancelled)
+        bot = BOTHost(front: front, port: 1, address: 6)
+        XCTAssertEqual(try bot.command([0, 0, 0, 0, 0, 0]).status, 0)
+        let pattern = [UInt8](repeating: 0x5A, count: 1024)
+        XCTAssertEqual(try bot.command(read10(lba: 2, blocks: 2, write: true), dataOut: pattern).status, 0)
+        XCTAssertEqual(try bot.command(read10(lba: 2, blocks: 2), dataIn: 1024).data, pattern)
+        XCTAssertFalse(disk.closed)
+        try lab.backend.store.write(paths.backendPath + "/port/1", "")
+        try front.waitForPort(1, plugged: false)
+        let end = monotonicSeconds() + 2
+        while !disk.closed && monotonicSeconds() < end { usleep(1000) }
+        XCTAssertTrue(disk.closed)
+        try front.close()
+    }
+
     func testStorageSpecErrors() {
         XCTAssertThrowsError(try DeviceRegistry.open("storage", of: .usb))
         XCTAssertThrowsError(try DeviceRegistry.open(#"storage(device="nosuch(size=1M)")"#, of: .usb))
@@ -263,4 +292,12 @@ final class USBStorageTests: XCTestCase {
 struct BOTFailure: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
+}
+
+/// A block filter that records its close.
+final class ClosingDisk: BlockFilter, @unchecked Sendable {
+    private let flag = NSLock()
+    private var isClosed = false
+    var closed: Bool { flag.lock(); defer { flag.unlock() }; return isClosed }
+    override func close() { flag.lock(); isClosed = true; flag.unlock(); super.close() }
 }
