@@ -67,7 +67,7 @@ struct SCSIDisk {
         blockSize = Int(geometry.logicalBlockSize)
         blocks = geometry.size / UInt64(geometry.logicalBlockSize)
         writable = !readOnly && capabilities.contains(.write)
-        writeCache = capabilities.contains(.flush)
+        writeCache = writable && capabilities.contains(.flush)
         canFUA = capabilities.contains(.fua)
     }
 
