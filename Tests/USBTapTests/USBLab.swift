@@ -143,8 +143,24 @@ final class USBLab {
         return (guest, paths)
     }
 
+    /// Empties `port` of the controller at `paths` and waits until the frontend sees it go.
+    func unplug(_ port: Int, of paths: XenbusDevicePaths, front: LocalUSBFrontend) throws {
+        try backend.store.write(paths.backendPath + "/port/\(port)", "")
+        try front.waitForPort(port, plugged: false)
+    }
+
     func logged(_ text: String) -> Bool {
         shared.lock.lock(); defer { shared.lock.unlock() }
         return shared.log.contains { $0.contains(text) }
     }
+}
+
+/// Polls `condition` every millisecond for up to `seconds`; whether it came true.
+func eventually(seconds: Double = 2, _ condition: () -> Bool) -> Bool {
+    let end = monotonicSeconds() + seconds
+    while !condition() {
+        guard monotonicSeconds() < end else { return false }
+        usleep(1000)
+    }
+    return true
 }

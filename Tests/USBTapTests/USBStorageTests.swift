@@ -273,11 +273,8 @@ final class USBStorageTests: XCTestCase {
         XCTAssertEqual(try bot.command(read10(lba: 2, blocks: 2, write: true), dataOut: pattern).status, 0)
         XCTAssertEqual(try bot.command(read10(lba: 2, blocks: 2), dataIn: 1024).data, pattern)
         XCTAssertFalse(disk.closed)
-        try lab.backend.store.write(paths.backendPath + "/port/1", "")
-        try front.waitForPort(1, plugged: false)
-        let end = monotonicSeconds() + 2
-        while !disk.closed && monotonicSeconds() < end { usleep(1000) }
-        XCTAssertTrue(disk.closed)
+        try lab.unplug(1, of: paths, front: front)
+        XCTAssertTrue(eventually { disk.closed })
         try front.close()
     }
 

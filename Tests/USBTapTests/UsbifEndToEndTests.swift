@@ -95,16 +95,12 @@ final class UsbifEndToEndTests: XCTestCase {
         let (front, paths) = try connected(first)
         _ = try front.enumerate(port: 1, address: 2)
         let pendingID = try front.put(port: 1, device: 2, endpoint: 3, type: .interrupt, isIn: true, length: 8, interval: 4)
-        let waited = monotonicSeconds() + 2
-        while first.pending == 0 && monotonicSeconds() < waited { usleep(1000) }
+        XCTAssertTrue(eventually { first.pending == 1 })
         _ = try front.enumerate(port: 1, address: 3)
         XCTAssertEqual(try front.wait(pendingID, isIn: true).status, .cancelled)
         XCTAssertEqual(first.resets, 1)
-        try lab.backend.store.write(paths.backendPath + "/port/1", "")
-        try front.waitForPort(1, plugged: false)
-        let end = monotonicSeconds() + 2
-        while !first.closed && monotonicSeconds() < end { usleep(1000) }
-        XCTAssertTrue(first.closed)
+        try lab.unplug(1, of: paths, front: front)
+        XCTAssertTrue(eventually { first.closed })
         try front.close()
     }
 
