@@ -279,9 +279,12 @@ final class UsbifQueue: RingService, URBCompletionSink, USBPortEventsFactory, @u
         // device had one means the guest reset the port (xen-hcd resets it locally).
         if pipe.device == 0 {
             if port.standard.address != 0 {
+                // The device may complete what it cancels here, on this thread (finishURB
+                // counts the port's URBs down): read the port again rather than write back
+                // the copy taken before.
+                ports[pipe.port]!.standard.reset()
                 port.device.reset()
-                port.standard.reset()
-                ports[pipe.port] = port
+                port = ports[pipe.port]!
             }
             guard pipe.type == .control, pipe.endpoint == 0 else { return respond(id: r.id, status: .invalid) }
         } else if pipe.device != port.standard.address {

@@ -80,7 +80,12 @@ final class LoopbackDevice: USBDevice, @unchecked Sendable {
     }
     var pending: Int { lock.lock(); defer { lock.unlock() }; return pendingInterrupt.count }
     func setConfiguration(_ value: UInt8) -> USBStatus { lock.lock(); configurations.append(value); lock.unlock(); return .ok }
-    func reset() { lock.lock(); resets += 1; lock.unlock() }
+    /// A port reset cancels the interrupt URBs that wait (as the USBDevice contract says), on
+    /// the caller's thread.
+    func reset() {
+        lock.lock(); resets += 1; let waiting = pendingInterrupt; pendingInterrupt = []; lock.unlock()
+        for urb in waiting { urb.complete(.cancelled) }
+    }
     func attach(to port: (any USBPortEvents)?) { lock.lock(); self.port = port; lock.unlock() }
     func close() { lock.lock(); closed = true; lock.unlock() }
 }
@@ -138,8 +143,24 @@ final class USBLab {
         return (guest, paths)
     }
 
+    /// Empties `port` of the controller at `paths` and waits until the frontend sees it go.
+    func unplug(_ port: Int, of paths: XenbusDevicePaths, front: LocalUSBFrontend) throws {
+        try backend.store.write(paths.backendPath + "/port/\(port)", "")
+        try front.waitForPort(port, plugged: false)
+    }
+
     func logged(_ text: String) -> Bool {
         shared.lock.lock(); defer { shared.lock.unlock() }
         return shared.log.contains { $0.contains(text) }
     }
+}
+
+/// Polls `condition` every millisecond for up to `seconds`; whether it came true.
+func eventually(seconds: Double = 2, _ condition: () -> Bool) -> Bool {
+    let end = monotonicSeconds() + seconds
+    while !condition() {
+        guard monotonicSeconds() < end else { return false }
+        usleep(1000)
+    }
+    return true
 }

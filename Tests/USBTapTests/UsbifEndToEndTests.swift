@@ -88,6 +88,22 @@ final class UsbifEndToEndTests: XCTestCase {
         try front.close()
     }
 
+    /// A device that cancels its waiting URBs in `reset` (on the ring thread) does not leave
+    /// the port counting them: unplugged later, it is closed.
+    func testPortResetCancellingURBsKeepsTheInFlightCount() throws {
+        let first = LoopbackDevice()
+        let (front, paths) = try connected(first)
+        _ = try front.enumerate(port: 1, address: 2)
+        let pendingID = try front.put(port: 1, device: 2, endpoint: 3, type: .interrupt, isIn: true, length: 8, interval: 4)
+        XCTAssertTrue(eventually { first.pending == 1 })
+        _ = try front.enumerate(port: 1, address: 3)
+        XCTAssertEqual(try front.wait(pendingID, isIn: true).status, .cancelled)
+        XCTAssertEqual(first.resets, 1)
+        try lab.unplug(1, of: paths, front: front)
+        XCTAssertTrue(eventually { first.closed })
+        try front.close()
+    }
+
     func testIsochronousPacketsAreFilledInPlace() throws {
         let device = LoopbackDevice()
         let (front, _) = try connected(device)
