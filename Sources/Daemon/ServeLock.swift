@@ -40,6 +40,11 @@ public final class ServeLock {
         runDirectory(for: choice) + "/serve.lock"
     }
 
+    /// Where the daemon for `choice` takes control requests (`softdev type`).
+    public static func controlPath(for choice: HypervisorChoice) -> String {
+        runDirectory(for: choice) + "/control.sock"
+    }
+
     /// The daemon's place for what outlives one run of it (the lock, the rings' records):
     /// /run/softdev on Xen, the local hypervisor's directory otherwise.
     public static func runDirectory(for choice: HypervisorChoice) -> String {

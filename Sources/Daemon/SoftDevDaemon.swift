@@ -2,10 +2,12 @@ import BlockTap
 import Core
 import CoreMetrics
 import Devices
+import Foundation
 import Glibc
 import Logging
 import NBDExport
 import Observability
+import USBTap
 import XenStore
 
 /// `softdev serve`: one xenbus host serving every device class's backend (``DeviceClass/all``)
@@ -34,6 +36,9 @@ public final class SoftDevDaemon: @unchecked Sendable {
     private var serviceStarted = false
     private var exportDevices: [any BlockDevice] = []
     private var links: [NetLink] = []
+    private var control: ControlSocket?
+    /// Where `softdev type` and other control requests reach the daemon (nil: not listening).
+    public let controlPath: String?
     public let logger: Logger
     /// Core's and the taps' plain-string messages, through `logger` (``DaemonLog/messages(to:)``).
     private let coreLog: @Sendable (String) -> Void
@@ -57,7 +62,8 @@ public final class SoftDevDaemon: @unchecked Sendable {
             config.ringStateDirectory = rings
         }
         let (hypervisor, embedded) = try choice.openBackend()
-        self.init(config: config, hypervisor: hypervisor, embedded: embedded, lock: lock, logger: logger)
+        self.init(config: config, hypervisor: hypervisor, embedded: embedded, lock: lock, logger: logger,
+                  controlPath: ServeLock.controlPath(for: choice))
     }
 
     /// The same, with each log line (at the config's level) given to `log`.
@@ -66,8 +72,9 @@ public final class SoftDevDaemon: @unchecked Sendable {
     }
 
     public init(config: ServeConfig, hypervisor: any Hypervisor, embedded: LocalHypervisorServer? = nil, lock: ServeLock? = nil,
-                logger: Logger) {
+                logger: Logger, controlPath: String? = nil) {
         self.config = config; self.hypervisor = hypervisor; self.embedded = embedded; self.lock = lock; self.logger = logger
+        self.controlPath = controlPath
         coreLog = DaemonLog.messages(to: logger)
         metrics = config.metricsListen == nil ? nil : MetricsRegistry()
         host = XenbusBackendHost(hypervisor: hypervisor, log: coreLog)
@@ -81,6 +88,7 @@ public final class SoftDevDaemon: @unchecked Sendable {
             try startMetrics()
             try startNBD()
             try startLinks()
+            try startControl()
             // Set first: if start throws half-way, stop() must still stop the dispatcher.
             serviceStarted = true
             try host.start()
@@ -120,6 +128,8 @@ public final class SoftDevDaemon: @unchecked Sendable {
         exportDevices.removeAll()
         for link in links { link.close() }
         links.removeAll()
+        control?.stop()
+        control = nil
         for g in classGauges { g.attached.destroy(); g.connected.destroy() }
         classGauges.removeAll()
         embedded?.stop()
@@ -189,6 +199,26 @@ public final class SoftDevDaemon: @unchecked Sendable {
             do { links.append(try NetLink(spec: spec)) } catch { throw ServeConfigError("link '\(spec)': \(error)") }
             logger.info("link: \(spec)")
         }
+    }
+
+    /// The control socket: `type DOMID PORT BASE64` types into the keyboard on a guest's USB port.
+    private func startControl() throws {
+        guard let controlPath else { return }
+        let host = host, me = hypervisor.domainID
+        let control = try ControlSocket(path: controlPath) { words in
+            guard words.count == 4, words[0] == "type", let domain = DomainID(words[1]), let port = Int(words[2]),
+                  let data = Data(base64Encoded: words[3]), let text = String(data: data, encoding: .utf8) else {
+                throw ServeConfigError("expected: type DOMID PORT BASE64TEXT")
+            }
+            let path = "/local/domain/\(me)/backend/\(DeviceClass.usb.backendType)/\(domain)/0"
+            let device = host.inspect { ($0[path]?.driver as? UsbifBackend)?.device(onPort: port) }
+            guard var device else { throw ServeConfigError("domain \(domain) has no USB device on port \(port)") }
+            while !(device is USBKeyboard), let filter = device as? USBFilter { device = filter.next }
+            guard let keyboard = device as? USBKeyboard else { throw ServeConfigError("the device on port \(port) of domain \(domain) is not a keyboard") }
+            try keyboard.type(text)
+        }
+        try control.start()
+        self.control = control
     }
 
     /// The open links (for tests: their endpoints' counters).

@@ -23,6 +23,12 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
     private var queue: UsbifQueue?
     /// The spec each port was last seen with (dispatcher thread).
     private var portSpecs: [Int: String] = [:]
+    /// The device plugged into each port, for the daemon's control requests (typing into a
+    /// soft keyboard); any thread.
+    private let plugged = Mutex<[Int: any USBDevice]>([:])
+
+    /// The device on `port`, if one is plugged.
+    public func device(onPort port: Int) -> (any USBDevice)? { plugged.withLock { $0[port] } }
     public private(set) var portCount = 0
     public private(set) var usbVersion = 2
 
@@ -93,6 +99,7 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
             let spec = ((try? dev.store.readString(dev.backendPath + "/port/\(port)")) ?? nil) ?? ""
             guard spec != (portSpecs[port] ?? "") else { continue }
             if portSpecs[port].map({ !$0.isEmpty }) ?? false {
+                _ = plugged.withLock { $0.removeValue(forKey: port) }
                 queue.post(.unplug(port: port))
                 log("\(dev.backendPath): port \(port): unplugged \(portSpecs[port]!)")
             }
@@ -104,6 +111,7 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
                     device.close()
                     throw UsbifConnectError("a high-speed device on a USB 1.1 controller (usb-ver=1)")
                 }
+                plugged.withLock { $0[port] = device }
                 queue.post(.plug(port: port, device: device))
                 log("\(dev.backendPath): port \(port): plugged \(spec) (\(device.speed) speed, \(hex4(device.descriptors.vendorID)):\(hex4(device.descriptors.productID)))")
             } catch {
@@ -116,6 +124,7 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
     public func disconnect(_ dev: XenbusBackendDevice) {
         guard let queue else { return }
         self.queue = nil
+        plugged.withLock { $0 = [:] }
         _ = queue.stop(timeout: .infinity)
         let c = queue.counters
         log("\(dev.backendPath): disconnected (\(c.urbs.load(ordering: .relaxed)) URBs, \(c.errors.load(ordering: .relaxed)) failed)")

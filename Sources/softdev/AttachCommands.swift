@@ -137,7 +137,7 @@ struct List: ParsableCommand {
         let store = try hypervisorOptions.choice().openStore()
         let devices = AttachedDevice.all(store: store, backendDomain: try XenHypervisor.ownDomainID(store))
         guard !devices.isEmpty else {
-            print("no soft \(DeviceClass.all.map(\.plural).joined(separator: " or ")) attached")
+            print("no soft devices attached (\(DeviceClass.all.map(\.plural).joined(separator: ", ")))")
             return
         }
         var rows = [["DOMAIN", "CLASS", "VDEV", "STATE", "FRONTEND", "NEGOTIATED", "DEVICE"]]

@@ -91,7 +91,7 @@ final class SoftDevCLITests: XCTestCase {
         guest.terminate()
         guest.waitUntilExit()
         XCTAssertEqual(guest.terminationStatus, 0, log("guest.log"))
-        try waitFor("g1's disks to be reaped") { try self.softdev(["list"] + local).output.contains("no soft disks or network cards attached") }
+        try waitFor("g1's disks to be reaped") { try self.softdev(["list"] + local).output.contains("no soft devices attached") }
 
         serve.terminate()
         serve.waitUntilExit()
@@ -108,8 +108,8 @@ final class SoftDevCLITests: XCTestCase {
         let serve = try softdev(["serve", "--local-dir", directory + "/hv", "--config", badConfig])
         XCTAssertNotEqual(serve.status, 0)
         XCTAssertTrue(serve.output.contains("[[disk]] #1: device is missing"), serve.output)
-        let badType = try softdev(["attach", "--hypervisor", "local", "--local-dir", directory, "g", "usb", "xvda", "null(size=1M)"])
-        XCTAssertTrue(badType.output.contains("unknown device type 'usb': use block or net"), badType.output)
+        let badType = try softdev(["attach", "--hypervisor", "local", "--local-dir", directory, "g", "scsi", "xvda", "null(size=1M)"])
+        XCTAssertTrue(badType.output.contains("unknown device type 'scsi': use block or net or usb"), badType.output)
         let badVif = try softdev(["attach", "--hypervisor", "local", "--local-dir", directory, "g", "net", "xvda", "null"])
         XCTAssertTrue(badVif.output.contains("'xvda' is not a vif number"), badVif.output)
         let wrongClass = try softdev(["attach", "--hypervisor", "local", "--local-dir", directory, "g", "net", "0", "file(path=/tmp/x)"])
