@@ -73,11 +73,15 @@ public enum DeviceRegistry {
         FileDevice.descriptor, MemoryDevice.descriptor, NullDevice.descriptor, StatsFilter.descriptor,
         ReadOnlyFilter.descriptor, OffsetFilter.descriptor, PartitionFilter.descriptor, ErrorFilter.descriptor,
         LogFilter.descriptor, DelayFilter.descriptor, NBDDevice.descriptor, FUAFilter.descriptor,
-    ] + networkDevices).sorted { $0.name < $1.name }
+    ] + networkDevices + usbFilters).sorted { $0.name < $1.name }
     /// The network class's devices and filters (`Devices/Net`).
     static let networkDevices: [DeviceDescriptor] = [
         TapDevice.descriptor, SwitchPort.descriptor, CaptureFilter.descriptor, NetStatsFilter.descriptor,
         PacketFilter.descriptor, NetNullDevice.descriptor,
+    ]
+    /// The USB class's filters (`Devices/USB`): policy and URB-level mediation.
+    static let usbFilters: [DeviceDescriptor] = [
+        USBPolicyFilter.descriptor,
     ]
 
     public static func descriptor(named name: String) -> DeviceDescriptor? {
