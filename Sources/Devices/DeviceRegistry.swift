@@ -81,7 +81,7 @@ public enum DeviceRegistry {
     ]
     /// The USB class's filters (`Devices/USB`): policy and URB-level mediation.
     static let usbFilters: [DeviceDescriptor] = [
-        USBPolicyFilter.descriptor,
+        USBPolicyFilter.descriptor, USBReadOnlyStorageFilter.descriptor, USBInterfacesFilter.descriptor,
     ]
 
     public static func descriptor(named name: String) -> DeviceDescriptor? {
