@@ -82,6 +82,7 @@ public enum DeviceRegistry {
     /// The USB class's filters (`Devices/USB`): policy and URB-level mediation.
     static let usbFilters: [DeviceDescriptor] = [
         USBPolicyFilter.descriptor, USBReadOnlyStorageFilter.descriptor, USBInterfacesFilter.descriptor,
+        USBLogFilter.descriptor, USBMonFilter.descriptor,
     ]
 
     public static func descriptor(named name: String) -> DeviceDescriptor? {

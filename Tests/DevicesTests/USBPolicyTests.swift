@@ -235,6 +235,10 @@ final class USBPolicyTests: XCTestCase {
             XCTAssertEqual("\(e)", "policy: \(badPath):2:10: expected a device id VID:PID (four hex digits each, or *), found '12345:1'")
         }
         XCTAssertThrowsError(try open(["rules": nonePath]))
+        // The USB filters in the registry, each documented in `softdev devices`.
+        XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .usb && $0.kind == .filter }.map(\.name),
+                       ["interfaces", "log", "policy", "readonly-storage", "usbmon"])
+        XCTAssertTrue(DeviceRegistry.help(of: .usb).contains("usbmon(file=..., snaplen=..., bus=..., device=...)"))
         XCTAssertFalse(stick.closed, "the stack's opener closes the device below, not the filter")
     }
 }
