@@ -51,6 +51,18 @@ final class USBMediationTapTests: USBFilterTestCase {
         XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 2, type: .bulk, isIn: false, data: [UInt8](repeating: 0, count: 512)).status,
                        .stall)
         XCTAssertEqual(device.memory, before)
+        // A WRITE CBW in the second packet of a transfer, or sent as an interrupt URB to the
+        // bulk OUT endpoint: STALLed, the device sees neither.
+        var smuggled = [UInt8](repeating: 0, count: 1024)
+        var hidden: [UInt8] = [0x55, 0x53, 0x42, 0x43, 9, 0, 0, 0, 0, 2, 0, 0, 0, 0, 10]
+        hidden += Self.write10(0, 1) + [UInt8](repeating: 0, count: 6)
+        smuggled.replaceSubrange(512..<543, with: hidden)
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 2, type: .bulk, isIn: false, data: smuggled).status, .stall)
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 2, type: .interrupt, isIn: false, data: hidden).status, .stall)
+        XCTAssertEqual(device.seenOpcodes, [0x28, 0x1A, 0x5A, 0x03])
+        // Still in step: a read works.
+        XCTAssertEqual(BulkOnly.csw(try bot.run(Self.read10(0, 1), inLength: 512).csw)?.2, 0)
+        XCTAssertEqual(device.memory, before)
         try front.close()
     }
 
@@ -71,6 +83,8 @@ final class USBMediationTapTests: USBFilterTestCase {
                        .stall)
         XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0x21, request: 0x0A, value: 0, index: 1, length: 0)).status,
                        .stall, "SET_IDLE to the keyboard")
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 3, type: .interrupt, isIn: false, data: [1]).status, .stall,
+                       "the keyboard's endpoint number the other way")
         XCTAssertEqual(device.keyboardURBs, 0)
         XCTAssertTrue(device.classRequests.isEmpty)
         // The storage interface works: GET MAX LUN, a read.

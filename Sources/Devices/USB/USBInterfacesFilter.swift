@@ -16,6 +16,9 @@ public final class USBInterfacesFilter: USBFilter, @unchecked Sendable {
     let hiddenInterfaces: Set<UInt8>
     /// Endpoint addresses (0x80 for IN) that only hidden alternate settings have.
     let hiddenEndpoints: Set<UInt8>
+    /// Endpoint numbers that only hidden alternate settings use, in either direction: a URB to
+    /// one is refused whatever its direction (for a device that serves endpoints by number).
+    let hiddenEndpointNumbers: Set<UInt8>
     /// (interface, alternate) pairs that are hidden.
     private let hiddenAlternates: Set<UInt16>
 
@@ -61,6 +64,7 @@ public final class USBInterfacesFilter: USBFilter, @unchecked Sendable {
         filtered = d
         hiddenInterfaces = hiddenNumbers.subtracting(keptNumbers)
         hiddenEndpoints = hiddenEP.subtracting(keptEP)
+        hiddenEndpointNumbers = Set(hiddenEP.map { $0 & 0x0f }).subtracting(keptEP.map { $0 & 0x0f })
         hiddenAlternates = hiddenAlts
         super.init(next: next)
     }
@@ -69,7 +73,9 @@ public final class USBInterfacesFilter: USBFilter, @unchecked Sendable {
 
     public override func submit(_ urb: URB) {
         if urb.endpoint != 0 {
-            guard !hiddenEndpoints.contains(urb.endpointAddress) else { return urb.complete(.stall) }
+            guard !hiddenEndpoints.contains(urb.endpointAddress), !hiddenEndpointNumbers.contains(urb.endpoint) else {
+                return urb.complete(.stall)
+            }
         } else if let setup = urb.setup {
             let target = UInt8(truncatingIfNeeded: setup.index)
             switch setup.recipient {

@@ -27,6 +27,8 @@ public final class USBReadOnlyStorageFilter: USBFilter, @unchecked Sendable {
     /// The storage interface's number and its bulk endpoints (OUT's number; IN's number).
     public let interface: UInt8
     public let outEndpoint: UInt8, inEndpoint: UInt8
+    /// wMaxPacketSize of the bulk OUT endpoint: where in a transfer a device may see a CBW start.
+    let outPacketSize: Int
 
     static let writeFamily: Set<UInt8> = [
         0x0A, 0x2A, 0xAA, 0x8A,   // WRITE(6/10/12/16)
@@ -95,19 +97,21 @@ public final class USBReadOnlyStorageFilter: USBFilter, @unchecked Sendable {
         let d = next.descriptors
         var found: (UInt8, UInt8, UInt8)?
         var others = Set<UInt8>()
+        var packet = 512
         for blob in d.configurations {
-            var alternates: [(number: UInt8, alternate: UInt8, bot: Bool, endpoints: [UInt8])] = []
+            var alternates: [(number: UInt8, alternate: UInt8, bot: Bool, endpoints: [(address: UInt8, packet: Int)])] = []
             for item in USBDescriptors.walk(blob) {
                 let b = Array(item.bytes)
                 if item.type == 4, b.count >= 9 {
                     alternates.append((b[2], b[3], b[5] == 0x08 && b[6] == 0x06 && b[7] == 0x50, []))
                 } else if item.type == 5, b.count >= 7, b[3] & 3 == 2, !alternates.isEmpty {
-                    alternates[alternates.count - 1].endpoints.append(b[2])
+                    alternates[alternates.count - 1].endpoints.append((b[2], Int(b[4]) | Int(b[5] & 0x07) << 8))
                 }
             }
-            if let bot = alternates.first(where: { $0.bot }), let o = bot.endpoints.first(where: { $0 & 0x80 == 0 }),
-               let i = bot.endpoints.first(where: { $0 & 0x80 != 0 }) {
-                found = (bot.number, o & 0x0f, i & 0x0f)
+            if let bot = alternates.first(where: { $0.bot }), let o = bot.endpoints.first(where: { $0.address & 0x80 == 0 }),
+               let i = bot.endpoints.first(where: { $0.address & 0x80 != 0 }) {
+                found = (bot.number, o.address & 0x0f, i.address & 0x0f)
+                packet = max(8, o.packet)
                 others = Set(alternates.filter { $0.number == bot.number && !$0.bot }.map(\.alternate))
                 break
             }
@@ -115,19 +119,22 @@ public final class USBReadOnlyStorageFilter: USBFilter, @unchecked Sendable {
         guard let (number, o, i) = found else {
             throw DeviceSpecError("readonly-storage: the device below has no Bulk-Only mass-storage interface (08:06:50 with a bulk IN and a bulk OUT endpoint)")
         }
-        interface = number; outEndpoint = o; inEndpoint = i
+        interface = number; outEndpoint = o; inEndpoint = i; outPacketSize = packet
         otherAlternates = others
         super.init(next: next)
     }
 
     public override func submit(_ urb: URB) {
-        guard urb.type == .bulk, urb.endpoint == (urb.isIn ? inEndpoint : outEndpoint) else {
+        guard urb.endpoint != 0, urb.endpoint == inEndpoint || urb.endpoint == outEndpoint else {
             // Bulk-Only Mass Storage Reset: the device is back to waiting for a CBW.
             if let s = urb.setup, s.kind == .class, s.recipient == .interface, s.request == 0xFF {
                 state.withLock { $0 = State() }
             }
             return next.submit(urb)
         }
+        // The storage endpoints take bulk transfers in their own direction only (a device that
+        // serves an endpoint by its number must not get an interrupt OUT on it instead).
+        guard urb.type == .bulk, urb.endpoint == (urb.isIn ? inEndpoint : outEndpoint) else { return urb.complete(.stall) }
         urb.isIn ? submitIn(urb) : submitOut(urb)
     }
 
@@ -135,6 +142,16 @@ public final class USBReadOnlyStorageFilter: USBFilter, @unchecked Sendable {
 
     private func submitOut(_ urb: URB) {
         let cbw = CBW(urb.buffer)
+        // A refused CBW at a later packet boundary of a transfer would start a command in a
+        // device out of step with the filter: the transfer never reaches it.
+        if urb.buffer.count > outPacketSize {
+            for offset in stride(from: outPacketSize, to: urb.buffer.count - 30, by: outPacketSize) {
+                if let hidden = CBW(UnsafeMutableRawBufferPointer(rebasing: urb.buffer[offset...])), hidden.isRefused {
+                    state.withLock { $0.phase = .command }
+                    return urb.complete(.stall)
+                }
+            }
+        }
         let action: Action = state.withLock { s in
             // A refused command wherever it comes: the device never sees it.
             if let cbw, cbw.isRefused {
