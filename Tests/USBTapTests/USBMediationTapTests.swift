@@ -93,6 +93,9 @@ final class USBMediationTapTests: USBFilterTestCase {
         XCTAssertEqual(BulkOnly.csw(try bot.run(Self.read10(0, 1), inLength: 512).csw)?.2, 0)
         // Stacked over readonly-storage, from a spec's parameters.
         let descriptor = try XCTUnwrap(DeviceRegistry.descriptor(named: "interfaces", of: .usb))
+        let spec = try DeviceSpec(parsing: #"interfaces(allow="08:06:50,03:*:*") | readonly-storage | policy(rules=/etc/softdev/usb.rules, via-port=1-2) | x"#)
+        XCTAssertEqual(spec.elements.map(\.name), ["interfaces", "readonly-storage", "policy", "x"])
+        XCTAssertEqual(spec.elements[0].parameters.first?.value, "08:06:50,03:*:*")
         let stacked = try descriptor.open(DeviceParameters(device: "interfaces", values: ["allow": "08:06:50,03:*:*"]), device) as! any USBDevice
         XCTAssertEqual(stacked.descriptors, device.descriptors, "both interfaces allowed: unchanged")
         XCTAssertThrowsError(try descriptor.open(DeviceParameters(device: "interfaces", values: ["allow": "08:*:50"]), device)) { e in

@@ -116,7 +116,7 @@ extension USBInterfacesFilter {
         deviceClass: .usb, name: "interfaces", kind: .filter,
         summary: "Hides every interface not allowed from the descriptors and STALLs URBs and requests aimed at it.",
         parameters: [
-            DeviceParameter("allow", required: true, "Interface classes cc:ss:pp (hex, * for ss or pp), comma-separated, e.g. 08:06:50,03:*:*."),
+            DeviceParameter("allow", required: true, "Interface classes cc:ss:pp (hex, * for ss or pp), comma-separated and so quoted, e.g. allow=\"08:06:50,03:*:*\"."),
         ],
         open: { parameters, next throws(DeviceSpecError) in
             USBInterfacesFilter(next: next as! any USBDevice, allow: try patterns(parameters.required("allow")))
