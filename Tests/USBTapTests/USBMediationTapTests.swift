@@ -47,6 +47,13 @@ final class USBMediationTapTests: USBFilterTestCase {
             XCTAssertEqual(BulkOnly.csw(r.csw)?.2, 1)
         }
         XCTAssertEqual(device.seenOpcodes, [0x28, 0x1A, 0x5A, 0x03])
+        // A refused command with a data-IN stage (ATA PASS-THROUGH reading): the data stage
+        // STALLs, then the failed CSW, then the write-protect sense.
+        let ata = try bot.run([0x85, 0x08, 0x0e] + [UInt8](repeating: 0, count: 13), inLength: 512)
+        XCTAssertEqual(ata.data?.status, .stall)
+        XCTAssertEqual(BulkOnly.csw(ata.csw).map { [$0.1, UInt32($0.2)] }, [512, 1])
+        XCTAssertEqual(try bot.run([0x03, 0, 0, 0, 18, 0], inLength: 18).data.map { $0.data[12] }, 0x27)
+        XCTAssertEqual(device.seenOpcodes, [0x28, 0x1A, 0x5A, 0x03])
         // Not a CBW while a command is expected: STALLed, never seen by the device.
         XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 2, type: .bulk, isIn: false, data: [UInt8](repeating: 0, count: 512)).status,
                        .stall)
