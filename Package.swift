@@ -91,7 +91,7 @@ let package = Package(
         .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "NetTap", "USBTap", "Devices", "Core", "XenStore", "TestPeers", "Observability",
                                                        .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "NetTapTests", dependencies: ["NetTap", "Core", "CXen", "XenStore", "CReference", "Bench"]),
-        .testTarget(name: "USBTapTests", dependencies: ["USBTap", "Devices", "Core", "CXen", "XenStore"]),
+        .testTarget(name: "USBTapTests", dependencies: ["USBTap", "Core", "CXen", "XenStore", "Devices", "TestPeers"]),
         .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "NBDWire", "Devices", "Core", "Bench", "TestPeers"]),
     ],
     swiftLanguageModes: [.v5]

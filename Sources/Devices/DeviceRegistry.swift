@@ -73,7 +73,7 @@ public enum DeviceRegistry {
         FileDevice.descriptor, MemoryDevice.descriptor, NullDevice.descriptor, StatsFilter.descriptor,
         ReadOnlyFilter.descriptor, OffsetFilter.descriptor, PartitionFilter.descriptor, ErrorFilter.descriptor,
         LogFilter.descriptor, DelayFilter.descriptor, NBDDevice.descriptor, FUAFilter.descriptor,
-    ] + networkDevices + usbDevices).sorted { $0.name < $1.name }
+    ] + networkDevices + usbDevices + usbFilters).sorted { $0.name < $1.name }
     /// The network class's devices and filters (`Devices/Net`).
     static let networkDevices: [DeviceDescriptor] = [
         TapDevice.descriptor, SwitchPort.descriptor, CaptureFilter.descriptor, NetStatsFilter.descriptor,
@@ -81,6 +81,11 @@ public enum DeviceRegistry {
     ]
     /// The USB class's soft devices (`Devices/USB`).
     static let usbDevices: [DeviceDescriptor] = [USBStorageDevice.descriptor, USBKeyboard.descriptor]
+    /// The USB class's filters (`Devices/USB`): policy and URB-level mediation.
+    static let usbFilters: [DeviceDescriptor] = [
+        USBPolicyFilter.descriptor, USBReadOnlyStorageFilter.descriptor, USBInterfacesFilter.descriptor,
+        USBLogFilter.descriptor, USBMonFilter.descriptor,
+    ]
 
     public static func descriptor(named name: String) -> DeviceDescriptor? {
         all.first { $0.name == name }

@@ -18,16 +18,16 @@ import Synchronization
 public final class LogFilter: BlockFilter, @unchecked Sendable {
     public override var name: String { "log" }
     public let path: String
-    private let file: Mutex<UnsafeMutablePointer<FILE>?>
+    private let file: LineOutputFile
     private let nextID = Atomic<UInt64>(1)
 
     /// Opens (truncates, or appends to) `path`; the error names the file and the reason.
     public init(next: any BlockDevice, path: String, append: Bool = false) throws(BlockError) {
-        guard let file = fopen(path, append ? "a" : "w") else {
+        guard let file = LineOutputFile(path: path, append: append) else {
             throw BlockError.system("log(logfile=\(path)): cannot open", errno: errno)
         }
         self.path = path
-        self.file = Mutex(file)
+        self.file = file
         super.init(next: next)
     }
 
@@ -70,11 +70,7 @@ public final class LogFilter: BlockFilter, @unchecked Sendable {
         case .failure(let error): line += ",\"result\":\"\(Self.errnoName(error.errno))\",\"error\":\(Self.jsonString(error.message))"
         }
         line += ",\"duration_ns\":\(elapsed)}\n"
-        file.withLock { file in
-            guard let file else { return }
-            fputs(line, file)
-            fflush(file)
-        }
+        file.write(line)
     }
 
     static func timestamp(_ t: timespec) -> String {
@@ -134,10 +130,7 @@ public final class LogFilter: BlockFilter, @unchecked Sendable {
     /// Closes the device below, then the log.
     public override func close() {
         next.close()
-        file.withLock { file in
-            if let f = file { fclose(f) }
-            file = nil
-        }
+        file.close()
     }
 }
 

@@ -88,6 +88,7 @@ final class DeviceSpecTests: XCTestCase {
         XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .block }.map(\.name),
                        ["delay", "error", "file", "fua", "log", "memory", "nbd", "null", "offset", "partition", "readonly", "stats"])
         XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .net }.map(\.name), ["filter", "null", "pcap", "stats", "switch", "tap"])
-        XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .usb }.map(\.name), ["keyboard", "storage"])
+        XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .usb }.map(\.name),
+                       ["interfaces", "keyboard", "log", "policy", "readonly-storage", "storage", "usbmon"])
     }
 }

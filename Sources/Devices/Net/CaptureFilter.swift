@@ -1,6 +1,5 @@
 import Core
 import Glibc
-import Synchronization
 
 /// `pcap(file=PATH, format=pcap|pcapng)`: writes every frame that passes, both ways, to a
 /// capture file that tcpdump, tshark and Wireshark read, and passes it on unchanged.
@@ -18,28 +17,19 @@ public final class CaptureFilter: NetFilter, @unchecked Sendable {
     public let path: String
     public let format: Format
 
-    private struct Output {
-        var fd: Int32
-        var buffer: [UInt8] = []
-        var failed = false
-    }
-    private let output: Mutex<Output>
+    private let output: BufferedOutputFile
     static let snapshotLength: UInt32 = 262_144
-    static let flushThreshold = 1 << 16
 
     /// Creates (truncates) `path` and writes the file's header.
     public init(next: any NetDevice, path: String, format: Format? = nil) throws(DeviceSpecError) {
         let format = format ?? (path.hasSuffix(".pcapng") ? .pcapng : .pcap)
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else {
+        guard let output = BufferedOutputFile(creating: path, owner: "pcap(file=\(path))") else {
             throw DeviceSpecError("pcap(file=\(path)): cannot create the file: \(String(cString: strerror(errno)))")
         }
         self.path = path
         self.format = format
-        var out = Output(fd: fd)
-        out.buffer.reserveCapacity(Self.flushThreshold * 2)
-        Self.appendFileHeader(format, to: &out.buffer)
-        output = Mutex(out)
+        output.append { Self.appendFileHeader(format, to: &$0) }
+        self.output = output
         super.init(next: next)
     }
 
@@ -59,38 +49,15 @@ public final class CaptureFilter: NetFilter, @unchecked Sendable {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
         let microseconds = UInt64(now.tv_sec) * 1_000_000 + UInt64(now.tv_nsec / 1000)
-        output.withLock { out in
-            guard out.fd >= 0, !out.failed else { return }
-            copy.withUnsafeBytes { Self.appendRecord(format, $0, microseconds: microseconds, inbound: inbound, to: &out.buffer) }
-            if out.buffer.count >= Self.flushThreshold { Self.flush(&out, path) }
+        output.append { buffer in
+            copy.withUnsafeBytes { Self.appendRecord(format, $0, microseconds: microseconds, inbound: inbound, to: &buffer) }
         }
     }
 
     /// Closes the device below, then flushes and closes the file.
     public override func close() {
         super.close()
-        output.withLock { out in
-            guard out.fd >= 0 else { return }
-            Self.flush(&out, path)
-            Glibc.close(out.fd)
-            out.fd = -1
-        }
-    }
-
-    private static func flush(_ out: inout Output, _ path: String) {
-        var done = 0
-        let total = out.buffer.count
-        while done < total && !out.failed {
-            let n = out.buffer.withUnsafeBytes { write(out.fd, $0.baseAddress! + done, total - done) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                fputs("pcap(file=\(path)): write failed, capture stopped: \(String(cString: strerror(errno)))\n", stderr)
-                out.failed = true
-            } else {
-                done += n
-            }
-        }
-        out.buffer.removeAll(keepingCapacity: true)
+        output.close()
     }
 
     // MARK: The formats (little-endian, as this host writes them)

@@ -1,0 +1,113 @@
+import Core
+import Devices
+import Foundation
+import TestPeers
+import USBTap
+import XCTest
+
+/// `readonly-storage` and `interfaces` through the real tap: a Swift usbfront drives
+/// ``BulkOnlyTestDevice``; what the guest sees and what reaches the device.
+final class USBMediationTapTests: USBFilterTestCase {
+    func testReadOnlyStorageRefusesWritesWithWriteProtectSense() throws {
+        let device = BulkOnlyTestDevice()
+        let before = device.memory
+        let (front, _) = try connected(try USBReadOnlyStorageFilter(device: device))
+        var bot = BulkOnly(front: front)
+        // Reads pass.
+        let read = try bot.run(Self.read10(1, 2), inLength: 1024)
+        XCTAssertEqual(read.data?.data, Array(before[512..<1536]))
+        XCTAssertEqual(BulkOnly.csw(read.csw)?.2, 0)
+        // A WRITE(10) of two blocks: CBW and data taken, CSW failed with the full residue.
+        let write = try bot.run(Self.write10(3, 2), out: [UInt8](repeating: 0xEE, count: 1024))
+        XCTAssertEqual(write.cbw.status, .ok)
+        XCTAssertEqual(write.data?.status, .ok)
+        XCTAssertEqual(write.data?.actualLength, 1024)
+        let csw = try XCTUnwrap(BulkOnly.csw(write.csw))
+        XCTAssertEqual(csw.0, bot.tag); XCTAssertEqual(csw.1, 1024); XCTAssertEqual(csw.2, 1)
+        // REQUEST SENSE, answered here: DATA PROTECT, WRITE PROTECTED.
+        let sense = try bot.run([0x03, 0, 0, 0, 18, 0], inLength: 18)
+        XCTAssertEqual(sense.data?.data.count, 18)
+        XCTAssertEqual(sense.data.map { [$0.data[0], $0.data[2], $0.data[12], $0.data[13]] }, [0x70, 0x07, 0x27, 0x00])
+        XCTAssertEqual(BulkOnly.csw(sense.csw).map { [$0.1, UInt32($0.2)] }, [0, 0])
+        // The device saw neither the write nor the sense; its medium is unchanged.
+        XCTAssertEqual(device.seenOpcodes, [0x28])
+        XCTAssertEqual(device.memory, before)
+        // MODE SENSE(6) and (10): the write-protect bit is set in the device's answer.
+        let mode6 = try bot.run([0x1A, 0, 0x3F, 0, 4, 0], inLength: 4)
+        XCTAssertEqual(mode6.data?.data, [3, 0, 0x80, 0])
+        XCTAssertEqual(BulkOnly.csw(mode6.csw)?.2, 0)
+        let mode10 = try bot.run([0x5A, 0, 0x3F, 0, 0, 0, 0, 0, 8, 0], inLength: 8)
+        XCTAssertEqual(mode10.data?.data, [0, 6, 0, 0x80, 0, 0, 0, 0])
+        // A REQUEST SENSE with no refusal before it goes to the device.
+        _ = try bot.run([0x03, 0, 0, 0, 18, 0], inLength: 18)
+        XCTAssertEqual(device.seenOpcodes, [0x28, 0x1A, 0x5A, 0x03])
+        // Other writes: WRITE(16), UNMAP, ATA PASS-THROUGH never reach the device.
+        for cdb in [[0x8A] + [UInt8](repeating: 0, count: 15), [0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], [0x85] + [UInt8](repeating: 0, count: 15)] {
+            let r = try bot.run(cdb, out: [UInt8](repeating: 1, count: 24))
+            XCTAssertEqual(BulkOnly.csw(r.csw)?.2, 1)
+        }
+        XCTAssertEqual(device.seenOpcodes, [0x28, 0x1A, 0x5A, 0x03])
+        // A refused command with a data-IN stage (ATA PASS-THROUGH reading): the data stage
+        // STALLs, then the failed CSW, then the write-protect sense.
+        let ata = try bot.run([0x85, 0x08, 0x0e] + [UInt8](repeating: 0, count: 13), inLength: 512)
+        XCTAssertEqual(ata.data?.status, .stall)
+        XCTAssertEqual(BulkOnly.csw(ata.csw).map { [$0.1, UInt32($0.2)] }, [512, 1])
+        XCTAssertEqual(try bot.run([0x03, 0, 0, 0, 18, 0], inLength: 18).data.map { $0.data[12] }, 0x27)
+        XCTAssertEqual(device.seenOpcodes, [0x28, 0x1A, 0x5A, 0x03])
+        // Not a CBW while a command is expected: STALLed, never seen by the device.
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 2, type: .bulk, isIn: false, data: [UInt8](repeating: 0, count: 512)).status,
+                       .stall)
+        XCTAssertEqual(device.memory, before)
+        // A WRITE CBW in the second packet of a transfer, or sent as an interrupt URB to the
+        // bulk OUT endpoint: STALLed, the device sees neither.
+        var smuggled = [UInt8](repeating: 0, count: 1024)
+        var hidden: [UInt8] = [0x55, 0x53, 0x42, 0x43, 9, 0, 0, 0, 0, 2, 0, 0, 0, 0, 10]
+        hidden += Self.write10(0, 1) + [UInt8](repeating: 0, count: 6)
+        smuggled.replaceSubrange(512..<543, with: hidden)
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 2, type: .bulk, isIn: false, data: smuggled).status, .stall)
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 2, type: .interrupt, isIn: false, data: hidden).status, .stall)
+        XCTAssertEqual(device.seenOpcodes, [0x28, 0x1A, 0x5A, 0x03])
+        // Still in step: a read works.
+        XCTAssertEqual(BulkOnly.csw(try bot.run(Self.read10(0, 1), inLength: 512).csw)?.2, 0)
+        XCTAssertEqual(device.memory, before)
+        try front.close()
+    }
+
+    func testInterfacesHidesTheKeyboard() throws {
+        let device = BulkOnlyTestDevice()
+        let (front, configuration) = try connected(USBInterfacesFilter(next: device, allow: [USBInterfaceClassPattern(8, 6, 0x50)]))
+        // The configuration as the guest reads it: one interface, two endpoints, 32 bytes.
+        XCTAssertEqual(configuration.count, 32)
+        XCTAssertEqual(Array(configuration[0..<5]), [9, 2, 32, 0, 1])
+        XCTAssertEqual(USBDescriptors.walk(configuration).map(\.type), [2, 4, 5, 5])
+        XCTAssertEqual(Array(configuration[9..<18]), [9, 4, 0, 0, 2, 8, 6, 0x50, 0])
+        // The HID report descriptor is gone too.
+        XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0x81, request: 6, value: 0x2200, index: 1, length: 63)).status,
+                       .stall)
+        // URBs to the hidden endpoint, SET_INTERFACE and class requests to the hidden interface: STALL.
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 3, type: .interrupt, isIn: true, length: 8).status, .stall)
+        XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0x01, request: 11, value: 0, index: 1, length: 0)).status,
+                       .stall)
+        XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0x21, request: 0x0A, value: 0, index: 1, length: 0)).status,
+                       .stall, "SET_IDLE to the keyboard")
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 3, type: .interrupt, isIn: false, data: [1]).status, .stall,
+                       "the keyboard's endpoint number the other way")
+        XCTAssertEqual(device.keyboardURBs, 0)
+        XCTAssertTrue(device.classRequests.isEmpty)
+        // The storage interface works: GET MAX LUN, a read.
+        XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0xA1, request: 0xFE, value: 0, index: 0, length: 1)).data, [0])
+        var bot = BulkOnly(front: front)
+        XCTAssertEqual(BulkOnly.csw(try bot.run(Self.read10(0, 1), inLength: 512).csw)?.2, 0)
+        // Stacked over readonly-storage, from a spec's parameters.
+        let descriptor = try XCTUnwrap(DeviceRegistry.descriptor(named: "interfaces", of: .usb))
+        let spec = try DeviceSpec(parsing: #"interfaces(allow="08:06:50,03:*:*") | readonly-storage | policy(rules=/etc/softdev/usb.rules, via-port=1-2) | x"#)
+        XCTAssertEqual(spec.elements.map(\.name), ["interfaces", "readonly-storage", "policy", "x"])
+        XCTAssertEqual(spec.elements[0].parameters.first?.value, "08:06:50,03:*:*")
+        let stacked = try descriptor.open(DeviceParameters(device: "interfaces", values: ["allow": "08:06:50,03:*:*"]), device) as! any USBDevice
+        XCTAssertEqual(stacked.descriptors, device.descriptors, "both interfaces allowed: unchanged")
+        XCTAssertThrowsError(try descriptor.open(DeviceParameters(device: "interfaces", values: ["allow": "08:*:50"]), device)) { e in
+            XCTAssertEqual("\(e)", "interfaces: allow: expected * as the protocol after a * subclass in '08:*:50' (USBGuard refuses cc:*:pp)")
+        }
+        try front.close()
+    }
+}
