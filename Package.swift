@@ -31,6 +31,8 @@ let package = Package(
         .systemLibrary(name: "CAio", pkgConfig: nil, providers: [.apt(["libaio-dev"])]),
         // libpcap from libpcap-dev: tcpdump's filter compiler for the `filter` network device.
         .systemLibrary(name: "CPcap", pkgConfig: nil, providers: [.apt(["libpcap-dev"])]),
+        // OpenSSL's libcrypto from libssl-dev: AES-XTS, PBKDF2 and SHA for the `crypt` device (LUKS1).
+        .systemLibrary(name: "CCrypto", pkgConfig: nil, providers: [.apt(["libssl-dev"])]),
         // C code written with Xen's own ring macros: the conformance frontend and the
         // reference backend the benchmark compares against.
         .target(name: "CReference", dependencies: ["CXen"]),
@@ -48,7 +50,7 @@ let package = Package(
         // both ends use: shared by the NBD export (a server) and the `nbd` device (a client).
         .target(name: "NBDWire", dependencies: ["Core"]),
         // The soft devices.
-        .target(name: "Devices", dependencies: ["Core", "CAio", "CPcap", "NBDWire"]),
+        .target(name: "Devices", dependencies: ["Core", "CAio", "CPcap", "CCrypto", "NBDWire"]),
         // NBD export of any device stack.
         .target(name: "NBDExport", dependencies: ["Core", "NBDWire"]),
         // `softdev bench`: load generator, the C reference backend's harness, the tables.
