@@ -83,6 +83,8 @@ let package = Package(
         .target(name: "TestPeers", path: "Tests/TestPeers"),
         // Checks of the Xen hypervisor implementation against a real Xen (run in the lab's dom0).
         .executableTarget(name: "xen-lab-probe", dependencies: ["Core"], path: "Sources/XenLabProbe"),
+        // The crash harness's child: serves one device stack over NBD until it is SIGKILLed.
+        .executableTarget(name: "softdev-crash-child", dependencies: ["Core", "Devices", "NBDExport"], path: "Tests/CrashChild"),
         .testTarget(name: "XenStoreTests", dependencies: ["XenStore"]),
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
         .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench"]),

@@ -1,14 +1,14 @@
 import Foundation
 
-/// The softdev binary built beside this test bundle.
+/// The softdev binary (or another of the package's executables) built beside this test bundle.
 public enum SoftDevBinary {
-    public static func path() throws -> String {
+    public static func path(_ name: String = "softdev") throws -> String {
         let dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
         for candidate in [dir, dir.deletingLastPathComponent()] {
-            let path = candidate.appendingPathComponent("softdev").path
+            let path = candidate.appendingPathComponent(name).path
             if FileManager.default.isExecutableFile(atPath: path) { return path }
         }
-        try Peers.missing("the softdev binary beside the tests", install: "swift build --build-tests")
+        try Peers.missing("the \(name) binary beside the tests", install: "swift build --build-tests")
     }
 
     /// Starts softdev with `arguments`, its stdout and stderr going to the file `log`.
