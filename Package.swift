@@ -87,7 +87,7 @@ let package = Package(
         .executableTarget(name: "softdev-crash-child", dependencies: ["Core", "Devices", "NBDExport"], path: "Tests/CrashChild"),
         .testTarget(name: "XenStoreTests", dependencies: ["XenStore"]),
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
-        .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench"]),
+        .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench", "TestPeers"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "NBDExport", "NBDWire", "TestPeers"]),
         .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "NetTap", "Devices", "Core", "XenStore", "TestPeers", "Observability",
                                                        .product(name: "Logging", package: "swift-log")]),

@@ -121,20 +121,9 @@ public struct StackBenchmark {
 
     /// The rows as a table: workload, target, IOPS, MB/s, MB/s over the first target's.
     public static func table(_ rows: [Row]) -> String {
-        let width = max(24, (rows.map(\.target.count).max() ?? 0) + 1)
-        func pad(_ cells: [String]) -> String {
-            zip(cells, [18, width, 10, 10, 9]).enumerated().map { i, pair in
-                let space = String(repeating: " ", count: max(0, pair.1 - pair.0.count))
-                return i < 2 ? pair.0 + space : space + pair.0
-            }.joined(separator: " ")
-        }
-        var lines = [pad(["workload", "target", "IOPS", "MB/s", "vs first"])]
-        var last = ""
-        for r in rows {
-            lines.append(pad([r.workload == last ? "" : r.workload, r.target, String(format: "%.0f", r.iops),
-                              String(format: "%.1f", r.megabytesPerSecond), r.ratioToFirst.map { String(format: "%.2f", $0) } ?? ""]))
-            last = r.workload
-        }
-        return lines.joined(separator: "\n")
+        BenchmarkTable.render(["workload", "target", "IOPS", "MB/s", "vs first"], rows.map { r in
+            [r.workload, r.target, String(format: "%.0f", r.iops), String(format: "%.1f", r.megabytesPerSecond),
+             r.ratioToFirst.map { String(format: "%.2f", $0) } ?? ""]
+        }, widths: [18, max(24, (rows.map(\.target.count).max() ?? 0) + 1), 10, 10, 9])
     }
 }

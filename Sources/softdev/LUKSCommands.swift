@@ -3,9 +3,21 @@ import Core
 import Devices
 import Glibc
 
+/// `--keyfile F | --passphrase P`: the key that opens (or, for luks-format, protects) a volume.
+struct LUKSKeyOptions: ParsableArguments {
+    @Option(help: "A file whose whole contents are the passphrase (as cryptsetup's --key-file).")
+    var keyfile: String?
+    @Option(help: "The passphrase itself (tests only: it shows in process lists).")
+    var passphrase: String?
+
+    func secret() throws -> SecretBytes {
+        try readSecret(keyfile: keyfile, passphrase: passphrase, keyfileOption: "--keyfile", passphraseOption: "--passphrase")
+    }
+}
+
 /// The passphrase options the LUKS commands share: a key file (its whole contents, as
 /// cryptsetup's --key-file) or the passphrase itself (shows in process lists: tests only).
-private func secret(keyfile: String?, passphrase: String?, keyfileOption: String, passphraseOption: String) throws -> SecretBytes {
+private func readSecret(keyfile: String?, passphrase: String?, keyfileOption: String, passphraseOption: String) throws -> SecretBytes {
     switch (keyfile, passphrase) {
     case (let path?, nil):
         do { return try SecretBytes.contents(ofFile: path, what: keyfileOption) } catch { throw ValidationError(error.message) }
@@ -45,10 +57,7 @@ struct LUKSFormat: ParsableCommand {
     var path: String
     @Option(help: "The payload's size (K, M, G, T), a multiple of 512 bytes.")
     var size: String
-    @Option(help: "A file whose whole contents are the passphrase.")
-    var keyfile: String?
-    @Option(help: "The passphrase itself (tests only: it shows in process lists).")
-    var passphrase: String?
+    @OptionGroup var key: LUKSKeyOptions
     @Option(help: "aes-xts-plain64, aes-cbc-essiv:sha256 or aes-cbc-plain64.")
     var cipher = "aes-xts-plain64"
     @Option(help: "Key size in bits: 256 or 512 for XTS (two AES keys), 128, 192 or 256 for CBC.")
@@ -61,7 +70,7 @@ struct LUKSFormat: ParsableCommand {
     var zero = false
 
     func run() throws {
-        let passphrase = try secret(keyfile: keyfile, passphrase: self.passphrase, keyfileOption: "--keyfile", passphraseOption: "--passphrase")
+        let passphrase = try key.secret()
         guard let bytes = DeviceParameters.parseSize(size), bytes > 0, bytes % 512 == 0 else {
             throw ValidationError("--size \(size): use a positive multiple of 512 bytes, e.g. 1G")
         }
@@ -97,10 +106,7 @@ struct LUKSAddKey: ParsableCommand {
 
     @Argument(help: "The volume's file.")
     var path: String
-    @Option(help: "A file holding an existing passphrase.")
-    var keyfile: String?
-    @Option(help: "An existing passphrase (tests only: it shows in process lists).")
-    var passphrase: String?
+    @OptionGroup(title: "An existing key") var key: LUKSKeyOptions
     @Option(help: "A file holding the new passphrase.")
     var newKeyfile: String?
     @Option(help: "The new passphrase (tests only).")
@@ -111,8 +117,8 @@ struct LUKSAddKey: ParsableCommand {
     var iterTime = 2000
 
     func run() throws {
-        let existing = try secret(keyfile: keyfile, passphrase: passphrase, keyfileOption: "--keyfile", passphraseOption: "--passphrase")
-        let new = try secret(keyfile: newKeyfile, passphrase: newPassphrase, keyfileOption: "--new-keyfile", passphraseOption: "--new-passphrase")
+        let existing = try key.secret()
+        let new = try readSecret(keyfile: newKeyfile, passphrase: newPassphrase, keyfileOption: "--new-keyfile", passphraseOption: "--new-passphrase")
         guard iterTime > 0 else { throw ValidationError("--iter-time must be positive") }
         do throws(BlockError) {
             let storage = try LUKSStorage.file(path, writable: true)

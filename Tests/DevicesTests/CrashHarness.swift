@@ -51,7 +51,7 @@ final class CrashHarness {
     }
 
     let options: Options
-    private var random: SplitMix
+    private var random: SplitMix64
     private let sectorsPerBlock: Int
     /// Per sector: the value it must hold at least (0: zeroes), and what was written to it
     /// since, in order (any of which may be what is read).
@@ -62,7 +62,7 @@ final class CrashHarness {
 
     init(options: Options) {
         self.options = options
-        random = SplitMix(options.seed)
+        random = SplitMix64(seed: options.seed)
         sectorsPerBlock = options.blockSize / 512
         durable = Array(repeating: 0, count: options.blocks * options.blockSize / 512)
         since = Array(repeating: [], count: durable.count)
@@ -170,7 +170,7 @@ final class CrashHarness {
         }
         deinit { buffers.forEach { free($0) }; vectors.deallocate() }
 
-        func run(until deadline: UInt64, kill: () -> Void, random: inout SplitMix) {
+        func run(until deadline: UInt64, kill: () -> Void, random: inout SplitMix64) {
             let options = harness.options
             var writesSinceFlush = 0
             var killed = false
@@ -263,7 +263,7 @@ enum Stamp {
         p.storeBytes(of: magic, as: UInt64.self)
         p.storeBytes(of: sequence, toByteOffset: 8, as: UInt32.self)
         p.storeBytes(of: UInt32(sector), toByteOffset: 12, as: UInt32.self)
-        var state = SplitMix(UInt64(sequence) << 32 | UInt64(sector))
+        var state = SplitMix64(seed: UInt64(sequence) << 32 | UInt64(sector))
         for i in stride(from: 16, to: 512, by: 8) { p.storeBytes(of: state.next(), toByteOffset: i, as: UInt64.self) }
     }
 
@@ -273,21 +273,8 @@ enum Stamp {
         if bytes.allSatisfy({ $0 == 0 }) { return 0 }
         guard bytes.load(as: UInt64.self) == magic, bytes.load(fromByteOffset: 12, as: UInt32.self) == UInt32(sector) else { return nil }
         let sequence = bytes.load(fromByteOffset: 8, as: UInt32.self)
-        var state = SplitMix(UInt64(sequence) << 32 | UInt64(sector))
+        var state = SplitMix64(seed: UInt64(sequence) << 32 | UInt64(sector))
         for i in stride(from: 16, to: 512, by: 8) where bytes.load(fromByteOffset: i, as: UInt64.self) != state.next() { return nil }
         return sequence
-    }
-}
-
-/// A small seeded generator (SplitMix64), so that a failing run can be repeated.
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    init(_ seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
