@@ -38,6 +38,50 @@ static inline int ccrypto_sectors(EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *essiv, co
     return 1;
 }
 
+// XTS (IEEE 1619) over whole 512-byte sectors with plain64 tweaks, built on OpenSSL's AES-ECB:
+// C = E_K1(P ^ T) ^ T, T_j = E_K2(plain64(sector)) * x^j in GF(2^128). The same result as
+// EVP_aes_*_xts with the sector's IV, but two EVP calls per 16 sectors instead of an
+// EVP_CipherInit_ex (parameter lookups, ~1 us in OpenSSL 3) and an update per sector: that cost
+// held AES-NI's 3 GB/s to 0.5 GB/s. `data` is AES-ECB keyed with K1 for the direction wanted,
+// `tweak` AES-ECB keyed with K2 for encryption; both without padding. in == out is allowed.
+#define CCRYPTO_XTS_BATCH 16
+static inline int ccrypto_xts_sectors(EVP_CIPHER_CTX *data, EVP_CIPHER_CTX *tweak, const unsigned char *in,
+                                      unsigned char *out, size_t count, uint64_t sector) {
+    unsigned char ivs[CCRYPTO_XTS_BATCH * 16];
+    uint64_t tweaks[CCRYPTO_XTS_BATCH * 64];   // one 16-byte tweak per AES block of the batch
+    while (count > 0) {
+        size_t n = count < CCRYPTO_XTS_BATCH ? count : CCRYPTO_XTS_BATCH;
+        int len = 0;
+        for (size_t i = 0; i < n; i++) ccrypto_plain64(ivs + 16 * i, sector + i);
+        if (EVP_EncryptUpdate(tweak, ivs, &len, ivs, (int)(16 * n)) != 1 || len != (int)(16 * n)) return 0;
+        for (size_t i = 0; i < n; i++) {
+            uint64_t lo, hi;
+            memcpy(&lo, ivs + 16 * i, 8);
+            memcpy(&hi, ivs + 16 * i + 8, 8);
+            for (size_t j = 0; j < 32; j++) {
+                uint64_t *t = tweaks + 2 * (i * 32 + j);
+                t[0] = lo; t[1] = hi;
+                uint64_t p[2];
+                memcpy(p, in + 512 * i + 16 * j, 16);
+                p[0] ^= lo; p[1] ^= hi;
+                memcpy(out + 512 * i + 16 * j, p, 16);
+                uint64_t carry = hi >> 63;   // multiply by x (little-endian, as IEEE 1619)
+                hi = (hi << 1) | (lo >> 63);
+                lo = (lo << 1) ^ (carry ? 0x87 : 0);
+            }
+        }
+        if (EVP_CipherUpdate(data, out, &len, out, (int)(512 * n)) != 1 || len != (int)(512 * n)) return 0;
+        for (size_t k = 0; k < n * 64; k += 2) {
+            uint64_t p[2];
+            memcpy(p, out + 8 * k, 16);
+            p[0] ^= tweaks[k]; p[1] ^= tweaks[k + 1];
+            memcpy(out + 8 * k, p, 16);
+        }
+        in += 512 * n; out += 512 * n; sector += n; count -= n;
+    }
+    return 1;
+}
+
 // Wipes memory in a way the compiler cannot remove (OPENSSL_cleanse), for keys and passphrases.
 static inline void ccrypto_wipe(void *p, size_t n) { if (p && n) OPENSSL_cleanse(p, n); }
 

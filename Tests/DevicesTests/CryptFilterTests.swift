@@ -1,3 +1,4 @@
+import CCrypto
 import Core
 @testable import Devices
 import Foundation
@@ -168,6 +169,30 @@ final class CryptFilterTests: XCTestCase {
         let again = try open("crypt(keyfile=\(key)) | file(path=\(image))")
         defer { again.close() }
         XCTAssertTrue(try again.readBytes(patch.count, at: 12288) == patch, "SoftDev reads what nbdkit's luks filter wrote")
+    }
+
+    /// The XTS built on AES-ECB gives OpenSSL's own EVP_aes_*_xts bytes, both key sizes, both
+    /// directions, in place and not, for runs of sectors that do not fill a batch.
+    func testXTSMatchesOpenSSL() throws {
+        for keyBytes in [32, 64] {
+            for encrypt in [true, false] {
+                let key = try LUKSCrypto.random(keyBytes)
+                let spec = try LUKSCipherSpec(cipherName: "aes", mode: "xts-plain64", keyBytes: keyBytes)
+                let ours = try LUKSSectorCipher(spec: spec, key: key, encrypt: encrypt)
+                let reference = EVP_CIPHER_CTX_new()
+                defer { EVP_CIPHER_CTX_free(reference) }
+                XCTAssertEqual(EVP_CipherInit_ex(reference, keyBytes == 64 ? EVP_aes_256_xts() : EVP_aes_128_xts(), nil,
+                                                 key.pointer.assumingMemoryBound(to: UInt8.self), nil, encrypt ? 1 : 0), 1)
+                for (count, first) in [(1, UInt64(0)), (37, 0x1_2345_6789), (16, 5), (100, UInt64.max - 200)] {
+                    let input = Self.pattern(count * 512, seed: UInt64(count))
+                    var expected = [UInt8](repeating: 0, count: input.count), actual = input, outOfPlace = expected
+                    XCTAssertEqual(ccrypto_sectors(reference, nil, input, &expected, count, first), 1)
+                    XCTAssertTrue(actual.withUnsafeMutableBytes { ours.run($0.baseAddress!, $0.baseAddress!, sectors: count, first: first) })
+                    XCTAssertTrue(input.withUnsafeBytes { i in outOfPlace.withUnsafeMutableBytes { ours.run(i.baseAddress!, $0.baseAddress!, sectors: count, first: first) } })
+                    XCTAssertTrue(actual == expected && outOfPlace == expected, "\(keyBytes * 8)-bit key, encrypt \(encrypt), \(count) sectors from \(first)")
+                }
+            }
+        }
     }
 
     // MARK: Keys
