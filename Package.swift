@@ -32,6 +32,8 @@ let package = Package(
         .systemLibrary(name: "CAio", pkgConfig: nil, providers: [.apt(["libaio-dev"])]),
         // libpcap from libpcap-dev: tcpdump's filter compiler for the `filter` network device.
         .systemLibrary(name: "CPcap", pkgConfig: nil, providers: [.apt(["libpcap-dev"])]),
+        // OpenSSL's libcrypto from libssl-dev: AES-XTS, PBKDF2 and SHA for the `crypt` device (LUKS1).
+        .systemLibrary(name: "CCrypto", pkgConfig: nil, providers: [.apt(["libssl-dev"])]),
         // C code written with Xen's own ring macros: the conformance frontend and the
         // reference backend the benchmark compares against.
         .target(name: "CReference", dependencies: ["CXen"]),
@@ -51,7 +53,7 @@ let package = Package(
         // both ends use: shared by the NBD export (a server) and the `nbd` device (a client).
         .target(name: "NBDWire", dependencies: ["Core"]),
         // The soft devices.
-        .target(name: "Devices", dependencies: ["Core", "CAio", "CPcap", "NBDWire"]),
+        .target(name: "Devices", dependencies: ["Core", "CAio", "CPcap", "CCrypto", "NBDWire"]),
         // NBD export of any device stack.
         .target(name: "NBDExport", dependencies: ["Core", "NBDWire"]),
         // `softdev bench`: load generator, the C reference backend's harness, the tables.
@@ -84,10 +86,12 @@ let package = Package(
         .target(name: "TestPeers", path: "Tests/TestPeers"),
         // Checks of the Xen hypervisor implementation against a real Xen (run in the lab's dom0).
         .executableTarget(name: "xen-lab-probe", dependencies: ["Core"], path: "Sources/XenLabProbe"),
+        // The crash harness's child: serves one device stack over NBD until it is SIGKILLed.
+        .executableTarget(name: "softdev-crash-child", dependencies: ["Core", "Devices", "NBDExport"], path: "Tests/CrashChild"),
         .testTarget(name: "XenStoreTests", dependencies: ["XenStore"]),
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
-        .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "NBDExport", "NBDWire", "TestPeers"]),
+        .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench", "TestPeers"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "CCrypto", "NBDExport", "NBDWire", "TestPeers"]),
         .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "NetTap", "USBTap", "Devices", "Core", "XenStore", "TestPeers", "Observability",
                                                        .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "NetTapTests", dependencies: ["NetTap", "Core", "CXen", "XenStore", "CReference", "Bench"]),

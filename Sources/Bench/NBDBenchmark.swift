@@ -114,20 +114,10 @@ public struct NBDBenchmark: Sendable {
 
     /// The rows as a table: workload, server, IOPS, MB/s, ratio to the nbdkit peer.
     public static func table(_ rows: [Row]) -> String {
-        func pad(_ cells: [String]) -> String {
-            zip(cells, [20, 18, 10, 10, 10]).enumerated().map { i, pair in
-                let space = String(repeating: " ", count: max(0, pair.1 - pair.0.count))
-                return i < 2 ? pair.0 + space : space + pair.0
-            }.joined(separator: " ")
-        }
-        var lines = [pad(["workload", "server", "IOPS", "MB/s", "vs nbdkit"])]
-        var last = ""
-        for r in rows {
-            lines.append(pad([r.workload == last ? "" : r.workload, r.server, String(format: "%.0f", r.iops),
-                              String(format: "%.1f", r.megabytesPerSecond), r.ratioToPeer.map { String(format: "%.2f", $0) } ?? ""]))
-            last = r.workload
-        }
-        return lines.joined(separator: "\n")
+        BenchmarkTable.render(["workload", "server", "IOPS", "MB/s", "vs nbdkit"], rows.map { r in
+            [r.workload, r.server, String(format: "%.0f", r.iops), String(format: "%.1f", r.megabytesPerSecond),
+             r.ratioToPeer.map { String(format: "%.2f", $0) } ?? ""]
+        }, widths: [20, 18, 10, 10, 10])
     }
 
     private func measure(_ w: Workload, _ pair: Pair, uri: String, milliseconds: Int) throws -> FioJob.Report {

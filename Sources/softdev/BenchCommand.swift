@@ -68,8 +68,17 @@ struct Bench: ParsableCommand {
         valueName: "us"))
     var pollMicroseconds = AdaptivePoller.defaultMicroseconds
 
+    @Option(parsing: .upToNextOption, help: ArgumentHelp(
+        "Compare device stacks over the same base device through the NBD export and fio's nbd engine, e.g. --stacks 'file(path=X, direct=off)' 'crypt(keyfile=K) | file(path=X, direct=off)' (X from `softdev luks-format X --size 1G --keyfile K --zero`); a crypt | file stack also gets a row of qemu-nbd with qemu's luks driver on the same image. Replaces the other tables.",
+        valueName: "spec"))
+    var stacks: [String] = []
+
+    @Flag(help: "With --stacks: leave out the qemu-nbd luks rows.")
+    var noQemu = false
+
     func run() throws {
         if net { return try runNet() }
+        if !stacks.isEmpty { return try runStacks() }
         let wanted = Set(backends.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
         let unknown = wanted.subtracting(["null", "file", "reference", "fio"])
         guard unknown.isEmpty else { throw ValidationError("--backends: unknown \(unknown.sorted().joined(separator: ", ")) (use reference, null, fio, file)") }
@@ -172,5 +181,46 @@ struct Bench: ParsableCommand {
             .init(name: "file", device: fileDevice, nbdkitPlugin: ["file", path], file: path),
         ]) { row in FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.server)\n".utf8)) }
         print(NBDBenchmark.table(rows))
+    }
+
+    /// `--stacks`: each stack (and qemu's luks driver for a crypt | file stack) on the same
+    /// workloads, through NBD, the first stack's MB/s the reference.
+    private func runStacks() throws {
+        let picked: [BenchmarkWorkload]
+        do { picked = try BenchmarkWorkload.select(workloads == "all" ? StackBenchmark.defaultWorkloads.joined(separator: ",") : workloads) } catch {
+            throw ValidationError("\(error)")
+        }
+        var targets: [StackBenchmark.Target] = []
+        var qemu: [StackBenchmark.Target] = []
+        defer { targets.forEach { $0.device?.close() } }
+        var offset: UInt64 = 0
+        for spec in stacks {
+            let device: any BlockDevice
+            do { device = try DeviceRegistry.open(spec) } catch { throw ValidationError("--stacks \(spec): \(error)") }
+            var bottom: any BlockDevice = device
+            while let filter = bottom as? BlockFilter { bottom = filter.next }
+            let file = bottom as? FileDevice
+            targets.append(.init(label: spec, device: device, file: file?.path))
+            if let crypt = device as? CryptFilter { offset = max(offset, crypt.payloadStart) }
+            if !noQemu, let luks = StackBenchmark.luksImage(of: spec) {
+                qemu.append(.init(label: "qemu-nbd luks (same image)", qemuNBD: StackBenchmark.qemuLuks(image: luks.image, keyfile: luks.keyfile, direct: file?.isDirect ?? false),
+                                  file: luks.image))
+            }
+        }
+        // fio stays off the LUKS header: every target from the largest payload offset on.
+        let smallest = targets.compactMap { $0.device?.geometry.size }.min() ?? 0
+        guard smallest > offset + (16 << 20) else { throw ValidationError("--stacks: the devices are too small (at least 16 MiB past \(offset) bytes)") }
+        let size = (smallest - offset) / (1 << 20) * (1 << 20)
+        var bench = StackBenchmark(workloads: picked, milliseconds: Int(seconds * 1000), size: size, offset: offset, pollMicroseconds: pollMicroseconds)
+        bench.rounds = 2
+        let aesNI = ((try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? "").split(separator: "\n")
+            .contains { $0.hasPrefix("flags") && $0.split(separator: " ").contains("aes") }
+        print("stacks through the NBD export, fio's nbd engine on a unix socket: \(seconds) s per row in \(bench.rounds) turns (targets in order, then reversed; +0.5 s ramp each), "
+              + "\(size >> 20) MiB from offset \(offset); qemu-nbd with the same O_DIRECT setting as the file device; write rows synced after; "
+              + "CPU \(aesNI ? "with" : "without") AES-NI; " + Self.polling(pollMicroseconds))
+        let rows = try bench.run(targets: targets + qemu) { row in
+            FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
+        }
+        print(StackBenchmark.table(rows))
     }
 }

@@ -1,6 +1,7 @@
 import BlockTap
 import CXen
 import Core
+import TestPeers
 import XCTest
 import XenStore
 
@@ -269,18 +270,5 @@ final class HostileFrontendTests: XCTestCase {
         // The first guest is unaffected.
         try front.write(sector: 0, [UInt8](repeating: 2, count: 4096))
         XCTAssertEqual(try front.read(sector: 0, count: 4096), [UInt8](repeating: 2, count: 4096))
-    }
-}
-
-/// A small seeded generator, so that a failure's seed (in its message) replays it.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

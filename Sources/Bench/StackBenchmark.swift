@@ -1,0 +1,129 @@
+import Core
+import Devices
+import Foundation
+import NBDExport
+
+/// Device stacks over the same base device, side by side (`softdev bench --stacks`): each
+/// stack is served by SoftDev's NBD export and measured with fio's nbd engine, and for each
+/// `crypt(keyfile=K) | file(path=X)` stack, qemu's luks driver on the same image and key is
+/// served by `qemu-nbd` and measured with the same fio jobs: the same client, the same
+/// transport (NBD on a unix socket), the same file, the same O_DIRECT setting (qemu-nbd
+/// `--cache=none --aio=native` when the file device uses O_DIRECT, else `--cache=writeback
+/// --aio=threads`), so that the rows differ only by the server's data path.
+///
+/// fio works on `[offset, offset + size)` of every target: the offset keeps a stack's writes
+/// off the LUKS header and key slots when the stack is the raw file under a `crypt`.
+public struct StackBenchmark {
+    public struct Target {
+        public var label: String
+        /// A SoftDev stack, or nil for a qemu-nbd target.
+        public var device: (any BlockDevice)?
+        public var qemuNBD: [String]?
+        /// The file the target writes, synced after each write row.
+        public var file: String?
+        public init(label: String, device: (any BlockDevice)? = nil, qemuNBD: [String]? = nil, file: String? = nil) {
+            self.label = label; self.device = device; self.qemuNBD = qemuNBD; self.file = file
+        }
+    }
+
+    public struct Row: Sendable {
+        public var workload: String
+        public var target: String
+        public var iops: Double
+        public var megabytesPerSecond: Double
+        /// MB/s over the first target's (the base device, as listed first).
+        public var ratioToFirst: Double?
+    }
+
+    public var workloads: [BenchmarkWorkload]
+    public var milliseconds: Int
+    public var size: UInt64
+    public var offset: UInt64
+    public var pollMicroseconds: Int
+    public var rounds = 2
+
+    public init(workloads: [BenchmarkWorkload], milliseconds: Int, size: UInt64, offset: UInt64, pollMicroseconds: Int) {
+        self.workloads = workloads; self.milliseconds = milliseconds; self.size = size; self.offset = offset
+        self.pollMicroseconds = pollMicroseconds
+    }
+
+    /// The workloads `--stacks` runs unless `--workloads` names others: 4 KiB random at queue
+    /// depth 1 and 32, 1 MiB sequential, reads and writes.
+    public static let defaultWorkloads = ["4k-randread-qd1", "4k-randread-qd32", "4k-randwrite-qd1", "4k-randwrite-qd32", "1m-read", "1m-write"]
+
+    /// For a stack `crypt(keyfile=K, ...) | file(path=X, ...)`: K, X and the file's direct setting.
+    public static func luksImage(of spec: String) -> (keyfile: String, image: String)? {
+        guard let parsed = try? DeviceSpec(parsing: spec), parsed.elements.count == 2,
+              parsed.elements[0].name == "crypt", parsed.elements[1].name == "file",
+              let key = parsed.elements[0].parameters.first(where: { $0.key == "keyfile" })?.value,
+              let path = parsed.elements[1].parameters.first(where: { $0.key == "path" })?.value else { return nil }
+        return (key, path)
+    }
+
+    /// qemu-nbd's arguments for qemu's luks driver on `image` with the key file `keyfile`.
+    public static func qemuLuks(image: String, keyfile: String, direct: Bool) -> [String] {
+        ["--object", "secret,id=sec0,file=\(keyfile)", "--image-opts", "driver=luks,key-secret=sec0,file.filename=\(image)",
+         "--cache=\(direct ? "none" : "writeback")", "--aio=\(direct ? "native" : "threads")", "--persistent", "--shared=4"]
+    }
+
+    /// Every workload on every target, in `rounds` turns (the targets in order, then reversed).
+    public func run(targets: [Target], progress: (Row) -> Void = { _ in }) throws -> [Row] {
+        let directory = try NBDBenchmark.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        var uris: [String] = []
+        var servers: [NBDServer] = []
+        var processes: [Process] = []
+        defer {
+            servers.forEach { $0.stop() }
+            for p in processes { p.terminate(); p.waitUntilExit() }
+        }
+        for (index, target) in targets.enumerated() {
+            let socket = "\(directory)/t\(index).sock"
+            if let device = target.device {
+                let server = NBDServer(listen: .unix(path: socket), exports: [NBDExport(name: "", device: device)], pollMicroseconds: pollMicroseconds)
+                try server.start()
+                servers.append(server)
+            } else if let arguments = target.qemuNBD {
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: try NBDBenchmark.tool("qemu-nbd", package: "qemu-utils"))
+                p.arguments = ["--socket=\(socket)"] + arguments
+                p.standardOutput = FileHandle.nullDevice
+                try p.run()
+                processes.append(p)
+                var waited = 0
+                while !FileManager.default.fileExists(atPath: socket) {
+                    guard p.isRunning, waited < 1000 else { throw HarnessFailure("qemu-nbd \(arguments.joined(separator: " ")) did not start") }
+                    usleep(10_000); waited += 1
+                }
+            }
+            uris.append("nbd+unix:///?socket=\(socket)")
+        }
+        var rows: [Row] = []
+        for w in workloads {
+            var totals = Array(repeating: FioJob.Report(), count: targets.count)
+            let part = milliseconds / max(1, rounds)
+            for round in 0..<max(1, rounds) {
+                let order = round % 2 == 0 ? Array(targets.indices) : targets.indices.reversed()
+                for i in order {
+                    totals[i].add(try FioJob.run(engine: ["--ioengine=nbd", "--uri=\(uris[i])", "--offset=\(offset)"], workload: w,
+                                                 size: size, runtimeMilliseconds: part, rampMilliseconds: 500))
+                    if w.write, let file = targets[i].file { try BenchmarkFile.sync(file) }
+                }
+            }
+            for (i, total) in totals.enumerated() {
+                let row = Row(workload: w.name, target: targets[i].label, iops: total.iops, megabytesPerSecond: total.megabytesPerSecond,
+                              ratioToFirst: i == 0 || totals[0].megabytesPerSecond == 0 ? nil : total.megabytesPerSecond / totals[0].megabytesPerSecond)
+                progress(row); rows.append(row)
+            }
+        }
+        return rows
+    }
+
+    /// The rows as a table: workload, target, IOPS, MB/s, MB/s over the first target's.
+    public static func table(_ rows: [Row]) -> String {
+        BenchmarkTable.render(["workload", "target", "IOPS", "MB/s", "vs first"], rows.map { r in
+            [r.workload, r.target, String(format: "%.0f", r.iops), String(format: "%.1f", r.megabytesPerSecond),
+             r.ratioToFirst.map { String(format: "%.2f", $0) } ?? ""]
+        }, widths: [18, max(24, (rows.map(\.target.count).max() ?? 0) + 1), 10, 10, 9])
+    }
+}

@@ -1,0 +1,337 @@
+import CCrypto
+import Core
+import Glibc
+import Synchronization
+
+/// `crypt(keyfile=PATH)` or `crypt(passphrase=...)`: the plaintext of a LUKS1 volume stored on
+/// the device below, as qemu's luks driver, nbdkit's luks filter and dm-crypt serve it. The
+/// header is read and checked at open, each active key slot is tried with the passphrase, and
+/// the payload's sectors are encrypted with AES-XTS (or AES-CBC with ESSIV or plain64 IVs)
+/// from OpenSSL's libcrypto, each 512-byte sector with its number from the payload's start as
+/// its IV (plain64).
+///
+/// - Reads go down into the request's own buffers and are decrypted there when they complete.
+/// - Writes are encrypted into a buffer of the filter's (the caller's data is never changed),
+///   1 MiB at a time; a larger write goes down in 1 MiB pieces, one after another.
+/// - Each request in flight borrows a ``CryptRequest`` from a pool: its OpenSSL contexts (one
+///   per direction, keyed once) and its buffer, so that nothing is allocated per request once
+///   the pool has grown to the deepest queue seen.
+/// - Flush and FUA pass through. Write-zeroes writes encrypted zeroes (a hole below would
+///   decrypt to noise, and would show where the guest's data is not). Discard is refused
+///   unless `discard=on`, dm-crypt's `allow_discards`: a discarded range reads back as noise
+///   (which NBD and blkif allow) and the device below learns which blocks are free. qemu's luks
+///   driver always passes discard down; dm-crypt does not by default; we follow dm-crypt.
+/// - Extents are not passed up: a hole below is not zero above.
+/// - `close` wipes the master key and frees the contexts (OpenSSL wipes their key schedules).
+public final class CryptFilter: BlockFilter, @unchecked Sendable {
+    public override var name: String { "crypt" }
+    public let header: LUKSHeader
+    public let cipher: LUKSCipherSpec
+    /// The key slot the passphrase opened.
+    public let unlockedSlot: Int
+    /// Where the payload starts on the device below, in bytes.
+    public let payloadStart: UInt64
+    public let allowDiscard: Bool
+    private let payload: BlockGeometry
+    private var masterKey: SecretBytes?
+    private let pool = Mutex<[CryptRequest]>([])
+    /// The largest piece of a write that goes down at once (and the most a request's buffer holds).
+    static let chunkBytes = 1 << 20
+
+    /// Opens the LUKS1 volume on `next` with `passphrase`. Errors name `label` (the file below)
+    /// and, for a bad header, the offset of the field at fault.
+    public init(next: any BlockDevice, passphrase: SecretBytes, allowDiscard: Bool = false, label: String? = nil) throws(BlockError) {
+        let label = label ?? Self.label(of: next)
+        let storage = LUKSStorage.device(next, label: label)
+        header = try LUKSVolume.readHeader(storage)
+        cipher = try LUKSCipherSpec(cipherName: header.cipherName, mode: header.cipherMode, keyBytes: Int(header.keyBytes))
+        let (key, slot) = try LUKSVolume.unlock(header, storage: storage, passphrase: passphrase)
+        masterKey = key
+        unlockedSlot = slot
+        payloadStart = UInt64(header.payloadOffset) * 512
+        let below = next.geometry
+        guard payloadStart % UInt64(below.logicalBlockSize) == 0 else {
+            throw BlockError(.invalid, "\(label): the LUKS payload offset \(payloadStart) is not a multiple of the device's \(below.logicalBlockSize)-byte blocks")
+        }
+        let size = (below.size - payloadStart) / UInt64(below.logicalBlockSize) * UInt64(below.logicalBlockSize)
+        payload = BlockGeometry(size: size, logicalBlockSize: below.logicalBlockSize, physicalBlockSize: below.physicalBlockSize)
+        self.allowDiscard = allowDiscard
+        super.init(next: next)
+        // One request's worth of contexts now, so that a bad key fails at open.
+        let first = try CryptRequest(filter: self, key: key)
+        pool.withLock { $0.append(first) }
+    }
+
+    /// The file below for messages: `file(path=...)`'s path, else the device's name.
+    static func label(of device: any BlockDevice) -> String {
+        var below: any BlockDevice = device
+        while let filter = below as? BlockFilter { below = filter.next }
+        if let file = below as? FileDevice { return file.path }
+        return device.name
+    }
+
+    public override var geometry: BlockGeometry { payload }
+    public override var capabilities: BlockCapabilities {
+        var caps = next.capabilities.subtracting([.extents, .discard])
+        if allowDiscard && next.capabilities.contains(.discard) { caps.insert(.discard) }
+        if caps.contains(.write) { caps.insert(.writeZeroes) }
+        return caps
+    }
+
+    public override func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent] {
+        [BlockExtent(offset: offset, length: length, isHole: false, isZero: false)]
+    }
+
+    public override func submit(_ request: BlockRequest, completion: BlockCompletion) {
+        switch request.operation {
+        case .flush:
+            return next.submit(request, completion: completion)
+        case .discard:
+            guard allowDiscard else {
+                return completion.complete(.failure(BlockError(.notSupported, "crypt: discard is off (discard=on passes it down)")))
+            }
+            fallthrough
+        default:
+            guard request.offset <= payload.size, request.length <= payload.size - request.offset else {
+                return completion.complete(.failure(BlockError(.outOfRange, "crypt: \(request.offset)+\(request.length) is past the end of the \(payload.size)-byte payload")))
+            }
+        }
+        if request.operation == .discard {
+            var moved = request
+            moved.offset += payloadStart
+            return next.submit(moved, completion: completion)
+        }
+        let worker: CryptRequest
+        do { worker = try acquire() } catch { return completion.complete(.failure(error)) }
+        worker.start(request, completion: completion)
+    }
+
+    private func acquire() throws(BlockError) -> CryptRequest {
+        if let worker = pool.withLock({ $0.popLast() }) { return worker }
+        guard let key = masterKey else { throw BlockError(.io, "crypt: the device is closed") }
+        return try CryptRequest(filter: self, key: key)
+    }
+
+    fileprivate func release(_ worker: CryptRequest) {
+        pool.withLock { $0.append(worker) }
+    }
+
+    /// Wipes the master key and frees every idle request's contexts, then closes the device below.
+    public override func close() {
+        masterKey = nil
+        pool.withLock { $0.removeAll() }
+        super.close()
+    }
+}
+
+/// One request in flight through a ``CryptFilter``: the contexts it encrypts and decrypts with,
+/// its buffer, and where it is. Lent by the filter's pool for the life of one request.
+final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
+    private unowned let filter: CryptFilter
+    private let encryptor: LUKSSectorCipher
+    private let decryptor: LUKSSectorCipher
+    private var buffer: UnsafeMutableRawPointer?
+    private var capacity = 0
+    private let vector = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
+
+    private var completion: BlockCompletion?
+    private var operation = BlockOperation.read
+    private var buffers = IOBuffers.empty
+    private var offset: UInt64 = 0
+    private var length: UInt64 = 0
+    private var fua = false
+    private var done: UInt64 = 0
+    private var piece: UInt64 = 0
+    private var pieceResult = BlockResult.success
+    /// 0 while a piece is being submitted, 1 once submit returned first, 2 once it completed first.
+    private let phase = Atomic<Int>(0)
+
+    init(filter: CryptFilter, key: SecretBytes) throws(BlockError) {
+        self.filter = filter
+        encryptor = try LUKSSectorCipher(spec: filter.cipher, key: key, encrypt: true)
+        decryptor = try LUKSSectorCipher(spec: filter.cipher, key: key, encrypt: false)
+    }
+
+    deinit {
+        if let buffer { ccrypto_wipe(buffer, capacity); free(buffer) }
+        vector.deallocate()
+    }
+
+    func start(_ request: BlockRequest, completion: BlockCompletion) {
+        self.completion = completion
+        operation = request.operation
+        offset = request.offset; length = request.length; fua = request.fua
+        buffers = request.buffers
+        done = 0
+        if operation == .read {
+            var down = request
+            down.offset += filter.payloadStart
+            filter.next.submit(down, completion: BlockCompletion(sink: self, tag: 1))
+        } else if length == 0 {
+            finish(.success)
+        } else {
+            pump(callerMayWait: request.callerMayWait)
+        }
+    }
+
+    func complete(tag: UInt64, result: BlockResult) {
+        if tag == 1 {
+            // A read: decrypt in place.
+            if result == .success && !decryptRead() {
+                return finish(.failure(BlockError(.io, "crypt: OpenSSL failed to decrypt")))
+            }
+            return finish(result)
+        }
+        pieceResult = result
+        // Completed while `pump` was still in submit: pump goes on.
+        if phase.compareExchange(expected: 0, desired: 2, ordering: .acquiringAndReleasing).exchanged { return }
+        if advance() { pump(callerMayWait: false) }
+    }
+
+    /// Encrypts and submits the pieces of a write or write-zeroes, one at a time; a piece that
+    /// completes inside `submit` loops here rather than recursing.
+    private func pump(callerMayWait: Bool) {
+        var mayWait = callerMayWait
+        while true {
+            let n = min(UInt64(CryptFilter.chunkBytes), length - done)
+            guard fill(Int(n)) else { return finish(.failure(BlockError(.io, "crypt: OpenSSL failed to encrypt"))) }
+            piece = n
+            phase.store(0, ordering: .releasing)
+            vector.pointee = iovec(iov_base: buffer, iov_len: Int(n))
+            var down = BlockRequest(operation: .write, offset: filter.payloadStart + offset + done, length: n,
+                                    buffers: IOBuffers(vector, count: 1), fua: fua)
+            down.callerMayWait = mayWait
+            mayWait = false
+            filter.next.submit(down, completion: BlockCompletion(sink: self, tag: 0))
+            if phase.compareExchange(expected: 0, desired: 1, ordering: .acquiringAndReleasing).exchanged { return }
+            guard advance() else { return }
+        }
+    }
+
+    /// After a piece: false when the request is finished (or failed).
+    private func advance() -> Bool {
+        if case .failure = pieceResult { finish(pieceResult); return false }
+        done += piece
+        if done >= length { finish(.success); return false }
+        return true
+    }
+
+    private func finish(_ result: BlockResult) {
+        let completion = self.completion!
+        self.completion = nil
+        buffers = .empty
+        filter.release(self)
+        completion.complete(result)
+    }
+
+    private func ensureBuffer(_ n: Int) -> Bool {
+        if capacity >= n { return true }
+        if let buffer { ccrypto_wipe(buffer, capacity); free(buffer); self.buffer = nil }
+        let size = min(CryptFilter.chunkBytes, max(n, 64 << 10))
+        var memory: UnsafeMutableRawPointer?
+        guard posix_memalign(&memory, 4096, size) == 0 else { capacity = 0; return false }
+        buffer = memory; capacity = size
+        return true
+    }
+
+    /// The next `n` bytes of the write (or zeroes), encrypted into the buffer.
+    private func fill(_ n: Int) -> Bool {
+        guard ensureBuffer(n), let buffer else { return false }
+        let sector = (offset + done) / 512
+        if operation == .writeZeroes {
+            memset(buffer, 0, n)
+            return encryptor.run(buffer, buffer, sectors: n / 512, first: sector)
+        }
+        // Straight from the caller's buffers where whole sectors lie in one of them.
+        var skip = Int(done), out = 0, aligned = true
+        for b in buffers where out < n {
+            if skip >= b.count { skip -= b.count; continue }
+            let take = min(b.count - skip, n - out)
+            if take % 512 != 0 || skip % 512 != 0 { aligned = false; break }
+            guard encryptor.run(b.baseAddress! + skip, buffer + out, sectors: take / 512, first: sector + UInt64(out / 512)) else { return false }
+            out += take; skip = 0
+        }
+        if aligned { return true }
+        // Sectors that straddle two buffers: gather, then encrypt in place.
+        gather(into: buffer, from: Int(done), count: n)
+        return encryptor.run(buffer, buffer, sectors: n / 512, first: sector)
+    }
+
+    private func gather(into destination: UnsafeMutableRawPointer, from start: Int, count: Int) {
+        var skip = start, out = 0
+        for b in buffers where out < count {
+            if skip >= b.count { skip -= b.count; continue }
+            let take = min(b.count - skip, count - out)
+            memcpy(destination + out, b.baseAddress! + skip, take)
+            out += take; skip = 0
+        }
+    }
+
+    private func scatter(from source: UnsafeRawPointer, to start: Int, count: Int) {
+        var skip = start, out = 0
+        for b in buffers where out < count {
+            if skip >= b.count { skip -= b.count; continue }
+            let take = min(b.count - skip, count - out)
+            memcpy(b.baseAddress! + skip, source + out, take)
+            out += take; skip = 0
+        }
+    }
+
+    /// Decrypts a completed read in the request's buffers.
+    private func decryptRead() -> Bool {
+        let first = offset / 512
+        if buffers.allSatisfy({ $0.count % 512 == 0 }) {
+            var sector = first
+            for b in buffers where b.count > 0 {
+                guard decryptor.run(b.baseAddress!, b.baseAddress!, sectors: b.count / 512, first: sector) else { return false }
+                sector += UInt64(b.count / 512)
+            }
+            return true
+        }
+        // Buffers that split sectors: through our buffer, a piece at a time.
+        var position = 0
+        let total = Int(length)
+        while position < total {
+            let n = min(CryptFilter.chunkBytes, total - position)
+            guard ensureBuffer(n), let buffer else { return false }
+            gather(into: buffer, from: position, count: n)
+            guard decryptor.run(buffer, buffer, sectors: n / 512, first: first + UInt64(position / 512)) else { return false }
+            scatter(from: buffer, to: position, count: n)
+            position += n
+        }
+        return true
+    }
+}
+
+extension CryptFilter {
+    public static let descriptor = DeviceDescriptor(
+        name: "crypt", kind: .filter,
+        summary: "The plaintext of a LUKS1 volume on the device below (AES-XTS from OpenSSL; reads and writes what qemu-img's luks driver, nbdkit's luks filter and cryptsetup do).",
+        parameters: [
+            DeviceParameter("keyfile", "A file whose whole contents are the passphrase (as cryptsetup --key-file, qemu's secret,file=)."),
+            DeviceParameter("passphrase", "The passphrase itself: for tests only, it shows in process lists and configs (use keyfile)."),
+            DeviceParameter("discard", "on: pass discards down (dm-crypt's allow_discards; reveals which blocks are free and they read back as noise). Default off."),
+        ],
+        open: { parameters, next throws(DeviceSpecError) in
+            let next = next!
+            let keyfile = parameters.string("keyfile"), text = parameters.string("passphrase")
+            guard (keyfile == nil) != (text == nil) else {
+                throw DeviceSpecError("crypt: give exactly one of keyfile= and passphrase=")
+            }
+            let discard = try parameters.bool("discard", default: false)
+            return try DeviceSpecError.opening { () throws(BlockError) in
+                let secret: SecretBytes
+                if let keyfile {
+                    secret = try SecretBytes.contents(ofFile: keyfile, what: "crypt: keyfile")
+                } else {
+                    secret = SecretBytes(utf8: text!)
+                    guard secret.count > 0 else { throw BlockError(.invalid, "crypt: the passphrase is empty") }
+                }
+                do throws(BlockError) {
+                    return try CryptFilter(next: next, passphrase: secret, allowDiscard: discard)
+                } catch {
+                    throw BlockError(error.code, errno: error.errno, "crypt: \(error.message)")
+                }
+            }
+        })
+}
