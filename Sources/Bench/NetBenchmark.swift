@@ -244,11 +244,21 @@ public final class BenchNetSink: NetDevice, @unchecked Sendable {
     public func fromGuest(_ frame: EthernetFrame) {}
     public func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads) { self.receiver.withLock { $0 = receiver } }
     public func close() { receiver.withLock { $0 = nil } }
-    /// Hands `frame` up to the guest `count` times.
+    /// Hands `count` copies of `frame` up to the guest, in one batch. Each is a frame of its
+    /// own, as a TAP reader's are (one shared frame would make both threads fight over its
+    /// reference count, a cost no real source has).
     public func send(_ frame: EthernetFrame, count: Int) {
         guard count > 0, let r = receiver.withLock({ $0 }) else { return }
-        r.toGuest([EthernetFrame](repeating: frame, count: count))
+        batch.removeAll(keepingCapacity: true)
+        frame.withUnsafeBytes { template in
+            for _ in 0..<count {
+                batch.append(EthernetFrame(count: template.count, offload: frame.offload) { $0.copyMemory(from: template) })
+            }
+        }
+        r.toGuest(batch)
+        batch.removeAll(keepingCapacity: true)
     }
+    private var batch: [EthernetFrame] = []
 }
 
 /// Drives queue 0 of a ``LocalNetFrontend`` as hard as a guest could, the same way whichever
