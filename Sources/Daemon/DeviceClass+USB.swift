@@ -62,7 +62,11 @@ extension DeviceClass {
             if let current = try store.readString(paths.backendPath + "/port/\(port)"), !current.isEmpty {
                 throw XenStoreError.exists(paths.backendPath + "/port/\(port)")
             }
-            if !settings.isEmpty { throw ServeConfigError("the controller exists already: \(settings.keys.sorted().joined(separator: ", ")) cannot change now") }
+            // Settings that create the controller must agree with the one there.
+            let current = ["ports": "\(ports)", "usb-version": try store.readString(paths.backendPath + "/usb-ver") ?? "2"]
+            for (key, value) in settings where current[key] != value {
+                throw ServeConfigError("the guest's USB controller exists already with \(key) \(current[key] ?? "-"): \(key) \(value) cannot apply now")
+            }
             try store.write(paths.backendPath + "/port/\(port)", spec)
         },
         unplugFrom: { store, paths, name in

@@ -1,3 +1,5 @@
+import Synchronization
+
 /// Why a grant operation failed. A guest's bad reference is one of these, never a crash.
 public enum GrantError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The reference is past the end of the granting domain's table, or the entry grants nothing.
@@ -54,6 +56,8 @@ public struct GrantCopySegment: @unchecked Sendable {
     /// sweep) without reference counting: `failure` 0 is success, else a `GrantError` case.
     private var failure: UInt8 = 0
     private var failureErrno: Int32 = 0
+    /// A failed system call's description, as an index into ``GrantCopyFailureOperations``.
+    private var failureOperation: UInt16 = 0
     public init(direction: Direction, domain: DomainID, ref: GrantRef, offset: UInt16, length: UInt16, local: UnsafeMutableRawPointer) {
         self.direction = direction; self.domain = domain; self.ref = ref; self.offset = offset; self.length = length; self.local = local
     }
@@ -68,7 +72,7 @@ public struct GrantCopySegment: @unchecked Sendable {
             case 3: return .noSuchDomain(domain)
             case 4: return .badFrame(domain: domain, ref: ref)
             case 5: return .tooManyMappings(domain: domain, ref: ref)
-            default: return .system(operation: "grant copy", errno: failureErrno)
+            default: return .system(operation: GrantCopyFailureOperations.name(failureOperation), errno: failureErrno)
             }
         }
         set {
@@ -79,13 +83,34 @@ public struct GrantCopySegment: @unchecked Sendable {
             case .noSuchDomain: failure = 3
             case .badFrame: failure = 4
             case .tooManyMappings: failure = 5
-            case .system(_, let e): failure = 6; failureErrno = e
+            case .system(let operation, let e):
+                failure = 6; failureErrno = e; failureOperation = GrantCopyFailureOperations.index(operation)
             }
         }
     }
     /// Whether the copy failed (no error value built).
     @inlinable public var failed: Bool { failedCode != 0 }
     @usableFromInline var failedCode: UInt8 { failure }
+}
+
+/// The descriptions of the system calls whose failure a grant copy segment reports, kept once
+/// each so that a segment holds a number, not a string (a segment is plain data). Few exist (a
+/// backend's mapping calls, per domain); past 1024 a generic one stands in.
+enum GrantCopyFailureOperations {
+    private static let table = Mutex<[String]>(["grant copy"])
+
+    static func index(_ operation: String) -> UInt16 {
+        table.withLock { t in
+            if let i = t.firstIndex(of: operation) { return UInt16(i) }
+            guard t.count < 1024 else { return 0 }
+            t.append(operation)
+            return UInt16(t.count - 1)
+        }
+    }
+
+    static func name(_ index: UInt16) -> String {
+        table.withLock { Int(index) < $0.count ? $0[Int(index)] : $0[0] }
+    }
 }
 
 /// The grant table as a backend sees it: map another domain's granted pages, or copy to and
