@@ -32,7 +32,7 @@ public struct LibUSBDeviceInfo: Equatable, Sendable, CustomStringConvertible {
     public var productID: UInt16
     public var deviceClass: UInt8
     /// sysfs's name for it and USBGuard's via-port: "1-2", "3-1.4".
-    public var busPort: String { "\(bus)-" + portPath.map(String.init).joined(separator: ".") }
+    public var busPort: String { "\(bus)-" + portPath.map { String(Int($0)) }.joined(separator: ".") }
     /// The usbfs node libusb opens.
     public var node: String { "/dev/bus/usb/" + Self.pad3(bus) + "/" + Self.pad3(address) }
     public var description: String { "\(USBDeviceIDPattern(vendor: vendorID, product: productID)) at \(busPort)" }

@@ -51,7 +51,7 @@ public struct USBHostMatch: Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         var parts: [String] = []
         if let id { parts.append("id=\(id)") }
-        if let bus, let portPath { parts += ["bus=\(bus)", "port=" + portPath.map(String.init).joined(separator: ".")] }
+        if let bus, let portPath { parts += ["bus=\(bus)", "port=" + portPath.map { String(Int($0)) }.joined(separator: ".")] }
         return "host(" + parts.joined(separator: ", ") + ")"
     }
 
