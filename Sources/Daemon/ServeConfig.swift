@@ -28,6 +28,14 @@ import TOMLKit
 /// device = "stats | file(path=/srv/guest1.img)"
 /// readonly = false
 ///
+/// [usbif]
+/// rules = "/etc/softdev/usb-rules.conf"   # USBGuard rules every host(...) USB device must pass
+///
+/// [[usb]]
+/// domain = "guest1"
+/// vdev = "1"                          # the port of the guest's controller
+/// device = "host(id=0781:5567)"
+///
 /// [nbd]
 /// listen = ["unix:/run/softdev/nbd.sock"]
 ///
@@ -90,6 +98,9 @@ public struct ServeConfig: Sendable {
     public var blkif = BlkifBackendOptions()
     /// `[netif]`: what the network backend offers.
     public var netif = NetifBackendOptions()
+    /// `[usbif] rules`: the USBGuard rules a host USB device (`host(...)`) must pass before a
+    /// guest gets it (nil: no policy, every host device named in a spec is served).
+    public var usbPolicy: USBPolicy?
     /// Every class's configured devices (`[[disk]]`, ...), in the file's order.
     public var attachments: [Attachment] = []
     /// `[[link]]` and `--link`: network stacks joining two endpoints without a guest

@@ -80,7 +80,7 @@ public enum DeviceRegistry {
         PacketFilter.descriptor, NetNullDevice.descriptor,
     ]
     /// The USB class's soft devices (`Devices/USB`).
-    static let usbDevices: [DeviceDescriptor] = [USBStorageDevice.descriptor, USBKeyboard.descriptor]
+    static let usbDevices: [DeviceDescriptor] = [USBStorageDevice.descriptor, USBKeyboard.descriptor, USBHostDevice.descriptor]
     /// The USB class's filters (`Devices/USB`): policy and URB-level mediation.
     static let usbFilters: [DeviceDescriptor] = [
         USBPolicyFilter.descriptor, USBReadOnlyStorageFilter.descriptor, USBInterfacesFilter.descriptor,

@@ -1,5 +1,7 @@
 import BlockTap
 import Daemon
+import Devices
+import Foundation
 import XCTest
 
 final class ServeConfigTests: XCTestCase {
@@ -44,6 +46,23 @@ final class ServeConfigTests: XCTestCase {
         XCTAssertEqual(config.pollMicroseconds, 0)
         XCTAssertEqual(config.blkif.pollMicroseconds, 0)
         XCTAssertEqual(config.exports, [.init(name: "scratch", device: "memory(size=1G)", description: "scratch space")])
+    }
+
+    func testUSBRulesAreReadAtStartAndAWrongRuleIsRefusedWithItsPlace() throws {
+        let rules = FileManager.default.temporaryDirectory.appendingPathComponent("softdev-usb-rules-\(getpid()).conf").path
+        defer { try? FileManager.default.removeItem(atPath: rules) }
+        try "allow id 0781:5567 via-port \"1-2\"\n".write(toFile: rules, atomically: true, encoding: .utf8)
+        let config = try ServeConfig.parse("[usbif]\nrules = \"\(rules)\"\n[[usb]]\ndomain = \"g\"\nvdev = \"1\"\ndevice = \"host(id=0781:5567)\"\n")
+        let policy = try XCTUnwrap(config.usbPolicy)
+        XCTAssertEqual(policy.evaluate(USBDeviceAttributes(vendorID: 0x0781, productID: 0x5567, viaPort: "1-2")).target, .allow)
+        XCTAssertEqual(policy.evaluate(USBDeviceAttributes(vendorID: 0x0781, productID: 0x5567, viaPort: "1-3")).target, .block)
+        XCTAssertEqual(config.attachments.map(\.device), ["host(id=0781:5567)"])
+        XCTAssertNil(try ServeConfig.parse("").usbPolicy)
+
+        try "allow id 0781:5567\nallow frobnicate\n".write(toFile: rules, atomically: true, encoding: .utf8)
+        XCTAssertThrowsError(try ServeConfig.parse("[usbif]\nrules = \"\(rules)\"\n", file: "c.toml")) {
+            XCTAssertTrue("\($0)".hasPrefix("c.toml [usbif]: rules: \(rules):2:"), "\($0)")
+        }
     }
 
     func testEmptyConfigKeepsDefaults() throws {

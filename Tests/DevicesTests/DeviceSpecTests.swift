@@ -89,6 +89,6 @@ final class DeviceSpecTests: XCTestCase {
                        ["crypt", "delay", "error", "file", "fua", "log", "memory", "nbd", "null", "offset", "partition", "readonly", "stats"])
         XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .net }.map(\.name), ["filter", "null", "pcap", "stats", "switch", "tap"])
         XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .usb }.map(\.name),
-                       ["interfaces", "keyboard", "log", "policy", "readonly-storage", "storage", "usbmon"])
+                       ["host", "interfaces", "keyboard", "log", "policy", "readonly-storage", "storage", "usbmon"])
     }
 }
