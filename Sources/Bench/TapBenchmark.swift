@@ -324,7 +324,8 @@ final class TapBenchLab: @unchecked Sendable {
 
 /// SIGINT, SIGTERM and SIGHUP, while it is installed, run `cleanUp` on a thread of its own and
 /// then end the process as the signal would have. The handler only writes the signal's number
-/// to a pipe (and stays a handler, not SIG_IGN, so that the children it runs keep the default).
+/// to a pipe (and stays a handler, not SIG_IGN, so that the children it runs keep the default);
+/// SA_RESTART, so that the calls the main thread is in go on until the process ends.
 final class SignalTrap: @unchecked Sendable {
     static let signals = [SIGINT, SIGTERM, SIGHUP]
     nonisolated(unsafe) static var writeEnd: Int32 = -1
@@ -356,6 +357,9 @@ final class SignalTrap: @unchecked Sendable {
                 _ = write(SignalTrap.writeEnd, &s, 4)
             }
             sigemptyset(&action.sa_mask)
+            // Foundation's FileHandle traps on EINTR (readDataToEndOfFile): the main thread's
+            // calls restart while the trap's thread cleans up.
+            action.sa_flags = SA_RESTART
             var old = sigaction()
             sigaction(signo, &action, &old)
             previous.append(old)
