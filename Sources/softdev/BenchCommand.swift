@@ -31,7 +31,14 @@ struct Bench: ParsableCommand {
             With --net, the netif rings instead: a local netfront sends frames as fast as it can (tx) or takes the \
             frames the backend side makes for every buffer it posts (rx), 64-byte, 1514-byte and 64 KiB TCPv4 GSO \
             frames, through SoftDev's netif backend over a sink and through a minimal C netif backend written with \
-            Xen's ring macros (the protocol's cost on this machine); "vs C" is frames/s over the C backend's.
+            Xen's ring macros (the protocol's cost on this machine); "vs C" is frames/s over the C backend's. \
+            Run as root, --net then also measures the TAP path: two network namespaces (10.88.0.1/24 and \
+            10.88.0.2/24) joined by SoftDev's `tap(name=a) | tap(name=b)` link (in the bench process, checksum and \
+            TSO offloads on), by the Linux bridge over two veth pairs (the kernel's own path) and by a minimal C \
+            forwarder between two TAPs with the same flags and offloads (a thread per direction, read() and \
+            write()); rows are iperf3 TCP both ways (one stream, Gbit/s) and UDP with 64-byte datagrams at full \
+            speed (packets/s received), "vs C" the rate over the C forwarder's. Not root, it says why and skips \
+            them; --tap-only measures only them.
             Numbers depend on the machine and on what else runs on it: compare rows of one run.
             """)
 
@@ -60,8 +67,11 @@ struct Bench: ParsableCommand {
     @Flag(help: "Measure only the NBD export against nbdkit.")
     var nbdOnly = false
 
-    @Flag(help: "Measure only the netif rings: SoftDev's netif backend over a sink against the C reference netif backend, tx and rx.")
+    @Flag(help: "Measure only the network paths: the netif rings (SoftDev's netif backend over a sink against the C reference netif backend, tx and rx) and, as root, the TAP path (SoftDev's tap|tap link against the Linux bridge and a C TAP forwarder, with iperf3).")
     var net = false
+
+    @Flag(help: "Measure only the TAP path of --net (needs root, ip and iperf3).")
+    var tapOnly = false
 
     @Option(name: .customLong("poll-us"), help: ArgumentHelp(
         "SoftDev's poll window for idle rings and NBD connections, in microseconds, as `softdev serve --poll-us` (0: never poll). The C reference backend gets the same window; nbdkit never polls.",
@@ -77,7 +87,7 @@ struct Bench: ParsableCommand {
     var noQemu = false
 
     func run() throws {
-        if net { return try runNet() }
+        if net || tapOnly { return try runNet() }
         if !stacks.isEmpty { return try runStacks() }
         let wanted = Set(backends.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
         let unknown = wanted.subtracting(["null", "file", "reference", "fio"])
@@ -146,11 +156,23 @@ struct Bench: ParsableCommand {
         print(BlockBenchmark.table(rows))
     }
 
-    /// The netif rings: SoftDev's backend over a sink against the C reference backend.
+    /// `--net`: the netif rings, then the TAP path when it can run here; `--tap-only`: the TAP path.
     private func runNet() throws {
         FrameMemory.keepFreedMemory()   // as `softdev serve` does
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
         guard AdaptivePoller.microsecondRange.contains(pollMicroseconds) else { throw ValidationError("--poll-us \(pollMicroseconds): use 0 to 1000000 microseconds") }
+        if !tapOnly { try runRings() }
+        if let reason = TapBenchmark.unavailableReason() {
+            if tapOnly { throw ValidationError("--tap-only: \(reason)") }
+            print("\nTAP path: skipped: \(reason)")
+            return
+        }
+        if !tapOnly { print() }
+        try runTap()
+    }
+
+    /// The netif rings: SoftDev's backend over a sink against the C reference backend.
+    private func runRings() throws {
         var bench = NetBenchmark(seconds: seconds)
         bench.pollMicroseconds = pollMicroseconds
         print("netif, local hypervisor: 1 queue, split event channels, 256 rx buffers, \(seconds) s per row in \(bench.rounds) turns, "
@@ -161,6 +183,20 @@ struct Bench: ParsableCommand {
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
         }
         print(NetBenchmark.table(rows))
+    }
+
+    /// The TAP path: SoftDev's tap|tap link against the Linux bridge and the C forwarder.
+    private func runTap() throws {
+        let bench = TapBenchmark(amount: .seconds(max(1, Int((seconds / 2).rounded()))))
+        guard case let .seconds(turn) = bench.amount else { return }
+        print("TAP path, two network namespaces (10.88.0.1/24, 10.88.0.2/24): SoftDev's tap|tap link in this process, the Linux "
+              + "bridge over two veth pairs, a C forwarder between two TAPs (a thread per direction); both TAP paths with "
+              + "IFF_VNET_HDR and TUN_F_CSUM|TSO4|TSO6; iperf3 \(turn) s per turn, \(bench.rounds) turns per row, the paths in "
+              + "order then reversed; TCP one stream, UDP 64-byte datagrams at full speed (-b 0), packets received")
+        let rows = try bench.run { row in
+            FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.path)\n".utf8))
+        }
+        print(TapBenchmark.table(rows))
     }
 
     /// The NBD export against nbdkit: our memory device against `nbdkit memory`, our file

@@ -124,6 +124,46 @@ final class NetLinkTests: XCTestCase {
         XCTAssertNotEqual(try sh([ip, "link", "show", name], check: false).status, 0, "the interface goes with the device")
     }
 
+    /// Frames longer than the copy limit are read straight into a frame's bytes, which the
+    /// reader reuses only when nobody kept the last one: a receiver that keeps every frame
+    /// gets each with its own bytes.
+    func testLargeFramesAReceiverKeepsAreNotOverwritten() throws {
+        try requireTAP()
+        let ip = try Peers.program("ip", package: "iproute2")
+        let name = "sdbig\(tag)"
+        let tap = try XCTUnwrap(try DeviceRegistry.open("tap(name=\(name))", of: .net) as? TapDevice)
+        defer { tap.close() }
+        try sh([ip, "link", "set", name, "mtu", "9000"])
+        let up = CollectingReceiver()
+        tap.connect(up, accepting: .all)
+        // Frames sent on a packet socket bound to the interface go out through the TAP: to its reader.
+        let socket = Glibc.socket(AF_PACKET, Int32(SOCK_RAW.rawValue), 0)
+        XCTAssertGreaterThanOrEqual(socket, 0)
+        defer { Glibc.close(socket) }
+        // struct sockaddr_ll (linux/if_packet.h, not in Glibc's module): family, protocol,
+        // ifindex, hatype, pkttype, halen, addr[8].
+        var address = [UInt8](repeating: 0, count: 20)
+        withUnsafeBytes(of: UInt16(AF_PACKET)) { address.replaceSubrange(0..<2, with: $0) }
+        withUnsafeBytes(of: Int32(if_nametoindex(name))) { address.replaceSubrange(4..<8, with: $0) }
+        address[11] = 6
+        let sizes = [3000, 5000, 4000]
+        for (i, size) in sizes.enumerated() {
+            var frame = [UInt8](repeating: UInt8(0x40 + i), count: size)
+            frame.replaceSubrange(0..<14, with: [0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x88, 0xb5])
+            let sent = address.withUnsafeBytes {
+                sendto(socket, frame, frame.count, 0, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t($0.count))
+            }
+            XCTAssertEqual(sent, size, String(cString: strerror(errno)))
+        }
+        var waited = 0
+        while up.received.filter({ $0.count > 2048 }).count < sizes.count && waited < 200 { usleep(10_000); waited += 1 }
+        let big = up.received.filter { $0.count > 2048 }
+        XCTAssertEqual(big.map(\.count), sizes)
+        for (i, frame) in big.enumerated() {
+            XCTAssertTrue(frame.bytes[14...].allSatisfy { $0 == UInt8(0x40 + i) }, "frame \(i) kept its own bytes")
+        }
+    }
+
     func testLinkErrors() {
         XCTAssertThrowsError(try NetLink(spec: "null")) { XCTAssertTrue("\($0)".contains("two endpoints"), "\($0)") }
         XCTAssertThrowsError(try NetLink(spec: "stats | null")) { XCTAssertTrue("\($0)".contains("starts with an endpoint"), "\($0)") }

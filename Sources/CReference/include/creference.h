@@ -196,4 +196,21 @@ void cref_net_backend_get_stats(const struct cref_net_backend *backend, struct c
 // `gso_size`.
 void cref_net_backend_set_rx(struct cref_net_backend *backend, uint32_t size, uint16_t gso_size);
 
+// MARK: The TAP forwarder (tap_forwarder.c)
+
+// Frames, bytes (without the virtio_net_hdr) and lost writes per direction: [0] a -> b, [1] b -> a.
+struct cref_tap_forwarder_stats {
+    uint64_t frames[2], bytes[2], drops[2];
+};
+
+struct cref_tap_forwarder;         // opaque
+// Opens (creating if needed) the TAP interfaces `name_a` and `name_b` with IFF_TAP | IFF_NO_PI |
+// IFF_VNET_HDR, a 10-byte header and TUNSETOFFLOAD `offloads` (TUN_F_* bits), brings them up
+// and starts one thread per direction. NULL with `error` written on failure.
+struct cref_tap_forwarder *cref_tap_forwarder_start(const char *name_a, const char *name_b, unsigned offloads,
+                                                    char *error, unsigned long error_len);
+// Stops and joins the threads, writes the final counters (if `stats`), closes both TAPs.
+void cref_tap_forwarder_stop(struct cref_tap_forwarder *forwarder, struct cref_tap_forwarder_stats *stats);
+void cref_tap_forwarder_get_stats(const struct cref_tap_forwarder *forwarder, struct cref_tap_forwarder_stats *stats);
+
 #endif

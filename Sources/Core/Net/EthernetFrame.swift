@@ -107,6 +107,11 @@ public struct EthernetFrame: @unchecked Sendable {
         count = length
     }
 
+    /// Whether no other copy of the frame shares its bytes: a reader that handed a copy up and
+    /// gets true back knows every receiver let go of it, and may fill the bytes again (through
+    /// the pointer ``allocate(count:offload:queue:)`` gave it).
+    public mutating func isUniquelyReferenced() -> Bool { isKnownUniquelyReferenced(&storage) }
+
     /// A copy of the bytes (tests, logs).
     public var bytes: [UInt8] { withUnsafeBytes { Array($0) } }
 

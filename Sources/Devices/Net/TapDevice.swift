@@ -163,10 +163,17 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
         }
     }
 
+    /// Frames up to this long are copied out of the read buffer into a frame of their own
+    /// size; longer ones (TSO segments) are read straight into a frame's bytes, which are read
+    /// into again when the receiver kept no copy (a TAP on the other side writes it at once).
+    static let copyLimit = 2048
+
     /// One queue's reader: waits for frames or the stop event, reads until the queue is empty.
     private func read(_ fd: Int32, queue: Int, to receiver: any NetFrameReceiver) {
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: Self.readBufferSize, alignment: 16)
-        defer { buffer.deallocate() }
+        let header = UnsafeMutableRawPointer.allocate(byteCount: VirtioNetHeader.size, alignment: 16)
+        defer { header.deallocate() }
+        let capacity = Self.readBufferSize - VirtioNetHeader.size
+        var (spare, bytes) = EthernetFrame.allocate(count: capacity)
         var polled = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: stopEvent, events: Int16(POLLIN), revents: 0)]
         while true {
             polled[0].revents = 0; polled[1].revents = 0
@@ -176,24 +183,35 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
             if polled[0].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 && polled[0].revents & Int16(POLLIN) == 0 { return }
             // A burst at most, then look at the stop event again.
             for _ in 0..<256 {
-                let length = Glibc.read(fd, buffer, Self.readBufferSize)
-                if length < 0 { if errno == EINTR { continue } else { break } }
-                guard let frame = Self.frame(from: UnsafeRawBufferPointer(start: buffer, count: length), queue: queue) else {
+                var vectors = (iovec(iov_base: header, iov_len: VirtioNetHeader.size), iovec(iov_base: bytes, iov_len: capacity))
+                let read = withUnsafeMutablePointer(to: &vectors) {
+                    $0.withMemoryRebound(to: iovec.self, capacity: 2) { readv(fd, $0, 2) }
+                }
+                if read < 0 { if errno == EINTR { continue } else { break } }
+                let length = read - VirtioNetHeader.size
+                guard length >= 14,
+                      let offload = VirtioNetHeader(UnsafeRawBufferPointer(start: header, count: VirtioNetHeader.size)).offload(frameLength: length) else {
                     counters.toGuest.drop(); continue
                 }
-                counters.toGuest.count(frame)
-                receiver.toGuest(frame)
+                if length <= Self.copyLimit {
+                    let frame = EthernetFrame(count: length, offload: offload, queue: queue) {
+                        $0.copyMemory(from: UnsafeRawBufferPointer(start: bytes, count: length))
+                    }
+                    counters.toGuest.count(frame)
+                    receiver.toGuest(frame)
+                } else {
+                    do {
+                        var frame = spare
+                        frame.truncate(to: length)
+                        frame.offload = offload
+                        frame.queue = queue
+                        counters.toGuest.count(frame)
+                        receiver.toGuest(frame)
+                    }
+                    // Kept (queued for a guest): the next frame gets bytes of its own.
+                    if !spare.isUniquelyReferenced() { (spare, bytes) = EthernetFrame.allocate(count: capacity) }
+                }
             }
-        }
-    }
-
-    /// The frame after the virtio_net_hdr in `bytes`, with its offload; nil if it is to be dropped.
-    static func frame(from bytes: UnsafeRawBufferPointer, queue: Int) -> EthernetFrame? {
-        guard bytes.count >= VirtioNetHeader.size + 14 else { return nil }
-        let length = bytes.count - VirtioNetHeader.size
-        guard let offload = VirtioNetHeader(bytes).offload(frameLength: length) else { return nil }
-        return EthernetFrame(count: length, offload: offload, queue: queue) {
-            $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[VirtioNetHeader.size...]))
         }
     }
 
