@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The network section of tests/softdev.sh alone (section 3b, net-lib.sh), for
+# working on it without the disk sections:
+#   SOFTDEV_LAB_TEST=lab/xen/tests/softdev-net.sh lab/xen/test-softdev.sh
+set -uo pipefail
+. "${LAB_SHARE:-/mnt/host}/lab/lib/lab.sh"
+. "$LAB_SHARE/lab/tests/softdev-lib.sh"
+. "$LAB_SHARE/lab/tests/bench-lib.sh"
+. "$LAB_SHARE/lab/tests/net-lib.sh"
+G=$LAB_SHARE/lab/tests/guest
+T0=$(date +%s)
+lab_check "softdev serve starts (--hypervisor xen)" sd_start || { cat "$SOFTDEV_LOG"; lab_summary; exit 1; }
+net_all
+lab_log "network section done in $(( $(date +%s) - T0 ))s"
+lab_check "the daemon is still running after all guests (no crash in its log)" sd_alive
+lab_check "softdev serve stops cleanly on SIGTERM (exit status 0)" sd_stop
+echo "==== softdev serve log ===="
+cat "$SOFTDEV_LOG"
+net_bench_table
+lab_summary
