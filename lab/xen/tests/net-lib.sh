@@ -2,8 +2,8 @@
 # softdev-lib.sh; softdev serve must be running). SoftDev's netif backend
 # (softdev-vif) serves Linux's xen-netfront over TAPs and a switch in dom0:
 #   n1    2 vCPUs, 256 MiB, vif 0 = pcap | tap(sdn1), 10.99.1.2 <-> dom0 10.99.1.1
-#   n2    vif 0 = tap(sdn2) with trusted=0 (netfront copies every tx skb), 10.99.3.x
-#   swa, swb  one vif each on switch(name=lab), 10.99.4.2 and .3, no TAP
+#   swa, swb  one vif each on switch(name=lab), 10.99.4.2 and .3, no TAP; swa's
+#         frontend has trusted=0 (its netfront copies every tx skb)
 # Every guest runs guest/net-agent.sh; dom0 runs commands in it with gx. The
 # iperf3 server (-1: one test) runs in the guest, the client in dom0, both
 # bounded by timeouts: "dom0->guest" is `iperf3 -c GUEST`, "guest->dom0" the
@@ -18,7 +18,7 @@ NET_BENCH_BACKENDS=(softdev netback)
 declare -A NET_BENCH   # NET_BENCH[backend.dir] = best Mbit/s (dir: tx = guest->dom0, rx = dom0->guest)
 declare -A NET_EXTRA   # other measured values for the table (offloads off, UDP packets/s)
 declare -A NETDOM      # guest name -> domain id
-NET_MAC1=00:16:3e:00:01:01 NET_MAC1B=00:16:3e:00:02:01 NET_MAC2=00:16:3e:00:03:01
+NET_MAC1=00:16:3e:00:01:01 NET_MAC1B=00:16:3e:00:02:01
 NET_MACA=00:16:3e:00:04:01 NET_MACB=00:16:3e:00:04:02
 
 # gx NAME CMD [SECONDS]: run CMD in the guest's agent; print its output (prefixed
@@ -37,13 +37,22 @@ gx() {
 }
 
 # net_guest NAME VCPUS MIB LAB_NET [CFG LINE...]: a paused guest running the agent.
+# All share one initrd; LAB_NET reaches the agent on the kernel's command line
+# (lab_net=..., commas for spaces: the kernel gives init what it does not know
+# as environment).
 net_guest() {
   local name=$1 vcpus=$2 mib=$3 net=$4; shift 4
-  guest_script "/run/$name-run.sh" "LAB_NET='$net' sh /test/net-agent.sh"
-  lab_domu_initrd "/run/$name.gz" "/run/$name-run.sh" "$G/net-agent.sh"
-  LAB_DOMU_VCPUS=$vcpus LAB_DOMU_MEMORY=$mib lab_domu_config "/run/$name.cfg" "$name" "/run/$name.gz" "$@"
-  lab_domu_create "/run/$name.cfg" || return 1
+  if [ ! -s /run/net-agent.gz ]; then
+    guest_script /run/net-agent-run.sh "sh /test/net-agent.sh"
+    lab_domu_initrd /run/net-agent.gz /run/net-agent-run.sh "$G/net-agent.sh" || return 1
+  fi
+  LAB_DOMU_VCPUS=$vcpus LAB_DOMU_MEMORY=$mib LAB_DOMU_EXTRA="lab_net=${net// /,}" \
+    lab_domu_config "/run/$name.cfg" "$name" /run/net-agent.gz "$@"
+  if ! timeout 120 xl create -p "/run/$name.cfg" > /run/xl-create.log 2>&1; then
+    cat /run/xl-create.log; echo "net_guest: xl create -p /run/$name.cfg failed" >&2; return 1
+  fi
   NETDOM[$name]=$(lab_domid "$name")
+  lab_log "$name: domain ${NETDOM[$name]}, paused"
 }
 
 # tap_addr IF ADDR/LEN: once the daemon has made the TAP, give it dom0's address.
@@ -171,17 +180,14 @@ net_netback_up() {
 }
 
 # Multi-step checks (functions, not subshells: gx numbers its commands in xenstore).
-n2_trusted0() { xs_is "$(vif_fe n2 0)/trusted" 0 && xs_is "$(vif_fe n2 0)/state" 4; }
+swa_trusted0() { xs_is "$(vif_fe swa 0)/trusted" 0 && xs_is "$(vif_fe swa 0)/state" 4; }
 net_gone() { wait_until 30 vifs_gone "${NETDOM[$1]}" && wait_until 30 domain_gone "${NETDOM[$1]}"; }
-attach_n2() { sd attach n2 net 0 'tap(name=sdn2)' --mac $NET_MAC2 && xenstore-write "$(vif_fe n2 0)/trusted" 0; }
-attach_sw() { sd attach swa net 0 'switch(name=lab)' --mac $NET_MACA && sd attach swb net 0 'switch(name=lab)' --mac $NET_MACB; }
-taps_up() { tap_addr sdn1 10.99.1.1/24 && tap_addr sdn2 10.99.3.1/24; }
+attach_sw() {
+  sd attach swa net 0 'switch(name=lab)' --mac $NET_MACA && xenstore-write "$(vif_fe swa 0)/trusted" 0 \
+    && sd attach swb net 0 'switch(name=lab)' --mac $NET_MACB
+}
 sw_listed() { list_shows swa 0 && list_shows swb 0; }
 list_answers() { timeout 60 "$SOFTDEV" list --hypervisor xen > /run/list.net && sed 's/^/  /' /run/list.net; }
-sw_iperf() {
-  gx swb iperf_server || return 1
-  gx swa "timeout 60 \$IPERF -c 10.99.4.3 -f m -t 3 > /run/i.out 2>&1; rc=\$?; grep -E 'sender|receiver' /run/i.out | sed 's/^/iperf swa->swb: /'; exit \$rc"
-}
 n1_features() {
   gx n1 "features $NET_MAC1 | tee /run/f | grep -v :; grep -q tx-1 /run/f && grep -q '^scatter-gather: on' /run/f && grep -q '^tcp-segmentation-offload: on' /run/f" || return 1
   gx n1 "cat /run/f | grep :" || true
@@ -213,41 +219,44 @@ n1_jumbo() {
 }
 n1_bg_ping() { gx n1 "(timeout 120 \$PING -i 0.2 -W 1 10.99.1.1 > /run/bg-ping.out 2>&1 & echo \$! > /run/bg-ping.pid); sleep 1; tail -1 /run/bg-ping.out"; }
 
+# net_ready NAME: the agent says the network is up (fails at once if it ended).
+net_ready() {
+  local d=${NETDOM[$1]} i=0
+  until xs_is "/local/domain/$d/data/net-ready" 1; do
+    xenstore-exists "/local/domain/$d/data/lab-result" 2>/dev/null && { echo "$1: the agent ended"; return 1; }
+    i=$((i+1)); [ $i -gt 480 ] && { echo "$1: not ready after 240 s"; return 1; }
+    sleep 0.5
+  done
+}
+sw_iperf() {
+  gx swb iperf_server || return 1
+  gx swa "timeout 60 \$IPERF -c 10.99.4.3 -f m -t 3 $1 > /run/i.out 2>&1; rc=\$?; grep -E 'sender|receiver' /run/i.out | sed 's/^/iperf swa->swb $1: /'; exit \$rc"
+}
+
 # net_all: the whole network section.
 net_all() {
   local t0 tx0 rx0 d r
-  lab_log "3b. network: n1 (pcap|tap), n2 (trusted=0), swa/swb (switch), detach/re-attach, destroy mid-transfer, netback bench"
+  lab_log "3b. network: n1 (pcap|tap), swa (trusted=0) and swb on a switch, detach/re-attach, destroy mid-transfer, netback bench"
   net_guest n1 2 256 "$NET_MAC1=10.99.1.2/24" || { lab_check "n1: xl create -p" false; return 1; }
-  net_guest n2 1 128 "$NET_MAC2=10.99.3.2/24" || { lab_check "n2: xl create -p" false; return 1; }
   net_guest swa 1 128 "$NET_MACA=10.99.4.2/24" || { lab_check "swa: xl create -p" false; return 1; }
   net_guest swb 1 128 "$NET_MACB=10.99.4.3/24" || { lab_check "swb: xl create -p" false; return 1; }
   lab_check "n1: softdev attach n1 net 0 'pcap(file=/run/n1.pcap) | tap(name=sdn1)' --mac $NET_MAC1" \
     sd attach n1 net 0 'pcap(file=/run/n1.pcap) | tap(name=sdn1)' --mac $NET_MAC1
-  lab_check "n2: softdev attach net 0 'tap(name=sdn2)', then trusted=0 on its frontend (before unpause)" attach_n2
-  lab_check "swa, swb: softdev attach net 0 'switch(name=lab)' each" attach_sw
-  lab_check "dom0: the daemon made TAPs sdn1 and sdn2; dom0 addresses them" taps_up
+  lab_check "swa, swb: softdev attach net 0 'switch(name=lab)' each; trusted=0 on swa's frontend (before unpause)" attach_sw
+  lab_check "dom0: the daemon made the TAP sdn1; dom0 addresses it" tap_addr sdn1 10.99.1.1/24
   t0=$(date +%s)
-  for d in n1 n2 swa swb; do xl unpause $d; done
-  for d in n1 n2 swa swb; do
-    lab_check "$d: netfront connected, the guest's interface is up (agent ready)" \
-      wait_until 240 xs_is "/local/domain/${NETDOM[$d]}/data/net-ready" 1 || lab_domu_console_log $d | sed "s/^/[$d] /"
+  for d in n1 swa swb; do xl unpause $d; done
+  for d in n1 swa swb; do
+    lab_check "$d: netfront connected, the guest's interface is up (agent ready)" net_ready $d || lab_domu_console_log $d | sed "s/^/[$d] /"
   done
-  lab_log "four guests up $(( $(date +%s) - t0 ))s after unpause"
+  lab_log "three guests up $(( $(date +%s) - t0 ))s after unpause"
 
-  # ----- n2: trusted=0
-  lab_check "n2: its frontend says trusted=0 and is Connected (state 4)" n2_trusted0
-  lab_check "n2 (trusted=0): ping dom0 -> guest" ping_ok 10.99.3.2
-  lab_check "n2 (trusted=0): ping guest -> dom0" gping n2 10.99.3.1
-  lab_check "n2 (trusted=0): iperf3 TCP dom0->guest 3 s" iperf_tcp "n2 trusted=0 dom0->guest" n2 10.99.3.2 -t 3
-  lab_check "n2 (trusted=0): iperf3 TCP guest->dom0 3 s" iperf_tcp "n2 trusted=0 guest->dom0" n2 10.99.3.2 -t 3 -R
-  lab_check "n2: no netfront error in the guest's logs" guest_log_clean n2
-  xl destroy n2
-  lab_check "n2: destroyed; the daemon removes its vif, Xen frees the domain" net_gone n2
-
-  # ----- swa, swb on one switch
-  lab_check "swa -> swb through switch(name=lab): ping" gping swa 10.99.4.3
+  # ----- swa (trusted=0) and swb on one switch
+  lab_check "swa: its frontend says trusted=0 and is Connected (state 4)" swa_trusted0
+  lab_check "swa (trusted=0) -> swb through switch(name=lab): ping" gping swa 10.99.4.3
   lab_check "swb -> swa: ping" gping swb 10.99.4.2
-  lab_check "swa -> swb: iperf3 TCP 3 s through the switch" sw_iperf
+  lab_check "swa (trusted=0) -> swb: iperf3 TCP 3 s through the switch" sw_iperf
+  lab_check "swb -> swa (trusted=0): iperf3 TCP 3 s (-R)" sw_iperf -R
   lab_check "swa, swb: softdev list shows both vifs Connected" sw_listed
   # A guest destroyed mid-transfer: swa sends to swb for 30 s; swb goes after ~4 s.
   gx swb iperf_server > /dev/null
@@ -260,6 +269,7 @@ net_all() {
   lab_check "another guest (n1) still pings dom0" gping n1 10.99.1.1
   lab_check "swa: no netfront error in the guest's logs" guest_log_clean swa
   xl destroy swa
+  lab_check "swa: destroyed; the daemon removes its vif, Xen frees the domain" net_gone swa
 
   # ----- n1: features, pings, a little TCP while the pcap records
   lab_check "n1: the frontend is Connected (state 4)" xs_is "$(vif_fe n1 0)/state" 4
@@ -279,7 +289,7 @@ net_all() {
   lab_check "dom0: the TAP went with the vif" wait_until 20 test ! -e /sys/class/net/sdn1
   sleep 1   # the capture is flushed as its stack closes, after the TAP
   lab_check "dom0: tcpdump -vv reads n1's capture: ICMP and TCP, no incorrect checksum" pcap_clean /run/n1.pcap
-  rm -f /run/n1.pcap
+  rm -f /run/n1.pcap /run/pcap.txt
   lab_check "n1: softdev attach again ('tap(name=sdn1)'); the interface comes back, Connected" n1_reattach
   lab_check "n1: ping guest -> dom0 works again" gping n1 10.99.1.1
   gx n1 'kill $(cat /run/bg-ping.pid); sleep 0.5; tail -3 /run/bg-ping.out | sed "s/^/background ping: /"' || true
@@ -308,4 +318,5 @@ net_all() {
   xl destroy n1
   lab_check "n1: destroyed; the daemon removes its vif, Xen frees the domain" net_gone n1
   ip link del xenbr0 2>/dev/null || true
+  rm -f /run/net-agent.gz
 }

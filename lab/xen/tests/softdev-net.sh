@@ -9,6 +9,8 @@ set -uo pipefail
 . "$LAB_SHARE/lab/tests/net-lib.sh"
 G=$LAB_SHARE/lab/tests/guest
 T0=$(date +%s)
+# A trace of every command, live in the host's share (work/share/net-trace.log).
+if [ "${NET_TRACE:-1}" = 1 ]; then exec 9> "$LAB_SHARE/net-trace.log"; BASH_XTRACEFD=9; PS4='+ ${EPOCHREALTIME} '; set -x; fi
 lab_check "softdev serve starts (--hypervisor xen)" sd_start || { cat "$SOFTDEV_LOG"; lab_summary; exit 1; }
 net_all
 lab_log "network section done in $(( $(date +%s) - T0 ))s"

@@ -3,7 +3,8 @@
 # to stop. dom0 drives everything (gx in tests/net-lib.sh), so one guest serves
 # many checks without a boot each.
 #   LAB_NET="MAC=ADDR/LEN ..."  interfaces to bring up at boot (found by MAC:
-#                               netfront names them in probe order)
+#                               netfront names them in probe order); or
+#                               lab_net=MAC=ADDR/LEN,... on the kernel's command line
 # Protocol (all under the guest's data/): dom0 writes `cmd` (shell text,
 # evaluated here with the functions below) and then `cmd-seq` = N; the agent
 # runs it, writes `cmd-out` (the end of its output) and then `cmd-rc-N` (its
@@ -20,19 +21,21 @@ ifname() {
   done
   return 1
 }
-# wait_if MAC SECONDS / wait_if_gone MAC SECONDS: until the interface is there / gone.
+# wait_if MAC SECONDS / wait_if_gone MAC SECONDS: until the interface is there / gone
+# (polled every 0.5 s: under TCG every process a guest starts is costly, and a busy
+# guest slows dom0 and the others).
 wait_if() {
   local i=0
   until ifname "$1" > /dev/null; do
-    i=$((i+1)); [ $i -gt $(($2*10)) ] && { echo "no interface with $1 after $2 s"; return 1; }
-    sleep 0.1
+    i=$((i+1)); [ $i -gt $(($2*2)) ] && { echo "no interface with $1 after $2 s"; return 1; }
+    sleep 0.5
   done
 }
 wait_if_gone() {
   local i=0
   while ifname "$1" > /dev/null; do
-    i=$((i+1)); [ $i -gt $(($2*10)) ] && { echo "the interface with $1 is still there after $2 s"; return 1; }
-    sleep 0.1
+    i=$((i+1)); [ $i -gt $(($2*2)) ] && { echo "the interface with $1 is still there after $2 s"; return 1; }
+    sleep 0.5
   done
   echo "the interface with $1 is gone"
 }
@@ -49,10 +52,10 @@ net_up() {
 # iperf_server: one iperf3 test (-1) in the background, bounded; returns once it listens.
 iperf_server() {
   local i=0
-  (timeout 60 $IPERF -s -1 > /run/iperf-s.log 2>&1 &)
+  (timeout 90 $IPERF -s -1 > /run/iperf-s.log 2>&1 &)
   until awk '$2 ~ /:1451$/ && $4 == "0A" { found = 1 } END { exit !found }' /proc/net/tcp /proc/net/tcp6 2>/dev/null; do
-    i=$((i+1)); [ $i -gt 100 ] && { echo "iperf3 -s does not listen"; cat /run/iperf-s.log; return 1; }
-    sleep 0.1
+    i=$((i+1)); [ $i -gt 60 ] && { echo "iperf3 -s does not listen"; cat /run/iperf-s.log; return 1; }
+    sleep 0.25
   done
 }
 # features MAC: what the guest's netfront has for that interface.
@@ -63,14 +66,19 @@ features() {
   $ETHTOOL -k "$dev" | grep -E '^(scatter-gather|tcp-segmentation-offload|generic-segmentation-offload|tx-checksumming|rx-checksumming):'
 }
 
-for spec in ${LAB_NET:-}; do
+LAB_NET=${LAB_NET:-$(echo "${lab_net:-}" | tr , ' ')}
+for spec in $LAB_NET; do
   net_up "${spec%%=*}" "${spec#*=}" || exit 1
 done
 lab_put net-ready 1
 n=0
 while :; do
   seq=$(xenstore-read data/cmd-seq 2>/dev/null) || seq=0
-  if [ "$seq" != "$n" ]; then
+  if [ "$seq" = "$n" ]; then
+    # Block until dom0 writes the next command (the first event is the watch's own;
+    # bounded, in case the write fell between the read above and the watch).
+    timeout 5 xenstore-watch -n 2 data/cmd-seq > /dev/null 2>&1
+  else
     n=$seq
     cmd=$(xenstore-read data/cmd)
     echo "[agent $n] $cmd"
@@ -80,5 +88,4 @@ while :; do
     lab_put cmd-out "$(tail -c 2500 /run/cmd.out)"
     lab_put "cmd-rc-$n" "$rc"
   fi
-  sleep 0.2
 done
