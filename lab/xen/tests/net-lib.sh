@@ -27,12 +27,12 @@ gx() {
   local name=$1 cmd=$2 limit=${3:-60} d n rc i=0
   d=${NETDOM[$name]}
   n=$(( $(xenstore-read "/local/domain/$d/data/cmd-seq" 2>/dev/null || echo 0) + 1 ))
-  xenstore-write "/local/domain/$d/data/cmd" "$cmd" && xenstore-write "/local/domain/$d/data/cmd-seq" "$n" || return 1
+  xenstore-write -R "/local/domain/$d/data/cmd" "$cmd" && xenstore-write "/local/domain/$d/data/cmd-seq" "$n" || return 1
   until rc=$(xenstore-read "/local/domain/$d/data/cmd-rc-$n" 2>/dev/null); do
     i=$((i+1)); if [ $i -gt $((limit*5)) ]; then echo "gx $name: no answer to '$cmd' after ${limit}s" >&2; return 124; fi
     sleep 0.2
   done
-  xenstore-read "/local/domain/$d/data/cmd-out" 2>/dev/null | sed "/^$/d; s/^/  [$name] /"
+  xenstore-read -R "/local/domain/$d/data/cmd-out" 2>/dev/null | sed "/^$/d; s/^/  [$name] /"
   return "$rc"
 }
 
@@ -230,7 +230,7 @@ net_ready() {
 }
 sw_iperf() {
   gx swb iperf_server || return 1
-  gx swa "timeout 60 \$IPERF -c 10.99.4.3 -f m -t 3 $1 > /run/i.out 2>&1; rc=\$?; grep -E 'sender|receiver' /run/i.out | sed 's/^/iperf swa->swb $1: /'; exit \$rc"
+  gx swa "timeout 60 \$IPERF -c 10.99.4.3 -f m -t 3 ${1:-} > /run/i.out 2>&1; rc=\$?; grep -E 'sender|receiver' /run/i.out | sed 's/^/iperf swa->swb ${1:-}: /'; exit \$rc"
 }
 
 # net_all: the whole network section.

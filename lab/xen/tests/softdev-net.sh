@@ -11,6 +11,11 @@ G=$LAB_SHARE/lab/tests/guest
 T0=$(date +%s)
 # A trace of every command, live in the host's share (work/share/net-trace.log).
 if [ "${NET_TRACE:-1}" = 1 ]; then exec 9> "$LAB_SHARE/net-trace.log"; BASH_XTRACEFD=9; PS4='+ ${EPOCHREALTIME} '; set -x; fi
+# What runs in dom0, every 15 s (work/share/net-top.log).
+if [ "${NET_TRACE:-1}" = 1 ]; then
+  ( while :; do { date; top -bn1 | head -15; xl list; } >> "$LAB_SHARE/net-top.log" 2>&1; sleep 15; done ) 9>&- &
+  NET_TOP_PID=$!
+fi
 lab_check "softdev serve starts (--hypervisor xen)" sd_start || { cat "$SOFTDEV_LOG"; lab_summary; exit 1; }
 net_all
 lab_log "network section done in $(( $(date +%s) - T0 ))s"
@@ -19,4 +24,5 @@ lab_check "softdev serve stops cleanly on SIGTERM (exit status 0)" sd_stop
 echo "==== softdev serve log ===="
 cat "$SOFTDEV_LOG"
 net_bench_table
+[ -z "${NET_TOP_PID:-}" ] || kill "$NET_TOP_PID"
 lab_summary

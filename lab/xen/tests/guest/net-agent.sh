@@ -80,12 +80,12 @@ while :; do
     timeout 5 xenstore-watch -n 2 data/cmd-seq > /dev/null 2>&1
   else
     n=$seq
-    cmd=$(xenstore-read data/cmd)
+    cmd=$(xenstore-read -R data/cmd)
     echo "[agent $n] $cmd"
     if [ "$cmd" = exit ]; then lab_put "cmd-rc-$n" 0; break; fi
     ( eval "$cmd" ) > /run/cmd.out 2>&1
     rc=$?
-    lab_put cmd-out "$(tail -c 2500 /run/cmd.out)"
+    xenstore-write -R data/cmd-out "$(tail -c 2500 /run/cmd.out)"
     lab_put "cmd-rc-$n" "$rc"
   fi
 done
