@@ -32,7 +32,7 @@ gx() {
     i=$((i+1)); if [ $i -gt $((limit*5)) ]; then echo "gx $name: no answer to '$cmd' after ${limit}s" >&2; return 124; fi
     sleep 0.2
   done
-  xenstore-read -R "/local/domain/$d/data/cmd-out" 2>/dev/null | sed "/^$/d; s/^/  [$name] /"
+  { xenstore-read -R "/local/domain/$d/data/cmd-out" 2>/dev/null; echo; } | sed "/^$/d; s/^/  [$name] /"
   return "$rc"
 }
 
@@ -65,7 +65,8 @@ vifs_gone() { xs_gone "/local/domain/0/backend/softdev-vif/$1"; }
 # ping_ok ARGS...: ping from dom0, bounded, printing the summary.
 ping_ok() {
   local out rc
-  out=$(timeout 30 ping -c 3 -i 0.2 -W 3 "$@" 2>&1); rc=$?
+  # iputils ping by path: busybox timeout would run its own ping applet (no -M).
+  out=$(timeout 30 /usr/bin/ping -c 3 -i 0.2 -W 3 "$@" 2>&1); rc=$?
   grep -E 'packets transmitted|rtt|error|unreachable|too long' <<<"$out" | sed "s/^/  [dom0 ping $*] /"
   [ $rc = 0 ]
 }
@@ -189,8 +190,7 @@ attach_sw() {
 sw_listed() { list_shows swa 0 && list_shows swb 0; }
 list_answers() { timeout 60 "$SOFTDEV" list --hypervisor xen > /run/list.net && sed 's/^/  /' /run/list.net; }
 n1_features() {
-  gx n1 "features $NET_MAC1 | tee /run/f | grep -v :; grep -q tx-1 /run/f && grep -q '^scatter-gather: on' /run/f && grep -q '^tcp-segmentation-offload: on' /run/f" || return 1
-  gx n1 "cat /run/f | grep :" || true
+  gx n1 "features $NET_MAC1 > /run/f; cat /run/f; grep -q tx-1 /run/f && grep -q '^scatter-gather: on' /run/f && grep -q '^tcp-segmentation-offload: on' /run/f"
 }
 n1_pcap_tcp() { iperf_tcp 'n1 pcap dom0->guest' n1 10.99.1.2 -n 4M && iperf_tcp 'n1 pcap guest->dom0' n1 10.99.1.2 -n 4M -R; }
 n1_detach() {

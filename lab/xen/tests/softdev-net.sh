@@ -13,7 +13,7 @@ T0=$(date +%s)
 if [ "${NET_TRACE:-1}" = 1 ]; then exec 9> "$LAB_SHARE/net-trace.log"; BASH_XTRACEFD=9; PS4='+ ${EPOCHREALTIME} '; set -x; fi
 # What runs in dom0, every 15 s (work/share/net-top.log).
 if [ "${NET_TRACE:-1}" = 1 ]; then
-  ( while :; do { date; top -bn1 | head -15; xl list; } >> "$LAB_SHARE/net-top.log" 2>&1; sleep 15; done ) 9>&- &
+  ( set +x; while :; do { date; top -bn1 | head -15; xl list; } >> "$LAB_SHARE/net-top.log" 2>&1; sleep 15; done ) 9>&- &
   NET_TOP_PID=$!
 fi
 lab_check "softdev serve starts (--hypervisor xen)" sd_start || { cat "$SOFTDEV_LOG"; lab_summary; exit 1; }
