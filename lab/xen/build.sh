@@ -32,13 +32,17 @@ DEB_PKGS=(xen-hypervisor-$XENVER-amd64 xen-utils-$XENVER xen-utils-common xensto
 # Host packages: tools used here, plus programs and libraries copied from the
 # host into the images (all Debian bookworm packages; most are always there).
 HOST_PKGS=(qemu-system-x86 cpio kmod xz-utils gzip coreutils e2fsprogs bash util-linux
-  libgcc-s1 libspice-server1 libusb-1.0-0 libfdt1 libpixman-1-0 libjpeg62-turbo libglib2.0-0)
+  libgcc-s1 libspice-server1 libusb-1.0-0 libfdt1 libpixman-1-0 libjpeg62-turbo libglib2.0-0
+  iperf3 libiperf0 tcpdump libpcap0.8 iproute2 iputils-ping ethtool)
 DOM0_MODULES=(xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback xen-netback
-  bridge loop virtio_pci 9pnet_virtio 9p virtio_blk ext4 crc32c_generic)
+  tun bridge loop virtio_pci 9pnet_virtio 9p virtio_blk ext4 crc32c_generic)
 DOMU_MODULES=(xen-blkfront xen-netfront xenfs ext4 crc32c_generic)
-# Programs copied from the host into both images (with their libraries).
+# Programs copied from the host into both images (with their libraries). The network tools
+# (iperf3, tcpdump, iproute2's ip, iputils' ping, ethtool) shadow busybox's applets of the same
+# name in /usr/bin; a guest script under busybox sh calls them by full path.
 HOST_TOOLS=(/usr/bin/bash /usr/bin/flock /usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/tune2fs
-  /usr/sbin/dumpe2fs /usr/bin/dd /usr/bin/sha256sum /usr/sbin/losetup /usr/sbin/blockdev)
+  /usr/sbin/dumpe2fs /usr/bin/dd /usr/bin/sha256sum /usr/sbin/losetup /usr/sbin/blockdev
+  /usr/bin/iperf3 /usr/bin/tcpdump /usr/sbin/ip /usr/bin/ping /usr/sbin/ethtool)
 
 # ---------------------------------------------------------------- host packages
 missing=()

@@ -7,8 +7,10 @@
 #   lab/xen/test-softdev.sh            build, boot, test, report
 #   SOFTDEV_BIN=path lab/xen/test-softdev.sh   use that binary (and the
 #                                      xen-lab-probe beside it), build nothing
-# Environment: LAB_TIMEOUT (seconds for the QEMU run, default 1500), and what
-# run.sh takes (LAB_VERBOSE=1 streams the console).
+# Environment: LAB_TIMEOUT (seconds for the QEMU run, default 1800),
+# SOFTDEV_LAB_TEST (the dom0 script, default tests/softdev.sh; e.g.
+# tests/softdev-net.sh for the network section alone), and what run.sh takes
+# (LAB_VERBOSE=1 streams the console).
 # Exit status: non-zero if the build, the lab or any check in dom0 failed;
 # run.sh prints each check and, on failure, the end of the console log.
 set -euo pipefail
@@ -35,5 +37,5 @@ CC=$(command -v cc || command -v gcc || command -v clang) || lab_die "no C compi
 TB=$(date +%s)
 lab_say "softdev and randread ready in $((TB-T0))s"
 
-LAB_TIMEOUT=${LAB_TIMEOUT:-1500} "$LAB/run.sh" --test "$LAB/tests/softdev.sh" \
+LAB_TIMEOUT=${LAB_TIMEOUT:-1800} "$LAB/run.sh" --test "${SOFTDEV_LAB_TEST:-$LAB/tests/softdev.sh}" \
   --bin "$SOFTDEV_BIN" --bin "$PROBE_BIN" --file "$WORK/bin/randread"
