@@ -9,10 +9,11 @@ import Logging
 /// `softdev serve`: the daemon.
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Serve soft devices to guests (blkif, netif) and hosts (NBD, network links) until SIGTERM or SIGINT.",
+        abstract: "Serve soft devices to guests (blkif, netif, usbif) and hosts (NBD, network links) until SIGTERM or SIGINT.",
         discussion: """
             Serves every device attached under /local/domain/<me>/backend/softdev-<type> (softdev-vbd for disks, softdev-vif \
-            for network cards), by `softdev attach`, the config file's device tables ([[disk]], [[nic]]) or any toolstack; picks up attach and detach \
+            for network cards, softdev-vusb for USB controllers), by `softdev attach`, the config file's device tables \
+            ([[disk]], [[nic]], [[usb]]) or any toolstack; picks up attach and detach \
             while it runs, and unplugs a guest's devices when the guest shuts down, crashes or is destroyed. With --hypervisor local \
             and no local hypervisor running at --local-dir, the daemon runs one itself.
             The config file is TOML; see the README ("softdev serve") for every key.
