@@ -9,27 +9,7 @@ import XenStore
 /// The daemon's network class on the local hypervisor it embeds: `[[nic]]` tables attached when
 /// their guests appear, two guests talking through a switch, `softdev list`'s view of a vif,
 /// the config's checks, and links between endpoints with no guest.
-final class DaemonNetTests: XCTestCase {
-    var directory = ""
-    var daemon: SoftDevDaemon?
-
-    override func setUp() {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("softdev-daemon-net-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
-    }
-
-    override func tearDown() {
-        daemon?.stop()
-        try? FileManager.default.removeItem(atPath: directory)
-    }
-
-    func startDaemon(_ config: ServeConfig) throws -> SoftDevDaemon {
-        let d = try SoftDevDaemon(config: config, choice: HypervisorChoice(kind: .local, localAddress: LocalHypervisorAddress(directory: directory)),
-                                  log: { if getenv("SOFTDEV_TEST_LOG") != nil { print($0) } })
-        try d.start()
-        daemon = d
-        return d
-    }
-
+final class DaemonNetTests: LocalDaemonTestCase {
     /// Waits for the daemon to attach vif 0 to `guest`; returns its frontend path.
     func configuredVif(_ guest: LocalHypervisor) throws -> String {
         let fe = "/local/domain/\(guest.domainID)/device/vif/0"

@@ -8,24 +8,9 @@ import XenStore
 /// The daemon's USB class on the local hypervisor it embeds: a controller created with its
 /// first device, a second plugged into it, `softdev type` through the control socket, a port
 /// emptied by detach, `softdev list`'s view.
-final class DaemonUSBTests: XCTestCase {
-    var directory = ""
-    var daemon: SoftDevDaemon?
-
-    override func setUp() {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("softdev-daemon-usb-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
-    }
-
-    override func tearDown() {
-        daemon?.stop()
-        try? FileManager.default.removeItem(atPath: directory)
-    }
-
+final class DaemonUSBTests: LocalDaemonTestCase {
     func testKeyboardAndStickOnOneControllerTypedIntoThroughTheControlSocket() throws {
-        let choice = HypervisorChoice(kind: .local, localAddress: LocalHypervisorAddress(directory: directory))
-        let d = try SoftDevDaemon(config: ServeConfig(), choice: choice, log: { if getenv("SOFTDEV_TEST_LOG") != nil { print($0) } })
-        try d.start()
-        daemon = d
+        let d = try startDaemon(ServeConfig())
         let guest = try LocalHypervisor.createGuest(LocalHypervisorAddress(directory: directory), name: "u", pages: 4096)
         defer { guest.destroy() }
         let store = d.hypervisor.store

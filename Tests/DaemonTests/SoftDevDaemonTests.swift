@@ -13,27 +13,7 @@ struct TimedOut: Error, CustomStringConvertible {
 
 /// The daemon on the local hypervisor it embeds: configured disks attached when their guest
 /// appears, attach/detach while it runs, guests destroyed, NBD exports.
-final class SoftDevDaemonTests: XCTestCase {
-    var directory = ""
-    var daemon: SoftDevDaemon?
-
-    override func setUp() {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("softdev-daemon-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
-    }
-
-    override func tearDown() {
-        daemon?.stop()
-        try? FileManager.default.removeItem(atPath: directory)
-    }
-
-    func startDaemon(_ config: ServeConfig) throws -> SoftDevDaemon {
-        let d = try SoftDevDaemon(config: config, choice: HypervisorChoice(kind: .local, localAddress: LocalHypervisorAddress(directory: directory)),
-                                  log: { if getenv("SOFTDEV_TEST_LOG") != nil { print($0) } })
-        try d.start()
-        daemon = d
-        return d
-    }
-
+final class SoftDevDaemonTests: LocalDaemonTestCase {
     func waitUntil(_ what: String, timeout: Double = 10, _ condition: () -> Bool) throws {
         let end = monotonicSeconds() + timeout
         while !condition() {
