@@ -16,6 +16,7 @@ import Synchronization
 /// - Each request in flight borrows a ``CryptRequest`` from a pool: its OpenSSL contexts (one
 ///   per direction, keyed once) and its buffer, so that nothing is allocated per request once
 ///   the pool has grown to the deepest queue seen.
+/// - A request of 128 KiB or more is ciphered on every core at once (``ParallelSectorCipher``).
 /// - Flush and FUA pass through. Write-zeroes writes encrypted zeroes (a hole below would
 ///   decrypt to noise, and would show where the guest's data is not). Discard is refused
 ///   unless `discard=on`, dm-crypt's `allow_discards`: a discarded range reads back as noise
@@ -35,6 +36,8 @@ public final class CryptFilter: BlockFilter, @unchecked Sendable {
     private let payload: BlockGeometry
     private var masterKey: SecretBytes?
     private let pool = Mutex<[CryptRequest]>([])
+    /// Large requests are ciphered on several cores at once.
+    let crew: ParallelSectorCipher
     /// The largest piece of a write that goes down at once (and the most a request's buffer holds).
     static let chunkBytes = 1 << 20
 
@@ -56,6 +59,7 @@ public final class CryptFilter: BlockFilter, @unchecked Sendable {
         let size = (below.size - payloadStart) / UInt64(below.logicalBlockSize) * UInt64(below.logicalBlockSize)
         payload = BlockGeometry(size: size, logicalBlockSize: below.logicalBlockSize, physicalBlockSize: below.physicalBlockSize)
         self.allowDiscard = allowDiscard
+        crew = try ParallelSectorCipher(spec: cipher, key: key, helpers: ParallelSectorCipher.defaultHelpers)
         super.init(next: next)
         // One request's worth of contexts now, so that a bad key fails at open.
         let first = try CryptRequest(filter: self, key: key)
@@ -120,6 +124,7 @@ public final class CryptFilter: BlockFilter, @unchecked Sendable {
     public override func close() {
         masterKey = nil
         pool.withLock { $0.removeAll() }
+        crew.stop()
         super.close()
     }
 }
@@ -240,7 +245,7 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
         let sector = (offset + done) / 512
         if operation == .writeZeroes {
             memset(buffer, 0, n)
-            return encryptor.run(buffer, buffer, sectors: n / 512, first: sector)
+            return encrypt(buffer, buffer, sectors: n / 512, first: sector)
         }
         // Straight from the caller's buffers where whole sectors lie in one of them.
         var skip = Int(done), out = 0, aligned = true
@@ -248,13 +253,21 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
             if skip >= b.count { skip -= b.count; continue }
             let take = min(b.count - skip, n - out)
             if take % 512 != 0 || skip % 512 != 0 { aligned = false; break }
-            guard encryptor.run(b.baseAddress! + skip, buffer + out, sectors: take / 512, first: sector + UInt64(out / 512)) else { return false }
+            guard encrypt(b.baseAddress! + skip, buffer + out, sectors: take / 512, first: sector + UInt64(out / 512)) else { return false }
             out += take; skip = 0
         }
         if aligned { return true }
         // Sectors that straddle two buffers: gather, then encrypt in place.
         gather(into: buffer, from: Int(done), count: n)
-        return encryptor.run(buffer, buffer, sectors: n / 512, first: sector)
+        return encrypt(buffer, buffer, sectors: n / 512, first: sector)
+    }
+
+    private func encrypt(_ input: UnsafeRawPointer, _ output: UnsafeMutableRawPointer, sectors: Int, first: UInt64) -> Bool {
+        filter.crew.run(encrypt: true, input, output, sectors: sectors, first: first, local: encryptor)
+    }
+
+    private func decrypt(_ input: UnsafeRawPointer, _ output: UnsafeMutableRawPointer, sectors: Int, first: UInt64) -> Bool {
+        filter.crew.run(encrypt: false, input, output, sectors: sectors, first: first, local: decryptor)
     }
 
     private func gather(into destination: UnsafeMutableRawPointer, from start: Int, count: Int) {
@@ -283,7 +296,7 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
         if buffers.allSatisfy({ $0.count % 512 == 0 }) {
             var sector = first
             for b in buffers where b.count > 0 {
-                guard decryptor.run(b.baseAddress!, b.baseAddress!, sectors: b.count / 512, first: sector) else { return false }
+                guard decrypt(b.baseAddress!, b.baseAddress!, sectors: b.count / 512, first: sector) else { return false }
                 sector += UInt64(b.count / 512)
             }
             return true
@@ -295,7 +308,7 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
             let n = min(CryptFilter.chunkBytes, total - position)
             guard ensureBuffer(n), let buffer else { return false }
             gather(into: buffer, from: position, count: n)
-            guard decryptor.run(buffer, buffer, sectors: n / 512, first: first + UInt64(position / 512)) else { return false }
+            guard decrypt(buffer, buffer, sectors: n / 512, first: first + UInt64(position / 512)) else { return false }
             scatter(from: buffer, to: position, count: n)
             position += n
         }

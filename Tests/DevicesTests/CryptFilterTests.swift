@@ -3,6 +3,7 @@ import Core
 @testable import Devices
 import Foundation
 import Glibc
+import Synchronization
 import TestPeers
 import XCTest
 
@@ -375,5 +376,38 @@ final class CryptFilterTests: XCTestCase {
         for (i, buffer) in reads.enumerated() { device.submit(device.readRequest(buffer, at: UInt64(i) * 65536 * 2), completion: readCompletions.completion(UInt64(i))) }
         XCTAssertTrue(readCompletions.wait(for: 64).values.allSatisfy { $0 == .success })
         for (i, buffer) in reads.enumerated() { XCTAssertTrue(buffer.bytes == TestBuffer.expected(65536, UInt8(i)), "request \(i)") }
+    }
+
+    /// A run split between helpers gives the bytes one context gives, for every split size
+    /// (sector counts that do not divide evenly, runs just under and over the split threshold),
+    /// several callers at once, and decrypts back.
+    func testParallelCipherMatchesOneContext() throws {
+        let spec = try LUKSCipherSpec(cipherName: "aes", mode: "xts-plain64", keyBytes: 64)
+        let key = SecretBytes(count: 64)
+        for i in 0..<64 { key.pointer.storeBytes(of: UInt8(truncatingIfNeeded: i &* 7 &+ 1), toByteOffset: i, as: UInt8.self) }
+        let crew = try ParallelSectorCipher(spec: spec, key: key, helpers: 3)
+        defer { crew.stop() }
+        let single = try LUKSSectorCipher(spec: spec, key: key, encrypt: true)
+        for sectors in [1, 255, 256, 257, 2047, 2048, 4093] {
+            let plain = (0..<(sectors * 512)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ sectors) }
+            var expected = [UInt8](repeating: 0, count: plain.count)
+            XCTAssertTrue(single.run(plain, &expected, sectors: sectors, first: 1000))
+            // Four callers on the same crew at once, each with its own contexts.
+            let results = Mutex<[[UInt8]]>([])
+            DispatchQueue.concurrentPerform(iterations: 4) { _ in
+                let encryptor = try! LUKSSectorCipher(spec: spec, key: key, encrypt: true)
+                let decryptor = try! LUKSSectorCipher(spec: spec, key: key, encrypt: false)
+                var out = [UInt8](repeating: 0, count: plain.count)
+                let ok = plain.withUnsafeBytes { p in out.withUnsafeMutableBytes { o in
+                    crew.run(encrypt: true, p.baseAddress!, o.baseAddress!, sectors: sectors, first: 1000, local: encryptor) } }
+                var back = out
+                let decrypted = back.withUnsafeMutableBytes { b in
+                    crew.run(encrypt: false, b.baseAddress!, b.baseAddress!, sectors: sectors, first: 1000, local: decryptor) }
+                results.withLock { $0.append(ok && decrypted ? out + back : []) }
+            }
+            for result in results.withLock({ $0 }) {
+                XCTAssertTrue(result == expected + plain, "\(sectors) sectors")
+            }
+        }
     }
 }
