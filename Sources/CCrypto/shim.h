@@ -1,9 +1,10 @@
-// OpenSSL's libcrypto (libssl-dev) for the `crypt` device: AES (XTS, CBC, ECB for ESSIV)
+// OpenSSL's libcrypto (libssl-dev) for the `crypt` device and the `cas` store: AES (XTS, CBC, ECB for ESSIV)
 // through EVP, PBKDF2-HMAC, SHA digests, OPENSSL_cleanse. The loops below only call EVP once
 // per 512-byte sector with that sector's IV, as dm-crypt, qemu and nbdkit do; the cipher itself
 // is OpenSSL's (AES-NI where the CPU has it).
 #include <openssl/evp.h>
 #include <openssl/crypto.h>
+#include <openssl/sha.h>
 #include <openssl/err.h>
 #include <sys/random.h>
 #include <sys/mman.h>

@@ -258,7 +258,7 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
         }
         if aligned { return true }
         // Sectors that straddle two buffers: gather, then encrypt in place.
-        gather(into: buffer, from: Int(done), count: n)
+        buffers.copy(to: buffer, count: n, at: Int(done))
         return encrypt(buffer, buffer, sectors: n / 512, first: sector)
     }
 
@@ -268,26 +268,6 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
 
     private func decrypt(_ input: UnsafeRawPointer, _ output: UnsafeMutableRawPointer, sectors: Int, first: UInt64) -> Bool {
         filter.crew.run(encrypt: false, input, output, sectors: sectors, first: first, local: decryptor)
-    }
-
-    private func gather(into destination: UnsafeMutableRawPointer, from start: Int, count: Int) {
-        var skip = start, out = 0
-        for b in buffers where out < count {
-            if skip >= b.count { skip -= b.count; continue }
-            let take = min(b.count - skip, count - out)
-            memcpy(destination + out, b.baseAddress! + skip, take)
-            out += take; skip = 0
-        }
-    }
-
-    private func scatter(from source: UnsafeRawPointer, to start: Int, count: Int) {
-        var skip = start, out = 0
-        for b in buffers where out < count {
-            if skip >= b.count { skip -= b.count; continue }
-            let take = min(b.count - skip, count - out)
-            memcpy(b.baseAddress! + skip, source + out, take)
-            out += take; skip = 0
-        }
     }
 
     /// Decrypts a completed read in the request's buffers.
@@ -307,9 +287,9 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
         while position < total {
             let n = min(CryptFilter.chunkBytes, total - position)
             guard ensureBuffer(n), let buffer else { return false }
-            gather(into: buffer, from: position, count: n)
+            buffers.copy(to: buffer, count: n, at: position)
             guard decrypt(buffer, buffer, sectors: n / 512, first: first + UInt64(position / 512)) else { return false }
-            scatter(from: buffer, to: position, count: n)
+            buffers.copy(from: buffer, count: n, at: position)
             position += n
         }
         return true

@@ -34,22 +34,36 @@ public struct IOBuffers: @unchecked Sendable, Sequence {
     public func zero() {
         for b in self where b.count > 0 { memset(b.baseAddress!, 0, b.count) }
     }
-    /// Copies `source` into the buffers, in order, up to their total length.
-    public func copy(from source: UnsafeRawPointer, count total: Int) {
-        var done = 0
+    /// The memory of bytes `[position, position + count)` of the buffers, seen as one run of
+    /// bytes, when they lie in one buffer; nil when they span two.
+    public func contiguous(at position: Int, count: Int) -> UnsafeMutableRawPointer? {
+        var skip = position
+        for b in self {
+            if skip >= b.count { skip -= b.count; continue }
+            return b.count - skip >= count ? b.baseAddress! + skip : nil
+        }
+        return nil
+    }
+    /// Copies `total` bytes of `source` into the buffers, seen as one run of bytes, from byte
+    /// `position` of that run (up to its end).
+    public func copy(from source: UnsafeRawPointer, count total: Int, at position: Int = 0) {
+        var skip = position, done = 0
         for b in self where done < total {
-            let n = Swift.min(b.count, total - done)
-            memcpy(b.baseAddress!, source + done, n)
-            done += n
+            if skip >= b.count { skip -= b.count; continue }
+            let n = Swift.min(b.count - skip, total - done)
+            memcpy(b.baseAddress! + skip, source + done, n)
+            done += n; skip = 0
         }
     }
-    /// Copies the buffers, in order, into `destination`, up to `total` bytes.
-    public func copy(to destination: UnsafeMutableRawPointer, count total: Int) {
-        var done = 0
+    /// Copies `total` bytes of the buffers, seen as one run of bytes, from byte `position` of
+    /// that run (up to its end), into `destination`.
+    public func copy(to destination: UnsafeMutableRawPointer, count total: Int, at position: Int = 0) {
+        var skip = position, done = 0
         for b in self where done < total {
-            let n = Swift.min(b.count, total - done)
-            memcpy(destination + done, b.baseAddress!, n)
-            done += n
+            if skip >= b.count { skip -= b.count; continue }
+            let n = Swift.min(b.count - skip, total - done)
+            memcpy(destination + done, b.baseAddress! + skip, n)
+            done += n; skip = 0
         }
     }
 }
