@@ -201,11 +201,20 @@ public final class SoftDevDaemon: @unchecked Sendable {
         }
     }
 
-    /// The control socket: `type DOMID PORT BASE64` types into the keyboard on a guest's USB port.
+    /// The control socket: `type DOMID PORT BASE64` types into the keyboard on a guest's USB
+    /// port; `snapshot BASE64LOG BASE64NAME` marks a timetravel disk this daemon serves.
     private func startControl() throws {
         guard let controlPath else { return }
         let host = host, me = hypervisor.domainID
         let control = try ControlSocket(path: controlPath) { words in
+            if words.first == "snapshot" {
+                guard words.count == 3, let log = Data(base64Encoded: words[1]).flatMap({ String(data: $0, encoding: .utf8) }),
+                      let name = Data(base64Encoded: words[2]).flatMap({ String(data: $0, encoding: .utf8) }) else {
+                    throw ServeConfigError("expected: snapshot BASE64LOG BASE64NAME")
+                }
+                do throws(BlockError) { try TimeTravel.snapshot(log: log, name: name) } catch { throw ServeConfigError(error.message) }
+                return
+            }
             guard words.count == 4, words[0] == "type", let domain = DomainID(words[1]), let port = Int(words[2]),
                   let data = Data(base64Encoded: words[3]), let text = String(data: data, encoding: .utf8) else {
                 throw ServeConfigError("expected: type DOMID PORT BASE64TEXT")

@@ -60,7 +60,7 @@ public final class CASDevice: SynchronousBlockDevice, @unchecked Sendable {
         var bounce: UnsafeMutableRawPointer?
         defer { bounce?.deallocate() }
         try store.lock.reading { () throws(BlockError) in
-            try Self.forEachChunk(offset, total) { (block, within, n, position) throws(BlockError) in
+            try forEachChunk(of: Self.chunk, offset, total) { (block, within, n, position) throws(BlockError) in
                 if within == 0 && n == Self.chunk, let direct = buffers.contiguous(at: position, count: n) {
                     try store.readChunk(disk, block, into: direct)
                 } else {
@@ -76,7 +76,7 @@ public final class CASDevice: SynchronousBlockDevice, @unchecked Sendable {
         guard capabilities.contains(.write) else { throw BlockError(.readOnly, "cas(map=\(disk.path)): opened with readonly=true") }
         let total = buffers.byteCount
         try store.lock.writing { () throws(BlockError) in
-            try Self.forEachChunk(offset, total) { (block, within, n, position) throws(BlockError) in
+            try forEachChunk(of: Self.chunk, offset, total) { (block, within, n, position) throws(BlockError) in
                 if within == 0 && n == Self.chunk, let direct = buffers.contiguous(at: position, count: n) {
                     try store.put(disk, block, direct)
                 } else {
@@ -88,20 +88,6 @@ public final class CASDevice: SynchronousBlockDevice, @unchecked Sendable {
             }
         }
         if fua { try store.flush(disk) }
-    }
-
-    /// Calls `body` for each chunk `[offset, offset + total)` touches, with the block, where the
-    /// range starts in it, how many of its bytes the range covers, and the range's byte there.
-    private static func forEachChunk(_ offset: UInt64, _ total: Int,
-                                     _ body: (_ block: Int, _ within: Int, _ count: Int, _ position: Int) throws(BlockError) -> Void) throws(BlockError) {
-        var position = 0
-        while position < total {
-            let at = offset + UInt64(position)
-            let block = Int(at / UInt64(chunk)), within = Int(at % UInt64(chunk))
-            let n = min(chunk - within, total - position)
-            try body(block, within, n, position)
-            position += n
-        }
     }
 
     public func flush() throws(BlockError) {
@@ -120,7 +106,7 @@ public final class CASDevice: SynchronousBlockDevice, @unchecked Sendable {
     public func writeZeroes(at offset: UInt64, length: UInt64, mayDiscard: Bool) throws(BlockError) {
         guard capabilities.contains(.write) else { throw BlockError(.readOnly, "cas(map=\(disk.path)): opened with readonly=true") }
         try store.lock.writing { () throws(BlockError) in
-            try Self.forEachChunk(offset, Int(length)) { (block, within, n, _) throws(BlockError) in
+            try forEachChunk(of: Self.chunk, offset, Int(length)) { (block, within, n, _) throws(BlockError) in
                 if n == Self.chunk {
                     store.clear(disk, block)
                 } else {
