@@ -55,7 +55,7 @@ let package = Package(
         // both ends use: shared by the NBD export (a server) and the `nbd` device (a client).
         .target(name: "NBDWire", dependencies: ["Core"]),
         // The soft devices.
-        .target(name: "Devices", dependencies: ["Core", "CAio", "CPcap", "CCrypto", "CLibUSB", "NBDWire"]),
+        .target(name: "Devices", dependencies: ["Core", "CAio", "CPcap", "CCrypto", "CLibUSB", "NBDWire", .product(name: "TOMLKit", package: "TOMLKit")]),
         // NBD export of any device stack.
         .target(name: "NBDExport", dependencies: ["Core", "NBDWire"]),
         // `softdev bench`: load generator, the C reference backend's harness, the tables.

@@ -79,6 +79,15 @@ public final class SoftDevDaemon: @unchecked Sendable {
         metrics = config.metricsListen == nil ? nil : MetricsRegistry()
         host = XenbusBackendHost(hypervisor: hypervisor, log: coreLog)
         for deviceClass in DeviceClass.all { host.register(deviceClass.backend(config, coreLog, metrics)) }
+        // The ids filters' alerts: to the log, and counted by action.
+        let alertCounters = metrics.map { m in
+            (alert: Counter(label: MetricsRegistry.idsAlerts, dimensions: [("action", "alert")], factory: m),
+             deny: Counter(label: MetricsRegistry.idsAlerts, dimensions: [("action", "deny")], factory: m))
+        }
+        IDSFilter.setAlertHandler { [logger] alert in
+            logger.warning("ids \(alert.action): \(alert.rule): \(alert.path ?? "-"): \(alert.detail)")
+            if alert.action == "deny" { alertCounters?.deny.increment() } else { alertCounters?.alert.increment() }
+        }
     }
 
     /// Opens the NBD exports' devices, starts every server, and attaches the configured devices

@@ -31,6 +31,7 @@ public final class MetricsRegistry: MetricsFactory, Sendable {
     public static let frontendsConnected = "softdev_frontends_connected"
     public static let frames = "softdev_frames_total"
     public static let frameBytes = "softdev_frame_bytes_total"
+    public static let idsAlerts = "softdev_ids_alerts_total"
 
     public static let help: [String: String] = [
         requests: "Requests the device stack completed, by operation, counted at completion.",
@@ -43,6 +44,7 @@ public final class MetricsRegistry: MetricsFactory, Sendable {
         frontendsConnected: "Devices of the class whose backend is Connected to its guest's frontend.",
         frames: "Frames through the top of a network stack, by direction (from-guest, to-guest).",
         frameBytes: "Bytes of the frames through the top of a network stack, by direction.",
+        idsAlerts: "Alerts of the ids filters, by action (alert, or deny: the write was refused).",
     ]
 
     /// Latency buckets: 10 µs (a memory device's request) to 1 s (a stuck remote disk); 1-2-5

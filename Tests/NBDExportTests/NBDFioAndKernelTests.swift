@@ -27,38 +27,12 @@ final class NBDFioAndKernelTests: XCTestCase {
     }
 
     func testKernelMountsExt4OnTheExportAndFsckIsClean() throws {
-        for tool in [Tool.nbdfuse, .losetup, .mkfsExt4, .fsckExt4, .mount, .umount, .fusermount3] { _ = try tool.resolved() }
-        try Peers.require(access("/dev/fuse", R_OK | W_OK) == 0, "/dev/fuse (the kernel path needs FUSE)", install: "modprobe fuse")
-        let f = try ServerFixture([NBDExport(name: "disk", device: SparseTestDevice(size: 128 << 20))])
-        defer { f.stop() }
-        let fuseDir = f.path("fuse"), mountPoint = f.path("mnt")
-        try FileManager.default.createDirectory(atPath: fuseDir, withIntermediateDirectories: false)
-        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: false)
-
-        // nbdfuse stays in the foreground serving the FUSE file until it is unmounted.
-        let fuse = Process()
-        fuse.executableURL = URL(fileURLWithPath: try Tool.nbdfuse.resolved())
-        fuse.arguments = [fuseDir + "/disk", f.uri("disk")]
-        try fuse.run()
-        defer {
-            // nbdfuse mounts the directory; the loop device may let go of the file a little late.
-            for _ in 0..<50 where fuse.isRunning {
-                if (try? runTool(.fusermount3, ["-u", fuseDir]))?.status == 0 { break }
-                usleep(100_000)
-            }
-            if fuse.isRunning { _ = try? runTool(.fusermount3, ["-uz", fuseDir]); fuse.terminate() }
-            fuse.waitUntilExit()
+        try withKernelBlockDevice(SparseTestDevice(size: 128 << 20)) { loop, mountPoint in
+            try mkfsFilesAndFsck(loop: loop, mountPoint: mountPoint)
         }
-        let image = fuseDir + "/disk"
-        for _ in 0..<500 where !FileManager.default.fileExists(atPath: image) { usleep(10_000) }
-        XCTAssertTrue(FileManager.default.fileExists(atPath: image), "nbdfuse did not mount")
+    }
 
-        let attach = try runTool(.losetup, ["--find", "--show", image])
-        XCTAssertSucceeded(attach, "losetup")
-        let loop = attach.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        guard !loop.isEmpty else { return }
-        defer { _ = try? runTool(.losetup, ["-d", loop]) }
-
+    private func mkfsFilesAndFsck(loop: String, mountPoint: String) throws {
         XCTAssertSucceeded(try runTool(.mkfsExt4, ["-q", "-F", loop]), "mkfs.ext4")
         XCTAssertSucceeded(try runTool(.mount, [loop, mountPoint]), "mount")
         var files: [String: Data] = [:]
@@ -76,4 +50,44 @@ final class NBDFioAndKernelTests: XCTestCase {
         }
         XCTAssertSucceeded(try runTool(.umount, [mountPoint]), "umount after checking")
     }
+}
+
+/// Serves `device` over NBD and gives the kernel a block device of it (nbdfuse, then a loop
+/// device) and an empty mount point; everything is taken down afterwards.
+func withKernelBlockDevice(_ device: any BlockDevice, _ body: (_ loop: String, _ mountPoint: String) throws -> Void) throws {
+    for tool in [Tool.nbdfuse, .losetup, .mkfsExt4, .fsckExt4, .mount, .umount, .fusermount3] { _ = try tool.resolved() }
+    try Peers.require(access("/dev/fuse", R_OK | W_OK) == 0, "/dev/fuse (the kernel path needs FUSE)", install: "modprobe fuse")
+    let f = try ServerFixture([NBDExport(name: "disk", device: device)])
+    defer { f.stop() }
+    let fuseDir = f.path("fuse"), mountPoint = f.path("mnt")
+    try FileManager.default.createDirectory(atPath: fuseDir, withIntermediateDirectories: false)
+    try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: false)
+
+    // nbdfuse stays in the foreground serving the FUSE file until it is unmounted.
+    let fuse = Process()
+    fuse.executableURL = URL(fileURLWithPath: try Tool.nbdfuse.resolved())
+    fuse.arguments = [fuseDir + "/disk", f.uri("disk")]
+    try fuse.run()
+    defer {
+        // nbdfuse mounts the directory; the loop device may let go of the file a little late.
+        for _ in 0..<50 where fuse.isRunning {
+            if (try? runTool(.fusermount3, ["-u", fuseDir]))?.status == 0 { break }
+            usleep(100_000)
+        }
+        if fuse.isRunning { _ = try? runTool(.fusermount3, ["-uz", fuseDir]); fuse.terminate() }
+        fuse.waitUntilExit()
+    }
+    let image = fuseDir + "/disk"
+    for _ in 0..<500 where !FileManager.default.fileExists(atPath: image) { usleep(10_000) }
+    XCTAssertTrue(FileManager.default.fileExists(atPath: image), "nbdfuse did not mount")
+
+    let attach = try runTool(.losetup, ["--find", "--show", image])
+    XCTAssertSucceeded(attach, "losetup")
+    let loop = attach.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+    guard !loop.isEmpty else { return }
+    defer {
+        _ = try? runTool(.umount, [mountPoint])
+        _ = try? runTool(.losetup, ["-d", loop])
+    }
+    try body(loop, mountPoint)
 }

@@ -8,7 +8,7 @@ import XCTest
 /// missing client fails the test in CI and skips it elsewhere, naming what to install (`Peers`).
 enum Tool: String {
     case qemuImg = "qemu-img", qemuIO = "qemu-io", nbdinfo, nbdcopy, nbdfuse, fio, nbdkit
-    case losetup, mkfsExt4 = "mkfs.ext4", fsckExt4 = "fsck.ext4", mount, umount, fusermount3
+    case losetup, mkfsExt4 = "mkfs.ext4", fsckExt4 = "fsck.ext4", debugfs, mount, umount, fusermount3, tar, sync, dd
 
     var package: String {
         switch self {
@@ -18,7 +18,9 @@ enum Tool: String {
         case .fio: return "fio"
         case .nbdkit: return "nbdkit"
         case .losetup, .mount, .umount: return "mount"
-        case .mkfsExt4, .fsckExt4: return "e2fsprogs"
+        case .mkfsExt4, .fsckExt4, .debugfs: return "e2fsprogs"
+        case .tar: return "tar"
+        case .sync, .dd: return "coreutils"
         case .fusermount3: return "fuse3"
         }
     }
