@@ -244,16 +244,7 @@ static int take_response(struct cref_front *f, struct spec *specs, int n, const 
     return 1;
 }
 
-static int wait_for_event(struct cref_front *f) {
-    struct pollfd p = { .fd = f->env.wait_fd, .events = POLLIN };
-    int r;
-    do r = poll(&p, 1, (int)f->env.timeout_ms); while (r < 0 && errno == EINTR);
-    if (r <= 0) return -1;
-    uint64_t v;
-    ssize_t got = read(f->env.wait_fd, &v, sizeof v);   // clear pending, unmask
-    (void)got;
-    return 0;
-}
+static int wait_for_event(struct cref_front *f) { return cref_wait_event(f->env.wait_fd, f->env.timeout_ms); }
 
 // Sends the `n` requests (as many at once as the ring holds, one push and at most one
 // notification per round) and takes their responses. 0 if every request was answered.
