@@ -297,6 +297,8 @@ final class UsbifQueue: RingService, URBCompletionSink, USBPortEventsFactory, @u
             guard Int(s.offset) + Int(s.length) <= xenPageSize else { return respond(id: r.id, status: .invalid) }
             if i < bufferSegments { total += Int(s.length) }
         }
+        // xen-hcd's segments cover the buffer exactly; buffer_length is 16 bits, so 64 KiB reads 0.
+        guard UInt16(truncatingIfNeeded: total) == r.buffer_length, total <= Self.slotBytes else { return respond(id: r.id, status: .invalid) }
         var packets: [USBIsoPacket] = []
         if pipe.type == .isochronous {
             let count = Int(r.u.isoc.number_of_packets)
