@@ -69,6 +69,9 @@ public protocol USBDevice: SoftDevice {
     /// A URB for the device: complete it exactly once, now or later, from any thread. A URB
     /// that waits for the device (an interrupt IN until a key is pressed) simply stays.
     func submit(_ urb: URB)
+    /// Whether the device itself halted endpoint `endpoint` in direction `isIn` (a stick after an
+    /// invalid CBW): GET_STATUS(ENDPOINT) reports it.
+    func isHalted(endpoint: UInt8, isIn: Bool) -> Bool
     /// The guest unlinked `urb`: complete it soon with `.cancelled` (or as it ends anyway).
     func cancel(_ urb: URB)
     /// SET_CONFIGURATION (0: unconfigured).
@@ -84,6 +87,7 @@ public protocol USBDevice: SoftDevice {
 }
 
 extension USBDevice {
+    public func isHalted(endpoint: UInt8, isIn: Bool) -> Bool { false }
     public func cancel(_ urb: URB) {}
     public func setConfiguration(_ value: UInt8) -> USBStatus { .ok }
     public func setInterface(_ interface: UInt8, alternate: UInt8) -> USBStatus { alternate == 0 ? .ok : .stall }
@@ -102,6 +106,7 @@ open class USBFilter: USBDevice, @unchecked Sendable {
     open var speed: USBSpeed { next.speed }
     open var descriptors: USBDescriptors { next.descriptors }
     open func submit(_ urb: URB) { next.submit(urb) }
+    open func isHalted(endpoint: UInt8, isIn: Bool) -> Bool { next.isHalted(endpoint: endpoint, isIn: isIn) }
     open func cancel(_ urb: URB) { next.cancel(urb) }
     open func setConfiguration(_ value: UInt8) -> USBStatus { next.setConfiguration(value) }
     open func setInterface(_ interface: UInt8, alternate: UInt8) -> USBStatus { next.setInterface(interface, alternate: alternate) }

@@ -78,7 +78,10 @@ public struct USBStandardRequests: Sendable {
         case (Self.getStatus, .interface):
             urb.complete(in: [0, 0])
         case (Self.getStatus, .endpoint):
-            urb.complete(in: [halted.contains(UInt8(truncatingIfNeeded: setup.index)) ? 1 : 0, 0])
+            // Halted by SET_FEATURE(ENDPOINT_HALT), or by the device itself (a stall it keeps).
+            let ep = UInt8(truncatingIfNeeded: setup.index)
+            let isHalted = halted.contains(ep) || device.isHalted(endpoint: ep & 0x0f, isIn: ep & 0x80 != 0)
+            urb.complete(in: [isHalted ? 1 : 0, 0])
         case (Self.clearFeature, .endpoint) where setup.value == 0:   // ENDPOINT_HALT
             let ep = UInt8(truncatingIfNeeded: setup.index)
             let status = device.clearHalt(endpoint: ep & 0x0f, isIn: ep & 0x80 != 0)
