@@ -94,6 +94,9 @@ final class USBMediationTapTests: USBFilterTestCase {
                        "the keyboard's endpoint number the other way")
         XCTAssertEqual(device.keyboardURBs, 0)
         XCTAssertTrue(device.classRequests.isEmpty)
+        // The report descriptor belongs to interface 1: hidden with it, kept when it is allowed.
+        XCTAssertNil(USBInterfacesFilter(next: device, allow: [USBInterfaceClassPattern(8, 6, 0x50)]).descriptors.interfaceDescriptors[1])
+        XCTAssertEqual(USBInterfacesFilter(next: device, allow: [USBInterfaceClassPattern(3, nil, nil)]).descriptors.interfaceDescriptors[1]?[0x2200]?.count, 63)
         // The storage interface works: GET MAX LUN, a read.
         XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0xA1, request: 0xFE, value: 0, index: 0, length: 1)).data, [0])
         var bot = BulkOnly(front: front)

@@ -8,12 +8,19 @@ public struct USBDescriptors: Equatable, Sendable {
     public var configurations: [[UInt8]]
     /// String descriptors by index (index 0, the language list, is answered as US English).
     public var strings: [UInt8: String]
-    /// Other descriptors a device answers to GET_DESCRIPTOR by (type << 8 | index), e.g. the
-    /// HID report descriptor (0x2200), asked of an interface.
+    /// Other descriptors a device answers to GET_DESCRIPTOR by (type << 8 | index), asked of the
+    /// device (or of an interface that has none of its own by that key).
     public var others: [UInt16: [UInt8]]
+    /// Class and vendor descriptors of each interface (by bInterfaceNumber), answered to
+    /// GET_DESCRIPTOR with the interface as recipient and its number in wIndex: the HID
+    /// descriptor (0x2100) and report descriptor (0x2200) of a HID interface. Kept per interface
+    /// so that a filter hiding an interface hides them too.
+    public var interfaceDescriptors: [UInt8: [UInt16: [UInt8]]]
 
-    public init(device: [UInt8], configurations: [[UInt8]], strings: [UInt8: String] = [:], others: [UInt16: [UInt8]] = [:]) {
+    public init(device: [UInt8], configurations: [[UInt8]], strings: [UInt8: String] = [:], others: [UInt16: [UInt8]] = [:],
+                interfaceDescriptors: [UInt8: [UInt16: [UInt8]]] = [:]) {
         self.device = device; self.configurations = configurations; self.strings = strings; self.others = others
+        self.interfaceDescriptors = interfaceDescriptors
     }
 
     public var vendorID: UInt16 { device.count >= 10 ? UInt16(device[8]) | UInt16(device[9]) << 8 : 0 }

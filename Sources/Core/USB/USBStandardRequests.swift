@@ -44,7 +44,11 @@ public struct USBStandardRequests: Sendable {
                 guard device.speed == .high, d.device.count >= 18 else { answer = nil; break }
                 answer = [10, 6, d.device[2], d.device[3], d.device[4], d.device[5], d.device[6], d.device[7], d.device[17], 0]
             default:
-                if let other = d.others[setup.value] { answer = other } else if setup.recipient != .device { return false }
+                if setup.recipient == .interface, let own = d.interfaceDescriptors[UInt8(truncatingIfNeeded: setup.index)]?[setup.value] {
+                    answer = own
+                } else if let other = d.others[setup.value] {
+                    answer = other
+                } else if setup.recipient != .device { return false }
             }
             guard let answer else { urb.complete(.stall); return true }
             urb.complete(in: Array(answer.prefix(Int(setup.length))))

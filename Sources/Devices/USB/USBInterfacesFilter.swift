@@ -6,7 +6,8 @@ import Core
 /// (and an interface association that starts at a hidden interface), `bNumInterfaces` and
 /// `wTotalLength` fixed. URBs to their endpoints, SET_INTERFACE to them, and class, vendor or
 /// standard requests addressed to a hidden interface or endpoint are STALLed here and never
-/// reach the device. HID class descriptors (0x21-0x23) go when no HID interface stays.
+/// reach the device. A hidden interface's own class descriptors (``USBDescriptors/interfaceDescriptors``)
+/// go with it; device-wide HID class descriptors (0x21-0x23) go when no HID interface stays.
 /// Interface numbers are kept (Linux accepts the gaps).
 public final class USBInterfacesFilter: USBFilter, @unchecked Sendable {
     public override var name: String { "interfaces" }
@@ -61,6 +62,8 @@ public final class USBInterfacesFilter: USBFilter, @unchecked Sendable {
             return out
         }
         if !keepsHID { for key in d.others.keys where (0x21...0x23).contains(key >> 8) { d.others[key] = nil } }
+        // A hidden interface's own class descriptors (its HID and report descriptors) go with it.
+        for number in hiddenNumbers.subtracting(keptNumbers) { d.interfaceDescriptors[number] = nil }
         filtered = d
         hiddenInterfaces = hiddenNumbers.subtracting(keptNumbers)
         hiddenEndpoints = hiddenEP.subtracting(keptEP)
