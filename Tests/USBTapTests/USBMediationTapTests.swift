@@ -92,6 +92,14 @@ final class USBMediationTapTests: USBFilterTestCase {
                        .stall, "SET_IDLE to the keyboard")
         XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 3, type: .interrupt, isIn: false, data: [1]).status, .stall,
                        "the keyboard's endpoint number the other way")
+        // Standard requests aimed at the hidden interface or its endpoint pass the filter now
+        // (the tap would answer them): GET_STATUS, GET_INTERFACE, SET_FEATURE(HALT) STALL.
+        for setup in [USBSetup(requestType: 0x81, request: 0, value: 0, index: 1, length: 2), USBSetup(requestType: 0x81, request: 10, value: 0, index: 1, length: 1),
+                      USBSetup(requestType: 0x82, request: 0, value: 0, index: 0x83, length: 2), USBSetup(requestType: 0x02, request: 3, value: 0, index: 0x83, length: 0)] {
+            XCTAssertEqual(try front.control(port: 1, device: 2, setup).status, .stall, "\(setup)")
+        }
+        XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0x81, request: 0, value: 0, index: 0, length: 2)).data, [0, 0],
+                       "GET_STATUS of the storage interface")
         XCTAssertEqual(device.keyboardURBs, 0)
         XCTAssertTrue(device.classRequests.isEmpty)
         // The report descriptor belongs to interface 1: hidden with it, kept when it is allowed.

@@ -68,7 +68,8 @@ public protocol USBPortEvents: AnyObject, Sendable {
 /// A soft USB device: its descriptors, and its endpoints. The standard requests (descriptors,
 /// address, configuration, interface, status, halt) are answered once for every device by the
 /// tap (``USBStandardRequests``), which tells the device what changed through the `set...`
-/// calls; everything else (class and vendor control requests, every other endpoint) comes to
+/// calls; they pass down the stack first (`submitStandard`), so that filters see them.
+/// Everything else (class and vendor control requests, every other endpoint) comes to
 /// `submit`. A filter stacks over any device, soft or passed through (``USBFilter``).
 public protocol USBDevice: SoftDevice {
     var speed: USBSpeed { get }
@@ -76,6 +77,11 @@ public protocol USBDevice: SoftDevice {
     /// A URB for the device: complete it exactly once, now or later, from any thread. A URB
     /// that waits for the device (an interrupt IN until a key is pressed) simply stays.
     func submit(_ urb: URB)
+    /// A standard request (chapter 9, on endpoint 0) on its way to the tap, which answers it
+    /// (`tap` returns true) at the bottom of the stack: a filter sees it here (to record it, or
+    /// to STALL one aimed at what it hides) and passes it on, synchronously, on the caller's
+    /// thread. A device lets the tap answer and takes what the tap leaves (`submit`).
+    func submitStandard(_ urb: URB, tap: (URB) -> Bool)
     /// Whether the device itself halted endpoint `endpoint` in direction `isIn` (a stick after an
     /// invalid CBW): GET_STATUS(ENDPOINT) reports it.
     func isHalted(endpoint: UInt8, isIn: Bool) -> Bool
@@ -94,6 +100,7 @@ public protocol USBDevice: SoftDevice {
 }
 
 extension USBDevice {
+    public func submitStandard(_ urb: URB, tap: (URB) -> Bool) { if !tap(urb) { submit(urb) } }
     public func isHalted(endpoint: UInt8, isIn: Bool) -> Bool { false }
     public func cancel(_ urb: URB) {}
     public func setConfiguration(_ value: UInt8) -> USBStatus { .ok }
@@ -113,6 +120,7 @@ open class USBFilter: USBDevice, @unchecked Sendable {
     open var speed: USBSpeed { next.speed }
     open var descriptors: USBDescriptors { next.descriptors }
     open func submit(_ urb: URB) { next.submit(urb) }
+    open func submitStandard(_ urb: URB, tap: (URB) -> Bool) { next.submitStandard(urb, tap: tap) }
     open func isHalted(endpoint: UInt8, isIn: Bool) -> Bool { next.isHalted(endpoint: endpoint, isIn: isIn) }
     open func cancel(_ urb: URB) { next.cancel(urb) }
     open func setConfiguration(_ value: UInt8) -> USBStatus { next.setConfiguration(value) }

@@ -79,15 +79,28 @@ public final class USBInterfacesFilter: USBFilter, @unchecked Sendable {
             guard !hiddenEndpoints.contains(urb.endpointAddress), !hiddenEndpointNumbers.contains(urb.endpoint) else {
                 return urb.complete(.stall)
             }
-        } else if let setup = urb.setup {
-            let target = UInt8(truncatingIfNeeded: setup.index)
-            switch setup.recipient {
-            case .interface where hiddenInterfaces.contains(target): return urb.complete(.stall)
-            case .endpoint where hiddenEndpoints.contains(target): return urb.complete(.stall)
-            default: break
-            }
+        } else if aimsAtHidden(urb) {
+            return urb.complete(.stall)
         }
         next.submit(urb)
+    }
+
+    /// Standard requests aimed at a hidden interface or endpoint (GET_DESCRIPTOR of its HID
+    /// report, GET_STATUS, GET_INTERFACE, SET_INTERFACE, SET_FEATURE(HALT)) STALL here.
+    public override func submitStandard(_ urb: URB, tap: (URB) -> Bool) {
+        if aimsAtHidden(urb) { return urb.complete(.stall) }
+        next.submitStandard(urb, tap: tap)
+    }
+
+    /// A control request whose recipient is a hidden interface or endpoint.
+    private func aimsAtHidden(_ urb: URB) -> Bool {
+        guard let setup = urb.setup else { return false }
+        let target = UInt8(truncatingIfNeeded: setup.index)
+        switch setup.recipient {
+        case .interface: return hiddenInterfaces.contains(target)
+        case .endpoint: return hiddenEndpoints.contains(target)
+        default: return false
+        }
     }
 
     public override func setInterface(_ interface: UInt8, alternate: UInt8) -> USBStatus {
