@@ -94,7 +94,7 @@ let package = Package(
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
         .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench", "TestPeers"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "CCrypto", "CLibUSB", "NBDExport", "NBDWire", "TestPeers", "Bench"]),
-        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "NetTap", "USBTap", "Devices", "Core", "XenStore", "TestPeers", "Observability",
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "NetTap", "USBTap", "Devices", "Core", "CXen", "XenStore", "TestPeers", "Observability",
                                                        .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "NetTapTests", dependencies: ["NetTap", "Core", "CXen", "XenStore", "CReference", "Bench"]),
         .testTarget(name: "USBTapTests", dependencies: ["USBTap", "Core", "CXen", "XenStore", "Devices", "TestPeers", "CReference", "Bench"]),
