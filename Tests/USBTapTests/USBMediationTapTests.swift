@@ -121,4 +121,20 @@ final class USBMediationTapTests: USBFilterTestCase {
         }
         try front.close()
     }
+
+    /// A class descriptor belongs to its interface: the tap answers the HID report descriptor
+    /// asked of interface 1 (the keyboard), and leaves the same request of interface 0 (the
+    /// storage, which has none) to the device, with or without the interfaces filter above.
+    func testClassDescriptorsAreAnsweredPerInterface() throws {
+        let device = BulkOnlyTestDevice()
+        let (front, _) = try connected(device)
+        func report(_ interface: UInt16) throws -> LocalUSBFrontend.Result {
+            try front.control(port: 1, device: 2, USBSetup(requestType: 0x81, request: 6, value: 0x2200, index: interface, length: 255))
+        }
+        XCTAssertEqual(try report(1).data.count, 63)
+        XCTAssertTrue(device.classRequests.isEmpty, "answered by the tap")
+        XCTAssertEqual(try report(0).data, [], "the storage interface has no report descriptor")
+        XCTAssertEqual(device.classRequests.map(\.value), [0x2200], "its request went to the device")
+        try front.close()
+    }
 }
