@@ -298,12 +298,7 @@ static int run_batch(struct cref_front *f, struct spec *specs, int n) {
 
 // MARK: Results
 
-static void check(struct cref_front *f, const char *name, int passed, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    cref_record(&f->out, name, passed, fmt, ap);
-    va_end(ap);
-}
+#define check cref_check
 
 // A check whose message is `ok_message` if it passed, else why it failed.
 static void verdict(struct cref_front *f, const char *name, int passed, const char *ok_message, const char *why) {

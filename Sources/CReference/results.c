@@ -34,3 +34,10 @@ int cref_wait_event(int fd, uint32_t ms) {
     (void)got;
     return 0;
 }
+
+void cref_recordf(struct cref_results *r, const char *name, int passed, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    cref_record(r, name, passed, fmt, ap);
+    va_end(ap);
+}

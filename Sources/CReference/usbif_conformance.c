@@ -106,12 +106,7 @@ int cref_usbfront_free(struct cref_usbfront *f) {
 
 // MARK: Results
 
-static void check(struct cref_usbfront *f, const char *name, int passed, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    cref_record(&f->out, name, passed, fmt, ap);
-    va_end(ap);
-}
+#define check cref_check
 
 #define breach(f, ...) cref_breach(&(f)->breaches, (f)->breach, sizeof (f)->breach, __VA_ARGS__)
 
