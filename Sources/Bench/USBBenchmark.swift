@@ -10,9 +10,10 @@ import XenStore
 
 /// `softdev bench --usb`: URBs through the usbif rings to SoftDev's usbif backend serving a soft
 /// storage stick over a memory device, as Linux's usb-storage drives it through xen-hcd: one
-/// Bulk-Only command at a time (`can_queue` 1), each a CBW, its data in bulk URBs of at most
-/// 64 KiB all in flight at once (one per scatterlist entry, as usb_sg_wait puts them) and the
-/// CSW; and control transfers one at a time (GET_DESCRIPTOR of the device descriptor). Two
+/// Bulk-Only command at a time (`can_queue` 1), each a CBW, its data in bulk URBs all in flight
+/// at once as far as the 16-slot ring allows (xen-hcd has no scatter-gather: usb_sg_wait puts
+/// one URB per scatterlist entry, up to 64 KiB where the guest's pages are contiguous, 4 KiB
+/// where none are) and the CSW; and control transfers one at a time (GET_DESCRIPTOR of the device descriptor). Two
 /// frontends drive the same backend, each with its own guest and stick: SoftDev's Swift
 /// usbfront (``LocalUSBFrontend``) and the C usbfront of the conformance suite
 /// (usbif_conformance.c, Xen's ring macros). There is no user-space usbif backend to compare
@@ -27,8 +28,10 @@ public struct USBBenchmark {
 
     public struct Workload: Sendable, Equatable {
         public enum Kind: Sendable, Equatable {
-            /// Bulk-Only READ(10) or WRITE(10) commands of `bytes`.
-            case bulkOnly(write: Bool, bytes: Int)
+            /// Bulk-Only READ(10) or WRITE(10) commands of `bytes`, the data in URBs of `chunk`
+            /// bytes at most (one per scatterlist entry: 64 KiB where the guest's pages are
+            /// contiguous, 4 KiB where none are).
+            case bulkOnly(write: Bool, bytes: Int, chunk: Int)
             /// GET_DESCRIPTOR(DEVICE), 18 bytes.
             case control
         }
@@ -37,10 +40,12 @@ public struct USBBenchmark {
         public init(name: String, kind: Kind) { self.name = name; self.kind = kind }
 
         public static let standard: [Workload] = [
-            .init(name: "read 64 KiB", kind: .bulkOnly(write: false, bytes: 65536)),
-            .init(name: "write 64 KiB", kind: .bulkOnly(write: true, bytes: 65536)),
-            .init(name: "read 120 KiB", kind: .bulkOnly(write: false, bytes: 122_880)),
-            .init(name: "write 120 KiB", kind: .bulkOnly(write: true, bytes: 122_880)),
+            .init(name: "read 64 KiB", kind: .bulkOnly(write: false, bytes: 65536, chunk: 65536)),
+            .init(name: "write 64 KiB", kind: .bulkOnly(write: true, bytes: 65536, chunk: 65536)),
+            .init(name: "read 120 KiB", kind: .bulkOnly(write: false, bytes: 122_880, chunk: 65536)),
+            .init(name: "write 120 KiB", kind: .bulkOnly(write: true, bytes: 122_880, chunk: 65536)),
+            .init(name: "read 120K/4K", kind: .bulkOnly(write: false, bytes: 122_880, chunk: 4096)),
+            .init(name: "write 120K/4K", kind: .bulkOnly(write: true, bytes: 122_880, chunk: 4096)),
             .init(name: "control 18 B", kind: .control),
         ]
     }
@@ -158,8 +163,8 @@ public struct USBBenchmark {
     private func measure(_ a: Attached, _ w: Workload, seconds: Double) throws -> Result {
         let start = monotonicSeconds()
         switch (a, w.kind) {
-        case (.swift(_, let loop), .bulkOnly(let write, let bytes)):
-            var r = try loop.run(write: write, bytes: bytes, seconds: seconds)
+        case (.swift(_, let loop), .bulkOnly(let write, let bytes, let chunk)):
+            var r = try loop.run(write: write, bytes: bytes, chunk: chunk, seconds: seconds)
             r.seconds = monotonicSeconds() - start
             return r
         case (.swift(let front, _), .control):
@@ -171,9 +176,9 @@ public struct USBBenchmark {
                 n += 1
             }
             return Result(transfers: n, urbs: n, bytes: n * 18, seconds: monotonicSeconds() - start)
-        case (.c(let front), .bulkOnly(let write, let bytes)):
+        case (.c(let front), .bulkOnly(let write, let bytes, let chunk)):
             var urbs: UInt64 = 0
-            let n = cref_usbfront_bench_bot(front.front, Self.address, UInt32(bytes), write ? 1 : 0, seconds, &urbs)
+            let n = cref_usbfront_bench_bot(front.front, Self.address, UInt32(bytes), UInt32(chunk), write ? 1 : 0, seconds, &urbs)
             guard n >= 0 else { throw HarnessFailure("the C usbfront's Bulk-Only commands failed") }
             return Result(transfers: UInt64(n), urbs: urbs, bytes: UInt64(n) * UInt64(bytes), seconds: monotonicSeconds() - start)
         case (.c(let front), .control):
@@ -194,7 +199,8 @@ public struct USBBenchmark {
 }
 
 /// Bulk-Only commands from the Swift usbfront as usb-storage sends them: the CBW, the data in
-/// URBs of at most 64 KiB all in flight, the CSW; sequential LBAs, wrapping at the end.
+/// URBs of `chunk` bytes at most, as many in flight as the ring holds, the CSW; sequential LBAs,
+/// wrapping at the end.
 final class BulkOnlyLoop {
     let front: LocalUSBFrontend
     let blocks: Int
@@ -204,14 +210,14 @@ final class BulkOnlyLoop {
 
     init(front: LocalUSBFrontend, blocks: Int) { self.front = front; self.blocks = blocks }
 
-    func run(write: Bool, bytes: Int, seconds: Double) throws -> USBBenchmark.Result {
+    func run(write: Bool, bytes: Int, chunk: Int, seconds: Double) throws -> USBBenchmark.Result {
         if data.count != bytes { data = (0..<bytes).map { UInt8(truncatingIfNeeded: $0 &* 13) } }
         let start = monotonicSeconds()
         var result = USBBenchmark.Result(transfers: 0, urbs: 0, bytes: 0, seconds: 0)
         while monotonicSeconds() - start < seconds {
             let span = bytes / 512
             if lba + span > blocks { lba = 0 }
-            result.urbs += UInt64(try command(write: write, lba: lba, bytes: bytes))
+            result.urbs += UInt64(try command(write: write, lba: lba, bytes: bytes, chunk: chunk))
             result.transfers += 1
             result.bytes += UInt64(bytes)
             lba += span
@@ -220,7 +226,7 @@ final class BulkOnlyLoop {
     }
 
     /// One command; the URBs it took.
-    private func command(write: Bool, lba: Int, bytes: Int) throws -> Int {
+    private func command(write: Bool, lba: Int, bytes: Int, chunk: Int) throws -> Int {
         tag &+= 1
         var cbw = [UInt8](repeating: 0, count: 31)
         for (at, v) in [(0, UInt32(0x4342_5355)), (4, tag), (8, UInt32(bytes))] { for i in 0..<4 { cbw[at + i] = UInt8(truncatingIfNeeded: v >> (8 * i)) } }
@@ -233,17 +239,23 @@ final class BulkOnlyLoop {
         guard try front.transfer(port: 1, device: address, endpoint: 2, type: .bulk, isIn: false, data: cbw).status == .ok else {
             throw HarnessFailure("the CBW was refused")
         }
-        let ids = try stride(from: 0, to: bytes, by: 65536).map { at in
-            let n = min(65536, bytes - at)
-            return write ? try front.put(port: 1, device: address, endpoint: 2, type: .bulk, isIn: false, data: Array(data[at..<(at + n)]))
-                : try front.put(port: 1, device: address, endpoint: 1, type: .bulk, isIn: true, length: n)
-        }
-        for id in ids {
-            let r = try front.wait(id, isIn: !write)
+        // As many in flight as the ring has slots, each waited for in order.
+        var inFlight: [UInt16] = []
+        var urbs = 0
+        func waitOldest() throws {
+            let r = try front.wait(inFlight.removeFirst(), isIn: !write)
             guard r.status == .ok else { throw HarnessFailure("data: \(r.status)") }
         }
+        for at in stride(from: 0, to: bytes, by: chunk) {
+            if inFlight.count == Int(front.urbRing.size) { try waitOldest() }
+            let n = min(chunk, bytes - at)
+            inFlight.append(write ? try front.put(port: 1, device: address, endpoint: 2, type: .bulk, isIn: false, data: Array(data[at..<(at + n)]))
+                            : try front.put(port: 1, device: address, endpoint: 1, type: .bulk, isIn: true, length: n))
+            urbs += 1
+        }
+        while !inFlight.isEmpty { try waitOldest() }
         let csw = try front.transfer(port: 1, device: address, endpoint: 1, type: .bulk, isIn: true, length: 13)
         guard csw.status == .ok, csw.data.count == 13, csw.data[12] == 0 else { throw HarnessFailure("CSW: \(csw.status) \(csw.data)") }
-        return 2 + ids.count
+        return 2 + urbs
     }
 }

@@ -365,8 +365,8 @@ struct bot_result {
 };
 
 // One Bulk-Only command: the CBW on bulk OUT 2, the data (IN on 1 or OUT on 2) in URBs of at
-// most `chunk` bytes all in flight at once (the first at `offset` in its page), the CSW on
-// bulk IN 1. IN data lands in `in`. 0 if every URB got a response.
+// most `chunk` bytes, as many in flight as the ring holds (the first at `offset` in its page),
+// the CSW on bulk IN 1. IN data lands in `in`. 0 if every URB got a response.
 static int bot(struct cref_usbfront *f, uint8_t address, const uint8_t *cdb, int cdb_len, uint32_t length, int data_in,
                const uint8_t *out, uint8_t *in, uint32_t chunk, uint32_t offset, struct bot_result *res) {
     int port = f->env.layout.storage_port;
@@ -382,19 +382,27 @@ static int bot(struct cref_usbfront *f, uint8_t address, const uint8_t *cdb, int
     usbif_urb_response_t r;
     if (transfer(f, &u, &r, NULL) != 0) return -1;
     res->cbw_status = r.status;
-    int ids[SLOTS];
-    uint32_t starts[SLOTS];
-    int nids = 0;
-    for (uint32_t at = 0; at < length; at += chunk) {
-        uint32_t n = length - at < chunk ? length - at : chunk;
-        struct urb d = { .port = (uint8_t)port, .device = address, .endpoint = (uint8_t)(data_in ? 1 : 2), .type = USBIF_PIPE_TYPE_BULK,
-                         .in = (uint8_t)data_in, .length = n, .offset = at == 0 ? offset : 0, .out = out ? out + at : NULL };
-        int id = submit(f, &d);
-        if (id < 0) return -1;
-        starts[nids] = at;
-        ids[nids++] = id;
-    }
-    for (int i = 0; i < nids; i++) {
+    // As many data URBs in flight as the ring has slots (xen-hcd queues the rest); each
+    // answered in order.
+    enum { MAX_URBS = 256 };
+    int ids[MAX_URBS];
+    uint32_t starts[MAX_URBS];
+    int nids = 0, waited = 0;
+    if ((length + chunk - 1) / chunk > MAX_URBS) return -1;
+    for (uint32_t at = 0; at < length || waited < nids;) {
+        if (at < length && f->nfree > 0) {
+            uint32_t n = length - at < chunk ? length - at : chunk;
+            struct urb d = { .port = (uint8_t)port, .device = address, .endpoint = (uint8_t)(data_in ? 1 : 2), .type = USBIF_PIPE_TYPE_BULK,
+                             .in = (uint8_t)data_in, .length = n, .offset = at == 0 ? offset : 0, .out = out ? out + at : NULL };
+            int id = submit(f, &d);
+            if (id < 0) return -1;
+            starts[nids] = at;
+            ids[nids++] = id;
+            at += n;
+            continue;
+        }
+        if (waited >= nids) return -1;   // no slot, and none of ours to wait for
+        int i = waited++;
         if (wait_urb(f, ids[i], f->env.timeout_ms, &r) != 0) return -1;
         if (r.status != 0 && res->data_status == 0) res->data_status = r.status;
         res->data_actual += (uint32_t)(r.actual_length > 0 ? r.actual_length : 0);
@@ -432,8 +440,9 @@ static void rw10(uint8_t *cdb, int write, uint32_t lba, uint16_t blocks) {
     cdb[8] = (uint8_t)blocks;
 }
 
-int64_t cref_usbfront_bench_bot(struct cref_usbfront *f, uint8_t address, uint32_t bytes, int write, double seconds, uint64_t *urbs) {
-    if (bytes == 0 || bytes % 512 || bytes > 15u * 65536u) return -1;
+int64_t cref_usbfront_bench_bot(struct cref_usbfront *f, uint8_t address, uint32_t bytes, uint32_t chunk, int write, double seconds,
+                                uint64_t *urbs) {
+    if (bytes == 0 || bytes % 512 || bytes > 15u * 65536u || chunk == 0 || chunk > 65536u) return -1;
     uint8_t *buffer = malloc(bytes);
     if (!buffer) return -1;
     memset(buffer, 0xA5, bytes);
@@ -448,7 +457,7 @@ int64_t cref_usbfront_bench_bot(struct cref_usbfront *f, uint8_t address, uint32
     while (cref_now_ns() < deadline) {
         if (lba + span > blocks) lba = 0;
         rw10(cdb, write, lba, (uint16_t)span);
-        if (bot(f, address, cdb, 10, bytes, !write, write ? buffer : NULL, write ? NULL : buffer, 65536, 0, &r) != 0 ||
+        if (bot(f, address, cdb, 10, bytes, !write, write ? buffer : NULL, write ? NULL : buffer, chunk, 0, &r) != 0 ||
             !bot_ok(f, &r, bytes, why, sizeof why)) {
             done = -1;
             break;

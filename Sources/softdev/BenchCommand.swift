@@ -40,9 +40,11 @@ struct Bench: ParsableCommand {
             speed (packets/s received), "vs C" the rate over the C forwarder's. Not root, it says why and skips \
             them; --tap-only measures only them.
             With --usb, the usbif rings instead: a soft storage stick over a memory device, driven as Linux's \
-            usb-storage drives it through xen-hcd, one Bulk-Only command at a time (a CBW, the data in bulk URBs of \
-            at most 64 KiB all in flight, the CSW): READ(10) and WRITE(10) of 64 KiB and of 120 KiB (usb-storage's \
-            max_sectors 240), and GET_DESCRIPTOR control transfers one at a time; from SoftDev's Swift usbfront and \
+            usb-storage drives it through xen-hcd, one Bulk-Only command at a time (a CBW, the data in bulk URBs \
+            all in flight as far as the 16-slot ring allows, the CSW): READ(10) and WRITE(10) of 64 KiB and of \
+            120 KiB (usb-storage's max_sectors 240) in URBs of 64 KiB (xen-hcd has no scatter-gather: one URB per \
+            scatterlist entry, 64 KiB where the guest's pages are contiguous), and of 120 KiB in 4 KiB URBs (where \
+            none are), and GET_DESCRIPTOR control transfers one at a time; from SoftDev's Swift usbfront and \
             from the C usbfront of the conformance suite (Xen's ring macros), each with its own guest and stick, \
             against the same Swift backend. There is no user-space usbif backend to compare with locally (QEMU's \
             qusb needs a device model and a libusb device), so the C row is the frontend side's cost, not a "vs C".
@@ -80,7 +82,7 @@ struct Bench: ParsableCommand {
     @Flag(help: "Measure only the TAP path of --net (needs root, ip and iperf3).")
     var tapOnly = false
 
-    @Flag(help: "Measure only the usbif rings: a soft storage stick over memory, Bulk-Only reads and writes of 64 KiB and 120 KiB one command at a time as usb-storage sends them, and control transfers, from the Swift and the C usbfront.")
+    @Flag(help: "Measure only the usbif rings: a soft storage stick over memory, Bulk-Only reads and writes of 64 KiB and 120 KiB (in 64 KiB and in 4 KiB URBs) one command at a time as usb-storage sends them, and control transfers, from the Swift and the C usbfront.")
     var usb = false
 
     @Option(name: .customLong("poll-us"), help: ArgumentHelp(
@@ -204,7 +206,7 @@ struct Bench: ParsableCommand {
         bench.pollMicroseconds = pollMicroseconds
         print("usbif, local hypervisor: a soft storage stick (storage over memory, \(bench.stickBytes >> 20) MiB, high speed) per guest, "
               + "\(seconds) s per row in \(bench.rounds) turns, the frontends in order then reversed (+\(bench.warmup) s warm-up each); "
-              + "one Bulk-Only command at a time (CBW, data URBs of at most 64 KiB all in flight, CSW), sequential LBAs; control: "
+              + "one Bulk-Only command at a time (CBW, data URBs of 64 KiB, or 4 KiB in the /4K rows, up to 16 in flight, CSW), sequential LBAs; control: "
               + "GET_DESCRIPTOR(DEVICE) one at a time; the frontends sleep on the event channel; "
               + (pollMicroseconds > 0 ? "SoftDev polls \(pollMicroseconds) µs before sleeping" : "no polling"))
         let rows = try bench.run { row in

@@ -261,11 +261,12 @@ struct cref_usbfront *cref_usbfront_init(const struct cref_usbfront_env *env, ui
 // how many checks ran.
 int cref_usbfront_run_suite(struct cref_usbfront *front, struct cref_check *results, int max);
 // The bench: for `seconds`, Bulk-Only READ(10) (or WRITE(10) when `write`) commands of
-// `bytes` each (a CBW, the data in URBs of at most 64 KiB all in flight at once as usb-storage
-// puts them, the CSW) to the stick at `address` on layout.storage_port, which must be
-// enumerated and configured (cref_usbfront_enumerate). Returns the commands done, -1 on an error;
-// *urbs gets the URBs answered.
-int64_t cref_usbfront_bench_bot(struct cref_usbfront *front, uint8_t address, uint32_t bytes, int write, double seconds, uint64_t *urbs);
+// `bytes` each (a CBW, the data in URBs of `chunk` bytes at most, as many in flight as the ring
+// holds, as usb-storage puts them, the CSW) to the stick at `address` on layout.storage_port,
+// which must be enumerated and configured (cref_usbfront_enumerate). Returns the commands done,
+// -1 on an error; *urbs gets the URBs answered.
+int64_t cref_usbfront_bench_bot(struct cref_usbfront *front, uint8_t address, uint32_t bytes, uint32_t chunk, int write, double seconds,
+                                uint64_t *urbs);
 // The bench: for `seconds`, GET_DESCRIPTOR(DEVICE) of 18 bytes to `address` on `port`, one at a
 // time (as the USB core's synchronous control messages). Returns the transfers, -1 on an error.
 int64_t cref_usbfront_bench_control(struct cref_usbfront *front, int port, uint8_t address, double seconds);
