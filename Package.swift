@@ -59,7 +59,7 @@ let package = Package(
         // NBD export of any device stack.
         .target(name: "NBDExport", dependencies: ["Core", "NBDWire"]),
         // `softdev bench`: load generator, the C reference backend's harness, the tables.
-        .target(name: "Bench", dependencies: ["Core", "BlockTap", "NetTap", "Devices", "NBDExport", "CReference", "CXen", "XenStore"]),
+        .target(name: "Bench", dependencies: ["Core", "BlockTap", "NetTap", "USBTap", "Devices", "NBDExport", "CReference", "CXen", "XenStore"]),
         // What operators see of the daemon: the swift-metrics registry with Prometheus text, the
         // filter that measures each served block stack, the /metrics HTTP endpoint, and the
         // swift-log handler that writes the daemon's lines.
@@ -94,10 +94,10 @@ let package = Package(
         .testTarget(name: "CoreTests", dependencies: ["Core", "CXen"]),
         .testTarget(name: "BlockTapTests", dependencies: ["BlockTap", "Devices", "Core", "CXen", "CReference", "Bench", "TestPeers"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "CCrypto", "CLibUSB", "NBDExport", "NBDWire", "TestPeers", "Bench"]),
-        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "NetTap", "USBTap", "Devices", "Core", "XenStore", "TestPeers", "Observability",
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "NetTap", "USBTap", "Devices", "Core", "CXen", "XenStore", "TestPeers", "Observability",
                                                        .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "NetTapTests", dependencies: ["NetTap", "Core", "CXen", "XenStore", "CReference", "Bench"]),
-        .testTarget(name: "USBTapTests", dependencies: ["USBTap", "Core", "CXen", "XenStore", "Devices", "TestPeers"]),
+        .testTarget(name: "USBTapTests", dependencies: ["USBTap", "Core", "CXen", "XenStore", "Devices", "TestPeers", "CReference", "Bench"]),
         .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "NBDWire", "Devices", "Core", "Bench", "TestPeers"]),
     ],
     swiftLanguageModes: [.v5]

@@ -244,16 +244,7 @@ static int take_response(struct cref_front *f, struct spec *specs, int n, const 
     return 1;
 }
 
-static int wait_for_event(struct cref_front *f) {
-    struct pollfd p = { .fd = f->env.wait_fd, .events = POLLIN };
-    int r;
-    do r = poll(&p, 1, (int)f->env.timeout_ms); while (r < 0 && errno == EINTR);
-    if (r <= 0) return -1;
-    uint64_t v;
-    ssize_t got = read(f->env.wait_fd, &v, sizeof v);   // clear pending, unmask
-    (void)got;
-    return 0;
-}
+static int wait_for_event(struct cref_front *f) { return cref_wait_event(f->env.wait_fd, f->env.timeout_ms); }
 
 // Sends the `n` requests (as many at once as the ring holds, one push and at most one
 // notification per round) and takes their responses. 0 if every request was answered.
@@ -307,12 +298,7 @@ static int run_batch(struct cref_front *f, struct spec *specs, int n) {
 
 // MARK: Results
 
-static void check(struct cref_front *f, const char *name, int passed, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    cref_record(&f->out, name, passed, fmt, ap);
-    va_end(ap);
-}
+#define check cref_check
 
 // A check whose message is `ok_message` if it passed, else why it failed.
 static void verdict(struct cref_front *f, const char *name, int passed, const char *ok_message, const char *why) {

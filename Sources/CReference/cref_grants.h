@@ -59,6 +59,14 @@ struct cref_results {
     int count, max;
 };
 void cref_record(struct cref_results *r, const char *name, int passed, const char *fmt, va_list ap);
+void cref_recordf(struct cref_results *r, const char *name, int passed, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+// One check's result in a frontend `f` that keeps its results in `f->out`.
+#define cref_check(f, name, passed, ...) cref_recordf(&(f)->out, name, passed, __VA_ARGS__)
+// Counts a rule breach in *count and keeps the first one's message in buf.
+void cref_breach(int *count, char *buf, unsigned long len, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+// Waits up to `ms` for the event channel `fd` (poll for POLLIN), then clears it (reads 8
+// bytes); 0 on an event, -1 on a timeout.
+int cref_wait_event(int fd, uint32_t ms);
 
 static inline uint64_t cref_now_ns(void) {
     struct timespec ts;

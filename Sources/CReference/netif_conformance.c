@@ -157,30 +157,10 @@ int cref_netfront_free(struct cref_netfront *f) {
 
 // MARK: Results
 
-static void check(struct cref_netfront *f, const char *name, int passed, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    cref_record(&f->out, name, passed, fmt, ap);
-    va_end(ap);
-}
+#define check cref_check
 
-static void tx_breach(struct cref_netfront *f, const char *fmt, ...) {
-    if (f->tx_breaches++ == 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(f->tx_breach, sizeof f->tx_breach, fmt, ap);
-        va_end(ap);
-    }
-}
-
-static void rx_breach(struct cref_netfront *f, const char *fmt, ...) {
-    if (f->rx_breaches++ == 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(f->rx_breach, sizeof f->rx_breach, fmt, ap);
-        va_end(ap);
-    }
-}
+#define tx_breach(f, ...) cref_breach(&(f)->tx_breaches, (f)->tx_breach, sizeof (f)->tx_breach, __VA_ARGS__)
+#define rx_breach(f, ...) cref_breach(&(f)->rx_breaches, (f)->rx_breach, sizeof (f)->rx_breach, __VA_ARGS__)
 
 // MARK: Events
 

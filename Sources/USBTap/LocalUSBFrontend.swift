@@ -143,7 +143,17 @@ public final class LocalUSBFrontend: @unchecked Sendable {
         return id
     }
 
-    /// Puts any request (a hostile test's) and pushes it.
+    /// Puts any request a hostile test made under a free id (written into it) and pushes it;
+    /// returns the id, for `wait`.
+    public func putHostile(_ request: usbif_urb_request) throws -> UInt16 {
+        guard let id = freeIDs.popLast() else { throw Failure("all 16 URB slots are in use") }
+        var request = request
+        request.id = id
+        putRaw(request)
+        return id
+    }
+
+    /// Puts any request and pushes it.
     public func putRaw(_ request: usbif_urb_request) {
         urbRing.putRequest(request)
         if urbRing.pushRequests() { channel.notify() }
@@ -194,12 +204,18 @@ public final class LocalUSBFrontend: @unchecked Sendable {
     /// Data pages of each ISO URB in flight, so `wait` finds its descriptors.
     private var isoDataPages: [UInt16: Int] = [:]
 
+    /// Responses taken, and those for an id that had an untaken response already (a backend
+    /// answering a request twice).
+    public private(set) var responsesTaken = 0, duplicateResponses = 0
+
     /// Takes every response that arrived.
     public func collectResponses() {
         repeat {
             while urbRing.unconsumedResponses() > 0 {
                 let r = urbRing.takeResponse()
+                if responses[r.id] != nil { duplicateResponses += 1 }
                 responses[r.id] = r
+                responsesTaken += 1
             }
         } while urbRing.finalCheckForResponses() > 0
     }

@@ -27,8 +27,9 @@ final class UsbifCounters: Sendable {
 /// A virtual USB host controller's rings (the URB ring and the connection ring, one event
 /// channel) served on a ``RingServiceLoop`` thread, with the devices plugged into its ports.
 /// Each request is copied once out of the ring and checked (port, device address, segments,
-/// lengths); OUT data comes in by grant copy, the standard requests are answered here
-/// (``USBStandardRequests``, with the guest's addresses translated per port), the rest goes to
+/// lengths); OUT data comes in by grant copy, the standard requests pass down the device's
+/// stack and are answered here (``USBStandardRequests``, with the guest's addresses translated
+/// per port), the rest goes to
 /// the device; when it completes, IN data and isochronous results go back by grant copy
 /// before the response is pushed (xen-hcd fails the controller if a grant is still in use).
 /// Unlink answers both the unlink and (when the device lets go) the URB it names.
@@ -297,6 +298,8 @@ final class UsbifQueue: RingService, URBCompletionSink, USBPortEventsFactory, @u
             guard Int(s.offset) + Int(s.length) <= xenPageSize else { return respond(id: r.id, status: .invalid) }
             if i < bufferSegments { total += Int(s.length) }
         }
+        // xen-hcd's segments cover the buffer exactly; buffer_length is 16 bits, so 64 KiB reads 0.
+        guard UInt16(truncatingIfNeeded: total) == r.buffer_length, total <= Self.slotBytes else { return respond(id: r.id, status: .invalid) }
         var packets: [USBIsoPacket] = []
         if pipe.type == .isochronous {
             let count = Int(r.u.isoc.number_of_packets)
@@ -349,10 +352,19 @@ final class UsbifQueue: RingService, URBCompletionSink, USBPortEventsFactory, @u
         inFlight += 1
         port.inFlight += 1
         ports[pipe.port] = port
-        if var standard = ports[pipe.port]?.standard {
-            let handled = standard.handle(urb, device: port.device)
-            if ports[pipe.port] != nil { ports[pipe.port]!.standard = standard }
-            if handled { return }
+        if pipe.endpoint == 0, let setup, setup.kind == .standard {
+            // Down the stack first (filters record it or refuse it), then answered here, on
+            // this thread, against the stack's descriptors.
+            let number = pipe.port, stack = port.device
+            stack.submitStandard(urb) { request in
+                guard var standard = self.ports[number]?.standard else { return false }
+                let handled = standard.handle(request, device: stack)
+                // The device may complete URBs meanwhile (finishURB counts the port's down):
+                // write back only the standard state.
+                if self.ports[number] != nil { self.ports[number]!.standard = standard }
+                return handled
+            }
+            return
         }
         port.device.submit(urb)
     }

@@ -8,7 +8,7 @@ import Glibc
 /// `softdev bench`.
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Measure IOPS and MB/s through the whole blkif path and the NBD export, frames/s through the netif rings, beside their peers.",
+        abstract: "Measure IOPS and MB/s through the whole blkif path and the NBD export, frames/s through the netif rings, URBs/s through the usbif rings, beside their peers.",
         discussion: """
             Runs 4 KiB random reads at queue depth 1, 32 and 256, 4 KiB random writes at queue depth 1 and 32, and \
             1 MiB sequential reads and writes (queue depth 4) from a local blkfront through the shared ring (2^4 \
@@ -39,6 +39,15 @@ struct Bench: ParsableCommand {
             write()); rows are iperf3 TCP both ways (one stream, Gbit/s) and UDP with 64-byte datagrams at full \
             speed (packets/s received), "vs C" the rate over the C forwarder's. Not root, it says why and skips \
             them; --tap-only measures only them.
+            With --usb, the usbif rings instead: a soft storage stick over a memory device, driven as Linux's \
+            usb-storage drives it through xen-hcd, one Bulk-Only command at a time (a CBW, the data in bulk URBs \
+            all in flight as far as the 16-slot ring allows, the CSW): READ(10) and WRITE(10) of 64 KiB and of \
+            120 KiB (usb-storage's max_sectors 240) in URBs of 64 KiB (xen-hcd has no scatter-gather: one URB per \
+            scatterlist entry, 64 KiB where the guest's pages are contiguous), and of 120 KiB in 4 KiB URBs (where \
+            none are), and GET_DESCRIPTOR control transfers one at a time; from SoftDev's Swift usbfront and \
+            from the C usbfront of the conformance suite (Xen's ring macros), each with its own guest and stick, \
+            against the same Swift backend. There is no user-space usbif backend to compare with locally (QEMU's \
+            qusb needs a device model and a libusb device), so the C row is the frontend side's cost, not a "vs C".
             Numbers depend on the machine and on what else runs on it: compare rows of one run.
             """)
 
@@ -73,6 +82,9 @@ struct Bench: ParsableCommand {
     @Flag(help: "Measure only the TAP path of --net (needs root, ip and iperf3).")
     var tapOnly = false
 
+    @Flag(help: "Measure only the usbif rings: a soft storage stick over memory, Bulk-Only reads and writes of 64 KiB and 120 KiB (in 64 KiB and in 4 KiB URBs) one command at a time as usb-storage sends them, and control transfers, from the Swift and the C usbfront.")
+    var usb = false
+
     @Option(name: .customLong("poll-us"), help: ArgumentHelp(
         "SoftDev's poll window for idle rings and NBD connections, in microseconds, as `softdev serve --poll-us` (0: never poll). The C reference backend gets the same window; nbdkit never polls.",
         valueName: "us"))
@@ -87,6 +99,7 @@ struct Bench: ParsableCommand {
     var noQemu = false
 
     func run() throws {
+        if usb { return try runUSB() }
         if net || tapOnly { return try runNet() }
         if !stacks.isEmpty { return try runStacks() }
         let wanted = Set(backends.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
@@ -183,6 +196,23 @@ struct Bench: ParsableCommand {
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
         }
         print(NetBenchmark.table(rows))
+    }
+
+    /// `--usb`: the usbif rings, a stick over memory, from the Swift and the C usbfront.
+    private func runUSB() throws {
+        guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
+        guard AdaptivePoller.microsecondRange.contains(pollMicroseconds) else { throw ValidationError("--poll-us \(pollMicroseconds): use 0 to 1000000 microseconds") }
+        var bench = USBBenchmark(seconds: seconds)
+        bench.pollMicroseconds = pollMicroseconds
+        print("usbif, local hypervisor: a soft storage stick (storage over memory, \(bench.stickBytes >> 20) MiB, high speed) per guest, "
+              + "\(seconds) s per row in \(bench.rounds) turns, the frontends in order then reversed (+\(bench.warmup) s warm-up each); "
+              + "one Bulk-Only command at a time (CBW, data URBs of 64 KiB, or 4 KiB in the /4K rows, up to 16 in flight, CSW), sequential LBAs; control: "
+              + "GET_DESCRIPTOR(DEVICE) one at a time; the frontends sleep on the event channel; "
+              + (pollMicroseconds > 0 ? "SoftDev polls \(pollMicroseconds) µs before sleeping" : "no polling"))
+        let rows = try bench.run { row in
+            FileHandle.standardError.write(Data("  measured \(row.workload) from the \(row.frontend)\n".utf8))
+        }
+        print(USBBenchmark.table(rows))
     }
 
     /// The TAP path: SoftDev's tap|tap link against the Linux bridge and the C forwarder.

@@ -71,14 +71,7 @@ final class CConformanceFrontend {
 
     /// Runs the suite; returns (name, passed, message) per check.
     func runSuite() -> [(name: String, passed: Bool, message: String)] {
-        var results = [cref_check](repeating: cref_check(), count: 128)
-        let n = Int(cref_front_run_suite(front, sectors, &results, Int32(results.count)))
-        return results.prefix(min(n, results.count)).map { c in
-            var c = c
-            let name = withUnsafeBytes(of: &c.name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-            let message = withUnsafeBytes(of: &c.message) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-            return (name, c.passed != 0, message)
-        } + (n > results.count ? [("results", false, "\(n - results.count) results did not fit")] : [])
+        creferenceSuite(capacity: 128) { cref_front_run_suite(front, sectors, $0, $1) }
     }
 
     /// Closes as blkfront does (Closing, backend closes, Closed), then revokes every grant;

@@ -1,3 +1,4 @@
+import CXen
 import Core
 import Daemon
 import Foundation
@@ -51,5 +52,54 @@ final class DaemonUSBTests: LocalDaemonTestCase {
         try front.waitForPort(2, plugged: false)
         XCTAssertThrowsError(try usb.detach(store: store, paths: paths, try usb.parseName("2"), timeoutSeconds: 5))
         try front.close()
+    }
+
+    /// A guest that breaks its URB ring (random bytes, then an impossible producer index) loses
+    /// its controller alone: the daemon keeps serving another guest's stick, and a new guest.
+    func testAHostileGuestLosesItsControllerAlone() throws {
+        let d = try startDaemon(ServeConfig())
+        let address = LocalHypervisorAddress(directory: directory)
+        let usb = DeviceClass.usb
+        let store = d.hypervisor.store
+        func stick(_ name: String) throws -> (LocalHypervisor, LocalUSBFrontend, XenbusDevicePaths) {
+            let guest = try LocalHypervisor.createGuest(address, name: name, pages: 4096)
+            let paths = try usb.attach(store: store, guest: guest.domainID, backendDomain: 0, try usb.parseName("1"),
+                                       spec: "storage(device=\"memory(size=1M)\")", settings: ["ports": "2"])
+            let front = try LocalUSBFrontend(hypervisor: guest, frontendPath: paths.frontendPath)
+            try front.waitForPort(1)
+            _ = try front.enumerate(port: 1, address: 3)
+            return (guest, front, paths)
+        }
+        /// TEST UNIT READY: the CBW, then a CSW with status 0.
+        func testUnitReady(_ front: LocalUSBFrontend) throws {
+            var cbw = [UInt8](repeating: 0, count: 31)
+            cbw[0...3] = [0x55, 0x53, 0x42, 0x43]; cbw[4] = 7; cbw[14] = 6
+            XCTAssertEqual(try front.transfer(port: 1, device: 3, endpoint: 2, type: .bulk, isIn: false, data: cbw).status, .ok)
+            let csw = try front.transfer(port: 1, device: 3, endpoint: 1, type: .bulk, isIn: true, length: 13)
+            XCTAssertEqual(csw.data.count, 13)
+            XCTAssertEqual(csw.data.prefix(4), [0x55, 0x53, 0x42, 0x53])
+            XCTAssertEqual(csw.data.last, 0)
+        }
+        let (good, goodFront, _) = try stick("good")
+        defer { good.destroy() }
+        let (bad, badFront, badPaths) = try stick("bad")
+        defer { bad.destroy() }
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<8 {
+            var r = usbif_urb_request()
+            withUnsafeMutableBytes(of: &r) { b in for i in 0..<b.count { b[i] = UInt8.random(in: 0...255, using: &rng) } }
+            _ = try? badFront.putHostile(r)
+        }
+        badFront.urbRing.shared.assumingMemoryBound(to: UInt32.self).pointee = badFront.urbRing.size &+ 40
+        badFront.channel.notify()
+        _ = try badFront.connection.waitForBackend([.closing, .closed], timeoutSeconds: 5)
+        XCTAssertTrue(try store.readString(badPaths.backendPath + "/error")?.contains("impossible") ?? false)
+        try testUnitReady(goodFront)
+        let (late, lateFront, _) = try stick("late")
+        defer { late.destroy() }
+        try testUnitReady(lateFront)
+        try testUnitReady(goodFront)
+        try goodFront.close()
+        try lateFront.close()
     }
 }

@@ -151,14 +151,7 @@ final class CNetConformanceFrontend {
 
     /// Runs the suite; returns (name, passed, message) per check.
     func runSuite() -> [(name: String, passed: Bool, message: String)] {
-        var results = [cref_check](repeating: cref_check(), count: 64)
-        let n = Int(cref_netfront_run_suite(front, &results, Int32(results.count)))
-        return results.prefix(min(n, results.count)).map { c in
-            var c = c
-            let name = withUnsafeBytes(of: &c.name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-            let message = withUnsafeBytes(of: &c.message) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-            return (name, c.passed != 0, message)
-        }
+        creferenceSuite(capacity: 64) { cref_netfront_run_suite(front, $0, $1) }
     }
 
     /// Closes as netfront does, then revokes every grant; returns how many the backend still held.

@@ -31,7 +31,7 @@ final class BulkOnlyTestDevice: USBDevice, @unchecked Sendable {
         config += [7, 5, 0x83, 3, 8, 0, 10]
         config[2] = UInt8(config.count)
         descriptors = USBDescriptors(device: device, configurations: [config], strings: [1: "SoftDev", 2: "Test Stick", 3: "42"],
-                                     others: [0x2200: [UInt8](repeating: 0, count: 63)])
+                                     interfaceDescriptors: [1: [0x2200: [UInt8](repeating: 0, count: 63)]])
         for i in 0..<memory.count { memory[i] = UInt8(truncatingIfNeeded: i / 512 &+ i) }
     }
 

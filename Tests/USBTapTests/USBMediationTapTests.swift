@@ -92,8 +92,19 @@ final class USBMediationTapTests: USBFilterTestCase {
                        .stall, "SET_IDLE to the keyboard")
         XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 3, type: .interrupt, isIn: false, data: [1]).status, .stall,
                        "the keyboard's endpoint number the other way")
+        // Standard requests aimed at the hidden interface or its endpoint pass the filter now
+        // (the tap would answer them): GET_STATUS, GET_INTERFACE, SET_FEATURE(HALT) STALL.
+        for setup in [USBSetup(requestType: 0x81, request: 0, value: 0, index: 1, length: 2), USBSetup(requestType: 0x81, request: 10, value: 0, index: 1, length: 1),
+                      USBSetup(requestType: 0x82, request: 0, value: 0, index: 0x83, length: 2), USBSetup(requestType: 0x02, request: 3, value: 0, index: 0x83, length: 0)] {
+            XCTAssertEqual(try front.control(port: 1, device: 2, setup).status, .stall, "\(setup)")
+        }
+        XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0x81, request: 0, value: 0, index: 0, length: 2)).data, [0, 0],
+                       "GET_STATUS of the storage interface")
         XCTAssertEqual(device.keyboardURBs, 0)
         XCTAssertTrue(device.classRequests.isEmpty)
+        // The report descriptor belongs to interface 1: hidden with it, kept when it is allowed.
+        XCTAssertNil(USBInterfacesFilter(next: device, allow: [USBInterfaceClassPattern(8, 6, 0x50)]).descriptors.interfaceDescriptors[1])
+        XCTAssertEqual(USBInterfacesFilter(next: device, allow: [USBInterfaceClassPattern(3, nil, nil)]).descriptors.interfaceDescriptors[1]?[0x2200]?.count, 63)
         // The storage interface works: GET MAX LUN, a read.
         XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0xA1, request: 0xFE, value: 0, index: 0, length: 1)).data, [0])
         var bot = BulkOnly(front: front)
@@ -108,6 +119,22 @@ final class USBMediationTapTests: USBFilterTestCase {
         XCTAssertThrowsError(try descriptor.open(DeviceParameters(device: "interfaces", values: ["allow": "08:*:50"]), device)) { e in
             XCTAssertEqual("\(e)", "interfaces: allow: expected * as the protocol after a * subclass in '08:*:50' (USBGuard refuses cc:*:pp)")
         }
+        try front.close()
+    }
+
+    /// A class descriptor belongs to its interface: the tap answers the HID report descriptor
+    /// asked of interface 1 (the keyboard), and leaves the same request of interface 0 (the
+    /// storage, which has none) to the device, with or without the interfaces filter above.
+    func testClassDescriptorsAreAnsweredPerInterface() throws {
+        let device = BulkOnlyTestDevice()
+        let (front, _) = try connected(device)
+        func report(_ interface: UInt16) throws -> LocalUSBFrontend.Result {
+            try front.control(port: 1, device: 2, USBSetup(requestType: 0x81, request: 6, value: 0x2200, index: interface, length: 255))
+        }
+        XCTAssertEqual(try report(1).data.count, 63)
+        XCTAssertTrue(device.classRequests.isEmpty, "answered by the tap")
+        XCTAssertEqual(try report(0).data, [], "the storage interface has no report descriptor")
+        XCTAssertEqual(device.classRequests.map(\.value), [0x2200], "its request went to the device")
         try front.close()
     }
 }

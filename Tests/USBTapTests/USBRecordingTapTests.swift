@@ -18,8 +18,17 @@ final class USBRecordingTapTests: USBFilterTestCase {
         _ = try front.transfer(port: 1, device: 2, endpoint: 5, type: .bulk, isIn: true, length: 64)
         try front.close()
         let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n")
-        let entries = try lines.map { try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]) }
-        XCTAssertEqual(entries.count, 4, lines.joined(separator: "\n"))
+        let all = try lines.map { try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]) }
+        XCTAssertEqual(all.count, 9, lines.joined(separator: "\n"))
+        guard all.count == 9 else { return }
+        // The enumeration the tap answers passes the filter too: GET_DESCRIPTOR(DEVICE) and
+        // SET_ADDRESS at address 0, the configuration twice, SET_CONFIGURATION.
+        let enumeration = all.prefix(5).map { $0["setup"] as? [String: Any] }
+        XCTAssertEqual(enumeration.map { $0?["bRequest"] as? Int }, [6, 5, 6, 6, 9])
+        XCTAssertEqual(enumeration.map { $0?["wValue"] as? Int }, [0x0100, 2, 0x0200, 0x0200, 1])
+        XCTAssertEqual(all.prefix(5).map { $0["actual_length"] as? Int }, [18, 0, 9, 46, 0])
+        XCTAssertEqual(all.prefix(5).map { $0["status"] as? String }, ["ok", "ok", "ok", "ok", "ok"])
+        let entries = Array(all.dropFirst(5))
         XCTAssertEqual(entries.map { $0["endpoint"] as? String }, ["0x02", "0x81", "0x80", "0x85"])
         XCTAssertEqual(entries.map { $0["direction"] as? String }, ["out", "in", "in", "in"])
         XCTAssertEqual(entries.map { $0["type"] as? String }, ["bulk", "bulk", "control", "bulk"])
@@ -27,7 +36,7 @@ final class USBRecordingTapTests: USBFilterTestCase {
         XCTAssertEqual(entries.map { $0["actual_length"] as? Int }, [3, 3, 5, 0])
         XCTAssertEqual(entries.map { $0["status"] as? String }, ["ok", "ok", "ok", "stall"])
         XCTAssertEqual(entries.map { $0["errno"] as? Int }, [0, 0, 0, -32])
-        XCTAssertEqual(entries.map { $0["id"] as? Int }, [1, 2, 3, 4])
+        XCTAssertEqual(entries.map { $0["id"] as? Int }, [6, 7, 8, 9])
         let setup = try XCTUnwrap(entries[2]["setup"] as? [String: Any])
         XCTAssertEqual(setup["bmRequestType"] as? String, "0xc0")
         XCTAssertEqual(setup["bRequest"] as? Int, 0x42)
@@ -67,22 +76,30 @@ final class USBRecordingTapTests: USBFilterTestCase {
             // The file is flushed when the controller closes the stack.
             let (status, output) = try Peers.run(tshark, ["-r", path, "-T", "fields", "-E", "separator=|", "-e", "usb.urb_type", "-e", "usb.transfer_type",
                                                           "-e", "usb.endpoint_address", "-e", "usb.urb_len", "-e", "usb.data_len",
-                                                          "-e", "usb.setup.bRequest", "-e", "usb.urb_status"], errors: false)
+                                                          "-e", "usb.setup.bRequest", "-e", "usb.urb_status", "-e", "usbms.setup.bRequest",
+                                                          "-e", "usbms.dCBWTag"], errors: false)
             rows = output.split(separator: "\n").map { $0.split(separator: "|", omittingEmptySubsequences: false).map(String.init) }
-            if status == 0 && rows.count == 8 { break }
+            if status == 0 && rows.count == 18 { break }
             usleep(50_000)
         }
-        XCTAssertEqual(rows.count, 8, "\(rows)")
-        guard rows.count == 8 else { return }
+        XCTAssertEqual(rows.count, 18, "\(rows)")
+        guard rows.count == 18 else { return }
+        // The enumeration first (the tap answers it, the capture sees it): five control
+        // transfers, GET_DESCRIPTOR, SET_ADDRESS, GET_DESCRIPTOR twice, SET_CONFIGURATION.
+        XCTAssertEqual(rows.prefix(10).map { $0[1] }, [String](repeating: "0x02", count: 10))
+        XCTAssertEqual(stride(from: 0, to: 10, by: 2).map { rows[$0][5] }, ["6", "5", "6", "6", "9"])
+        XCTAssertEqual(rows.prefix(10).map { $0[6] }, ["-115", "0", "-115", "0", "-115", "0", "-115", "0", "-115", "0"])
+        rows.removeFirst(10)
         XCTAssertEqual(rows.map { $0[0] }, ["'S'", "'C'", "'S'", "'C'", "'S'", "'C'", "'S'", "'C'"])
         XCTAssertEqual(rows.map { $0[1] }, ["0x03", "0x03", "0x03", "0x03", "0x03", "0x03", "0x02", "0x02"])
         XCTAssertEqual(rows.map { $0[2] }, ["0x02", "0x02", "0x81", "0x81", "0x81", "0x81", "0x80", "0x80"])
         XCTAssertEqual(rows.map { $0[3] }, ["31", "31", "512", "512", "13", "13", "1", "1"])
         XCTAssertEqual(rows.map { $0[4] }, ["31", "0", "0", "256", "0", "13", "0", "1"], "data: OUT with the submission, IN with the completion, cut at the snap length")
-        XCTAssertEqual(rows[6][5], "254", "GET MAX LUN's setup")
+        // tshark knows the interface from the enumeration: GET MAX LUN and the CBW as mass storage.
+        XCTAssertEqual(rows[6][7], "0xfe", "GET MAX LUN's setup")
+        XCTAssertFalse(rows[0][8].isEmpty, "the CBW dissected: \(rows[0])")
         XCTAssertEqual(rows.map { $0[6] }, ["-115", "0", "-115", "0", "-115", "0", "-115", "0"])
-        // tshark dissects the CBW it sees in the data as mass storage once it knows the interface;
-        // here the capture has no enumeration (the tap answers it), so it stays usb data.
+        // With the enumeration in the capture tshark knows the interface and dissects the CBW.
         let verbose = try Peers.run(tshark, ["-r", path, "-V"], errors: false).output
         XCTAssertTrue(verbose.contains("USB URB"), String(verbose.prefix(2000)))
         XCTAssertFalse(verbose.contains("Malformed"), String(verbose.prefix(4000)))

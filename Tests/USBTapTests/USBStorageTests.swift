@@ -241,12 +241,21 @@ final class USBStorageTests: XCTestCase {
         func clearHalt(_ endpoint: UInt16) throws -> USBStatus {
             try front.control(port: 1, device: 5, USBSetup(requestType: 0x02, request: 1, value: 0, index: endpoint, length: 0)).status
         }
+        // GET_STATUS(ENDPOINT) reports the stick's own halts (Linux's usb_clear_halt path reads it).
+        func halted(_ endpoint: UInt16) throws -> [UInt8] {
+            try front.control(port: 1, device: 5, USBSetup(requestType: 0x82, request: 0, value: 0, index: endpoint, length: 2)).data
+        }
+        XCTAssertEqual(try halted(0x81), [1, 0])
+        XCTAssertEqual(try halted(0x02), [1, 0])
         XCTAssertEqual(try clearHalt(0x02), .ok)
+        XCTAssertEqual(try halted(0x02), [1, 0], "the halt stays until the reset recovery")
         XCTAssertEqual(try bot.bulkOut(Array(bad.prefix(30))).status, .stall)
         // Reset recovery: Bulk-Only Mass Storage Reset, then clear both halts.
         XCTAssertEqual(try front.control(port: 1, device: 5, USBSetup(requestType: 0x21, request: 0xFF, value: 0, index: 0, length: 0)).status, .ok)
         XCTAssertEqual(try clearHalt(0x81), .ok)
         XCTAssertEqual(try clearHalt(0x02), .ok)
+        XCTAssertEqual(try halted(0x81), [0, 0])
+        XCTAssertEqual(try halted(0x02), [0, 0])
         XCTAssertEqual(try bot.command([0, 0, 0, 0, 0, 0]).status, 0)
         XCTAssertEqual(try bot.command([0x12, 0, 0, 0, 36, 0], dataIn: 36).data.count, 36)
         try front.close()

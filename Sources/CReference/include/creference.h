@@ -213,4 +213,68 @@ struct cref_tap_forwarder *cref_tap_forwarder_start(const char *name_a, const ch
 void cref_tap_forwarder_stop(struct cref_tap_forwarder *forwarder, struct cref_tap_forwarder_stats *stats);
 void cref_tap_forwarder_get_stats(const struct cref_tap_forwarder *forwarder, struct cref_tap_forwarder_stats *stats);
 
+// MARK: The usbif conformance frontend (usbif_conformance.c)
+
+// Pages the environment gives for URB buffers: 16 per ring slot (USBIF_MAX_SEGMENTS_PER_REQUEST).
+#define CREF_USB_DATA_PAGES 256
+
+// What the test plugs into the controller for the suite (ports are 1-based).
+struct cref_usb_layout {
+    uint8_t storage_port;          // a soft Bulk-Only storage stick (high speed) of storage_bytes
+    uint8_t keyboard_port;         // a soft HID boot keyboard (full speed), typed into by type_text
+    uint8_t iso_port;              // a test device (high speed) whose isochronous IN endpoint 4 fills
+                                   // packet i's first half with (i * 16 + b) & 0xff
+    uint8_t ports;                 // the controller's num-ports
+    uint64_t storage_bytes;
+};
+
+struct cref_usbfront_env {
+    void *urb_ring;                // one page: the URB shared ring, initialised by C
+    uint32_t urb_ring_frame;
+    void *conn_ring;               // one page: the connection shared ring
+    uint32_t conn_ring_frame;
+    void *data;                    // CREF_USB_DATA_PAGES pages for URB buffers and ISO descriptors
+    uint32_t data_frame;
+    void *grant_table;             // the guest's grant_entry_v1 table
+    uint32_t first_free_ref;       // grant refs [first_free_ref, first_free_ref + free_refs)
+    uint32_t free_refs;            //   are C's to use
+    uint16_t backend_domid;
+    int wait_fd;                   // the one event channel of both rings: poll, then read 8 bytes
+    void (*notify)(void *ctx);
+    void *notify_ctx;
+    // The test's hands: type `text` on the keyboard; plug the device `spec` names into `port`
+    // ("" empties it). 0 on success.
+    int (*type_text)(void *ctx, const char *text);
+    int (*set_port)(void *ctx, int port, const char *spec);
+    void *test_ctx;
+    struct cref_usb_layout layout;
+    uint32_t timeout_ms;           // longest wait for a response or an event (0: 5 s)
+};
+
+struct cref_usbfront;              // opaque
+
+// Initialises both rings (SHARED_RING_INIT, FRONT_RING_INIT), grants them, and posts every
+// connection request (as xen-hcd does before it connects). Writes the urb-ring-ref and
+// conn-ring-ref. NULL (errno set) on bad arguments.
+struct cref_usbfront *cref_usbfront_init(const struct cref_usbfront_env *env, uint32_t *urb_ring_ref, uint32_t *conn_ring_ref);
+// Runs the usbif suite against the connected backend; writes up to `max` results and returns
+// how many checks ran.
+int cref_usbfront_run_suite(struct cref_usbfront *front, struct cref_check *results, int max);
+// The bench: for `seconds`, Bulk-Only READ(10) (or WRITE(10) when `write`) commands of
+// `bytes` each (a CBW, the data in URBs of `chunk` bytes at most, as many in flight as the ring
+// holds, as usb-storage puts them, the CSW) to the stick at `address` on layout.storage_port,
+// which must be enumerated and configured (cref_usbfront_enumerate). Returns the commands done,
+// -1 on an error; *urbs gets the URBs answered.
+int64_t cref_usbfront_bench_bot(struct cref_usbfront *front, uint8_t address, uint32_t bytes, uint32_t chunk, int write, double seconds,
+                                uint64_t *urbs);
+// The bench: for `seconds`, GET_DESCRIPTOR(DEVICE) of 18 bytes to `address` on `port`, one at a
+// time (as the USB core's synchronous control messages). Returns the transfers, -1 on an error.
+int64_t cref_usbfront_bench_control(struct cref_usbfront *front, int port, uint8_t address, double seconds);
+// GET_DESCRIPTOR(DEVICE) at address 0, SET_ADDRESS(address), SET_CONFIGURATION(1) on `port`,
+// after its connection event; 0 on success.
+int cref_usbfront_enumerate(struct cref_usbfront *front, int port, uint8_t address);
+// Revokes every grant still held (call after the backend disconnected) and frees the
+// frontend; returns how many grants stayed busy.
+int cref_usbfront_free(struct cref_usbfront *front);
+
 #endif

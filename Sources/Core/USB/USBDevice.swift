@@ -8,12 +8,19 @@ public struct USBDescriptors: Equatable, Sendable {
     public var configurations: [[UInt8]]
     /// String descriptors by index (index 0, the language list, is answered as US English).
     public var strings: [UInt8: String]
-    /// Other descriptors a device answers to GET_DESCRIPTOR by (type << 8 | index), e.g. the
-    /// HID report descriptor (0x2200), asked of an interface.
+    /// Other descriptors a device answers to GET_DESCRIPTOR by (type << 8 | index), asked of the
+    /// device (or of an interface that has none of its own by that key).
     public var others: [UInt16: [UInt8]]
+    /// Class and vendor descriptors of each interface (by bInterfaceNumber), answered to
+    /// GET_DESCRIPTOR with the interface as recipient and its number in wIndex: the HID
+    /// descriptor (0x2100) and report descriptor (0x2200) of a HID interface. Kept per interface
+    /// so that a filter hiding an interface hides them too.
+    public var interfaceDescriptors: [UInt8: [UInt16: [UInt8]]]
 
-    public init(device: [UInt8], configurations: [[UInt8]], strings: [UInt8: String] = [:], others: [UInt16: [UInt8]] = [:]) {
+    public init(device: [UInt8], configurations: [[UInt8]], strings: [UInt8: String] = [:], others: [UInt16: [UInt8]] = [:],
+                interfaceDescriptors: [UInt8: [UInt16: [UInt8]]] = [:]) {
         self.device = device; self.configurations = configurations; self.strings = strings; self.others = others
+        self.interfaceDescriptors = interfaceDescriptors
     }
 
     public var vendorID: UInt16 { device.count >= 10 ? UInt16(device[8]) | UInt16(device[9]) << 8 : 0 }
@@ -61,7 +68,8 @@ public protocol USBPortEvents: AnyObject, Sendable {
 /// A soft USB device: its descriptors, and its endpoints. The standard requests (descriptors,
 /// address, configuration, interface, status, halt) are answered once for every device by the
 /// tap (``USBStandardRequests``), which tells the device what changed through the `set...`
-/// calls; everything else (class and vendor control requests, every other endpoint) comes to
+/// calls; they pass down the stack first (`submitStandard`), so that filters see them.
+/// Everything else (class and vendor control requests, every other endpoint) comes to
 /// `submit`. A filter stacks over any device, soft or passed through (``USBFilter``).
 public protocol USBDevice: SoftDevice {
     var speed: USBSpeed { get }
@@ -69,6 +77,14 @@ public protocol USBDevice: SoftDevice {
     /// A URB for the device: complete it exactly once, now or later, from any thread. A URB
     /// that waits for the device (an interrupt IN until a key is pressed) simply stays.
     func submit(_ urb: URB)
+    /// A standard request (chapter 9, on endpoint 0) on its way to the tap, which answers it
+    /// (`tap` returns true) at the bottom of the stack: a filter sees it here (to record it, or
+    /// to STALL one aimed at what it hides) and passes it on, synchronously, on the caller's
+    /// thread. A device lets the tap answer and takes what the tap leaves (`submit`).
+    func submitStandard(_ urb: URB, tap: (URB) -> Bool)
+    /// Whether the device itself halted endpoint `endpoint` in direction `isIn` (a stick after an
+    /// invalid CBW): GET_STATUS(ENDPOINT) reports it.
+    func isHalted(endpoint: UInt8, isIn: Bool) -> Bool
     /// The guest unlinked `urb`: complete it soon with `.cancelled` (or as it ends anyway).
     func cancel(_ urb: URB)
     /// SET_CONFIGURATION (0: unconfigured).
@@ -84,6 +100,8 @@ public protocol USBDevice: SoftDevice {
 }
 
 extension USBDevice {
+    public func submitStandard(_ urb: URB, tap: (URB) -> Bool) { if !tap(urb) { submit(urb) } }
+    public func isHalted(endpoint: UInt8, isIn: Bool) -> Bool { false }
     public func cancel(_ urb: URB) {}
     public func setConfiguration(_ value: UInt8) -> USBStatus { .ok }
     public func setInterface(_ interface: UInt8, alternate: UInt8) -> USBStatus { alternate == 0 ? .ok : .stall }
@@ -102,6 +120,8 @@ open class USBFilter: USBDevice, @unchecked Sendable {
     open var speed: USBSpeed { next.speed }
     open var descriptors: USBDescriptors { next.descriptors }
     open func submit(_ urb: URB) { next.submit(urb) }
+    open func submitStandard(_ urb: URB, tap: (URB) -> Bool) { next.submitStandard(urb, tap: tap) }
+    open func isHalted(endpoint: UInt8, isIn: Bool) -> Bool { next.isHalted(endpoint: endpoint, isIn: isIn) }
     open func cancel(_ urb: URB) { next.cancel(urb) }
     open func setConfiguration(_ value: UInt8) -> USBStatus { next.setConfiguration(value) }
     open func setInterface(_ interface: UInt8, alternate: UInt8) -> USBStatus { next.setInterface(interface, alternate: alternate) }

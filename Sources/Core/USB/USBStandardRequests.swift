@@ -44,7 +44,11 @@ public struct USBStandardRequests: Sendable {
                 guard device.speed == .high, d.device.count >= 18 else { answer = nil; break }
                 answer = [10, 6, d.device[2], d.device[3], d.device[4], d.device[5], d.device[6], d.device[7], d.device[17], 0]
             default:
-                if let other = d.others[setup.value] { answer = other } else if setup.recipient != .device { return false }
+                if setup.recipient == .interface, let own = d.interfaceDescriptors[UInt8(truncatingIfNeeded: setup.index)]?[setup.value] {
+                    answer = own
+                } else if let other = d.others[setup.value] {
+                    answer = other
+                } else if setup.recipient != .device { return false }
             }
             guard let answer else { urb.complete(.stall); return true }
             urb.complete(in: Array(answer.prefix(Int(setup.length))))
@@ -78,7 +82,10 @@ public struct USBStandardRequests: Sendable {
         case (Self.getStatus, .interface):
             urb.complete(in: [0, 0])
         case (Self.getStatus, .endpoint):
-            urb.complete(in: [halted.contains(UInt8(truncatingIfNeeded: setup.index)) ? 1 : 0, 0])
+            // Halted by SET_FEATURE(ENDPOINT_HALT), or by the device itself (a stall it keeps).
+            let ep = UInt8(truncatingIfNeeded: setup.index)
+            let isHalted = halted.contains(ep) || device.isHalted(endpoint: ep & 0x0f, isIn: ep & 0x80 != 0)
+            urb.complete(in: [isHalted ? 1 : 0, 0])
         case (Self.clearFeature, .endpoint) where setup.value == 0:   // ENDPOINT_HALT
             let ep = UInt8(truncatingIfNeeded: setup.index)
             let status = device.clearHalt(endpoint: ep & 0x0f, isIn: ep & 0x80 != 0)

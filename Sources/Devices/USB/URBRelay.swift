@@ -18,12 +18,21 @@ final class URBRelay: URBCompletionSink, @unchecked Sendable {
     /// Sends `urb` to `device` as a child; `then` sees the child completed, then the parent
     /// gets the child's status (unless `then` completed it already).
     func forward(_ urb: URB, to device: any USBDevice, then: @escaping Completion) {
+        relay(urb, then: then) { device.submit($0) }
+    }
+
+    /// The same for a standard request on its way to the tap (``USBDevice/submitStandard(_:tap:)``).
+    func forwardStandard(_ urb: URB, to device: any USBDevice, tap: (URB) -> Bool, then: @escaping Completion) {
+        relay(urb, then: then) { device.submitStandard($0, tap: tap) }
+    }
+
+    private func relay(_ urb: URB, then: @escaping Completion, submit: (URB) -> Void) {
         let child = URB(endpoint: urb.endpoint, isIn: urb.isIn, type: urb.type, setup: urb.setup, buffer: urb.buffer,
                         isoPackets: urb.isoPackets, shortNotOK: urb.shortNotOK, interval: urb.interval,
                         tag: nextTag.wrappingAdd(1, ordering: .relaxed).oldValue, sink: self)
         inFlight.withLock { $0[ObjectIdentifier(child)] = Entry(parent: urb, then: then) }
         children.withLock { $0[ObjectIdentifier(urb)] = child }
-        device.submit(child)
+        submit(child)
     }
 
     /// The guest unlinked `urb`: its child is cancelled below.

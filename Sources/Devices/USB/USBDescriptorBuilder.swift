@@ -13,7 +13,7 @@ enum USBDescriptorBuilder {
 
     static func make(productID: UInt16, maxPacket0: UInt8, interfaceClass: (UInt8, UInt8, UInt8), classDescriptors: [UInt8] = [],
                      endpoints: [Endpoint], maxPowerMilliamps: Int, manufacturer: String, product: String, serial: String?,
-                     others: [UInt16: [UInt8]] = [:]) -> USBDescriptors {
+                     interfaceDescriptors: [UInt8: [UInt16: [UInt8]]] = [:]) -> USBDescriptors {
         let device: [UInt8] = [18, 1, 0x00, 0x02, 0, 0, 0, maxPacket0, UInt8(vendorID & 0xff), UInt8(vendorID >> 8),
                                UInt8(productID & 0xff), UInt8(productID >> 8), 0x00, 0x01, 1, 2, serial == nil ? 0 : 3, 1]
         var config: [UInt8] = [9, 2, 0, 0, 1, 1, 0, 0x80, UInt8(min(255, maxPowerMilliamps / 2))]
@@ -25,7 +25,7 @@ enum USBDescriptorBuilder {
         config[2] = UInt8(config.count & 0xff); config[3] = UInt8(config.count >> 8)
         var strings: [UInt8: String] = [1: manufacturer, 2: product]
         if let serial { strings[3] = serial }
-        return USBDescriptors(device: device, configurations: [config], strings: strings, others: others)
+        return USBDescriptors(device: device, configurations: [config], strings: strings, interfaceDescriptors: interfaceDescriptors)
     }
 
     /// An endpoint descriptor's bmAttributes transfer type (USB 2.0 table 9-13: control 0,

@@ -6,7 +6,8 @@ import Core
 /// (and an interface association that starts at a hidden interface), `bNumInterfaces` and
 /// `wTotalLength` fixed. URBs to their endpoints, SET_INTERFACE to them, and class, vendor or
 /// standard requests addressed to a hidden interface or endpoint are STALLed here and never
-/// reach the device. HID class descriptors (0x21-0x23) go when no HID interface stays.
+/// reach the device. A hidden interface's own class descriptors (``USBDescriptors/interfaceDescriptors``)
+/// go with it; device-wide HID class descriptors (0x21-0x23) go when no HID interface stays.
 /// Interface numbers are kept (Linux accepts the gaps).
 public final class USBInterfacesFilter: USBFilter, @unchecked Sendable {
     public override var name: String { "interfaces" }
@@ -61,6 +62,8 @@ public final class USBInterfacesFilter: USBFilter, @unchecked Sendable {
             return out
         }
         if !keepsHID { for key in d.others.keys where (0x21...0x23).contains(key >> 8) { d.others[key] = nil } }
+        // A hidden interface's own class descriptors (its HID and report descriptors) go with it.
+        for number in hiddenNumbers.subtracting(keptNumbers) { d.interfaceDescriptors[number] = nil }
         filtered = d
         hiddenInterfaces = hiddenNumbers.subtracting(keptNumbers)
         hiddenEndpoints = hiddenEP.subtracting(keptEP)
@@ -76,15 +79,28 @@ public final class USBInterfacesFilter: USBFilter, @unchecked Sendable {
             guard !hiddenEndpoints.contains(urb.endpointAddress), !hiddenEndpointNumbers.contains(urb.endpoint) else {
                 return urb.complete(.stall)
             }
-        } else if let setup = urb.setup {
-            let target = UInt8(truncatingIfNeeded: setup.index)
-            switch setup.recipient {
-            case .interface where hiddenInterfaces.contains(target): return urb.complete(.stall)
-            case .endpoint where hiddenEndpoints.contains(target): return urb.complete(.stall)
-            default: break
-            }
+        } else if aimsAtHidden(urb) {
+            return urb.complete(.stall)
         }
         next.submit(urb)
+    }
+
+    /// Standard requests aimed at a hidden interface or endpoint (GET_DESCRIPTOR of its HID
+    /// report, GET_STATUS, GET_INTERFACE, SET_INTERFACE, SET_FEATURE(HALT)) STALL here.
+    public override func submitStandard(_ urb: URB, tap: (URB) -> Bool) {
+        if aimsAtHidden(urb) { return urb.complete(.stall) }
+        next.submitStandard(urb, tap: tap)
+    }
+
+    /// A control request whose recipient is a hidden interface or endpoint.
+    private func aimsAtHidden(_ urb: URB) -> Bool {
+        guard let setup = urb.setup else { return false }
+        let target = UInt8(truncatingIfNeeded: setup.index)
+        switch setup.recipient {
+        case .interface: return hiddenInterfaces.contains(target)
+        case .endpoint: return hiddenEndpoints.contains(target)
+        default: return false
+        }
     }
 
     public override func setInterface(_ interface: UInt8, alternate: UInt8) -> USBStatus {

@@ -39,7 +39,7 @@ public final class USBKeyboard: USBDevice, @unchecked Sendable {
             productID: 0x0002, maxPacket0: 8, interfaceClass: (0x03, 0x01, 0x01), classDescriptors: Self.hidDescriptor,
             endpoints: [.init(address: Self.interruptIn, type: .interrupt, maxPacket: 8, interval: 10)],
             maxPowerMilliamps: 100, manufacturer: "SoftDev", product: "USB Keyboard", serial: nil,
-            others: [0x2100: Self.hidDescriptor, 0x2200: Self.reportDescriptor])
+            interfaceDescriptors: [0: [0x2100: Self.hidDescriptor, 0x2200: Self.reportDescriptor]])
     }
 
     /// The LEDs the host last set (bit 0 Num Lock, 1 Caps Lock, 2 Scroll Lock).

@@ -11,8 +11,8 @@ import Synchronization
 /// ```
 ///
 /// `time` is when the URB arrived (UTC), `id` counts URBs from 1, `status` is "ok", "stall",
-/// "EPROTO"... with the negative errno in `errno`. The standard requests the tap answers itself
-/// (descriptors, addresses, configuration) never reach a filter and are not logged.
+/// "EPROTO"... with the negative errno in `errno`. The standard requests the tap answers
+/// (descriptors, addresses, configuration) are logged too, as they pass.
 public final class USBLogFilter: USBFilter, @unchecked Sendable {
     public override var name: String { "log" }
     public let path: String
@@ -30,9 +30,18 @@ public final class USBLogFilter: USBFilter, @unchecked Sendable {
     }
 
     public override func submit(_ urb: URB) {
+        relay.forward(urb, to: next, then: logger())
+    }
+
+    public override func submitStandard(_ urb: URB, tap: (URB) -> Bool) {
+        relay.forwardStandard(urb, to: next, tap: tap, then: logger())
+    }
+
+    /// What writes a URB's line when it completes: its id and times taken now, as it arrives.
+    private func logger() -> URBRelay.Completion {
         let id = nextID.wrappingAdd(1, ordering: .relaxed).oldValue
         let wallClock = timespec.now(CLOCK_REALTIME), start = timespec.now(CLOCK_MONOTONIC)
-        relay.forward(urb, to: next) { [self] child, _ in
+        return { [self] child, _ in
             write(Self.line(child, id: id, wallClock: wallClock, nanoseconds: timespec.now(CLOCK_MONOTONIC).nanoseconds - start.nanoseconds))
         }
     }

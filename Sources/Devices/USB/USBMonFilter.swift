@@ -8,8 +8,8 @@ import Synchronization
 /// it ends, each a 64-byte header (URB id, type, transfer type, endpoint address, device and bus
 /// numbers, the setup packet of a control submission, status, lengths, interval, start frame)
 /// followed by the data: OUT data with the submission, IN data with the completion, at most
-/// `snaplen` bytes. The standard requests the tap answers itself never reach a filter and are not
-/// in the capture. Records are buffered under one lock and flushed, with the file, in `close`.
+/// `snaplen` bytes. The standard requests the tap answers (enumeration) are in the capture too,
+/// as usbmon shows them. Records are buffered under one lock and flushed, with the file, in `close`.
 public final class USBMonFilter: USBFilter, @unchecked Sendable {
     public override var name: String { "usbmon" }
     public let path: String
@@ -40,6 +40,12 @@ public final class USBMonFilter: USBFilter, @unchecked Sendable {
         let id = nextID.wrappingAdd(1, ordering: .relaxed).oldValue
         record(urb, id: id, completion: false)
         relay.forward(urb, to: next) { [self] child, _ in record(child, id: id, completion: true) }
+    }
+
+    public override func submitStandard(_ urb: URB, tap: (URB) -> Bool) {
+        let id = nextID.wrappingAdd(1, ordering: .relaxed).oldValue
+        record(urb, id: id, completion: false)
+        relay.forwardStandard(urb, to: next, tap: tap) { [self] child, _ in record(child, id: id, completion: true) }
     }
 
     public override func cancel(_ urb: URB) { relay.cancel(urb, on: next) }

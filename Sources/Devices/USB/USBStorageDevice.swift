@@ -128,6 +128,10 @@ public final class USBStorageDevice: USBDevice, BlockCompletionSink, @unchecked 
         return .ok
     }
 
+    public func isHalted(endpoint: UInt8, isIn: Bool) -> Bool {
+        state.withLock { $0.halted.contains(isIn ? endpoint | 0x80 : endpoint) }
+    }
+
     public func clearHalt(endpoint: UInt8, isIn: Bool) -> USBStatus {
         state.withLock { s in
             if !s.awaitingReset { s.halted.remove(isIn ? endpoint | 0x80 : endpoint) }
