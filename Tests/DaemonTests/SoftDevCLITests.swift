@@ -43,6 +43,39 @@ final class SoftDevCLITests: XCTestCase {
         }
     }
 
+    /// `softdev snapshot` on a timetravel disk a daemon serves goes through its control socket;
+    /// `timetravel-points` lists it while the disk is served; `rollback` is refused until the
+    /// daemon lets go, then forgets what came after the snapshot.
+    func testTimetravelSnapshotThroughTheDaemonAndRollback() throws {
+        let ttLog = directory + "/tt", config = directory + "/softdev.toml"
+        try """
+            hypervisor = "local"
+            [nbd]
+            listen = ["unix:\(directory)/nbd.sock"]
+            [[export]]
+            name = "tt"
+            device = "timetravel(log=\(ttLog)) | memory(size=4M)"
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+        let serve = try start(["serve", "--local-dir", directory + "/hv", "--config", config], log: "serve.log")
+        try waitFor("serve to start") { self.log("serve.log").contains("serving on local as domain 0") }
+        let snapshot = try softdev(["snapshot", "--hypervisor", "local", "--local-dir", directory + "/hv", ttLog, "before upgrade"])
+        XCTAssertEqual(snapshot.status, 0, snapshot.output + log("serve.log"))
+        XCTAssertTrue(snapshot.output.contains("snapshot before upgrade of"), snapshot.output)
+        let again = try softdev(["snapshot", "--hypervisor", "local", "--local-dir", directory + "/hv", ttLog, "before upgrade"])
+        XCTAssertNotEqual(again.status, 0)
+        XCTAssertTrue(again.output.contains("already has a snapshot named before upgrade"), again.output)
+        let points = try softdev(["timetravel-points", ttLog])
+        XCTAssertEqual(points.status, 0, points.output)
+        XCTAssertTrue(points.output.contains("snapshot before upgrade: record 1"), points.output)
+        let busy = try softdev(["rollback", ttLog, "--snapshot", "before upgrade"])
+        XCTAssertNotEqual(busy.status, 0)
+        XCTAssertTrue(busy.output.contains("in use by another process"), busy.output)
+        serve.terminate(); serve.waitUntilExit()
+        let rollback = try softdev(["rollback", ttLog, "--seq", "0"])
+        XCTAssertEqual(rollback.status, 0, rollback.output)
+        XCTAssertTrue(try softdev(["timetravel-points", ttLog]).output.contains("records: 1 to 0 (0)"))
+    }
+
     func testServeGuestAttachListDetachAcrossProcesses() throws {
         let local = ["--hypervisor", "local", "--local-dir", directory + "/hv"]
         let config = directory + "/softdev.toml"
