@@ -41,7 +41,7 @@ public final class CryptFilter: BlockFilter, @unchecked Sendable {
     /// Opens the LUKS1 volume on `next` with `passphrase`. Errors name `label` (the file below)
     /// and, for a bad header, the offset of the field at fault.
     public init(next: any BlockDevice, passphrase: SecretBytes, allowDiscard: Bool = false, label: String? = nil) throws(BlockError) {
-        let label = label ?? Self.label(of: next)
+        let label = label ?? next.formatLabel
         let storage = LUKSStorage.device(next, label: label)
         header = try LUKSVolume.readHeader(storage)
         cipher = try LUKSCipherSpec(cipherName: header.cipherName, mode: header.cipherMode, keyBytes: Int(header.keyBytes))
@@ -60,14 +60,6 @@ public final class CryptFilter: BlockFilter, @unchecked Sendable {
         // One request's worth of contexts now, so that a bad key fails at open.
         let first = try CryptRequest(filter: self, key: key)
         pool.withLock { $0.append(first) }
-    }
-
-    /// The file below for messages: `file(path=...)`'s path, else the device's name.
-    static func label(of device: any BlockDevice) -> String {
-        var below: any BlockDevice = device
-        while let filter = below as? BlockFilter { below = filter.next }
-        if let file = below as? FileDevice { return file.path }
-        return device.name
     }
 
     public override var geometry: BlockGeometry { payload }
@@ -253,28 +245,8 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
         }
         if aligned { return true }
         // Sectors that straddle two buffers: gather, then encrypt in place.
-        gather(into: buffer, from: Int(done), count: n)
+        buffers.gather(into: buffer, from: Int(done), count: n)
         return encryptor.run(buffer, buffer, sectors: n / 512, first: sector)
-    }
-
-    private func gather(into destination: UnsafeMutableRawPointer, from start: Int, count: Int) {
-        var skip = start, out = 0
-        for b in buffers where out < count {
-            if skip >= b.count { skip -= b.count; continue }
-            let take = min(b.count - skip, count - out)
-            memcpy(destination + out, b.baseAddress! + skip, take)
-            out += take; skip = 0
-        }
-    }
-
-    private func scatter(from source: UnsafeRawPointer, to start: Int, count: Int) {
-        var skip = start, out = 0
-        for b in buffers where out < count {
-            if skip >= b.count { skip -= b.count; continue }
-            let take = min(b.count - skip, count - out)
-            memcpy(b.baseAddress! + skip, source + out, take)
-            out += take; skip = 0
-        }
     }
 
     /// Decrypts a completed read in the request's buffers.
@@ -294,9 +266,9 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
         while position < total {
             let n = min(CryptFilter.chunkBytes, total - position)
             guard ensureBuffer(n), let buffer else { return false }
-            gather(into: buffer, from: position, count: n)
+            buffers.gather(into: buffer, from: position, count: n)
             guard decryptor.run(buffer, buffer, sectors: n / 512, first: first + UInt64(position / 512)) else { return false }
-            scatter(from: buffer, to: position, count: n)
+            buffers.scatter(from: buffer, to: position, count: n)
             position += n
         }
         return true

@@ -31,7 +31,7 @@ private func readSecret(keyfile: String?, passphrase: String?, keyfileOption: St
 }
 
 /// A failure after the arguments were accepted: printed as it is, without the usage.
-struct LUKSCommandError: Error, CustomStringConvertible {
+struct CommandFailure: Error, CustomStringConvertible {
     var message: String
     var description: String { message }
 }
@@ -92,7 +92,7 @@ struct LUKSFormat: ParsableCommand {
                 throw error
             }
         } catch {
-            throw LUKSCommandError(message: error.message)
+            throw CommandFailure(message: error.message)
         }
     }
 }
@@ -125,7 +125,7 @@ struct LUKSAddKey: ParsableCommand {
             let used = try LUKSVolume.addKey(storage, existing: existing, newPassphrase: new, slot: slot, iterationMilliseconds: iterTime)
             print("\(path): key slot \(used) added")
         } catch {
-            throw LUKSCommandError(message: error.message)
+            throw CommandFailure(message: error.message)
         }
     }
 }

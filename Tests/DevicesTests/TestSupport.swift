@@ -1,5 +1,7 @@
 import Core
+import Devices
 import Dispatch
+import Foundation
 import Glibc
 import Synchronization
 import XCTest
@@ -107,4 +109,53 @@ func mountTemporary(_ test: XCTestCase, type: String, options: String? = nil) th
     }
     test.addTeardownBlock { umount2(path, 2 /* MNT_DETACH */) }
     return path
+}
+
+/// Deterministic bytes (xorshift), different per seed.
+func patternBytes(_ count: Int, seed: UInt64) -> [UInt8] {
+    var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+    return (0..<count).map { _ in
+        state ^= state << 13; state ^= state >> 7; state ^= state << 17
+        return UInt8(truncatingIfNeeded: state)
+    }
+}
+
+/// The message `spec` fails to open with, or "" if it opens (it is closed again).
+func openError(_ spec: String) -> String {
+    do {
+        let device = try DeviceRegistry.open(spec)
+        device.close()
+        return ""
+    } catch {
+        return error.message
+    }
+}
+
+/// An image file with metadata, damaged one copy at a time: each damaged copy is written to the
+/// file and opened through `spec`, and the error must name the file and say where.
+struct DamagedImage {
+    let path: String
+    let spec: String
+    let good: [UInt8]
+
+    init(path: String, spec: String) throws {
+        self.path = path; self.spec = spec
+        good = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+    }
+
+    /// The error of opening the image changed by `change`.
+    func open(_ change: (inout [UInt8]) -> Void) -> String {
+        var bytes = good
+        change(&bytes)
+        FileManager.default.createFile(atPath: path, contents: Data(bytes))
+        return openError(spec)
+    }
+
+    /// `message` names the file and holds each fragment.
+    func check(_ message: String, _ fragments: [String], file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertTrue(message.contains(path), "names the file: \(message)", file: file, line: line)
+        for fragment in fragments { XCTAssertTrue(message.contains(fragment), "'\(fragment)' in: \(message)", file: file, line: line) }
+    }
+
+    func restore() { FileManager.default.createFile(atPath: path, contents: Data(good)) }
 }
