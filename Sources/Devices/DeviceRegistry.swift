@@ -73,7 +73,7 @@ public enum DeviceRegistry {
         FileDevice.descriptor, MemoryDevice.descriptor, NullDevice.descriptor, StatsFilter.descriptor,
         ReadOnlyFilter.descriptor, OffsetFilter.descriptor, PartitionFilter.descriptor, ErrorFilter.descriptor,
         LogFilter.descriptor, DelayFilter.descriptor, NBDDevice.descriptor, FUAFilter.descriptor, CryptFilter.descriptor,
-        COWFilter.descriptor,
+        COWFilter.descriptor, CompressFilter.descriptor,
     ] + networkDevices + usbDevices + usbFilters).sorted { $0.name < $1.name }
     /// The network class's devices and filters (`Devices/Net`).
     static let networkDevices: [DeviceDescriptor] = [

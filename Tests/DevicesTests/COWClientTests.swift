@@ -10,33 +10,11 @@ import XCTest
 /// writes, reads and discards, nbdcopy both ways; and the kernel through nbdfuse: an ext4 base
 /// gets files through the overlay, fsck is clean, the base is untouched until `softdev commit`,
 /// after which the base alone holds the files and fsck is clean on it.
-final class COWClientTests: XCTestCase {
-    private var directory = ""
-
-    override func setUp() {
-        directory = makeTemporaryDirectory(self)
-    }
-
-    private func serve(_ spec: String) throws -> (NBDServer, any BlockDevice, String) {
-        let device = try DeviceRegistry.open(spec)
-        let socket = "\(directory)/nbd.sock"
-        let server = NBDServer(listen: .unix(path: socket), exports: [NBDExport(name: "d", device: device)])
-        try server.start()
-        return (server, device, "nbd+unix:///d?socket=\(socket)")
-    }
-
-    private func run(_ tool: String, _ package: String, _ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
-        let (status, output) = try Peers.run(try Peers.program(tool, package: package), arguments)
-        XCTAssertEqual(status, 0, "\(tool) \(arguments.joined(separator: " ")): \(output)", file: file, line: line)
-        return output
-    }
-
-    private func bytes(_ path: String) throws -> [UInt8] { [UInt8](try Data(contentsOf: URL(fileURLWithPath: path))) }
-
+final class COWClientTests: SoftDiskClientTestCase {
     func testQemuImgQemuIOAndNbdcopy() throws {
         let size = 8 << 20
         let base = "\(directory)/base.img", overlay = "\(directory)/overlay.img"
-        let original = COWFilterTests.pattern(size, seed: 3)
+        let original = patternBytes(size, seed: 3)
         FileManager.default.createFile(atPath: base, contents: Data(original))
         let (server, device, uri) = try serve("cow(base=\"file(path=\(base), readonly=true)\") | file(path=\(overlay), size=\(size + (1 << 20)))")
         defer { server.stop(); device.close() }
@@ -44,7 +22,7 @@ final class COWClientTests: XCTestCase {
         // qemu-img: the overlay reads as the base, then takes a whole new image.
         _ = try run("qemu-img", "qemu-utils", ["compare", "-f", "raw", base, "-F", "raw", uri])
         let source = "\(directory)/source.raw"
-        var model = COWFilterTests.pattern(size, seed: 4)
+        var model = patternBytes(size, seed: 4)
         model.replaceSubrange((2 << 20)..<(3 << 20), with: repeatElement(0, count: 1 << 20))   // zeroes: write-zeroes over NBD
         FileManager.default.createFile(atPath: source, contents: Data(model))
         _ = try run("qemu-img", "qemu-utils", ["convert", "-n", "-f", "raw", source, "-O", "raw", uri])
@@ -63,7 +41,7 @@ final class COWClientTests: XCTestCase {
         let out = "\(directory)/out.raw"
         _ = try run("nbdcopy", "libnbd-bin", [uri, out])
         XCTAssertTrue(try bytes(out) == model, "nbdcopy reads what qemu-img and qemu-io wrote, the base under the discard")
-        let other = COWFilterTests.pattern(size, seed: 5)
+        let other = patternBytes(size, seed: 5)
         FileManager.default.createFile(atPath: source, contents: Data(other))
         _ = try run("nbdcopy", "libnbd-bin", [source, uri])
         _ = try run("qemu-img", "qemu-utils", ["compare", "-f", "raw", source, "-F", "raw", uri])
@@ -71,16 +49,7 @@ final class COWClientTests: XCTestCase {
     }
 
     func testKernelExt4ThroughTheOverlayThenCommit() throws {
-        for (tool, package) in [("nbdfuse", "nbdfuse"), ("losetup", "mount"), ("mkfs.ext4", "e2fsprogs"), ("fsck.ext4", "e2fsprogs"),
-                                ("mount", "mount"), ("umount", "mount"), ("fusermount3", "fuse3")] {
-            _ = try Peers.program(tool, package: package)
-        }
-        guard getuid() == 0 else { throw XCTSkip("mount and losetup need root") }
-        guard access("/dev/fuse", R_OK | W_OK) == 0 else {
-            print("COWClientTests: skipped: no /dev/fuse (modprobe fuse)")
-            try Peers.require(false, "/dev/fuse (the kernel path needs FUSE)", install: "modprobe fuse")
-            return
-        }
+        try requireKernelPath()
         let base = "\(directory)/base.img", overlay = "\(directory)/overlay.img"
         let size = 64 << 20
         FileManager.default.createFile(atPath: base, contents: nil)
@@ -92,34 +61,12 @@ final class COWClientTests: XCTestCase {
         do {
             let (server, device, uri) = try serve(stack)
             defer { server.stop(); device.close() }
-            let fuseDir = "\(directory)/fuse", mountPoint = "\(directory)/mnt"
-            try FileManager.default.createDirectory(atPath: fuseDir, withIntermediateDirectories: false)
-            try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: false)
-            let fuse = Process()
-            fuse.executableURL = URL(fileURLWithPath: try Peers.program("nbdfuse", package: "nbdfuse"))
-            fuse.arguments = [fuseDir + "/disk", uri]
-            try fuse.run()
-            defer {
-                for _ in 0..<50 where fuse.isRunning {
-                    if (try? Peers.run(try Peers.program("fusermount3", package: "fuse3"), ["-u", fuseDir]))?.status == 0 { break }
-                    usleep(100_000)
-                }
-                if fuse.isRunning { fuse.terminate() }
-                fuse.waitUntilExit()
+            try withKernelDisk(uri) { loop, mountPoint in
+                _ = try run("mount", "mount", [loop, mountPoint])
+                files = writeFiles(in: mountPoint)
+                _ = try run("umount", "mount", [mountPoint])
+                _ = try run("fsck.ext4", "e2fsprogs", ["-fn", loop])
             }
-            let image = fuseDir + "/disk"
-            for _ in 0..<500 where !FileManager.default.fileExists(atPath: image) { usleep(10_000) }
-            let loop = try run("losetup", "mount", ["--find", "--show", image]).trimmingCharacters(in: .whitespacesAndNewlines)
-            guard loop.hasPrefix("/dev/loop") else { return XCTFail("losetup: \(loop)") }
-            defer { _ = try? Peers.run(try Peers.program("losetup", package: "mount"), ["-d", loop]) }
-            _ = try run("mount", "mount", [loop, mountPoint])
-            for i in 0..<8 {
-                let data = Data((0..<(i * 300_007 + 517)).map { UInt8(truncatingIfNeeded: $0 &* (i + 3)) })
-                files["file\(i)"] = data
-                XCTAssertTrue(FileManager.default.createFile(atPath: "\(mountPoint)/file\(i)", contents: data))
-            }
-            _ = try run("umount", "mount", [mountPoint])
-            _ = try run("fsck.ext4", "e2fsprogs", ["-fn", loop])
         }
         XCTAssertTrue(try bytes(base) == pristine, "the base is untouched before the commit")
         let (status, output) = try Peers.run(try SoftDevBinary.path(), ["commit", stack])

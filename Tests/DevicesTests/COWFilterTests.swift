@@ -30,19 +30,7 @@ final class COWFilterTests: XCTestCase {
         "cow(base=\"file(path=\(base), readonly=true)\", cluster=\(cluster)) | file(path=\(overlay), size=\(size + (1 << 20)))"
     }
 
-    private func write(_ device: any BlockDevice, _ bytes: [UInt8], at offset: UInt64, fua: Bool = false) throws {
-        let buffer = TestBuffer(count: bytes.count)
-        bytes.withUnsafeBytes { buffer.vector.pointee.iov_base!.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
-        try withExtendedLifetime(buffer) { try device.sync.write(from: buffer.buffers, at: offset, fua: fua) }
-    }
-
     private func fileBytes(_ path: String) throws -> [UInt8] { [UInt8](try Data(contentsOf: URL(fileURLWithPath: path))) }
-
-    private func allocatedBytes(_ path: String) -> Int {
-        var st = stat()
-        stat(path, &st)
-        return Int(st.st_blocks) * 512
-    }
 
     // MARK: Bytes against a model
 
@@ -81,7 +69,7 @@ final class COWFilterTests: XCTestCase {
                 }
             default:
                 let bytes = Self.pattern(length, seed: UInt64(step))
-                try write(device, bytes, at: UInt64(offset), fua: random.next() % 4 == 0)
+                try device.writeBytes(bytes, at: UInt64(offset), fua: random.next() % 4 == 0)
                 model.replaceSubrange(offset..<offset + length, with: bytes)
             }
             let readOffset = Int(random.next() % UInt64(sectors)) * 512
@@ -104,19 +92,7 @@ final class COWFilterTests: XCTestCase {
         let (base, _) = makeBase(size)
         let device = try DeviceRegistry.open(spec(base: base, overlay: "\(directory)/o.img", cluster: "64K", size: size))
         defer { device.close() }
-        let buffers = (0..<64).map { TestBuffer(count: 12288, pattern: UInt8($0)) }
-        let completions = Completions()
-        for (i, buffer) in buffers.enumerated() {
-            device.submit(device.writeRequest(buffer, at: UInt64(i) * 100_352), completion: completions.completion(UInt64(i)))
-        }
-        XCTAssertTrue(completions.wait(for: 64).values.allSatisfy { $0 == .success })
-        let reads = (0..<64).map { _ in TestBuffer(count: 12288) }
-        let readCompletions = Completions()
-        for (i, buffer) in reads.enumerated() {
-            device.submit(device.readRequest(buffer, at: UInt64(i) * 100_352), completion: readCompletions.completion(UInt64(i)))
-        }
-        XCTAssertTrue(readCompletions.wait(for: 64).values.allSatisfy { $0 == .success })
-        for (i, buffer) in reads.enumerated() { XCTAssertTrue(buffer.bytes == TestBuffer.expected(12288, UInt8(i)), "request \(i)") }
+        checkConcurrentRequests(device)
     }
 
     // MARK: Ordering
@@ -131,7 +107,7 @@ final class COWFilterTests: XCTestCase {
         let first = try DeviceRegistry.open(stack)
         defer { first.close() }
         let a = Self.pattern(4096, seed: 1), b = Self.pattern(4096, seed: 2), c = Self.pattern(4096, seed: 3)
-        try write(first, a, at: 0)
+        try first.writeBytes(a, at: 0)
         func seen(_ offset: Int) throws -> [UInt8] {
             let second = try DeviceRegistry.open(stack) as! COWFilter
             defer { _ = second }   // not closed: closing would write its own (stale) map
@@ -140,9 +116,9 @@ final class COWFilterTests: XCTestCase {
         XCTAssertTrue(try seen(0) == Array(original[0..<4096]), "unflushed: the base")
         try first.sync.flush()
         XCTAssertTrue(try seen(0) == a, "flushed")
-        try write(first, b, at: 65536, fua: true)
+        try first.writeBytes(b, at: 65536, fua: true)
         XCTAssertTrue(try seen(65536) == b, "FUA")
-        try write(first, c, at: 131072 + 512)
+        try first.writeBytes(c, at: 131072 + 512)
         XCTAssertTrue(try seen(131072) == Array(original[131072..<135168]), "unflushed partial write: the base")
         try first.sync.flush()
         XCTAssertTrue(try seen(131072) == Array(original[131072..<131584]) + c[0..<3584], "flushed partial write, over the base's bytes")
@@ -160,7 +136,7 @@ final class COWFilterTests: XCTestCase {
         let device = try DeviceRegistry.open(spec(base: base, overlay: overlay, cluster: "64K", size: size))
         defer { device.close() }
         let data = Self.pattern(size, seed: 5)
-        try write(device, data, at: 0)
+        try device.writeBytes(data, at: 0)
         try device.sync.flush()
         let full = allocatedBytes(overlay)
         XCTAssertGreaterThan(full, size - 1)
@@ -175,7 +151,7 @@ final class COWFilterTests: XCTestCase {
         XCTAssertLessThanOrEqual(allocatedBytes(overlay), full - (2 << 20), "the space went back at the flush")
         // Written again after the discard: a partial write copies the base's cluster first.
         let patch = Self.pattern(512, seed: 6)
-        try write(device, patch, at: 65536 + 1024)
+        try device.writeBytes(patch, at: 65536 + 1024)
         expected.replaceSubrange((65536 + 1024)..<(65536 + 1536), with: patch)
         XCTAssertTrue(try device.readBytes(size, at: 0) == expected)
     }
@@ -194,7 +170,7 @@ final class COWFilterTests: XCTestCase {
         var expected = original
         for (offset, length) in [(0, 4096), (70_000 & ~511, 100_000 & ~511), (size - 1536, 1536)] {
             let bytes = Self.pattern(length, seed: UInt64(offset))
-            try write(device, bytes, at: UInt64(offset))
+            try device.writeBytes(bytes, at: UInt64(offset))
             expected.replaceSubrange(offset..<offset + length, with: bytes)
         }
         device.close()
@@ -225,7 +201,7 @@ final class COWFilterTests: XCTestCase {
         let overlay = "\(directory)/o.img"
         let stack = spec(base: base, overlay: overlay, size: size)
         let device = try DeviceRegistry.open(stack)
-        try write(device, Self.pattern(8192, seed: 8), at: 16384)
+        try device.writeBytes(Self.pattern(8192, seed: 8), at: 16384)
         device.close()
         let image = try DamagedImage(path: overlay, spec: stack)
         let good = image.good

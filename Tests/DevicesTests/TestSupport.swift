@@ -159,3 +159,36 @@ struct DamagedImage {
 
     func restore() { FileManager.default.createFile(atPath: path, contents: Data(good)) }
 }
+
+/// 64 writes of 12 KiB in flight at once, then 64 reads: each reads back what it wrote.
+func checkConcurrentRequests(_ device: any BlockDevice, file: StaticString = #filePath, line: UInt = #line) {
+    let buffers = (0..<64).map { TestBuffer(count: 12288, pattern: UInt8($0)) }
+    let completions = Completions()
+    for (i, buffer) in buffers.enumerated() {
+        device.submit(device.writeRequest(buffer, at: UInt64(i) * 100_352), completion: completions.completion(UInt64(i)))
+    }
+    XCTAssertTrue(completions.wait(for: 64).values.allSatisfy { $0 == .success }, file: file, line: line)
+    let reads = (0..<64).map { _ in TestBuffer(count: 12288) }
+    let readCompletions = Completions()
+    for (i, buffer) in reads.enumerated() {
+        device.submit(device.readRequest(buffer, at: UInt64(i) * 100_352), completion: readCompletions.completion(UInt64(i)))
+    }
+    XCTAssertTrue(readCompletions.wait(for: 64).values.allSatisfy { $0 == .success }, file: file, line: line)
+    for (i, buffer) in reads.enumerated() { XCTAssertTrue(buffer.bytes == TestBuffer.expected(12288, UInt8(i)), "request \(i)", file: file, line: line) }
+}
+
+extension BlockDevice {
+    /// Writes `bytes` at `offset` synchronously, from page-aligned memory.
+    func writeBytes(_ bytes: [UInt8], at offset: UInt64, fua: Bool = false) throws {
+        let buffer = TestBuffer(count: bytes.count)
+        bytes.withUnsafeBytes { buffer.vector.pointee.iov_base!.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
+        try withExtendedLifetime(buffer) { try sync.write(from: buffer.buffers, at: offset, fua: fua) }
+    }
+}
+
+/// The bytes a file takes on disk (its blocks, not its length).
+func allocatedBytes(_ path: String) -> Int {
+    var st = stat()
+    stat(path, &st)
+    return Int(st.st_blocks) * 512
+}

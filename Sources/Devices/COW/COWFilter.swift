@@ -47,25 +47,14 @@ public final class COWFilter: BlockFilter, @unchecked Sendable {
     public init(next: any BlockDevice, base: any BlockDevice, clusterSize requested: UInt64? = nil, label: String? = nil) throws(BlockError) {
         let label = label ?? next.formatLabel
         let below = next.geometry
-        guard below.size >= UInt64(FormatHeader.size) else {
-            throw FormatBlock.error(label, "truncated: the cow header needs \(FormatHeader.size) bytes but the overlay is \(below.size) bytes long", at: 0)
-        }
-        let first = try next.readFormatBlocks(at: 0, count: FormatHeader.size)
-        var header: FormatHeader
-        if first.allSatisfy({ $0 == 0 }) {
-            header = FormatHeader(kind: Self.format, unitSize: UInt32(requested ?? 65536), virtualSize: base.geometry.size)
+        let (header, made) = try FormatHeader.open(on: next, kind: Self.format, label: label) { () throws(BlockError) in
+            let header = FormatHeader(kind: Self.format, unitSize: UInt32(requested ?? 65536), virtualSize: base.geometry.size)
             guard below.size >= Self.requiredSize(header) else {
                 throw BlockError(.noSpace, "\(label): a cow overlay of \(header.unitSize)-byte clusters for this \(base.geometry.size)-byte base needs \(Self.requiredSize(header)) bytes, but the device is \(below.size) bytes (e.g. file(path=..., size=\(Self.requiredSize(header))))")
             }
-            let map = try next.readFormatBlocks(at: header.mapOffset, count: header.mapBytes)
-            guard map.allSatisfy({ $0 == 0 }) else {
-                throw FormatBlock.error(label, "cow header: all zeroes but a map follows it (the header was wiped?); refusing to make a new overlay over it", at: 0)
-            }
-            // Nothing to order yet: an overlay with no header is made again on the next open.
-            try next.writeFormatBlocks(header.encoded, at: 0)
-            if next.capabilities.contains(.flush) { try next.sync.flush() }
-        } else {
-            header = try FormatHeader(parsing: first, kind: Self.format, label: label)
+            return header
+        }
+        if !made {
             guard header.virtualSize == base.geometry.size else {
                 throw FormatBlock.error(label, "cow header: the overlay was made for a \(header.virtualSize)-byte base but the base is \(base.geometry.size) bytes", at: UInt64(FormatHeader.Offset.virtualSize))
             }

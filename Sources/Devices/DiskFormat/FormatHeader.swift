@@ -91,3 +91,27 @@ struct FormatHeader: Equatable {
         }
     }
 }
+
+extension FormatHeader {
+    /// The header of `kind` on `device`, and whether it was made now. A device whose header
+    /// and map are all zeroes (a new file) is given `fresh()`'s header, written and flushed
+    /// (nothing else to order: one with no header is made again on the next open); a zero
+    /// header over a map that is not is refused (a wiped header, not a new file).
+    static func open(on device: any BlockDevice, kind: Kind, label: String,
+                     fresh: () throws(BlockError) -> FormatHeader) throws(BlockError) -> (header: FormatHeader, made: Bool) {
+        let size = device.geometry.size
+        guard size >= UInt64(Self.size) else {
+            throw FormatBlock.error(label, "truncated: the \(kind.name) header needs \(Self.size) bytes but the device is \(size) bytes long", at: 0)
+        }
+        let first = try device.readFormatBlocks(at: 0, count: Self.size)
+        guard first.allSatisfy({ $0 == 0 }) else { return (try FormatHeader(parsing: first, kind: kind, label: label), false) }
+        let header = try fresh()
+        let map = try device.readFormatBlocks(at: header.mapOffset, count: header.mapBytes)
+        guard map.allSatisfy({ $0 == 0 }) else {
+            throw FormatBlock.error(label, "\(kind.name) header: all zeroes but a map follows it (the header was wiped?); refusing to make a new one over it", at: 0)
+        }
+        try device.writeFormatBlocks(header.encoded, at: 0)
+        if device.capabilities.contains(.flush) { try device.sync.flush() }
+        return (header, true)
+    }
+}
