@@ -34,6 +34,8 @@ let package = Package(
         .systemLibrary(name: "CPcap", pkgConfig: nil, providers: [.apt(["libpcap-dev"])]),
         // OpenSSL's libcrypto from libssl-dev: AES-XTS, PBKDF2 and SHA for the `crypt` device (LUKS1).
         .systemLibrary(name: "CCrypto", pkgConfig: nil, providers: [.apt(["libssl-dev"])]),
+        // libzstd from libzstd-dev: the chunks of the `compress` device.
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         // libusb-1.0 from libusb-1.0-0-dev: real host USB devices passed through (`host`).
         .systemLibrary(name: "CLibUSB", pkgConfig: "libusb-1.0", providers: [.apt(["libusb-1.0-0-dev"])]),
         // C code written with Xen's own ring macros: the conformance frontend and the
@@ -55,7 +57,7 @@ let package = Package(
         // both ends use: shared by the NBD export (a server) and the `nbd` device (a client).
         .target(name: "NBDWire", dependencies: ["Core"]),
         // The soft devices.
-        .target(name: "Devices", dependencies: ["Core", "CAio", "CPcap", "CCrypto", "CLibUSB", "NBDWire", .product(name: "TOMLKit", package: "TOMLKit")]),
+        .target(name: "Devices", dependencies: ["Core", "CAio", "CPcap", "CCrypto", "CLibUSB", "CZstd", "NBDWire", .product(name: "TOMLKit", package: "TOMLKit")]),
         // NBD export of any device stack.
         .target(name: "NBDExport", dependencies: ["Core", "NBDWire"]),
         // `softdev bench`: load generator, the C reference backend's harness, the tables.

@@ -41,4 +41,12 @@ public enum FioJob {
         // fio's own "iops" is the same ratio; the counts let two halves add up exactly.
         return Report(requests: UInt64(number("total_ios")), bytes: UInt64(number("io_bytes")), seconds: number("runtime") / 1000)
     }
+
+    /// Writes `size` bytes once, sequentially in 1 MiB requests (to give a device data of a
+    /// kind before it is measured; `data` says which, e.g. fio's buffer options).
+    public static func fill(engine: [String], size: UInt64, data: [String]) throws {
+        let fio = try NBDBenchmark.tool("fio", package: "fio")
+        let (status, _, err) = try NBDBenchmark.execute(fio, ["--name=fill"] + engine + data + ["--rw=write", "--bs=1M", "--iodepth=4", "--size=\(size)"])
+        guard status == 0 else { throw HarnessFailure("fio fill (\(engine.joined(separator: " "))) failed: \(err)") }
+    }
 }

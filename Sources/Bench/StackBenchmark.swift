@@ -41,6 +41,22 @@ public struct StackBenchmark {
     public var offset: UInt64
     public var pollMicroseconds: Int
     public var rounds = 2
+    /// fio's options for the data written (``DataKind``); empty: fio's own buffers.
+    public var data: [String] = []
+    /// Write every target's region once with that data before the rows (reads then read it).
+    public var prefill = false
+
+    /// The data the write rows write: compressible (fio's buffer_compress_percentage, which
+    /// zstd brings to about half) or incompressible (random, refilled for every request).
+    public enum DataKind: String, CaseIterable, Sendable {
+        case compressible, incompressible
+        public var fioArguments: [String] {
+            switch self {
+            case .compressible: return ["--refill_buffers", "--buffer_compress_percentage=50", "--buffer_compress_chunk=4096"]
+            case .incompressible: return ["--refill_buffers"]
+            }
+        }
+    }
 
     public init(workloads: [BenchmarkWorkload], milliseconds: Int, size: UInt64, offset: UInt64, pollMicroseconds: Int) {
         self.workloads = workloads; self.milliseconds = milliseconds; self.size = size; self.offset = offset
@@ -98,6 +114,9 @@ public struct StackBenchmark {
             }
             uris.append("nbd+unix:///?socket=\(socket)")
         }
+        if prefill {
+            for uri in uris { try FioJob.fill(engine: ["--ioengine=nbd", "--uri=\(uri)", "--offset=\(offset)"], size: size, data: data) }
+        }
         var rows: [Row] = []
         for w in workloads {
             var totals = Array(repeating: FioJob.Report(), count: targets.count)
@@ -105,7 +124,7 @@ public struct StackBenchmark {
             for round in 0..<max(1, rounds) {
                 let order = round % 2 == 0 ? Array(targets.indices) : targets.indices.reversed()
                 for i in order {
-                    totals[i].add(try FioJob.run(engine: ["--ioengine=nbd", "--uri=\(uris[i])", "--offset=\(offset)"], workload: w,
+                    totals[i].add(try FioJob.run(engine: ["--ioengine=nbd", "--uri=\(uris[i])", "--offset=\(offset)"] + data, workload: w,
                                                  size: size, runtimeMilliseconds: part, rampMilliseconds: 500))
                     if w.write, let file = targets[i].file { try BenchmarkFile.sync(file) }
                 }

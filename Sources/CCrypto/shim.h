@@ -97,28 +97,3 @@ static inline int ccrypto_random(void *p, size_t n) {
     return 1;
 }
 
-// CRC-32C (Castagnoli) of `n` bytes, continuing from `crc` (0 to start): the checksum of the
-// `timetravel` log's records. SSE 4.2's crc32 instruction where the CPU has it (every x86-64
-// this runs on in practice), else bit by bit.
-#if defined(__x86_64__)
-__attribute__((target("sse4.2")))
-static inline uint32_t ccrypto_crc32c_hw(uint32_t crc, const unsigned char *p, size_t n) {
-    uint64_t c = ~crc;
-    while (n >= 8) { uint64_t w; memcpy(&w, p, 8); c = __builtin_ia32_crc32di(c, w); p += 8; n -= 8; }
-    uint32_t c32 = (uint32_t)c;
-    while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
-    return ~c32;
-}
-#endif
-static inline uint32_t ccrypto_crc32c(uint32_t crc, const void *data, size_t n) {
-    const unsigned char *p = (const unsigned char *)data;
-#if defined(__x86_64__)
-    if (__builtin_cpu_supports("sse4.2")) return ccrypto_crc32c_hw(crc, p, n);
-#endif
-    crc = ~crc;
-    while (n--) {
-        crc ^= *p++;
-        for (int k = 0; k < 8; k++) crc = (crc >> 1) ^ (0x82F63B78u & (0u - (crc & 1u)));
-    }
-    return ~crc;
-}

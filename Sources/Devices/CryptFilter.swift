@@ -44,7 +44,7 @@ public final class CryptFilter: BlockFilter, @unchecked Sendable {
     /// Opens the LUKS1 volume on `next` with `passphrase`. Errors name `label` (the file below)
     /// and, for a bad header, the offset of the field at fault.
     public init(next: any BlockDevice, passphrase: SecretBytes, allowDiscard: Bool = false, label: String? = nil) throws(BlockError) {
-        let label = label ?? Self.label(of: next)
+        let label = label ?? next.formatLabel
         let storage = LUKSStorage.device(next, label: label)
         header = try LUKSVolume.readHeader(storage)
         cipher = try LUKSCipherSpec(cipherName: header.cipherName, mode: header.cipherMode, keyBytes: Int(header.keyBytes))
@@ -64,14 +64,6 @@ public final class CryptFilter: BlockFilter, @unchecked Sendable {
         // One request's worth of contexts now, so that a bad key fails at open.
         let first = try CryptRequest(filter: self, key: key)
         pool.withLock { $0.append(first) }
-    }
-
-    /// The file below for messages: `file(path=...)`'s path, else the device's name.
-    static func label(of device: any BlockDevice) -> String {
-        var below: any BlockDevice = device
-        while let filter = below as? BlockFilter { below = filter.next }
-        if let file = below as? FileDevice { return file.path }
-        return device.name
     }
 
     public override var geometry: BlockGeometry { payload }

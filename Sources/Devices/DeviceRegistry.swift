@@ -72,7 +72,8 @@ public enum DeviceRegistry {
     public static let all: [DeviceDescriptor] = ([
         FileDevice.descriptor, MemoryDevice.descriptor, NullDevice.descriptor, StatsFilter.descriptor,
         ReadOnlyFilter.descriptor, OffsetFilter.descriptor, PartitionFilter.descriptor, ErrorFilter.descriptor,
-        LogFilter.descriptor, DelayFilter.descriptor, NBDDevice.descriptor, FUAFilter.descriptor, CryptFilter.descriptor, CASDevice.descriptor, TimeTravelFilter.descriptor, IDSFilter.descriptor,
+        LogFilter.descriptor, DelayFilter.descriptor, NBDDevice.descriptor, FUAFilter.descriptor, CryptFilter.descriptor,
+        COWFilter.descriptor, CompressFilter.descriptor, CASDevice.descriptor, TimeTravelFilter.descriptor, IDSFilter.descriptor,
     ] + networkDevices + usbDevices + usbFilters).sorted { $0.name < $1.name }
     /// The network class's devices and filters (`Devices/Net`).
     static let networkDevices: [DeviceDescriptor] = [

@@ -98,6 +98,10 @@ struct Bench: ParsableCommand {
     @Flag(help: "With --stacks: leave out the qemu-nbd luks rows.")
     var noQemu = false
 
+    @Option(help: ArgumentHelp("With --stacks: the data written, compressible (fio's buffer_compress_percentage=50) or incompressible (random, refilled each request); each stack's region is first written once with it, and a compress stack's ratio reached is printed. Default: fio's own buffers, no prefill.",
+                               valueName: "kind"))
+    var data: StackBenchmark.DataKind?
+
     func run() throws {
         if usb { return try runUSB() }
         if net || tapOnly { return try runNet() }
@@ -279,14 +283,22 @@ struct Bench: ParsableCommand {
         let size = (smallest - offset) / (1 << 20) * (1 << 20)
         var bench = StackBenchmark(workloads: picked, milliseconds: Int(seconds * 1000), size: size, offset: offset, pollMicroseconds: pollMicroseconds)
         bench.rounds = 2
+        if let data { bench.data = data.fioArguments; bench.prefill = true }
         let aesNI = ((try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? "").split(separator: "\n")
             .contains { $0.hasPrefix("flags") && $0.split(separator: " ").contains("aes") }
         print("stacks through the NBD export, fio's nbd engine on a unix socket: \(seconds) s per row in \(bench.rounds) turns (targets in order, then reversed; +0.5 s ramp each), "
               + "\(size >> 20) MiB from offset \(offset); qemu-nbd with the same O_DIRECT setting as the file device; write rows synced after; "
-              + "CPU \(aesNI ? "with" : "without") AES-NI; " + Self.polling(pollMicroseconds))
+              + "CPU \(aesNI ? "with" : "without") AES-NI; " + (data.map { "\($0.rawValue) data (\($0.fioArguments.joined(separator: " "))), each region written once first; " } ?? "")
+              + Self.polling(pollMicroseconds))
         let rows = try bench.run(targets: targets + qemu) { row in
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
         }
         print(StackBenchmark.table(rows))
+        for target in targets {
+            var device = target.device
+            while let d = device, !(d is CompressFilter) { device = (d as? BlockFilter)?.next }
+            if let compress = device as? CompressFilter { print("\(target.label): \(compress.ratioDescription)") }
+        }
     }
 }
+extension StackBenchmark.DataKind: ExpressibleByArgument {}

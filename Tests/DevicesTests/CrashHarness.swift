@@ -79,6 +79,17 @@ final class CrashHarness {
         return report
     }
 
+    /// Runs every iteration of `options` and prints the report as "`name` crash harness: ...";
+    /// fails the test unless every kill ran, flushes completed and writes went through.
+    static func runChecked(_ name: String, options: Options, directory: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let start = Date()
+        let report = try CrashHarness(options: options).run(directory: directory)
+        print("\(name) crash harness: \(report) in \(String(format: "%.1f", Date().timeIntervalSince(start))) s")
+        XCTAssertEqual(report.iterations, options.iterations, file: file, line: line)
+        XCTAssertGreaterThan(report.flushesCompleted, 0, "flushes completed before kills", file: file, line: line)
+        XCTAssertGreaterThan(report.writesAcknowledged, options.iterations, "writes went through", file: file, line: line)
+    }
+
     // MARK: One iteration
 
     private func iteration(_ iteration: Int, child: String, socket: String) throws {

@@ -31,14 +31,7 @@ final class CryptFilterTests: XCTestCase {
         XCTAssertEqual(status, 0, output)
     }
 
-    /// Deterministic bytes for a region (a cheap generator, different per seed).
-    private static func pattern(_ count: Int, seed: UInt64) -> [UInt8] {
-        var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
-        return (0..<count).map { _ in
-            state ^= state << 13; state ^= state >> 7; state ^= state << 17
-            return UInt8(truncatingIfNeeded: state)
-        }
-    }
+    private static func pattern(_ count: Int, seed: UInt64) -> [UInt8] { patternBytes(count, seed: seed) }
 
     private func write(_ device: any BlockDevice, _ bytes: [UInt8], at offset: UInt64) throws {
         let buffer = TestBuffer(count: bytes.count)
@@ -73,16 +66,6 @@ final class CryptFilterTests: XCTestCase {
 
     private func open(_ spec: String) throws -> any BlockDevice {
         do { return try DeviceRegistry.open(spec) } catch { XCTFail("\(spec): \(error)"); throw error }
-    }
-
-    private func openError(_ spec: String) -> String {
-        do {
-            let device = try DeviceRegistry.open(spec)
-            device.close()
-            return ""
-        } catch {
-            return error.message
-        }
     }
 
     // MARK: Interoperability
@@ -254,17 +237,12 @@ final class CryptFilterTests: XCTestCase {
         let key = keyfile("k", "header test")
         let image = "\(directory)/h.img"
         try format(image, size: "1M", arguments: ["--keyfile", key, "--zero"])
-        let good = [UInt8](try Data(contentsOf: URL(fileURLWithPath: image)))
         let spec = "crypt(keyfile=\(key)) | file(path=\(image))"
-        func damaged(_ change: (inout [UInt8]) -> Void) -> String {
-            var bytes = good
-            change(&bytes)
-            FileManager.default.createFile(atPath: image, contents: Data(bytes))
-            return openError(spec)
-        }
+        let image_ = try DamagedImage(path: image, spec: spec)
+        let good = image_.good
+        func damaged(_ change: (inout [UInt8]) -> Void) -> String { image_.open(change) }
         func check(_ message: String, _ fragments: [String], file: StaticString = #filePath, line: UInt = #line) {
-            XCTAssertTrue(message.contains(image), "names the file: \(message)", file: file, line: line)
-            for fragment in fragments { XCTAssertTrue(message.contains(fragment), "'\(fragment)' in: \(message)", file: file, line: line) }
+            image_.check(message, fragments, file: file, line: line)
         }
         check(damaged { $0 = Array($0.prefix(100)) }, [])   // the file device: "the file is empty" (under a sector)
         check(damaged { $0 = Array($0.prefix(1000)) }, ["offset 0", "truncated"])

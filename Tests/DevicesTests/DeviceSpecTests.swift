@@ -47,7 +47,7 @@ final class DeviceSpecTests: XCTestCase {
         func message(_ spec: String) -> String? {
             do { _ = try DeviceRegistry.open(spec); return nil } catch { return error.message }
         }
-        XCTAssertEqual(message("fiel(path=x)"), "unknown device 'fiel' (known: crypt, delay, error, file, fua, log, memory, nbd, null, offset, partition, readonly, stats)")
+        XCTAssertEqual(message("fiel(path=x)"), "unknown device 'fiel' (known: compress, cow, crypt, delay, error, file, fua, log, memory, nbd, null, offset, partition, readonly, stats)")
         XCTAssertEqual(message("file(readonly=true)"), "file: missing parameter 'path'")
         XCTAssertEqual(message("memory(size=12Q)"), "memory: size '12Q' is not a size (use e.g. 512M, 4G)")
         XCTAssertEqual(message("stats"), "stats is a filter and needs a device below it: stats | file(path=...)")
@@ -69,6 +69,7 @@ final class DeviceSpecTests: XCTestCase {
             "log(logfile=io.jsonl) | error(error-rate=1%, error-seed=7) | memory(size=1G)",
             "delay(delay-read=2ms, delay-write=5ms) | nbd(hostname=storage1, export=disk)",
             #"offset(offset=1M, range=1G) | file(path="/images/my disk.img", direct=off)"#,
+            #"cow(base="file(path=base.img, readonly=true)") | file(path=overlay.img, size=11G)"#,
         ]
         for example in examples {
             for element in try DeviceSpec(parsing: example).elements {
@@ -86,7 +87,7 @@ final class DeviceSpecTests: XCTestCase {
             for parameter in descriptor.parameters { XCTAssertTrue(DeviceRegistry.help.contains("    \(parameter.name)")) }
         }
         XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .block }.map(\.name),
-                       ["crypt", "delay", "error", "file", "fua", "log", "memory", "nbd", "null", "offset", "partition", "readonly", "stats"])
+                       ["compress", "cow", "crypt", "delay", "error", "file", "fua", "log", "memory", "nbd", "null", "offset", "partition", "readonly", "stats"])
         XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .net }.map(\.name), ["filter", "null", "pcap", "stats", "switch", "tap"])
         XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .usb }.map(\.name),
                        ["host", "interfaces", "keyboard", "log", "policy", "readonly-storage", "storage", "usbmon"])

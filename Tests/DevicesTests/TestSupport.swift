@@ -1,5 +1,7 @@
 import Core
+import Devices
 import Dispatch
+import Foundation
 import Glibc
 import Synchronization
 import XCTest
@@ -107,4 +109,86 @@ func mountTemporary(_ test: XCTestCase, type: String, options: String? = nil) th
     }
     test.addTeardownBlock { umount2(path, 2 /* MNT_DETACH */) }
     return path
+}
+
+/// Deterministic bytes (xorshift), different per seed.
+func patternBytes(_ count: Int, seed: UInt64) -> [UInt8] {
+    var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+    return (0..<count).map { _ in
+        state ^= state << 13; state ^= state >> 7; state ^= state << 17
+        return UInt8(truncatingIfNeeded: state)
+    }
+}
+
+/// The message `spec` fails to open with, or "" if it opens (it is closed again).
+func openError(_ spec: String) -> String {
+    do {
+        let device = try DeviceRegistry.open(spec)
+        device.close()
+        return ""
+    } catch {
+        return error.message
+    }
+}
+
+/// An image file with metadata, damaged one copy at a time: each damaged copy is written to the
+/// file and opened through `spec`, and the error must name the file and say where.
+struct DamagedImage {
+    let path: String
+    let spec: String
+    let good: [UInt8]
+
+    init(path: String, spec: String) throws {
+        self.path = path; self.spec = spec
+        good = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+    }
+
+    /// The error of opening the image changed by `change`.
+    func open(_ change: (inout [UInt8]) -> Void) -> String {
+        var bytes = good
+        change(&bytes)
+        FileManager.default.createFile(atPath: path, contents: Data(bytes))
+        return openError(spec)
+    }
+
+    /// `message` names the file and holds each fragment.
+    func check(_ message: String, _ fragments: [String], file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertTrue(message.contains(path), "names the file: \(message)", file: file, line: line)
+        for fragment in fragments { XCTAssertTrue(message.contains(fragment), "'\(fragment)' in: \(message)", file: file, line: line) }
+    }
+
+    func restore() { FileManager.default.createFile(atPath: path, contents: Data(good)) }
+}
+
+/// 64 writes of 12 KiB in flight at once, then 64 reads: each reads back what it wrote.
+func checkConcurrentRequests(_ device: any BlockDevice, file: StaticString = #filePath, line: UInt = #line) {
+    let buffers = (0..<64).map { TestBuffer(count: 12288, pattern: UInt8($0)) }
+    let completions = Completions()
+    for (i, buffer) in buffers.enumerated() {
+        device.submit(device.writeRequest(buffer, at: UInt64(i) * 100_352), completion: completions.completion(UInt64(i)))
+    }
+    XCTAssertTrue(completions.wait(for: 64).values.allSatisfy { $0 == .success }, file: file, line: line)
+    let reads = (0..<64).map { _ in TestBuffer(count: 12288) }
+    let readCompletions = Completions()
+    for (i, buffer) in reads.enumerated() {
+        device.submit(device.readRequest(buffer, at: UInt64(i) * 100_352), completion: readCompletions.completion(UInt64(i)))
+    }
+    XCTAssertTrue(readCompletions.wait(for: 64).values.allSatisfy { $0 == .success }, file: file, line: line)
+    for (i, buffer) in reads.enumerated() { XCTAssertTrue(buffer.bytes == TestBuffer.expected(12288, UInt8(i)), "request \(i)", file: file, line: line) }
+}
+
+extension BlockDevice {
+    /// Writes `bytes` at `offset` synchronously, from page-aligned memory.
+    func writeBytes(_ bytes: [UInt8], at offset: UInt64, fua: Bool = false) throws {
+        let buffer = TestBuffer(count: bytes.count)
+        bytes.withUnsafeBytes { buffer.vector.pointee.iov_base!.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
+        try withExtendedLifetime(buffer) { try sync.write(from: buffer.buffers, at: offset, fua: fua) }
+    }
+}
+
+/// The bytes a file takes on disk (its blocks, not its length).
+func allocatedBytes(_ path: String) -> Int {
+    var st = stat()
+    stat(path, &st)
+    return Int(st.st_blocks) * 512
 }

@@ -1,4 +1,3 @@
-import CCrypto
 import Core
 import Foundation
 import Glibc
@@ -375,7 +374,7 @@ final class TimeTravelLog: @unchecked Sendable {
         if kind == .mark { record.length = payloadBytes }
         let header = record.header { crc in
             var crc = crc
-            if let payload, payloadBytes > 0 { Self.forEachPiece(payload, from: payloadPosition, count: Int(payloadBytes)) { crc = ccrypto_crc32c(crc, $0, $1) } }
+            if let payload, payloadBytes > 0 { Self.forEachPiece(payload, from: payloadPosition, count: Int(payloadBytes)) { crc = CRC32C.update(crc, $0, $1) } }
             return crc
         }
         do throws(BlockError) {

@@ -1,4 +1,3 @@
-import CCrypto
 import Core
 import Glibc
 
@@ -40,7 +39,7 @@ struct TimeTravelRecord: Equatable {
         bytes.storeLE(offset, at: 24)
         bytes.storeLE(length, at: 32)
         bytes.storeLE(payloadBytes, at: 36)
-        let crc = payload(bytes.withUnsafeBytes { ccrypto_crc32c(0, $0.baseAddress, 40) })
+        let crc = payload(bytes.withUnsafeBytes { CRC32C.update(0, $0.baseAddress, 40) })
         bytes.storeLE(crc, at: 40)
         return bytes
     }
@@ -63,8 +62,8 @@ struct TimeTravelRecord: Equatable {
 
     /// Whether the CRC in `header` covers it and `payload`.
     static func checks(_ header: UnsafeRawBufferPointer, payload: UnsafeRawBufferPointer) -> Bool {
-        var crc = ccrypto_crc32c(0, header.baseAddress, 40)
-        if payload.count > 0 { crc = ccrypto_crc32c(crc, payload.baseAddress, payload.count) }
+        var crc = CRC32C.update(0, header.baseAddress, 40)
+        if payload.count > 0 { crc = CRC32C.update(crc, payload.baseAddress, payload.count) }
         return crc == UInt32(littleEndian: header.loadUnaligned(fromByteOffset: 40, as: UInt32.self))
     }
 
