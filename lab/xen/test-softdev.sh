@@ -7,7 +7,7 @@
 #   lab/xen/test-softdev.sh            build, boot, test, report
 #   SOFTDEV_BIN=path lab/xen/test-softdev.sh   use that binary (and the
 #                                      xen-lab-probe beside it), build nothing
-# Environment: LAB_TIMEOUT (seconds for the QEMU run, default 2700),
+# Environment: LAB_TIMEOUT (seconds for the QEMU run, default 1800),
 # SOFTDEV_LAB_TEST (the dom0 script, default tests/softdev.sh; e.g.
 # tests/softdev-net.sh for the network section alone), and what run.sh takes
 # (LAB_VERBOSE=1 streams the console).
@@ -39,5 +39,5 @@ CC=$(command -v cc || command -v gcc || command -v clang) || lab_die "no C compi
 TB=$(date +%s)
 lab_say "softdev, randread and evkeys ready in $((TB-T0))s"
 
-LAB_TIMEOUT=${LAB_TIMEOUT:-2700} "$LAB/run.sh" --test "${SOFTDEV_LAB_TEST:-$LAB/tests/softdev.sh}" \
+LAB_TIMEOUT=${LAB_TIMEOUT:-1800} "$LAB/run.sh" --test "${SOFTDEV_LAB_TEST:-$LAB/tests/softdev.sh}" \
   --bin "$SOFTDEV_BIN" --bin "$PROBE_BIN" --file "$WORK/bin/randread" --file "$WORK/bin/evkeys"

@@ -13,7 +13,7 @@
 # through qusb (uq) and on SoftDev's soft stick over a file (u1), interleaved rounds.
 # shellcheck shell=bash
 
-USB_BENCH_MIB=${USB_BENCH_MIB:-8}
+USB_BENCH_MIB=${USB_BENCH_MIB:-4}
 USB_BENCH_ROUNDS=${USB_BENCH_ROUNDS:-2}
 USB_BENCH_BACKENDS=(passthrough qusb soft)
 USB_STICK_ID=46f4:0001          # QEMU's usb-storage (run.sh: serial SOFTDEVLAB1)
