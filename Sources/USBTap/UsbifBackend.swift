@@ -98,11 +98,13 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
         for port in 1...max(1, portCount) {
             let spec = ((try? dev.store.readString(dev.backendPath + "/port/\(port)")) ?? nil) ?? ""
             guard spec != (portSpecs[port] ?? "") else { continue }
-            if portSpecs[port].map({ !$0.isEmpty }) ?? false {
-                _ = plugged.withLock { $0.removeValue(forKey: port) }
+            // A stack that was refused (port-error) was never plugged: nothing to unplug.
+            if portSpecs[port].map({ !$0.isEmpty }) ?? false, plugged.withLock({ $0.removeValue(forKey: port) }) != nil {
                 queue.post(.unplug(port: port))
                 log("\(dev.backendPath): port \(port): unplugged \(portSpecs[port]!)")
             }
+            // The last refusal's reason goes with the spec it was about.
+            do throws(XenStoreError) { try dev.store.remove(dev.backendPath + "/port-error/\(port)", transaction: .none) } catch {}
             portSpecs[port] = spec
             guard !spec.isEmpty else { continue }
             do {

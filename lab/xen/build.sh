@@ -33,10 +33,16 @@ DEB_PKGS=(xen-hypervisor-$XENVER-amd64 xen-utils-$XENVER xen-utils-common xensto
 # host into the images (all Debian bookworm packages; most are always there).
 HOST_PKGS=(qemu-system-x86 cpio kmod xz-utils gzip coreutils e2fsprogs bash util-linux
   libgcc-s1 libspice-server1 libusb-1.0-0 libfdt1 libpixman-1-0 libjpeg62-turbo libglib2.0-0
-  iperf3 libiperf0 tcpdump libpcap0.8 iproute2 iputils-ping ethtool)
+  iperf3 libiperf0 tcpdump libpcap0.8 iproute2 iputils-ping ethtool make)
+# dom0's USB: the EHCI controller run.sh gives QEMU and its usb-storage stick (the kernel's
+# usb-storage binds it; softdev's host() and QEMU's qusb detach it while they serve it).
 DOM0_MODULES=(xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback xen-netback
-  tun bridge loop virtio_pci 9pnet_virtio 9p virtio_blk ext4 crc32c_generic)
-DOMU_MODULES=(xen-blkfront xen-netfront xenfs ext4 crc32c_generic)
+  tun bridge loop virtio_pci 9pnet_virtio 9p virtio_blk ext4 crc32c_generic
+  ehci-pci usb-storage sd_mod)
+# The domU's USB: xen-hcd (built below, out of tree), sticks (usb-storage, sd_mod) and a HID
+# boot keyboard (usbhid, hid-generic; evdev for /dev/input/event*).
+DOMU_MODULES=(xen-blkfront xen-netfront xenfs ext4 crc32c_generic
+  usbcore usb-storage sd_mod usbhid hid-generic evdev)
 # Programs copied from the host into both images (with their libraries). The network tools
 # (iperf3, tcpdump, iproute2's ip, iputils' ping, ethtool) shadow busybox's applets of the same
 # name in /usr/bin; a guest script under busybox sh calls them by full path.
@@ -109,6 +115,36 @@ KEY_KERNEL=$(echo "${DEBFILE[linux-image-$ABI]}" | sha256sum | cut -c1-16)
 stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
 stamp_set() { echo "$2" > "$1"; }
 files_key() { (cd "$LAB" && cat "$@" | sha256sum | cut -c1-16); }
+
+# ------------------------------------------------- xen-hcd, out of tree
+# Debian's kernel has no PV USB frontend (CONFIG_USB_XEN_HCD is not set): build
+# drivers/usb/host/xen-hcd.c from linux-source (the version of the linux-image package)
+# against linux-headers-$ABI. Only the .c file and the module are kept.
+KVER=${DEBFILE[linux-image-$ABI]#*_}; KVER=${KVER%%_*}
+HCD=$WORK/xen-hcd
+KEY_HCD=$(echo "$ABI $KVER" | sha256sum | cut -c1-16)
+if ! stamp_ok "$HCD/.lab-stamp" "$KEY_HCD" || [ ! -s "$HCD/xen-hcd.ko" ]; then
+  hdr=linux-headers-$ABI
+  if ! dpkg-query -W -f='${Status}' "$hdr" 2>/dev/null | grep -q 'install ok installed'; then
+    step "installing $hdr (to build xen-hcd)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$hdr" >/dev/null \
+      || { apt_update; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$hdr" >/dev/null; } \
+      || lab_die "apt-get install $hdr failed"
+  fi
+  step "building xen-hcd from linux-source-${ABI%%.0-*}=$KVER"
+  rm -rf "$HCD"; mkdir -p "$HCD/src"
+  (cd "$HCD" && apt-get download -q -o APT::Sandbox::User=root "linux-source-${ABI%%.0-*}=$KVER" >/dev/null) \
+    || lab_die "apt-get download linux-source-${ABI%%.0-*}=$KVER failed"
+  dpkg-deb --fsys-tarfile "$HCD"/linux-source-*.deb | tar -xO --wildcards './usr/src/linux-source-*.tar.xz' \
+    | tar -xJ -C "$HCD/src" --wildcards --strip-components=4 '*/drivers/usb/host/xen-hcd.c' \
+    || lab_die "no drivers/usb/host/xen-hcd.c in linux-source"
+  rm -f "$HCD"/linux-source-*.deb
+  echo 'obj-m := xen-hcd.o' > "$HCD/src/Kbuild"
+  make -s -C "/usr/src/linux-headers-$ABI" M="$HCD/src" modules > "$HCD/make.log" 2>&1 \
+    || { cat "$HCD/make.log"; lab_die "building xen-hcd failed"; }
+  strip --strip-debug -o "$HCD/xen-hcd.ko" "$HCD/src/xen-hcd.ko"
+  stamp_set "$HCD/.lab-stamp" "$KEY_HCD"
+fi
 
 # -------------------------------------------------------------- unpack .debs
 STAGE=$WORK/stage
@@ -226,7 +262,7 @@ if ! stamp_ok "$IMG/.dom0.stamp" "$KEY_DOM0" || [ ! -s "$IMG/dom0-initrd.gz" ]; 
 fi
 
 DOMU=$WORK/domU-root
-KEY_DOMU=$KEY_USER-$KEY_KERNEL-$(files_key build.sh lib/host.sh domU/init domU/lab-domu.sh)
+KEY_DOMU=$KEY_USER-$KEY_KERNEL-$KEY_HCD-$(files_key build.sh lib/host.sh domU/init domU/lab-domu.sh)
 if ! stamp_ok "$IMG/.domU.stamp" "$KEY_DOMU" || [ ! -s "$IMG/domU-initrd.gz" ]; then
   step "building domU initrd"
   base_root "$DOMU"
@@ -234,6 +270,9 @@ if ! stamp_ok "$IMG/.domU.stamp" "$KEY_DOMU" || [ ! -s "$IMG/domU-initrd.gz" ]; 
   install -m 755 "$LAB/domU/init" "$DOMU/init"
   install -m 644 "$LAB/domU/lab-domu.sh" "$DOMU/lab-domu.sh"
   add_modules "$DOMU" "${DOMU_MODULES[@]}"
+  mkdir -p "$DOMU/lib/modules/$ABI/extra"
+  cp "$HCD/xen-hcd.ko" "$DOMU/lib/modules/$ABI/extra/"
+  depmod -b "$DOMU" "$ABI" || lab_die "depmod -b $DOMU failed"
   finish_root "$DOMU" "$IMG/domU-initrd.gz"
   stamp_set "$IMG/.domU.stamp" "$KEY_DOMU"
 fi

@@ -10,7 +10,9 @@
 #   lab/xen/run.sh --file PATH        copy a file or folder to /mnt/host/files/ (repeatable)
 #   lab/xen/run.sh --keep-share ...   do not empty work/share first
 # Environment: LAB_WORK (work folder), LAB_TIMEOUT (seconds for the whole QEMU
-# run, default 580), LAB_VERBOSE=1 (stream the serial console while running).
+# run, default 580), LAB_VERBOSE=1 (stream the serial console while running),
+# LAB_USB=1 (give dom0 the USB controller and stick of the USB section, which runs alone
+# for now), LAB_USB_STICK_MIB (the size of that stick, default 32).
 #
 # Exit status: 0 if the lab came up and the dom0 test exited 0; otherwise
 # non-zero, after printing what was checked and the end of the console log.
@@ -56,6 +58,17 @@ cp "$TEST" "$SHARE/dom0-test.sh"
 for b in "${BINS[@]}"; do lab_share_binary "$SHARE" "$b"; lab_say "shared program $b as /mnt/host/bin/$(basename "$b")"; done
 for f in "${FILES[@]}"; do mkdir -p "$SHARE/files"; cp -a "$f" "$SHARE/files/" || lab_die "cannot copy $f"; done
 
+# dom0's real USB device: a high-speed usb-storage stick on an EHCI (USB 2.0) controller
+# (usbif has no SuperSpeed), backed by a fresh sparse image each run; the USB tests pass it
+# through to guests (softdev's host(), QEMU's qusb).
+USB=()
+if [ "${LAB_USB:-0}" = 1 ]; then
+  STICK=$WORK/usb-stick.img
+  rm -f "$STICK"; truncate -s "${LAB_USB_STICK_MIB:-32}M" "$STICK"
+  USB=(-device usb-ehci,id=ehci -drive "if=none,id=stick,file=$STICK,format=raw,cache=unsafe"
+       -device usb-storage,bus=ehci.0,drive=stick,serial=SOFTDEVLAB1)
+fi
+
 CONSOLE=$WORK/console.log
 TIMEOUT=${LAB_TIMEOUT:-580}
 lab_say "booting Xen + dom0 under QEMU (TCG), test $(basename "$TEST"), timeout ${TIMEOUT}s; console: $CONSOLE"
@@ -63,7 +76,7 @@ qemu=(timeout --foreground -k 5 "$TIMEOUT" qemu-system-x86_64 -accel tcg -machin
   -smp 2 -m 2048 -nographic -no-reboot -serial mon:stdio -kernel "$IMG/xen"
   -append "console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=1024M,max:1024M dom0_max_vcpus=2"
   -initrd "$IMG/vmlinuz console=hvc0 earlyprintk=xen rdinit=/init loglevel=6,$IMG/dom0-initrd.gz"
-  -virtfs "local,path=$SHARE,mount_tag=host0,security_model=none,id=host0")
+  -virtfs "local,path=$SHARE,mount_tag=host0,security_model=none,id=host0" "${USB[@]}")
 set +e
 if [ "${LAB_VERBOSE:-0}" = 1 ]; then
   "${qemu[@]}" < /dev/null 2>&1 | tee "$CONSOLE"; qrc=${PIPESTATUS[0]}

@@ -34,8 +34,10 @@ PROBE_BIN=$(dirname "$SOFTDEV_BIN")/xen-lab-probe
 mkdir -p "$WORK/bin"
 CC=$(command -v cc || command -v gcc || command -v clang) || lab_die "no C compiler for randread.c"
 "$CC" -static -O2 -Wall -o "$WORK/bin/randread" "$LAB/tests/guest/randread.c" || lab_die "cannot build randread"
+# The guest's evdev reader for the USB keyboard check, static as well.
+"$CC" -static -O2 -Wall -o "$WORK/bin/evkeys" "$LAB/tests/guest/evkeys.c" || lab_die "cannot build evkeys"
 TB=$(date +%s)
-lab_say "softdev and randread ready in $((TB-T0))s"
+lab_say "softdev, randread and evkeys ready in $((TB-T0))s"
 
 LAB_TIMEOUT=${LAB_TIMEOUT:-1800} "$LAB/run.sh" --test "${SOFTDEV_LAB_TEST:-$LAB/tests/softdev.sh}" \
-  --bin "$SOFTDEV_BIN" --bin "$PROBE_BIN" --file "$WORK/bin/randread"
+  --bin "$SOFTDEV_BIN" --bin "$PROBE_BIN" --file "$WORK/bin/randread" --file "$WORK/bin/evkeys"
