@@ -47,7 +47,7 @@ final class DeviceSpecTests: XCTestCase {
         func message(_ spec: String) -> String? {
             do { _ = try DeviceRegistry.open(spec); return nil } catch { return error.message }
         }
-        XCTAssertEqual(message("fiel(path=x)"), "unknown device 'fiel' (known: compress, cow, crypt, delay, error, file, fua, log, memory, nbd, null, offset, partition, readonly, stats)")
+        XCTAssertEqual(message("fiel(path=x)"), "unknown device 'fiel' (known: cas, compress, cow, crypt, delay, error, file, fua, ids, log, memory, nbd, null, offset, partition, readonly, stats, timetravel)")
         XCTAssertEqual(message("file(readonly=true)"), "file: missing parameter 'path'")
         XCTAssertEqual(message("memory(size=12Q)"), "memory: size '12Q' is not a size (use e.g. 512M, 4G)")
         XCTAssertEqual(message("stats"), "stats is a filter and needs a device below it: stats | file(path=...)")
@@ -87,7 +87,7 @@ final class DeviceSpecTests: XCTestCase {
             for parameter in descriptor.parameters { XCTAssertTrue(DeviceRegistry.help.contains("    \(parameter.name)")) }
         }
         XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .block }.map(\.name),
-                       ["compress", "cow", "crypt", "delay", "error", "file", "fua", "log", "memory", "nbd", "null", "offset", "partition", "readonly", "stats"])
+                       ["cas", "compress", "cow", "crypt", "delay", "error", "file", "fua", "ids", "log", "memory", "nbd", "null", "offset", "partition", "readonly", "stats", "timetravel"])
         XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .net }.map(\.name), ["filter", "null", "pcap", "stats", "switch", "tap"])
         XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .usb }.map(\.name),
                        ["host", "interfaces", "keyboard", "log", "policy", "readonly-storage", "storage", "usbmon"])
