@@ -62,7 +62,7 @@ EOF
   d=$(lab_domid ids)
   lab_check "ids: softdev attach ids block xvda '$IDS_SPEC'" sd attach ids block xvda "$IDS_SPEC" || { xl destroy ids; return 1; }
   xl unpause ids
-  lab_domu_wait ids 300 || rc=$?
+  lab_domu_wait ids 400 || rc=$?
   lab_check "ids: ext4 on ids | crypt | file: files, append to /etc/passwd, fsck -fn, remount, checksums (vmlinuz unchanged)" test $rc = 0
   lab_check "ids: the in-place overwrite of /boot/vmlinuz failed in the guest (denied)" xs_is "/local/domain/$d/data/ids-deny" ok
   xl destroy ids
