@@ -39,5 +39,9 @@ CC=$(command -v cc || command -v gcc || command -v clang) || lab_die "no C compi
 TB=$(date +%s)
 lab_say "softdev, randread and evkeys ready in $((TB-T0))s"
 
-LAB_TIMEOUT=${LAB_TIMEOUT:-1800} "$LAB/run.sh" --test "${SOFTDEV_LAB_TEST:-$LAB/tests/softdev.sh}" \
-  --bin "$SOFTDEV_BIN" --bin "$PROBE_BIN" --file "$WORK/bin/randread" --file "$WORK/bin/evkeys"
+rc=0
+LAB_TIMEOUT=${LAB_TIMEOUT:-2400} "$LAB/run.sh" --test "${SOFTDEV_LAB_TEST:-$LAB/tests/softdev.sh}" \
+  --bin "$SOFTDEV_BIN" --bin "$PROBE_BIN" --file "$WORK/bin/randread" --file "$WORK/bin/evkeys" || rc=$?
+# The ids | crypt section leaves its LUKS image and key in the share: opened here with qemu-img.
+"$LAB/tests/ids-host.sh" "$WORK/share" || { echo "lab: FAILED (host checks of the ids image)"; rc=1; }
+exit $rc

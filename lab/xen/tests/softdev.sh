@@ -27,12 +27,14 @@
 #      destroyed mid-transfer (the daemon survives, list answers, n1 pings);
 #      no netfront error in any guest's log; then iperf3 through n1's SoftDev
 #      vif and a kernel-netback vif beside it, interleaved (table at the end)
+#   5. ids | crypt | file (ids-lib.sh): alerts and a denied write on a LUKS disk
 #   4. SIGTERM: the daemon stops cleanly
 set -uo pipefail
 . "${LAB_SHARE:-/mnt/host}/lab/lib/lab.sh"
 . "$LAB_SHARE/lab/tests/softdev-lib.sh"
 . "$LAB_SHARE/lab/tests/bench-lib.sh"
 . "$LAB_SHARE/lab/tests/net-lib.sh"
+. "$LAB_SHARE/lab/tests/ids-lib.sh"
 G=$LAB_SHARE/lab/tests/guest
 RANDREAD=$LAB_SHARE/files/randread
 T0=$(date +%s)
@@ -188,6 +190,9 @@ lab_log "section 3 done at $(took)"
 # ---------------------------------------------------------------- 3b. network
 net_all
 lab_log "section 3b done at $(took)"
+
+ids_all
+lab_log "section 5 done at $(took)"
 
 # ---------------------------------------------------------------- 4. shutdown
 lab_check "the daemon is still running after all guests (no crash in its log)" sd_alive
