@@ -205,6 +205,22 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
         urb.complete(LibUSBStatus.submitStatus(rc))
     }
 
+    /// GET_STATUS(ENDPOINT) and SET_FEATURE(ENDPOINT_HALT) go to the device, as QEMU's
+    /// host-libusb passes them: a halt is the device's own (a bulk endpoint that stalled stays
+    /// halted until CLEAR_FEATURE), so only the device can say whether an endpoint is halted, and
+    /// a halt the guest sets must halt the device's endpoint, not a copy in the tap. The other
+    /// standard requests are the tap's (CLEAR_FEATURE(HALT) reaches `clearHalt`).
+    public func submitStandard(_ urb: URB, tap: (URB) -> Bool) {
+        if let setup = urb.setup, Self.deviceAnswers(setup) { return submit(urb) }
+        if !tap(urb) { submit(urb) }
+    }
+
+    /// Whether the device, not the tap, answers the standard request `setup`.
+    static func deviceAnswers(_ setup: USBSetup) -> Bool {
+        guard setup.kind == .standard, setup.recipient == .endpoint, setup.index & 0x0f != 0 else { return false }
+        return setup.request == USBStandardRequests.getStatus || (setup.request == USBStandardRequests.setFeature && setup.value == 0)
+    }
+
     /// The completion reports `.cancelled`.
     public func cancel(_ urb: URB) {
         // Under the lock: the transfer cannot be freed meanwhile (a finished one answers NOT_FOUND).
