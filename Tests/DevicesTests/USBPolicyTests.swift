@@ -242,10 +242,12 @@ final class USBPolicyTests: XCTestCase {
         XCTAssertEqual(allowed.rule.line, 1)
         XCTAssertEqual(allowed.descriptors, stick.descriptors)
         XCTAssertThrowsError(try open(["rules": allowPath])) { e in
-            XCTAssertEqual("\(e)", "policy(rules=\(allowPath)): the device 1234:5678 \"Stick\" is blocked by the implicit default (no rule of \(allowPath) matches it)")
+            XCTAssertEqual("\(e)", "policy(rules=\(allowPath)): the device 1234:5678 \"Stick\" is blocked by the implicit default (no rule of \(allowPath) matches it); "
+                           + "if a guest may have it, add an allow rule for it to \(allowPath)")
         }
         XCTAssertThrowsError(try open(["rules": blockPath])) { e in
-            XCTAssertEqual("\(e)", "policy(rules=\(blockPath)): the device 1234:5678 \"Stick\" is rejected by rule \(blockPath):2 (reject with-interface one-of { 08:*:* })")
+            XCTAssertEqual("\(e)", "policy(rules=\(blockPath)): the device 1234:5678 \"Stick\" is rejected by rule \(blockPath):2 (reject with-interface one-of { 08:*:* }); "
+                           + "if a guest may have it, add an allow rule for it to \(blockPath) above that one")
         }
         XCTAssertThrowsError(try open(["rules": badPath])) { e in
             XCTAssertEqual("\(e)", "policy: \(badPath):2:10: expected a device id VID:PID (four hex digits each, or *), found '12345:1'")
