@@ -82,5 +82,9 @@ extension DeviceClass {
             }
             try store.write(paths.backendPath + "/port/\(name.name)", "")
         },
-        localFrontend: nil)
+        localFrontend: nil,
+        portOutcome: { backend, name in
+            if let error = backend("port-error/\(name.name)") { return .refused(error) }
+            return backend("port-device/\(name.name)").map { .served($0) }
+        })
 }
