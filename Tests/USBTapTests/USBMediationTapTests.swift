@@ -178,17 +178,46 @@ final class USBMediationTapTests: USBFilterTestCase {
     }
 }
 
-/// A device with two configurations that share interface 0 and endpoint 0x81: a mass-storage
-/// interface (bulk 0x81 and 0x02) in configuration 1, a HID keyboard (interrupt 0x81) in 2. It
-/// records every URB and class request it gets, with the configuration it was in.
+extension USBMediationTapTests {
+    /// `readonly-storage` cannot be stepped around: configuration 1 has two Bulk-Only
+    /// interfaces (OUT 2 and OUT 4), configuration 2 a third on OUT 6. A WRITE(10) on the second
+    /// interface's endpoint, or a SET_CONFIGURATION to 2 (whose storage interface the filter
+    /// does not parse), never reaches the device.
+    func testReadOnlyStorageCannotBeSteppedAroundByAnotherInterfaceOrConfiguration() throws {
+        func bot(_ number: UInt8, _ inEP: UInt8, _ outEP: UInt8) -> [UInt8] {
+            [9, 4, number, 0, 2, 8, 6, 0x50, 0, 7, 5, inEP, 2, 0, 2, 0, 7, 5, outEP, 2, 0, 2, 0]
+        }
+        let one = [9, 2, 55, 0, 2, 1, 0, 0x80, 50] + bot(0, 0x81, 0x02) + bot(1, 0x83, 0x04)
+        let two = [9, 2, 32, 0, 1, 2, 0, 0x80, 50] + bot(0, 0x85, 0x06)
+        let device = TwoConfigurationTestDevice(configurations: [one, two])
+        let (front, _) = try connected(try USBReadOnlyStorageFilter(device: device))
+        var cbw: [UInt8] = [0x55, 0x53, 0x42, 0x43, 1, 0, 0, 0, 0, 2, 0, 0, 0, 0, 10]
+        cbw += Self.write10(0, 1) + [UInt8](repeating: 0, count: 6)
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 4, type: .bulk, isIn: false, data: cbw).status, .stall)
+        XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0x00, request: 9, value: 2, index: 0, length: 0)).status,
+                       .stall)
+        XCTAssertEqual(device.seen, [], "no WRITE reached the device")
+        XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0x00, request: 9, value: 1, index: 0, length: 0)).status,
+                       .ok)
+        try front.close()
+    }
+}
+
+/// A device with two configurations (by default: they share interface 0 and endpoint 0x81, a
+/// mass-storage interface with bulk 0x81 and 0x02 in configuration 1, a HID keyboard with
+/// interrupt 0x81 in 2). It records every URB and class request it gets, with the
+/// configuration it was in, and answers each with zeros.
 final class TwoConfigurationTestDevice: USBDevice, @unchecked Sendable {
     let name = "two-configurations"
     let speed = USBSpeed.high
-    let descriptors = USBDescriptors(
-        device: [18, 1, 0x00, 0x02, 0, 0, 0, 64, 0x34, 0x12, 0x02, 0x50, 0x00, 0x01, 0, 0, 0, 2],
-        configurations: [[9, 2, 32, 0, 1, 1, 0, 0x80, 50, 9, 4, 0, 0, 2, 8, 6, 0x50, 0, 7, 5, 0x81, 2, 0, 2, 0, 7, 5, 0x02, 2, 0, 2, 0],
-                         [9, 2, 34, 0, 1, 2, 0, 0x80, 50, 9, 4, 0, 0, 1, 3, 1, 1, 0, 9, 0x21, 0x11, 0x01, 0, 1, 0x22, 63, 0,
-                          7, 5, 0x81, 3, 8, 0, 10]])
+    let descriptors: USBDescriptors
+    static let storageThenKeyboard: [[UInt8]] = [
+        [9, 2, 32, 0, 1, 1, 0, 0x80, 50, 9, 4, 0, 0, 2, 8, 6, 0x50, 0, 7, 5, 0x81, 2, 0, 2, 0, 7, 5, 0x02, 2, 0, 2, 0],
+        [9, 2, 34, 0, 1, 2, 0, 0x80, 50, 9, 4, 0, 0, 1, 3, 1, 1, 0, 9, 0x21, 0x11, 0x01, 0, 1, 0x22, 63, 0, 7, 5, 0x81, 3, 8, 0, 10]]
+    init(configurations: [[UInt8]] = storageThenKeyboard) {
+        descriptors = USBDescriptors(device: [18, 1, 0x00, 0x02, 0, 0, 0, 64, 0x34, 0x12, 0x02, 0x50, 0x00, 0x01, 0, 0, 0,
+                                              UInt8(configurations.count)], configurations: configurations)
+    }
     private let lock = NSLock()
     private var configuration: UInt8 = 0
     private var log: [String] = []
