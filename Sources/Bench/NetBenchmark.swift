@@ -257,37 +257,30 @@ public final class BenchNetSink: NetDevice, @unchecked Sendable {
     /// ring's worth of others; no more, so that the pool stays in the cache as a reader's does).
     public func use(_ frame: EthernetFrame, poolSize: Int) {
         template = frame
-        self.poolSize = max(1, poolSize)
-        pool = []
-        cursor = 0
+        pool = FramePool(frames: poolSize, frameCapacity: frame.count)
     }
 
     /// Hands `count` frames like the template up to the guest, in one batch. Each is a frame of
     /// its own (one shared frame would make both threads fight over its reference count, a cost
-    /// no real source has), taken from a pool that is reused as a TAP reader reuses its
-    /// buffers: a frame the backend has let go of goes up again as it is, one still held is
-    /// replaced by a new copy of the template. (The C backend makes its frames from a template
+    /// no real source has), taken from a ``FramePool`` as a TAP reader takes its frames: a
+    /// frame the backend has let go of goes up again as it is, one still held is replaced by a
+    /// new copy of the template. (The C backend makes its frames from a template
     /// too, with nothing allocated.)
     public func send(count: Int) {
         guard count > 0, let template, let r = receiver.withLock({ $0 }) else { return }
-        if pool.isEmpty { pool = [EthernetFrame](repeating: template, count: poolSize) }
         batch.removeAll(keepingCapacity: true)
-        for _ in 0..<count {
-            if !pool[cursor].isUniquelyReferenced() {
-                pool[cursor] = template.withUnsafeBytes { bytes in
-                    EthernetFrame(count: bytes.count, offload: template.offload) { $0.copyMemory(from: bytes) }
-                }
+        template.withUnsafeBytes { source in
+            for _ in 0..<count {
+                let (frame, bytes, reused) = pool.allocate(count: source.count, offload: template.offload)
+                if !reused { bytes.copyMemory(from: source.baseAddress!, byteCount: source.count) }
+                batch.append(frame)
             }
-            batch.append(pool[cursor])
-            cursor = cursor + 1 == pool.count ? 0 : cursor + 1
         }
         r.toGuest(batch)
         batch.removeAll(keepingCapacity: true)
     }
-    @exclusivity(unchecked) private var poolSize = 1
     @exclusivity(unchecked) private var template: EthernetFrame?
-    @exclusivity(unchecked) private var pool: [EthernetFrame] = []
-    @exclusivity(unchecked) private var cursor = 0
+    @exclusivity(unchecked) private var pool = FramePool(frames: 1, frameCapacity: 1)
     @exclusivity(unchecked) private var batch: [EthernetFrame] = []
 }
 

@@ -25,7 +25,7 @@ public final class LocalNetFrontend: @unchecked Sendable {
     public let connection: LocalFrontend
     public let options: Options
     public private(set) var backendFeatures: [String: String] = [:]
-    public private(set) var queues: [Queue] = []
+    @exclusivity(unchecked) public private(set) var queues: [Queue] = []
 
     /// One tx and rx ring pair with their channels, buffers and bookkeeping. Used by one
     /// thread at a time (the guest's), so its state skips the runtime's exclusivity checks,

@@ -69,6 +69,9 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// The sweep's frames, apart from the packets so that moving a packet touches no
     /// reference count.
     @exclusivity(unchecked) private var txFrames: [EthernetFrame] = []
+    /// Where tx frames up to a standard frame's size come from: two rings' worth, reused once
+    /// the stack has let go of them.
+    @exclusivity(unchecked) private var txPool = FramePool(frames: 512, frameCapacity: 2048)
     /// Each consumed slot's id (0 for an extra, answered RSP_NULL) and whether it is an extra.
     @exclusivity(unchecked) private var txSlotIDs: [(id: UInt16, extra: Bool)] = []
     /// The current packet's data slots after the first, as copied out of the ring.
@@ -269,7 +272,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
                         packet.status = Netif.statusError
                         break
                     }
-                    if packet.status == Netif.statusOkay && !prepareOffload(&txFrames[packet.frame], packet) { packet.status = Netif.statusError }
+                    if packet.status == Netif.statusOkay && (packet.csumBlank || packet.dataValidated || packet.gso != nil)
+                        && !prepareOffload(&txFrames[packet.frame], packet) { packet.status = Netif.statusError }
                     if packet.status != Netif.statusOkay { packet.frame = -1 }
                 }
                 for i in 0..<packet.slots {
@@ -388,7 +392,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
             return packet
         }
         // The frame, and its copies: the first slot's own bytes, then each further slot's.
-        let (frame, bytes) = EthernetFrame.allocate(count: total, queue: index)
+        let (frame, bytes, _) = txPool.allocate(count: total, queue: index)
         packet.frame = txFrames.count
         txFrames.append(frame)
         var position = 0
