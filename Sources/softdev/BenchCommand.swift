@@ -149,6 +149,13 @@ struct Bench: ParsableCommand {
         if nbd || nbdOnly { try runNBD(path: path, size: size, workloads: picked) }
     }
 
+    /// Whether `path` starts with a LUKS header's magic.
+    private static func holdsLUKSHeader(_ path: String) -> Bool {
+        guard let handle = FileHandle(forReadingAtPath: path) else { return false }
+        defer { try? handle.close() }
+        return (try? handle.read(upToCount: LUKSHeader.magic.count)).map { [UInt8]($0) == LUKSHeader.magic } ?? false
+    }
+
     /// The header's words for SoftDev's poll window.
     private static func polling(_ us: Int) -> String { us > 0 ? "SoftDev polls \(us) µs before sleeping" : "no polling" }
     private static func blkifPolling(_ us: Int) -> String {
@@ -278,7 +285,11 @@ struct Bench: ParsableCommand {
                                   file: luks.image))
             }
         }
-        // fio stays off the LUKS header: every target from the largest payload offset on.
+        // fio stays off the LUKS header: every target from the largest payload offset on. A LUKS
+        // image named only as a plain file would have its header overwritten by the write rows.
+        if offset == 0, let luks = targets.compactMap(\.file).first(where: Self.holdsLUKSHeader) {
+            throw ValidationError("--stacks: \(luks) holds a LUKS volume and no crypt stack opens it: the write rows would overwrite its header; list its crypt stack too (its payload offset keeps every stack off the header), or use another file")
+        }
         let smallest = targets.compactMap { $0.device?.geometry.size }.min() ?? 0
         guard smallest > offset + (16 << 20) else { throw ValidationError("--stacks: the devices are too small (at least 16 MiB past \(offset) bytes)") }
         let size = (smallest - offset) / (1 << 20) * (1 << 20)
