@@ -153,11 +153,11 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
                 let id = "\(hex4(device.descriptors.vendorID)):\(hex4(device.descriptors.productID))"
                 plugged.withLock { $0[port] = Opened(device: device, inQueue: queue != nil) }
                 queue?.post(.plug(port: port, device: device))
-                try? dev.store.write(dev.backendPath + "/port-device/\(port)", "\(id) \(device.speed) speed")
+                try? dev.writeBackend(["port-device/\(port)": "\(id) \(device.speed) speed"])
                 log("\(dev.backendPath): port \(port): \(queue == nil ? "opened" : "plugged") \(spec) (\(device.speed) speed, \(id))")
             } catch {
                 log("\(dev.backendPath): port \(port): cannot plug \(spec): \(error)")
-                try? dev.store.write(dev.backendPath + "/port-error/\(port)", "\(error)")
+                try? dev.writeBackend(["port-error/\(port)": "\(error)"])
             }
         }
     }

@@ -88,6 +88,19 @@ extension XenStoreClient {
         guard let v = UInt64(s.trimmingWhitespace()) else { throw .invalid("\(path) = \"\(s)\" is not a number") }
         return v
     }
+    /// Writes `nodes` (path, value) in one transaction, only while `anchor` exists; false if it
+    /// did not (nothing written). For a backend writing into a device's directory that a
+    /// toolstack may remove at any moment (a detach, `softdev attach` taking a refused device
+    /// away): a plain write would create the directory again.
+    @discardableResult
+    public func writeWhilePresent(_ anchor: String, _ nodes: [(String, String)]) throws(XenStoreError) -> Bool {
+        try transaction { (tx) throws(XenStoreError) -> Bool in
+            guard try readString(anchor, transaction: tx) != nil else { return false }
+            for (path, value) in nodes { try write(path, value, transaction: tx) }
+            return true
+        }
+    }
+
     /// Runs `body` in a transaction, retrying on conflict (EAGAIN) up to `attempts` times.
     public func transaction<T>(attempts: Int = 16, _ body: (XenStoreTransaction) throws(XenStoreError) -> T) throws(XenStoreError) -> T {
         var lastError = XenStoreError.again

@@ -125,7 +125,8 @@ public final class XenbusBackendDevice: @unchecked Sendable {
 
     public func switchState(_ new: XenbusDeviceState) throws {
         guard new != state || new == .initWait else { return }
-        try store.write(backendPath + "/state", "\(new.rawValue)")
+        // Only while the device's nodes are there (see `writeBackend`).
+        try writeBackend(["state": "\(new.rawValue)"])
         log("\(backendPath): \(state) -> \(new)")
         state = new
     }
@@ -201,8 +202,16 @@ public final class XenbusBackendDevice: @unchecked Sendable {
     /// Reports a fatal error (as xenbus_dev_fatal) and closes.
     public func fail(_ message: String) {
         log("\(backendPath): error: \(message)")
-        try? store.write(backendPath + "/error", message)
+        try? writeBackend(["error": message])
         disconnect { [self] in try? switchState(.closing) }
+    }
+
+    /// Writes nodes under the backend's directory (relative path, value) in one transaction,
+    /// only while its `state` node is there: a toolstack that took the device away (a detach,
+    /// `softdev attach` removing a device the daemon refused) must not see the directory
+    /// written again after it.
+    public func writeBackend(_ nodes: KeyValuePairs<String, String>) throws {
+        try store.writeWhilePresent(backendPath + "/state", nodes.map { (backendPath + "/" + $0.key, $0.value) })
     }
 
     /// Runs `task` on the dispatcher's thread `seconds` from now (a driver's periodic report);

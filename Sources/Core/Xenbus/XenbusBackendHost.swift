@@ -187,11 +187,8 @@ public final class XenbusBackendHost: @unchecked Sendable {
             // One transaction, and only while the nodes are there: a toolstack that reads the
             // error (softdev attach) and takes the device away must not see the state node
             // written again after it.
-            _ = try? store.transaction { (tx) throws(XenStoreError) in
-                guard (try? store.read(path + "/state", transaction: tx)) != nil else { return }
-                try store.write(path + "/error", "\(error)", transaction: tx)
-                try store.write(path + "/state", "\(XenbusDeviceState.closed.rawValue)", transaction: tx)
-            }
+            _ = try? store.writeWhilePresent(path + "/state", [(path + "/error", "\(error)"),
+                                                               (path + "/state", "\(XenbusDeviceState.closed.rawValue)")])
         }
     }
 
