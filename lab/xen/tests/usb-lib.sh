@@ -86,11 +86,12 @@ soft_files_match() {
   umount /mnt/usb
   [ -n "$h" ] && grep -q "$h" <<<"$g"
 }
-# kbd_typed TEXT: dom0 types TEXT + Enter on u1's keyboard (port 2); the guest's evdev reads TEXT.
+# kbd_typed TEXT: dom0 types TEXT + Enter on u1's keyboard (port 2) once the guest's evkeys has
+# the evdev node open; the guest's evdev reads TEXT.
 kbd_typed() {
-  gx u1 "rm -f /run/keys; (/test/evkeys \$(kbd_event 2) 60 > /run/keys 2>&1 &); sleep 1; echo reader started" || return 1
+  gx u1 "kbd_reader 2" 60 || return 1
   sd type u1 2 "$1\\n" || return 1
-  gx u1 "i=0; until grep -q . /run/keys && [ \"\$(wc -l < /run/keys)\" -ge 1 ]; do i=\$((i+1)); [ \$i -gt 60 ] && break; sleep 0.5; done; cat /run/keys" > /run/keys.out
+  gx u1 "kbd_text" 90 > /run/keys.out
   cat /run/keys.out
   grep -qxF "  [u1] $1" /run/keys.out
 }
