@@ -45,14 +45,20 @@ public struct BenchmarkWorkload: Sendable, Equatable {
     /// The standard workloads named in `list` (comma-separated names or aliases, or "all"), in
     /// the standard order whatever the order of the list.
     public static func select(_ list: String) throws -> [BenchmarkWorkload] {
-        let names = list.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
-        if names == ["all"] { return standard }
-        let wanted = Set(names.map { aliases[$0] ?? $0 })
-        let unknown = wanted.subtracting(standard.map(\.name))
-        guard !wanted.isEmpty, unknown.isEmpty else {
-            throw HarnessFailure("--workloads \(list): use all or some of \(standard.map(\.name).joined(separator: ", "))"
-                                 + " (\(unknown.sorted().joined(separator: ", ")) unknown)")
-        }
-        return standard.filter { wanted.contains($0.name) }
+        try selectWorkloads(list, from: standard, key: \.name, aliases: aliases)
     }
+}
+
+/// The workloads of `all` named in `list` (comma-separated keys or aliases, or "all"), in the
+/// order of `all` whatever the order of the list: `--workloads` of every bench table.
+func selectWorkloads<W>(_ list: String, from all: [W], key: (W) -> String, aliases: [String: String] = [:]) throws -> [W] {
+    let names = list.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+    if names == ["all"] { return all }
+    let wanted = Set(names.map { aliases[$0] ?? $0 })
+    let unknown = wanted.subtracting(all.map(key))
+    guard !wanted.isEmpty, unknown.isEmpty else {
+        throw HarnessFailure("--workloads \(list): use all or some of \(all.map(key).joined(separator: ", "))"
+                             + " (\(unknown.sorted().joined(separator: ", ")) unknown)")
+    }
+    return all.filter { wanted.contains(key($0)) }
 }

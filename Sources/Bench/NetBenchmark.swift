@@ -31,24 +31,29 @@ public struct NetBenchmark {
     public struct Workload: Sendable, Equatable {
         public enum Direction: String, Sendable { case tx, rx }
         public var name: String
+        /// The workload's name in `--workloads` (tx-64, rx-gso, ...).
+        public var key: String
         public var frameSize: Int
         /// A TCPv4 segment with a partial checksum and a GSO extra (MSS 1448).
         public var gso: Bool
         public var direction: Direction
-        public init(name: String, frameSize: Int, gso: Bool = false, direction: Direction) {
-            self.name = name; self.frameSize = frameSize; self.gso = gso; self.direction = direction
+        public init(name: String, key: String, frameSize: Int, gso: Bool = false, direction: Direction) {
+            self.name = name; self.key = key; self.frameSize = frameSize; self.gso = gso; self.direction = direction
         }
         /// Ring slots a frame takes: its data slots and the GSO extra.
         public var slots: Int { max(1, (frameSize + xenPageSize - 1) / xenPageSize) + (gso ? 1 : 0) }
 
         public static let standard: [Workload] = [
-            .init(name: "tx 64 B", frameSize: 64, direction: .tx),
-            .init(name: "tx 1514 B", frameSize: 1514, direction: .tx),
-            .init(name: "tx 64 KiB GSO", frameSize: 65535, gso: true, direction: .tx),
-            .init(name: "rx 64 B", frameSize: 64, direction: .rx),
-            .init(name: "rx 1514 B", frameSize: 1514, direction: .rx),
-            .init(name: "rx 64 KiB GSO", frameSize: 65535, gso: true, direction: .rx),
+            .init(name: "tx 64 B", key: "tx-64", frameSize: 64, direction: .tx),
+            .init(name: "tx 1514 B", key: "tx-1514", frameSize: 1514, direction: .tx),
+            .init(name: "tx 64 KiB GSO", key: "tx-gso", frameSize: 65535, gso: true, direction: .tx),
+            .init(name: "rx 64 B", key: "rx-64", frameSize: 64, direction: .rx),
+            .init(name: "rx 1514 B", key: "rx-1514", frameSize: 1514, direction: .rx),
+            .init(name: "rx 64 KiB GSO", key: "rx-gso", frameSize: 65535, gso: true, direction: .rx),
         ]
+
+        /// The standard workloads named in `list` (keys, comma-separated, or "all").
+        public static func select(_ list: String) throws -> [Workload] { try selectWorkloads(list, from: standard, key: \.key) }
     }
 
     public struct Result: Sendable {
@@ -158,7 +163,10 @@ public struct NetBenchmark {
         var rows: [Row] = []
         for workload in workloads {
             let frame = Self.frame(workload)
-            for a in attached { a.reference?.generate(frameSize: workload.direction == .rx ? workload.frameSize : 0, gsoSize: workload.gso ? 1448 : 0) }
+            for a in attached {
+                a.reference?.generate(frameSize: workload.direction == .rx ? workload.frameSize : 0, gsoSize: workload.gso ? 1448 : 0)
+                a.sink?.use(frame, poolSize: 2 * Int(a.front.queues[0].rx.size) / workload.slots)
+            }
             var totals = [Result](repeating: Result(frames: 0, bytes: 0, seconds: 0, errors: 0), count: attached.count)
             for round in 0..<max(1, rounds) {
                 for i in round % 2 == 0 ? Array(attached.indices) : attached.indices.reversed() {
@@ -186,7 +194,7 @@ public struct NetBenchmark {
         case .tx: return try a.generator.transmit(frame, seconds: seconds)
         case .rx:
             let sink = a.sink
-            return try a.generator.receive(frameSlots: w.slots, seconds: seconds) { sink?.send(frame, count: $0) }
+            return try a.generator.receive(frameSlots: w.slots, seconds: seconds) { sink?.send(count: $0) }
         }
     }
 
@@ -244,34 +252,49 @@ public final class BenchNetSink: NetDevice, @unchecked Sendable {
     public func fromGuest(_ frame: EthernetFrame) {}
     public func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads) { self.receiver.withLock { $0 = receiver } }
     public func close() { receiver.withLock { $0 = nil } }
-    /// Hands `count` copies of `frame` up to the guest, in one batch. Each is a frame of its
-    /// own, as a TAP reader's are (one shared frame would make both threads fight over its
-    /// reference count, a cost no real source has).
-    public func send(_ frame: EthernetFrame, count: Int) {
-        guard count > 0, let r = receiver.withLock({ $0 }) else { return }
+    /// Makes the frames `send` hands up copies of `frame` from now on, from a pool of
+    /// `poolSize` (twice what the guest's ring holds: a frame comes round again only after a
+    /// ring's worth of others; no more, so that the pool stays in the cache as a reader's does).
+    public func use(_ frame: EthernetFrame, poolSize: Int) {
+        template = frame
+        pool = FramePool(frames: poolSize, frameCapacity: frame.count)
+    }
+
+    /// Hands `count` frames like the template up to the guest, in one batch. Each is a frame of
+    /// its own (one shared frame would make both threads fight over its reference count, a cost
+    /// no real source has), taken from a ``FramePool`` as a TAP reader takes its frames: a
+    /// frame the backend has let go of goes up again as it is, one still held is replaced by a
+    /// new copy of the template. (The C backend makes its frames from a template
+    /// too, with nothing allocated.)
+    public func send(count: Int) {
+        guard count > 0, let template, let r = receiver.withLock({ $0 }) else { return }
         batch.removeAll(keepingCapacity: true)
-        frame.withUnsafeBytes { template in
+        template.withUnsafeBytes { source in
             for _ in 0..<count {
-                batch.append(EthernetFrame(count: template.count, offload: frame.offload) { $0.copyMemory(from: template) })
+                let (frame, bytes, reused) = pool.allocate(count: source.count, offload: template.offload)
+                if !reused { bytes.copyMemory(from: source.baseAddress!, byteCount: source.count) }
+                batch.append(frame)
             }
         }
         r.toGuest(batch)
         batch.removeAll(keepingCapacity: true)
     }
-    private var batch: [EthernetFrame] = []
+    @exclusivity(unchecked) private var template: EthernetFrame?
+    @exclusivity(unchecked) private var pool = FramePool(frames: 1, frameCapacity: 1)
+    @exclusivity(unchecked) private var batch: [EthernetFrame] = []
 }
 
 /// Drives queue 0 of a ``LocalNetFrontend`` as hard as a guest could, the same way whichever
 /// backend serves it, so that the difference between two runs is the backend's.
 final class NetLoadGenerator {
     let front: LocalNetFrontend
-    private var poller: AdaptivePoller
+    @exclusivity(unchecked) private var poller: AdaptivePoller
     /// The rx frame being taken: an extra still to come, more data slots to come.
-    private var expectExtra = false, moreData = false
+    @exclusivity(unchecked) private var expectExtra = false, moreData = false
     /// Buffers given back whose frames the source has not been asked for yet (rx); the ring's
     /// posted buffers at the first rx row.
-    private var unrequestedSlots = 0
-    private var primed = false
+    @exclusivity(unchecked) private var unrequestedSlots = 0
+    @exclusivity(unchecked) private var primed = false
 
     init(front: LocalNetFrontend, pollMicroseconds: Int) {
         self.front = front

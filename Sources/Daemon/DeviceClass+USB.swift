@@ -31,7 +31,8 @@ extension DeviceClass {
                 guard let device = try DeviceRegistry.open(spec, of: .usb) as? any USBDevice else {
                     throw ServeConfigError("'\(spec)' is not a USB device stack")
                 }
-                if let policy = config.usbPolicy { try checkHostDevice(device, against: policy) }
+                // Judged before the backend claims it (USBDevice.claim): a refused host device stays dom0's.
+                try config.usbPolicy?.admit(device)
                 return device
             }
         },
@@ -81,23 +82,9 @@ extension DeviceClass {
             }
             try store.write(paths.backendPath + "/port/\(name.name)", "")
         },
-        localFrontend: nil)
-}
-
-extension DeviceClass {
-    /// Refuses (closing it) a stack whose device is a host device that `policy` does not allow,
-    /// judged on the real device's attributes (USBGuard's view: descriptors, serial, the host
-    /// port "B-P"), whatever filters stand above it; soft devices pass.
-    static func checkHostDevice(_ stack: any USBDevice, against policy: USBPolicy) throws {
-        var device = stack
-        while let filter = device as? USBFilter { device = filter.next }
-        guard let host = device as? USBHostDevice else { return }
-        let (target, rule) = policy.evaluate(host.attributes)
-        guard target != .allow else { return }
-        stack.close()
-        let a = host.attributes
-        let what = "\(USBDeviceIDPattern(vendor: a.vendorID, product: a.productID))" + (a.name.isEmpty ? "" : " \"\(a.name)\"") + " at \(host.busPort)"
-        let why = rule.map { "rule \($0.file):\($0.line) (\($0.text))" } ?? "the implicit default (no rule of \(policy.file) matches it)"
-        throw ServeConfigError("the host device \(what) is \(target == .reject ? "rejected" : "blocked") by \(why)")
-    }
+        localFrontend: nil,
+        portOutcome: { backend, name in
+            if let error = backend("port-error/\(name.name)") { return .refused(error) }
+            return backend("port-device/\(name.name)").map { .served($0) }
+        })
 }

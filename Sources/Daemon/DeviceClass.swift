@@ -1,4 +1,5 @@
 import Core
+import Glibc
 import Devices
 import Observability
 import XenStore
@@ -50,6 +51,9 @@ public struct DeviceClass: Sendable {
     /// a local guest (nil: the class has none yet).
     public let localFrontend: (@Sendable (_ guest: LocalHypervisor, _ frontendPath: String, _ options: LocalGuestOptions) throws
                                 -> any LocalGuestDevice)?
+    /// For a class of ports, how the daemon answered for one port, from the backend's nodes
+    /// (read with `backend`, relative to its directory); nil: not yet.
+    var portOutcome: (@Sendable (_ backend: (String) -> String?, _ name: XenbusDeviceName) -> AttachOutcome?)? = nil
 
     /// Every class the daemon serves.
     public static let all: [DeviceClass] = [.block, .net, .usb]
@@ -90,6 +94,69 @@ public struct DeviceClass: Sendable {
         let (frontend, backend) = try nodes(device, spec, readOnly, settings, guest)
         try XenbusToolstack.attach(store, paths, frontend: frontend, backend: backend)
         return paths
+    }
+
+    /// What the daemon made of an attached device.
+    public enum AttachOutcome: Equatable, Sendable {
+        /// Served: the stack is open (a USB port: its device, e.g. "46f4:0001 high speed").
+        case served(String)
+        /// Refused, with the daemon's reason.
+        case refused(String)
+    }
+
+    /// How the daemon answered for `device` at `paths`, or nil while it has not: one reading for
+    /// every class. The backend publishes a failure as xenbus_dev_error does, in the device's
+    /// `error` node (for a port, `port-error/N`), and a device it serves leaves Initialising
+    /// (InitWait once its stack is open; a port's device is named in `port-device/N`).
+    public func outcome(store: any XenStoreClient, paths: XenbusDevicePaths, _ device: XenbusDeviceName) -> AttachOutcome? {
+        let be = paths.backendPath
+        let read = { (key: String) in (try? store.readString(be + "/" + key)).flatMap { $0 } }
+        guard (try? store.read(be, transaction: .none)) != nil else {
+            return .refused("its nodes are gone (the guest went away, or someone detached it meanwhile)")
+        }
+        // A port's own answer first: a controller that failed earlier may still serve others.
+        if let portOutcome, let answer = portOutcome(read, device) { return answer }
+        if let error = read("error"), !error.isEmpty { return .refused(error) }
+        if portOutcome != nil { return nil }
+        let state = XenbusDeviceState.read(store, be + "/state")
+        return [.initWait, .initialised, .connected].contains(state) ? .served("") : nil
+    }
+
+    /// Polls ``outcome(store:paths:_:)`` until the daemon answers or `timeoutSeconds` pass (nil).
+    public func awaitOutcome(store: any XenStoreClient, paths: XenbusDevicePaths, _ device: XenbusDeviceName,
+                             timeoutSeconds: Double) -> AttachOutcome? {
+        let end = monotonicSeconds() + timeoutSeconds
+        while true {
+            if let outcome = outcome(store: store, paths: paths, device) { return outcome }
+            guard monotonicSeconds() < end else { return nil }
+            usleep(20_000)
+        }
+    }
+
+    /// `softdev attach` with a daemon serving: attaches `device`, then waits up to
+    /// `timeoutSeconds` for the daemon to serve it or refuse it. A refused device is taken away
+    /// again (its nodes removed; a port of a controller that was there already emptied), so the
+    /// same attach can be made again once its cause is fixed, and the daemon's reason is thrown.
+    /// Returns the paths and what is served, or nil if the daemon did not answer in time (the
+    /// device stays attached).
+    public func attachServed(store: any XenStoreClient, guest: DomainID, backendDomain: DomainID, _ device: XenbusDeviceName,
+                             spec: String, readOnly: Bool = false, settings: [String: String] = [:],
+                             timeoutSeconds: Double) throws -> (paths: XenbusDevicePaths, served: String?) {
+        let controllerExisted = plugInto != nil
+            && (try? store.read(self.paths(guest: guest, backendDomain: backendDomain, device).backendPath, transaction: .none)) != nil
+        let paths = try attach(store: store, guest: guest, backendDomain: backendDomain, device, spec: spec, readOnly: readOnly, settings: settings)
+        switch awaitOutcome(store: store, paths: paths, device, timeoutSeconds: timeoutSeconds) {
+        case .served(let what): return (paths, what)
+        case nil: return (paths, nil)
+        case .refused(let why):
+            if let unplugFrom, controllerExisted {
+                do { try unplugFrom(store, paths, device) } catch XenStoreError.noEntry {}
+            } else {
+                try XenbusToolstack.remove(store, paths)
+            }
+            throw ServeConfigError("softdev serve refused \(noun) \(device.name) of domain \(guest): \(why). "
+                                   + "Nothing is attached: fix the cause and attach again")
+        }
     }
 
     /// Takes one device away from `guest` (what `softdev detach` does): the xenbus device's

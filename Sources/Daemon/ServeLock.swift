@@ -34,6 +34,14 @@ public final class ServeLock {
         close(fd)   // releases the flock
     }
 
+    /// Whether a daemon holds the lock at `path` now: the pid it records is a live process.
+    /// (Reading, not locking: a daemon starting this instant must not find it taken.)
+    public static func isHeld(at path: String) -> Bool {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8),
+              let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 else { return false }
+        return kill(pid, 0) == 0 || errno == EPERM
+    }
+
     /// Where the daemon for `choice` locks: beside the local hypervisor's sockets, or in
     /// /run/softdev on Xen.
     public static func path(for choice: HypervisorChoice) -> String {

@@ -13,10 +13,15 @@ import Synchronization
 /// - Reads go down into the request's own buffers and are decrypted there when they complete.
 /// - Writes are encrypted into a buffer of the filter's (the caller's data is never changed),
 ///   1 MiB at a time; a larger write goes down in 1 MiB pieces, one after another.
+/// - A request (or write piece) of 128 KiB or more is ciphered on every core at once
+///   (``ParallelSectorCipher``): the thread that has it (for a read, the thread that completed
+///   it below: a file's completion thread, the transport's ring or connection thread) ciphers
+///   its share and goes on without waiting for the helpers; whichever finishes last completes
+///   the read or submits the write piece.
 /// - Each request in flight borrows a ``CryptRequest`` from a pool: its OpenSSL contexts (one
 ///   per direction, keyed once) and its buffer, so that nothing is allocated per request once
 ///   the pool has grown to the deepest queue seen.
-/// - A request of 128 KiB or more is ciphered on every core at once (``ParallelSectorCipher``).
+/// - Smaller requests are ciphered on the thread that has them (a handoff would cost more).
 /// - Flush and FUA pass through. Write-zeroes writes encrypted zeroes (a hole below would
 ///   decrypt to noise, and would show where the guest's data is not). Discard is refused
 ///   unless `discard=on`, dm-crypt's `allow_discards`: a discarded range reads back as noise
@@ -123,7 +128,7 @@ public final class CryptFilter: BlockFilter, @unchecked Sendable {
 
 /// One request in flight through a ``CryptFilter``: the contexts it encrypts and decrypts with,
 /// its buffer, and where it is. Lent by the filter's pool for the life of one request.
-final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
+final class CryptRequest: BlockCompletionSink, SectorCipherClient, @unchecked Sendable {
     private unowned let filter: CryptFilter
     private let encryptor: LUKSSectorCipher
     private let decryptor: LUKSSectorCipher
@@ -173,11 +178,15 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
 
     func complete(tag: UInt64, result: BlockResult) {
         if tag == 1 {
-            // A read: decrypt in place.
-            if result == .success && !decryptRead() {
-                return finish(.failure(BlockError(.io, "crypt: OpenSSL failed to decrypt")))
+            // A read: decrypt in place, on the helpers if it is large (`ciphered` finishes it).
+            guard result == .success else { return finish(result) }
+            if filter.crew.splits(Int(length)) && wholeSectors {
+                let outcome = filter.crew.start(encrypt: false, buffers, at: 0, count: Int(length), into: nil, first: offset / 512,
+                                                local: decryptor, client: self)
+                guard case .done(let ok) = outcome else { return }
+                return finish(ok ? .success : Self.decryptFailure)
             }
-            return finish(result)
+            return finish(decryptRead() ? .success : Self.decryptFailure)
         }
         pieceResult = result
         // Completed while `pump` was still in submit: pump goes on.
@@ -185,24 +194,50 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
         if advance() { pump(callerMayWait: false) }
     }
 
+    /// A helper finished the last part of a large read's decryption, or of a write piece's encryption.
+    func ciphered(ok: Bool) {
+        if operation == .read { return finish(ok ? .success : Self.decryptFailure) }
+        guard ok else { return finish(Self.encryptFailure) }
+        if submitPiece(callerMayWait: false) && advance() { pump(callerMayWait: false) }
+    }
+
+    private static let decryptFailure = BlockResult.failure(BlockError(.io, "crypt: OpenSSL failed to decrypt"))
+    private static let encryptFailure = BlockResult.failure(BlockError(.io, "crypt: OpenSSL failed to encrypt"))
+
+    /// Every buffer of the request holds whole sectors (so any sector of it lies in one).
+    private var wholeSectors: Bool { buffers.allSatisfy { $0.count % 512 == 0 } }
+
     /// Encrypts and submits the pieces of a write or write-zeroes, one at a time; a piece that
     /// completes inside `submit` loops here rather than recursing.
     private func pump(callerMayWait: Bool) {
         var mayWait = callerMayWait
         while true {
-            let n = min(UInt64(CryptFilter.chunkBytes), length - done)
-            guard fill(Int(n)) else { return finish(.failure(BlockError(.io, "crypt: OpenSSL failed to encrypt"))) }
-            piece = n
-            phase.store(0, ordering: .releasing)
-            vector.pointee = iovec(iov_base: buffer, iov_len: Int(n))
-            var down = BlockRequest(operation: .write, offset: filter.payloadStart + offset + done, length: n,
-                                    buffers: IOBuffers(vector, count: 1), fua: fua)
-            down.callerMayWait = mayWait
+            let n = Int(min(UInt64(CryptFilter.chunkBytes), length - done))
+            piece = UInt64(n)
+            if filter.crew.splits(n) {
+                // The helper that finishes last submits it (`ciphered`), unless we did.
+                guard let outcome = startFill(n) else { return finish(Self.encryptFailure) }
+                guard case .done(let ok) = outcome else { return }
+                guard ok else { return finish(Self.encryptFailure) }
+            } else {
+                guard fill(n) else { return finish(Self.encryptFailure) }
+            }
+            guard submitPiece(callerMayWait: mayWait) else { return }
             mayWait = false
-            filter.next.submit(down, completion: BlockCompletion(sink: self, tag: 0))
-            if phase.compareExchange(expected: 0, desired: 1, ordering: .acquiringAndReleasing).exchanged { return }
             guard advance() else { return }
         }
+    }
+
+    /// Submits the encrypted piece in the buffer; true if it completed inside `submit` (the
+    /// caller goes on with the next), false if its completion will.
+    private func submitPiece(callerMayWait: Bool) -> Bool {
+        phase.store(0, ordering: .releasing)
+        vector.pointee = iovec(iov_base: buffer, iov_len: Int(piece))
+        var down = BlockRequest(operation: .write, offset: filter.payloadStart + offset + done, length: piece,
+                                buffers: IOBuffers(vector, count: 1), fua: fua)
+        down.callerMayWait = callerMayWait
+        filter.next.submit(down, completion: BlockCompletion(sink: self, tag: 0))
+        return !phase.compareExchange(expected: 0, desired: 1, ordering: .acquiringAndReleasing).exchanged
     }
 
     /// After a piece: false when the request is finished (or failed).
@@ -229,6 +264,20 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
         guard posix_memalign(&memory, 4096, size) == 0 else { capacity = 0; return false }
         buffer = memory; capacity = size
         return true
+    }
+
+    /// Starts encrypting the next `n` bytes of the write (or zeroes) into the buffer, split with
+    /// the helpers: straight from the caller's buffers if they hold whole sectors, else
+    /// gathered into ours first and encrypted in place. Nil if there is no buffer.
+    private func startFill(_ n: Int) -> ParallelSectorCipher.Outcome? {
+        guard ensureBuffer(n), let buffer else { return nil }
+        let sector = (offset + done) / 512
+        if operation == .write && wholeSectors {
+            return filter.crew.start(encrypt: true, buffers, at: Int(done), count: n, into: buffer, first: sector, local: encryptor, client: self)
+        }
+        if operation == .writeZeroes { memset(buffer, 0, n) } else { buffers.copy(to: buffer, count: n, at: Int(done)) }
+        vector.pointee = iovec(iov_base: buffer, iov_len: n)
+        return filter.crew.start(encrypt: true, IOBuffers(vector, count: 1), at: 0, count: n, into: nil, first: sector, local: encryptor, client: self)
     }
 
     /// The next `n` bytes of the write (or zeroes), encrypted into the buffer.
@@ -265,7 +314,7 @@ final class CryptRequest: BlockCompletionSink, @unchecked Sendable {
     /// Decrypts a completed read in the request's buffers.
     private func decryptRead() -> Bool {
         let first = offset / 512
-        if buffers.allSatisfy({ $0.count % 512 == 0 }) {
+        if wholeSectors {
             var sector = first
             for b in buffers where b.count > 0 {
                 guard decrypt(b.baseAddress!, b.baseAddress!, sectors: b.count / 512, first: sector) else { return false }

@@ -25,12 +25,14 @@ public final class LocalNetFrontend: @unchecked Sendable {
     public let connection: LocalFrontend
     public let options: Options
     public private(set) var backendFeatures: [String: String] = [:]
-    public private(set) var queues: [Queue] = []
+    @exclusivity(unchecked) public private(set) var queues: [Queue] = []
 
-    /// One tx and rx ring pair with their channels, buffers and bookkeeping.
+    /// One tx and rx ring pair with their channels, buffers and bookkeeping. Used by one
+    /// thread at a time (the guest's), so its state skips the runtime's exclusivity checks,
+    /// which would cost more than the ring work itself in the benchmark's tight loops.
     public final class Queue: @unchecked Sendable {
-        public var tx: FrontRing<NetifTxRing>
-        public var rx: FrontRing<NetifRxRing>
+        @exclusivity(unchecked) public var tx: FrontRing<NetifTxRing>
+        @exclusivity(unchecked) public var rx: FrontRing<NetifRxRing>
         public let txChannel: any EventChannel
         public let rxChannel: any EventChannel
         /// Transmit pages: one per id, granted read-only once; id i's data goes in page i.
@@ -39,11 +41,11 @@ public final class LocalNetFrontend: @unchecked Sendable {
         /// Receive pages: one per ring slot (a buffer posted at ring index i has id i % 256).
         public let rxPages: UnsafeMutableRawPointer
         public let rxRefs: [GrantRef]
-        var freeTxIDs: [UInt16]
+        @exclusivity(unchecked) var freeTxIDs: [UInt16]
         /// Statuses of the tx responses collected, in order (tests look at them).
-        public internal(set) var txStatuses: [Int16] = []
+        @exclusivity(unchecked) public internal(set) var txStatuses: [Int16] = []
         /// The slots of a frame being received, if its last slot has not come yet.
-        var partial: PartialFrame?
+        @exclusivity(unchecked) var partial: PartialFrame?
 
         init(tx: FrontRing<NetifTxRing>, rx: FrontRing<NetifRxRing>, txChannel: any EventChannel, rxChannel: any EventChannel,
              txPages: UnsafeMutableRawPointer, txRefs: [GrantRef], rxPages: UnsafeMutableRawPointer, rxRefs: [GrantRef]) {

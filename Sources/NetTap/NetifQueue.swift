@@ -53,7 +53,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
 
     // Tx sweep state, kept between sweeps so that nothing is allocated once it has grown.
     private struct TxPacket {
-        var frame: EthernetFrame?
+        /// Its frame's index in `txFrames`; -1 for none (a dummy request, a dropped frame).
+        var frame: Int
         /// How many slots it took (extras included).
         var slots: Int
         var status: Int16
@@ -65,6 +66,12 @@ final class NetifQueue: RingService, @unchecked Sendable {
         var gso: FrameOffload.Segmentation?
     }
     @exclusivity(unchecked) private var txPackets: [TxPacket] = []
+    /// The sweep's frames, apart from the packets so that moving a packet touches no
+    /// reference count.
+    @exclusivity(unchecked) private var txFrames: [EthernetFrame] = []
+    /// Where tx frames up to a standard frame's size come from: two rings' worth, reused once
+    /// the stack has let go of them.
+    @exclusivity(unchecked) private var txPool = FramePool(frames: 512, frameCapacity: 2048)
     /// Each consumed slot's id (0 for an extra, answered RSP_NULL) and whether it is an extra.
     @exclusivity(unchecked) private var txSlotIDs: [(id: UInt16, extra: Bool)] = []
     /// The current packet's data slots after the first, as copied out of the ring.
@@ -77,9 +84,10 @@ final class NetifQueue: RingService, @unchecked Sendable {
     private let backlogBytes = Atomic<Int>(0)
     @exclusivity(unchecked) private var pendingRx: [EthernetFrame] = []
     @exclusivity(unchecked) private var pendingRxHead = 0
-    private struct RxSlot { var id: UInt16; var length: UInt16; var flags: UInt16; var extra: netif_extra_info? }
-    @exclusivity(unchecked) private var rxSlots: [RxSlot] = []
-    @exclusivity(unchecked) private var rxFrames: [(firstSlot: Int, slots: Int, segments: Range<Int>, bytes: Int)] = []
+    /// The frames of an rx sweep: where each one's first response is (written before the copy,
+    /// rewritten if the copy fails) and its grant copies.
+    private struct RxFrame { var firstResponse: UInt32; var first: netif_rx_response; var segments: Range<Int>; var bytes: Int }
+    @exclusivity(unchecked) private var rxFrames: [RxFrame] = []
     @exclusivity(unchecked) private var rxResponsesWritten = false
 
     /// Takes over the mappings and channels even when it throws: they are released then.
@@ -106,8 +114,9 @@ final class NetifQueue: RingService, @unchecked Sendable {
             txChannel.close(); rxChannel?.close()
             throw error
         }
-        txPackets.reserveCapacity(Int(tx.size)); txSlotIDs.reserveCapacity(Int(tx.size))
-        rxSlots.reserveCapacity(Int(rx.size)); rxFrames.reserveCapacity(Int(rx.size))
+        txPackets.reserveCapacity(Int(tx.size)); txSlotIDs.reserveCapacity(Int(tx.size)); txFrames.reserveCapacity(Int(tx.size))
+        furtherSlots.reserveCapacity(Netif.fatalSlots)
+        rxFrames.reserveCapacity(Int(rx.size))
     }
 
     deinit { copies.deallocate() }
@@ -138,6 +147,17 @@ final class NetifQueue: RingService, @unchecked Sendable {
         loop.post(contentsOf: frames.lazy.filter { self.admit($0) })
     }
 
+    /// From any thread: a batch for the guest, admitted with one atomic operation when the
+    /// backlog has room for all of it (else frame by frame, as far as the room goes).
+    func enqueue(_ frames: [EthernetFrame]) {
+        var bytes = 0
+        for i in frames.indices { bytes += frames[i].count }
+        let before = backlogBytes.add(bytes, ordering: .relaxed).oldValue
+        if before + bytes <= features.backlogBytes { return loop.post(contentsOf: frames) }
+        backlogBytes.subtract(bytes, ordering: .relaxed)
+        loop.post(contentsOf: frames.lazy.filter { self.admit($0) })
+    }
+
     /// Whether the backlog has room for `frame` (counted in it if so, dropped if not).
     private func admit(_ frame: EthernetFrame) -> Bool {
         let bytes = frame.count
@@ -162,6 +182,17 @@ final class NetifQueue: RingService, @unchecked Sendable {
     func finish(_ frame: EthernetFrame) {
         if broken { return dropBacklogged(frame) }
         pendingRx.append(frame)
+    }
+
+    /// The frames other threads handed over: taken as a whole when nothing waits before them.
+    func finish(batch: inout [EthernetFrame]) {
+        if broken {
+            for i in 0..<batch.count { dropBacklogged(batch[i]) }
+        } else if pendingRx.isEmpty {
+            swap(&pendingRx, &batch)
+        } else {
+            pendingRx.append(contentsOf: batch)
+        }
     }
 
     func publish() {
@@ -225,6 +256,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
             var copyCount = 0
             txPackets.removeAll(keepingCapacity: true)
             txSlotIDs.removeAll(keepingCapacity: true)
+            txFrames.removeAll(keepingCapacity: true)
             while remaining > 0 {
                 guard let packet = takePacket(&remaining, &copyCount) else { return }   // fatal
                 txPackets.append(packet)
@@ -235,13 +267,14 @@ final class NetifQueue: RingService, @unchecked Sendable {
             var slot = 0
             for p in 0..<txPackets.count {
                 var packet = txPackets[p]
-                if packet.status == Netif.statusOkay, var frame = packet.frame {
+                if packet.status == Netif.statusOkay, packet.frame >= 0 {
                     for s in packet.segments where copies[s].failed {
                         packet.status = Netif.statusError
                         break
                     }
-                    if packet.status == Netif.statusOkay && !prepareOffload(&frame, packet) { packet.status = Netif.statusError }
-                    packet.frame = packet.status == Netif.statusOkay ? frame : nil
+                    if packet.status == Netif.statusOkay && (packet.csumBlank || packet.dataValidated || packet.gso != nil)
+                        && !prepareOffload(&txFrames[packet.frame], packet) { packet.status = Netif.statusError }
+                    if packet.status != Netif.statusOkay { packet.frame = -1 }
                 }
                 for i in 0..<packet.slots {
                     let s = txSlotIDs[slot + i]
@@ -252,16 +285,24 @@ final class NetifQueue: RingService, @unchecked Sendable {
                 txPackets[p] = packet
             }
             if tx.pushResponses() { txChannel.notify() }
+            var frames: UInt64 = 0, bytes: UInt64 = 0, drops: UInt64 = 0
             for p in 0..<txPackets.count {
-                if let frame = txPackets[p].frame {
-                    counters.txFrames.add(1, ordering: .relaxed)
-                    counters.txBytes.add(UInt64(frame.count), ordering: .relaxed)
-                    device.fromGuest(frame)
-                } else if txPackets[p].status != Netif.statusOkay {
-                    counters.txDropped.add(1, ordering: .relaxed)
+                let packet = txPackets[p]
+                if packet.frame >= 0 {
+                    frames += 1
+                    bytes += UInt64(txFrames[packet.frame].count)
+                    device.fromGuest(txFrames[packet.frame])
+                } else if packet.status != Netif.statusOkay {
+                    drops += 1
                 }
-                txPackets[p].frame = nil
             }
+            // Our references go; a device that kept a frame holds its own.
+            txFrames.removeAll(keepingCapacity: true)
+            if frames > 0 {
+                counters.txFrames.add(frames, ordering: .relaxed)
+                counters.txBytes.add(bytes, ordering: .relaxed)
+            }
+            if drops > 0 { counters.txDropped.add(drops, ordering: .relaxed) }
         }
     }
 
@@ -271,7 +312,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
         let first = tx.takeRequest()
         remaining -= 1
         txSlotIDs.append((first.id, false))
-        var packet = TxPacket(frame: nil, slots: 1, status: Netif.statusOkay,
+        var packet = TxPacket(frame: -1, slots: 1, status: Netif.statusOkay,
                               segments: copyCount..<copyCount, csumBlank: first.flags & Netif.txChecksumBlank != 0,
                               dataValidated: first.flags & Netif.txDataValidated != 0, gso: nil)
         // Extra-info slots follow the first, chained by EXTRA_FLAG_MORE.
@@ -317,7 +358,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
         // its own and must fit in what is left (netback's xenvif_count_requests).
         let total = Int(first.size)
         var firstOwn = total
-        furtherSlots.removeAll(keepingCapacity: true)
+        if !furtherSlots.isEmpty { furtherSlots.removeAll(keepingCapacity: true) }
         var more = first.flags & Netif.txMoreData != 0
         var drop = false
         // Counted as netback's xenvif_count_requests counts: the slots after the first.
@@ -351,8 +392,9 @@ final class NetifQueue: RingService, @unchecked Sendable {
             return packet
         }
         // The frame, and its copies: the first slot's own bytes, then each further slot's.
-        let (frame, bytes) = EthernetFrame.allocate(count: total, queue: index)
-        packet.frame = frame
+        let (frame, bytes, _) = txPool.allocate(count: total, queue: index)
+        packet.frame = txFrames.count
+        txFrames.append(frame)
         var position = 0
         func copy(_ ref: GrantRef, _ offset: UInt16, _ length: Int) {
             guard length > 0 else { return }   // a zero-length slot carries nothing (XSA-448)
@@ -362,7 +404,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
             position += length
         }
         copy(first.gref, first.offset, firstOwn)
-        for r in furtherSlots { copy(r.gref, r.offset, Int(r.size)) }
+        for i in furtherSlots.indices { copy(furtherSlots[i].gref, furtherSlots[i].offset, Int(furtherSlots[i].size)) }
         packet.segments = packet.segments.lowerBound..<copyCount
         return packet
     }
@@ -396,96 +438,107 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// guest cannot take (too large without scatter-gather, GSO it did not ask for) is dropped.
     private func deliverRx() {
         var copyCount = 0
-        rxSlots.removeAll(keepingCapacity: true)
         rxFrames.removeAll(keepingCapacity: true)
         guard var available = rx.unconsumedRequests().map(Int.init) else {
             return fatal("the frontend published an impossible rx request producer index (more than a ring ahead)")
         }
-        while pendingRxHead < pendingRx.count {
-            var frame = pendingRx[pendingRxHead]
-            if !fitsGuest(&frame) {
+        // Bytes leaving the backlog: frames delivered (their copies are done below, before
+        // they are released) and frames dropped.
+        var leaving = 0, dropped = 0, deliveredBytes = 0
+        // The frames are read in place (a copy of each would cost its reference count twice),
+        // and each slot's response is written as its request is taken: the copies' outcome
+        // only changes a failed frame's first response.
+        pendingRx.withUnsafeMutableBufferPointer { frames in
+            while pendingRxHead < frames.count {
+                let f = pendingRxHead
+                guard fitsGuest(&frames[f]) else {
+                    pendingRxHead += 1
+                    leaving += frames[f].count
+                    dropped += 1
+                    continue
+                }
+                let count = frames[f].count
+                let dataSlots = max(1, (count + xenPageSize - 1) / xenPageSize)
+                let segmentation = frames[f].offload.segmentation
+                let needed = dataSlots + (segmentation != nil ? 1 : 0)
+                if needed > available { break }   // wait for buffers (the backlog is bounded)
+                available -= needed
                 pendingRxHead += 1
-                dropBacklogged(frame)
-                continue
-            }
-            // Kept in the backlog until the copy is done (a finished checksum made a new copy).
-            pendingRx[pendingRxHead] = frame
-            let dataSlots = max(1, (frame.count + xenPageSize - 1) / xenPageSize)
-            let needed = dataSlots + (frame.offload.segmentation != nil ? 1 : 0)
-            if needed > available { break }   // wait for buffers (the backlog is bounded)
-            available -= needed
-            pendingRxHead += 1
-            let firstSlot = rxSlots.count
-            let segmentStart = copyCount
-            frame.withUnsafeBytes { b in
+                leaving += count
+                deliveredBytes += count
+                // Valid while the frame waits in the backlog, which it does until the copy is done.
+                let bytes = frames[f].withUnsafeBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
+                var firstFlags: UInt16 = 0
+                switch frames[f].offload.checksum {
+                case .partial: firstFlags = Netif.rxChecksumBlank | Netif.rxDataValidated
+                case .validated: firstFlags = Netif.rxDataValidated
+                case .none: break
+                }
+                if segmentation != nil { firstFlags |= Netif.rxExtraInfo }
+                var frame = RxFrame(firstResponse: rx.responseProducer, first: netif_rx_response(), segments: copyCount..<copyCount, bytes: count)
                 var offset = 0
                 for s in 0..<dataSlots {
                     let request = rx.takeRequest()
-                    let length = min(xenPageSize, frame.count - offset)
+                    let length = min(xenPageSize, count - offset)
                     var flags: UInt16 = s + 1 < dataSlots ? Netif.rxMoreData : 0
-                    if s == 0 {
-                        switch frame.offload.checksum {
-                        case .partial: flags |= Netif.rxChecksumBlank | Netif.rxDataValidated
-                        case .validated: flags |= Netif.rxDataValidated
-                        case .none: break
-                        }
-                        if frame.offload.segmentation != nil { flags |= Netif.rxExtraInfo }
-                    }
+                    if s == 0 { flags |= firstFlags }
                     if length > 0 {
                         copies[copyCount] = GrantCopySegment(direction: .toGuest, domain: domain, ref: request.gref, offset: 0,
-                                                             length: UInt16(length), local: UnsafeMutableRawPointer(mutating: b.baseAddress! + offset))
+                                                             length: UInt16(length), local: bytes + offset)
                         copyCount += 1
                     }
-                    rxSlots.append(RxSlot(id: request.id, length: UInt16(length), flags: flags, extra: nil))
+                    let response = netif_rx_response(id: request.id, offset: 0, flags: flags, status: Int16(length))
+                    rx.putResponse(Self.raw(response))
+                    if s == 0 { frame.first = response }
                     offset += length
-                    // The GSO extra takes the slot after the first data slot.
-                    if s == 0, let gso = frame.offload.segmentation {
-                        let extraRequest = rx.takeRequest()
+                    // The GSO extra takes the slot after the first data slot (its response is
+                    // the extra itself; netfront recycles the buffer by position).
+                    if s == 0, let gso = segmentation {
+                        _ = rx.takeRequest()
                         var extra = netif_extra_info()
                         extra.type = Netif.extraGSO
                         extra.u.gso.size = gso.size
                         extra.u.gso.type = gso.kind == .tcpv4 ? Netif.gsoTCPv4 : Netif.gsoTCPv6
-                        rxSlots.append(RxSlot(id: extraRequest.id, length: 0, flags: 0, extra: extra))
+                        rx.putResponse(Self.raw(extra))
                     }
                 }
-            }
-            rxFrames.append((firstSlot, rxSlots.count - firstSlot, segmentStart..<copyCount, frame.count))
-        }
-        if copyCount > 0 { grants.copy(UnsafeMutableBufferPointer(start: copies, count: copyCount)) }
-        for f in rxFrames {
-            var failed = false
-            for s in f.segments where copies[s].failed { failed = true }
-            for i in f.firstSlot..<(f.firstSlot + f.slots) {
-                let slot = rxSlots[i]
-                var raw: UInt64 = 0
-                if let extra = slot.extra {
-                    withUnsafeMutableBytes(of: &raw) { $0.storeBytes(of: extra, as: netif_extra_info.self) }
-                } else {
-                    // A failed copy: the frame's first slot says so, netfront drops the frame.
-                    let status = failed && i == f.firstSlot ? Netif.statusError : Int16(slot.length)
-                    let response = netif_rx_response(id: slot.id, offset: 0, flags: slot.flags, status: status)
-                    withUnsafeMutableBytes(of: &raw) { $0.storeBytes(of: response, as: netif_rx_response.self) }
-                }
-                rx.putResponse(raw)
-            }
-            if failed {
-                counters.rxDropped.add(1, ordering: .relaxed)
-            } else {
-                counters.rxFrames.add(1, ordering: .relaxed)
-                counters.rxBytes.add(UInt64(f.bytes), ordering: .relaxed)
+                frame.segments = frame.segments.lowerBound..<copyCount
+                rxFrames.append(frame)
             }
         }
-        if !rxFrames.isEmpty { rxResponsesWritten = true }
+        var failed = 0
+        if copyCount > 0 {
+            grants.copy(UnsafeMutableBufferPointer(start: copies, count: copyCount))
+            for f in rxFrames where f.segments.contains(where: { copies[$0].failed }) {
+                // A failed copy: the frame's first slot says so, netfront drops the frame.
+                var response = f.first
+                response.status = Netif.statusError
+                rx.rewriteResponse(at: f.firstResponse, Self.raw(response))
+                failed += 1
+                deliveredBytes -= f.bytes
+            }
+        }
+        if !rxFrames.isEmpty {
+            rxResponsesWritten = true
+            counters.rxFrames.add(UInt64(rxFrames.count - failed), ordering: .relaxed)
+            counters.rxBytes.add(UInt64(deliveredBytes), ordering: .relaxed)
+        }
+        if dropped + failed > 0 { counters.rxDropped.add(UInt64(dropped + failed), ordering: .relaxed) }
         // The delivered frames' bytes are copied: release them and their room in the backlog.
-        var released = 0
-        for i in 0..<pendingRxHead { released += pendingRx[i].count }
-        if released > 0 { backlogBytes.subtract(released, ordering: .relaxed) }
+        if leaving > 0 { backlogBytes.subtract(leaving, ordering: .relaxed) }
         if pendingRxHead == pendingRx.count {
             pendingRx.removeAll(keepingCapacity: true)
         } else if pendingRxHead > 0 {
             pendingRx.removeFirst(pendingRxHead)
         }
         pendingRxHead = 0
+    }
+
+    /// A response or an extra as the rx ring's 8-byte slot.
+    private static func raw<T>(_ value: T) -> UInt64 {
+        var raw: UInt64 = 0
+        withUnsafeMutableBytes(of: &raw) { $0.storeBytes(of: value, as: T.self) }
+        return raw
     }
 
     /// Whether the guest can take `frame` as it negotiated (finishing a checksum it could not

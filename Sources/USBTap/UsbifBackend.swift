@@ -16,6 +16,14 @@ public struct UsbifBackendOptions: Sendable {
 /// it (empty: no device). `num-ports` and `usb-ver` are in the backend's directory before the
 /// frontend (Linux's xen-hcd) appears. Ports are watched: a device plugged or unplugged while
 /// the guest runs becomes a connection event on the conn ring.
+///
+/// A port's stack is opened when its node names it, whether or not the frontend is there yet
+/// (a guest created paused), so that the toolstack hears at once whether it is served: `open`
+/// (which may judge it by a policy), then ``USBDevice/claim()``, then the port serves it and says
+/// so in `port-device/N` ("46f4:0001 high speed"); a stack refused at any step is closed and the
+/// reason goes to `port-error/N` (what `softdev attach` waits for). A device opened before the
+/// frontend connects is plugged when it does; one connection's devices go with it (the queue
+/// closes them) and are opened again for the next.
 public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
     public let options: UsbifBackendOptions
     private let open: @Sendable (_ spec: String) throws -> any USBDevice
@@ -23,12 +31,20 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
     private var queue: UsbifQueue?
     /// The spec each port was last seen with (dispatcher thread).
     private var portSpecs: [Int: String] = [:]
-    /// The device plugged into each port, for the daemon's control requests (typing into a
-    /// soft keyboard); any thread.
-    private let plugged = Mutex<[Int: any USBDevice]>([:])
+    /// One opened stack: handed to the queue (which closes it), or waiting for the frontend.
+    private struct Opened {
+        var device: any USBDevice
+        var inQueue: Bool
+    }
+    /// The stack opened for each port, for the daemon's control requests (typing into a soft
+    /// keyboard); any thread.
+    private let plugged = Mutex<[Int: Opened]>([:])
+    /// Ports whose stacks a connection took with it (its queue closed them): opened again at
+    /// the next connect. A refused port is not retried until its node changes.
+    private let closedWithQueue = Mutex<Set<Int>>([])
 
     /// The device on `port`, if one is plugged.
-    public func device(onPort port: Int) -> (any USBDevice)? { plugged.withLock { $0[port] } }
+    public func device(onPort port: Int) -> (any USBDevice)? { plugged.withLock { $0[port]?.device } }
     public private(set) var portCount = 0
     public private(set) var usbVersion = 2
 
@@ -86,36 +102,59 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
             throw UsbifConnectError("\(error)")
         }
         self.queue = queue
-        // Every occupied port is plugged now, each announced on the conn ring (as QEMU does).
-        portSpecs = [:]
+        // Every occupied port is plugged now, each announced on the conn ring (as QEMU does):
+        // the stacks opened while no frontend was there, then those the last connection took
+        // with it, opened again.
+        let waiting: [(Int, any USBDevice)] = plugged.withLock { ports in
+            var out: [(Int, any USBDevice)] = []
+            for (port, opened) in ports where !opened.inQueue {
+                ports[port]!.inQueue = true
+                out.append((port, opened.device))
+            }
+            return out.sorted { $0.0 < $1.0 }
+        }
+        for (port, device) in waiting { queue.post(.plug(port: port, device: device)) }
+        for port in closedWithQueue.withLock({ ports in defer { ports = [] }; return ports }) { portSpecs[port] = nil }
         portsChanged(dev)
         log("\(dev.backendPath): connected to domain \(dev.frontendDomain): \(portCount) ports, USB \(usbVersion).0")
     }
 
-    /// Compares the `port/N` nodes with what is plugged and plugs or unplugs (dispatcher thread).
+    /// Compares the `port/N` nodes with what is opened, and opens (plugging it if the frontend
+    /// is connected) or unplugs (dispatcher thread).
     private func portsChanged(_ dev: XenbusBackendDevice) {
-        guard let queue else { return }
+        let queue = self.queue
         for port in 1...max(1, portCount) {
             let spec = ((try? dev.store.readString(dev.backendPath + "/port/\(port)")) ?? nil) ?? ""
             guard spec != (portSpecs[port] ?? "") else { continue }
-            // A stack that was refused (port-error) was never plugged: nothing to unplug.
-            if portSpecs[port].map({ !$0.isEmpty }) ?? false, plugged.withLock({ $0.removeValue(forKey: port) }) != nil {
-                queue.post(.unplug(port: port))
-                log("\(dev.backendPath): port \(port): unplugged \(portSpecs[port]!)")
+            // A stack that was refused (port-error) was never opened: nothing to unplug.
+            if let old = plugged.withLock({ $0.removeValue(forKey: port) }) {
+                // The queue closes what it has; one that is gone closed it already.
+                if old.inQueue { queue?.post(.unplug(port: port)) } else { old.device.close() }
+                log("\(dev.backendPath): port \(port): unplugged \(portSpecs[port] ?? "")")
             }
-            // The last refusal's reason goes with the spec it was about.
-            do throws(XenStoreError) { try dev.store.remove(dev.backendPath + "/port-error/\(port)", transaction: .none) } catch {}
+            // The last outcome goes with the spec it was about.
+            for node in ["port-error", "port-device"] {
+                do throws(XenStoreError) { try dev.store.remove(dev.backendPath + "/\(node)/\(port)", transaction: .none) } catch {}
+            }
             portSpecs[port] = spec
             guard !spec.isEmpty else { continue }
             do {
                 let device = try open(spec)
-                if usbVersion == 1 && device.speed == .high {
+                do {
+                    if usbVersion == 1 && device.speed == .high {
+                        throw UsbifConnectError("a high-speed device on a USB 1.1 controller (usb-ver=1): attach it with --usb-version 2")
+                    }
+                    // Admitted (open judged it): only now may a host device leave its drivers.
+                    try device.claim()
+                } catch {
                     device.close()
-                    throw UsbifConnectError("a high-speed device on a USB 1.1 controller (usb-ver=1)")
+                    throw error
                 }
-                plugged.withLock { $0[port] = device }
-                queue.post(.plug(port: port, device: device))
-                log("\(dev.backendPath): port \(port): plugged \(spec) (\(device.speed) speed, \(hex4(device.descriptors.vendorID)):\(hex4(device.descriptors.productID)))")
+                let id = "\(hex4(device.descriptors.vendorID)):\(hex4(device.descriptors.productID))"
+                plugged.withLock { $0[port] = Opened(device: device, inQueue: queue != nil) }
+                queue?.post(.plug(port: port, device: device))
+                try? dev.store.write(dev.backendPath + "/port-device/\(port)", "\(id) \(device.speed) speed")
+                log("\(dev.backendPath): port \(port): \(queue == nil ? "opened" : "plugged") \(spec) (\(device.speed) speed, \(id))")
             } catch {
                 log("\(dev.backendPath): port \(port): cannot plug \(spec): \(error)")
                 try? dev.store.write(dev.backendPath + "/port-error/\(port)", "\(error)")
@@ -126,10 +165,24 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
     public func disconnect(_ dev: XenbusBackendDevice) {
         guard let queue else { return }
         self.queue = nil
-        plugged.withLock { $0 = [:] }
+        // The queue closes the devices it has; those opened since (none connected) stay.
+        let taken = plugged.withLock { ports in
+            defer { ports = ports.filter { !$0.value.inQueue } }
+            return ports.filter { $0.value.inQueue }.keys
+        }
+        closedWithQueue.withLock { $0.formUnion(taken) }
         _ = queue.stop(timeout: .infinity)
         let c = queue.counters
         log("\(dev.backendPath): disconnected (\(c.urbs.load(ordering: .relaxed)) URBs, \(c.errors.load(ordering: .relaxed)) failed)")
+    }
+
+    /// The controller is gone: the stacks no frontend ever took are closed here.
+    public func unplugged(_ dev: XenbusBackendDevice) {
+        let left = plugged.withLock { ports in
+            defer { ports = [:] }
+            return ports.values.filter { !$0.inQueue }.map(\.device)
+        }
+        for device in left { device.close() }
     }
 }
 

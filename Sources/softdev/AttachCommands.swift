@@ -15,8 +15,11 @@ struct Attach: ParsableCommand {
             Writes the frontend and backend xenstore nodes in one transaction, with the permissions libxl uses \
             (the guest may read its backend's nodes, never write them), under /local/domain/<me>/backend/softdev-<type> \
             (\(DeviceClass.all.map { "\($0.name): \($0.backendType)" }.joined(separator: ", "))), which no kernel backend claims. \
-            The spec is checked here and opened by the daemon. With `xl create -p`, attach, then `xl unpause`, the guest has \
-            the device at boot.
+            The spec is checked here and opened by the daemon. When a daemon (`softdev serve`) runs, attach waits up to \
+            --wait seconds for it to open the stack: a stack it refuses (a file that cannot be opened, a USB device a policy \
+            blocks or that another program holds) is taken away again and attach fails with the daemon's reason; with no \
+            daemon running, the device waits for one. With `xl create -p`, attach, then `xl unpause`, the guest has the device \
+            at boot.
             Examples:
               softdev attach guest1 block xvdb 'stats | file(path=/srv/guest1.img)'
               softdev attach guest1 net 0 'pcap(file=/tmp/g1.pcap) | tap(name=sd-g1)' --mac 00:16:3e:00:00:01
@@ -44,6 +47,8 @@ struct Attach: ParsableCommand {
     var ports: Int?
     @Option(name: .customLong("usb-version"), help: ArgumentHelp("USB version of the guest's controller (usb), 1 or 2, when this device creates it. Default: 2.", valueName: "v"))
     var usbVersion: Int?
+    @Option(help: ArgumentHelp("Seconds to wait for the running daemon to serve or refuse the device (0: do not wait).", valueName: "seconds"))
+    var wait: Double = 30
 
     func run() throws {
         let deviceClass: DeviceClass
@@ -61,14 +66,34 @@ struct Attach: ParsableCommand {
         let store = try hypervisorOptions.choice().openStore()
         let guest = try XenbusToolstack.resolveDomain(store, domain)
         let me = try XenHypervisor.ownDomainID(store)
+        guard wait >= 0 else { throw ValidationError("--wait \(wait): use 0 or more seconds") }
+        let daemon = ServeLock.isHeld(at: ServeLock.path(for: try hypervisorOptions.choice()))
         let paths: XenbusDevicePaths
+        let served: String?
         do {
-            paths = try deviceClass.attach(store: store, guest: guest, backendDomain: me, name, spec: spec, readOnly: readonly,
-                                           settings: settings)
+            if daemon && wait > 0 {
+                (paths, served) = try deviceClass.attachServed(store: store, guest: guest, backendDomain: me, name, spec: spec,
+                                                               readOnly: readonly, settings: settings, timeoutSeconds: wait)
+            } else {
+                paths = try deviceClass.attach(store: store, guest: guest, backendDomain: me, name, spec: spec, readOnly: readonly,
+                                               settings: settings)
+                served = nil
+            }
         } catch XenStoreError.exists(let path) {
             throw ValidationError("domain \(guest) already has a \(deviceClass.noun) \(name.name) (\(path) exists): detach it first or pick another name")
         }
-        print("attached \(name.name) to domain \(guest): \(paths.backendPath)")
+        let attached = "attached \(name.name) to domain \(guest): \(paths.backendPath)"
+        if let served {
+            print(attached + (served.isEmpty ? "" : " (\(served))"))
+        } else if !daemon {
+            print(attached + " (no softdev serve runs here: it opens the device when it starts)")
+        } else if wait == 0 {
+            print(attached)
+        } else {
+            print(attached)
+            throw ServeConfigError("softdev serve has not opened it within \(wait) s (see its log): it stays attached; "
+                                  + "`softdev list` shows how it stands, `softdev detach` takes it away")
+        }
     }
 }
 

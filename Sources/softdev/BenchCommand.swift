@@ -66,7 +66,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Backends to measure through blkif, comma-separated: reference, null, fio (fio's libaio on the file), file.")
     var backends = "reference,null,fio,file"
 
-    @Option(help: ArgumentHelp("Workloads to run, comma-separated, or all: \(BenchmarkWorkload.standard.map(\.name).joined(separator: ", ")) (4k-qd1, 4k-qd32, 4k-qd256 and 1m still name the reads).",
+    @Option(help: ArgumentHelp("Workloads to run, comma-separated, or all: \(BenchmarkWorkload.standard.map(\.name).joined(separator: ", ")) (4k-qd1, 4k-qd32, 4k-qd256 and 1m still name the reads); with --net, the netif rows: \(NetBenchmark.Workload.standard.map(\.key).joined(separator: ", ")).",
                                valueName: "names"))
     var workloads = "all"
 
@@ -191,11 +191,12 @@ struct Bench: ParsableCommand {
     /// The netif rings: SoftDev's backend over a sink against the C reference backend.
     private func runRings() throws {
         var bench = NetBenchmark(seconds: seconds)
+        do { bench.workloads = try NetBenchmark.Workload.select(workloads) } catch { throw ValidationError("\(error)") }
         bench.pollMicroseconds = pollMicroseconds
         print("netif, local hypervisor: 1 queue, split event channels, 256 rx buffers, \(seconds) s per row in \(bench.rounds) turns, "
               + "the targets in order then reversed (+\(bench.warmup) s warm-up each); the guest pushes tx in batches of what the ring "
-              + "holds; rx frames come from the sink (SoftDev, handed up by the guest's thread as it reposts buffers) or the C backend's "
-              + "generator; " + Self.blkifPolling(pollMicroseconds))
+              + "holds; rx frames come from the sink (SoftDev: copies of a template, reused once the backend lets go of them, handed up by "
+              + "the guest's thread as it reposts buffers) or the C backend's generator (from a template); " + Self.blkifPolling(pollMicroseconds))
         let rows = try bench.run { row in
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
         }

@@ -138,10 +138,26 @@ final class RingCompletionQueueTests: XCTestCase {
         XCTAssertFalse(q.post(3))
         XCTAssertFalse(q.isEmpty)
         var got: [Int] = []
-        XCTAssertEqual(q.drain { got.append($0) }, 3)
+        XCTAssertEqual(q.drainBatch { got += $0 }, 3)
         XCTAssertEqual(got, [1, 2, 3])
         XCTAssertTrue(q.isEmpty)
-        XCTAssertEqual(q.drain { _ in XCTFail("empty") }, 0)
+        XCTAssertEqual(q.drainBatch { _ in XCTFail("empty") }, 0)
         XCTAssertTrue(q.post(4), "empty again: the next post wakes")
+    }
+
+    /// A batch taken over by swapping changes hands whole, and the queue goes on with the
+    /// buffer it was given back.
+    func testABatchTakenOverBySwappingKeepsItsOrderAndTheQueueGoesOn() {
+        let q = RingCompletionQueue<Int>(capacity: 4)
+        for i in 1...6 { _ = q.post(i) }
+        var kept: [Int] = []
+        kept.reserveCapacity(4)
+        XCTAssertEqual(q.drainBatch { swap(&kept, &$0) }, 6)
+        XCTAssertEqual(kept, [1, 2, 3, 4, 5, 6])
+        XCTAssertTrue(q.isEmpty)
+        _ = q.post(7)
+        var next: [Int] = []
+        XCTAssertEqual(q.drainBatch { next += $0 }, 1)
+        XCTAssertEqual(next, [7])
     }
 }

@@ -102,4 +102,53 @@ final class DaemonUSBTests: LocalDaemonTestCase {
         try goodFront.close()
         try lateFront.close()
     }
+
+    /// `softdev attach` with a daemon serving waits for its answer, for every class alike: a
+    /// stack the daemon cannot open is refused with its reason and taken away again (a new
+    /// controller removed, a port of one that was there emptied), so the same attach can be made
+    /// once the cause is fixed; a stack it serves is reported served, even for a paused guest
+    /// whose frontend has not appeared.
+    func testAttachWaitsForTheDaemonAndReportsARefusal() throws {
+        let d = try startDaemon(ServeConfig())
+        let guest = try LocalHypervisor.createGuest(LocalHypervisorAddress(directory: directory), name: "w", pages: 4096)
+        defer { guest.destroy() }
+        let store = d.hypervisor.store
+        let missing = directory + "/no-such-dir/stick.img"
+        func refusal(_ c: DeviceClass, _ name: String, _ spec: String, settings: [String: String] = [:]) -> String {
+            do {
+                _ = try c.attachServed(store: store, guest: guest.domainID, backendDomain: 0, try c.parseName(name), spec: spec,
+                                       settings: settings, timeoutSeconds: 10)
+                return "served"
+            } catch { return "\(error)" }
+        }
+        func exists(_ path: String) -> Bool { (try? store.read(path, transaction: .none)) != nil }
+
+        // USB, the controller created by this attach: refused, and gone again.
+        let usb = DeviceClass.usb
+        let controller = usb.paths(guest: guest.domainID, backendDomain: 0, try usb.parseName("1"))
+        let first = refusal(usb, "1", "storage(device=\"file(path=\(missing))\")", settings: ["ports": "4"])
+        XCTAssertTrue(first.hasPrefix("softdev serve refused USB device 1 of domain \(guest.domainID): "), first)
+        XCTAssertTrue(first.contains(missing) && first.hasSuffix("Nothing is attached: fix the cause and attach again"), first)
+        XCTAssertFalse(exists(controller.backendPath))
+        XCTAssertFalse(exists(controller.frontendPath))
+
+        // Served: the port's device named, before any frontend.
+        let (paths, served) = try usb.attachServed(store: store, guest: guest.domainID, backendDomain: 0, try usb.parseName("1"),
+                                                   spec: "keyboard", settings: ["ports": "4"], timeoutSeconds: 10)
+        XCTAssertEqual(paths, controller)
+        XCTAssertEqual(served, "1209:0002 full speed")
+        // A port of the existing controller: refused and emptied; the keyboard stays.
+        let second = refusal(usb, "2", "storage(device=\"file(path=\(missing))\")")
+        XCTAssertTrue(second.contains("softdev serve refused USB device 2") && second.contains(missing), second)
+        XCTAssertEqual(try store.readString(paths.backendPath + "/port/2"), "")
+        XCTAssertEqual(try store.readString(paths.backendPath + "/port/1"), "keyboard")
+        XCTAssertEqual(refusal(usb, "2", "storage(device=\"memory(size=1M)\")"), "served", "the same port again, fixed")
+
+        // A disk: the same reading of the same kind of answer.
+        let block = DeviceClass.block
+        let disk = refusal(block, "xvdb", "file(path=\(missing))")
+        XCTAssertTrue(disk.hasPrefix("softdev serve refused disk xvdb of domain \(guest.domainID): ") && disk.contains(missing), disk)
+        XCTAssertFalse(exists(block.paths(guest: guest.domainID, backendDomain: 0, try block.parseName("xvdb")).backendPath))
+        XCTAssertEqual(refusal(block, "xvdb", "memory(size=1M)"), "served")
+    }
 }

@@ -102,12 +102,24 @@ final class SoftDevCLITests: XCTestCase {
         let typo = try softdev(["attach"] + local + ["g1", "block", "xvdd", "memroy(size=8M)"])
         XCTAssertNotEqual(typo.status, 0)
         XCTAssertTrue(typo.output.contains("unknown device 'memroy'"), typo.output)
+        // The daemon cannot open it: attach says why, fails, and leaves nothing behind.
+        let missing = directory + "/no-such-dir/disk.img"
+        let refused = try softdev(["attach"] + local + ["g1", "block", "xvdd", "file(path=\(missing))"])
+        XCTAssertNotEqual(refused.status, 0, refused.output)
+        XCTAssertTrue(refused.output.contains("softdev serve refused disk xvdd of domain") && refused.output.contains(missing), refused.output)
+        XCTAssertFalse(refused.output.contains("attached xvdd"), refused.output)
+        let usbRefused = try softdev(["attach"] + local + ["g1", "usb", "1", "storage(device=\"file(path=\(missing))\")"])
+        XCTAssertNotEqual(usbRefused.status, 0, usbRefused.output)
+        XCTAssertTrue(usbRefused.output.contains("softdev serve refused USB device 1 of domain"), usbRefused.output)
+        let usb = try softdev(["attach"] + local + ["g1", "usb", "1", "keyboard"])
+        XCTAssertEqual(usb.status, 0, usb.output)
+        XCTAssertTrue(usb.output.contains("attached 1 to domain") && usb.output.contains("(1209:0002 full speed)"), usb.output)
         let nobody = try softdev(["attach"] + local + ["g9", "block", "xvdd", "null(size=1M)"])
         XCTAssertTrue(nobody.output.contains("no domain is named 'g9'"), nobody.output)
 
         let list = try softdev(["list"] + local)
         XCTAssertEqual(list.status, 0, list.output)
-        let lines = list.output.split(separator: "\n").filter { $0.contains("(g1)") }
+        let lines = list.output.split(separator: "\n").filter { $0.contains("(g1)") && $0.contains(" block ") }
         XCTAssertEqual(lines.count, 2, list.output)
         XCTAssertTrue(lines.allSatisfy { $0.contains("Connected  Connected") && $0.contains("ring order 4, 1 queue, persistent on") }, list.output)
         XCTAssertTrue(list.output.contains("stats | memory(size=16M)"), list.output)

@@ -36,39 +36,13 @@ final class CompressFilterTests: XCTestCase {
         let size = 3 << 20 | 2560
         let container = "\(directory)/c.img"
         let stack = spec(container, size: size)
-        var device = try DeviceRegistry.open(stack)
+        let device = try DeviceRegistry.open(stack)
         XCTAssertEqual(device.geometry.size, UInt64(size))
         XCTAssertEqual(device.capabilities, [.write, .flush, .fua, .discard, .writeZeroes])
-        var model = [UInt8](repeating: 0, count: size)
-        var random = SplitMix64(seed: 4321)
-        for step in 0..<400 {
-            let sectors = size / 512
-            let offset = Int(random.next() % UInt64(sectors)) * 512
-            let length = min(size - offset, (Int(random.next() % 80) + 1) * 512)
-            switch random.next() % 10 {
-            case 0:
-                try device.sync.flush()
-            case 1:
-                try device.sync.writeZeroes(at: UInt64(offset), length: UInt64(length), mayDiscard: true)
-                model.replaceSubrange(offset..<offset + length, with: repeatElement(0, count: length))
-            case 2:
-                try device.sync.discard(at: UInt64(offset), length: UInt64(length))
-                model.replaceSubrange(offset..<offset + length, with: repeatElement(0, count: length))
-            default:
-                let bytes = random.next() % 2 == 0 ? patternBytes(length, seed: UInt64(step)) : Self.compressible(length, seed: UInt64(step))
-                try device.writeBytes(bytes, at: UInt64(offset), fua: random.next() % 4 == 0)
-                model.replaceSubrange(offset..<offset + length, with: bytes)
-            }
-            let readOffset = Int(random.next() % UInt64(sectors)) * 512
-            let readLength = min(size - readOffset, (Int(random.next() % 160) + 1) * 512)
-            XCTAssertTrue(try device.readBytes(readLength, at: UInt64(readOffset)) == Array(model[readOffset..<readOffset + readLength]),
-                          "step \(step): read \(readOffset)+\(readLength)")
-        }
-        XCTAssertTrue(try device.readBytes(size, at: 0) == model, "the whole device")
         device.close()
-        device = try DeviceRegistry.open(stack)
-        XCTAssertTrue(try device.readBytes(size, at: 0) == model, "the whole device after reopening")
-        device.close()
+        try checkRandomOperations(stack, model: [UInt8](repeating: 0, count: size), steps: 400, seed: 4321, data: { length, step, random in
+            random.next() % 2 == 0 ? patternBytes(length, seed: UInt64(step)) : Self.compressible(length, seed: UInt64(step))
+        }, discarded: { model, range in model.replaceSubrange(range, with: repeatElement(0, count: range.count)) })
     }
 
     /// Many requests in flight at once from the caller's view: each reads back what it wrote.

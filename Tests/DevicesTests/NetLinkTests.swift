@@ -89,8 +89,14 @@ final class NetLinkTests: XCTestCase {
             server.standardError = FileHandle.nullDevice
             try server.run()
             defer { if server.isRunning { server.terminate() }; server.waitUntilExit() }
-            usleep(500_000)
-            let (_, output) = try sh([ip, "netns", "exec", nsA, iperf3, "-c", "10.77.0.2", "-p", "5201", "-t", "3", "-J"])
+            // The server may still be starting (a loaded machine): the client tries again while
+            // it cannot connect, for up to 10 s.
+            var output = ""
+            for _ in 0..<100 {
+                usleep(100_000)
+                output = try sh([ip, "netns", "exec", nsA, iperf3, "-c", "10.77.0.2", "-p", "5201", "-t", "3", "-J"], check: false).output
+                if !output.contains("unable to connect") { break }
+            }
             let json = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(output.utf8)) as? [String: Any], output)
             XCTAssertNil(json["error"], "\(json["error"] ?? "")")
             let end = try XCTUnwrap(json["end"] as? [String: Any])

@@ -4,6 +4,7 @@ import Dispatch
 import Foundation
 import Glibc
 import Synchronization
+import TestPeers
 import XCTest
 
 /// Page-aligned memory for I/O, with one iovec over it that starts `misalign` bytes in.
@@ -175,6 +176,49 @@ func checkConcurrentRequests(_ device: any BlockDevice, file: StaticString = #fi
     }
     XCTAssertTrue(readCompletions.wait(for: 64).values.allSatisfy { $0 == .success }, file: file, line: line)
     for (i, buffer) in reads.enumerated() { XCTAssertTrue(buffer.bytes == TestBuffer.expected(12288, UInt8(i)), "request \(i)", file: file, line: line) }
+}
+
+/// `steps` random operations on the device `stack` opens, starting from `model` (what it holds):
+/// writes of 512 B to 40 KiB at any sector (`data` makes each one's bytes), a quarter of them
+/// FUA, flushes, write-zeroes, and discards (`discarded` says what a discarded range reads as
+/// afterwards); after each, a random read matches the model, then the whole device after close
+/// and reopen.
+func checkRandomOperations(_ stack: String, model start: [UInt8], steps: Int, seed: UInt64,
+                           data: (_ length: Int, _ step: Int, _ random: inout SplitMix64) -> [UInt8],
+                           discarded: (_ model: inout [UInt8], _ range: Range<Int>) -> Void,
+                           file: StaticString = #filePath, line: UInt = #line) throws {
+    let size = start.count
+    var device = try DeviceRegistry.open(stack)
+    var model = start
+    var random = SplitMix64(seed: seed)
+    for step in 0..<steps {
+        let sectors = size / 512
+        let offset = Int(random.next() % UInt64(sectors)) * 512
+        let length = min(size - offset, (Int(random.next() % 80) + 1) * 512)
+        switch random.next() % 10 {
+        case 0:
+            try device.sync.flush()
+        case 1:
+            try device.sync.writeZeroes(at: UInt64(offset), length: UInt64(length), mayDiscard: true)
+            model.replaceSubrange(offset..<offset + length, with: repeatElement(0, count: length))
+        case 2:
+            try device.sync.discard(at: UInt64(offset), length: UInt64(length))
+            discarded(&model, offset..<offset + length)
+        default:
+            let bytes = data(length, step, &random)
+            try device.writeBytes(bytes, at: UInt64(offset), fua: random.next() % 4 == 0)
+            model.replaceSubrange(offset..<offset + length, with: bytes)
+        }
+        let readOffset = Int(random.next() % UInt64(sectors)) * 512
+        let readLength = min(size - readOffset, (Int(random.next() % 160) + 1) * 512)
+        XCTAssertTrue(try device.readBytes(readLength, at: UInt64(readOffset)) == Array(model[readOffset..<readOffset + readLength]),
+                      "step \(step): read \(readOffset)+\(readLength)", file: file, line: line)
+    }
+    XCTAssertTrue(try device.readBytes(size, at: 0) == model, "the whole device", file: file, line: line)
+    device.close()
+    device = try DeviceRegistry.open(stack)
+    XCTAssertTrue(try device.readBytes(size, at: 0) == model, "the whole device after reopening", file: file, line: line)
+    device.close()
 }
 
 extension BlockDevice {

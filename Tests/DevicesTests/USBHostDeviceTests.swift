@@ -201,6 +201,38 @@ final class USBHostDeviceTests: XCTestCase {
         XCTAssertThrowsError(try HostTransfer.prepare(t2, for: short, handle: nil, callback: nil), "wLength beyond the buffer")
     }
 
+    /// A passed-through device's halts are its own: GET_STATUS(ENDPOINT) and SET_FEATURE(HALT)
+    /// go to the device (the tap's copy would say "not halted" of a bulk endpoint the device
+    /// stalled), as a control transfer with the guest's setup; the rest stays the tap's.
+    func testEndpointStatusAndHaltGoToTheDevice() throws {
+        let getStatus = USBSetup(requestType: 0x82, request: 0, value: 0, index: 0x81, length: 2)
+        let setHalt = USBSetup(requestType: 0x02, request: 3, value: 0, index: 0x02, length: 0)
+        XCTAssertTrue(USBHostDevice.deviceAnswers(getStatus))
+        XCTAssertTrue(USBHostDevice.deviceAnswers(setHalt))
+        for setup in [USBSetup(requestType: 0x02, request: 1, value: 0, index: 0x81, length: 0),   // CLEAR_FEATURE(HALT): libusb_clear_halt
+                      USBSetup(requestType: 0x82, request: 0, value: 0, index: 0x80, length: 2),   // endpoint 0
+                      USBSetup(requestType: 0x80, request: 0, value: 0, index: 0, length: 2),      // GET_STATUS(DEVICE)
+                      USBSetup(requestType: 0x81, request: 0, value: 0, index: 0, length: 2),      // GET_STATUS(INTERFACE)
+                      USBSetup(requestType: 0x00, request: 9, value: 1, index: 0, length: 0),      // SET_CONFIGURATION
+                      USBSetup(requestType: 0xa2, request: 0, value: 0, index: 0x81, length: 2)] { // a class request
+            XCTAssertFalse(USBHostDevice.deviceAnswers(setup), "\(setup)")
+        }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 2, alignment: 8)
+        defer { buffer.deallocate() }
+        let urb = URB(endpoint: 0, isIn: true, type: .control, setup: getStatus, buffer: buffer, tag: 0, sink: Sink())
+        let t = try XCTUnwrap(libusb_alloc_transfer(0))
+        defer { libusb_free_transfer(t) }
+        let own = try XCTUnwrap(HostTransfer.prepare(t, for: urb, handle: nil, callback: nil))
+        defer { own.deallocate() }
+        XCTAssertEqual(Array(UnsafeBufferPointer(start: t.pointee.buffer, count: 8)), getStatus.bytes)
+        own[8] = 1   // the device says: halted
+        own[9] = 0
+        t.pointee.status = LIBUSB_TRANSFER_COMPLETED
+        t.pointee.actual_length = 2
+        XCTAssertEqual(HostTransfer.results(of: t, ownBuffer: own, into: urb), .ok)
+        XCTAssertEqual(Array(buffer), [1, 0])
+    }
+
     func testBulkUsesTheTapsBufferInPlace() throws {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
         defer { buffer.deallocate() }

@@ -114,6 +114,22 @@ final class USBPolicyTests: XCTestCase {
         XCTAssertEqual(try target("allow with-interface one-of { 03:*:* }", device([])), .block)
     }
 
+    /// USBGuard's `with-interface` sees the interfaces of every configuration (and alternate
+    /// setting), not only the active one: a device whose second configuration is a keyboard is
+    /// judged with the keyboard, so a guest's SET_CONFIGURATION cannot reach an interface the
+    /// policy did not see.
+    func testWithInterfaceSeesEveryConfiguration() throws {
+        var d = Self.stick
+        d.device[17] = 2
+        d.configurations.append([9, 2, 25, 0, 1, 2, 0, 0x80, 50, 9, 4, 0, 0, 1, 3, 1, 1, 0, 7, 5, 0x81, 3, 8, 0, 10])
+        let attributes = USBDeviceAttributes(descriptors: d, viaPort: "1-2")
+        XCTAssertEqual(attributes.interfaces, [USBInterfaceClass(8, 6, 0x50), USBInterfaceClass(3, 1, 1)])
+        XCTAssertEqual(try target("allow with-interface 08:*:*", attributes), .block)
+        XCTAssertEqual(try target("allow with-interface match-all { 08:*:* }", attributes), .block)
+        XCTAssertEqual(try target("block with-interface one-of { 03:*:* }\nallow", attributes), .block)
+        XCTAssertEqual(try target("allow with-interface match-all { 08:*:* 03:*:* }", attributes), .allow)
+    }
+
     func testIDsStringsCommentsAndFirstMatch() throws {
         let d = device([(8, 6, 0x50)])
         XCTAssertEqual(try target("allow 1234:*", d), .allow)
@@ -226,10 +242,12 @@ final class USBPolicyTests: XCTestCase {
         XCTAssertEqual(allowed.rule.line, 1)
         XCTAssertEqual(allowed.descriptors, stick.descriptors)
         XCTAssertThrowsError(try open(["rules": allowPath])) { e in
-            XCTAssertEqual("\(e)", "policy(rules=\(allowPath)): the device 1234:5678 \"Stick\" is blocked by the implicit default (no rule of \(allowPath) matches it)")
+            XCTAssertEqual("\(e)", "policy(rules=\(allowPath)): the device 1234:5678 \"Stick\" is blocked by the implicit default (no rule of \(allowPath) matches it); "
+                           + "if a guest may have it, add an allow rule for it to \(allowPath)")
         }
         XCTAssertThrowsError(try open(["rules": blockPath])) { e in
-            XCTAssertEqual("\(e)", "policy(rules=\(blockPath)): the device 1234:5678 \"Stick\" is rejected by rule \(blockPath):2 (reject with-interface one-of { 08:*:* })")
+            XCTAssertEqual("\(e)", "policy(rules=\(blockPath)): the device 1234:5678 \"Stick\" is rejected by rule \(blockPath):2 (reject with-interface one-of { 08:*:* }); "
+                           + "if a guest may have it, add an allow rule for it to \(blockPath) above that one")
         }
         XCTAssertThrowsError(try open(["rules": badPath])) { e in
             XCTAssertEqual("\(e)", "policy: \(badPath):2:10: expected a device id VID:PID (four hex digits each, or *), found '12345:1'")

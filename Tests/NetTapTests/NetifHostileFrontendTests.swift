@@ -285,4 +285,27 @@ final class NetifHostileFrontendTests: XCTestCase {
         try assertOtherGuestsServed()
         try f.close()
     }
+
+    /// Frames a guest cannot take (too large without scatter-gather) leave the backlog once:
+    /// counted twice, they would make room for more than the bound.
+    func testDroppedFramesDoNotWidenTheBacklog() throws {
+        let starved = RecordingEndpoint()
+        let (guest, p) = try lab.guestWithVif(starved, name: "narrow")
+        var options = LocalNetFrontend.Options()
+        options.rxBuffers = 0
+        options.scatterGather = false
+        let f = try LocalNetFrontend(hypervisor: guest, frontendPath: p.frontendPath, options: options)
+        let backend = lab.host.inspect { $0[p.backendPath]?.driver as? NetifBackend }
+        let large = TestFrames.tcp4(count: 9014)
+        for _ in 0..<100 { starved.send(large) }
+        let deadline = monotonicSeconds() + 5
+        while (backend?.counters.rxDropped ?? 0) < 100 && monotonicSeconds() < deadline { usleep(1000) }
+        XCTAssertEqual(backend?.counters.rxDropped, 100, "every frame too large for the guest is dropped")
+        let frame = TestFrames.tcp4(count: 1500)
+        for _ in 0..<5000 { starved.send(frame) }   // 7.5 MB against a 1 MiB backlog
+        let counters = try XCTUnwrap(backend?.counters)
+        let admitted: UInt64 = (1 << 20) / 1500 + 1
+        XCTAssertGreaterThanOrEqual(counters.rxDropped, 5100 - admitted, "the backlog holds at most 1 MiB, whatever was dropped before")
+        try f.close()
+    }
 }

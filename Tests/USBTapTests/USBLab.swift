@@ -99,6 +99,8 @@ final class USBLab {
     final class Shared: @unchecked Sendable {
         let lock = NSLock()
         var devices: [String: any USBDevice] = [:]
+        /// Stacks opened anew at each open (a policy judging them, as the daemon's open does).
+        var openers: [String: @Sendable () throws -> any USBDevice] = [:]
         var log: [String] = []
     }
     let shared = Shared()
@@ -114,9 +116,12 @@ final class USBLab {
             shared.lock.lock(); shared.log.append(line); shared.lock.unlock()
             if getenv("SOFTDEV_TEST_LOG") != nil { print(line) }
         }) { spec in
-            shared.lock.lock(); defer { shared.lock.unlock() }
-            guard let d = shared.devices[spec] else { throw UsbifConnectError("no test device \(spec)") }
-            return d
+            shared.lock.lock()
+            let (device, opener) = (shared.devices[spec], shared.openers[spec])
+            shared.lock.unlock()
+            if let opener { return try opener() }
+            guard let device else { throw UsbifConnectError("no test device \(spec)") }
+            return device
         }
         try host.start()
     }
@@ -130,6 +135,11 @@ final class USBLab {
     /// Registers `device` under `key` (a port's spec names it).
     func register(_ device: any USBDevice, as key: String) {
         shared.lock.lock(); shared.devices[key] = device; shared.lock.unlock()
+    }
+
+    /// Registers `open` under `key`: each open of a port naming `key` runs it.
+    func register(as key: String, _ open: @escaping @Sendable () throws -> any USBDevice) {
+        shared.lock.lock(); shared.openers[key] = open; shared.lock.unlock()
     }
 
     /// A guest with a controller of `ports` ports, `plugged` by spec.

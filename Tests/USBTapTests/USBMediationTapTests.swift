@@ -137,4 +137,103 @@ final class USBMediationTapTests: USBFilterTestCase {
         XCTAssertEqual(device.classRequests.map(\.value), [0x2200], "its request went to the device")
         try front.close()
     }
+
+    /// `interfaces` judges what is hidden against the configuration in force: interface 0 is a
+    /// stick in configuration 1 and a keyboard in configuration 2 (endpoint 0x81 in both). The
+    /// allowed stick must not make the keyboard reachable after the guest's SET_CONFIGURATION(2),
+    /// and the keyboard hidden in configuration 2 must not make the stick's SET_INTERFACE fail in 1.
+    /// Before any configuration (after a reset) only endpoint 0 is reachable.
+    func testInterfacesHidesPerConfiguration() throws {
+        let device = TwoConfigurationTestDevice()
+        let (front, configuration) = try connected(USBInterfacesFilter(next: device, allow: [USBInterfaceClassPattern(8, 6, 0x50)]))
+        XCTAssertEqual(configuration[5], 1)
+        XCTAssertEqual(USBDescriptors.walk(configuration).map(\.type), [2, 4, 5, 5])
+        func control(_ requestType: UInt8, _ request: UInt8, value: UInt16 = 0, index: UInt16 = 0, length: UInt16 = 0) throws -> USBStatus {
+            try front.control(port: 1, device: 2, USBSetup(requestType: requestType, request: request, value: value, index: index, length: length)).status
+        }
+        XCTAssertEqual(try control(0x01, 11, value: 0, index: 0), .ok, "SET_INTERFACE(0, 0) of the allowed stick")
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 1, type: .bulk, isIn: true, length: 13).status, .ok)
+        XCTAssertEqual(device.seen, ["bulk 81 in configuration 1"])
+
+        // Configuration 2 has the keyboard alone: the guest may set it, and reaches nothing in it.
+        let second = try front.control(port: 1, device: 2, USBSetup(requestType: 0x80, request: 6, value: 0x0201, index: 0, length: 64)).data
+        XCTAssertEqual(Array(second.prefix(5)), [9, 2, 9, 0, 0], "configuration 2 as the guest sees it: no interface")
+        XCTAssertEqual(try control(0x00, 9, value: 2), .ok)
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 1, type: .interrupt, isIn: true, length: 8).status, .stall)
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 1, type: .bulk, isIn: true, length: 13).status, .stall)
+        XCTAssertEqual(try control(0x21, 0x0A, index: 0), .stall, "SET_IDLE to the keyboard")
+        XCTAssertEqual(try control(0x81, 0, index: 0, length: 2), .stall, "GET_STATUS of the keyboard interface")
+        XCTAssertEqual(try control(0x01, 11, value: 0, index: 0), .stall, "SET_INTERFACE(0, 0) of the keyboard")
+        XCTAssertEqual(try control(0x02, 1, value: 0, index: 0x81), .stall, "CLEAR_FEATURE(HALT) of the keyboard's endpoint")
+        XCTAssertEqual(device.seen, ["bulk 81 in configuration 1"], "nothing reached the keyboard")
+
+        // Back to 1: the stick again.
+        XCTAssertEqual(try control(0x00, 9, value: 1), .ok)
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 1, type: .bulk, isIn: true, length: 13).status, .ok)
+        // A port reset: unconfigured, so no endpoint but 0 until SET_CONFIGURATION.
+        XCTAssertEqual(try front.control(port: 1, device: 0, USBSetup(requestType: 0x00, request: 5, value: 3, index: 0, length: 0)).status, .ok)
+        XCTAssertEqual(try front.transfer(port: 1, device: 3, endpoint: 1, type: .bulk, isIn: true, length: 13).status, .stall)
+        XCTAssertEqual(device.seen, ["bulk 81 in configuration 1", "bulk 81 in configuration 1"])
+        try front.close()
+    }
+}
+
+extension USBMediationTapTests {
+    /// `readonly-storage` cannot be stepped around: configuration 1 has two Bulk-Only
+    /// interfaces (OUT 2 and OUT 4), configuration 2 a third on OUT 6. A WRITE(10) on the second
+    /// interface's endpoint, or a SET_CONFIGURATION to 2 (whose storage interface the filter
+    /// does not parse), never reaches the device.
+    func testReadOnlyStorageCannotBeSteppedAroundByAnotherInterfaceOrConfiguration() throws {
+        func bot(_ number: UInt8, _ inEP: UInt8, _ outEP: UInt8) -> [UInt8] {
+            [9, 4, number, 0, 2, 8, 6, 0x50, 0, 7, 5, inEP, 2, 0, 2, 0, 7, 5, outEP, 2, 0, 2, 0]
+        }
+        let one = [9, 2, 55, 0, 2, 1, 0, 0x80, 50] + bot(0, 0x81, 0x02) + bot(1, 0x83, 0x04)
+        let two = [9, 2, 32, 0, 1, 2, 0, 0x80, 50] + bot(0, 0x85, 0x06)
+        let device = TwoConfigurationTestDevice(configurations: [one, two])
+        let (front, _) = try connected(try USBReadOnlyStorageFilter(device: device))
+        var cbw: [UInt8] = [0x55, 0x53, 0x42, 0x43, 1, 0, 0, 0, 0, 2, 0, 0, 0, 0, 10]
+        cbw += Self.write10(0, 1) + [UInt8](repeating: 0, count: 6)
+        XCTAssertEqual(try front.transfer(port: 1, device: 2, endpoint: 4, type: .bulk, isIn: false, data: cbw).status, .stall)
+        XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0x00, request: 9, value: 2, index: 0, length: 0)).status,
+                       .stall)
+        XCTAssertEqual(device.seen, [], "no WRITE reached the device")
+        XCTAssertEqual(try front.control(port: 1, device: 2, USBSetup(requestType: 0x00, request: 9, value: 1, index: 0, length: 0)).status,
+                       .ok)
+        try front.close()
+    }
+}
+
+/// A device with two configurations (by default: they share interface 0 and endpoint 0x81, a
+/// mass-storage interface with bulk 0x81 and 0x02 in configuration 1, a HID keyboard with
+/// interrupt 0x81 in 2). It records every URB and class request it gets, with the
+/// configuration it was in, and answers each with zeros.
+final class TwoConfigurationTestDevice: USBDevice, @unchecked Sendable {
+    let name = "two-configurations"
+    let speed = USBSpeed.high
+    let descriptors: USBDescriptors
+    static let storageThenKeyboard: [[UInt8]] = [
+        [9, 2, 32, 0, 1, 1, 0, 0x80, 50, 9, 4, 0, 0, 2, 8, 6, 0x50, 0, 7, 5, 0x81, 2, 0, 2, 0, 7, 5, 0x02, 2, 0, 2, 0],
+        [9, 2, 34, 0, 1, 2, 0, 0x80, 50, 9, 4, 0, 0, 1, 3, 1, 1, 0, 9, 0x21, 0x11, 0x01, 0, 1, 0x22, 63, 0, 7, 5, 0x81, 3, 8, 0, 10]]
+    init(configurations: [[UInt8]] = storageThenKeyboard) {
+        descriptors = USBDescriptors(device: [18, 1, 0x00, 0x02, 0, 0, 0, 64, 0x34, 0x12, 0x02, 0x50, 0x00, 0x01, 0, 0, 0,
+                                              UInt8(configurations.count)], configurations: configurations)
+    }
+    private let lock = NSLock()
+    private var configuration: UInt8 = 0
+    private var log: [String] = []
+    var seen: [String] { lock.withLock { log } }
+
+    func submit(_ urb: URB) {
+        lock.withLock {
+            let what = urb.setup.map { "control \(String($0.requestType, radix: 16)) \(String($0.request, radix: 16))" }
+                ?? "\(urb.type) \(String(urb.endpoint | (urb.isIn ? 0x80 : 0), radix: 16))"
+            log.append("\(what) in configuration \(configuration)")
+        }
+        urb.complete(in: [UInt8](repeating: 0, count: min(urb.buffer.count, 8)))
+    }
+
+    func setConfiguration(_ value: UInt8) -> USBStatus {
+        lock.withLock { configuration = value }
+        return .ok
+    }
 }

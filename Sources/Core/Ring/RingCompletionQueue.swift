@@ -47,16 +47,18 @@ public final class RingCompletionQueue<Element>: @unchecked Sendable {
     /// Whether anything is queued (one atomic load).
     @inlinable public var isEmpty: Bool { count.load(ordering: .acquiring) == 0 }
 
-    /// On the ring thread: takes everything queued and gives it to `body` in order; returns how
-    /// many there were.
-    @inlinable @discardableResult public func drain(_ body: (Element) -> Void) -> Int {
+    /// On the ring thread: takes everything queued and gives it to `body` as one array, which
+    /// `body` may take over by swapping in an empty one of its own (the elements then change
+    /// hands without a copy); whatever is left in it afterwards is dropped. Returns how many
+    /// there were.
+    @inlinable @discardableResult public func drainBatch(_ body: (inout [Element]) -> Void) -> Int {
         if count.load(ordering: .acquiring) == 0 { return 0 }
         pending.withLock { q in
             swap(&q, &draining)
             count.store(0, ordering: .releasing)
         }
         let n = draining.count
-        for i in 0..<n { body(draining[i]) }
+        body(&draining)
         draining.removeAll(keepingCapacity: true)
         return n
     }

@@ -15,6 +15,10 @@ public protocol RingService: AnyObject {
     func takeWork()
     /// Finishes one completion another thread posted (writes its response, frees its slot).
     func finish(_ completion: Completion)
+    /// Finishes a batch of posted completions, in order. The default calls `finish` for each;
+    /// a service that keeps them (frames waiting for a guest's buffers) may swap the array for
+    /// an empty one of its own instead of copying them one by one.
+    func finish(batch: inout [Completion])
     /// Publishes the responses written this turn and notifies the peers that asked for it.
     func publish()
     /// Work started and not finished. While any is in flight the loop does not poll (its
@@ -50,6 +54,9 @@ public protocol RingService: AnyObject {
 }
 
 extension RingService {
+    public func finish(batch: inout [Completion]) {
+        for i in 0..<batch.count { finish(batch[i]) }
+    }
     public var pollsCompletions: Bool { false }
     public func completionsReady() -> Bool { false }
     public func collectCompletions() {}
@@ -214,7 +221,7 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
         fds += fileDescriptors.map { pollfd(fd: $0.fd, events: $0.events, revents: 0) }
         fds.append(pollfd(fd: wake, events: Int16(POLLIN), revents: 0))
         let wakeIndex = fds.count - 1
-        let finish = { (c: Service.Completion) in service.finish(c) }
+        let finish = { (batch: inout [Service.Completion]) in service.finish(batch: &batch) }
         while true {
             let isStopping = stopping.load(ordering: .relaxed)
             if isStopping {
@@ -222,7 +229,7 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
             } else {
                 service.takeWork()
             }
-            completions.drain(finish)
+            completions.drainBatch(finish)
             service.publish()
             if !isStopping && service.awaitsWork {
                 // Idle: watch the rings a while before asking for a notification. The event
@@ -256,7 +263,7 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
                 if fds[wakeIndex].revents != 0 { var v: UInt64 = 0; _ = Glibc.read(wake, &v, 8) }
             }
         }
-        completions.drain(finish)
+        completions.drainBatch(finish)
         service.publish()
         service.ended()
         closeChannels()

@@ -100,6 +100,13 @@ public struct BackRing<T: RingTypes> {
         responseProducerIndex &+= 1
     }
 
+    /// Rewrites the response at `index`, one that `putResponse` wrote and that is not yet
+    /// published (a status learnt after the slot was written: a grant copy that failed).
+    @inlinable @inline(__always) public func rewriteResponse(at index: UInt32, _ response: T.Response) {
+        precondition(responseProducerIndex &- index &- 1 < size, "response \(index) is not one of the last \(size) written")
+        entry(index).storeBytes(of: response, as: T.Response.self)
+    }
+
     /// Writes the next response slot whole: its `MemoryLayout<T.Response>.size` bytes are
     /// zeroed, then `fill` stores the fields at their C offsets, so no padding byte carries
     /// this process's memory into the peer's page (XSA-216: blkback leaked kernel stack through

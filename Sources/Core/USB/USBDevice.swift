@@ -97,6 +97,12 @@ public protocol USBDevice: SoftDevice {
     func reset()
     /// The port the device is plugged into, for device-initiated events; nil when unplugged.
     func attach(to port: (any USBPortEvents)?)
+    /// Takes hold of what serving the device needs, once its stack is opened and admitted (a
+    /// policy judged what it is) and before it is plugged: a host device detaches the kernel's
+    /// drivers and claims its interfaces here, so that opening it, to read what it is, touches
+    /// nothing its host uses. The tap's backend calls it once per opened stack; throwing refuses
+    /// the device (the error says why and what to do). A soft device has nothing to take.
+    func claim() throws
 }
 
 extension USBDevice {
@@ -108,6 +114,7 @@ extension USBDevice {
     public func clearHalt(endpoint: UInt8, isIn: Bool) -> USBStatus { .ok }
     public func reset() {}
     public func attach(to port: (any USBPortEvents)?) {}
+    public func claim() throws {}
     public func close() {}
 }
 
@@ -128,6 +135,7 @@ open class USBFilter: USBDevice, @unchecked Sendable {
     open func clearHalt(endpoint: UInt8, isIn: Bool) -> USBStatus { next.clearHalt(endpoint: endpoint, isIn: isIn) }
     open func reset() { next.reset() }
     open func attach(to port: (any USBPortEvents)?) { next.attach(to: port) }
+    open func claim() throws { try next.claim() }
     open func close() { next.close() }
 }
 

@@ -184,8 +184,14 @@ public final class XenbusBackendHost: @unchecked Sendable {
             log("\(path): serving domain \(device.frontendDomain)")
         } catch {
             log("\(path): cannot start: \(error)")
-            try? store.write(path + "/error", "\(error)")
-            try? store.write(path + "/state", "\(XenbusDeviceState.closed.rawValue)")
+            // One transaction, and only while the nodes are there: a toolstack that reads the
+            // error (softdev attach) and takes the device away must not see the state node
+            // written again after it.
+            _ = try? store.transaction { (tx) throws(XenStoreError) in
+                guard (try? store.read(path + "/state", transaction: tx)) != nil else { return }
+                try store.write(path + "/error", "\(error)", transaction: tx)
+                try store.write(path + "/state", "\(XenbusDeviceState.closed.rawValue)", transaction: tx)
+            }
         }
     }
 

@@ -122,7 +122,7 @@ public final class IDSFilter: BlockFilter, @unchecked Sendable {
         case .read, .flush: return next.submit(request, completion: completion)
         case .write, .writeZeroes, .discard: break
         }
-        let data: [UInt8]? = request.operation == .write ? Self.gather(request.buffers) : nil
+        let write = request.operation == .write
         // Decide with the map as it is, and keep the new contents of the blocks the map reads.
         let (verdicts, metadata) = mapLock.withLock { () -> ([IDSAlert], [(UInt64, [UInt8]?)]) in
             let size = UInt64(map.blockSize)
@@ -134,8 +134,8 @@ public final class IDSFilter: BlockFilter, @unchecked Sendable {
                     let start = block * size, whole = start >= request.offset && start + size <= request.offset + request.length
                     // A whole block's new contents; a part of one is read back once it landed.
                     if whole {
-                        metadata.append((block, data.map { Array($0[Int(start - request.offset)..<Int(start - request.offset + size)]) }
-                                              ?? [UInt8](repeating: 0, count: Int(size))))
+                        metadata.append((block, write ? Self.copy(request.buffers, at: Int(start - request.offset), count: Int(size))
+                                                      : [UInt8](repeating: 0, count: Int(size))))
                     } else {
                         metadata.append((block, nil))
                     }
@@ -157,11 +157,13 @@ public final class IDSFilter: BlockFilter, @unchecked Sendable {
             return (verdicts, metadata)
         }
         var all = verdicts
-        if let data {
-            for rule in rules.rules {
-                guard case .signature(let signature) = rule.condition, Self.contains(data, signature) else { continue }
-                all.append(IDSAlert(rule: rule.name, action: rule.action.rawValue, path: nil, offset: request.offset,
-                                    length: request.length, detail: "a written block holds the signature"))
+        if write && !rules.signatures.isEmpty {
+            Self.withContiguousBytes(request.buffers) { data in
+                for rule in rules.signatures {
+                    guard case .signature(let signature) = rule.condition, Self.contains(data, signature) else { continue }
+                    all.append(IDSAlert(rule: rule.name, action: rule.action.rawValue, path: nil, offset: request.offset,
+                                        length: request.length, detail: "a written block holds the signature"))
+                }
             }
         }
         // One alert per rule and write is enough.
@@ -214,25 +216,37 @@ public final class IDSFilter: BlockFilter, @unchecked Sendable {
         handler(alert)
     }
 
-    private static func gather(_ buffers: IOBuffers) -> [UInt8] {
-        let count = buffers.byteCount
-        var bytes = [UInt8](repeating: 0, count: count)
-        bytes.withUnsafeMutableBytes { if count > 0 { buffers.copy(to: $0.baseAddress!, count: count) } }
-        return bytes
+    /// `count` bytes of the buffers (seen as one run) from byte `position`: one metadata block.
+    private static func copy(_ buffers: IOBuffers, at position: Int, count: Int) -> [UInt8] {
+        [UInt8](unsafeUninitializedCapacity: count) { bytes, initialized in
+            if count > 0 { buffers.copy(to: bytes.baseAddress!, count: count, at: position) }
+            initialized = count
+        }
     }
 
-    private static func contains(_ data: [UInt8], _ signature: [UInt8]) -> Bool {
-        guard let first = signature.first, data.count >= signature.count else { return false }
-        var i = 0
-        while i <= data.count - signature.count {
-            if data[i] == first {
-                var j = 1
-                while j < signature.count && data[i + j] == signature[j] { j += 1 }
-                if j == signature.count { return true }
-            }
-            i += 1
+    /// Calls `body` with the whole of the buffers as one run of bytes: the buffer itself when
+    /// there is one, else a copy gathered from them (a signature may straddle two).
+    private static func withContiguousBytes(_ buffers: IOBuffers, _ body: (UnsafeRawBufferPointer) -> Void) {
+        let count = buffers.byteCount
+        if let whole = buffers.contiguous(at: 0, count: count) {
+            return body(UnsafeRawBufferPointer(start: whole, count: count))
         }
-        return false
+        let gathered = copy(buffers, at: 0, count: count)
+        gathered.withUnsafeBytes(body)
+    }
+
+    private static func contains(_ data: UnsafeRawBufferPointer, _ signature: [UInt8]) -> Bool {
+        guard let first = signature.first, data.count >= signature.count, let base = data.baseAddress else { return false }
+        return signature.withUnsafeBytes { wanted in
+            // memchr to each candidate first byte, memcmp the rest (Glibc's module has no memmem).
+            let end = base + (data.count - wanted.count + 1)
+            var at = base
+            while at < end, let hit = memchr(at, Int32(first), end - at) {
+                if memcmp(hit, wanted.baseAddress!, wanted.count) == 0 { return true }
+                at = UnsafeRawPointer(hit) + 1
+            }
+            return false
+        }
     }
 
     public override func close() {

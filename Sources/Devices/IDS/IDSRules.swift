@@ -41,8 +41,11 @@ struct IDSRules {
         }
     }
 
-    var rules: [Rule] = []
+    private(set) var rules: [Rule] = []
     var pathRules: [Rule] { rules.filter { if case .path = $0.condition { return true } else { return false } } }
+    /// The signature rules, kept apart: only when there are any is a write searched (and
+    /// gathered into one run of bytes if it is in several buffers).
+    private(set) var signatures: [Rule] = []
 
     /// Reads the rules in `text`; `file` names it in errors (with the line and column for TOML
     /// syntax).
@@ -65,6 +68,7 @@ struct IDSRules {
                 try rules.append(Self.rule(entry, action: action, place: place))
             }
         }
+        signatures = rules.filter { if case .signature = $0.condition { return true } else { return false } }
     }
 
     private static func rule(_ entry: TOMLTable, action: Action, place: String) throws(BlockError) -> Rule {

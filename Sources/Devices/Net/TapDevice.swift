@@ -163,8 +163,8 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
         }
     }
 
-    /// Frames up to this long are copied out of the read buffer into a frame of their own
-    /// size; longer ones (TSO segments) are read straight into a frame's bytes, which are read
+    /// Frames up to this long are copied out of the read buffer into a frame of the reader's
+    /// pool; longer ones (TSO segments) are read straight into a frame's bytes, which are read
     /// into again when the receiver kept no copy (a TAP on the other side writes it at once).
     static let copyLimit = 2048
 
@@ -174,6 +174,7 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
         defer { header.deallocate() }
         let capacity = Self.readBufferSize - VirtioNetHeader.size
         var (spare, bytes) = EthernetFrame.allocate(count: capacity)
+        var pool = FramePool(frames: 512, frameCapacity: Self.copyLimit)
         var polled = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: stopEvent, events: Int16(POLLIN), revents: 0)]
         while true {
             polled[0].revents = 0; polled[1].revents = 0
@@ -194,9 +195,8 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
                     counters.toGuest.drop(); continue
                 }
                 if length <= Self.copyLimit {
-                    let frame = EthernetFrame(count: length, offload: offload, queue: queue) {
-                        $0.copyMemory(from: UnsafeRawBufferPointer(start: bytes, count: length))
-                    }
+                    let (frame, copy, _) = pool.allocate(count: length, offload: offload, queue: queue)
+                    copy.copyMemory(from: bytes, byteCount: length)
                     counters.toGuest.count(frame)
                     receiver.toGuest(frame)
                 } else {

@@ -275,8 +275,11 @@ final class TimeTravelLog: @unchecked Sendable {
                 throw BlockError(.invalid, "timetravel: record \(point) is older than the log keeps (the base is at record \(baseSequence))")
             }
             try forEachChunk(of: Self.block, offset, total) { (block, within, n, position) throws(BlockError) in
-                if bounce == nil { bounce = .allocate(byteCount: Self.block, alignment: 4096) }
-                let destination = buffers.contiguous(at: position, count: n).map { $0 - within } ?? bounce!
+                // Straight into the caller's buffer where the piece lies in one; else through a
+                // bounce block, allocated the first time one is needed.
+                let direct = buffers.contiguous(at: position, count: n).map { $0 - within }
+                if direct == nil && bounce == nil { bounce = .allocate(byteCount: Self.block, alignment: 4096) }
+                let destination = direct ?? bounce!
                 let wanted = Self.sectorMask(within, n)
                 var resolved: UInt8 = 0
                 var slot = newest[block] ?? -1
@@ -305,7 +308,7 @@ final class TimeTravelLog: @unchecked Sendable {
                         }
                     }
                 }
-                if destination == bounce! { buffers.copy(from: bounce! + within, count: n, at: position) }
+                if direct == nil { buffers.copy(from: bounce! + within, count: n, at: position) }
             }
         }
     }

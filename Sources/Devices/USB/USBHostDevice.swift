@@ -73,17 +73,28 @@ public struct USBHostMatch: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
+/// A real device of this host at the bottom of a USB stack: what a policy judges it by, read
+/// before anything claims it (``USBPolicy/admit(_:)``).
+public protocol USBPassthroughDevice: USBDevice {
+    /// What a USBGuard policy sees of the device.
+    var attributes: USBDeviceAttributes { get }
+    /// Where the device is plugged on this host: "1-2" (sysfs's name, USBGuard's via-port).
+    var busPort: String { get }
+}
+
 /// `host(id=VID:PID)` or `host(bus=B, port=P)`: a real USB device of this host passed through
-/// libusb-1.0. Opening it detaches the kernel's drivers and claims every interface of the
-/// active configuration; its descriptors are read once (the tap answers GET_DESCRIPTOR from
-/// them). The device-level requests map as QEMU's host-libusb maps them: SET_CONFIGURATION
+/// libusb-1.0. Opening it finds the device and describes it: its usbfs node is opened and its
+/// descriptors are read once, as `lsusb -v` reads them (the tap answers GET_DESCRIPTOR from
+/// them, a policy judges them); the kernel's drivers keep it. Only ``claim()``, once the stack
+/// is admitted, detaches those drivers and claims every interface of the active configuration,
+/// and starts the event thread. The device-level requests map as QEMU's host-libusb maps them: SET_CONFIGURATION
 /// releases, sets and claims again, SET_INTERFACE and CLEAR_FEATURE(HALT) go to libusb, a port
 /// reset resets the device. Every other URB is one asynchronous libusb transfer, completed
 /// from this device's event thread. Removal is noticed without udevd: a transfer that ends
 /// with NO_DEVICE, or the device's sysfs directory gone (polled each second); either tells the
 /// port once. Closing cancels what is in flight, waits for it, releases the interfaces (the
 /// kernel's drivers come back) and closes the device.
-public final class USBHostDevice: USBDevice, @unchecked Sendable {
+public final class USBHostDevice: USBPassthroughDevice, @unchecked Sendable {
     public let name = "host"
     public let speed: USBSpeed
     public let descriptors: USBDescriptors
@@ -94,6 +105,10 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
 
     private let context: LibUSBContext
     private let handle: OpaquePointer
+    /// "host(id=46f4:0001): 46f4:0001 at 1-1", for errors.
+    private let what: String
+    /// Its usbfs node, /dev/bus/usb/BBB/DDD.
+    private let node: String
     private let address: UInt8
     private let sysfs: String?
     private var events: PosixThread?
@@ -101,6 +116,8 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
     private let lock = ConditionLock()
     private var transfers: [ObjectIdentifier: HostTransfer] = [:]
     private var claimed: [Int32] = []
+    /// `claim()` succeeded: the interfaces are ours and the event thread runs.
+    private var held = false
     private var port: (any USBPortEvents)?
     private var gone = false
     private var goneReported = false
@@ -110,7 +127,7 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
     /// Control transfers time out as in QEMU (10 s); bulk, interrupt and isochronous wait.
     static let controlTimeoutMilliseconds: UInt32 = 10_000
 
-    /// Finds the device `match` names, opens it and claims it.
+    /// Finds the device `match` names, opens it and reads what it is; claims nothing.
     public convenience init(_ match: USBHostMatch) throws(DeviceSpecError) {
         let context: LibUSBContext
         do throws(LibUSBError) { context = try LibUSBContext() } catch { throw DeviceSpecError("\(match): \(error)") }
@@ -128,7 +145,7 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
                 let rc = libusb_open(device, &handle)
                 guard rc == 0, let handle else {
                     let why = rc == LibUSBError.access
-                        ? "permission denied on \(info.node) (run as root, or give this user read-write access to the node)"
+                        ? Self.permissionDenied(info.node)
                         : LibUSBError("libusb_open", rc).description
                     throw DeviceSpecError("\(match): cannot open \(info): \(why)")
                 }
@@ -155,6 +172,8 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
                                   + "(plug it into a USB 2 port, or give it a USB 2 controller)")
         }
         self.handle = handle
+        what = "\(match): \(info)"
+        node = info.node
         self.speed = speed
         self.descriptors = descriptors
         self.sysfs = sysfsPath
@@ -162,24 +181,35 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
         busPort = info.busPort
         attributes = USBDeviceAttributes(descriptors: descriptors, viaPort: info.busPort,
                                          connectType: sysfsPath.flatMap { Self.readLine($0 + "/port/connect_type") } ?? "")
-        // Claiming detaches the kernel's driver of each interface in the same ioctl
-        // (USBDEVFS_DISCONNECT_CLAIM) and releasing binds it again.
+    }
+
+    /// Detaches the kernel's drivers, claims every interface of the active configuration and
+    /// starts the event thread; once (again: nothing). Claiming detaches the kernel's driver of
+    /// each interface in the same ioctl (USBDEVFS_DISCONNECT_CLAIM) and releasing binds it again.
+    public func claim() throws {
+        let state: (held: Bool, closed: Bool) = lock.withLock { (held, closed) }
+        guard !state.held else { return }
+        guard !state.closed else { throw DeviceSpecError("\(what): closed before it was claimed") }
         _ = libusb_set_auto_detach_kernel_driver(handle, 1)
         if let error = claimInterfaces() {
             releaseInterfaces(reattach: true)
-            libusb_close(handle)
             let why = error.code == LibUSBError.busy
-                ? "it is busy (another program, such as QEMU's usb-host or another softdev, has claimed an interface)"
-                : error.code == LibUSBError.access ? "permission denied on \(info.node)" : error.description
-            throw DeviceSpecError("\(match): cannot claim \(info): \(why)")
+                ? "it is busy (another program, such as QEMU's usb-host or another softdev, has claimed an interface): stop that user first"
+                : error.code == LibUSBError.access ? Self.permissionDenied(node)
+                : error.description
+            throw DeviceSpecError("\(what): cannot claim it: \(why)")
         }
         do throws(ThreadStartError) {
-            events = try PosixThread("the USB events of \(info)") { [self] in runEvents() }
+            events = try PosixThread("the USB events of \(busPort)") { [self] in runEvents() }
         } catch {
             releaseInterfaces(reattach: true)
-            libusb_close(handle)
-            throw DeviceSpecError("\(match): \(error)")
+            throw DeviceSpecError("\(what): \(error)")
         }
+        lock.withLock { held = true }
+    }
+
+    static func permissionDenied(_ node: String) -> String {
+        "permission denied on \(node) (run as root, or give this user read-write access to the node)"
     }
 
     // MARK: USBDevice
@@ -189,7 +219,7 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
         do throws(USBStatusError) { transfer = try HostTransfer(urb: urb, device: self) } catch { return urb.complete(error.status) }
         let key = ObjectIdentifier(urb)
         lock.lock()
-        guard !closed, !gone else {
+        guard held, !closed, !gone else {
             lock.unlock()
             transfer.discard()
             return urb.complete(.noDevice)
@@ -205,6 +235,22 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
         urb.complete(LibUSBStatus.submitStatus(rc))
     }
 
+    /// GET_STATUS(ENDPOINT) and SET_FEATURE(ENDPOINT_HALT) go to the device, as QEMU's
+    /// host-libusb passes them: a halt is the device's own (a bulk endpoint that stalled stays
+    /// halted until CLEAR_FEATURE), so only the device can say whether an endpoint is halted, and
+    /// a halt the guest sets must halt the device's endpoint, not a copy in the tap. The other
+    /// standard requests are the tap's (CLEAR_FEATURE(HALT) reaches `clearHalt`).
+    public func submitStandard(_ urb: URB, tap: (URB) -> Bool) {
+        if let setup = urb.setup, Self.deviceAnswers(setup) { return submit(urb) }
+        if !tap(urb) { submit(urb) }
+    }
+
+    /// Whether the device, not the tap, answers the standard request `setup`.
+    static func deviceAnswers(_ setup: USBSetup) -> Bool {
+        guard setup.kind == .standard, setup.recipient == .endpoint, setup.index & 0x0f != 0 else { return false }
+        return setup.request == USBStandardRequests.getStatus || (setup.request == USBStandardRequests.setFeature && setup.value == 0)
+    }
+
     /// The completion reports `.cancelled`.
     public func cancel(_ urb: URB) {
         // Under the lock: the transfer cannot be freed meanwhile (a finished one answers NOT_FOUND).
@@ -212,6 +258,7 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
     }
 
     public func setConfiguration(_ value: UInt8) -> USBStatus {
+        guard isHeld else { return .noDevice }
         releaseInterfaces(reattach: false)
         let rc = libusb_set_configuration(handle, value == 0 ? -1 : Int32(value))
         if rc != 0 { return failed(LibUSBError("libusb_set_configuration", rc)) }
@@ -220,11 +267,13 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
     }
 
     public func setInterface(_ interface: UInt8, alternate: UInt8) -> USBStatus {
+        guard isHeld else { return .noDevice }
         let rc = libusb_set_interface_alt_setting(handle, Int32(interface), Int32(alternate))
         return rc == 0 ? .ok : failed(LibUSBError("libusb_set_interface_alt_setting", rc))
     }
 
     public func clearHalt(endpoint: UInt8, isIn: Bool) -> USBStatus {
+        guard isHeld else { return .noDevice }
         let rc = libusb_clear_halt(handle, endpoint | (isIn ? 0x80 : 0))
         return rc == 0 ? .ok : failed(LibUSBError("libusb_clear_halt", rc))
     }
@@ -232,6 +281,7 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
     /// Cancels what is in flight, resets the device and claims its interfaces again; a device
     /// that comes back different (NOT_FOUND: libusb sees a new device) is reported removed.
     public func reset() {
+        guard isHeld else { return }
         lock.withLock { for t in transfers.values { _ = libusb_cancel_transfer(t.transfer) } }
         let rc = libusb_reset_device(handle)
         if rc == LibUSBError.notFound || rc == LibUSBError.noDevice { return removed() }
@@ -272,6 +322,10 @@ public final class USBHostDevice: USBDevice, @unchecked Sendable {
     }
 
     // MARK: Interfaces
+
+    /// Claimed (and not closed): what the guest asks may reach the device. Before, the device
+    /// is only described, and stays dom0's.
+    private var isHeld: Bool { lock.withLock { held && !closed } }
 
     /// Claims every interface of the active configuration (detaching kernel drivers).
     private func claimInterfaces() -> LibUSBError? {

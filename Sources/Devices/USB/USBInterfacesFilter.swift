@@ -1,4 +1,5 @@
 import Core
+import Synchronization
 
 /// `interfaces(allow=CLASSES)`, e.g. `allow=08:06:50,03:*:*`: the guest sees only the interfaces
 /// (alternate settings) whose class:subclass:protocol one of the patterns allows. The others are
@@ -9,38 +10,59 @@ import Core
 /// reach the device. A hidden interface's own class descriptors (``USBDescriptors/interfaceDescriptors``)
 /// go with it; device-wide HID class descriptors (0x21-0x23) go when no HID interface stays.
 /// Interface numbers are kept (Linux accepts the gaps).
+///
+/// What is hidden is worked out per configuration and judged against the configuration in
+/// force (the SET_CONFIGURATION that passed through here last): interface 0 may be a stick in
+/// configuration 1 and a keyboard in configuration 2, and a guest that switches to 2 must not
+/// reach the keyboard because the stick was allowed. Before any configuration is set (and after
+/// a reset) no endpoint but 0 is reachable, and an interface hidden in any configuration is.
 public final class USBInterfacesFilter: USBFilter, @unchecked Sendable {
     public override var name: String { "interfaces" }
     public let allowed: [USBInterfaceClassPattern]
     private let filtered: USBDescriptors
-    /// Interface numbers with no allowed alternate setting.
-    let hiddenInterfaces: Set<UInt8>
-    /// Endpoint addresses (0x80 for IN) that only hidden alternate settings have.
-    let hiddenEndpoints: Set<UInt8>
-    /// Endpoint numbers that only hidden alternate settings use, in either direction: a URB to
-    /// one is refused whatever its direction (for a device that serves endpoints by number).
-    let hiddenEndpointNumbers: Set<UInt8>
-    /// (interface, alternate) pairs that are hidden.
-    private let hiddenAlternates: Set<UInt16>
+
+    /// What the filter hides while one configuration is in force.
+    struct Hidden: Equatable {
+        /// Interface numbers with no allowed alternate setting.
+        var interfaces = Set<UInt8>()
+        /// Endpoint addresses (0x80 for IN) that only hidden alternate settings have.
+        var endpoints = Set<UInt8>()
+        /// Endpoint numbers that only hidden alternate settings use, in either direction: a URB to
+        /// one is refused whatever its direction (for a device that serves endpoints by number).
+        var endpointNumbers = Set<UInt8>()
+        /// (interface << 8 | alternate) pairs that are hidden.
+        var alternates = Set<UInt16>()
+        /// Unconfigured: every endpoint but 0.
+        var everyEndpoint = false
+
+        func hides(endpoint: UInt8, isIn: Bool) -> Bool {
+            everyEndpoint || endpoints.contains(endpoint | (isIn ? 0x80 : 0)) || endpointNumbers.contains(endpoint)
+        }
+    }
+    /// By bConfigurationValue; 0 is the unconfigured state.
+    let hidden: [UInt8: Hidden]
+    /// The configuration in force, as the last SET_CONFIGURATION through here left it.
+    private let configuration = Mutex<UInt8>(0)
 
     public init(next: any USBDevice, allow: [USBInterfaceClassPattern]) {
         allowed = allow
         var d = next.descriptors
-        var hiddenNumbers = Set<UInt8>(), keptNumbers = Set<UInt8>()
-        var hiddenEP = Set<UInt8>(), keptEP = Set<UInt8>(), hiddenAlts = Set<UInt16>()
+        var hidden: [UInt8: Hidden] = [:]
+        var keptAnywhere = Set<UInt8>(), hiddenAnywhere = Set<UInt8>()
         var keepsHID = false
         d.configurations = d.configurations.map { blob in
             let items = USBDescriptors.walk(blob)
             guard let head = items.first, head.type == 2, head.bytes.count >= 9 else { return blob }
             var out = Array(head.bytes)
             var keeping = true
-            var numbers = Set<UInt8>()
+            var keptNumbers = Set<UInt8>(), hiddenNumbers = Set<UInt8>()
+            var keptEP = Set<UInt8>(), hiddenEP = Set<UInt8>(), hiddenAlts = Set<UInt16>()
             for item in items.dropFirst() {
                 let b = Array(item.bytes)
                 switch item.type {
                 case 4 where b.count >= 9:
                     keeping = allow.contains { $0.matches(b[5], b[6], b[7]) }
-                    if keeping { keptNumbers.insert(b[2]); numbers.insert(b[2]); keepsHID = keepsHID || b[5] == 3 } else {
+                    if keeping { keptNumbers.insert(b[2]); keepsHID = keepsHID || b[5] == 3 } else {
                         hiddenNumbers.insert(b[2]); hiddenAlts.insert(UInt16(b[2]) << 8 | UInt16(b[3]))
                     }
                 case 11 where b.count >= 8:   // interface association: follows its first interface
@@ -58,27 +80,35 @@ public final class USBInterfacesFilter: USBFilter, @unchecked Sendable {
                 if keeping { out += b }
             }
             out[2] = UInt8(out.count & 0xff); out[3] = UInt8(out.count >> 8)
-            out[4] = UInt8(numbers.count)
+            out[4] = UInt8(keptNumbers.count)
+            let value = head.bytes[head.bytes.startIndex + 5]
+            hidden[value] = Hidden(interfaces: hiddenNumbers.subtracting(keptNumbers), endpoints: hiddenEP.subtracting(keptEP),
+                                   endpointNumbers: Set(hiddenEP.map { $0 & 0x0f }).subtracting(keptEP.map { $0 & 0x0f }),
+                                   alternates: hiddenAlts)
+            keptAnywhere.formUnion(keptNumbers)
+            hiddenAnywhere.formUnion(hiddenNumbers.subtracting(keptNumbers))
             return out
         }
+        var unconfigured = Hidden(everyEndpoint: true)
+        for h in hidden.values { unconfigured.interfaces.formUnion(h.interfaces); unconfigured.alternates.formUnion(h.alternates) }
+        hidden[0] = unconfigured
         if !keepsHID { for key in d.others.keys where (0x21...0x23).contains(key >> 8) { d.others[key] = nil } }
-        // A hidden interface's own class descriptors (its HID and report descriptors) go with it.
-        for number in hiddenNumbers.subtracting(keptNumbers) { d.interfaceDescriptors[number] = nil }
+        // A hidden interface's own class descriptors (its HID and report descriptors) go with
+        // it, unless another configuration shows an interface of that number.
+        for number in hiddenAnywhere.subtracting(keptAnywhere) { d.interfaceDescriptors[number] = nil }
         filtered = d
-        hiddenInterfaces = hiddenNumbers.subtracting(keptNumbers)
-        hiddenEndpoints = hiddenEP.subtracting(keptEP)
-        hiddenEndpointNumbers = Set(hiddenEP.map { $0 & 0x0f }).subtracting(keptEP.map { $0 & 0x0f })
-        hiddenAlternates = hiddenAlts
+        self.hidden = hidden
         super.init(next: next)
     }
 
     public override var descriptors: USBDescriptors { filtered }
 
+    /// What is hidden now (a configuration the descriptors do not have hides everything but endpoint 0).
+    private var now: Hidden { hidden[configuration.withLock { $0 }] ?? hidden[0]! }
+
     public override func submit(_ urb: URB) {
         if urb.endpoint != 0 {
-            guard !hiddenEndpoints.contains(urb.endpointAddress), !hiddenEndpointNumbers.contains(urb.endpoint) else {
-                return urb.complete(.stall)
-            }
+            guard !now.hides(endpoint: urb.endpoint, isIn: urb.isIn) else { return urb.complete(.stall) }
         } else if aimsAtHidden(urb) {
             return urb.complete(.stall)
         }
@@ -97,20 +127,31 @@ public final class USBInterfacesFilter: USBFilter, @unchecked Sendable {
         guard let setup = urb.setup else { return false }
         let target = UInt8(truncatingIfNeeded: setup.index)
         switch setup.recipient {
-        case .interface: return hiddenInterfaces.contains(target)
-        case .endpoint: return hiddenEndpoints.contains(target)
+        case .interface: return now.interfaces.contains(target)
+        case .endpoint: return target & 0x0f != 0 && now.hides(endpoint: target & 0x0f, isIn: target & 0x80 != 0)
         default: return false
         }
     }
 
+    public override func setConfiguration(_ value: UInt8) -> USBStatus {
+        let status = next.setConfiguration(value)
+        if status == .ok { configuration.withLock { $0 = value } }
+        return status
+    }
+
     public override func setInterface(_ interface: UInt8, alternate: UInt8) -> USBStatus {
-        guard !hiddenAlternates.contains(UInt16(interface) << 8 | UInt16(alternate)) else { return .stall }
+        guard !now.alternates.contains(UInt16(interface) << 8 | UInt16(alternate)) else { return .stall }
         return next.setInterface(interface, alternate: alternate)
     }
 
     public override func clearHalt(endpoint: UInt8, isIn: Bool) -> USBStatus {
-        guard !hiddenEndpoints.contains(endpoint | (isIn ? 0x80 : 0)) else { return .stall }
+        guard !now.hides(endpoint: endpoint, isIn: isIn) else { return .stall }
         return next.clearHalt(endpoint: endpoint, isIn: isIn)
+    }
+
+    public override func reset() {
+        configuration.withLock { $0 = 0 }
+        next.reset()
     }
 
     /// Parses `08:06:50,03:*:*` (commas or blanks between patterns).

@@ -305,7 +305,7 @@ public struct USBPolicyError: Error, Equatable, Sendable, CustomStringConvertibl
 
 /// A device policy in USBGuard's rule language (`usbguard-rules.conf(5)`): rules in order, the
 /// first that matches a device decides, and a device no rule matches is blocked (USBGuard's
-/// implicit target). The daemon checks a host device with ``check(device:viaPort:connectType:)``
+/// implicit target). The daemon checks a host device with ``admit(_:)``
 /// before a guest gets it; the `policy(rules=FILE)` filter does the same when a stack opens.
 ///
 /// SoftDev evaluates the conditions `true`, `false` and `localtime(...)`; a rule with another
@@ -344,6 +344,32 @@ public struct USBPolicy: Sendable {
     public func evaluate(_ device: USBDeviceAttributes, secondsOfDay: Int = USBPolicy.localSecondsOfDay()) -> (target: USBPolicyTarget, rule: USBRule?) {
         for rule in rules where rule.matches(device, secondsOfDay: secondsOfDay) { return (rule.target, rule) }
         return (.block, nil)
+    }
+
+    /// Judges the host device at the bottom of `stack` (whatever filters stand above it) by what
+    /// it is, USBGuard's view (its descriptors and strings, the host port "B-P"), before anything
+    /// claims it: a device the policy does not allow is refused and the stack closed, so dom0's
+    /// drivers keep it. A stack of soft devices passes.
+    public func admit(_ stack: any USBDevice) throws(DeviceSpecError) {
+        var device = stack
+        while let filter = device as? USBFilter { device = filter.next }
+        guard let host = device as? any USBPassthroughDevice else { return }
+        let (target, rule) = evaluate(host.attributes)
+        guard target != .allow else { return }
+        stack.close()
+        throw DeviceSpecError("the host device \(Self.name(host.attributes)) at \(host.busPort) is \(refusal(target, rule))")
+    }
+
+    /// `1234:5678 "Stick"`: a device as messages name it.
+    static func name(_ a: USBDeviceAttributes) -> String {
+        "\(USBDeviceIDPattern(vendor: a.vendorID, product: a.productID))" + (a.name.isEmpty ? "" : " \"\(a.name)\"")
+    }
+
+    /// Why a device is refused and what to do: "blocked by rule FILE:LINE (TEXT); ...".
+    func refusal(_ target: USBPolicyTarget, _ rule: USBRule?) -> String {
+        let why = rule.map { "rule \($0.file):\($0.line) (\($0.text))" } ?? "the implicit default (no rule of \(file) matches it)"
+        return "\(target == .reject ? "rejected" : "blocked") by \(why); if a guest may have it, add an allow rule for it to \(file)"
+            + (rule == nil ? "" : " above that one")
     }
 
     /// Checks `device` (its descriptors as the guest would see them) plugged at `viaPort`.

@@ -2,9 +2,11 @@ import Core
 
 /// `policy(rules=FILE, via-port=PORT)`: checks the device below against a USBGuard rules file
 /// when the stack opens and refuses to open (naming the rule, or the implicit default) when the
-/// device is blocked or rejected; an allowed device passes unchanged. The daemon checks a host
-/// device with ``USBPolicy/check(device:viaPort:connectType:)`` when it is offered to a guest;
-/// this filter makes the same check in a spec.
+/// device is blocked or rejected; an allowed device passes unchanged. Over a host device, the
+/// check is made on what the device is before anything claims it (``USBDevice/claim()`` comes
+/// after the whole stack opened), so a refused device stays with dom0's drivers. The daemon
+/// checks a host device with ``USBPolicy/admit(_:)`` when it is offered to a guest; this filter
+/// makes the same check in a spec.
 public final class USBPolicyFilter: USBFilter, @unchecked Sendable {
     public override var name: String { "policy" }
     public let policy: USBPolicy
@@ -12,12 +14,10 @@ public final class USBPolicyFilter: USBFilter, @unchecked Sendable {
     public let rule: USBRule
 
     public init(next: any USBDevice, policy: USBPolicy, viaPort: String = "") throws(DeviceSpecError) {
-        let (target, rule) = policy.check(device: next, viaPort: viaPort)
-        let d = next.descriptors
-        let device = "\(USBDeviceIDPattern(vendor: d.vendorID, product: d.productID))" + (d.string(at: 15).map { " \"\($0)\"" } ?? "")
+        let attributes = USBDeviceAttributes(descriptors: next.descriptors, viaPort: viaPort)
+        let (target, rule) = policy.evaluate(attributes)
         guard target == .allow, let rule else {
-            let why = rule.map { "rule \($0.file):\($0.line) (\($0.text))" } ?? "the implicit default (no rule of \(policy.file) matches it)"
-            throw DeviceSpecError("policy(rules=\(policy.file)): the device \(device) is \(target == .reject ? "rejected" : "blocked") by \(why)")
+            throw DeviceSpecError("policy(rules=\(policy.file)): the device \(USBPolicy.name(attributes)) is \(policy.refusal(target, rule))")
         }
         self.policy = policy
         self.rule = rule

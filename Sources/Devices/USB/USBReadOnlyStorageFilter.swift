@@ -19,7 +19,11 @@ import Synchronization
 /// refused command is refused whatever state the filter believes the device is in; when it
 /// waits for a command, an OUT transfer that is not one valid 31-byte CBW is STALLed (as the
 /// Bulk-Only spec has a device do) without reaching the device. SET_INTERFACE to an alternate
-/// setting of the storage interface that is not Bulk-Only (UAS, 08:06:62) is refused. Other
+/// setting of the storage interface that is not Bulk-Only (UAS, 08:06:62) is refused. The
+/// guest cannot step around the parser either: SET_CONFIGURATION to a configuration other than
+/// the storage interface's is refused (another configuration may hold a storage interface on
+/// other endpoints), and so is every OUT transfer to another mass-storage interface of that
+/// configuration (a second LUN interface: its commands never reach the device). Other
 /// interfaces of a composite device are not this filter's business: stack
 /// `interfaces(allow=08:06:50)` above it to hide them.
 public final class USBReadOnlyStorageFilter: USBFilter, @unchecked Sendable {
@@ -91,6 +95,10 @@ public final class USBReadOnlyStorageFilter: USBFilter, @unchecked Sendable {
     private let relay = URBRelay()
     /// Alternate settings of the storage interface that are not Bulk-Only.
     private let otherAlternates: Set<UInt8>
+    /// bConfigurationValue of the configuration the storage interface is in.
+    let configurationValue: UInt8
+    /// OUT endpoint numbers of the other mass-storage interfaces of that configuration.
+    let otherStorageOut: Set<UInt8>
 
     /// Finds the storage interface of `device`; a device without one is refused.
     public init(device next: any USBDevice) throws(DeviceSpecError) {
@@ -98,12 +106,14 @@ public final class USBReadOnlyStorageFilter: USBFilter, @unchecked Sendable {
         var found: (UInt8, UInt8, UInt8)?
         var others = Set<UInt8>()
         var packet = 512
+        var value: UInt8 = 1
+        var storageOut = Set<UInt8>()
         for blob in d.configurations {
-            var alternates: [(number: UInt8, alternate: UInt8, bot: Bool, endpoints: [(address: UInt8, packet: Int)])] = []
+            var alternates: [(number: UInt8, alternate: UInt8, bot: Bool, storage: Bool, endpoints: [(address: UInt8, packet: Int)])] = []
             for item in USBDescriptors.walk(blob) {
                 let b = Array(item.bytes)
                 if item.type == 4, b.count >= 9 {
-                    alternates.append((b[2], b[3], b[5] == 0x08 && b[6] == 0x06 && b[7] == 0x50, []))
+                    alternates.append((b[2], b[3], b[5] == 0x08 && b[6] == 0x06 && b[7] == 0x50, b[5] == 0x08, []))
                 } else if item.type == 5, b.count >= 7, b[3] & 3 == 2, !alternates.isEmpty {
                     alternates[alternates.count - 1].endpoints.append((b[2], Int(b[4]) | Int(b[5] & 0x07) << 8))
                 }
@@ -113,6 +123,9 @@ public final class USBReadOnlyStorageFilter: USBFilter, @unchecked Sendable {
                 found = (bot.number, o.address & 0x0f, i.address & 0x0f)
                 packet = max(8, o.packet)
                 others = Set(alternates.filter { $0.number == bot.number && !$0.bot }.map(\.alternate))
+                value = blob.count > 5 ? blob[5] : 1
+                storageOut = Set(alternates.filter { $0.storage && $0.number != bot.number }
+                    .flatMap { $0.endpoints.filter { $0.address & 0x80 == 0 }.map { $0.address & 0x0f } })
                 break
             }
         }
@@ -121,10 +134,13 @@ public final class USBReadOnlyStorageFilter: USBFilter, @unchecked Sendable {
         }
         interface = number; outEndpoint = o; inEndpoint = i; outPacketSize = packet
         otherAlternates = others
+        configurationValue = value
+        otherStorageOut = storageOut.subtracting([o])
         super.init(next: next)
     }
 
     public override func submit(_ urb: URB) {
+        if !urb.isIn && otherStorageOut.contains(urb.endpoint) { return urb.complete(.stall) }
         guard urb.endpoint != 0, urb.endpoint == inEndpoint || urb.endpoint == outEndpoint else {
             // Bulk-Only Mass Storage Reset: the device is back to waiting for a CBW.
             if let s = urb.setup, s.kind == .class, s.recipient == .interface, s.request == 0xFF {
@@ -257,6 +273,11 @@ public final class USBReadOnlyStorageFilter: USBFilter, @unchecked Sendable {
     public override func cancel(_ urb: URB) {
         relay.cancel(urb, on: next)
         next.cancel(urb)
+    }
+
+    public override func setConfiguration(_ value: UInt8) -> USBStatus {
+        guard value == 0 || value == configurationValue else { return .stall }
+        return next.setConfiguration(value)
     }
 
     public override func setInterface(_ interface: UInt8, alternate: UInt8) -> USBStatus {

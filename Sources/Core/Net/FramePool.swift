@@ -1,0 +1,48 @@
+/// Frames for a thread that makes many of them (a netif queue's tx sweep, a TAP reader, a
+/// generator), reused instead of allocated: a frame handed out comes back to the pool when
+/// every copy of it is gone, wherever they went, and is handed out again with nothing
+/// allocated. A frame still held when its turn comes is left to its holders and replaced by
+/// a new one. (Kernel netback and QEMU keep such pools of buffers too; an allocation and a
+/// free per frame cost more than a small frame's copy.)
+///
+/// One thread uses a pool; the frames it hands out may go to any thread.
+///
+/// ```swift
+/// var pool = FramePool(frames: 256, frameCapacity: 2048)
+/// let (frame, bytes, _) = pool.allocate(count: 60)
+/// bytes.copyMemory(from: source, byteCount: 60)
+/// receiver.toGuest(frame)
+/// ```
+public struct FramePool {
+    /// The pool's frames' bytes, nil until first used; the pool holds one reference to each.
+    @usableFromInline var slots: [FrameStorage?]
+    @usableFromInline var cursor = 0
+    /// The longest frame the pool holds; longer ones are allocated for their own.
+    public let frameCapacity: Int
+
+    /// A pool of `frames` frames of up to `frameCapacity` bytes, allocated as they are first used.
+    public init(frames: Int, frameCapacity: Int) {
+        slots = Array(repeating: nil, count: max(1, frames))
+        self.frameCapacity = max(1, frameCapacity)
+    }
+
+    /// A frame of `count` bytes not yet written, and where they are (as
+    /// ``EthernetFrame/allocate(count:offload:queue:)``): the pool's next frame if no copy of
+    /// it is left, else a new one. `reused`: the bytes are those the frame held when it was
+    /// last handed out (a source of identical frames need not write them again).
+    @inlinable public mutating func allocate(count: Int, offload: FrameOffload = .none,
+                                             queue: Int = 0) -> (frame: EthernetFrame, bytes: UnsafeMutableRawPointer, reused: Bool) {
+        guard count <= frameCapacity else {
+            let (frame, bytes) = EthernetFrame.allocate(count: count, offload: offload, queue: queue)
+            return (frame, bytes, false)
+        }
+        // Unique: every frame handed out with these bytes is gone (their holders' releases
+        // happen before this check sees the count drop), so nobody reads them any more.
+        let reused = isKnownUniquelyReferenced(&slots[cursor])
+        if !reused { slots[cursor] = FrameStorage.make(capacity: frameCapacity) }
+        let storage = slots[cursor].unsafelyUnwrapped
+        cursor = cursor + 1 == slots.count ? 0 : cursor + 1
+        let bytes = storage.withUnsafeMutablePointerToElements { UnsafeMutableRawPointer($0) }
+        return (EthernetFrame(storage: storage, count: count, offload: offload, queue: queue), bytes, reused)
+    }
+}
