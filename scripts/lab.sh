@@ -15,7 +15,7 @@ fi
 # stall it. QEMU itself is bounded tighter by LAB_TIMEOUT (test-softdev.sh).
 # Run alone (not from scripts/test.sh), the release build still needs the -dev packages.
 bash scripts/install-deps.sh
-limit=${SOFTDEV_LAB_TIMEOUT:-3300}
+limit=${SOFTDEV_LAB_TIMEOUT:-4500}
 start=$(date +%s)
 rc=0
 timeout --foreground -k 30 "$limit" bash lab/xen/test-softdev.sh || rc=$?

@@ -82,6 +82,26 @@ final class USBKeyboardTests: XCTestCase {
         try front.close()
     }
 
+    /// A host polls a keyboard's interrupt endpoint once per bInterval (10 ms): typed text must
+    /// not reach the guest faster, whatever the guest's URBs do. (Answered at once, a typed
+    /// string arrived within microseconds, more input events than an evdev reader's buffer holds:
+    /// the lab's reader lost all but "hel".)
+    func testReportsComeNoFasterThanThePollingInterval() throws {
+        let (keyboard, front, _) = try plugged()
+        try keyboard.type("abcd")
+        var times: [Double] = []
+        var reports: [[UInt8]] = []
+        for _ in 0..<8 {
+            reports.append(try front.wait(try interruptIn(front), isIn: true).data)
+            times.append(monotonicSeconds())
+        }
+        XCTAssertEqual(reports.enumerated().filter { $0.offset % 2 == 0 }.map { $0.element[2] }, [0x04, 0x05, 0x06, 0x07])
+        let gaps = zip(times.dropFirst(), times).map { $0 - $1 }
+        XCTAssertGreaterThanOrEqual(times.last! - times.first!, 0.069, "8 reports in \(times.last! - times.first!) s; gaps \(gaps)")
+        XCTAssertEqual(keyboard.queuedReports, 0)
+        try front.close()
+    }
+
     func testUnlinkOfAPendingInterruptURB() throws {
         let (keyboard, front, _) = try plugged()
         let pending = try interruptIn(front)

@@ -11,8 +11,10 @@
 #   lab/xen/run.sh --keep-share ...   do not empty work/share first
 # Environment: LAB_WORK (work folder), LAB_TIMEOUT (seconds for the whole QEMU
 # run, default 580), LAB_VERBOSE=1 (stream the serial console while running),
-# LAB_USB=1 (give dom0 the USB controller and stick of the USB section, which runs alone
-# for now), LAB_USB_STICK_MIB (the size of that stick, default 32).
+# LAB_USB=1 (give dom0 the USB controller and stick of the USB section; test-softdev.sh
+# sets it unless told LAB_USB=0), LAB_USB_STICK_MIB (the size of that stick, default 32).
+# LAB_USB and the tests' knobs (USB_BENCH_*, NET_BENCH_ROUNDS, NET_IPERF_SECONDS) reach dom0's
+# test through the share (lab-env, sourced by lib/lab.sh).
 #
 # Exit status: 0 if the lab came up and the dom0 test exited 0; otherwise
 # non-zero, after printing what was checked and the end of the console log.
@@ -57,6 +59,10 @@ cp -a "$LAB/tests" "$SHARE/lab/"
 cp "$TEST" "$SHARE/dom0-test.sh"
 for b in "${BINS[@]}"; do lab_share_binary "$SHARE" "$b"; lab_say "shared program $b as /mnt/host/bin/$(basename "$b")"; done
 for f in "${FILES[@]}"; do mkdir -p "$SHARE/files"; cp -a "$f" "$SHARE/files/" || lab_die "cannot copy $f"; done
+: > "$SHARE/lab-env"
+for v in LAB_USB USB_BENCH_FULL USB_BENCH_ROUNDS USB_BENCH_MIB USB_BENCH_ONLY NET_BENCH_ROUNDS NET_IPERF_SECONDS; do
+  if [ -n "${!v:-}" ]; then printf '%s=%q\n' "$v" "${!v}" >> "$SHARE/lab-env"; fi
+done
 
 # dom0's real USB device: a high-speed usb-storage stick on an EHCI (USB 2.0) controller
 # (usbif has no SuperSpeed), backed by a fresh sparse image each run; the USB tests pass it

@@ -7,9 +7,11 @@
 #   lab/xen/test-softdev.sh            build, boot, test, report
 #   SOFTDEV_BIN=path lab/xen/test-softdev.sh   use that binary (and the
 #                                      xen-lab-probe beside it), build nothing
-# Environment: LAB_TIMEOUT (seconds for the QEMU run, default 1800),
+# Environment: LAB_TIMEOUT (seconds for the QEMU run, default 3600),
 # SOFTDEV_LAB_TEST (the dom0 script, default tests/softdev.sh; e.g.
-# tests/softdev-net.sh for the network section alone), and what run.sh takes
+# tests/softdev-net.sh for the network section alone), LAB_USB (default 1: dom0
+# gets the emulated EHCI controller and stick and the USB section runs; 0 skips
+# both), USB_BENCH_FULL=1 (the USB bench's full size), and what run.sh takes
 # (LAB_VERBOSE=1 streams the console).
 # Exit status: non-zero if the build, the lab or any check in dom0 failed;
 # run.sh prints each check and, on failure, the end of the console log.
@@ -40,7 +42,8 @@ TB=$(date +%s)
 lab_say "softdev, randread and evkeys ready in $((TB-T0))s"
 
 rc=0
-LAB_TIMEOUT=${LAB_TIMEOUT:-2400} "$LAB/run.sh" --test "${SOFTDEV_LAB_TEST:-$LAB/tests/softdev.sh}" \
+export LAB_USB=${LAB_USB:-1}
+LAB_TIMEOUT=${LAB_TIMEOUT:-3600} "$LAB/run.sh" --test "${SOFTDEV_LAB_TEST:-$LAB/tests/softdev.sh}" \
   --bin "$SOFTDEV_BIN" --bin "$PROBE_BIN" --file "$WORK/bin/randread" --file "$WORK/bin/evkeys" || rc=$?
 # The ids | crypt section leaves its LUKS image and key in the share: opened here with qemu-img.
 "$LAB/tests/ids-host.sh" "$WORK/share" || { echo "lab: FAILED (host checks of the ids image)"; rc=1; }

@@ -1,11 +1,16 @@
 import Core
+import Dispatch
 import Synchronization
 
 /// `keyboard`: a HID boot keyboard (interface 03/01/01, one interrupt IN endpoint of 8-byte
 /// reports `[modifiers, 0, k1..k6]`) whose keystrokes come from `type`. The tap answers
 /// GET_DESCRIPTOR for the HID and report descriptors from `descriptors.others`; the class
 /// requests (SET_IDLE, SET_PROTOCOL, GET_REPORT, SET_REPORT for the LEDs ...) come here. An
-/// interrupt IN URB stays pending until a report is queued; each pending URB takes one report.
+/// interrupt IN URB stays pending until a report is queued; each pending URB takes one report,
+/// and no sooner than the endpoint's polling interval (`bInterval`, 10 ms) after the one before,
+/// as a host polling a real keyboard gets them. (A guest answered at once for every resubmitted
+/// URB would get a whole typed string within microseconds: 6 input events per character, more
+/// than the 64 an evdev reader's buffer holds, so a reader a moment late lost keys, Enter too.)
 public final class USBKeyboard: USBDevice, @unchecked Sendable {
     public let name = "keyboard"
     public let speed = USBSpeed.full
@@ -21,10 +26,17 @@ public final class USBKeyboard: USBDevice, @unchecked Sendable {
     /// HID 1.11, country 0, one report descriptor of 63 bytes.
     static let hidDescriptor: [UInt8] = [9, 0x21, 0x11, 0x01, 0, 1, 0x22, UInt8(reportDescriptor.count), 0]
     static let interruptIn: UInt8 = 0x81
+    /// The interrupt endpoint's bInterval: 10 frames of 1 ms at full speed.
+    static let pollingInterval: UInt8 = 10
+    static let reportSpacing = Double(pollingInterval) / 1000
 
     struct State {
         var pending: [URB] = []
         var queued: [[UInt8]] = []
+        /// When the next report may go (monotonic seconds): one per polling interval.
+        var nextReport = 0.0
+        /// A timer will deliver the next report when it is due.
+        var timerArmed = false
         /// The last report delivered (GET_REPORT's answer).
         var current = [UInt8](repeating: 0, count: 8)
         var leds: UInt8 = 0
@@ -37,7 +49,7 @@ public final class USBKeyboard: USBDevice, @unchecked Sendable {
     public init() {
         descriptors = USBDescriptorBuilder.make(
             productID: 0x0002, maxPacket0: 8, interfaceClass: (0x03, 0x01, 0x01), classDescriptors: Self.hidDescriptor,
-            endpoints: [.init(address: Self.interruptIn, type: .interrupt, maxPacket: 8, interval: 10)],
+            endpoints: [.init(address: Self.interruptIn, type: .interrupt, maxPacket: 8, interval: Self.pollingInterval)],
             maxPowerMilliamps: 100, manufacturer: "SoftDev", product: "USB Keyboard", serial: nil,
             interfaceDescriptors: [0: [0x2100: Self.hidDescriptor, 0x2200: Self.reportDescriptor]])
     }
@@ -66,27 +78,43 @@ public final class USBKeyboard: USBDevice, @unchecked Sendable {
 
     /// Queues raw 8-byte reports (a key held with others, a modifier alone).
     public func send(_ reports: [[UInt8]]) {
-        var delivered: [(URB, [UInt8])] = []
+        state.withLock { s in s.queued += reports.map { Array(($0 + [UInt8](repeating: 0, count: 8)).prefix(8)) } }
+        deliver()
+    }
+
+    /// Gives the next queued report to the oldest pending URB if one polling interval has
+    /// passed since the last; otherwise, if both wait, arms a timer for when it is due.
+    private func deliver() {
+        var delivered: (URB, [UInt8])?
+        var wait: Double?
         state.withLock { s in
-            s.queued += reports.map { Array(($0 + [UInt8](repeating: 0, count: 8)).prefix(8)) }
-            while !s.pending.isEmpty && !s.queued.isEmpty {
-                let report = s.queued.removeFirst()
-                s.current = report
-                delivered.append((s.pending.removeFirst(), report))
+            guard !s.pending.isEmpty && !s.queued.isEmpty else { return }
+            let now = monotonicSeconds()
+            if now >= s.nextReport {
+                s.current = s.queued.removeFirst()
+                s.nextReport = now + Self.reportSpacing
+                delivered = (s.pending.removeFirst(), s.current)
+            }
+            if !s.pending.isEmpty && !s.queued.isEmpty && !s.timerArmed {
+                s.timerArmed = true
+                wait = s.nextReport - now
             }
         }
-        for (urb, report) in delivered { urb.complete(in: report) }
+        if let (urb, report) = delivered { urb.complete(in: report) }
+        if let wait {
+            DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(max(0, wait) * 1e9))) { [weak self] in
+                guard let self else { return }
+                self.state.withLock { $0.timerArmed = false }
+                self.deliver()
+            }
+        }
     }
 
     public func submit(_ urb: URB) {
         switch (urb.type, urb.endpoint, urb.isIn) {
         case (.interrupt, Self.interruptIn & 0x0f, true):
-            let report: [UInt8]? = state.withLock { s in
-                guard !s.queued.isEmpty else { s.pending.append(urb); return nil }
-                s.current = s.queued.removeFirst()
-                return s.current
-            }
-            if let report { urb.complete(in: report) }
+            state.withLock { $0.pending.append(urb) }
+            deliver()
         case (.control, 0, _):
             control(urb)
         default:

@@ -6,6 +6,9 @@
 
 LAB_IMG=${LAB_IMG:-/run/lab}
 LAB_SHARE=${LAB_SHARE:-/mnt/host}
+# What run.sh passed from the host's environment (LAB_USB, USB_BENCH_*, NET_BENCH_ROUNDS ...).
+# shellcheck disable=SC1091
+if [ -f "$LAB_SHARE/lab-env" ]; then . "$LAB_SHARE/lab-env"; fi
 LAB_PASSED=0
 LAB_FAILED=0
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The USB section of tests/softdev.sh alone (section 3c, usb-lib.sh), for working on it
 # without the disk and network sections:
-#   LAB_USB=1 SOFTDEV_LAB_TEST=lab/xen/tests/softdev-usb.sh lab/xen/test-softdev.sh
+#   SOFTDEV_LAB_TEST=lab/xen/tests/softdev-usb.sh lab/xen/test-softdev.sh
 set -uo pipefail
 . "${LAB_SHARE:-/mnt/host}/lab/lib/lab.sh"
 . "$LAB_SHARE/lab/tests/softdev-lib.sh"

@@ -28,6 +28,11 @@
 #      no netfront error in any guest's log; then iperf3 through n1's SoftDev
 #      vif and a kernel-netback vif beside it, interleaved (table at the end)
 #   5. ids | crypt | file (ids-lib.sh): alerts and a denied write on a LUKS disk
+#   3c. USB (usb-lib.sh), last, on the same daemon: SoftDev's usbif backend with Linux's
+#      xen-hcd; a soft stick (ext4, dom0 reads the image), the soft keyboard, hot-plug,
+#      a guest destroyed mid-transfer, dom0's emulated stick through host() under policies
+#      and readonly-storage, and the dd bench against QEMU's qusb (table at the end);
+#      skipped with LAB_USB=0 (dom0 then has no stick)
 #   4. SIGTERM: the daemon stops cleanly
 set -uo pipefail
 . "${LAB_SHARE:-/mnt/host}/lab/lib/lab.sh"
@@ -35,6 +40,7 @@ set -uo pipefail
 . "$LAB_SHARE/lab/tests/bench-lib.sh"
 . "$LAB_SHARE/lab/tests/net-lib.sh"
 . "$LAB_SHARE/lab/tests/ids-lib.sh"
+. "$LAB_SHARE/lab/tests/usb-lib.sh"
 G=$LAB_SHARE/lab/tests/guest
 RANDREAD=$LAB_SHARE/files/randread
 T0=$(date +%s)
@@ -194,11 +200,20 @@ lab_log "section 3b done at $(took)"
 ids_all
 lab_log "section 5 done at $(took)"
 
+# ---------------------------------------------------------------- 3c. USB
+if [ "${LAB_USB:-0}" = 1 ]; then
+  usb_all
+  lab_log "section 3c done at $(took)"
+else
+  lab_log "3c. USB: skipped (LAB_USB=0: dom0 has no USB controller or stick)"
+fi
+
 # ---------------------------------------------------------------- 4. shutdown
 lab_check "the daemon is still running after all guests (no crash in its log)" sd_alive
 lab_check "softdev serve stops cleanly on SIGTERM (exit status 0)" sd_stop
 echo "==== softdev serve log ===="
 cat "$SOFTDEV_LOG"
 net_bench_table
+[ "${LAB_USB:-0}" = 1 ] && usb_bench_table
 lab_log "all done at $(took)"
 lab_summary

@@ -58,6 +58,26 @@ wait_kbd() {
   done
   echo "port $1: keyboard $e ($(cat /sys/bus/usb/devices/1-$1/product 2>/dev/null))"
 }
+# kbd_reader P: starts evkeys on the keyboard of port P (in the background, 60 s) and returns
+# once it has the evdev node open, so that nothing typed after is missed.
+kbd_reader() {
+  local i=0 e
+  e=$(kbd_event "$1") || { echo "no keyboard on port $1"; return 1; }
+  rm -f /run/keys /run/keys.ready /run/keys.rc
+  (sh -c "/test/evkeys $e 60 /run/keys.ready > /run/keys 2>&1; echo \$? > /run/keys.rc" &)
+  until [ -e /run/keys.ready ]; do
+    i=$((i+1)); [ $i -gt 60 ] && { echo "evkeys did not open $e in 30 s"; return 1; }
+    sleep 0.5
+  done
+  echo "evkeys reads $e"
+}
+# kbd_text: waits (at most 70 s) until evkeys has ended, then prints what it read.
+kbd_text() {
+  local i=0
+  until [ -e /run/keys.rc ]; do i=$((i+1)); [ $i -gt 140 ] && break; sleep 0.5; done
+  cat /run/keys
+  [ "$(cat /run/keys.rc 2>/dev/null)" = 0 ]
+}
 # dd_rate ARGS...: GNU dd; prints its rate in MB/s (a number), fails with dd's output.
 dd_rate() {
   local out
