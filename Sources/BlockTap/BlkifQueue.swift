@@ -262,6 +262,9 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         onFatal(why)
     }
 
+    /// Responses are published at least this often within one sweep (a power of two).
+    static let publishEvery: UInt32 = 32
+
     private func publishResponses() {
         if ring.pushResponses() { channel.notify() }
     }
@@ -273,7 +276,7 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
                 return
             }
             if n == 0 { return }
-            for _ in 0..<n {
+            for taken in 1...n {
                 let index = ring.requestConsumer
                 let request = ring.takeRequest()   // the one copy out of shared memory
                 if let recordStores {
@@ -283,6 +286,10 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
                 }
                 dispatch(request)
                 if heldBarrier != nil { return }
+                // A deep ring's sweep is long: show the frontend what completed every few
+                // requests (Linux blkback pushes each response), so that a frontend watching its
+                // ring for responses keeps finding some and keeps the ring full.
+                if taken & (Self.publishEvery - 1) == 0 { publishResponses() }
             }
             // Respond to what completed inline before taking more, so the frontend sees progress.
             publishResponses()
