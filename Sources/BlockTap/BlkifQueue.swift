@@ -199,7 +199,11 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
 
     // MARK: The ring thread (RingService)
 
+    /// One sweep, plugged: a device with its own queue starts what the sweep gave it at once
+    /// (one io_submit), when the sweep ends.
     func takeWork() {
+        BlockPlug.begin()
+        defer { BlockPlug.end() }
         if !recovered.isEmpty { serveRecovered() }
         if !broken { takeRequests() }
     }

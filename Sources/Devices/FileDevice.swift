@@ -25,10 +25,10 @@ import Synchronization
 /// file system (tmpfs, ramfs) is served wholly on the submitting thread, since none of its
 /// requests waits for a disk (unless the host swaps tmpfs pages out).
 ///
-/// Batching: each `submit` calls `io_submit` at once, so nothing ever waits for a later request;
-/// a burst of submits costs one system call each. `BlockDevice` has no "end of burst" call that
-/// would let the device gather a burst into one `io_submit` without delaying the last request.
-public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
+/// Batching: while the submitting thread is plugged (``BlockPlug``: a blkif ring sweep, a burst of
+/// NBD requests), O_DIRECT requests are held and go to the kernel together in one `io_submit`
+/// when the plug is flushed; otherwise each `submit` calls `io_submit` at once.
+public final class FileDevice: SynchronousBlockDevice, BlockPlugTarget, @unchecked Sendable {
     /// Whether to open with O_DIRECT.
     public enum DirectIO: String, Sendable, CaseIterable {
         /// O_DIRECT if the file system supports it, otherwise buffered.
@@ -341,11 +341,33 @@ public final class FileDevice: SynchronousBlockDevice, @unchecked Sendable {
             AsyncIOContext.prepare(iocb, .dataSync, fd: fd, data: data)
         }
         io_set_eventfd(iocb, completionEvent)
+        if let plug = BlockPlug.current { return plug.hold(UnsafeMutableRawPointer(iocb), for: self) }
         do throws(SystemCallError) {
             // Only O_DIRECT files reach here: buffered ones are served inline or by workers.
             try aio!.submit(iocb)
         } catch {
             finish(index, result: -Int(error.errno))
+        }
+    }
+
+    /// The iocbs `start` held while its thread was plugged, in one `io_submit` (more if the
+    /// kernel takes a prefix). An iocb the kernel refuses fails alone, as it would unplugged.
+    public func startHeld(_ items: UnsafeBufferPointer<UnsafeMutableRawPointer>) {
+        guard let aio, !items.isEmpty else { return }
+        withUnsafeTemporaryAllocation(of: UnsafeMutablePointer<iocb>?.self, capacity: items.count) { list in
+            for k in items.indices { list[k] = items[k].assumingMemoryBound(to: iocb.self) }
+            var done = 0
+            while done < items.count {
+                do throws(SystemCallError) {
+                    let taken = try aio.submit(list.baseAddress! + done, count: items.count - done)
+                    if taken == 0 { throw SystemCallError("io_submit", errno: EAGAIN) }
+                    done += taken
+                } catch {
+                    // io_submit reports the error of the first iocb it could not take.
+                    finish(Int(bitPattern: list[done]!.pointee.data) - 1, result: -Int(error.errno))
+                    done += 1
+                }
+            }
         }
     }
 

@@ -108,7 +108,11 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     /// returns only when no request of this client is still in the device.
     func run() {
         readerThread = pthread_self()
+        // Plugged while it reads: the requests of one burst start together (one io_submit for
+        // an O_DIRECT file), flushed whenever the reader would wait (`flushOut`).
+        BlockPlug.begin()
         while serveOne() {}
+        BlockPlug.end()
         // The device may still hold our buffers: wait for it before the socket goes away, so
         // every write the client saw acknowledged reached the device first.
         drain(to: 0)
@@ -485,7 +489,12 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         pool.withLock { while inFlight > count { pool.wait() } }
     }
 
-    private func flushOut() { writer.withLock { flushOutLocked() } }
+    /// Before the reader waits (for the client, or for room in the device): the requests held in
+    /// its plug start, and the replies gathered so far leave.
+    private func flushOut() {
+        BlockPlug.flush()
+        writer.withLock { flushOutLocked() }
+    }
 
     // MARK: Input
 

@@ -318,3 +318,45 @@ final class FileCallerMayWaitTests: XCTestCase {
         withExtendedLifetime(buffer) {}
     }
 }
+
+/// A plugged thread's O_DIRECT requests go to the kernel together when the plug ends.
+final class FilePlugTests: XCTestCase {
+    func testPluggedWritesAndReadsStartAtTheEndAndReadBack() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("plug-\(getpid()).img").path
+        defer { unlink(path) }
+        let file = try FileDevice(path: path, options: .init(direct: .auto, createSize: 1 << 20))
+        defer { file.close() }
+        guard file.isDirect else { throw XCTSkip("no O_DIRECT on \(path)'s file system: nothing is held") }
+        let buffers = (0..<48).map { TestBuffer(count: 4096, pattern: UInt8($0)) }
+        let writes = Completions()
+        BlockPlug.begin()
+        for (i, buffer) in buffers.enumerated() {
+            file.submit(file.writeRequest(buffer, at: UInt64(i) * 4096, fua: false), completion: writes.completion(UInt64(i)))
+        }
+        usleep(20_000)
+        XCTAssertTrue(writes.arrived.isEmpty, "nothing completed while held")
+        XCTAssertEqual(fileBytes(0, path: path), [UInt8](repeating: 0, count: 4096), "held until the plug ends")
+        BlockPlug.end()
+        XCTAssertEqual(writes.wait(for: 48).values.filter { $0 == .success }.count, 48)
+        let back = (0..<48).map { _ in TestBuffer(count: 4096) }
+        let reads = Completions()
+        BlockPlug.batch {
+            for (i, buffer) in back.enumerated() { file.submit(file.readRequest(buffer, at: UInt64(i) * 4096), completion: reads.completion(UInt64(i))) }
+        }
+        XCTAssertEqual(reads.wait(for: 48).values.filter { $0 == .success }.count, 48)
+        for i in 0..<48 { XCTAssertEqual(back[i].bytes, TestBuffer.expected(4096, UInt8(i)), "block \(i)") }
+        // A synchronous read while plugged flushes and returns (no wait for a held request).
+        let one = TestBuffer(count: 4096)
+        try BlockPlug.batch { try file.sync.read(into: one.buffers, at: 5 * 4096) }
+        XCTAssertEqual(one.bytes, TestBuffer.expected(4096, 5))
+        withExtendedLifetime((buffers, back, one)) {}
+    }
+
+    func fileBytes(_ offset: off_t, path: String) -> [UInt8] {
+        let fd = open(path, O_RDONLY)
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0xEE, count: 4096)
+        XCTAssertEqual(pread(fd, &bytes, 4096, offset), 4096)
+        return bytes
+    }
+}

@@ -133,7 +133,8 @@ public final class BlockCompletionWaiter: BlockCompletionSink, @unchecked Sendab
 
     /// The result of the request completed to this waiter, once it is there.
     public func wait() -> BlockResult {
-        lock.withLock {
+        BlockPlug.flush()   // the request may be held in this thread's plug
+        return lock.withLock {
             while result == nil { lock.wait() }
             defer { result = nil }
             return result!
