@@ -53,7 +53,7 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
     /// Frames and bytes both ways since the vif was created, and drops.
     public var counters: NetifCounters {
         var c = totals.withLock { $0 }
-        queues.withLock { qs in for q in qs { c.add(q.counters) } }
+        queues.withLock { qs in for q in qs { c.add(q) } }
         c.rxDropped += droppedDisconnected.load(ordering: .relaxed)
         return c
     }
@@ -212,7 +212,7 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
         stopping.forEach { $0.requestStop() }
         for q in stopping { _ = q.stop(timeout: .infinity) }
         let c = totals.withLock { t in
-            for q in stopping { t.add(q.counters) }
+            for q in stopping { t.add(q) }
             return t
         }
         try? dev.store.write(dev.backendPath + "/statistics", c.description)
@@ -232,12 +232,18 @@ public struct NetifCounters: Sendable, Equatable, CustomStringConvertible {
     public var txFrames: UInt64 = 0, txBytes: UInt64 = 0, txDropped: UInt64 = 0
     /// To the guest (its rx ring).
     public var rxFrames: UInt64 = 0, rxBytes: UInt64 = 0, rxDropped: UInt64 = 0
+    /// The queues' event channels: events taken, and the spurious ones (XSA-332).
+    public var events = RingEventStatistics()
     public init() {}
-    /// As the `statistics` node holds them: "tx-frames=3 tx-bytes=180 tx-dropped=0 rx-frames=...".
+    /// As the `statistics` node holds them: "tx-frames=3 tx-bytes=180 tx-dropped=0 rx-frames=...
+    /// events=2 spurious-events=0".
     public var description: String {
         "tx-frames=\(txFrames) tx-bytes=\(txBytes) tx-dropped=\(txDropped) rx-frames=\(rxFrames) rx-bytes=\(rxBytes) rx-dropped=\(rxDropped)"
+            + " events=\(events.events) spurious-events=\(events.spurious)"
     }
-    mutating func add(_ c: NetifQueueCounters) {
+    mutating func add(_ q: NetifQueue) {
+        events = events + q.eventStatistics
+        let c = q.counters
         txFrames += c.txFrames.load(ordering: .relaxed); txBytes += c.txBytes.load(ordering: .relaxed)
         txDropped += c.txDropped.load(ordering: .relaxed)
         rxFrames += c.rxFrames.load(ordering: .relaxed); rxBytes += c.rxBytes.load(ordering: .relaxed)

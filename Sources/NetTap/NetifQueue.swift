@@ -47,6 +47,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
     private let onFatal: NetifFatalHandler
     private let loop: RingServiceLoop<NetifQueue>
     let counters = NetifQueueCounters()
+    var eventStatistics: RingEventStatistics { loop.eventStatistics }
     /// Multicast addresses the guest added (netback's list; at most 64).
     @exclusivity(unchecked) private(set) var multicast: Set<MACAddress> = []
     @exclusivity(unchecked) private var broken = false
@@ -209,6 +210,12 @@ final class NetifQueue: RingService, @unchecked Sendable {
         if t > 0 { return true }
         guard pendingRxHead < pendingRx.count else { return false }
         return (rx.unconsumedRequests() ?? 1) > 0
+    }
+
+    /// Tx requests, rx buffers taken for frames, or both when one channel serves both rings.
+    func requestsTaken(channel index: Int) -> UInt32 {
+        guard txChannel !== rxChannel else { return tx.requestConsumer &+ rx.requestConsumer }
+        return index == 0 ? tx.requestConsumer : rx.requestConsumer
     }
 
     func prepareToSleep() -> Bool {
