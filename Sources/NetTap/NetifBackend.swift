@@ -105,14 +105,7 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
             opened.forEach { $0.stop() }
             throw error
         }
-        // What the guest side takes: netfront always finishes partial checksums; large frames
-        // and TSO only with scatter-gather.
-        var offloads: NetOffloads = [.checksum]
-        if features.scatterGather {
-            offloads.insert(.largeFrames)
-            if features.gsoTCPv4 { offloads.insert(.tso4) }
-            if features.gsoTCPv6 { offloads.insert(.tso6) }
-        }
+        let offloads = features.offloads
         do {
             for q in opened { try q.start() }
         } catch {
@@ -184,13 +177,15 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
     }
 
     /// A frame coming up the stack, for the guest: to the queue it names (a multi-queue TAP's
-    /// flow), any thread.
+    /// flow), any thread. A TCP segment the guest did not negotiate GSO for is cut here, on
+    /// the sender's thread, into the segments it would have had on a wire.
     public func toGuest(_ frame: EthernetFrame) {
         let queue: NetifQueue? = queues.withLock { qs in qs.isEmpty ? nil : qs[frame.queue % qs.count] }
         guard let queue else {
             droppedDisconnected.add(1, ordering: .relaxed)
             return
         }
+        if queue.guestOffloads.mustSegment(frame) { return toGuest([frame]) }
         queue.enqueue(frame)
     }
 
@@ -201,8 +196,25 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
             droppedDisconnected.add(UInt64(frames.count), ordering: .relaxed)
             return
         }
+        let offloads = qs[0].guestOffloads
+        if frames.contains(where: offloads.mustSegment) { return toGuest(segmenting: frames, for: offloads, qs) }
         if qs.count == 1 { return qs[0].enqueue(frames) }
         for (i, q) in qs.enumerated() { q.enqueue(frames.lazy.filter { $0.queue % qs.count == i }) }
+    }
+
+    /// `frames` with the TCP segments the guest cannot take cut (``GSOSegmenter``); one that
+    /// cannot be cut is dropped and counted on its queue.
+    private func toGuest(segmenting frames: [EthernetFrame], for offloads: NetOffloads, _ qs: [NetifQueue]) {
+        var cut: [EthernetFrame] = []
+        for frame in frames {
+            guard offloads.mustSegment(frame) else { cut.append(frame); continue }
+            do throws(GSOSegmenter.Refusal) {
+                cut += try GSOSegmenter.segment(frame, for: offloads)
+            } catch {
+                qs[frame.queue % qs.count].counters.rxDropped.add(1, ordering: .relaxed)
+            }
+        }
+        toGuest(cut)
     }
 
     public func disconnect(_ dev: XenbusBackendDevice) {
