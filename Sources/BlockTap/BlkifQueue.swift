@@ -241,6 +241,7 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
 
     /// An impossible producer index counts as work: takeRequests breaks the ring.
     func hasWork() -> Bool { ring.unconsumedRequests().map { $0 != 0 } ?? true }
+    func requestsTaken(channel index: Int) -> UInt32 { ring.requestConsumer }
 
     func prepareToSleep() -> Bool {
         switch ring.finalCheckForRequests() {

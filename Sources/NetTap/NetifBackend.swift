@@ -53,7 +53,7 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
     /// Frames and bytes both ways since the vif was created, and drops.
     public var counters: NetifCounters {
         var c = totals.withLock { $0 }
-        queues.withLock { qs in for q in qs { c.add(q.counters) } }
+        queues.withLock { qs in for q in qs { c.add(q) } }
         c.rxDropped += droppedDisconnected.load(ordering: .relaxed)
         return c
     }
@@ -105,14 +105,7 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
             opened.forEach { $0.stop() }
             throw error
         }
-        // What the guest side takes: netfront always finishes partial checksums; large frames
-        // and TSO only with scatter-gather.
-        var offloads: NetOffloads = [.checksum]
-        if features.scatterGather {
-            offloads.insert(.largeFrames)
-            if features.gsoTCPv4 { offloads.insert(.tso4) }
-            if features.gsoTCPv6 { offloads.insert(.tso6) }
-        }
+        let offloads = features.offloads
         do {
             for q in opened { try q.start() }
         } catch {
@@ -184,13 +177,15 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
     }
 
     /// A frame coming up the stack, for the guest: to the queue it names (a multi-queue TAP's
-    /// flow), any thread.
+    /// flow), any thread. A TCP segment the guest did not negotiate GSO for is cut here, on
+    /// the sender's thread, into the segments it would have had on a wire.
     public func toGuest(_ frame: EthernetFrame) {
         let queue: NetifQueue? = queues.withLock { qs in qs.isEmpty ? nil : qs[frame.queue % qs.count] }
         guard let queue else {
             droppedDisconnected.add(1, ordering: .relaxed)
             return
         }
+        if queue.guestOffloads.mustSegment(frame) { return toGuest([frame]) }
         queue.enqueue(frame)
     }
 
@@ -201,8 +196,25 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
             droppedDisconnected.add(UInt64(frames.count), ordering: .relaxed)
             return
         }
+        let offloads = qs[0].guestOffloads
+        if frames.contains(where: offloads.mustSegment) { return toGuest(segmenting: frames, for: offloads, qs) }
         if qs.count == 1 { return qs[0].enqueue(frames) }
         for (i, q) in qs.enumerated() { q.enqueue(frames.lazy.filter { $0.queue % qs.count == i }) }
+    }
+
+    /// `frames` with the TCP segments the guest cannot take cut (``GSOSegmenter``); one that
+    /// cannot be cut is dropped and counted on its queue.
+    private func toGuest(segmenting frames: [EthernetFrame], for offloads: NetOffloads, _ qs: [NetifQueue]) {
+        var cut: [EthernetFrame] = []
+        for frame in frames {
+            guard offloads.mustSegment(frame) else { cut.append(frame); continue }
+            do throws(GSOSegmenter.Refusal) {
+                cut += try GSOSegmenter.segment(frame, for: offloads)
+            } catch {
+                qs[frame.queue % qs.count].counters.rxDropped.add(1, ordering: .relaxed)
+            }
+        }
+        toGuest(cut)
     }
 
     public func disconnect(_ dev: XenbusBackendDevice) {
@@ -212,7 +224,7 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
         stopping.forEach { $0.requestStop() }
         for q in stopping { _ = q.stop(timeout: .infinity) }
         let c = totals.withLock { t in
-            for q in stopping { t.add(q.counters) }
+            for q in stopping { t.add(q) }
             return t
         }
         try? dev.store.write(dev.backendPath + "/statistics", c.description)
@@ -232,12 +244,18 @@ public struct NetifCounters: Sendable, Equatable, CustomStringConvertible {
     public var txFrames: UInt64 = 0, txBytes: UInt64 = 0, txDropped: UInt64 = 0
     /// To the guest (its rx ring).
     public var rxFrames: UInt64 = 0, rxBytes: UInt64 = 0, rxDropped: UInt64 = 0
+    /// The queues' event channels: events taken, and the spurious ones (XSA-332).
+    public var events = RingEventStatistics()
     public init() {}
-    /// As the `statistics` node holds them: "tx-frames=3 tx-bytes=180 tx-dropped=0 rx-frames=...".
+    /// As the `statistics` node holds them: "tx-frames=3 tx-bytes=180 tx-dropped=0 rx-frames=...
+    /// events=2 spurious-events=0".
     public var description: String {
         "tx-frames=\(txFrames) tx-bytes=\(txBytes) tx-dropped=\(txDropped) rx-frames=\(rxFrames) rx-bytes=\(rxBytes) rx-dropped=\(rxDropped)"
+            + " events=\(events.events) spurious-events=\(events.spurious)"
     }
-    mutating func add(_ c: NetifQueueCounters) {
+    mutating func add(_ q: NetifQueue) {
+        events = events + q.eventStatistics
+        let c = q.counters
         txFrames += c.txFrames.load(ordering: .relaxed); txBytes += c.txBytes.load(ordering: .relaxed)
         txDropped += c.txDropped.load(ordering: .relaxed)
         rxFrames += c.rxFrames.load(ordering: .relaxed); rxBytes += c.rxBytes.load(ordering: .relaxed)

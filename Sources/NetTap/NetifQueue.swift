@@ -16,6 +16,18 @@ struct NetifQueueFeatures {
     var gsoTCPv6 = false
     /// The most bytes of frames waiting for the guest's buffers (XSA-392): more are dropped.
     var backlogBytes = 1 << 20
+
+    /// What the guest side takes: netfront always finishes partial checksums; large frames
+    /// and TSO only with scatter-gather.
+    var offloads: NetOffloads {
+        var offloads: NetOffloads = [.checksum]
+        if scatterGather {
+            offloads.insert(.largeFrames)
+            if gsoTCPv4 { offloads.insert(.tso4) }
+            if gsoTCPv6 { offloads.insert(.tso6) }
+        }
+        return offloads
+    }
 }
 
 /// Counters of one queue, read from any thread (`softdev list`, tests, the bench).
@@ -47,6 +59,9 @@ final class NetifQueue: RingService, @unchecked Sendable {
     private let onFatal: NetifFatalHandler
     private let loop: RingServiceLoop<NetifQueue>
     let counters = NetifQueueCounters()
+    /// What the guest takes (the same for every queue of a vif).
+    var guestOffloads: NetOffloads { features.offloads }
+    var eventStatistics: RingEventStatistics { loop.eventStatistics }
     /// Multicast addresses the guest added (netback's list; at most 64).
     @exclusivity(unchecked) private(set) var multicast: Set<MACAddress> = []
     @exclusivity(unchecked) private var broken = false
@@ -209,6 +224,12 @@ final class NetifQueue: RingService, @unchecked Sendable {
         if t > 0 { return true }
         guard pendingRxHead < pendingRx.count else { return false }
         return (rx.unconsumedRequests() ?? 1) > 0
+    }
+
+    /// Tx requests, rx buffers taken for frames, or both when one channel serves both rings.
+    func requestsTaken(channel index: Int) -> UInt32 {
+        guard txChannel !== rxChannel else { return tx.requestConsumer &+ rx.requestConsumer }
+        return index == 0 ? tx.requestConsumer : rx.requestConsumer
     }
 
     func prepareToSleep() -> Bool {
@@ -546,9 +567,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
     private func fitsGuest(_ frame: inout EthernetFrame) -> Bool {
         if frame.count == 0 || frame.count > Netif.maxFrameSize { return false }
         if frame.count > xenPageSize && !features.scatterGather { return false }
-        if let gso = frame.offload.segmentation {
-            guard gso.kind == .tcpv4 ? features.gsoTCPv4 : features.gsoTCPv6 else { return false }
-        }
+        // (The backend cuts such a segment before it queues it.)
+        if features.offloads.mustSegment(frame) { return false }
         if (frame.count + xenPageSize - 1) / xenPageSize > Netif.maxSlots { return false }
         // netfront finds a partial checksum itself, for TCP and UDP over IP only.
         if case .partial = frame.offload.checksum, FrameHeaders(frame)?.checksumLocation == nil {

@@ -173,6 +173,9 @@ final class UsbifQueue: RingService, URBCompletionSink, USBPortEventsFactory, @u
         return n > 0 || (!connEvents.isEmpty && (connRing.unconsumedRequests() ?? 1) > 0)
     }
 
+    /// URBs, and connection-ring buffers taken for port events.
+    func requestsTaken(channel index: Int) -> UInt32 { urbRing.requestConsumer &+ connRing.requestConsumer }
+
     func prepareToSleep() -> Bool {
         guard let n = urbRing.finalCheckForRequests() else { fatal("the frontend published an impossible URB ring producer index"); return true }
         if n > 0 { return true }

@@ -1,7 +1,7 @@
 // xen-lab-probe DOMID: checks the Xen hypervisor implementation against a real Xen where a
 // Linux guest can never lead it (its blkfront sends no bad references): map and copy with bad
 // references and a dead domain, event channels bound to nothing, and a loopback channel's
-// notify/wait/consume. Run by the lab in dom0 (tests/softdev.sh) while guest DOMID has a
+// notify/wait/consume and late unmask. Run by the lab in dom0 (tests/softdev.sh) while guest DOMID has a
 // connected vbd served by softdev; it reads that vbd's ring-ref (and never writes the ring).
 // Prints PASS/FAIL lines; exits 1 if any check failed.
 import Core
@@ -92,6 +92,19 @@ if let a, let b {
     check("two notifies before a wait: woken, and quiet once drained", first && !b.wait(timeoutMilliseconds: 200))
     b.notify()
     check("unmasked after consume: the next notify wakes again", a.wait(timeoutMilliseconds: 5000))
+    // Late unmask (XSA-332), as the ring loop uses it: an event taken leaves the port masked,
+    // and a notify meanwhile waits, pending, until the unmask delivers it.
+    func readable(_ c: any EventChannel, _ ms: Int32) -> Bool {
+        var p = pollfd(fd: c.fileDescriptor, events: Int16(POLLIN), revents: 0)
+        return poll(&p, 1, ms) > 0
+    }
+    b.notify()
+    check("late unmask: the event taken, the port left masked", readable(a, 5000) && a.takePending())
+    b.notify()
+    check("late unmask: a notify while masked is not delivered", !readable(a, 200))
+    a.unmask()
+    check("late unmask: the pending notify delivered at unmask", readable(a, 5000) && a.takePending())
+    a.unmask()
     b.close(); a.close()
 }
 print("probe: \(failed) failed")

@@ -73,6 +73,50 @@ final class DaemonNetTests: LocalDaemonTestCase {
         try fa.close(); try fb.close()
     }
 
+    /// A guest with GSO sends a 20 000-byte TCPv6 segment through a switch to a guest whose
+    /// netfront negotiated no GSO: the second guest gets it cut into MSS-sized segments (the
+    /// switch used to drop it), in order, each with its checksum partial for netfront.
+    func testALargeSegmentThroughASwitchReachesAGuestWithoutGSOCut() throws {
+        var config = ServeConfig()
+        config.attachments = ["a", "b"].map {
+            .init(deviceClass: "net", domain: $0, vdev: XenbusDeviceName(name: "0", deviceID: 0), device: "switch(name=gso-lan)")
+        }
+        _ = try startDaemon(config)
+        let address = LocalHypervisorAddress(directory: directory)
+        let a = try LocalHypervisor.createGuest(address, name: "a", pages: 2048)
+        defer { a.destroy() }
+        let b = try LocalHypervisor.createGuest(address, name: "b", pages: 2048)
+        defer { b.destroy() }
+        let fa = try LocalNetFrontend(hypervisor: a, frontendPath: try configuredVif(a))
+        var plain = LocalNetFrontend.Options()
+        plain.gso = false
+        let fb = try LocalNetFrontend(hypervisor: b, frontendPath: try configuredVif(b), options: plain)
+
+        let macA = NetTapService.defaultMAC(guest: a.domainID, vif: 0), macB = NetTapService.defaultMAC(guest: b.domainID, vif: 0)
+        let payload = (0..<20_000).map { UInt8(truncatingIfNeeded: $0 &* 11 &+ 3) }
+        let tcp: [UInt8] = [0x04, 0xd2, 0x16, 0x2e, 0, 0, 0x10, 0, 0, 0, 0, 1, 0x50, 0x19, 0xff, 0xff, 0, 0, 0, 0]
+        let ip: [UInt8] = [0x60, 0, 0, 0, UInt8((20 + payload.count) >> 8), UInt8((20 + payload.count) & 0xff), 6, 64]
+            + [0xfd, 0] + [UInt8](repeating: 0, count: 13) + [1] + [0xfd, 0] + [UInt8](repeating: 0, count: 13) + [2]
+        var large = EthernetFrame(macB.octets + macA.octets + [0x86, 0xdd] + ip + tcp + payload)
+        FrameChecksum.preparePartial(&large, headers: try XCTUnwrap(FrameHeaders(large)))
+        large.offload.segmentation = .init(kind: .tcpv6, size: 1440)
+        XCTAssertTrue(fa.send(large))
+
+        let segments = try fb.receive(atLeast: 14)
+        XCTAssertEqual(segments.map(\.count), [Int](repeating: 74 + 1440, count: 13) + [74 + 20_000 - 13 * 1440])
+        var got: [UInt8] = []
+        for (i, s) in segments.enumerated() {
+            let bytes = s.bytes
+            XCTAssertEqual(s.offload.checksum, .partial(start: 54, offset: 16))
+            XCTAssertEqual(Int(bytes[18]) << 8 | Int(bytes[19]), s.count - 54, "IPv6 payload length")
+            XCTAssertEqual(Int(bytes[58]) << 24 | Int(bytes[59]) << 16 | Int(bytes[60]) << 8 | Int(bytes[61]), 0x1000 + i * 1440)
+            XCTAssertEqual(bytes[54 + 13], i == 13 ? 0x19 : 0x10, "FIN and PSH on the last segment only")
+            got += bytes[74...]
+        }
+        XCTAssertEqual(got, payload)
+        try fa.close(); try fb.close()
+    }
+
     func testNicConfigErrorsNameTheirPlace() {
         func error(_ text: String) -> String {
             do { _ = try ServeConfig.parse(text, file: "c.toml"); return "" } catch { return "\(error)" }

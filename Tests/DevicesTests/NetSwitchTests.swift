@@ -38,7 +38,7 @@ final class NetSwitchTests: XCTestCase {
         XCTAssertEqual(p[1].counts.toGuest.frames, 3)
     }
 
-    func testFinishesChecksumsAndDropsSegmentsTheReceiverCannotTake() throws {
+    func testFinishesChecksumsAndCutsSegmentsTheReceiverCannotTake() throws {
         let (p, r) = try ports("offload", 3, accepting: [.all, [], .all])
         defer { p.forEach { $0.close() } }
         let partial = NetTestFrames.tcp4(port: 80, payload: 100, from: NetTestFrames.macA, to: .broadcast, partial: true)
@@ -50,9 +50,18 @@ final class NetSwitchTests: XCTestCase {
         var gso = NetTestFrames.tcp4(port: 80, payload: 3000, from: NetTestFrames.macA, to: .broadcast, partial: true)
         gso.offload.segmentation = .init(kind: .tcpv4, size: 1448)
         p[0].fromGuest(gso)
-        XCTAssertEqual(r[1].received.count, 1)
-        XCTAssertEqual(p[1].counts.toGuest.drops, 1)
+        // Port 1 takes no offload: three segments, checksums finished; port 2 the frame whole.
+        XCTAssertEqual(r[1].received.dropFirst().map(\.count), [1448, 1448, 104].map { 54 + $0 })
+        XCTAssertEqual(r[1].received.dropFirst().map(\.offload), [FrameOffload](repeating: FrameOffload(checksum: .validated), count: 3))
+        XCTAssertEqual(p[1].counts.toGuest.drops, 0)
+        XCTAssertEqual(p[1].counts.toGuest.frames, 4)
         XCTAssertEqual(r[2].received.count, 2)
+        XCTAssertEqual(r[2].received.last?.offload.segmentation, gso.offload.segmentation)
+        // A segmentation that cannot be cut (UDP) is dropped and counted.
+        var udp = NetTestFrames.udp6(payload: 3000, from: NetTestFrames.macA, to: .broadcast)
+        udp.offload.segmentation = .init(kind: .tcpv6, size: 1448)
+        p[0].fromGuest(udp)
+        XCTAssertEqual(p[1].counts.toGuest.drops, 1)
     }
 
     func testSwitchGoesWithItsLastPort() throws {

@@ -71,6 +71,38 @@ final class NetifEndToEndTests: XCTestCase {
         try front.close()
     }
 
+    /// A TCP segment for a guest whose netfront negotiated no GSO (nor scatter-gather) reaches
+    /// it cut into MSS-sized segments, their checksums left partial for netfront to finish
+    /// (it used to be dropped).
+    func testAGuestWithoutGSOGetsTheSegmentsOfALargeFrame() throws {
+        let endpoint = RecordingEndpoint()
+        let (guest, paths) = try lab.guestWithVif(endpoint)
+        var options = LocalNetFrontend.Options()
+        options.gso = false
+        options.scatterGather = false
+        let front = try LocalNetFrontend(hypervisor: guest, frontendPath: paths.frontendPath, options: options)
+        XCTAssertEqual(endpoint.acceptedOffloads, [.checksum])
+        var tso = TestFrames.tcp4(count: 54 + 10000, seed: 7, partial: true)
+        tso.offload.segmentation = .init(kind: .tcpv4, size: 1448)
+        endpoint.send(tso)
+        let frames = try front.receive(atLeast: 7)
+        XCTAssertEqual(frames.map(\.count), [Int](repeating: 54 + 1448, count: 6) + [54 + 1312])
+        var payload: [UInt8] = []
+        for (i, f) in frames.enumerated() {
+            let b = f.bytes
+            XCTAssertEqual(f.offload.checksum, .partial(start: 34, offset: 16))
+            XCTAssertNil(f.offload.segmentation)
+            XCTAssertEqual(Int(b[16]) << 8 | Int(b[17]), f.count - 14, "IPv4 total length")
+            XCTAssertEqual(Int(b[40]) << 8 | Int(b[41]), i * 1448, "sequence number")
+            payload += b[54...]
+        }
+        XCTAssertEqual(payload, Array(tso.bytes[54...]))
+        let backend = try XCTUnwrap(lab.host.inspect { $0[paths.backendPath]?.driver as? NetifBackend })
+        XCTAssertEqual(backend.counters.rxFrames, 7)
+        XCTAssertEqual(backend.counters.rxDropped, 0)
+        try front.close()
+    }
+
     func testTwoQueuesCarryTheirOwnFrames() throws {
         let endpoint = RecordingEndpoint()
         let (guest, paths) = try lab.guestWithVif(endpoint)

@@ -2,6 +2,7 @@ import CXen
 import Core
 import Foundation
 import NetTap
+import Synchronization
 import XCTest
 import XenStore
 
@@ -265,6 +266,39 @@ final class NetifHostileFrontendTests: XCTestCase {
         }
         queue.pushTx()
         try assertOtherGuestsServed()
+    }
+
+    // MARK: Event storms (XSA-332)
+
+    /// A frontend that notifies its tx channel in a tight loop and publishes nothing: the
+    /// vif's ring thread takes a few dozen events a second (its channel unmasked later after
+    /// each spurious one, as Linux's lateeoi does), another guest is served meanwhile, and
+    /// when the storm ends the vif carries frames again.
+    func testAnEventStormCostsBoundedWakeUpsAndOtherGuestsAreServed() throws {
+        let backend = try XCTUnwrap(lab.host.inspect { $0[self.paths.backendPath]?.driver as? NetifBackend })
+        let before = backend.counters.events
+        final class Storm: Sendable { let on = Atomic<Bool>(true), notified = Atomic<Int>(0) }
+        let storm = Storm()
+        let channel = queue.txChannel
+        try PosixThread.detached("storm") {
+            while storm.on.load(ordering: .relaxed) { channel.notify(); storm.notified.add(1, ordering: .relaxed) }
+        }
+        let start = monotonicSeconds()
+        try assertOtherGuestsServed()
+        while monotonicSeconds() - start < 1 { usleep(10_000) }
+        storm.on.store(false, ordering: .relaxed)
+        let seconds = monotonicSeconds() - start
+        usleep(1000)
+        let events = backend.counters.events
+        let taken = events.events - before.events, spurious = events.spurious - before.spurious
+        XCTAssertGreaterThan(storm.notified.load(ordering: .relaxed), 10_000, "a storm")
+        // 1 s: a couple of unmasks at once, then 1, 2, 4 … 32 ms apart.
+        XCTAssertLessThan(taken, UInt64(20 + 50 * seconds), "\(events) in \(seconds) s")
+        XCTAssertGreaterThan(spurious, 10, "\(events)")
+        XCTAssertGreaterThan(events.delayedUnmasks, 5, "\(events)")
+        let good = TestFrames.tcp4(count: 120, seed: 8)
+        XCTAssertTrue(front.send(good))
+        XCTAssertEqual(endpoint.received(1).last?.bytes, good.bytes, "the vif serves again")
     }
 
     // MARK: Rx: a guest that posts no buffers

@@ -31,8 +31,25 @@ public protocol EventChannel: AnyObject, Sendable {
     func notify()
     /// Clears the pending event and unmasks the port; returns whether one was pending.
     @discardableResult func consume() -> Bool
+    /// Clears the pending event and leaves the port masked: the peer's notifications stay
+    /// pending, undelivered, until `unmask`. Returns whether one was pending. A ring thread
+    /// takes the event so, serves the ring, and unmasks only then (XSA-332: Linux's
+    /// `xen_irq_lateeoi`), so that a peer notifying in a loop cannot keep it spinning.
+    @discardableResult func takePending() -> Bool
+    /// Unmasks the port after `takePending`: an event that came meanwhile is delivered now
+    /// (the descriptor becomes readable again).
+    func unmask()
     /// Waits up to `timeoutMilliseconds` (-1: forever) for an event, then consumes it.
     func wait(timeoutMilliseconds: Int32) -> Bool
     /// Closes this end; the peer's notifications go nowhere after this.
     func close()
+}
+
+extension EventChannel {
+    /// Both halves at once, for a thread that has nothing to serve between them (a frontend).
+    @discardableResult public func consume() -> Bool {
+        guard takePending() else { return false }   // nothing delivered, nothing masked
+        unmask()
+        return true
+    }
 }

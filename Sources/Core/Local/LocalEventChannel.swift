@@ -3,7 +3,8 @@ import Glibc
 
 /// One end of an emulated event channel: our end of a Unix stream socket pair whose other end
 /// the peer domain holds. A byte sent is a notification; the bytes waiting play the pending
-/// bit, and reading them is "clear pending and unmask".
+/// bit, and reading them is "clear pending"; the port is masked while its holder leaves the
+/// descriptor out of its poll set.
 ///
 /// Why a socket pair and not an eventfd: the two holders of an eventfd share one open file
 /// description (SCM_RIGHTS passes the description, and an eventfd cannot be reopened through
@@ -32,14 +33,19 @@ public final class LocalEventChannel: EventChannel, @unchecked Sendable {
         _ = send(fileDescriptor, &one, 1, Int32(MSG_DONTWAIT) | Int32(MSG_NOSIGNAL))
     }
 
-    @discardableResult public func consume() -> Bool {
+    @discardableResult public func takePending() -> Bool {
         // One read, of at most a small buffer: bounded however much a peer sends. Bytes left
         // over make the next poll return at once, the spurious wake-up a peer notifying in a
-        // loop causes anyway.
+        // loop causes anyway (and the ring loop's back-off answers).
         withUnsafeTemporaryAllocation(byteCount: 512, alignment: 8) { buffer in
             recv(fileDescriptor, buffer.baseAddress, buffer.count, Int32(MSG_DONTWAIT)) > 0
         }
     }
+
+    /// Nothing to do here: the emulation's mask is the holder's poll set. A masked port is a
+    /// descriptor left out of it (``RingServiceLoop`` does so), and what the peer sends
+    /// meanwhile waits in the socket, pending, and is seen at the first poll after this.
+    public func unmask() {}
 
     public func wait(timeoutMilliseconds: Int32) -> Bool {
         var p = pollfd(fd: fileDescriptor, events: Int16(POLLIN), revents: 0)

@@ -1,7 +1,7 @@
 /// The offloads one side of a link takes from the other: what a frame may still need done when
 /// it is handed over. The guest's frontend says what it takes (netif's `feature-gso-tcpv4`,
 /// `feature-sg`...), a TAP what its `TUNSETOFFLOAD` enabled; a frame needing more is finished
-/// in software (a checksum) or dropped and counted (a segment too large).
+/// in software: a checksum completed, a TCP segment cut (``GSOSegmenter``).
 public struct NetOffloads: OptionSet, Sendable, CustomStringConvertible {
     public let rawValue: UInt32
     public init(rawValue: UInt32) { self.rawValue = rawValue }
@@ -67,8 +67,8 @@ extension NetFrameReceiver {
 /// }
 /// ```
 public protocol NetDevice: SoftDevice {
-    /// What the device takes from above: a frame needing something else is finished (checksum)
-    /// or dropped (segmentation) before it is handed down.
+    /// What the device takes from above: a frame needing something else is finished (a
+    /// checksum completed, a TCP segment cut) before it is handed down.
     var offloads: NetOffloads { get }
     /// A frame from the guest, on its way down.
     func fromGuest(_ frame: EthernetFrame)

@@ -31,6 +31,11 @@ public protocol RingService: AnyObject {
     /// Whether the rings hold work now: the adaptive poller's question, asked often, so it must
     /// be cheap (an index compared, nothing written).
     func hasWork() -> Bool
+    /// How many requests the service has taken from the rings event channel `index` notifies
+    /// for, wrapping (their request consumer indexes added): an event after which this did
+    /// not move found no work, and the loop unmasks its channel later each time that repeats
+    /// (XSA-332). Asked once per event, on the loop's thread.
+    func requestsTaken(channel index: Int) -> UInt32
     /// Before sleeping: asks the peers to notify (req_event = cons + 1) and checks once more
     /// (RING_FINAL_CHECK_FOR_REQUESTS); true if work arrived meanwhile, so the loop does not sleep.
     func prepareToSleep() -> Bool
@@ -42,7 +47,8 @@ public protocol RingService: AnyObject {
     var pollsCompletions: Bool { get }
     /// Collects what `completionsReady` saw.
     func collectCompletions()
-    /// Event channel `index` (in the order given to the loop) fired; its event is consumed.
+    /// Event channel `index` (in the order given to the loop) fired; its event is taken, and
+    /// the loop unmasks the channel after the sweep that follows (XSA-332).
     func eventChannelFired(_ index: Int)
     /// Extra file descriptor `index` is ready with `events` (poll's revents). Poll is level-
     /// triggered: read what is ready (or stop asking for it), or the loop wakes again at once.
@@ -81,8 +87,10 @@ extension RingService {
 /// if !loop.stop(timeout: 5) { log("still in flight; released when the device completes") }
 /// ```
 ///
-/// Per turn it does: take work (until stopped), finish posted completions, publish; then, if
-/// nothing is in flight, poll the rings for a while; then arm notifications and sleep in poll.
+/// Per turn it does: take work (until stopped), finish posted completions, publish, unmask the
+/// event channels that woke it (only now, after the sweep: XSA-332, see ``EventChannelGates``);
+/// then, if nothing is in flight, poll the rings for a while; then arm notifications and sleep
+/// in poll.
 /// A turn with no posted completion takes no lock, and a request served inline (a device that
 /// completes in `submit` on this thread) passes through none of this.
 public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
@@ -111,6 +119,21 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
         @usableFromInline init() {}
     }
     @usableFromInline let life = Mutex(Life())
+    @usableFromInline let eventsTaken = Atomic<UInt64>(0)
+    @usableFromInline let spuriousEvents = Atomic<UInt64>(0)
+    @usableFromInline let delayedUnmasks = Atomic<UInt64>(0)
+
+    /// What the event channels did so far (read from any thread).
+    public var eventStatistics: RingEventStatistics {
+        var s = RingEventStatistics()
+        s.events = eventsTaken.load(ordering: .relaxed)
+        s.spurious = spuriousEvents.load(ordering: .relaxed)
+        s.delayedUnmasks = delayedUnmasks.load(ordering: .relaxed)
+        return s
+    }
+    /// The longest a channel stays masked after repeated spurious events, in seconds: how late
+    /// a peer that stops misbehaving may find its next request seen.
+    public static var maximumUnmaskDelay: Double { Double(EventChannelGates.maximumDelay) / 1e9 }
 
     public struct SetupError: Error, CustomStringConvertible {
         public let description: String
@@ -222,6 +245,8 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
         fds.append(pollfd(fd: wake, events: Int16(POLLIN), revents: 0))
         let wakeIndex = fds.count - 1
         let finish = { (batch: inout [Service.Completion]) in service.finish(batch: &batch) }
+        var gates = EventChannelGates(count: channelCount) { service.requestsTaken(channel: $0) }
+        var pollTimeout: Int32 = -1
         while true {
             let isStopping = stopping.load(ordering: .relaxed)
             if isStopping {
@@ -231,6 +256,17 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
             }
             completions.drainBatch(finish)
             service.publish()
+            if gates.maskedCount > 0 {
+                // The sweep after the events is done: judge them and unmask (or put it off).
+                let (spurious, delayed, timeout) = gates.afterSweep(
+                    now: AdaptivePoller.now(), requestsTaken: { service.requestsTaken(channel: $0) }) { i in
+                        channels[i].unmask()
+                        fds[i].fd = channels[i].fileDescriptor
+                    }
+                if spurious > 0 { spuriousEvents.add(UInt64(spurious), ordering: .relaxed) }
+                if delayed > 0 { delayedUnmasks.add(UInt64(delayed), ordering: .relaxed) }
+                pollTimeout = timeout
+            }
             if !isStopping && service.awaitsWork {
                 // Idle: watch the rings a while before asking for a notification. The event
                 // index is left behind meanwhile, so a peer that pushes now usually need not
@@ -251,10 +287,15 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
             if !completions.isEmpty { continue }
             for i in 0..<fds.count { fds[i].revents = 0 }
             // While stopping, a short timeout: the completions awaited wake the thread anyway,
-            // this only bounds the cost of a wake-up lost to a misbehaving device.
-            if poll(&fds, nfds_t(fds.count), isStopping ? 10 : -1) > 0 {
+            // this only bounds the cost of a wake-up lost to a misbehaving device. Otherwise
+            // until a masked channel's back-off ends (the next turn unmasks it).
+            if poll(&fds, nfds_t(fds.count), isStopping ? 10 : pollTimeout) > 0 {
                 for i in 0..<channelCount where fds[i].revents != 0 {
-                    channels[i].consume()
+                    // Taken, left masked (out of the poll set) until after the next sweep.
+                    channels[i].takePending()
+                    fds[i].fd = -1
+                    gates.fired(i)
+                    eventsTaken.add(1, ordering: .relaxed)
                     service.eventChannelFired(i)
                 }
                 for i in channelCount..<wakeIndex where fds[i].revents != 0 {

@@ -33,7 +33,8 @@ final class XenEventChannels: EventChannels, @unchecked Sendable {
 }
 
 /// One bound port and the xenevtchn handle that owns it. The kernel masks the port when it
-/// delivers an event to the descriptor; `consume` reads the pending ports and unmasks it.
+/// delivers an event to the descriptor; `takePending` reads the pending port, `unmask` lets
+/// the next event through.
 final class XenEventChannel: EventChannel, @unchecked Sendable {
     let localPort: EventPort
     let fileDescriptor: Int32
@@ -54,12 +55,19 @@ final class XenEventChannel: EventChannel, @unchecked Sendable {
         _ = xenevtchn_notify(handle, localPort)
     }
 
-    @discardableResult func consume() -> Bool {
-        // The handle holds only our port, and the kernel queues it once until it is unmasked:
+    @discardableResult func takePending() -> Bool {
+        // The handle holds only our port, and the kernel queues it once until it is unmasked
+        // (the evtchn device binds with lateeoi: the port stays masked until our write):
         // one read says all there is to say.
-        guard !closed.load(ordering: .relaxed), xenevtchn_pending(handle) >= 0 else { return false }
+        guard !closed.load(ordering: .relaxed) else { return false }
+        return xenevtchn_pending(handle) >= 0
+    }
+
+    /// xenevtchn_unmask: the kernel's late EOI; a notification that came while the port was
+    /// masked is delivered again now.
+    func unmask() {
+        guard !closed.load(ordering: .relaxed) else { return }
         _ = xenevtchn_unmask(handle, localPort)
-        return true
     }
 
     func wait(timeoutMilliseconds: Int32) -> Bool {

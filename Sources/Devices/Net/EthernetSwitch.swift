@@ -10,7 +10,8 @@ import Synchronization
 ///
 /// Each port hands frames to its own receiver (the guest behind it) on the sender's thread,
 /// outside the switch's lock. A partial checksum the receiver cannot take is finished in
-/// software, a TCP segment it cannot take is dropped and counted.
+/// software, a TCP segment it cannot take is cut in software (``GSOSegmenter``); one that
+/// cannot be cut is dropped and counted.
 public final class EthernetSwitch: @unchecked Sendable {
     public let name: String
     /// How long a learned address is kept without a frame from it.
@@ -107,8 +108,11 @@ public final class SwitchPort: NetDevice, @unchecked Sendable {
         guard let receiver else { live.toGuest.drop(); return }
         var frame = frame
         if !accepting.accepts(frame.offload) {
-            if frame.offload.segmentation != nil && !accepting.accepts(FrameOffload(segmentation: frame.offload.segmentation)) {
-                live.toGuest.drop(); return
+            if accepting.mustSegment(frame) {
+                // A guest without GSO gets the segments a sender without TSO would have sent.
+                guard let segments = try? GSOSegmenter.segment(frame, for: accepting) else { live.toGuest.drop(); return }
+                for s in segments { live.toGuest.count(s) }
+                return receiver.toGuest(segments)
             }
             guard FrameChecksum.complete(&frame) else { live.toGuest.drop(); return }
         }

@@ -112,6 +112,9 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
 
     // MARK: Guest → TAP
 
+    /// A TCP segment goes in whole whatever `TUNSETOFFLOAD` enabled: that sets what the kernel
+    /// hands our reader, while tun_get_user takes GSO from user space always and the kernel
+    /// cuts it where it must (no ``GSOSegmenter`` here).
     public func fromGuest(_ frame: EthernetFrame) {
         guard !closed.load(ordering: .relaxed) else { counters.fromGuest.drop(); return }
         var frame = frame
