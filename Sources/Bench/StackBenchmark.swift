@@ -1,6 +1,7 @@
 import Core
 import Devices
 import Foundation
+import Glibc
 import NBDExport
 
 /// Device stacks over the same base device, side by side (`softdev bench --stacks`): each
@@ -82,13 +83,82 @@ public struct StackBenchmark {
          "--cache=\(direct ? "none" : "writeback")", "--aio=\(direct ? "native" : "threads")", "--persistent", "--shared=4"]
     }
 
+    /// Why a qemu-nbd target is left out of the rows (it would not serve), as qemu-nbd said it.
+    public struct LeftOut: Error, CustomStringConvertible {
+        public var reason: String
+        public var description: String { reason }
+    }
+
+    /// Why qemu's luks driver cannot open a volume with the key file at `keyfile`, before
+    /// qemu-nbd is tried: it takes only UTF-8 passphrases (`secret,file=` with
+    /// `qcrypto_secret_lookup_as_utf8`), where cryptsetup and SoftDev take any bytes. Nil if
+    /// the key is valid UTF-8 (or cannot be read here: qemu-nbd will say why).
+    public static func qemuLuksProblem(keyfile: String) -> String? {
+        guard let key = FileManager.default.contents(atPath: keyfile) else { return nil }
+        guard String(validating: key, as: UTF8.self) == nil else { return nil }
+        return "qemu's luks driver takes only UTF-8 passphrases, and the key file \(keyfile) is not valid UTF-8"
+    }
+
+    /// Starts qemu-nbd with `arguments` on the unix socket `socket` and waits until it serves
+    /// (it greets a client: qemu-nbd makes the socket before it opens the image, and exits if
+    /// that fails, so a socket alone proves nothing). Throws ``LeftOut`` with qemu-nbd's own
+    /// message if it exits or does not serve within 30 s (its PBKDF2 alone may take seconds).
+    public static func startQemuNBD(_ arguments: [String], socket: String) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: try NBDBenchmark.tool("qemu-nbd", package: "qemu-utils"))
+        p.arguments = ["--socket=\(socket)"] + arguments
+        p.standardOutput = FileHandle.nullDevice
+        let errors = Pipe()
+        p.standardError = errors
+        try p.run()
+        func failed(_ what: String) -> LeftOut {
+            if p.isRunning { p.terminate() }
+            p.waitUntilExit()
+            let said = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+            return LeftOut(reason: said.isEmpty ? "qemu-nbd \(what)" : "qemu-nbd \(what): \(said)")
+        }
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline {
+            guard p.isRunning else { throw failed("exited with status \(p.terminationStatus)") }
+            if Self.greets(socket) { return p }
+            usleep(10_000)
+        }
+        throw failed("did not serve on \(socket) within 30 s")
+    }
+
+    /// Whether an NBD server greets a client on the unix socket at `path` (its first 8 bytes
+    /// are NBDMAGIC); a connection alone may sit in the backlog of a server still opening.
+    private static func greets(_ path: String) -> Bool {
+        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { Glibc.close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return false }
+        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: bytes) }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
+        }
+        guard connected else { return false }
+        var timeout = timeval(tv_sec: 0, tv_usec: 200_000)
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var magic = [UInt8](repeating: 0, count: 8)
+        return recv(fd, &magic, 8, Int32(MSG_WAITALL)) == 8 && magic == Array("NBDMAGIC".utf8)
+    }
+
     /// Every workload on every target, in `rounds` turns (the targets in order, then reversed).
-    public func run(targets: [Target], progress: (Row) -> Void = { _ in }) throws -> [Row] {
+    /// A qemu-nbd target that does not serve is left out of the rows: `leftOut` is told why,
+    /// and the others are measured.
+    public func run(targets: [Target], progress: (Row) -> Void = { _ in },
+                    leftOut: (Target, String) -> Void = { _, _ in }) throws -> [Row] {
         let directory = try NBDBenchmark.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
         var uris: [String] = []
         var servers: [NBDServer] = []
         var processes: [Process] = []
+        var served: [Target] = []
         defer {
             servers.forEach { $0.stop() }
             for p in processes { p.terminate(); p.waitUntilExit() }
@@ -100,20 +170,17 @@ public struct StackBenchmark {
                 try server.start()
                 servers.append(server)
             } else if let arguments = target.qemuNBD {
-                let p = Process()
-                p.executableURL = URL(fileURLWithPath: try NBDBenchmark.tool("qemu-nbd", package: "qemu-utils"))
-                p.arguments = ["--socket=\(socket)"] + arguments
-                p.standardOutput = FileHandle.nullDevice
-                try p.run()
-                processes.append(p)
-                var waited = 0
-                while !FileManager.default.fileExists(atPath: socket) {
-                    guard p.isRunning, waited < 1000 else { throw HarnessFailure("qemu-nbd \(arguments.joined(separator: " ")) did not start") }
-                    usleep(10_000); waited += 1
+                do {
+                    processes.append(try Self.startQemuNBD(arguments, socket: socket))
+                } catch let failure as LeftOut {
+                    leftOut(target, failure.reason)
+                    continue
                 }
             }
+            served.append(target)
             uris.append("nbd+unix:///?socket=\(socket)")
         }
+        let targets = served
         if prefill {
             for uri in uris { try FioJob.fill(engine: ["--ioengine=nbd", "--uri=\(uri)", "--offset=\(offset)"], size: size, data: data) }
         }

@@ -270,6 +270,7 @@ struct Bench: ParsableCommand {
         }
         var targets: [StackBenchmark.Target] = []
         var qemu: [StackBenchmark.Target] = []
+        var leftOut: [String] = []
         defer { targets.forEach { $0.device?.close() } }
         var offset: UInt64 = 0
         for spec in stacks {
@@ -281,6 +282,10 @@ struct Bench: ParsableCommand {
             targets.append(.init(label: spec, device: device, file: file?.path))
             if let crypt = device as? CryptFilter { offset = max(offset, crypt.payloadStart) }
             if !noQemu, let luks = StackBenchmark.luksImage(of: spec) {
+                if let problem = StackBenchmark.qemuLuksProblem(keyfile: luks.keyfile) {
+                    leftOut.append("qemu-nbd luks (same image): left out: \(problem)")
+                    continue
+                }
                 qemu.append(.init(label: "qemu-nbd luks (same image)", qemuNBD: StackBenchmark.qemuLuks(image: luks.image, keyfile: luks.keyfile, direct: file?.isDirect ?? false),
                                   file: luks.image))
             }
@@ -302,10 +307,14 @@ struct Bench: ParsableCommand {
               + "\(size >> 20) MiB from offset \(offset); qemu-nbd with the same O_DIRECT setting as the file device; write rows synced after; "
               + "CPU \(aesNI ? "with" : "without") AES-NI; " + (data.map { "\($0.rawValue) data (\($0.fioArguments.joined(separator: " "))), each region written once first; " } ?? "")
               + Self.polling(pollMicroseconds))
-        let rows = try bench.run(targets: targets + qemu) { row in
+        let rows = try bench.run(targets: targets + qemu, progress: { row in
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
-        }
+        }, leftOut: { target, reason in
+            leftOut.append("\(target.label): left out: \(reason)")
+            FileHandle.standardError.write(Data("  \(target.label): left out: \(reason)\n".utf8))
+        })
         print(StackBenchmark.table(rows))
+        leftOut.forEach { print($0) }
         for target in targets {
             var device = target.device
             while let d = device, !(d is CompressFilter) { device = (d as? BlockFilter)?.next }
