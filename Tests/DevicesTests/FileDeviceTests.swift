@@ -324,9 +324,14 @@ final class FilePlugTests: XCTestCase {
     func testPluggedWritesAndReadsStartAtTheEndAndReadBack() throws {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("plug-\(getpid()).img").path
         defer { unlink(path) }
-        let file = try FileDevice(path: path, options: .init(direct: .auto, createSize: 1 << 20))
+        var options = FileDevice.Options(direct: .auto, createSize: 1 << 20)
+        options.batchSubmits = true
+        let file = try FileDevice(path: path, options: options)
         defer { file.close() }
         guard file.isDirect else { throw XCTSkip("no O_DIRECT on \(path)'s file system: nothing is held") }
+        let opened = try XCTUnwrap(DeviceRegistry.open("file(path=\(path), batch=true)") as? FileDevice)
+        XCTAssertTrue(opened.batchSubmits, "batch=true in a spec")
+        opened.close()
         let buffers = (0..<48).map { TestBuffer(count: 4096, pattern: UInt8($0)) }
         let writes = Completions()
         BlockPlug.begin()
