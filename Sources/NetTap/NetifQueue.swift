@@ -81,9 +81,12 @@ final class NetifQueue: RingService, @unchecked Sendable {
         var gso: FrameOffload.Segmentation?
     }
     @exclusivity(unchecked) private var txPackets: [TxPacket] = []
-    /// The sweep's frames, apart from the packets so that moving a packet touches no
-    /// reference count.
-    @exclusivity(unchecked) private var txFrames: [EthernetFrame] = []
+    /// The sweep's frames (`txFrameCount` of them), apart from the packets so that moving a
+    /// packet touches no reference count, in memory of our own: each is moved in when its
+    /// packet is taken and moved out once, to the device or dropped, so that a frame costs one
+    /// reference count up (the pool's) and one down (its last holder's), none for the array.
+    private let txFrames: UnsafeMutablePointer<EthernetFrame>
+    @exclusivity(unchecked) private var txFrameCount = 0
     /// Where tx frames up to a standard frame's size come from: two rings' worth, reused once
     /// the stack has let go of them.
     @exclusivity(unchecked) private var txPool = FramePool(frames: 512, frameCapacity: 2048)
@@ -119,22 +122,28 @@ final class NetifQueue: RingService, @unchecked Sendable {
         // A sweep copies at most a ring of tx slots, and a ring of rx slots.
         copyCapacity = Int(tx.size) + Int(rx.size)
         copies = .allocate(capacity: copyCapacity)
+        txFrames = .allocate(capacity: Int(tx.size))   // a frame takes a slot at least
         do {
             loop = try RingServiceLoop(purpose: "netif queue \(index) of domain \(domain)",
                                        channels: rxChannel.map { [txChannel, $0] } ?? [txChannel],
                                        poller: poller, completionCapacity: Int(rx.size))
         } catch {
             copies.deallocate()
+            txFrames.deallocate()
             grants.unmap(txMapping, refs: [txRef]); grants.unmap(rxMapping, refs: [rxRef])
             txChannel.close(); rxChannel?.close()
             throw error
         }
-        txPackets.reserveCapacity(Int(tx.size)); txSlotIDs.reserveCapacity(Int(tx.size)); txFrames.reserveCapacity(Int(tx.size))
+        txPackets.reserveCapacity(Int(tx.size)); txSlotIDs.reserveCapacity(Int(tx.size))
         furtherSlots.reserveCapacity(Netif.fatalSlots)
         rxFrames.reserveCapacity(Int(rx.size))
     }
 
-    deinit { copies.deallocate() }
+    deinit {
+        copies.deallocate()
+        txFrames.deinitialize(count: txFrameCount)
+        txFrames.deallocate()
+    }
 
     private var started = false
 
@@ -277,9 +286,12 @@ final class NetifQueue: RingService, @unchecked Sendable {
             var copyCount = 0
             txPackets.removeAll(keepingCapacity: true)
             txSlotIDs.removeAll(keepingCapacity: true)
-            txFrames.removeAll(keepingCapacity: true)
             while remaining > 0 {
-                guard let packet = takePacket(&remaining, &copyCount) else { return }   // fatal
+                guard let packet = takePacket(&remaining, &copyCount) else {   // fatal
+                    txFrames.deinitialize(count: txFrameCount)
+                    txFrameCount = 0
+                    return
+                }
                 txPackets.append(packet)
             }
             if copyCount > 0 { grants.copy(UnsafeMutableBufferPointer(start: copies, count: copyCount)) }
@@ -295,7 +307,10 @@ final class NetifQueue: RingService, @unchecked Sendable {
                     }
                     if packet.status == Netif.statusOkay && (packet.csumBlank || packet.dataValidated || packet.gso != nil)
                         && !prepareOffload(&txFrames[packet.frame], packet) { packet.status = Netif.statusError }
-                    if packet.status != Netif.statusOkay { packet.frame = -1 }
+                }
+                if packet.status != Netif.statusOkay && packet.frame >= 0 {
+                    (txFrames + packet.frame).deinitialize(count: 1)   // dropped
+                    packet.frame = -1
                 }
                 for i in 0..<packet.slots {
                     let s = txSlotIDs[slot + i]
@@ -310,15 +325,16 @@ final class NetifQueue: RingService, @unchecked Sendable {
             for p in 0..<txPackets.count {
                 let packet = txPackets[p]
                 if packet.frame >= 0 {
+                    // Moved out: ours goes when the device returns; one that keeps it holds its own.
+                    let frame = (txFrames + packet.frame).move()
                     frames += 1
-                    bytes += UInt64(txFrames[packet.frame].count)
-                    device.fromGuest(txFrames[packet.frame])
+                    bytes += UInt64(frame.count)
+                    device.fromGuest(frame)
                 } else if packet.status != Netif.statusOkay {
                     drops += 1
                 }
             }
-            // Our references go; a device that kept a frame holds its own.
-            txFrames.removeAll(keepingCapacity: true)
+            txFrameCount = 0
             if frames > 0 {
                 counters.txFrames.add(frames, ordering: .relaxed)
                 counters.txBytes.add(bytes, ordering: .relaxed)
@@ -414,8 +430,9 @@ final class NetifQueue: RingService, @unchecked Sendable {
         }
         // The frame, and its copies: the first slot's own bytes, then each further slot's.
         let (frame, bytes, _) = txPool.allocate(count: total, queue: index)
-        packet.frame = txFrames.count
-        txFrames.append(frame)
+        packet.frame = txFrameCount
+        (txFrames + txFrameCount).initialize(to: frame)
+        txFrameCount += 1
         var position = 0
         func copy(_ ref: GrantRef, _ offset: UInt16, _ length: Int) {
             guard length > 0 else { return }   // a zero-length slot carries nothing (XSA-448)
