@@ -274,6 +274,18 @@ final class TimeTravelLog: @unchecked Sendable {
             guard point >= baseSequence else {
                 throw BlockError(.invalid, "timetravel: record \(point) is older than the log keeps (the base is at record \(baseSequence))")
             }
+            // What comes from the base is read in runs as long as the device's offsets and the
+            // caller's buffer are both contiguous (a disk the log does not cover is one read, not
+            // one per block); a run is read when the next piece does not continue it, and at the end.
+            var runOffset: UInt64 = 0, runDestination: UnsafeMutableRawPointer?, runLength = 0
+            func readRun() throws(BlockError) {
+                guard runLength > 0 else { return }
+                var vector = iovec(iov_base: runDestination, iov_len: runLength)
+                try withUnsafeMutablePointer(to: &vector) { (v) throws(BlockError) in
+                    try below.sync.read(into: IOBuffers(v, count: 1), at: runOffset)
+                }
+                runLength = 0
+            }
             try forEachChunk(of: Self.block, offset, total) { (block, within, n, position) throws(BlockError) in
                 // Straight into the caller's buffer where the piece lies in one; else through a
                 // bounce block, allocated the first time one is needed.
@@ -302,14 +314,20 @@ final class TimeTravelLog: @unchecked Sendable {
                 let fromBase = wanted & ~resolved
                 if fromBase != 0 {
                     try Self.forEachRun(fromBase) { (first, count) throws(BlockError) in
-                        var vector = iovec(iov_base: destination + first * 512, iov_len: count * 512)
-                        try withUnsafeMutablePointer(to: &vector) { (v) throws(BlockError) in
-                            try below.sync.read(into: IOBuffers(v, count: 1), at: UInt64(block * Self.block + first * 512))
+                        let at = UInt64(block * Self.block + first * 512), into = destination + first * 512
+                        if runLength > 0 && direct != nil && at == runOffset + UInt64(runLength) && into == runDestination! + runLength {
+                            runLength += count * 512
+                            return
                         }
+                        try readRun()
+                        runOffset = at; runDestination = into; runLength = count * 512
+                        // The bounce block is copied out below: its piece cannot wait for a run.
+                        if direct == nil { try readRun() }
                     }
                 }
                 if direct == nil { buffers.copy(from: bounce! + within, count: n, at: position) }
             }
+            try readRun()
         }
     }
 
