@@ -60,13 +60,14 @@ private final class CountingService: RingService, @unchecked Sendable {
     func finish(_ completion: Int) {
         let on = onLoop()
         record.withLock { $0.finished.append(completion); if !on { $0.offThread += 1 } }
+        log.append("finish \(completion)")
         outstanding.subtract(1, ordering: .relaxed)
     }
     func publish() {}
     var inFlight: Int { outstanding.load(ordering: .relaxed) }
     func hasWork() -> Bool { rings.contains { $0.published.load(ordering: .relaxed) != $0.taken.load(ordering: .relaxed) } }
     func requestsTaken(channel index: Int) -> UInt32 { rings[index].taken.load(ordering: .relaxed) }
-    func prepareToSleep() -> Bool { false }
+    func prepareToSleep() -> Bool { log.append("prepareToSleep"); return false }
     func eventChannelFired(_ index: Int) { record.withLock { $0.channels.append(index) } }
     func fileDescriptorReady(_ index: Int, events: Int16) {
         var byte: UInt8 = 0
@@ -236,6 +237,27 @@ final class RingServiceLoopTests: XCTestCase {
         XCTAssertTrue(loop.stop(timeout: 5))
         XCTAssertTrue(loop.hasEnded)
         XCTAssertEqual(service.record.withLock { $0.ended }, 1)
+    }
+
+    /// What another thread hands over while the loop polls an idle ring (net's frames for the
+    /// guest arrive this way, with nothing in flight) is taken in that window, not after it.
+    func testWhatIsPostedDuringTheIdlePollWindowIsTakenWithinIt() throws {
+        let log = EventLog()
+        let service = CountingService(pipeRead: pipe[0], log: log)
+        let loop = try RingServiceLoop<CountingService>(purpose: "test", channels: [], fileDescriptors: [],
+                                                        poller: AdaptivePoller(microseconds: 1_000_000), completionCapacity: 8)
+        service.loop = loop
+        try loop.start(service)
+        defer { loop.stop(timeout: 5) }
+        waitUntil("the loop swept once") { log.entries.withLock { $0.contains("sweep") } }
+        log.append("posted")
+        loop.post(7)
+        waitUntil("the frame finished") { service.record.withLock { $0.finished } == [7] }
+        let entries = log.entries.withLock { $0 }
+        let posted = entries.firstIndex(of: "posted")!, finished = entries.firstIndex(of: "finish 7")
+        XCTAssertNotNil(finished)
+        XCTAssertFalse(entries[posted..<(finished ?? entries.count)].contains("prepareToSleep"),
+                       "the loop waited out its 1 s window before taking it: \(entries)")
     }
 }
 

@@ -270,10 +270,11 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
             if !isStopping && service.awaitsWork {
                 // Idle: watch the rings a while before asking for a notification. The event
                 // index is left behind meanwhile, so a peer that pushes now usually need not
-                // notify. (Nothing else can need this thread: nothing is in flight, and a stop
-                // is seen.)
+                // notify. Nothing is in flight, so what else can need this thread is a stop or
+                // what another thread hands over (net's frames for the guest come this way):
+                // both end the window, or the guest would wait out the window for its frames.
                 if service.inFlight == 0, poller.wait(idle: true, {
-                    service.hasWork() || stopping.load(ordering: .relaxed) ? true : nil
+                    service.hasWork() || !completions.isEmpty || stopping.load(ordering: .relaxed) ? true : nil
                 }) != nil { continue }
                 // Sleep only after asking for (and re-checking) the next notification.
                 if service.prepareToSleep() { continue }
