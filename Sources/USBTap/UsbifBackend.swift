@@ -172,6 +172,11 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
         }
         closedWithQueue.withLock { $0.formUnion(taken) }
         _ = queue.stop(timeout: .infinity)
+        // Those devices are closed now: their ports serve nothing until a frontend connects
+        // again and they are opened anew (then `port-device/N` is written again).
+        for port in taken {
+            do throws(XenStoreError) { try dev.store.remove(dev.backendPath + "/port-device/\(port)", transaction: .none) } catch {}
+        }
         let c = queue.counters
         log("\(dev.backendPath): disconnected (\(c.urbs.load(ordering: .relaxed)) URBs, \(c.errors.load(ordering: .relaxed)) failed)")
     }

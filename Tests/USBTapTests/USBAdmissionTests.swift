@@ -80,4 +80,30 @@ final class USBAdmissionTests: XCTestCase {
         XCTAssertTrue(eventually { node("port-device/3") == nil && allowed.events.last == "close" }, "\(allowed.events)")
         try front.close()
     }
+
+    /// A frontend that disconnects takes its ports' devices with it: `port-device/N` goes with
+    /// them, and comes back when the next frontend connects and the stack is opened again.
+    func testAPortServesNothingBetweenTwoFrontends() throws {
+        let lab = try USBLab()
+        defer { lab.shutdown() }
+        let device = FakeHostDevice()
+        lab.register(as: "allowed") { device }
+        let (guest, paths) = try lab.guestWithController(plugged: [3: "allowed"])
+        defer { guest.destroy() }
+        let store = lab.backend.store
+        func node(_ key: String) -> String? { (try? store.readString(paths.backendPath + "/" + key)).flatMap { $0 } }
+        let front = try LocalUSBFrontend(hypervisor: guest, frontendPath: paths.frontendPath)
+        try front.waitForPort(3)
+        XCTAssertEqual(node("port-device/3"), "1234:5678 high speed")
+        try front.close()
+        XCTAssertTrue(eventually { node("port-device/3") == nil && device.events.last == "close" }, "\(device.events) \(node("port-device/3") ?? "-")")
+        // The guest's driver starts over (as xen-hcd does when it is loaded again).
+        try guest.store.write(paths.frontendPath + "/state", "\(XenbusDeviceState.initialising.rawValue)")
+        XCTAssertTrue(eventually { node("state") == "\(XenbusDeviceState.initWait.rawValue)" }, "the backend waits for the new frontend")
+        let again = try LocalUSBFrontend(hypervisor: guest, frontendPath: paths.frontendPath)
+        try again.waitForPort(3)
+        XCTAssertTrue(eventually { node("port-device/3") == "1234:5678 high speed" && device.events.last == "plug" }, "\(device.events)")
+        XCTAssertEqual(device.events.filter { $0 == "claim" }.count, 2, "opened and claimed again: \(device.events)")
+        try again.close()
+    }
 }
