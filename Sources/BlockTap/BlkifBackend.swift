@@ -1,6 +1,7 @@
 import CXen
 import Core
 import Glibc
+import Synchronization
 import XenStore
 
 /// Options of the blkif backend: what it offers the frontend.
@@ -36,6 +37,8 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
     public let device: any BlockDevice
     public let options: BlkifBackendOptions
     private var queues: [BlkifQueue] = []
+    /// The earlier connections' counters; the connected queues' are added at disconnect.
+    private let totals = Mutex(BlkifStatistics())
     /// What the frontend asked for at the last connect, for `softdev list` and the lab report.
     public private(set) var negotiated: Negotiated?
     private let log: (String) -> Void
@@ -130,6 +133,10 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
             throw BlkifConnectError("\(error)")
         }
         queues = opened
+        dev.reportStatistics(every: 2) { [weak self] in
+            guard let self else { return "" }
+            return totals.withLock { $0 }.adding(opened).description
+        }
         let chosen = Negotiated(queues: queueCount, ringPageOrder: order, persistentGrants: persistent)
         negotiated = chosen
         log("\(dev.backendPath): \(resuming ? "resumed" : "connected") to domain \(dev.frontendDomain): \(chosen), device \(device.name) \(g.size) bytes")
@@ -201,10 +208,29 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
         // its last request completes.
         queues.forEach { $0.requestStop() }
         for q in queues { _ = q.stop(timeout: .infinity) }
-        let served = queues.reduce(0) { $0 + $1.requestsServed.load(ordering: .relaxed) }
-        let failed = queues.reduce(0) { $0 + $1.requestsFailed.load(ordering: .relaxed) }
+        let connection = BlkifStatistics().adding(queues)
+        let total = totals.withLock { t in t = t.adding(queues); return t }
         queues = []
-        log("\(dev.backendPath): disconnected (\(served) requests served, \(failed) failed)")
+        dev.endStatistics(final: total.description)
+        log("\(dev.backendPath): disconnected (\(connection.requests) requests served, \(connection.failed) failed)")
+    }
+}
+
+/// A vbd's requests answered and failed, and its rings' events: what its `statistics` node
+/// holds ("requests=12 failed=0 events=3 spurious-events=0"), over every connection so far.
+public struct BlkifStatistics: Sendable, Equatable, CustomStringConvertible {
+    public var requests: UInt64 = 0, failed: UInt64 = 0
+    public var events = RingEventStatistics()
+    public init() {}
+    public var description: String { "requests=\(requests) failed=\(failed) \(events)" }
+    func adding(_ queues: [BlkifQueue]) -> Self {
+        var s = self
+        for q in queues {
+            s.requests += q.requestsServed.load(ordering: .relaxed)
+            s.failed += q.requestsFailed.load(ordering: .relaxed)
+            s.events = s.events + q.eventStatistics
+        }
+        return s
     }
 }
 

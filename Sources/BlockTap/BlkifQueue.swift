@@ -197,6 +197,9 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
     /// Stops taking requests without waiting (several queues stop together, then are waited for).
     func requestStop() { loop.requestStop() }
 
+    /// The ring's event channel: events taken, spurious ones (XSA-332), unmasks put off.
+    var eventStatistics: RingEventStatistics { loop.eventStatistics }
+
     // MARK: The ring thread (RingService)
 
     /// One sweep, plugged: a device with its own queue starts what the sweep gave it at once

@@ -36,13 +36,15 @@ extension DeviceClass {
         },
         settings: [],
         nodes: { name, spec, readOnly, _, _ in BlockTapService.nodes(name, spec: spec, readOnly: readOnly) },
-        negotiated: { read, _ in
+        negotiated: { read, backend in
             guard let state = read("state").flatMap(UInt32.init), state == XenbusDeviceState.connected.rawValue
                     || state == XenbusDeviceState.initialised.rawValue else { return "-" }
             let order = read("ring-page-order") ?? "0"
             let queues = Int(read("multi-queue-num-queues") ?? "1") ?? 1
             let persistent = read("feature-persistent") == "1"
-            return "ring order \(order), \(queues) queue\(queues == 1 ? "" : "s"), persistent \(persistent ? "on" : "off")"
+            var text = "ring order \(order), \(queues) queue\(queues == 1 ? "" : "s"), persistent \(persistent ? "on" : "off")"
+            if let stats = backend("statistics") { text += ", " + stats }
+            return text
         },
         plugInto: nil, unplugFrom: nil,
         localFrontend: { guest, path, options in try LocalGuestDisk(guest: guest, frontendPath: path, options: options) })

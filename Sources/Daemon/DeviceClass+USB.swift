@@ -58,7 +58,9 @@ extension DeviceClass {
                 guard let spec = backend("port/\(p)"), !spec.isEmpty else { return nil }
                 return "port \(p): \(spec)"
             }
-            return "USB \(backend("usb-ver") ?? "2").0, \(ports) ports" + (plugged.isEmpty ? "" : "; " + plugged.joined(separator: "; "))
+            var text = "USB \(backend("usb-ver") ?? "2").0, \(ports) ports"
+            if let stats = backend("statistics") { text += ", " + stats }
+            return text + (plugged.isEmpty ? "" : "; " + plugged.joined(separator: "; "))
         },
         plugInto: { store, paths, name, spec, settings, _ in
             // The controller exists: plug into its port, if that is free.

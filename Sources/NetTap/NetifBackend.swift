@@ -29,8 +29,6 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
     private let queues = Mutex<[NetifQueue]>([])
     /// Frames for the guest while it is not connected, dropped.
     private let droppedDisconnected = Atomic<UInt64>(0)
-    /// Counts connections, so that a report scheduled for one stops with it.
-    private let connection = Atomic<Int>(0)
     /// The connected queues' counters, added to the earlier connections' at disconnect.
     private let totals = Mutex(NetifCounters())
     public private(set) var negotiated: Negotiated?
@@ -114,22 +112,10 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
         }
         queues.withLock { $0 = opened }
         device.connect(self, accepting: offloads)
-        let generation = connection.add(1, ordering: .relaxed).newValue
-        reportCounters(dev, every: 2, generation: generation)
+        dev.reportStatistics(every: 2) { [weak self] in self?.counters.description ?? "" }
         let chosen = Negotiated(queues: queueCount, splitEventChannels: split, offloads: offloads)
         negotiated = chosen
         log("\(dev.backendPath): connected to domain \(dev.frontendDomain): \(chosen), device \(device.name)")
-    }
-
-    /// Writes the counters to the backend's `statistics` node (`softdev list` shows them) now
-    /// and every `seconds` while this connection lasts.
-    private func reportCounters(_ dev: XenbusBackendDevice, every seconds: Double, generation: Int) {
-        guard connection.load(ordering: .relaxed) == generation else { return }
-        try? dev.store.write(dev.backendPath + "/statistics", counters.description)
-        dev.after(seconds) { [weak self, weak dev] in
-            guard let self, let dev else { return }
-            self.reportCounters(dev, every: seconds, generation: generation)
-        }
     }
 
     private func openQueue(_ dev: XenbusBackendDevice, index: Int, directory: String,
@@ -220,14 +206,13 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
     public func disconnect(_ dev: XenbusBackendDevice) {
         let stopping = queues.withLock { qs in defer { qs = [] }; return qs }
         guard !stopping.isEmpty else { return }
-        connection.add(1, ordering: .relaxed)
         stopping.forEach { $0.requestStop() }
         for q in stopping { _ = q.stop(timeout: .infinity) }
         let c = totals.withLock { t in
             for q in stopping { t.add(q) }
             return t
         }
-        try? dev.store.write(dev.backendPath + "/statistics", c.description)
+        dev.endStatistics(final: c.description)
         log("\(dev.backendPath): disconnected (from the guest \(c.txFrames) frames, \(c.txDropped) dropped; "
             + "to the guest \(c.rxFrames) frames, \(c.rxDropped) dropped)")
     }
@@ -251,7 +236,7 @@ public struct NetifCounters: Sendable, Equatable, CustomStringConvertible {
     /// events=2 spurious-events=0".
     public var description: String {
         "tx-frames=\(txFrames) tx-bytes=\(txBytes) tx-dropped=\(txDropped) rx-frames=\(rxFrames) rx-bytes=\(rxBytes) rx-dropped=\(rxDropped)"
-            + " events=\(events.events) spurious-events=\(events.spurious)"
+            + " \(events)"
     }
     mutating func add(_ q: NetifQueue) {
         events = events + q.eventStatistics

@@ -55,9 +55,12 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
 
     /// URBs answered, bytes moved and errors since the controller connected.
     public var counters: (urbs: UInt64, bytes: UInt64, errors: UInt64) {
-        guard let c = queue?.counters else { return (0, 0, 0) }
-        return (c.urbs.load(ordering: .relaxed), c.bytes.load(ordering: .relaxed), c.errors.load(ordering: .relaxed))
+        guard let queue else { return (0, 0, 0) }
+        let c = UsbifStatistics().adding(queue)
+        return (c.urbs, c.bytes, c.errors)
     }
+    /// The earlier connections' counters; the connected queue's are added at disconnect.
+    private let totals = Mutex(UsbifStatistics())
 
     public func advertise(_ dev: XenbusBackendDevice) throws {
         // num-ports and usb-ver were written with the device (xen-hcd reads them at probe).
@@ -102,6 +105,10 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
             throw UsbifConnectError("\(error)")
         }
         self.queue = queue
+        dev.reportStatistics(every: 2) { [weak self] in
+            guard let self else { return "" }
+            return totals.withLock { $0 }.adding(queue).description
+        }
         // Every occupied port is plugged now, each announced on the conn ring (as QEMU does):
         // the stacks opened while no frontend was there, then those the last connection took
         // with it, opened again.
@@ -177,8 +184,9 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
         for port in taken {
             do throws(XenStoreError) { try dev.store.remove(dev.backendPath + "/port-device/\(port)", transaction: .none) } catch {}
         }
-        let c = queue.counters
-        log("\(dev.backendPath): disconnected (\(c.urbs.load(ordering: .relaxed)) URBs, \(c.errors.load(ordering: .relaxed)) failed)")
+        let c = UsbifStatistics().adding(queue)
+        dev.endStatistics(final: totals.withLock { t in t = t.adding(queue); return t }.description)
+        log("\(dev.backendPath): disconnected (\(c.urbs) URBs, \(c.errors) failed)")
     }
 
     /// The controller is gone: the stacks no frontend ever took are closed here.
@@ -195,6 +203,24 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
 func hex4(_ v: UInt16) -> String {
     let s = String(v, radix: 16)
     return String(repeating: "0", count: max(0, 4 - s.count)) + s
+}
+
+/// A virtual USB controller's URBs answered, bytes moved, URBs failed, and its ring's events:
+/// what its `statistics` node holds ("urbs=40 bytes=655360 errors=0 events=9 spurious-events=0"),
+/// over every connection so far.
+public struct UsbifStatistics: Sendable, Equatable, CustomStringConvertible {
+    public var urbs: UInt64 = 0, bytes: UInt64 = 0, errors: UInt64 = 0
+    public var events = RingEventStatistics()
+    public init() {}
+    public var description: String { "urbs=\(urbs) bytes=\(bytes) errors=\(errors) \(events)" }
+    func adding(_ queue: UsbifQueue) -> Self {
+        var s = self
+        let c = queue.counters
+        s.urbs += c.urbs.load(ordering: .relaxed); s.bytes += c.bytes.load(ordering: .relaxed)
+        s.errors += c.errors.load(ordering: .relaxed)
+        s.events = s.events + queue.loop.eventStatistics
+        return s
+    }
 }
 
 public struct UsbifConnectError: Error, CustomStringConvertible {

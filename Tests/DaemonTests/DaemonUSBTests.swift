@@ -43,9 +43,19 @@ final class DaemonUSBTests: LocalDaemonTestCase {
             XCTAssertTrue("\($0)".contains("not a keyboard"), "\($0)")
         }
 
-        let listed = AttachedDevice.all(store: store, backendDomain: 0).filter { $0.deviceClass == "usb" }
+        // softdev list: the controller, its counters (reported every 2 s) and its ports.
+        var listed: [AttachedDevice] = []
+        let end = monotonicSeconds() + 5
+        repeat {
+            listed = AttachedDevice.all(store: store, backendDomain: 0).filter { $0.deviceClass == "usb" }
+            if listed.count == 1, listed[0].negotiated.contains(", urbs="), !listed[0].negotiated.contains("urbs=0 ") { break }
+            usleep(50_000)
+        } while monotonicSeconds() < end
         XCTAssertEqual(listed.count, 1)
-        XCTAssertTrue(listed[0].negotiated.contains("USB 2.0, 4 ports; port 1: keyboard; port 2: storage"), listed[0].negotiated)
+        XCTAssertTrue(listed[0].negotiated.hasPrefix("USB 2.0, 4 ports, urbs="), listed[0].negotiated)
+        XCTAssertFalse(listed[0].negotiated.contains("urbs=0 "), "the URBs above are counted: \(listed[0].negotiated)")
+        XCTAssertTrue(listed[0].negotiated.contains(" spurious-events="), listed[0].negotiated)
+        XCTAssertTrue(listed[0].negotiated.contains("; port 1: keyboard; port 2: storage"), listed[0].negotiated)
 
         // Detach empties the port: the guest sees the stick go.
         XCTAssertEqual(try usb.detach(store: store, paths: paths, try usb.parseName("2"), timeoutSeconds: 5), .closed)

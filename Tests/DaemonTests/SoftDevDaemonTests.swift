@@ -51,7 +51,18 @@ final class SoftDevDaemonTests: LocalDaemonTestCase {
         XCTAssertEqual(listed.first?.backendState, .connected)
         XCTAssertEqual(listed.first?.frontendNodes["feature-persistent"], "1")
         XCTAssertEqual(listed.first?.spec, "memory(size=8M)")
+        // The vbd's counters, as a vif's and a USB controller's: reported every 2 s while
+        // connected, and as the connection left them at disconnect.
+        XCTAssertTrue(listed.first?.negotiated.hasPrefix("ring order ") ?? false, listed.first?.negotiated ?? "")
+        XCTAssertTrue(listed.first?.negotiated.contains(", requests=") ?? false, listed.first?.negotiated ?? "")
         try front.close()
+        let backendPath = "/local/domain/0/backend/\(BlockTapService.backendType)/\(guest.domainID)/51728"
+        let statistics = (try? d.hypervisor.store.readString(backendPath + "/statistics")).flatMap { $0 }
+        // At least the write and the read above.
+        XCTAssertTrue(statistics?.hasPrefix("requests=") ?? false, statistics ?? "no statistics")
+        XCTAssertTrue(statistics?.contains(" failed=0 events=") ?? false, statistics ?? "no statistics")
+        let served = statistics.flatMap { $0.split(separator: " ").first?.split(separator: "=").last }.flatMap { UInt64($0) }
+        XCTAssertGreaterThanOrEqual(served ?? 0, 2, statistics ?? "")
     }
 
     func testDetachWhileRunningThenReattach() throws {

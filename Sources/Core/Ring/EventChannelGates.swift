@@ -91,7 +91,7 @@
 }
 
 /// What a ring thread's event channels did, for `softdev list`, the metrics and the tests.
-public struct RingEventStatistics: Sendable, Equatable {
+public struct RingEventStatistics: Sendable, Equatable, CustomStringConvertible {
     /// Events taken from the channels (each one a wake-up of the thread, or part of one).
     public var events: UInt64 = 0
     /// Events after which no request was taken (XSA-332's storm is made of these).
@@ -99,6 +99,8 @@ public struct RingEventStatistics: Sendable, Equatable {
     /// Unmasks put off by the back-off after repeated spurious events.
     public var delayedUnmasks: UInt64 = 0
     public init() {}
+    /// As every class's `statistics` node ends: "events=2 spurious-events=0".
+    public var description: String { "events=\(events) spurious-events=\(spurious)" }
     public static func + (a: Self, b: Self) -> Self {
         var s = a
         s.events += b.events; s.spurious += b.spurious; s.delayedUnmasks += b.delayedUnmasks

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 import XenStore
 
 /// What a backend (blkif, netif, usbif) does at the points of the xenbus handshake; the state
@@ -219,6 +220,28 @@ public final class XenbusBackendDevice: @unchecked Sendable {
     public func after(_ seconds: Double, _ task: @escaping () -> Void) {
         dispatcher.after(seconds, task)
     }
+
+    /// Writes what `statistics` gives to the backend's `statistics` node now and every
+    /// `seconds` on the dispatcher's thread, until `endStatistics` (a driver reports its
+    /// counters so while a frontend is connected; `softdev list` shows them for every class).
+    public func reportStatistics(every seconds: Double, _ statistics: @escaping () -> String) {
+        let generation = statisticsGeneration.add(1, ordering: .relaxed).newValue
+        reportStatistics(generation, every: seconds, statistics)
+    }
+
+    private func reportStatistics(_ generation: Int, every seconds: Double, _ statistics: @escaping () -> String) {
+        guard statisticsGeneration.load(ordering: .relaxed) == generation else { return }
+        try? writeBackend(["statistics": statistics()])
+        after(seconds) { [weak self] in self?.reportStatistics(generation, every: seconds, statistics) }
+    }
+
+    /// Stops the periodic report (from any thread) and writes `final`, the counters as the
+    /// connection left them.
+    public func endStatistics(final: String) {
+        statisticsGeneration.add(1, ordering: .relaxed)
+        try? writeBackend(["statistics": final])
+    }
+    private let statisticsGeneration = Atomic<Int>(0)
 
     /// Watches `relativePath` under the backend's directory for the driver (a USB controller's
     /// `port/N` nodes): `handler` runs on the dispatcher's thread, once at once and on every
