@@ -55,6 +55,11 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
     public init(device: any BlockDevice, options: BlkifBackendOptions = BlkifBackendOptions(), log: @escaping (String) -> Void = { _ in }) {
         self.device = device; self.options = options; self.log = log
     }
+    /// The threads this vbd's devices block on (shared by its rings, started as needed).
+    private let workers = BlockWorkers(limit: BlkifBackend.workerThreads, purpose: "a vbd's block workers")
+    /// At most this many of a vbd's requests block at once (a buffered file's reads that miss
+    /// the page cache, a store's lookups), as many as QEMU's and nbdkit's defaults keep busy.
+    public static let workerThreads = 16
 
     public func advertise(_ dev: XenbusBackendDevice) throws {
         let caps = device.capabilities
@@ -180,7 +185,7 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
         return try BlkifQueue(index: index, ringMapping: mapping, ringRefs: refs, channel: channel, device: device, grants: hv.grants,
                           domain: dev.frontendDomain, persistentGrants: persistent ? options.persistentGrantsPerRing : 0,
                           maxIndirectSegments: options.effectiveMaxIndirectSegments, poller: AdaptivePoller(microseconds: options.pollMicroseconds),
-                          record: record, resume: recovered) { [weak dev] why in
+                          workers: workers, record: record, resume: recovered) { [weak dev] why in
             guard let dev else { return }
             // Per xenbus rules the device fails alone; the state machine runs on the dispatcher.
             dev.failAsync("queue \(index): \(why)")
@@ -197,6 +202,7 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
     /// are closed and filters such as `stats(file=...)` write their reports.
     public func unplugged(_ dev: XenbusBackendDevice) {
         device.close()
+        workers.stop()
     }
 
     public func disconnect(_ dev: XenbusBackendDevice) {

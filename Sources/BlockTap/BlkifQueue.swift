@@ -109,9 +109,10 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
     /// Takes over `ringMapping` and `channel` even when it throws: they are released then.
     init(index: Int, ringMapping: GrantMapping, ringRefs: [GrantRef], channel: any EventChannel, device: any BlockDevice,
          grants: any GrantTable, domain: DomainID, persistentGrants: Int, maxIndirectSegments: Int, poller: AdaptivePoller,
-         record: RingRecoveryRecord? = nil, resume: RingRecoveryRecord.Recovered? = nil,
+         workers: BlockWorkers, record: RingRecoveryRecord? = nil, resume: RingRecoveryRecord.Recovered? = nil,
          onFatal: @escaping BlkifFatalHandler) throws {
         self.index = index
+        self.workers = workers
         self.ring = BackRing(shared: ringMapping.base!, bytes: ringMapping.pageCount * xenPageSize)
         self.record = record
         self.recordStores = record?.stores
@@ -196,6 +197,10 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
 
     /// Stops taking requests without waiting (several queues stop together, then are waited for).
     func requestStop() { loop.requestStop() }
+
+    /// The ring thread submits for the vbd's pool: what its devices may block on runs there.
+    func threadStarted() { workers.adopt() }
+    private let workers: BlockWorkers
 
     /// The ring's event channel: events taken, spurious ones (XSA-332), unmasks put off.
     var eventStatistics: RingEventStatistics { loop.eventStatistics }

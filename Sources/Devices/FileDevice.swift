@@ -70,7 +70,7 @@ public final class FileDevice: SynchronousBlockDevice, BlockPlugTarget, @uncheck
     public let isReadOnly: Bool
     /// A buffered file on tmpfs or ramfs: every request is a memory copy, done on the submitting
     /// thread (a worker would only add a thread handoff). Large writes are then copied one at a
-    /// time per queue rather than by 8 workers at once.
+    /// time per queue rather than by several workers at once.
     public let servesInline: Bool
     /// `batch=true`: O_DIRECT requests of a plugged batch start in one `io_submit`.
     public let batchSubmits: Bool
@@ -98,15 +98,14 @@ public final class FileDevice: SynchronousBlockDevice, BlockPlugTarget, @uncheck
     /// The stop request's completion was collected (by whichever thread).
     private let stopCollected = Atomic<Bool>(false)
     private var isClosed = false
-    /// For buffered files (see above); nil with O_DIRECT.
-    private let workers: WorkerPool?
+    /// For buffered files (see above), what misses the page cache runs on the transport's
+    /// workers; nil with O_DIRECT or inline.
+    private let offload: BlockOffload?
     /// Tests only: an errno the reaper's next wait fails with (see `failNextCompletionWait`).
     private let injectedWaitFailure = Atomic<Int32>(0)
     /// Cleared when the file system refuses RWF_NOWAIT (EOPNOTSUPP, e.g. tmpfs on older
     /// kernels): every read then goes straight to a worker instead of paying a failed call.
     private let pageCacheReads = Atomic<Bool>(true)
-    /// Worker threads for a buffered file.
-    public static let bufferedWorkers = 8
 
     /// One request in flight. The iocb lives here, in memory that never moves, because the
     /// kernel holds on to it from `io_submit` until the completion is reaped.
@@ -206,11 +205,7 @@ public final class FileDevice: SynchronousBlockDevice, BlockPlugTarget, @uncheck
             completionEvent = -1
             reaperWake = -1
         }
-        do throws(ThreadStartError) {
-            workers = direct || servesInline ? nil : try WorkerPool(threads: Self.bufferedWorkers, purpose: "\(label)'s workers")
-        } catch {
-            throw BlockError.system("\(label): cannot start the worker threads", errno: error.errno)
-        }
+        offload = direct || servesInline ? nil : BlockOffload()
         slotCount = options.queueDepth
         slots = .allocate(capacity: options.queueDepth)
         slots.initialize(repeating: Slot(), count: options.queueDepth)
@@ -291,11 +286,10 @@ public final class FileDevice: SynchronousBlockDevice, BlockPlugTarget, @uncheck
         default: break
         }
         if servesInline { completion.complete(performSynchronously(request)); return }
-        if let workers {
+        if let offload {
             // Data already in the page cache is copied here and now; the rest waits for a worker.
             if readFromPageCache(request) { completion.complete(.success); return }
-            if request.callerMayWait { completion.complete(performSynchronously(request)); return }
-            workers.enqueue { completion.complete(self.performSynchronously(request)) }
+            offload.serve(request, completion) { self.performSynchronously(request) }
             return
         }
         let slot: Result<Int, BlockError>? = queue.withLock { queue in
@@ -678,7 +672,7 @@ public final class FileDevice: SynchronousBlockDevice, BlockPlugTarget, @uncheck
             return queue.stopping
         }
         if alreadyClosed { return }
-        workers?.stop()   // runs what was submitted, then the threads end
+        offload?.waitUntilIdle()   // what was submitted has run
         if let aio, let reaper {
             // A read of no bytes completes at once, last; whichever thread collects it tells the
             // reaper, which stops once the requests in flight are done. (Transports have

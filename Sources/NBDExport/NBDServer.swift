@@ -31,6 +31,11 @@ public final class NBDServer: @unchecked Sendable {
     private var stopping = false
     private var rmwLocks: [String: ConditionLock] = [:]
     private var port: UInt16?
+    /// The threads the exports' devices block on, shared by the connections (nbdkit's server
+    /// threads), started as needed.
+    private let workers = BlockWorkers(limit: NBDServer.workerThreads, purpose: "the NBD export's block workers")
+    /// At most this many requests block at once (nbdkit's default --threads).
+    public static let workerThreads = 16
 
     /// An export named twice is a mistake in the caller's configuration.
     public init(listen address: NBDListenAddress, exports: [NBDExport], pollMicroseconds: Int = AdaptivePoller.defaultMicroseconds) {
@@ -83,6 +88,7 @@ public final class NBDServer: @unchecked Sendable {
         var byte: UInt8 = 1
         _ = write(wake, &byte, 1)
         lock.withLock { while threads > 0 { lock.wait() } }
+        workers.stop()
         close(fd); close(wakePipe.0); close(wakePipe.1)
         lock.withLock { listenFD = -1 }
         if case .unix(let path) = address { unlink(path) }
@@ -128,6 +134,7 @@ public final class NBDServer: @unchecked Sendable {
     /// One client, from the handshake to the end of transmission.
     private func serve(_ socket: NBDSocket) {
         defer { threadEnded() }
+        workers.adopt()
         var negotiation = NBDNegotiation(socket: socket, exports: exports)
         let session = negotiation.run()
         let connection = session.map { NBDConnection(socket: socket, session: $0, rmwLock: rmwLocks[$0.export.name]!,

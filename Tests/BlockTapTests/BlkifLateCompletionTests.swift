@@ -199,3 +199,63 @@ final class BlkifLateCompletionTests: XCTestCase {
         XCTAssertEqual(disk.log, ["read 0"])
     }
 }
+
+/// A device that may block, as a buffered file or a content store does: it hands its requests
+/// to ``BlockOffload``, and a read of sector 0 blocks until the test lets it go.
+final class BlockingDisk: BlockDevice, @unchecked Sendable {
+    let inner = TestDisk(size: 1 << 20)
+    var name: String { "blocking" }
+    var geometry: BlockGeometry { inner.geometry }
+    var capabilities: BlockCapabilities { inner.capabilities }
+    let offload = BlockOffload()
+    private let lock = ConditionLock()
+    private var released = false
+    private(set) var blockedOnWorker: Bool?
+    private var blocked = false
+
+    func submit(_ request: BlockRequest, completion: BlockCompletion) {
+        offload.serve(request, completion) { [self] in
+            if request.operation == .read && request.offset == 0 {
+                lock.withLock {
+                    blocked = true; blockedOnWorker = BlockWorkers.onWorkerThread; lock.broadcast()
+                    while !released { lock.wait() }
+                }
+            }
+            return inner.performSynchronously(request)
+        }
+    }
+    var isBlocked: Bool { lock.withLock { blocked } }
+    func release() { lock.withLock { released = true; lock.broadcast() } }
+    func close() { release(); offload.waitUntilIdle() }
+}
+
+/// The vbd's worker pool: a device that blocks on one request holds a worker, not the ring.
+final class BlkifWorkerPoolTests: XCTestCase {
+    func testARequestThatBlocksHoldsAWorkerWhileTheRingServesTheNext() throws {
+        let lab = try LocalLab(options: BlkifBackendOptions(), teardownTimeout: 5)
+        defer { lab.shutdown() }
+        let disk = BlockingDisk()
+        defer { disk.release() }
+        let (guest, paths) = try lab.guestWithDisk(disk)
+        let front = try LocalBlockFrontend(hypervisor: guest, frontendPath: paths.frontendPath)
+        memset(front.bufferPage(1), 0x6B, 4096)
+        let (stuck, _) = try front.makeRequest(id: 1, write: false, sector: 0, firstPage: 0, pageCount: 1)
+        let (next, _) = try front.makeRequest(id: 2, write: true, sector: 8, firstPage: 1, pageCount: 1)
+        let q = front.queues[0]
+        q.ring.putRequest(stuck); q.pushRequests()
+        let deadline = monotonicSeconds() + 5
+        while !disk.isBlocked && monotonicSeconds() < deadline { usleep(1000) }
+        XCTAssertTrue(disk.isBlocked, "the read reached the device")
+        XCTAssertEqual(disk.blockedOnWorker, true, "it blocks a worker thread, not the ring's")
+        // The ring thread is free: the write behind it is answered while the read still blocks.
+        q.ring.putRequest(next); q.pushRequests()
+        let answered = try front.collect(1)
+        XCTAssertEqual(answered.map(\.id), [2])
+        XCTAssertEqual(answered.first?.status, Blkif.statusOkay)
+        XCTAssertTrue(disk.isBlocked)
+        disk.release()
+        XCTAssertEqual(try front.collect(1).map(\.id), [1])
+        XCTAssertEqual(try front.read(sector: 8, count: 4096), [UInt8](repeating: 0x6B, count: 4096))
+        try front.close()
+    }
+}

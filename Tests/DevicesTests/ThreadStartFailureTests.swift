@@ -3,6 +3,7 @@ import Core
 import Foundation
 import Glibc
 import NBDExport
+import Synchronization
 import XCTest
 
 /// When a thread cannot start (pthread_create's EAGAIN at the process's thread limit), the one
@@ -11,32 +12,63 @@ import XCTest
 final class ThreadStartFailureTests: XCTestCase {
     /// Runs `body` while no thread can start: a new thread's default stack is made 64 TiB,
     /// more than the machine can map.
-    private func whileThreadsCannotStart(_ body: () throws -> Void) rethrows {
+    private func whileThreadsCannotStart<T>(_ body: () throws -> T) rethrows -> T {
         typealias DefaultAttributes = @convention(c) (UnsafeMutablePointer<pthread_attr_t>) -> Int32
         let get = unsafeBitCast(dlsym(nil, "pthread_getattr_default_np")!, to: DefaultAttributes.self)
         let set = unsafeBitCast(dlsym(nil, "pthread_setattr_default_np")!, to: DefaultAttributes.self)
         var saved = pthread_attr_t(), huge = pthread_attr_t()
         _ = get(&saved); pthread_attr_init(&huge); pthread_attr_setstacksize(&huge, 1 << 46); _ = set(&huge)
         defer { _ = set(&saved) }
-        try body()
+        return try body()
     }
 
     func testAFileDeviceFailsToOpen() throws {
-        // The completion thread (O_DIRECT) and the worker pool (buffered, on a disk file system).
+        // O_DIRECT: its completion thread starts at open.
         let directory = makeTemporaryDirectory(self)
-        for (direct, thread) in [(FileDevice.DirectIO.on, "completion thread"), (.off, "worker threads")] {
-            let path = directory + "/\(direct).img"
-            let options = FileDevice.Options(direct: direct, createSize: 1 << 20)
-            try whileThreadsCannotStart {
-                XCTAssertThrowsError(try FileDevice(path: path, options: options)) {
-                    XCTAssertEqual(($0 as? BlockError)?.message, "file(path=\(path)): cannot start the \(thread): Resource temporarily unavailable")
-                }
+        let path = directory + "/direct.img"
+        let options = FileDevice.Options(direct: .on, createSize: 1 << 20)
+        try whileThreadsCannotStart {
+            XCTAssertThrowsError(try FileDevice(path: path, options: options)) {
+                XCTAssertEqual(($0 as? BlockError)?.message, "file(path=\(path)): cannot start the completion thread: Resource temporarily unavailable")
             }
-            let file = try FileDevice(path: path, options: options)
-            defer { file.close() }
-            try file.writePattern(4096, seed: 7, at: 0)
-            XCTAssertEqual(try file.readBytes(4096, at: 0), TestBuffer.expected(4096, 7), "with threads, it opens")
         }
+        let file = try FileDevice(path: path, options: options)
+        defer { file.close() }
+        try file.writePattern(4096, seed: 7, at: 0)
+        XCTAssertEqual(try file.readBytes(4096, at: 0), TestBuffer.expected(4096, 7), "with threads, it opens")
+    }
+
+    /// A buffered file starts no thread: what may block runs on its transport's workers, and
+    /// when none can start, on the transport's own thread (late rather than never).
+    func testABufferedFileOpensWithoutThreadsAndItsRequestsRunWhenNoWorkerCanStart() throws {
+        let directory = makeTemporaryDirectory(self)
+        let path = directory + "/buffered.img"
+        let file = try whileThreadsCannotStart { try FileDevice(path: path, options: FileDevice.Options(direct: .off, createSize: 1 << 20)) }
+        defer { file.close() }
+        let pool = BlockWorkers(limit: 2, purpose: "a test transport's workers")
+        defer { pool.stop() }
+        let ready = DispatchSemaphore(value: 0), go = DispatchSemaphore(value: 0), done = DispatchSemaphore(value: 0)
+        let outcome = Mutex<String>("not run")
+        try PosixThread.detached("a test transport") {
+            pool.adopt()
+            ready.signal()
+            go.wait()
+            do {
+                try file.writePattern(65536, seed: 3, at: 4096)
+                let back = try file.readBytes(65536, at: 4096)
+                outcome.withLock { $0 = back == TestBuffer.expected(65536, 3) ? "ok" : "wrong data" }
+            } catch {
+                outcome.withLock { $0 = "\(error)" }
+            }
+            done.signal()
+        }
+        ready.wait()
+        whileThreadsCannotStart {
+            go.signal()
+            done.wait()
+        }
+        XCTAssertEqual(outcome.withLock { $0 }, "ok")
+        XCTAssertEqual(pool.threadCount, 0, "no worker could start: the transport's thread ran them")
     }
 
     func testAnNBDServerDropsOnlyThatClientOrFailsToStart() throws {

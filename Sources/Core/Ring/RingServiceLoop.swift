@@ -53,6 +53,9 @@ public protocol RingService: AnyObject {
     /// Extra file descriptor `index` is ready with `events` (poll's revents). Poll is level-
     /// triggered: read what is ready (or stop asking for it), or the loop wakes again at once.
     func fileDescriptorReady(_ index: Int, events: Int16)
+    /// The loop's thread starts: before anything else, on that thread (blkif names its
+    /// vbd's ``BlockWorkers`` for the thread here).
+    func threadStarted()
     /// The loop ended: nothing is in flight. Unmap the rings and the guest's pages here; this
     /// runs on the loop's thread, possibly long after `stop` gave up waiting, so nothing is
     /// unmapped while a device may still write into it.
@@ -69,6 +72,7 @@ extension RingService {
     public var awaitsWork: Bool { true }
     public func eventChannelFired(_ index: Int) {}
     public func fileDescriptorReady(_ index: Int, events: Int16) {}
+    public func threadStarted() {}
 }
 
 /// One thread that serves a queue's rings: it waits (poll) on any number of event channels
@@ -239,6 +243,7 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
 
     @inlinable func run(_ service: Service) {
         loopThread = pthread_self()
+        service.threadStarted()
         let channelCount = channels.count
         var fds = channels.map { pollfd(fd: $0.fileDescriptor, events: Int16(POLLIN), revents: 0) }
         fds += fileDescriptors.map { pollfd(fd: $0.fd, events: $0.events, revents: 0) }

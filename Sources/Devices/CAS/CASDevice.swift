@@ -23,7 +23,8 @@ public final class CASDevice: SynchronousBlockDevice, @unchecked Sendable {
     public let capabilities: BlockCapabilities
     let store: ChunkStore
     let disk: CASDiskMap
-    private let workers: WorkerPool
+    /// Requests run on the transport's workers (the store's files may block).
+    private let offload = BlockOffload()
     private let closed = Atomic<Bool>(false)
     private static let chunk = ChunkStore.chunkSize
 
@@ -36,20 +37,13 @@ public final class CASDevice: SynchronousBlockDevice, @unchecked Sendable {
         } catch {
             store.release(); throw error
         }
-        do throws(ThreadStartError) {
-            workers = try WorkerPool(threads: 4, purpose: "cas(map=\(map))'s workers")
-        } catch {
-            store.closeDisk(disk); store.release()
-            throw BlockError(.io, errno: error.errno, "cas: \(error)")
-        }
         self.store = store
         geometry = BlockGeometry(size: disk.size, logicalBlockSize: 512, physicalBlockSize: UInt32(ChunkStore.chunkSize))
         capabilities = readOnly ? [.extents, .multiConn] : [.write, .flush, .fua, .discard, .writeZeroes, .extents, .multiConn]
     }
 
     public func submit(_ request: BlockRequest, completion: BlockCompletion) {
-        if request.callerMayWait { return completion.complete(performSynchronously(request)) }
-        workers.enqueue { completion.complete(self.performSynchronously(request)) }
+        offload.serve(request, completion) { self.performSynchronously(request) }
     }
 
     /// The store's chunks, references and savings (shared by every disk of the store).
@@ -140,7 +134,7 @@ public final class CASDevice: SynchronousBlockDevice, @unchecked Sendable {
     /// Flushes what is dirty, then gives the disk and the store back.
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        workers.stop()
+        offload.waitUntilIdle()
         try? store.flush(disk)
         store.closeDisk(disk)
         store.release()

@@ -21,8 +21,8 @@ import Glibc
 ///   again. Parts of clusters are left as they are (discard is advisory). The overlay's space is
 ///   given back (discard below) at the next flush, once the map that no longer points at it is
 ///   durable.
-/// - The slow paths block on the devices below, so they run on two worker threads (or on the
-///   caller's thread when it may wait), and completions are never left to the transport's thread.
+/// - The slow paths block on the devices below, so they run on the transport's worker threads
+///   (or on the caller's thread when it may wait), and completions are never left to the transport's thread.
 public final class COWFilter: BlockFilter, @unchecked Sendable {
     public override var name: String { "cow" }
     public let base: any BlockDevice
@@ -38,7 +38,8 @@ public final class COWFilter: BlockFilter, @unchecked Sendable {
     private let serial = ConditionLock()
     /// Clusters dropped since the last flush, whose space goes back after it (under `serial`).
     private var freed: Set<UInt64> = []
-    private let workers: WorkerPool
+    /// The slow paths run on the transport's workers.
+    private let offload = BlockOffload()
     private var closed = false
 
     /// Opens the overlay on `next` over `base`. An overlay whose header and map are all zeroes
@@ -74,9 +75,6 @@ public final class COWFilter: BlockFilter, @unchecked Sendable {
         dataOffset = header.dataOffset
         blockSize = max(base.geometry.logicalBlockSize, below.logicalBlockSize)
         size = header.virtualSize / UInt64(blockSize) * UInt64(blockSize)
-        do { workers = try WorkerPool(threads: 2, purpose: "cow") } catch {
-            throw BlockError(.io, errno: error.errno, "\(label): \(error)")
-        }
         super.init(next: next)
     }
 
@@ -131,8 +129,7 @@ public final class COWFilter: BlockFilter, @unchecked Sendable {
         default:
             break
         }
-        let work = { [self] in completion.complete(perform(request)) }
-        if request.callerMayWait { work() } else { workers.enqueue(work) }
+        offload.serve(request, completion) { self.perform(request) }
     }
 
     /// The slow paths, on a thread that may block.
@@ -310,7 +307,7 @@ public final class COWFilter: BlockFilter, @unchecked Sendable {
             return !closed
         }
         guard first else { return }
-        workers.stop()
+        offload.waitUntilIdle()
         if next.capabilities.contains(.write) {
             do throws(BlockError) { try locked { () throws(BlockError) in try persist() } } catch {
                 fputs("softdev: cow: \(label): the map could not be written at close: \(error)\n", stderr)

@@ -18,8 +18,8 @@ import Glibc
 /// - Discard and write-zeroes make the chunks they cover whole into holes and zero the parts
 ///   of others; the space freed is discarded below (punched) after the next flush. The space
 ///   of a version a rewrite replaced is reused as it is, not punched.
-/// - Every request runs under one lock, on two worker threads (or the caller's when it may
-///   wait); the last chunk read stays decompressed for the next read of it.
+/// - Every request runs under one lock, on the transport's worker threads (or the caller's
+///   when it may wait); the last chunk read stays decompressed for the next read of it.
 /// - The ratio reached (the bytes the chunks hold over the space they take) is in ``ratio``,
 ///   logged on close, and printed by `softdev bench --stacks` for a compress stack.
 public final class CompressFilter: BlockFilter, @unchecked Sendable {
@@ -45,7 +45,8 @@ public final class CompressFilter: BlockFilter, @unchecked Sendable {
     /// The plain bytes of the stored chunks, and the space they take (whole units).
     private var logicalBytes: UInt64 = 0
     private var storedBytes: UInt64 = 0
-    private let workers: WorkerPool
+    /// Requests run on the transport's workers (they block on the device below).
+    private let offload = BlockOffload()
     private var closed = false
 
     /// Opens the container on `next`; one whose header and map are all zeroes (a new file) is
@@ -83,9 +84,6 @@ public final class CompressFilter: BlockFilter, @unchecked Sendable {
         codec = try ZstdCodec(level: level)
         plain = try AlignedMemory(Int(chunkSize))
         stored = try AlignedMemory(CompressSpace.units(UInt64(ZstdCodec.bound(Int(chunkSize)))) * Int(CompressSpace.unit))
-        do { workers = try WorkerPool(threads: 2, purpose: "compress") } catch {
-            throw BlockError(.io, errno: error.errno, "\(label): \(error)")
-        }
         super.init(next: next)
         for chunk in 0..<header.units where !map[chunk].isHole {
             logicalBytes += chunkLength(chunk)
@@ -150,8 +148,7 @@ public final class CompressFilter: BlockFilter, @unchecked Sendable {
             }
             if request.length == 0 { return completion.complete(.success) }
         }
-        let work = { [self] in completion.complete(perform(request)) }
-        if request.callerMayWait { work() } else { workers.enqueue(work) }
+        offload.serve(request, completion) { self.perform(request) }
     }
 
     private func perform(_ request: BlockRequest) -> BlockResult {
@@ -333,7 +330,7 @@ public final class CompressFilter: BlockFilter, @unchecked Sendable {
             return !closed
         }
         guard first else { return }
-        workers.stop()
+        offload.waitUntilIdle()
         if next.capabilities.contains(.write) {
             lock.lock()
             do throws(BlockError) { try persist() } catch {

@@ -53,7 +53,7 @@ public final class IDSFilter: BlockFilter, @unchecked Sendable {
     private let map: Ext4Map
     private let mapLock = ConditionLock()
     /// Map updates, in the order writes complete, off the completion thread (they read the disk).
-    private let updates: WorkerPool
+    private let updates = BlockWorkers(limit: 1, purpose: "ids map updates")
     private let alertsFD: Int32
     private let alertCount = Atomic<Int>(0)
     private let closed = Atomic<Bool>(false)
@@ -72,10 +72,6 @@ public final class IDSFilter: BlockFilter, @unchecked Sendable {
             guard alertsFD >= 0 else { throw BlockError.system("ids: alerts file \(alerts)", errno: errno) }
         } else {
             alertsFD = -1
-        }
-        do throws(ThreadStartError) { updates = try WorkerPool(threads: 1, purpose: "ids map updates") } catch {
-            if alertsFD >= 0 { Glibc.close(alertsFD) }
-            throw BlockError(.io, errno: error.errno, "ids: \(error)")
         }
         let below = next
         map = Ext4Map { offset, length in Self.readBytes(below, offset, length) }

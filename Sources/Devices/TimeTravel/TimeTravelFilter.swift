@@ -20,7 +20,8 @@ public final class TimeTravelFilter: BlockFilter, @unchecked Sendable {
     let log: TimeTravelLog
     /// The record shown, or nil for the live disk.
     public let point: UInt64?
-    private let workers: WorkerPool
+    /// Requests run on the transport's workers (the log's files may block).
+    private let offload = BlockOffload()
     private let closed = Atomic<Bool>(false)
 
     init(next: any BlockDevice, log directory: String, point: TimeTravelPoint? = nil,
@@ -37,13 +38,6 @@ public final class TimeTravelFilter: BlockFilter, @unchecked Sendable {
             }
         } catch {
             log.release(); throw error
-        }
-        do throws(ThreadStartError) {
-            workers = try WorkerPool(threads: 4, purpose: "timetravel(log=\(directory))'s workers")
-        } catch {
-            if let shown { log.unpin(shown) } else { try? log.setBaseWriter(nil) }
-            log.release()
-            throw BlockError(.io, errno: error.errno, "timetravel: \(error)")
         }
         self.log = log
         self.point = shown
@@ -62,8 +56,7 @@ public final class TimeTravelFilter: BlockFilter, @unchecked Sendable {
         if point != nil && request.operation != .read {
             return completion.complete(.failure(BlockError(.readOnly, "timetravel: \(request.operation) on a point of the past (read-only)")))
         }
-        if request.callerMayWait { return completion.complete(perform(request)) }
-        workers.enqueue { completion.complete(self.perform(request)) }
+        offload.serve(request, completion) { self.perform(request) }
     }
 
     private func perform(_ request: BlockRequest) -> BlockResult {
@@ -82,7 +75,7 @@ public final class TimeTravelFilter: BlockFilter, @unchecked Sendable {
 
     public override func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        workers.stop()
+        offload.waitUntilIdle()
         if let point { log.unpin(point) } else { try? log.sync(); try? log.setBaseWriter(nil) }
         log.release()
         super.close()
