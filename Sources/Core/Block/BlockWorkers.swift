@@ -22,6 +22,8 @@ public final class BlockWorkers: @unchecked Sendable {
     private var head = 0
     private var threads: [PosixThread] = []
     private var waiting = 0
+    /// Threads being started (counted against the limit before they exist).
+    private var starting = 0
     private var stopping = false
 
     public init(limit: Int, purpose: String) {
@@ -61,17 +63,21 @@ public final class BlockWorkers: @unchecked Sendable {
             if stopping { return nil }
             work.append(item)
             if waiting > 0 { lock.signal() }
-            return work.count - head > waiting && threads.count < limit
+            guard work.count - head > waiting + starting && threads.count + starting < limit else { return false }
+            starting += 1
+            return true
         }
         guard let spawn else { return item() }
         guard spawn else { return }
         do throws(ThreadStartError) {
             // `stop` joins every thread before the pool goes, so they need not hold it.
             let thread = try PosixThread(purpose) { [unowned(unsafe) self] in run() }
-            lock.withLock { threads.append(thread) }
+            lock.withLock { starting -= 1; threads.append(thread) }
         } catch {
             // Without a thread of the pool to run it, what is queued runs here.
-            if lock.withLock({ threads.isEmpty }) { while let next = take(waiting: false) { next() } }
+            if lock.withLock({ starting -= 1; return threads.isEmpty && starting == 0 }) {
+                while let next = take(waiting: false) { next() }
+            }
         }
     }
 
