@@ -215,9 +215,9 @@ public final class BlkifBackend: XenbusBackendDriver, @unchecked Sendable {
         queues.forEach { $0.requestStop() }
         for q in queues { _ = q.stop(timeout: .infinity) }
         let connection = BlkifStatistics().adding(queues)
-        let total = totals.withLock { t in t = t.adding(queues); return t }
+        let stopped = queues
         queues = []
-        dev.endStatistics(final: total.description)
+        dev.endStatistics { totals.withLock { t in t = t.adding(stopped); return t }.description }
         log("\(dev.backendPath): disconnected (\(connection.requests) requests served, \(connection.failed) failed)")
     }
 }

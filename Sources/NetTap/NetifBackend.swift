@@ -208,11 +208,14 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
         guard !stopping.isEmpty else { return }
         stopping.forEach { $0.requestStop() }
         for q in stopping { _ = q.stop(timeout: .infinity) }
-        let c = totals.withLock { t in
-            for q in stopping { t.add(q) }
-            return t
+        var c = NetifCounters()
+        dev.endStatistics {
+            c = totals.withLock { t in
+                for q in stopping { t.add(q) }
+                return t
+            }
+            return c.description
         }
-        dev.endStatistics(final: c.description)
         log("\(dev.backendPath): disconnected (from the guest \(c.txFrames) frames, \(c.txDropped) dropped; "
             + "to the guest \(c.rxFrames) frames, \(c.rxDropped) dropped)")
     }

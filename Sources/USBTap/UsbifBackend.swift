@@ -185,7 +185,7 @@ public final class UsbifBackend: XenbusBackendDriver, @unchecked Sendable {
             do throws(XenStoreError) { try dev.store.remove(dev.backendPath + "/port-device/\(port)", transaction: .none) } catch {}
         }
         let c = UsbifStatistics().adding(queue)
-        dev.endStatistics(final: totals.withLock { t in t = t.adding(queue); return t }.description)
+        dev.endStatistics { totals.withLock { t in t = t.adding(queue); return t }.description }
         log("\(dev.backendPath): disconnected (\(c.urbs) URBs, \(c.errors) failed)")
     }
 

@@ -225,23 +225,31 @@ public final class XenbusBackendDevice: @unchecked Sendable {
     /// `seconds` on the dispatcher's thread, until `endStatistics` (a driver reports its
     /// counters so while a frontend is connected; `softdev list` shows them for every class).
     public func reportStatistics(every seconds: Double, _ statistics: @escaping () -> String) {
-        let generation = statisticsGeneration.add(1, ordering: .relaxed).newValue
+        let generation = statisticsGeneration.withLock { g in g += 1; return g }
         reportStatistics(generation, every: seconds, statistics)
     }
 
     private func reportStatistics(_ generation: Int, every seconds: Double, _ statistics: @escaping () -> String) {
-        guard statisticsGeneration.load(ordering: .relaxed) == generation else { return }
-        try? writeBackend(["statistics": statistics()])
+        // Under the lock, so that a report never lands after (or counts twice beside) the last.
+        let current = statisticsGeneration.withLock { g -> Bool in
+            guard g == generation else { return false }
+            try? writeBackend(["statistics": statistics()])
+            return true
+        }
+        guard current else { return }
         after(seconds) { [weak self] in self?.reportStatistics(generation, every: seconds, statistics) }
     }
 
-    /// Stops the periodic report (from any thread) and writes `final`, the counters as the
-    /// connection left them.
-    public func endStatistics(final: String) {
-        statisticsGeneration.add(1, ordering: .relaxed)
-        try? writeBackend(["statistics": final])
+    /// Stops the periodic report (from any thread) and writes what `final` gives, the counters
+    /// as the connection left them (`final` may fold them into the driver's totals: no report
+    /// runs meanwhile).
+    public func endStatistics(_ final: () -> String) {
+        statisticsGeneration.withLock { g in
+            g += 1
+            try? writeBackend(["statistics": final()])
+        }
     }
-    private let statisticsGeneration = Atomic<Int>(0)
+    private let statisticsGeneration = Mutex<Int>(0)
 
     /// Watches `relativePath` under the backend's directory for the driver (a USB controller's
     /// `port/N` nodes): `handler` runs on the dispatcher's thread, once at once and on every
