@@ -1,5 +1,6 @@
 import CXen
 import Core
+import Devices
 import Foundation
 import Glibc
 import NetTap
@@ -7,23 +8,24 @@ import Synchronization
 import XenStore
 
 /// `softdev bench --net`: frames through the netif rings, from a local netfront
-/// (``LocalNetFrontend``) to SoftDev's netif backend over a sink, and in the same run to the C
+/// (``LocalNetFrontend``) to SoftDev's netif backend over the `generator` device, and in the same run to the C
 /// reference backend (netif_reference_backend.c, Xen's ring macros): the protocol's cost on
 /// this machine, which SoftDev's backend is measured against.
 ///
 /// Tx rows: the guest puts as many frames as its ring holds, pushes once per batch (as netfront
 /// does under load, with xmit_more), and refills as responses free slots; the backend copies
 /// each frame out and drops it. Rx rows: the backend side fills every buffer the guest posts
-/// with frames of the row's size; the guest takes them and reposts the buffers in batches. For
-/// SoftDev the frames come from the sink, handed up (``NetFrameReceiver/toGuest(_:)``) by the
-/// guest's thread as it reposts, as many as the buffers it gave back can hold; the C backend
-/// makes them itself from a template.
+/// with frames of the row's size; the guest takes them and reposts the buffers in batches.
+/// SoftDev's vif is over the `generator` device (``FrameGenerator``), which makes its frames on
+/// the ring thread when the guest posts buffers (``NetDevice/guestPostedBuffers(_:queue:)``),
+/// from a pool of frames it hands out again once copied; the C backend makes them on its
+/// thread from a template.
 ///
 /// Each target gets its own guest with one queue; the targets take turns row by row, in order
 /// and then reversed (A B, B A), so a noisy neighbour hurts both sides of a ratio alike.
 public struct NetBenchmark {
     public enum Target: String, Sendable, Equatable, CustomStringConvertible {
-        case softdev = "softdev sink"
+        case softdev = "softdev generator"
         case reference = "C reference"
         public var description: String { rawValue }
     }
@@ -96,11 +98,11 @@ public struct NetBenchmark {
         let guest: LocalHypervisor
         let front: LocalNetFrontend
         let reference: CReferenceNetBackendHarness?
-        let sink: BenchNetSink?
+        let generatorDevice: FrameGenerator?
         let generator: NetLoadGenerator
-        init(target: Target, guest: LocalHypervisor, front: LocalNetFrontend, reference: CReferenceNetBackendHarness?, sink: BenchNetSink?,
+        init(target: Target, guest: LocalHypervisor, front: LocalNetFrontend, reference: CReferenceNetBackendHarness?, generatorDevice: FrameGenerator?,
              pollMicroseconds: Int) {
-            self.target = target; self.guest = guest; self.front = front; self.reference = reference; self.sink = sink
+            self.target = target; self.guest = guest; self.front = front; self.reference = reference; self.generatorDevice = generatorDevice
             generator = NetLoadGenerator(front: front, pollMicroseconds: pollMicroseconds)
         }
     }
@@ -111,10 +113,10 @@ public struct NetBenchmark {
         let (address, backend) = (hypervisor.address, hypervisor.backend)
         var options = NetifBackendOptions()
         options.pollMicroseconds = pollMicroseconds
-        let sinks = Mutex<[String: BenchNetSink]>([:])
+        let devices = Mutex<[String: FrameGenerator]>([:])
         let service = NetTapService.makeHost(hypervisor: backend, options: options) { spec in
-            guard let sink = sinks.withLock({ $0[spec] }) else { throw HarnessFailure("no sink \(spec)") }
-            return sink
+            guard let device = devices.withLock({ $0[spec] }) else { throw HarnessFailure("no generator \(spec)") }
+            return device
         }
         try service.start()
         defer { service.stop() }
@@ -136,13 +138,13 @@ public struct NetBenchmark {
             let mac = NetTapService.defaultMAC(guest: guest.domainID, vif: 0)
             switch target {
             case .softdev:
-                let sink = BenchNetSink()
-                let spec = "bench-sink-\(index)"
-                sinks.withLock { $0[spec] = sink }
+                let device = try FrameGenerator(size: 1514)
+                let spec = "bench-generator-\(index)"
+                devices.withLock { $0[spec] = device }
                 let (fe, be) = NetTapService.nodes(vif, spec: spec, mac: mac)
                 try XenbusToolstack.attach(backend.store, paths, frontend: fe, backend: be)
                 let front = try LocalNetFrontend(hypervisor: guest, frontendPath: paths.frontendPath)
-                attached.append(Attached(target: target, guest: guest, front: front, reference: nil, sink: sink, pollMicroseconds: pollMicroseconds))
+                attached.append(Attached(target: target, guest: guest, front: front, reference: nil, generatorDevice: device, pollMicroseconds: pollMicroseconds))
             case .reference:
                 // A backend directory no service watches: the harness plays the backend.
                 paths.backendType = "cref-vif"
@@ -156,7 +158,7 @@ public struct NetBenchmark {
                 let front = try LocalNetFrontend(hypervisor: guest, frontendPath: paths.frontendPath)
                 connected.wait()
                 if let error = harness.connectError { throw HarnessFailure("C reference backend: \(error)") }
-                attached.append(Attached(target: target, guest: guest, front: front, reference: harness, sink: nil, pollMicroseconds: pollMicroseconds))
+                attached.append(Attached(target: target, guest: guest, front: front, reference: harness, generatorDevice: nil, pollMicroseconds: pollMicroseconds))
             }
         }
 
@@ -165,7 +167,7 @@ public struct NetBenchmark {
             let frame = Self.frame(workload)
             for a in attached {
                 a.reference?.generate(frameSize: workload.direction == .rx ? workload.frameSize : 0, gsoSize: workload.gso ? 1448 : 0)
-                a.sink?.use(frame, poolSize: 2 * Int(a.front.queues[0].rx.size) / workload.slots)
+                a.generatorDevice?.use(size: workload.frameSize, mss: workload.gso ? 1448 : nil, destination: Self.frameDestination)
             }
             var totals = [Result](repeating: Result(frames: 0, bytes: 0, seconds: 0, errors: 0), count: attached.count)
             for round in 0..<max(1, rounds) {
@@ -192,29 +194,17 @@ public struct NetBenchmark {
     private func measure(_ a: Attached, _ w: Workload, _ frame: EthernetFrame, seconds: Double) throws -> Result {
         switch w.direction {
         case .tx: return try a.generator.transmit(frame, seconds: seconds)
-        case .rx:
-            let sink = a.sink
-            return try a.generator.receive(frameSlots: w.slots, seconds: seconds) { sink?.send(count: $0) }
+        case .rx: return try a.generator.receive(seconds: seconds)
         }
     }
 
-    /// The row's frame: Ethernet, IPv4, TCP and a payload; a GSO row's is a partial-checksum
-    /// TCPv4 segment with MSS 1448.
+    /// Where the rows' frames go (the guest's MAC).
+    static let frameDestination = MACAddress(0x00, 0x16, 0x3e, 0, 0, 2)
+
+    /// The row's frame, the generator's (``FrameGenerator/frame(size:mss:destination:)``): a
+    /// TCPv4 segment, with MSS 1448 and a partial checksum for a GSO row.
     static func frame(_ w: Workload) -> EthernetFrame {
-        var frame = EthernetFrame(count: w.frameSize) { b in
-            memset(b.baseAddress!, 0, b.count)
-            let head: [UInt8] = [0x00, 0x16, 0x3e, 0, 0, 2, 0x00, 0x16, 0x3e, 0, 0, 1, 0x08, 0x00, 0x45]
-            for (i, v) in head.enumerated() where i < b.count { b[i] = v }
-            guard b.count >= 54 else { return }
-            b[16] = UInt8((w.frameSize - 14) >> 8); b[17] = UInt8((w.frameSize - 14) & 0xff)
-            b[22] = 64; b[23] = 6; b[46] = 0x50
-            for i in 54..<b.count { b[i] = UInt8(truncatingIfNeeded: i &* 7) }
-        }
-        if w.gso, let h = FrameHeaders(frame) {
-            FrameChecksum.preparePartial(&frame, headers: h)
-            frame.offload.segmentation = .init(kind: .tcpv4, size: 1448)
-        }
-        return frame
+        FrameGenerator.frame(size: w.frameSize, mss: w.gso ? 1448 : nil, destination: frameDestination)
     }
 
     /// The rows as a table: workload, backend, frames/s, Gbit/s, ratio to the C reference.
@@ -233,55 +223,13 @@ public struct NetBenchmark {
     }
 
     private static func pad(_ cells: [String]) -> String {
-        let widths = [16, 14, 10, 8, 6]
+        let widths = [16, 18, 10, 8, 6]
         return zip(cells, widths).enumerated().map { i, pair in
             let (cell, width) = pair
             let space = String(repeating: " ", count: max(0, width - cell.count))
             return i < 2 ? cell + space : space + cell
         }.joined(separator: " ")
     }
-}
-
-/// The device at the bottom of SoftDev's vif in the bench: frames from the guest are dropped
-/// (a sink); frames for the guest are handed up when the bench asks (a source).
-public final class BenchNetSink: NetDevice, @unchecked Sendable {
-    public let name = "bench-sink"
-    public let offloads: NetOffloads = .all
-    private let receiver = Mutex<(any NetFrameReceiver)?>(nil)
-    public init() {}
-    public func fromGuest(_ frame: EthernetFrame) {}
-    public func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads) { self.receiver.withLock { $0 = receiver } }
-    public func close() { receiver.withLock { $0 = nil } }
-    /// Makes the frames `send` hands up copies of `frame` from now on, from a pool of
-    /// `poolSize` (twice what the guest's ring holds: a frame comes round again only after a
-    /// ring's worth of others; no more, so that the pool stays in the cache as a reader's does).
-    public func use(_ frame: EthernetFrame, poolSize: Int) {
-        template = frame
-        pool = FramePool(frames: poolSize, frameCapacity: frame.count)
-    }
-
-    /// Hands `count` frames like the template up to the guest, in one batch. Each is a frame of
-    /// its own (one shared frame would make both threads fight over its reference count, a cost
-    /// no real source has), taken from a ``FramePool`` as a TAP reader takes its frames: a
-    /// frame the backend has let go of goes up again as it is, one still held is replaced by a
-    /// new copy of the template. (The C backend makes its frames from a template
-    /// too, with nothing allocated.)
-    public func send(count: Int) {
-        guard count > 0, let template, let r = receiver.withLock({ $0 }) else { return }
-        batch.removeAll(keepingCapacity: true)
-        template.withUnsafeBytes { source in
-            for _ in 0..<count {
-                let (frame, bytes, reused) = pool.allocate(count: source.count, offload: template.offload)
-                if !reused { bytes.copyMemory(from: source.baseAddress!, byteCount: source.count) }
-                batch.append(frame)
-            }
-        }
-        r.toGuest(batch)
-        batch.removeAll(keepingCapacity: true)
-    }
-    @exclusivity(unchecked) private var template: EthernetFrame?
-    @exclusivity(unchecked) private var pool = FramePool(frames: 1, frameCapacity: 1)
-    @exclusivity(unchecked) private var batch: [EthernetFrame] = []
 }
 
 /// Drives queue 0 of a ``LocalNetFrontend`` as hard as a guest could, the same way whichever
@@ -291,10 +239,6 @@ final class NetLoadGenerator {
     @exclusivity(unchecked) private var poller: AdaptivePoller
     /// The rx frame being taken: an extra still to come, more data slots to come.
     @exclusivity(unchecked) private var expectExtra = false, moreData = false
-    /// Buffers given back whose frames the source has not been asked for yet (rx); the ring's
-    /// posted buffers at the first rx row.
-    @exclusivity(unchecked) private var unrequestedSlots = 0
-    @exclusivity(unchecked) private var primed = false
 
     init(front: LocalNetFrontend, pollMicroseconds: Int) {
         self.front = front
@@ -336,21 +280,11 @@ final class NetLoadGenerator {
         return .init(frames: frames, bytes: frames * UInt64(frame.count), seconds: elapsed, errors: errors)
     }
 
-    /// Takes frames for `seconds`, reposting buffers in batches; `source(n)` is asked for n more
-    /// frames of `frameSlots` slots whenever the buffers given back can hold them.
-    func receive(frameSlots: Int, seconds: Double, source: (Int) -> Void) throws -> NetBenchmark.Result {
+    /// Takes frames for `seconds`, reposting buffers in batches.
+    func receive(seconds: Double) throws -> NetBenchmark.Result {
         let q = front.queues[0]
-        if !primed {
-            primed = true
-            unrequestedSlots = Int(q.rx.requestProducer &- q.rx.responseConsumer)
-        }
         let start = monotonicSeconds(), end = start + seconds
         var frames: UInt64 = 0, bytes: UInt64 = 0, errors: UInt64 = 0
-        func request() {
-            let n = unrequestedSlots / frameSlots
-            if n > 0 { source(n); unrequestedSlots -= n * frameSlots }
-        }
-        request()
         while true {
             var taken = 0
             while q.rx.unconsumedResponses() > 0 {
@@ -374,8 +308,6 @@ final class NetLoadGenerator {
                     q.rx.putRequest(netif_rx_request(id: id, pad: 0, gref: q.rxRefs[Int(id)]))
                 }
                 if q.rx.pushRequests() { q.rxChannel.notify() }
-                unrequestedSlots += taken
-                request()
                 if monotonicSeconds() >= end { break }
                 continue
             }

@@ -78,7 +78,7 @@ public enum DeviceRegistry {
     /// The network class's devices and filters (`Devices/Net`).
     static let networkDevices: [DeviceDescriptor] = [
         TapDevice.descriptor, SwitchPort.descriptor, CaptureFilter.descriptor, NetStatsFilter.descriptor,
-        PacketFilter.descriptor, NetNullDevice.descriptor,
+        PacketFilter.descriptor, NetNullDevice.descriptor, FrameGenerator.descriptor,
     ]
     /// The USB class's soft devices (`Devices/USB`).
     static let usbDevices: [DeviceDescriptor] = [USBStorageDevice.descriptor, USBKeyboard.descriptor, USBHostDevice.descriptor]

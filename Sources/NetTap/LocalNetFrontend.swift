@@ -146,6 +146,18 @@ public final class LocalNetFrontend: @unchecked Sendable {
         try connection.connect(nodes: nodes, timeoutSeconds: timeoutSeconds)
     }
 
+    /// Posts up to `count` more receive buffers on queue `queue` (as many as the ring has
+    /// room for) and notifies the backend if it asked; returns how many were posted. (A guest
+    /// that posted fewer at connect, `Options.rxBuffers`, gives the rest here.)
+    @discardableResult
+    public func postRxBuffers(_ count: Int, queue: Int = 0) -> Int {
+        let q = queues[queue]
+        let n = min(count, Int(q.rx.size &- (q.rx.requestProducer &- q.rx.responseConsumer)))
+        for _ in 0..<max(0, n) { postRxBuffer(q) }
+        if n > 0, q.rx.pushRequests() { q.rxChannel.notify() }
+        return max(0, n)
+    }
+
     private func postRxBuffer(_ q: Queue) {
         let index = q.rx.requestProducer
         let id = UInt16(index & (q.rx.size - 1))

@@ -107,6 +107,10 @@ final class NetifQueue: RingService, @unchecked Sendable {
     private struct RxFrame { var firstResponse: UInt32; var first: netif_rx_response; var segments: Range<Int>; var bytes: Int }
     @exclusivity(unchecked) private var rxFrames: [RxFrame] = []
     @exclusivity(unchecked) private var rxResponsesWritten = false
+    /// The device makes frames when the guest posts buffers (``NetDevice/makesFramesOnDemand``).
+    private let onDemand: Bool
+    /// The rx request index up to which posted buffers were announced to such a device.
+    @exclusivity(unchecked) private var announcedRx: UInt32 = 0
 
     /// Takes over the mappings and channels even when it throws: they are released then.
     init(index: Int, tx txMapping: GrantMapping, txRef: GrantRef, rx rxMapping: GrantMapping, rxRef: GrantRef,
@@ -119,6 +123,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
         self.txChannel = txChannel
         self.rxChannel = rxChannel ?? txChannel
         self.device = device; self.grants = grants; self.domain = domain; self.features = features; self.onFatal = onFatal
+        onDemand = device.makesFramesOnDemand
         // A sweep copies at most a ring of tx slots, and a ring of rx slots.
         copyCapacity = Int(tx.size) + Int(rx.size)
         copies = .allocate(capacity: copyCapacity)
@@ -161,14 +166,18 @@ final class NetifQueue: RingService, @unchecked Sendable {
     func requestStop() { loop.requestStop() }
 
     /// From any thread: a frame for the guest. Dropped (and counted) when the backlog is full,
-    /// so a guest that posts no buffers costs bounded memory.
+    /// so a guest that posts no buffers costs bounded memory. On the queue's own thread (a
+    /// device making frames on demand, one answering a frame from the guest) it joins the
+    /// backlog at once, with no lock and no wake-up.
     func enqueue(_ frame: EthernetFrame) {
-        if admit(frame) { loop.post(frame) }
+        guard admit(frame) else { return }
+        if loop.isLoopThread { pendingRx.append(frame) } else { loop.post(frame) }
     }
 
     /// From any thread: frames for the guest, handed over with one lock and one wake-up.
     func enqueue(_ frames: some Sequence<EthernetFrame>) {
-        loop.post(contentsOf: frames.lazy.filter { self.admit($0) })
+        let admitted = frames.lazy.filter { self.admit($0) }
+        if loop.isLoopThread { pendingRx.append(contentsOf: admitted) } else { loop.post(contentsOf: admitted) }
     }
 
     /// From any thread: a batch for the guest, admitted with one atomic operation when the
@@ -177,9 +186,13 @@ final class NetifQueue: RingService, @unchecked Sendable {
         var bytes = 0
         for i in frames.indices { bytes += frames[i].count }
         let before = backlogBytes.add(bytes, ordering: .relaxed).oldValue
-        if before + bytes <= features.backlogBytes { return loop.post(contentsOf: frames) }
-        backlogBytes.subtract(bytes, ordering: .relaxed)
-        loop.post(contentsOf: frames.lazy.filter { self.admit($0) })
+        guard before + bytes <= features.backlogBytes else {
+            backlogBytes.subtract(bytes, ordering: .relaxed)
+            return enqueue(frames.lazy)
+        }
+        guard loop.isLoopThread else { return loop.post(contentsOf: frames) }
+        // Taken whole when nothing waits (no frame retained again on the way).
+        if pendingRx.isEmpty { pendingRx = frames } else { pendingRx.append(contentsOf: frames) }
     }
 
     /// Whether the backlog has room for `frame` (counted in it if so, dropped if not).
@@ -200,7 +213,20 @@ final class NetifQueue: RingService, @unchecked Sendable {
     var awaitsWork: Bool { !broken }
 
     func takeWork() {
-        if !broken { takeTx() }
+        guard !broken else { return }
+        takeTx()
+        if onDemand { announceRxBuffers() }
+    }
+
+    /// Tells a device that makes frames on demand of the rx buffers posted since it was last
+    /// told; the frames it makes join the backlog now, for this turn's delivery.
+    private func announceRxBuffers() {
+        guard let n = rx.requestsPublished(after: announcedRx) else {
+            return fatal("the frontend published an impossible rx request producer index (more than a ring ahead)")
+        }
+        guard n > 0, !broken else { return }
+        announcedRx &+= n
+        device.guestPostedBuffers(Int(n), queue: index)
     }
 
     func finish(_ frame: EthernetFrame) {
@@ -231,22 +257,32 @@ final class NetifQueue: RingService, @unchecked Sendable {
     func hasWork() -> Bool {
         guard let t = tx.unconsumedRequests() else { return true }
         if t > 0 { return true }
-        guard pendingRxHead < pendingRx.count else { return false }
+        guard pendingRxHead < pendingRx.count else {
+            return onDemand && (rx.requestsPublished(after: announcedRx) ?? 1) > 0
+        }
         return (rx.unconsumedRequests() ?? 1) > 0
     }
 
-    /// Tx requests, rx buffers taken for frames, or both when one channel serves both rings.
+    /// Tx requests, rx buffers taken for frames (or announced to a device that makes frames
+    /// on demand), or both when one channel serves both rings.
     func requestsTaken(channel index: Int) -> UInt32 {
-        guard txChannel !== rxChannel else { return tx.requestConsumer &+ rx.requestConsumer }
-        return index == 0 ? tx.requestConsumer : rx.requestConsumer
+        let rxTaken = rx.requestConsumer &+ (onDemand ? announcedRx : 0)
+        guard txChannel !== rxChannel else { return tx.requestConsumer &+ rxTaken }
+        return index == 0 ? tx.requestConsumer : rxTaken
     }
 
     func prepareToSleep() -> Bool {
         guard let t = tx.finalCheckForRequests() else { fatal("the frontend published an impossible tx request producer index"); return true }
         if t > 0 { return true }
-        // Frames wait for buffers: ask to hear of the next one the guest posts.
+        // Frames wait for buffers: ask to hear of the next one the guest posts. A device that
+        // makes frames on demand waits for buffers past those it was told of.
         if pendingRxHead < pendingRx.count {
             guard let r = rx.finalCheckForRequests() else { fatal("the frontend published an impossible rx request producer index"); return true }
+            if r > 0 { return true }
+        } else if onDemand {
+            guard let r = rx.finalCheckForRequests(after: announcedRx) else {
+                fatal("the frontend published an impossible rx request producer index"); return true
+            }
             if r > 0 { return true }
         }
         return false

@@ -30,8 +30,10 @@ struct Bench: ParsableCommand {
             blkfront does not poll either).
             With --net, the netif rings instead: a local netfront sends frames as fast as it can (tx) or takes the \
             frames the backend side makes for every buffer it posts (rx), 64-byte, 1514-byte and 64 KiB TCPv4 GSO \
-            frames, through SoftDev's netif backend over a sink and through a minimal C netif backend written with \
-            Xen's ring macros (the protocol's cost on this machine); "vs C" is frames/s over the C backend's. \
+            frames, through SoftDev's netif backend over the `generator` device (which drops tx frames and makes rx \
+            frames on the ring thread as buffers are posted, from a pool reused once copied) and through a minimal \
+            C netif backend written with Xen's ring macros (rx frames from a template on its thread: the \
+            protocol's cost on this machine); "vs C" is frames/s over the C backend's. \
             Run as root, --net then also measures the TAP path: two network namespaces (10.88.0.1/24 and \
             10.88.0.2/24) joined by SoftDev's `tap(name=a) | tap(name=b)` link (in the bench process, checksum and \
             TSO offloads on), by the Linux bridge over two veth pairs (the kernel's own path) and by a minimal C \
@@ -76,7 +78,7 @@ struct Bench: ParsableCommand {
     @Flag(help: "Measure only the NBD export against nbdkit.")
     var nbdOnly = false
 
-    @Flag(help: "Measure only the network paths: the netif rings (SoftDev's netif backend over a sink against the C reference netif backend, tx and rx) and, as root, the TAP path (SoftDev's tap|tap link against the Linux bridge and a C TAP forwarder, with iperf3).")
+    @Flag(help: "Measure only the network paths: the netif rings (SoftDev's netif backend over the generator device against the C reference netif backend, tx and rx) and, as root, the TAP path (SoftDev's tap|tap link against the Linux bridge and a C TAP forwarder, with iperf3).")
     var net = false
 
     @Flag(help: "Measure only the TAP path of --net (needs root, ip and iperf3).")
@@ -195,15 +197,15 @@ struct Bench: ParsableCommand {
         try runTap()
     }
 
-    /// The netif rings: SoftDev's backend over a sink against the C reference backend.
+    /// The netif rings: SoftDev's backend over the generator device against the C reference backend.
     private func runRings() throws {
         var bench = NetBenchmark(seconds: seconds)
         do { bench.workloads = try NetBenchmark.Workload.select(workloads) } catch { throw ValidationError("\(error)") }
         bench.pollMicroseconds = pollMicroseconds
         print("netif, local hypervisor: 1 queue, split event channels, 256 rx buffers, \(seconds) s per row in \(bench.rounds) turns, "
               + "the targets in order then reversed (+\(bench.warmup) s warm-up each); the guest pushes tx in batches of what the ring "
-              + "holds; rx frames come from the sink (SoftDev: copies of a template, reused once the backend lets go of them, handed up by "
-              + "the guest's thread as it reposts buffers) or the C backend's generator (from a template); " + Self.blkifPolling(pollMicroseconds))
+              + "holds; rx frames come from the generator device (SoftDev: made on the ring thread as the guest posts buffers, from a pool "
+              + "of frames reused once copied) or the C backend's generator (from a template, on its thread); " + Self.blkifPolling(pollMicroseconds))
         let rows = try bench.run { row in
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
         }

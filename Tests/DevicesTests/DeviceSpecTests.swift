@@ -88,7 +88,7 @@ final class DeviceSpecTests: XCTestCase {
         }
         XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .block }.map(\.name),
                        ["cas", "compress", "cow", "crypt", "delay", "error", "file", "fua", "ids", "log", "memory", "nbd", "null", "offset", "partition", "readonly", "stats", "timetravel"])
-        XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .net }.map(\.name), ["filter", "null", "pcap", "stats", "switch", "tap"])
+        XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .net }.map(\.name), ["filter", "generator", "null", "pcap", "stats", "switch", "tap"])
         XCTAssertEqual(DeviceRegistry.all.filter { $0.deviceClass == .usb }.map(\.name),
                        ["host", "interfaces", "keyboard", "log", "policy", "readonly-storage", "storage", "usbmon"])
     }

@@ -12,7 +12,7 @@ final class NetBenchmarkTests: XCTestCase {
         let rows = try bench.run()
         let names = NetBenchmark.Workload.standard.map(\.name)
         XCTAssertEqual(rows.map(\.workload), names.flatMap { [$0, $0] })
-        XCTAssertEqual(rows.map(\.target), Array(repeating: ["C reference", "softdev sink"], count: names.count).flatMap { $0 })
+        XCTAssertEqual(rows.map(\.target), Array(repeating: ["C reference", "softdev generator"], count: names.count).flatMap { $0 })
         for (row, workload) in zip(rows, names.flatMap { [$0, $0] }.map { n in NetBenchmark.Workload.standard.first { $0.name == n }! }) {
             XCTAssertGreaterThan(row.result.frames, 0, "\(row.workload) on \(row.target)")
             XCTAssertGreaterThan(row.result.framesPerSecond, 0, "\(row.workload) on \(row.target)")

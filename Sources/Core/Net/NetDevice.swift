@@ -75,6 +75,23 @@ public protocol NetDevice: SoftDevice {
     /// Connects the receiver of frames coming up, which takes `offloads` (what it can do with
     /// a frame: a TAP enables only the kernel offloads the guest side can take).
     func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads)
+    /// Whether the device makes frames for the guest when the guest has room for them (a
+    /// generator), rather than when they arrive from elsewhere (a TAP, a switch). Asked once,
+    /// when a vif connects; a filter answers for the device below it.
+    var makesFramesOnDemand: Bool { get }
+    /// The guest posted `buffers` more rx buffers (a page each) on queue `queue`: called on
+    /// that queue's ring thread, only for a device that ``makesFramesOnDemand``. The device
+    /// makes the frames they hold now, on this thread, and hands them up as any frame goes up
+    /// (``NetFrameReceiver/toGuest(_:)``, with `queue` as their queue); they reach the guest in
+    /// the same sweep, with no other thread, lock or wake-up between (as netback's own thread
+    /// fills the buffers). It must not block. A device may make fewer (or none): it is asked
+    /// again only for the buffers the guest posts next.
+    func guestPostedBuffers(_ buffers: Int, queue: Int)
+}
+
+extension NetDevice {
+    public var makesFramesOnDemand: Bool { false }
+    public func guestPostedBuffers(_ buffers: Int, queue: Int) {}
 }
 
 /// A network device that stacks over another: frames pass through unchanged both ways unless
@@ -94,6 +111,9 @@ open class NetFilter: NetDevice, NetFrameReceiver, @unchecked Sendable {
     open func fromGuest(_ frame: EthernetFrame) { next.fromGuest(frame) }
     /// Up, toward the guest.
     open func toGuest(_ frame: EthernetFrame) { receiver?.toGuest(frame) }
+    /// The device below makes the frames on demand, then the filter passes the demand down.
+    open var makesFramesOnDemand: Bool { next.makesFramesOnDemand }
+    open func guestPostedBuffers(_ buffers: Int, queue: Int) { next.guestPostedBuffers(buffers, queue: queue) }
     open func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads) {
         self.receiver = receiver
         receiverOffloads = offloads

@@ -85,6 +85,15 @@ public struct BackRing<T: RingTypes> {
         return min(requests, room)
     }
 
+    /// How many requests the frontend published past index `seen` (one between the consumer
+    /// and the producer: netif rx buffers already announced to a device that has not filled
+    /// them all), or nil when the producer index is impossible.
+    @inlinable public func requestsPublished(after seen: UInt32) -> UInt32? {
+        guard let n = unconsumedRequests() else { return nil }
+        let beyond = (requestConsumer &+ n) &- seen
+        return beyond > size ? 0 : beyond
+    }
+
     /// Copies the next request out of shared memory and consumes it.
     @inlinable @inline(__always) public mutating func takeRequest() -> T.Request {
         let r = entry(requestConsumer).load(as: T.Request.self)
@@ -139,6 +148,16 @@ public struct BackRing<T: RingTypes> {
         cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.reqEvent), requestConsumer &+ 1)
         cxen_mb()                  // publish req_event before re-reading req_prod
         return unconsumedRequests()
+    }
+
+    /// RING_FINAL_CHECK_FOR_REQUESTS for the requests past index `seen`
+    /// (``requestsPublished(after:)``): asks to be notified of the one after it.
+    @inlinable public mutating func finalCheckForRequests(after seen: UInt32) -> UInt32? {
+        guard let n = requestsPublished(after: seen) else { return nil }
+        if n > 0 { return n }
+        cxen_store32(SharedRingLayout.index(shared, SharedRingLayout.reqEvent), seen &+ 1)
+        cxen_mb()                  // publish req_event before re-reading req_prod
+        return requestsPublished(after: seen)
     }
 }
 

@@ -22,6 +22,11 @@ final class NetTrafficCounter: Sendable {
         frames.wrappingAdd(1, ordering: .relaxed)
         bytes.wrappingAdd(UInt64(frame.count), ordering: .relaxed)
     }
+    /// `frames` frames of `bytes` bytes in all that went through.
+    func count(frames: Int, bytes: Int) {
+        self.frames.wrappingAdd(UInt64(frames), ordering: .relaxed)
+        self.bytes.wrappingAdd(UInt64(bytes), ordering: .relaxed)
+    }
     /// A frame that was dropped.
     func drop() { drops.wrappingAdd(1, ordering: .relaxed) }
 

@@ -1,0 +1,162 @@
+import Core
+import Synchronization
+
+/// `generator` (net): an endpoint that fills every rx buffer the guest posts with a TCP/IPv4
+/// frame of `size` bytes (a 64 KiB segment with a GSO extra when `mss` is set), as Linux's
+/// pktgen floods an interface: a guest's receive path driven as hard as it can take, with no
+/// host and no other thread involved. Frames from the guest are counted and dropped.
+///
+/// It makes frames on demand (``NetDevice/makesFramesOnDemand``): on each queue's ring
+/// thread, as many as the buffers the guest posted hold, from a pool that hands the same
+/// frames out again once the guest has its copy (nothing allocated or written per frame after
+/// the first round). Only a vif asks for frames: as the end of a `--link` it sends nothing.
+///
+/// The frames go from 192.0.2.1 to 192.0.2.2 (TEST-NET-1), TCP port 9 to 9 (discard), with
+/// correct IPv4 and TCP checksums; a GSO frame's TCP checksum is partial, as a host's is.
+public final class FrameGenerator: NetDevice, @unchecked Sendable {
+    public let name = "generator"
+    public let offloads: NetOffloads = .all
+    public var makesFramesOnDemand: Bool { true }
+
+    /// One queue's frames: used by that queue's ring thread alone, once taken from `state`.
+    private final class QueueSource {
+        let template: EthernetFrame
+        /// Ring slots a frame takes (its data pages and the GSO extra).
+        let slots: Int
+        @exclusivity(unchecked) var pool: FramePool
+        /// Buffers posted but not yet filled (less than a frame's slots).
+        @exclusivity(unchecked) var credit = 0
+        init(template: EthernetFrame) {
+            self.template = template
+            slots = max(1, (template.count + xenPageSize - 1) / xenPageSize) + (template.offload.segmentation != nil ? 1 : 0)
+            // Two rings' worth: a frame comes round again only once the guest has its copy.
+            pool = FramePool(frames: max(2, 2 * 256 / slots), frameCapacity: template.count)
+        }
+    }
+    private struct State {
+        var receiver: (any NetFrameReceiver)?
+        var template: EthernetFrame
+        var sources: [Int: QueueSource] = [:]
+        /// Frames still to make (nil: no end).
+        var remaining: UInt64?
+    }
+    private let state: Mutex<State>
+    private let counters = NetDirectionCounters()
+
+    /// Frames of `size` bytes (54 to 65535; with `mss`, a TCP segment the guest cuts in `mss`
+    /// pieces, which needs the guest's GSO and scatter-gather), `count` of them in all (nil:
+    /// no end), to `destination`.
+    public init(size: Int, mss: UInt16? = nil, count: UInt64? = nil, destination: MACAddress = .broadcast) throws(DeviceSpecError) {
+        guard (54...65535).contains(size) else { throw DeviceSpecError("generator: size \(size) is not from 54 to 65535 bytes") }
+        if let mss {
+            guard mss > 0, size > 54 + Int(mss) else {
+                throw DeviceSpecError("generator: mss \(mss) must be at least 1 and below the frame's TCP payload (\(size - 54) bytes)")
+            }
+        }
+        state = Mutex(State(template: Self.frame(size: size, mss: mss, destination: destination), remaining: count))
+    }
+
+    /// Makes the frames `size` bytes with `mss` from now on (the bench's rows); the queues'
+    /// pools start again.
+    public func use(size: Int, mss: UInt16?, destination: MACAddress = .broadcast) {
+        let template = Self.frame(size: size, mss: mss, destination: destination)
+        state.withLock { $0.template = template; $0.sources = [:] }
+    }
+
+    public func fromGuest(_ frame: EthernetFrame) { counters.fromGuest.count(frame) }
+
+    public func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads) {
+        state.withLock { $0.receiver = receiver }
+    }
+
+    public func close() { state.withLock { $0.receiver = nil } }
+
+    public func guestPostedBuffers(_ buffers: Int, queue: Int) {
+        // One lock a sweep: the queue's source (its own thread's from then on) and how many
+        // frames are left to make.
+        let taken: (any NetFrameReceiver, QueueSource, Int)? = state.withLock { s in
+            guard let receiver = s.receiver else { return nil }
+            let source: QueueSource
+            if let existing = s.sources[queue] { source = existing } else {
+                source = QueueSource(template: s.template)
+                s.sources[queue] = source
+            }
+            source.credit += buffers
+            var n = source.credit / source.slots
+            if let remaining = s.remaining {
+                n = Int(min(UInt64(n), remaining))
+                s.remaining = remaining - UInt64(n)
+            }
+            source.credit -= n * source.slots
+            return (receiver, source, n)
+        }
+        guard let (receiver, source, count) = taken, count > 0 else { return }
+        // A new array each time, handed over whole: the queue keeps it as its backlog when it
+        // has none, so that no frame is copied (retained) on the way.
+        var batch: [EthernetFrame] = []
+        batch.reserveCapacity(count)
+        let template = source.template
+        template.withUnsafeBytes { bytes in
+            for _ in 0..<count {
+                let (frame, destination, reused) = source.pool.allocate(count: bytes.count, offload: template.offload, queue: queue)
+                if !reused { destination.copyMemory(from: bytes.baseAddress!, byteCount: bytes.count) }
+                batch.append(frame)
+            }
+        }
+        counters.toGuest.count(frames: count, bytes: count * template.count)
+        receiver.toGuest(batch)
+    }
+
+    /// Frames made for the guest, and frames taken from it.
+    public var counts: NetCounters { NetCounters(counters) }
+
+    /// The frame: Ethernet, IPv4 (checksummed), TCP and a payload pattern; with `mss`, a GSO
+    /// TCPv4 segment with a partial checksum, else a complete one.
+    public static func frame(size: Int, mss: UInt16?, destination: MACAddress) -> EthernetFrame {
+        var frame = EthernetFrame(count: size) { b in
+            b.initializeMemory(as: UInt8.self, repeating: 0)
+            withUnsafeBytes(of: destination.value.bigEndian) { mac in
+                for i in 0..<6 { b[i] = mac[2 + i] }
+            }
+            let head: [UInt8] = [0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00,   // source (locally administered), IPv4
+                                 0x45, 0, UInt8((size - 14) >> 8), UInt8((size - 14) & 0xff), 0, 0, 0x40, 0,   // DF
+                                 64, 6, 0, 0, 192, 0, 2, 1, 192, 0, 2, 2,   // TTL, TCP, checksum, addresses
+                                 0, 9, 0, 9, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff]   // ports, seq, ack, PSH|ACK
+            for (i, v) in head.enumerated() { b[6 + i] = v }
+            let ipSum = ~FrameChecksum.fold(FrameChecksum.sum(UnsafeRawBufferPointer(rebasing: b[14..<34])))
+            b[24] = UInt8(ipSum >> 8); b[25] = UInt8(ipSum & 0xff)
+            for i in 54..<size { b[i] = UInt8(truncatingIfNeeded: i &* 7) }
+        }
+        guard let headers = FrameHeaders(frame) else { return frame }
+        FrameChecksum.preparePartial(&frame, headers: headers)
+        if let mss {
+            frame.offload.segmentation = .init(kind: .tcpv4, size: mss)
+        } else {
+            FrameChecksum.complete(&frame)
+            frame.offload.checksum = .none
+        }
+        return frame
+    }
+}
+
+extension FrameGenerator {
+    public static let descriptor = DeviceDescriptor(
+        deviceClass: .net, name: "generator", kind: .device,
+        summary: "Fills every rx buffer the guest posts with a TCP frame (pktgen for a guest); drops what the guest sends.",
+        parameters: [
+            DeviceParameter("size", "Frame size in bytes, 54 to 65535; default 1514."),
+            DeviceParameter("mss", "Make each frame a TCP segment the guest cuts in pieces of this size (GSO); default none."),
+            DeviceParameter("count", "Frames to send in all, then stop; default no end."),
+            DeviceParameter("dst", "Destination MAC address; default ff:ff:ff:ff:ff:ff."),
+        ],
+        open: { parameters, _ throws(DeviceSpecError) in
+            var destination = MACAddress.broadcast
+            if let text = parameters.string("dst") {
+                guard let mac = MACAddress(text) else { throw DeviceSpecError("generator: dst '\(text)' is not a MAC address (use e.g. 00:16:3e:00:00:01)") }
+                destination = mac
+            }
+            return try FrameGenerator(size: parameters.integer("size", in: 54...65535) ?? 1514,
+                                      mss: parameters.integer("mss", in: UInt16(1)...UInt16(65535)),
+                                      count: parameters.integer("count", in: UInt64(1)...UInt64.max), destination: destination)
+        })
+}

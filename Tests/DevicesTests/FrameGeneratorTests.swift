@@ -1,0 +1,85 @@
+import Core
+import Devices
+import XCTest
+
+/// `generator`: frames made when the guest posts buffers, as many as they hold, with correct
+/// headers and checksums; its count, GSO and parameters; a filter above passes the demand down.
+final class FrameGeneratorTests: XCTestCase {
+    /// Whether the IPv4 header and the TCP segment of `frame` carry correct checksums.
+    func checksumsAreCorrect(_ frame: EthernetFrame) -> Bool {
+        frame.withUnsafeBytes { b in
+            let ip = FrameChecksum.fold(FrameChecksum.sum(UnsafeRawBufferPointer(rebasing: b[14..<34])))
+            var pseudo = FrameChecksum.sum(UnsafeRawBufferPointer(rebasing: b[26..<34]))
+            pseudo &+= 6 &+ UInt64(b.count - 34)
+            let tcp = FrameChecksum.fold(FrameChecksum.sum(UnsafeRawBufferPointer(rebasing: b[34...]), initial: pseudo))
+            return ip == 0xffff && tcp == 0xffff
+        }
+    }
+
+    func testFramesAreMadeForTheBuffersPostedUpToTheCount() throws {
+        let generator = try XCTUnwrap(try DeviceRegistry.open("generator(size=60, count=5, dst=00:16:3e:00:00:07)", of: .net) as? FrameGenerator)
+        XCTAssertTrue(generator.makesFramesOnDemand)
+        let up = CollectingReceiver()
+        generator.connect(up, accepting: .all)
+        generator.guestPostedBuffers(3, queue: 1)
+        XCTAssertEqual(up.received.count, 3)
+        for frame in up.received {
+            XCTAssertEqual(frame.count, 60)
+            XCTAssertEqual(frame.queue, 1)
+            XCTAssertEqual(Array(frame.bytes[0..<6]), [0x00, 0x16, 0x3e, 0, 0, 7])
+            XCTAssertEqual(Array(frame.bytes[12..<14]), [0x08, 0x00])
+            XCTAssertEqual(frame.offload, FrameOffload.none)
+            XCTAssertTrue(checksumsAreCorrect(frame))
+        }
+        generator.guestPostedBuffers(10, queue: 1)
+        XCTAssertEqual(up.received.count, 5, "count=5 is the end")
+        generator.guestPostedBuffers(10, queue: 0)
+        XCTAssertEqual(up.received.count, 5)
+        XCTAssertEqual(generator.counts.toGuest, NetTraffic(frames: 5, bytes: 300))
+        generator.fromGuest(EthernetFrame([UInt8](repeating: 1, count: 42)))
+        XCTAssertEqual(generator.counts.fromGuest, NetTraffic(frames: 1, bytes: 42))
+        generator.close()
+        generator.guestPostedBuffers(10, queue: 0)
+        XCTAssertEqual(up.received.count, 5, "nothing after close")
+    }
+
+    func testAGSOFrameWaitsForTheSlotsItTakes() throws {
+        let generator = try FrameGenerator(size: 65535, mss: 1448)
+        let up = CollectingReceiver()
+        generator.connect(up, accepting: .all)
+        // 16 data pages and the GSO extra: 17 slots a frame.
+        generator.guestPostedBuffers(20, queue: 0)
+        XCTAssertEqual(up.received.count, 1)
+        generator.guestPostedBuffers(13, queue: 0)
+        XCTAssertEqual(up.received.count, 1, "3 + 13 buffers hold no second frame")
+        generator.guestPostedBuffers(1, queue: 0)
+        XCTAssertEqual(up.received.count, 2)
+        var frame = try XCTUnwrap(up.received.last)
+        XCTAssertEqual(frame.count, 65535)
+        XCTAssertEqual(frame.offload.segmentation, .init(kind: .tcpv4, size: 1448))
+        XCTAssertEqual(frame.offload.checksum, .partial(start: 34, offset: 16))
+        XCTAssertTrue(FrameChecksum.complete(&frame))
+        XCTAssertTrue(checksumsAreCorrect(frame))
+    }
+
+    func testAFilterAboveAGeneratorPassesTheDemandDown() throws {
+        let stack = try XCTUnwrap(try DeviceRegistry.open("stats | generator(size=100)", of: .net) as? NetStatsFilter)
+        XCTAssertTrue(stack.makesFramesOnDemand)
+        let up = CollectingReceiver()
+        stack.connect(up, accepting: .all)
+        stack.guestPostedBuffers(4, queue: 0)
+        XCTAssertEqual(up.received.map(\.count), [100, 100, 100, 100])
+        XCTAssertEqual(stack.counters.toGuest, NetTraffic(frames: 4, bytes: 400))
+        XCTAssertFalse(try XCTUnwrap(try DeviceRegistry.open("stats | null", of: .net) as? NetStatsFilter).makesFramesOnDemand)
+        stack.close()
+    }
+
+    func testBadParametersAreRefused() {
+        for (spec, message) in [("generator(size=40)", "size '40'"), ("generator(size=1514, mss=1500)", "mss 1500"),
+                                ("generator(dst=zz)", "dst 'zz'"), ("generator(count=0)", "count '0'")] {
+            XCTAssertThrowsError(try DeviceRegistry.open(spec, of: .net), spec) { error in
+                XCTAssertTrue("\(error)".contains(message), "\(spec): \(error)")
+            }
+        }
+    }
+}
