@@ -60,7 +60,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
     private let loop: RingServiceLoop<NetifQueue>
     let counters = NetifQueueCounters()
     /// What the guest takes (the same for every queue of a vif).
-    var guestOffloads: NetOffloads { features.offloads }
+    let guestOffloads: NetOffloads
     var eventStatistics: RingEventStatistics { loop.eventStatistics }
     /// Multicast addresses the guest added (netback's list; at most 64).
     @exclusivity(unchecked) private(set) var multicast: Set<MACAddress> = []
@@ -124,6 +124,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
         self.rxChannel = rxChannel ?? txChannel
         self.device = device; self.grants = grants; self.domain = domain; self.features = features; self.onFatal = onFatal
         onDemand = device.makesFramesOnDemand
+        guestOffloads = features.offloads
         // A sweep copies at most a ring of tx slots, and a ring of rx slots.
         copyCapacity = Int(tx.size) + Int(rx.size)
         copies = .allocate(capacity: copyCapacity)
@@ -323,23 +324,24 @@ final class NetifQueue: RingService, @unchecked Sendable {
             txPackets.removeAll(keepingCapacity: true)
             txSlotIDs.removeAll(keepingCapacity: true)
             while remaining > 0 {
-                guard let packet = takePacket(&remaining, &copyCount) else {   // fatal
+                guard takePacket(&remaining, &copyCount) else {   // fatal
                     txFrames.deinitialize(count: txFrameCount)
                     txFrameCount = 0
                     return
                 }
-                txPackets.append(packet)
             }
-            if copyCount > 0 { grants.copy(UnsafeMutableBufferPointer(start: copies, count: copyCount)) }
+            let anyFailed = copyCount > 0 && copyAndCheck(copyCount)
             // Answer every slot (the copies are done: no grant is held any more), then hand
             // the frames on.
             var slot = 0
             for p in 0..<txPackets.count {
                 var packet = txPackets[p]
                 if packet.status == Netif.statusOkay, packet.frame >= 0 {
-                    for s in packet.segments where copies[s].failed {
-                        packet.status = Netif.statusError
-                        break
+                    if anyFailed {
+                        for s in packet.segments where copies[s].failed {
+                            packet.status = Netif.statusError
+                            break
+                        }
                     }
                     if packet.status == Netif.statusOkay && (packet.csumBlank || packet.dataValidated || packet.gso != nil)
                         && !prepareOffload(&txFrames[packet.frame], packet) { packet.status = Netif.statusError }
@@ -379,9 +381,24 @@ final class NetifQueue: RingService, @unchecked Sendable {
         }
     }
 
+    /// Runs the sweep's first `count` grant copies; true if any of them failed.
+    private func copyAndCheck(_ count: Int) -> Bool {
+        grants.copy(UnsafeMutableBufferPointer(start: copies, count: count))
+        for i in 0..<count where copies[i].failed { return true }
+        return false
+    }
+
     /// Takes one packet's slots (first, extras, more data) from the ring, copying each request
-    /// once; queues its grant copies. nil: the frontend broke the protocol (fatal, reported).
-    private func takePacket(_ remaining: inout Int, _ copyCount: inout Int) -> TxPacket? {
+    /// once; queues its grant copies and appends it to `txPackets`. False: the frontend broke
+    /// the protocol (fatal, reported).
+    private func takePacket(_ remaining: inout Int, _ copyCount: inout Int) -> Bool {
+        guard let packet = takePacketSlots(&remaining, &copyCount) else { return false }
+        txPackets.append(packet)
+        return true
+    }
+
+    @inline(__always)
+    private func takePacketSlots(_ remaining: inout Int, _ copyCount: inout Int) -> TxPacket? {
         let first = tx.takeRequest()
         remaining -= 1
         txSlotIDs.append((first.id, false))
@@ -581,8 +598,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
             }
         }
         var failed = 0
-        if copyCount > 0 {
-            grants.copy(UnsafeMutableBufferPointer(start: copies, count: copyCount))
+        if copyCount > 0 && copyAndCheck(copyCount) {
             for f in rxFrames where f.segments.contains(where: { copies[$0].failed }) {
                 // A failed copy: the frame's first slot says so, netfront drops the frame.
                 var response = f.first
@@ -621,7 +637,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
         if frame.count == 0 || frame.count > Netif.maxFrameSize { return false }
         if frame.count > xenPageSize && !features.scatterGather { return false }
         // (The backend cuts such a segment before it queues it.)
-        if features.offloads.mustSegment(frame) { return false }
+        if guestOffloads.mustSegment(frame) { return false }
         if (frame.count + xenPageSize - 1) / xenPageSize > Netif.maxSlots { return false }
         // netfront finds a partial checksum itself, for TCP and UDP over IP only.
         if case .partial = frame.offload.checksum, FrameHeaders(frame)?.checksumLocation == nil {

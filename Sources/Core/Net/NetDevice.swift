@@ -4,17 +4,17 @@
 /// in software: a checksum completed, a TCP segment cut (``GSOSegmenter``).
 public struct NetOffloads: OptionSet, Sendable, CustomStringConvertible {
     public let rawValue: UInt32
-    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    @inlinable public init(rawValue: UInt32) { self.rawValue = rawValue }
     /// Partial checksums (``FrameOffload/Checksum/partial(start:offset:)``) are finished by the taker.
-    public static let checksum = NetOffloads(rawValue: 1 << 0)
+    @inlinable public static var checksum: NetOffloads { NetOffloads(rawValue: 1 << 0) }
     /// TCP segments over IPv4 larger than the MTU, cut by the taker.
-    public static let tso4 = NetOffloads(rawValue: 1 << 1)
+    @inlinable public static var tso4: NetOffloads { NetOffloads(rawValue: 1 << 1) }
     /// TCP segments over IPv6 larger than the MTU, cut by the taker.
-    public static let tso6 = NetOffloads(rawValue: 1 << 2)
+    @inlinable public static var tso6: NetOffloads { NetOffloads(rawValue: 1 << 2) }
     /// Frames longer than one page (netif's scatter-gather: a frame in several slots).
-    public static let largeFrames = NetOffloads(rawValue: 1 << 3)
+    @inlinable public static var largeFrames: NetOffloads { NetOffloads(rawValue: 1 << 3) }
 
-    public static let all: NetOffloads = [.checksum, .tso4, .tso6, .largeFrames]
+    @inlinable public static var all: NetOffloads { NetOffloads(rawValue: 0b1111) }
 
     public var description: String {
         let names: [(NetOffloads, String)] = [(.checksum, "csum"), (.tso4, "tso4"), (.tso6, "tso6"), (.largeFrames, "sg")]

@@ -4,12 +4,14 @@ import Synchronization
 /// `generator` (net): an endpoint that fills every rx buffer the guest posts with a TCP/IPv4
 /// frame of `size` bytes (a 64 KiB segment with a GSO extra when `mss` is set), as Linux's
 /// pktgen floods an interface: a guest's receive path driven as hard as it can take, with no
-/// host and no other thread involved. Frames from the guest are counted and dropped.
+/// host and no other thread involved. Frames from the guest are dropped (the vif's statistics
+/// count them, once a sweep; a count here would cost two atomic operations a frame).
 ///
 /// It makes frames on demand (``NetDevice/makesFramesOnDemand``): on each queue's ring
-/// thread, as many as the buffers the guest posted hold, from a pool that hands the same
-/// frames out again once the guest has its copy (nothing allocated or written per frame after
-/// the first round). Only a vif asks for frames: as the end of a `--link` it sends nothing.
+/// thread, as many as the buffers the guest posted hold. A frame is a value: each queue hands
+/// up its own copy of the frame again and again (nothing allocated or written per frame, and
+/// no reference count shared between two queues' threads), as the C reference backend copies
+/// from one template. Only a vif asks for frames: as the end of a `--link` it sends nothing.
 ///
 /// The frames go from 192.0.2.1 to 192.0.2.2 (TEST-NET-1), TCP port 9 to 9 (discard), with
 /// correct IPv4 and TCP checksums; a GSO frame's TCP checksum is partial, as a host's is.
@@ -18,19 +20,19 @@ public final class FrameGenerator: NetDevice, @unchecked Sendable {
     public let offloads: NetOffloads = .all
     public var makesFramesOnDemand: Bool { true }
 
-    /// One queue's frames: used by that queue's ring thread alone, once taken from `state`.
-    private final class QueueSource {
-        let template: EthernetFrame
+    /// One queue's frame, its own copy (its reference count touched by that queue's thread
+    /// alone), and the buffers posted but not yet filled (fewer than a frame takes).
+    private struct QueueSource {
+        let frame: EthernetFrame
         /// Ring slots a frame takes (its data pages and the GSO extra).
         let slots: Int
-        @exclusivity(unchecked) var pool: FramePool
-        /// Buffers posted but not yet filled (less than a frame's slots).
-        @exclusivity(unchecked) var credit = 0
-        init(template: EthernetFrame) {
-            self.template = template
-            slots = max(1, (template.count + xenPageSize - 1) / xenPageSize) + (template.offload.segmentation != nil ? 1 : 0)
-            // Two rings' worth: a frame comes round again only once the guest has its copy.
-            pool = FramePool(frames: max(2, 2 * 256 / slots), frameCapacity: template.count)
+        var credit = 0
+        init(template: EthernetFrame, queue: Int) {
+            let own = template.withUnsafeBytes { bytes in
+                EthernetFrame(count: bytes.count, offload: template.offload, queue: queue) { $0.copyMemory(from: bytes) }
+            }
+            frame = own
+            slots = max(1, (own.count + xenPageSize - 1) / xenPageSize) + (own.offload.segmentation != nil ? 1 : 0)
         }
     }
     private struct State {
@@ -41,7 +43,7 @@ public final class FrameGenerator: NetDevice, @unchecked Sendable {
         var remaining: UInt64?
     }
     private let state: Mutex<State>
-    private let counters = NetDirectionCounters()
+    private let counters = NetTrafficCounter()
 
     /// Frames of `size` bytes (54 to 65535; with `mss`, a TCP segment the guest cuts in `mss`
     /// pieces, which needs the guest's GSO and scatter-gather), `count` of them in all (nil:
@@ -56,14 +58,13 @@ public final class FrameGenerator: NetDevice, @unchecked Sendable {
         state = Mutex(State(template: Self.frame(size: size, mss: mss, destination: destination), remaining: count))
     }
 
-    /// Makes the frames `size` bytes with `mss` from now on (the bench's rows); the queues'
-    /// pools start again.
+    /// Makes the frames `size` bytes with `mss` from now on (the bench's rows).
     public func use(size: Int, mss: UInt16?, destination: MACAddress = .broadcast) {
         let template = Self.frame(size: size, mss: mss, destination: destination)
         state.withLock { $0.template = template; $0.sources = [:] }
     }
 
-    public func fromGuest(_ frame: EthernetFrame) { counters.fromGuest.count(frame) }
+    public func fromGuest(_ frame: EthernetFrame) {}
 
     public func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads) {
         state.withLock { $0.receiver = receiver }
@@ -72,15 +73,10 @@ public final class FrameGenerator: NetDevice, @unchecked Sendable {
     public func close() { state.withLock { $0.receiver = nil } }
 
     public func guestPostedBuffers(_ buffers: Int, queue: Int) {
-        // One lock a sweep: the queue's source (its own thread's from then on) and how many
-        // frames are left to make.
-        let taken: (any NetFrameReceiver, QueueSource, Int)? = state.withLock { s in
+        // One lock a sweep: the queue's frame and how many to make.
+        let taken: (any NetFrameReceiver, EthernetFrame, Int)? = state.withLock { s in
             guard let receiver = s.receiver else { return nil }
-            let source: QueueSource
-            if let existing = s.sources[queue] { source = existing } else {
-                source = QueueSource(template: s.template)
-                s.sources[queue] = source
-            }
+            var source = s.sources[queue] ?? QueueSource(template: s.template, queue: queue)
             source.credit += buffers
             var n = source.credit / source.slots
             if let remaining = s.remaining {
@@ -88,27 +84,19 @@ public final class FrameGenerator: NetDevice, @unchecked Sendable {
                 s.remaining = remaining - UInt64(n)
             }
             source.credit -= n * source.slots
-            return (receiver, source, n)
+            s.sources[queue] = source
+            return (receiver, source.frame, n)
         }
-        guard let (receiver, source, count) = taken, count > 0 else { return }
+        guard let (receiver, frame, count) = taken, count > 0 else { return }
         // A new array each time, handed over whole: the queue keeps it as its backlog when it
-        // has none, so that no frame is copied (retained) on the way.
-        var batch: [EthernetFrame] = []
-        batch.reserveCapacity(count)
-        let template = source.template
-        template.withUnsafeBytes { bytes in
-            for _ in 0..<count {
-                let (frame, destination, reused) = source.pool.allocate(count: bytes.count, offload: template.offload, queue: queue)
-                if !reused { destination.copyMemory(from: bytes.baseAddress!, byteCount: bytes.count) }
-                batch.append(frame)
-            }
-        }
-        counters.toGuest.count(frames: count, bytes: count * template.count)
+        // has none, so that no frame is retained again on the way.
+        let batch = [EthernetFrame](repeating: frame, count: count)
+        counters.count(frames: count, bytes: count * frame.count)
         receiver.toGuest(batch)
     }
 
-    /// Frames made for the guest, and frames taken from it.
-    public var counts: NetCounters { NetCounters(counters) }
+    /// Frames made for the guest.
+    public var counts: NetTraffic { counters.snapshot }
 
     /// The frame: Ethernet, IPv4 (checksummed), TCP and a payload pattern; with `mss`, a GSO
     /// TCPv4 segment with a partial checksum, else a complete one.
