@@ -67,7 +67,7 @@ public final class LocalGrantTable: GrantTable, @unchecked Sendable {
     }
 
     /// Validates `ref` and pins it; returns the frame. Caller holds the peer's lock.
-    private func pin(_ peer: Peer, _ ref: GrantRef, writable: Bool) throws(GrantError) -> UInt32 {
+    @inline(__always) private func pin(_ peer: Peer, _ ref: GrantRef, writable: Bool) throws(GrantError) -> UInt32 {
         let mem = peer.memory
         guard !peer.destroyed else { throw .noSuchDomain(mem.domain) }
         guard ref < LocalDomainMemory.grantEntryCount else { throw .badReference(domain: mem.domain, ref: ref) }
@@ -98,7 +98,7 @@ public final class LocalGrantTable: GrantTable, @unchecked Sendable {
         return frame
     }
 
-    private func unpin(_ peer: Peer, _ ref: GrantRef, writable: Bool) {
+    @inline(__always) private func unpin(_ peer: Peer, _ ref: GrantRef, writable: Bool) {
         guard ref < LocalDomainMemory.grantEntryCount else { return }
         let p = peer.pins + Int(ref)
         let dec: UInt32 = writable ? 0x1_0000 : 1
@@ -110,7 +110,7 @@ public final class LocalGrantTable: GrantTable, @unchecked Sendable {
     }
 
     /// Clears GTF_writing when no writable pin remains, GTF_reading when no pin remains.
-    private func unpinFlags(_ peer: Peer, _ ref: GrantRef) {
+    @inline(__always) private func unpinFlags(_ peer: Peer, _ ref: GrantRef) {
         let pins = peer.pins[Int(ref)]
         var clear: UInt16 = 0
         if pins >> 16 == 0 { clear |= UInt16(GTF_writing) }
