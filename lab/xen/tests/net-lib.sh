@@ -20,6 +20,7 @@ declare -A NET_EXTRA   # other measured values for the table (offloads off, UDP 
 declare -A NETDOM      # guest name -> domain id
 NET_MAC1=00:16:3e:00:01:01 NET_MAC1B=00:16:3e:00:02:01
 NET_MACA=00:16:3e:00:04:01 NET_MACB=00:16:3e:00:04:02
+NET_MACG=00:16:3e:00:05:01 NET_GENERATED=20000
 
 # gx NAME CMD [SECONDS]: run CMD in the guest's agent; print its output (prefixed
 # [NAME]) and return its status (124 if it did not answer in time).
@@ -203,6 +204,20 @@ n1_reattach() {
   gx n1 "net_up $NET_MAC1 10.99.1.2/24" || return 1
   wait_until 60 xs_is "$(vif_fe n1 0)/state" 4
 }
+# n1_generator: a second SoftDev vif (2) on n1 over generator(count=NET_GENERATED):
+# netfront's rx path fed by frames made on the vif's ring thread as it posts buffers
+# (the on-demand path); the guest's interface and the vif's statistics count them all.
+n1_generator() {
+  local n
+  sd attach n1 net 2 "generator(size=1514, count=$NET_GENERATED, dst=$NET_MACG)" --mac $NET_MACG || return 1
+  gx n1 "net_up $NET_MACG 10.99.5.2/24" || return 1
+  gx n1 "r=/sys/class/net/\$(ifname $NET_MACG)/statistics/rx_packets; i=0; while [ \$(cat \$r) -lt $NET_GENERATED ] && [ \$i -lt 300 ]; do sleep 0.2; i=\$((i+1)); done; echo rx_packets \$(cat \$r); [ \$(cat \$r) -ge $NET_GENERATED ]" 90 || return 1
+  sleep 2.5   # the statistics node is written every 2 s
+  n=$(stats_of n1 2 rx-frames)
+  echo "  statistics of n1 vif 2: $(xenstore-read "$(vif_be n1 2)/statistics" 2>/dev/null)"
+  [ "${n:-0}" = "$NET_GENERATED" ] || return 1
+  sd detach n1 2 --class net > /dev/null && wait_until 20 xs_gone "$(vif_be n1 2)" && gx n1 "wait_if_gone $NET_MACG 30"
+}
 n1_offloads() { gx n1 "dev=\$(ifname $NET_MAC1) && \$ETHTOOL -K \$dev tso $1 gso $1 sg $1 && \$ETHTOOL -k \$dev | grep -E '^(scatter-gather|tcp-segmentation-offload|generic-segmentation-offload):'"; }
 n1_iperf_off() {
   n1_offloads off || return 1
@@ -295,6 +310,7 @@ net_all() {
   gx n1 'kill $(cat /run/bg-ping.pid); sleep 0.5; tail -3 /run/bg-ping.out | sed "s/^/background ping: /"' || true
   sleep 2.5   # the statistics node is written every 2 s
   tx0=$(stats_of n1 0 tx-bytes); rx0=$(stats_of n1 0 rx-bytes)
+  lab_check "n1: a second vif over generator(count=$NET_GENERATED): the guest receives every frame, the vif counts them, detach" n1_generator
 
   # ----- n1: throughput, offloads off, small packets, jumbo frames
   lab_check "n1: iperf3 TCP dom0->guest ${NET_IPERF_SECONDS} s (offloads on)" iperf_tcp "n1 dom0->guest" n1 10.99.1.2 -t "$NET_IPERF_SECONDS"
