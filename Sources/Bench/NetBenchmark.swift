@@ -41,8 +41,6 @@ public struct NetBenchmark {
         public init(name: String, key: String, frameSize: Int, gso: Bool = false, direction: Direction) {
             self.name = name; self.key = key; self.frameSize = frameSize; self.gso = gso; self.direction = direction
         }
-        /// Ring slots a frame takes: its data slots and the GSO extra.
-        public var slots: Int { max(1, (frameSize + xenPageSize - 1) / xenPageSize) + (gso ? 1 : 0) }
 
         public static let standard: [Workload] = [
             .init(name: "tx 64 B", key: "tx-64", frameSize: 64, direction: .tx),
@@ -163,10 +161,10 @@ public struct NetBenchmark {
 
         var rows: [Row] = []
         for workload in workloads {
-            let frame = Self.frame(workload)
+            let frame = try Self.frame(workload)
             for a in attached {
                 a.reference?.generate(frameSize: workload.direction == .rx ? workload.frameSize : 0, gsoSize: workload.gso ? 1448 : 0)
-                a.generatorDevice?.use(size: workload.frameSize, mss: workload.gso ? 1448 : nil, destination: Self.frameDestination)
+                try a.generatorDevice?.use(size: workload.frameSize, mss: workload.gso ? 1448 : nil, destination: Self.frameDestination)
             }
             var totals = [Result](repeating: Result(frames: 0, bytes: 0, seconds: 0, errors: 0), count: attached.count)
             for round in 0..<max(1, rounds) {
@@ -202,8 +200,8 @@ public struct NetBenchmark {
 
     /// The row's frame, the generator's (``FrameGenerator/frame(size:mss:destination:)``): a
     /// TCPv4 segment, with MSS 1448 and a partial checksum for a GSO row.
-    static func frame(_ w: Workload) -> EthernetFrame {
-        FrameGenerator.frame(size: w.frameSize, mss: w.gso ? 1448 : nil, destination: frameDestination)
+    static func frame(_ w: Workload) throws(DeviceSpecError) -> EthernetFrame {
+        try FrameGenerator.frame(size: w.frameSize, mss: w.gso ? 1448 : nil, destination: frameDestination)
     }
 
     /// The rows as a table: workload, backend, frames/s, Gbit/s, ratio to the C reference.

@@ -72,7 +72,10 @@ final class FrameGeneratorTests: XCTestCase {
         stack.close()
     }
 
-    func testBadParametersAreRefused() {
+    func testBadParametersAreRefused() throws {
+        let generator = try FrameGenerator(size: 100)
+        XCTAssertThrowsError(try generator.use(size: 40, mss: nil)) { XCTAssertTrue("\($0)".contains("size 40"), "\($0)") }
+        XCTAssertThrowsError(try generator.use(size: 1000, mss: 1000)) { XCTAssertTrue("\($0)".contains("mss 1000"), "\($0)") }
         for (spec, message) in [("generator(size=40)", "size '40'"), ("generator(size=1514, mss=1500)", "mss 1500"),
                                 ("generator(dst=zz)", "dst 'zz'"), ("generator(count=0)", "count '0'")] {
             XCTAssertThrowsError(try DeviceRegistry.open(spec, of: .net), spec) { error in

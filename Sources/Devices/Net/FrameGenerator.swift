@@ -15,7 +15,7 @@ import Synchronization
 ///
 /// The frames go from 192.0.2.1 to 192.0.2.2 (TEST-NET-1), TCP port 9 to 9 (discard), with
 /// correct IPv4 and TCP checksums; a GSO frame's TCP checksum is partial, as a host's is.
-public final class FrameGenerator: NetDevice, @unchecked Sendable {
+public final class FrameGenerator: NetDevice, Sendable {
     public let name = "generator"
     public let offloads: NetOffloads = .all
     public var makesFramesOnDemand: Bool { true }
@@ -49,18 +49,13 @@ public final class FrameGenerator: NetDevice, @unchecked Sendable {
     /// pieces, which needs the guest's GSO and scatter-gather), `count` of them in all (nil:
     /// no end), to `destination`.
     public init(size: Int, mss: UInt16? = nil, count: UInt64? = nil, destination: MACAddress = .broadcast) throws(DeviceSpecError) {
-        guard (54...65535).contains(size) else { throw DeviceSpecError("generator: size \(size) is not from 54 to 65535 bytes") }
-        if let mss {
-            guard mss > 0, size > 54 + Int(mss) else {
-                throw DeviceSpecError("generator: mss \(mss) must be at least 1 and below the frame's TCP payload (\(size - 54) bytes)")
-            }
-        }
-        state = Mutex(State(template: Self.frame(size: size, mss: mss, destination: destination), remaining: count))
+        state = Mutex(State(template: try Self.frame(size: size, mss: mss, destination: destination), remaining: count))
     }
 
-    /// Makes the frames `size` bytes with `mss` from now on (the bench's rows).
-    public func use(size: Int, mss: UInt16?, destination: MACAddress = .broadcast) {
-        let template = Self.frame(size: size, mss: mss, destination: destination)
+    /// Makes the frames `size` bytes with `mss` from now on (the bench's rows); the same
+    /// limits as at init.
+    public func use(size: Int, mss: UInt16?, destination: MACAddress = .broadcast) throws(DeviceSpecError) {
+        let template = try Self.frame(size: size, mss: mss, destination: destination)
         state.withLock { $0.template = template; $0.sources = [:] }
     }
 
@@ -99,8 +94,15 @@ public final class FrameGenerator: NetDevice, @unchecked Sendable {
     public var counts: NetTraffic { counters.snapshot }
 
     /// The frame: Ethernet, IPv4 (checksummed), TCP and a payload pattern; with `mss`, a GSO
-    /// TCPv4 segment with a partial checksum, else a complete one.
-    public static func frame(size: Int, mss: UInt16?, destination: MACAddress) -> EthernetFrame {
+    /// TCPv4 segment with a partial checksum, else a complete one. `size` from 54 (the
+    /// headers) to 65535, `mss` below the TCP payload.
+    public static func frame(size: Int, mss: UInt16?, destination: MACAddress) throws(DeviceSpecError) -> EthernetFrame {
+        guard (54...65535).contains(size) else { throw DeviceSpecError("generator: size \(size) is not from 54 to 65535 bytes") }
+        if let mss {
+            guard mss > 0, size > 54 + Int(mss) else {
+                throw DeviceSpecError("generator: mss \(mss) must be at least 1 and below the frame's TCP payload (\(size - 54) bytes)")
+            }
+        }
         var frame = EthernetFrame(count: size) { b in
             b.initializeMemory(as: UInt8.self, repeating: 0)
             withUnsafeBytes(of: destination.value.bigEndian) { mac in

@@ -18,10 +18,7 @@ final class NetTrafficCounter: Sendable {
     private let frames = Atomic<UInt64>(0), bytes = Atomic<UInt64>(0), drops = Atomic<UInt64>(0)
 
     /// A frame that went through.
-    func count(_ frame: EthernetFrame) {
-        frames.wrappingAdd(1, ordering: .relaxed)
-        bytes.wrappingAdd(UInt64(frame.count), ordering: .relaxed)
-    }
+    func count(_ frame: EthernetFrame) { count(frames: 1, bytes: frame.count) }
     /// `frames` frames of `bytes` bytes in all that went through.
     func count(frames: Int, bytes: Int) {
         self.frames.wrappingAdd(UInt64(frames), ordering: .relaxed)
