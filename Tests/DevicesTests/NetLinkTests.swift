@@ -184,4 +184,45 @@ final class NetLinkTests: XCTestCase {
         other.fromGuest(NetTestFrames.arp())
         XCTAssertEqual((link.stack as? NetStatsFilter)?.counters.fromGuest.frames, 1)
     }
+
+    /// Waits (up to 20 s) until `value` reaches `target`; returns what it last read.
+    func waitFor(_ target: UInt64, _ value: () -> UInt64?) -> UInt64? {
+        var last = value()
+        for _ in 0..<2000 where last != target {
+            usleep(10_000)
+            last = value()
+        }
+        return last
+    }
+
+    func testAGeneratorAtEitherEndOfALinkSendsItsCountAndStops() throws {
+        // First: its frames go down the stack.
+        let down = try NetLink(spec: "generator(size=100, count=1000) | stats | null")
+        let stats = try XCTUnwrap(down.stack as? NetStatsFilter)
+        XCTAssertEqual(waitFor(1000) { stats.counters.fromGuest.frames }, 1000)
+        XCTAssertEqual(stats.counters.fromGuest.bytes, 100_000)
+        down.close()
+        XCTAssertEqual(stats.counters.fromGuest.frames, 1000, "not one frame past the count")
+        XCTAssertEqual(stats.counters.toGuest.frames, 0)
+
+        // Last: up the stack, to the first endpoint.
+        let up = try NetLink(spec: "null | stats | generator(size=1514, count=300)")
+        let upStats = try XCTUnwrap(up.stack as? NetStatsFilter)
+        let sink = try XCTUnwrap(up.first as? NetNullDevice)
+        XCTAssertEqual(waitFor(300) { sink.counts.fromGuest.frames }, 300)
+        up.close()
+        XCTAssertEqual(upStats.counters.toGuest.frames, 300)
+        XCTAssertEqual(sink.counts.fromGuest.bytes, 300 * 1514)
+    }
+
+    func testAGeneratorWithNoEndStopsWhenTheLinkCloses() throws {
+        let link = try NetLink(spec: "generator(size=64) | stats | null")
+        let stats = try XCTUnwrap(link.stack as? NetStatsFilter)
+        for _ in 0..<2000 where stats.counters.fromGuest.frames < 10_000 { usleep(10_000) }
+        XCTAssertGreaterThanOrEqual(stats.counters.fromGuest.frames, 10_000, "frames keep coming with no count")
+        link.close()
+        let after = stats.counters.fromGuest.frames
+        usleep(50_000)
+        XCTAssertEqual(stats.counters.fromGuest.frames, after, "the link's thread stopped at close")
+    }
 }

@@ -22,7 +22,7 @@ final class OnDemandSource: NetDevice, @unchecked Sendable {
     func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads) { lock.lock(); self.receiver = receiver; lock.unlock() }
     func close() { lock.lock(); receiver = nil; lock.unlock() }
 
-    func guestPostedBuffers(_ buffers: Int, queue: Int) {
+    func guestPostedBuffers(_ buffers: Int, queue: Int) -> Int {
         lock.lock()
         announcements.append((buffers, queue, pthread_self()))
         owed += buffers
@@ -39,6 +39,7 @@ final class OnDemandSource: NetDevice, @unchecked Sendable {
             return f
         }
         r?.toGuest(frames)
+        return n
     }
 
     var announced: Int { lock.lock(); defer { lock.unlock() }; return announcements.reduce(0) { $0 + $1.buffers } }

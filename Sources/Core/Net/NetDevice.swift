@@ -85,13 +85,17 @@ public protocol NetDevice: SoftDevice {
     /// (``NetFrameReceiver/toGuest(_:)``, with `queue` as their queue); they reach the guest in
     /// the same sweep, with no other thread, lock or wake-up between (as netback's own thread
     /// fills the buffers). It must not block. A device may make fewer (or none): it is asked
-    /// again only for the buffers the guest posts next.
-    func guestPostedBuffers(_ buffers: Int, queue: Int)
+    /// again only for the buffers the guest posts next. Returns the frames it made. At the end
+    /// of a link (``NetLink``), with no guest, the link asks again and again while it makes
+    /// some; none means it is done (a generator's `count` reached).
+    @discardableResult
+    func guestPostedBuffers(_ buffers: Int, queue: Int) -> Int
 }
 
 extension NetDevice {
     public var makesFramesOnDemand: Bool { false }
-    public func guestPostedBuffers(_ buffers: Int, queue: Int) {}
+    @discardableResult
+    public func guestPostedBuffers(_ buffers: Int, queue: Int) -> Int { 0 }
 }
 
 /// A network device that stacks over another: frames pass through unchanged both ways unless
@@ -113,7 +117,8 @@ open class NetFilter: NetDevice, NetFrameReceiver, @unchecked Sendable {
     open func toGuest(_ frame: EthernetFrame) { receiver?.toGuest(frame) }
     /// The device below makes the frames on demand, then the filter passes the demand down.
     open var makesFramesOnDemand: Bool { next.makesFramesOnDemand }
-    open func guestPostedBuffers(_ buffers: Int, queue: Int) { next.guestPostedBuffers(buffers, queue: queue) }
+    @discardableResult
+    open func guestPostedBuffers(_ buffers: Int, queue: Int) -> Int { next.guestPostedBuffers(buffers, queue: queue) }
     open func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads) {
         self.receiver = receiver
         receiverOffloads = offloads

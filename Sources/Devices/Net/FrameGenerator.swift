@@ -11,7 +11,8 @@ import Synchronization
 /// thread, as many as the buffers the guest posted hold. A frame is a value: each queue hands
 /// up its own copy of the frame again and again (nothing allocated or written per frame, and
 /// no reference count shared between two queues' threads), as the C reference backend copies
-/// from one template. Only a vif asks for frames: as the end of a `--link` it sends nothing.
+/// from one template. At the end of a `--link` (no guest, so no buffers), the link asks for
+/// frames as fast as the other side takes them, until `count` is reached.
 ///
 /// The frames go from 192.0.2.1 to 192.0.2.2 (TEST-NET-1), TCP port 9 to 9 (discard), with
 /// correct IPv4 and TCP checksums; a GSO frame's TCP checksum is partial, as a host's is.
@@ -67,7 +68,8 @@ public final class FrameGenerator: NetDevice, Sendable {
 
     public func close() { state.withLock { $0.receiver = nil } }
 
-    public func guestPostedBuffers(_ buffers: Int, queue: Int) {
+    @discardableResult
+    public func guestPostedBuffers(_ buffers: Int, queue: Int) -> Int {
         // One lock a sweep: the queue's frame and how many to make.
         let taken: (any NetFrameReceiver, EthernetFrame, Int)? = state.withLock { s in
             guard let receiver = s.receiver else { return nil }
@@ -82,12 +84,13 @@ public final class FrameGenerator: NetDevice, Sendable {
             s.sources[queue] = source
             return (receiver, source.frame, n)
         }
-        guard let (receiver, frame, count) = taken, count > 0 else { return }
+        guard let (receiver, frame, count) = taken, count > 0 else { return 0 }
         // A new array each time, handed over whole: the queue keeps it as its backlog when it
         // has none, so that no frame is retained again on the way.
         let batch = [EthernetFrame](repeating: frame, count: count)
         counters.count(frames: count, bytes: count * frame.count)
         receiver.toGuest(batch)
+        return count
     }
 
     /// Frames made for the guest.

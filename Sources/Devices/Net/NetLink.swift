@@ -1,4 +1,5 @@
 import Core
+import Synchronization
 
 /// Two network endpoints joined without a guest: what the network tap exports on a host
 /// without Xen. The first element of the spec stands in for the guest (an endpoint device,
@@ -13,11 +14,23 @@ import Core
 /// Frames the first endpoint produces go down the stack (its `fromGuest`); frames coming up
 /// the stack go to the first endpoint's `fromGuest`. Each side accepts what the other's
 /// `offloads` says, so TAP to TAP keeps checksum and TSO offloads end to end.
+///
+/// A side that makes its frames on demand (``NetDevice/makesFramesOnDemand``: a generator)
+/// has no guest to post buffers here, so a thread of the link asks it for frames, a ring's
+/// worth at a time, as fast as the other side takes them, until it makes none (its count
+/// reached) or the link closes: `generator(count=1000) | tap(name=a)` sends 1000 frames into
+/// the host's interface `a` (a persistent TAP that is up: one that is down drops them), as
+/// pktgen would.
 public final class NetLink: @unchecked Sendable {
     /// The endpoint standing in for the guest.
     public let first: any NetDevice
     /// The stack below it (its top element).
     public let stack: any NetDevice
+    /// The threads asking on-demand sides for frames, and whether they must stop.
+    private var pumps: [PosixThread] = []
+    private let stopping = Atomic<Bool>(false)
+    /// Buffers a pump announces at a time: a 256-slot ring's worth.
+    static let pumpBuffers = 256
 
     /// Hands frames to a device's `fromGuest`: the adapter each side's receiver is.
     private final class Forwarder: NetFrameReceiver, @unchecked Sendable {
@@ -64,10 +77,29 @@ public final class NetLink: @unchecked Sendable {
         self.stack = stack
         stack.connect(Forwarder(first), accepting: first.offloads)
         first.connect(Forwarder(stack), accepting: stack.offloads)
+        for side in [first, stack] where side.makesFramesOnDemand {
+            do throws(ThreadStartError) {
+                pumps.append(try PosixThread("link frames") { [self] in pump(side) })
+            } catch {
+                close()
+                throw DeviceSpecError("\(spec): no thread to ask \(side.name) for frames: \(error)")
+            }
+        }
     }
 
-    /// Closes the first endpoint (its reader stops), then the stack.
+    /// Asks `side` for frames until it makes none or the link closes.
+    private func pump(_ side: any NetDevice) {
+        while !stopping.load(ordering: .relaxed) {
+            if side.guestPostedBuffers(Self.pumpBuffers, queue: 0) == 0 { return }
+        }
+    }
+
+    /// Stops the link's own threads, then closes the first endpoint (its reader stops), then
+    /// the stack. Idempotent.
     public func close() {
+        stopping.store(true, ordering: .relaxed)
+        for t in pumps { t.join() }
+        pumps = []
         first.close()
         stack.close()
     }
