@@ -6,10 +6,13 @@ public struct IOBuffers: @unchecked Sendable, Sequence {
     public let vectors: UnsafeMutablePointer<iovec>?
     public let count: Int
 
+    @inlinable
     public init(_ vectors: UnsafeMutablePointer<iovec>?, count: Int) {
         self.vectors = vectors; self.count = count
     }
-    public static let empty = IOBuffers(nil, count: 0)
+    /// No buffers (a computed constant: a stored global would cost a lazy-initialisation
+    /// check at each use, and every request without data takes it as a default).
+    @inlinable public static var empty: IOBuffers { IOBuffers(nil, count: 0) }
 
     /// The total length in bytes.
     public var byteCount: Int {
@@ -88,6 +91,7 @@ public struct BlockRequest: @unchecked Sendable {
     /// thread (a timer) clears it.
     public var callerMayWait = false
 
+    @inlinable
     public init(operation: BlockOperation, offset: UInt64, length: UInt64, buffers: IOBuffers = .empty,
                 fua: Bool = false, mayDiscard: Bool = false) {
         self.operation = operation; self.offset = offset; self.length = length
@@ -112,11 +116,13 @@ public protocol BlockCompletionSink: AnyObject, Sendable {
 }
 
 /// The way a device reports that one request is done: call `complete` exactly once.
+/// Inlinable: every request makes one and completes through it, in another module than the
+/// one that defines it (a transport makes it, a device completes it).
 public struct BlockCompletion: Sendable {
     public let sink: any BlockCompletionSink
     public let tag: UInt64
-    public init(sink: any BlockCompletionSink, tag: UInt64) { self.sink = sink; self.tag = tag }
-    public func complete(_ result: BlockResult) { sink.complete(tag: tag, result: result) }
+    @inlinable public init(sink: any BlockCompletionSink, tag: UInt64) { self.sink = sink; self.tag = tag }
+    @inlinable public func complete(_ result: BlockResult) { sink.complete(tag: tag, result: result) }
 }
 
 /// Waits for a device's completion on the calling thread (``BlockDevice/submitAndWait(_:)``,
