@@ -95,7 +95,7 @@ public final class NetLink: @unchecked Sendable {
     }
 
     /// Stops the link's own threads, then closes the first endpoint (its reader stops), then
-    /// the stack. Idempotent.
+    /// the stack.
     public func close() {
         stopping.store(true, ordering: .relaxed)
         for t in pumps { t.join() }
