@@ -170,7 +170,9 @@ public struct BlockBenchmark {
             for (target, result) in measured {
                 var row = Row(workload: workload.name, target: "\(target)", result: result, ratioToReference: nil)
                 if case .softdev = target {
-                    row.ratioToReference = reference.map { result.iops / $0.iops }
+                    // A device with fio as its peer (the file device) is compared with fio only:
+                    // the C reference serves a null device, not that file.
+                    if fio["\(target)"] == nil { row.ratioToReference = reference.map { result.iops / $0.iops } }
                     row.ratioToFio = fio["\(target)"].map { result.iops / $0.iops }
                 }
                 rows.append(row)
