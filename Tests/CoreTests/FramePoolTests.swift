@@ -32,6 +32,31 @@ final class FramePoolTests: XCTestCase {
         XCTAssertNotNil(p)
     }
 
+    /// A batch whose frames were all let go is followed by one on the same frames (a working
+    /// set of one batch); while the last batch's first frame is held, the pool goes on round
+    /// its slots and never writes under the holder.
+    func testABatchReusesTheLastBatchsFramesOnceTheyAreGone() {
+        var pool = FramePool(frames: 8, frameCapacity: 64)
+        func batch(_ n: Int) -> [UnsafeMutableRawPointer] {
+            pool.beginBatch()
+            return (0..<n).map { _ in pool.allocate(count: 4).bytes }   // each frame dropped at once
+        }
+        let first = batch(3)
+        XCTAssertEqual(batch(3), first, "the frames were gone: the same three again")
+        XCTAssertEqual(batch(2), Array(first.prefix(2)))
+
+        pool.beginBatch()
+        let (held, heldBytes, _) = pool.allocate(count: 4)
+        heldBytes.storeBytes(of: 0x0102_0304 as UInt32, as: UInt32.self)
+        XCTAssertEqual(heldBytes, first[0])
+        let next = batch(3)
+        XCTAssertEqual(next, [first[1], first[2]] + [next[2]], "on round the slots after the held frame")
+        XCTAssertFalse(next.contains(heldBytes), "the held frame is not handed out again")
+        XCTAssertEqual(held.bytes, [4, 3, 2, 1], "its bytes are untouched")
+        let after = batch(1)
+        XCTAssertEqual(after, [next[0]], "the batch after starts where the last began, its frames gone")
+    }
+
     /// A frame longer than the pool's frames is allocated for its own, whole.
     func testALongFrameIsAllocatedForItsOwn() {
         var pool = FramePool(frames: 4, frameCapacity: 16)
