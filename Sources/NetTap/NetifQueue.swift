@@ -105,7 +105,9 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// The frames of an rx sweep: where each one's first response is (written before the copy,
     /// rewritten if the copy fails) and its grant copies.
     private struct RxFrame { var firstResponse: UInt32; var first: netif_rx_response; var segments: Range<Int>; var bytes: Int }
-    @exclusivity(unchecked) private var rxFrames: [RxFrame] = []
+    /// Room for a ring of them (a frame takes a slot at least), written in place: an append to
+    /// an array checks its uniqueness and capacity, at every frame.
+    private let rxFrames: UnsafeMutablePointer<RxFrame>
     @exclusivity(unchecked) private var rxResponsesWritten = false
     /// The device makes frames when the guest posts buffers (``NetDevice/makesFramesOnDemand``).
     private let onDemand: Bool
@@ -129,6 +131,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
         copyCapacity = Int(tx.size) + Int(rx.size)
         copies = .allocate(capacity: copyCapacity)
         txFrames = .allocate(capacity: Int(tx.size))   // a frame takes a slot at least
+        rxFrames = .allocate(capacity: Int(rx.size))
         do {
             loop = try RingServiceLoop(purpose: "netif queue \(index) of domain \(domain)",
                                        channels: rxChannel.map { [txChannel, $0] } ?? [txChannel],
@@ -136,19 +139,20 @@ final class NetifQueue: RingService, @unchecked Sendable {
         } catch {
             copies.deallocate()
             txFrames.deallocate()
+            rxFrames.deallocate()
             grants.unmap(txMapping, refs: [txRef]); grants.unmap(rxMapping, refs: [rxRef])
             txChannel.close(); rxChannel?.close()
             throw error
         }
         txPackets.reserveCapacity(Int(tx.size)); txSlotIDs.reserveCapacity(Int(tx.size))
         furtherSlots.reserveCapacity(Netif.fatalSlots)
-        rxFrames.reserveCapacity(Int(rx.size))
     }
 
     deinit {
         copies.deallocate()
         txFrames.deinitialize(count: txFrameCount)
         txFrames.deallocate()
+        rxFrames.deallocate()
     }
 
     private var started = false
@@ -321,6 +325,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
             if available == 0 { return }
             var remaining = Int(available)
             var copyCount = 0
+            txPool.beginBatch()
             txPackets.removeAll(keepingCapacity: true)
             txSlotIDs.removeAll(keepingCapacity: true)
             while remaining > 0 {
@@ -528,8 +533,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// Copies as many waiting frames as the posted buffers hold, in one batch; a frame the
     /// guest cannot take (too large without scatter-gather, GSO it did not ask for) is dropped.
     private func deliverRx() {
-        var copyCount = 0
-        rxFrames.removeAll(keepingCapacity: true)
+        var copyCount = 0, frameCount = 0
         guard var available = rx.unconsumedRequests().map(Int.init) else {
             return fatal("the frontend published an impossible rx request producer index (more than a ring ahead)")
         }
@@ -594,12 +598,13 @@ final class NetifQueue: RingService, @unchecked Sendable {
                     }
                 }
                 frame.segments = frame.segments.lowerBound..<copyCount
-                rxFrames.append(frame)
+                rxFrames[frameCount] = frame
+                frameCount += 1
             }
         }
         var failed = 0
         if copyCount > 0 && copyAndCheck(copyCount) {
-            for f in rxFrames where f.segments.contains(where: { copies[$0].failed }) {
+            for f in UnsafeBufferPointer(start: rxFrames, count: frameCount) where f.segments.contains(where: { copies[$0].failed }) {
                 // A failed copy: the frame's first slot says so, netfront drops the frame.
                 var response = f.first
                 response.status = Netif.statusError
@@ -608,9 +613,9 @@ final class NetifQueue: RingService, @unchecked Sendable {
                 deliveredBytes -= f.bytes
             }
         }
-        if !rxFrames.isEmpty {
+        if frameCount > 0 {
             rxResponsesWritten = true
-            counters.rxFrames.add(UInt64(rxFrames.count - failed), ordering: .relaxed)
+            counters.rxFrames.add(UInt64(frameCount - failed), ordering: .relaxed)
             counters.rxBytes.add(UInt64(deliveredBytes), ordering: .relaxed)
         }
         if dropped + failed > 0 { counters.rxDropped.add(UInt64(dropped + failed), ordering: .relaxed) }
