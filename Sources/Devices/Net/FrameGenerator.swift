@@ -87,7 +87,12 @@ public final class FrameGenerator: NetDevice, Sendable {
         guard let (receiver, frame, count) = taken, count > 0 else { return 0 }
         // A new array each time, handed over whole: the queue keeps it as its backlog when it
         // has none, so that no frame is retained again on the way.
-        let batch = [EthernetFrame](repeating: frame, count: count)
+        // Built in place: `Array(repeating:count:)` copies each element through the type's
+        // generic value witness (a fifth of the ring thread's time in the 64-byte rx rows).
+        let batch = [EthernetFrame](unsafeUninitializedCapacity: count) { elements, initialized in
+            for i in 0..<count { (elements.baseAddress! + i).initialize(to: frame) }
+            initialized = count
+        }
         counters.count(frames: count, bytes: count * frame.count)
         receiver.toGuest(batch)
         return count
