@@ -84,6 +84,11 @@ public struct NetBenchmark {
     public var pollMicroseconds = AdaptivePoller.defaultMicroseconds
     /// Turns per workload, each of `seconds / rounds`, every second one in reverse order.
     public var rounds = 2
+    /// The guest's thread on one CPU and the backends' threads on the others while the rows
+    /// run (``BenchCPUPlacement``), when the machine has two CPUs or more.
+    public var placeThreads = true
+    /// How the rows' threads are placed, for the table's heading.
+    public static let placementNote = "the guest's thread on one CPU, the backends' threads on the others (when there are two or more)"
 
     public init(targets: [Target] = [.reference, .softdev], workloads: [Workload] = Workload.standard, seconds: Double = 2, warmup: Double = 0.3) {
         self.targets = targets; self.workloads = workloads; self.seconds = seconds; self.warmup = warmup
@@ -159,6 +164,9 @@ public struct NetBenchmark {
             }
         }
 
+        // Every ring thread is running now: the guest's thread (this one) apart from them.
+        let placement = placeThreads ? BenchCPUPlacement.separateGuest() : nil
+        defer { placement?.restore() }
         var rows: [Row] = []
         for workload in workloads {
             let frame = try Self.frame(workload)

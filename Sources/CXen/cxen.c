@@ -1,5 +1,7 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <sched.h>
+#include <unistd.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -56,3 +58,22 @@ ssize_t cxen_recv_fds(int sock, void *buf, size_t len, int *fds, int *nfds) {
     return r;
 }
 _Static_assert(LOCALXEN_GRANT_ENTRIES == LOCALXEN_GRANT_FRAMES * (LOCALXEN_PAGE_SIZE / sizeof(grant_entry_v1_t)), "grant table size");
+
+int cxen_gettid(void) { return (int)gettid(); }
+
+int cxen_allowed_cpus(int *cpus, int max) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return -1;
+    int n = 0;
+    for (int c = 0; c < CPU_SETSIZE && n < max; c++)
+        if (CPU_ISSET(c, &set)) cpus[n++] = c;
+    return n;
+}
+
+int cxen_set_thread_cpus(int tid, const int *cpus, int count) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int i = 0; i < count; i++)
+        if (cpus[i] >= 0 && cpus[i] < CPU_SETSIZE) CPU_SET(cpus[i], &set);
+    return sched_setaffinity(tid, sizeof set, &set);
+}

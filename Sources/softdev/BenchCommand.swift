@@ -205,7 +205,8 @@ struct Bench: ParsableCommand {
         print("netif, local hypervisor: 1 queue, split event channels, 256 rx buffers, \(seconds) s per row in \(bench.rounds) turns, "
               + "the targets in order then reversed (+\(bench.warmup) s warm-up each); the guest pushes tx in batches of what the ring "
               + "holds; rx frames come from the generator device (SoftDev: made on the ring thread as the guest posts buffers, one "
-              + "frame handed up again and again) or the C backend's generator (from a template, on its thread); " + Self.blkifPolling(pollMicroseconds))
+              + "frame handed up again and again) or the C backend's generator (from a template, on its thread); "
+              + NetBenchmark.placementNote + "; " + Self.blkifPolling(pollMicroseconds))
         let rows = try bench.run { row in
             FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
         }
