@@ -21,7 +21,7 @@ import Synchronization
 /// rows are `iperf3` runs from a: TCP a→b, TCP b→a (`-R`), one stream, and UDP with 64-byte
 /// datagrams at full speed (`-u -l 64 -b 0`), whose rate is the packets b received. The paths
 /// take turns row by row, in order then reversed. Namespaces, interfaces and servers are
-/// removed however the run ends: returning, throwing, or SIGINT/SIGTERM/SIGHUP.
+/// removed however the run ends: returning, throwing, or SIGINT/SIGTERM/SIGHUP/SIGPIPE.
 public struct TapBenchmark {
     public enum Path: String, CaseIterable, Sendable, CustomStringConvertible {
         case softdev = "softdev tap|tap"
@@ -161,6 +161,29 @@ final class TapBenchLab: @unchecked Sendable {
     init() throws {
         guard let ip = TapBenchmark.tool("ip"), let iperf3 = TapBenchmark.tool("iperf3") else { throw HarnessFailure("ip or iperf3 is missing") }
         self.ip = ip; self.iperf3 = iperf3
+        removeStaleNamespaces()
+    }
+
+    /// Namespaces of earlier runs that could not clean up (killed with SIGKILL): those of a
+    /// process that is gone, with the `iperf3` servers still in them. Best effort.
+    private func removeStaleNamespaces() {
+        guard let list = try? sh([ip, "netns", "list"]) else { return }
+        for line in list.split(separator: "\n") {
+            let name = String(line.split(separator: " ").first ?? "")
+            guard name.hasPrefix("sdtb"), let dash = name.firstIndex(of: "-"),
+                  let pid = Int32(name[name.index(name.startIndex, offsetBy: 4)..<dash]),
+                  Self.isGone(pid) else { continue }
+            for p in ((try? sh([ip, "netns", "pids", name])) ?? "").split(separator: "\n").compactMap({ Int32($0) }) { kill(p, SIGKILL) }
+            _ = try? sh([ip, "netns", "del", name])
+        }
+    }
+
+    /// Whether process `pid` has ended (a zombie nobody reaped yet counts as ended).
+    private static func isGone(_ pid: Int32) -> Bool {
+        if kill(pid, 0) != 0 { return errno == ESRCH }
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return false }
+        return stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).hasPrefix("Z")
     }
 
     func namespace(_ path: TapBenchmark.Path, _ side: String) -> String { "sdtb\(tag)-\(path.short)\(side)" }
@@ -322,12 +345,13 @@ final class TapBenchLab: @unchecked Sendable {
     }
 }
 
-/// SIGINT, SIGTERM and SIGHUP, while it is installed, run `cleanUp` on a thread of its own and
-/// then end the process as the signal would have. The handler only writes the signal's number
+/// SIGINT, SIGTERM, SIGHUP and SIGPIPE (the bench's output closed, as by `| head`), while it is
+/// installed, run `cleanUp` on a thread of its own and then end the process as the signal would
+/// have. The handler only writes the signal's number
 /// to a pipe (and stays a handler, not SIG_IGN, so that the children it runs keep the default);
 /// SA_RESTART, so that the calls the main thread is in go on until the process ends.
 final class SignalTrap: @unchecked Sendable {
-    static let signals = [SIGINT, SIGTERM, SIGHUP]
+    static let signals = [SIGINT, SIGTERM, SIGHUP, SIGPIPE]
     nonisolated(unsafe) static var writeEnd: Int32 = -1
     private var fds: [Int32] = [-1, -1]
     private var previous: [sigaction] = []

@@ -177,9 +177,16 @@ struct Bench: ParsableCommand {
               + (isDirect ? "" : ", file synced after each write row") + "; rings keep their records for a restart, as the daemon's; "
               + Self.blkifPolling(pollMicroseconds))
         let rows = try bench.run { row in
-            FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
+            Self.progress("  measured \(row.workload) on \(row.target)\n")
         }
         print(BlockBenchmark.table(rows))
+    }
+
+    /// A progress line on stderr. Not FileHandle's write, which traps when the reader has gone
+    /// (`softdev bench 2>&1 | head`): the failed write is ignored here, and SIGPIPE ends the run
+    /// through the TAP rows' trap, which removes their namespaces first.
+    static func progress(_ line: String) {
+        fputs(line, stderr)
     }
 
     /// `--net`: the netif rings, then the TAP path when it can run here; `--tap-only`: the TAP path.
@@ -208,7 +215,7 @@ struct Bench: ParsableCommand {
               + "frame handed up again and again) or the C backend's generator (from a template, on its thread); "
               + NetBenchmark.placementNote + "; " + Self.blkifPolling(pollMicroseconds))
         let rows = try bench.run { row in
-            FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
+            Self.progress("  measured \(row.workload) on \(row.target)\n")
         }
         print(NetBenchmark.table(rows))
     }
@@ -225,7 +232,7 @@ struct Bench: ParsableCommand {
               + "GET_DESCRIPTOR(DEVICE) one at a time; the frontends sleep on the event channel; "
               + (pollMicroseconds > 0 ? "SoftDev polls \(pollMicroseconds) µs before sleeping" : "no polling"))
         let rows = try bench.run { row in
-            FileHandle.standardError.write(Data("  measured \(row.workload) from the \(row.frontend)\n".utf8))
+            Self.progress("  measured \(row.workload) from the \(row.frontend)\n")
         }
         print(USBBenchmark.table(rows))
     }
@@ -239,7 +246,7 @@ struct Bench: ParsableCommand {
               + "IFF_VNET_HDR and TUN_F_CSUM|TSO4|TSO6; iperf3 \(turn) s per turn, \(bench.rounds) turns per row, the paths in "
               + "order then reversed; TCP one stream, UDP 64-byte datagrams at full speed (-b 0), packets received")
         let rows = try bench.run { row in
-            FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.path)\n".utf8))
+            Self.progress("  measured \(row.workload) on \(row.path)\n")
         }
         print(TapBenchmark.table(rows))
     }
@@ -260,7 +267,7 @@ struct Bench: ParsableCommand {
         let rows = try bench.run(pairs: [
             .init(name: "memory", device: memory, nbdkitPlugin: ["memory", "size=\(bench.size)"]),
             .init(name: "file", device: fileDevice, nbdkitPlugin: ["file", path], file: path),
-        ]) { row in FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.server)\n".utf8)) }
+        ]) { row in Self.progress("  measured \(row.workload) on \(row.server)\n") }
         print(NBDBenchmark.table(rows))
     }
 
@@ -311,10 +318,10 @@ struct Bench: ParsableCommand {
               + "CPU \(aesNI ? "with" : "without") AES-NI; " + (data.map { "\($0.rawValue) data (\($0.fioArguments.joined(separator: " "))), each region written once first; " } ?? "")
               + Self.polling(pollMicroseconds))
         let rows = try bench.run(targets: targets + qemu, progress: { row in
-            FileHandle.standardError.write(Data("  measured \(row.workload) on \(row.target)\n".utf8))
+            Self.progress("  measured \(row.workload) on \(row.target)\n")
         }, leftOut: { target, reason in
             leftOut.append("\(target.label): left out: \(reason)")
-            FileHandle.standardError.write(Data("  \(target.label): left out: \(reason)\n".utf8))
+            Self.progress("  \(target.label): left out: \(reason)\n")
         })
         print(StackBenchmark.table(rows))
         leftOut.forEach { print($0) }
