@@ -80,7 +80,11 @@ final class NetifQueue: RingService, @unchecked Sendable {
         var dataValidated: Bool
         var gso: FrameOffload.Segmentation?
     }
-    @exclusivity(unchecked) private var txPackets: [TxPacket] = []
+    /// The sweep's packets (`txPacketCount`) and its slots (`txSlotCount`), in memory of the
+    /// queue's own with room for a ring of each: an append to an array checks its uniqueness
+    /// and capacity, at every slot.
+    private let txPackets: UnsafeMutablePointer<TxPacket>
+    @exclusivity(unchecked) private var txPacketCount = 0
     /// The sweep's frames (`txFrameCount` of them), apart from the packets so that moving a
     /// packet touches no reference count, in memory of our own: each is moved in when its
     /// packet is taken and moved out once, to the device or dropped, so that a frame costs one
@@ -91,7 +95,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// the stack has let go of them.
     @exclusivity(unchecked) private var txPool = FramePool(frames: 512, frameCapacity: 2048)
     /// Each consumed slot's id (0 for an extra, answered RSP_NULL) and whether it is an extra.
-    @exclusivity(unchecked) private var txSlotIDs: [(id: UInt16, extra: Bool)] = []
+    private let txSlotIDs: UnsafeMutablePointer<(id: UInt16, extra: Bool)>
+    @exclusivity(unchecked) private var txSlotCount = 0
     /// The current packet's data slots after the first, as copied out of the ring.
     @exclusivity(unchecked) private var furtherSlots: [netif_tx_request] = []
     @exclusivity(unchecked) private var copies: UnsafeMutablePointer<GrantCopySegment>
@@ -108,7 +113,6 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// Room for a ring of them (a frame takes a slot at least), written in place: an append to
     /// an array checks its uniqueness and capacity, at every frame.
     private let rxFrames: UnsafeMutablePointer<RxFrame>
-    @exclusivity(unchecked) private var rxResponsesWritten = false
     /// The device makes frames when the guest posts buffers (``NetDevice/makesFramesOnDemand``).
     private let onDemand: Bool
     /// The rx request index up to which posted buffers were announced to such a device.
@@ -132,6 +136,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
         copies = .allocate(capacity: copyCapacity)
         txFrames = .allocate(capacity: Int(tx.size))   // a frame takes a slot at least
         rxFrames = .allocate(capacity: Int(rx.size))
+        txPackets = .allocate(capacity: Int(tx.size))   // a packet takes a slot at least
+        txSlotIDs = .allocate(capacity: Int(tx.size))
         do {
             loop = try RingServiceLoop(purpose: "netif queue \(index) of domain \(domain)",
                                        channels: rxChannel.map { [txChannel, $0] } ?? [txChannel],
@@ -140,11 +146,12 @@ final class NetifQueue: RingService, @unchecked Sendable {
             copies.deallocate()
             txFrames.deallocate()
             rxFrames.deallocate()
+            txPackets.deallocate()
+            txSlotIDs.deallocate()
             grants.unmap(txMapping, refs: [txRef]); grants.unmap(rxMapping, refs: [rxRef])
             txChannel.close(); rxChannel?.close()
             throw error
         }
-        txPackets.reserveCapacity(Int(tx.size)); txSlotIDs.reserveCapacity(Int(tx.size))
         furtherSlots.reserveCapacity(Netif.fatalSlots)
     }
 
@@ -153,6 +160,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
         txFrames.deinitialize(count: txFrameCount)
         txFrames.deallocate()
         rxFrames.deallocate()
+        txPackets.deallocate()
+        txSlotIDs.deallocate()
     }
 
     private var started = false
@@ -253,10 +262,6 @@ final class NetifQueue: RingService, @unchecked Sendable {
     func publish() {
         if !broken && pendingRxHead < pendingRx.count { deliverRx() }
         if tx.pushResponses() { txChannel.notify() }
-        if rxResponsesWritten {
-            rxResponsesWritten = false
-            if rx.pushResponses() { rxChannel.notify() }
-        }
     }
 
     func hasWork() -> Bool {
@@ -313,33 +318,44 @@ final class NetifQueue: RingService, @unchecked Sendable {
 
     // MARK: Tx: frames from the guest
 
-    /// One sweep: every complete packet the ring holds is validated and its data copied out
-    /// in one batch; then each slot is answered, and the good frames go down the stack. One
-    /// sweep a turn, so that frames for the guest are delivered between sweeps however busy
-    /// its tx ring is.
+    /// The slots a tx batch takes before its copies run and its slots are answered (a packet
+    /// is never split): the guest refills the first part of a full ring while the backend
+    /// copies the next, where one batch for the whole ring kept each side waiting for the
+    /// other.
+    static let txBatchSlots = 64
+
+    /// One sweep: every complete packet the ring holds, in batches of about
+    /// ``txBatchSlots`` slots. One sweep a turn, so that frames for the guest are delivered
+    /// between sweeps however busy its tx ring is.
     private func takeTx() {
+        guard let available = tx.unconsumedRequests() else {
+            return fatal("the frontend published an impossible tx request producer index (more than a ring ahead)")
+        }
+        var remaining = Int(available)
+        while remaining > 0 && takeTxBatch(&remaining) {}
+    }
+
+    /// One batch: its packets are validated and their data copied out with one batched grant
+    /// copy; then each slot is answered (and the responses pushed), and the good frames go
+    /// down the stack. False if the frontend broke the protocol (fatal, reported).
+    private func takeTxBatch(_ remaining: inout Int) -> Bool {
         do {
-            guard let available = tx.unconsumedRequests() else {
-                return fatal("the frontend published an impossible tx request producer index (more than a ring ahead)")
-            }
-            if available == 0 { return }
-            var remaining = Int(available)
             var copyCount = 0
             txPool.beginBatch()
-            txPackets.removeAll(keepingCapacity: true)
-            txSlotIDs.removeAll(keepingCapacity: true)
-            while remaining > 0 {
+            txPacketCount = 0
+            txSlotCount = 0
+            while remaining > 0 && txSlotCount < Self.txBatchSlots {
                 guard takePacket(&remaining, &copyCount) else {   // fatal
                     txFrames.deinitialize(count: txFrameCount)
                     txFrameCount = 0
-                    return
+                    return false
                 }
             }
             let anyFailed = copyCount > 0 && copyAndCheck(copyCount)
             // Answer every slot (the copies are done: no grant is held any more), then hand
             // the frames on.
             var slot = 0
-            for p in 0..<txPackets.count {
+            for p in 0..<txPacketCount {
                 var packet = txPackets[p]
                 if packet.status == Netif.statusOkay, packet.frame >= 0 {
                     if anyFailed {
@@ -365,7 +381,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
             }
             if tx.pushResponses() { txChannel.notify() }
             var frames: UInt64 = 0, bytes: UInt64 = 0, drops: UInt64 = 0
-            for p in 0..<txPackets.count {
+            for p in 0..<txPacketCount {
                 let packet = txPackets[p]
                 if packet.frame >= 0 {
                     // Moved out: ours goes when the device returns; one that keeps it holds its own.
@@ -383,6 +399,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
                 counters.txBytes.add(bytes, ordering: .relaxed)
             }
             if drops > 0 { counters.txDropped.add(drops, ordering: .relaxed) }
+            return true
         }
     }
 
@@ -398,7 +415,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// the protocol (fatal, reported).
     private func takePacket(_ remaining: inout Int, _ copyCount: inout Int) -> Bool {
         guard let packet = takePacketSlots(&remaining, &copyCount) else { return false }
-        txPackets.append(packet)
+        txPackets[txPacketCount] = packet
+        txPacketCount += 1
         return true
     }
 
@@ -406,7 +424,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
     private func takePacketSlots(_ remaining: inout Int, _ copyCount: inout Int) -> TxPacket? {
         let first = tx.takeRequest()
         remaining -= 1
-        txSlotIDs.append((first.id, false))
+        takeSlot(first.id, extra: false)
         var packet = TxPacket(frame: -1, slots: 1, status: Netif.statusOkay,
                               segments: copyCount..<copyCount, csumBlank: first.flags & Netif.txChecksumBlank != 0,
                               dataValidated: first.flags & Netif.txDataValidated != 0, gso: nil)
@@ -419,7 +437,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
                 let raw = tx.takeRequest()
                 remaining -= 1
                 packet.slots += 1
-                txSlotIDs.append((0, true))
+                takeSlot(0, extra: true)
                 let extra = withUnsafeBytes(of: raw) { $0.load(as: netif_extra_info.self) }
                 guard extra.type != 0, extra.type < Netif.extraTypeMax else {
                     fatal("invalid extra-info type \(extra.type)"); return nil
@@ -471,7 +489,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
             packet.slots += 1
             further += 1
             furtherSlots.append(r)   // the copy taken out of the ring: never read from the ring again
-            txSlotIDs.append((r.id, false))
+            takeSlot(r.id, extra: false)
             if Int(r.size) > firstOwn { drop = true }   // larger than what is left of the frame
             if Int(r.offset) + Int(r.size) > xenPageSize {
                 fatal("a tx slot crosses its page (offset \(r.offset), size \(r.size))"); return nil
@@ -505,6 +523,12 @@ final class NetifQueue: RingService, @unchecked Sendable {
         return packet
     }
 
+    /// A slot of the sweep taken: its id, answered once the copies are done.
+    @inline(__always) private func takeSlot(_ id: UInt16, extra: Bool) {
+        txSlotIDs[txSlotCount] = (id, extra)
+        txSlotCount += 1
+    }
+
     private func mac(_ extra: netif_extra_info) -> MACAddress {
         withUnsafeBytes(of: extra.u.mcast.addr) { MACAddress($0, at: 0) }
     }
@@ -530,92 +554,103 @@ final class NetifQueue: RingService, @unchecked Sendable {
 
     // MARK: Rx: frames to the guest
 
-    /// Copies as many waiting frames as the posted buffers hold, in one batch; a frame the
-    /// guest cannot take (too large without scatter-gather, GSO it did not ask for) is dropped.
+    /// The slots an rx batch fills before its copies run and its responses are pushed (a frame
+    /// is never split): the guest takes the first frames and posts their buffers again while
+    /// the backend fills the next, as on tx (``txBatchSlots``).
+    static let rxBatchSlots = 64
+
+    /// Copies as many waiting frames as the posted buffers hold, in batches of about
+    /// ``rxBatchSlots`` slots, one batched grant copy each; a frame the guest cannot take (too
+    /// large without scatter-gather, GSO it did not ask for) is dropped.
     private func deliverRx() {
-        var copyCount = 0, frameCount = 0
         guard var available = rx.unconsumedRequests().map(Int.init) else {
             return fatal("the frontend published an impossible rx request producer index (more than a ring ahead)")
         }
         // Bytes leaving the backlog: frames delivered (their copies are done below, before
         // they are released) and frames dropped.
-        var leaving = 0, dropped = 0, deliveredBytes = 0
+        var leaving = 0, dropped = 0, deliveredBytes = 0, delivered = 0, failed = 0
         // The frames are read in place (a copy of each would cost its reference count twice),
         // and each slot's response is written as its request is taken: the copies' outcome
         // only changes a failed frame's first response.
         pendingRx.withUnsafeMutableBufferPointer { frames in
-            while pendingRxHead < frames.count {
-                let f = pendingRxHead
-                guard fitsGuest(&frames[f]) else {
+            var starved = false
+            while !starved && pendingRxHead < frames.count {
+                var copyCount = 0, frameCount = 0, slots = 0
+                while pendingRxHead < frames.count && slots < Self.rxBatchSlots {
+                    let f = pendingRxHead
+                    guard fitsGuest(&frames[f]) else {
+                        pendingRxHead += 1
+                        leaving += frames[f].count
+                        dropped += 1
+                        continue
+                    }
+                    let count = frames[f].count
+                    let dataSlots = max(1, (count + xenPageSize - 1) / xenPageSize)
+                    let segmentation = frames[f].offload.segmentation
+                    let needed = dataSlots + (segmentation != nil ? 1 : 0)
+                    if needed > available { starved = true; break }   // wait for buffers (the backlog is bounded)
+                    available -= needed
+                    slots += needed
                     pendingRxHead += 1
-                    leaving += frames[f].count
-                    dropped += 1
-                    continue
-                }
-                let count = frames[f].count
-                let dataSlots = max(1, (count + xenPageSize - 1) / xenPageSize)
-                let segmentation = frames[f].offload.segmentation
-                let needed = dataSlots + (segmentation != nil ? 1 : 0)
-                if needed > available { break }   // wait for buffers (the backlog is bounded)
-                available -= needed
-                pendingRxHead += 1
-                leaving += count
-                deliveredBytes += count
-                // Valid while the frame waits in the backlog, which it does until the copy is done.
-                let bytes = frames[f].withUnsafeBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
-                var firstFlags: UInt16 = 0
-                switch frames[f].offload.checksum {
-                case .partial: firstFlags = Netif.rxChecksumBlank | Netif.rxDataValidated
-                case .validated: firstFlags = Netif.rxDataValidated
-                case .none: break
-                }
-                if segmentation != nil { firstFlags |= Netif.rxExtraInfo }
-                var frame = RxFrame(firstResponse: rx.responseProducer, first: netif_rx_response(), segments: copyCount..<copyCount, bytes: count)
-                var offset = 0
-                for s in 0..<dataSlots {
-                    let request = rx.takeRequest()
-                    let length = min(xenPageSize, count - offset)
-                    var flags: UInt16 = s + 1 < dataSlots ? Netif.rxMoreData : 0
-                    if s == 0 { flags |= firstFlags }
-                    if length > 0 {
-                        copies[copyCount] = GrantCopySegment(direction: .toGuest, domain: domain, ref: request.gref, offset: 0,
-                                                             length: UInt16(length), local: bytes + offset)
-                        copyCount += 1
+                    leaving += count
+                    deliveredBytes += count
+                    // Valid while the frame waits in the backlog, which it does until the copy is done.
+                    let bytes = frames[f].withUnsafeBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
+                    var firstFlags: UInt16 = 0
+                    switch frames[f].offload.checksum {
+                    case .partial: firstFlags = Netif.rxChecksumBlank | Netif.rxDataValidated
+                    case .validated: firstFlags = Netif.rxDataValidated
+                    case .none: break
                     }
-                    let response = netif_rx_response(id: request.id, offset: 0, flags: flags, status: Int16(length))
-                    rx.putResponse(Self.raw(response))
-                    if s == 0 { frame.first = response }
-                    offset += length
-                    // The GSO extra takes the slot after the first data slot (its response is
-                    // the extra itself; netfront recycles the buffer by position).
-                    if s == 0, let gso = segmentation {
-                        _ = rx.takeRequest()
-                        var extra = netif_extra_info()
-                        extra.type = Netif.extraGSO
-                        extra.u.gso.size = gso.size
-                        extra.u.gso.type = gso.kind == .tcpv4 ? Netif.gsoTCPv4 : Netif.gsoTCPv6
-                        rx.putResponse(Self.raw(extra))
+                    if segmentation != nil { firstFlags |= Netif.rxExtraInfo }
+                    var frame = RxFrame(firstResponse: rx.responseProducer, first: netif_rx_response(), segments: copyCount..<copyCount, bytes: count)
+                    var offset = 0
+                    for s in 0..<dataSlots {
+                        let request = rx.takeRequest()
+                        let length = min(xenPageSize, count - offset)
+                        var flags: UInt16 = s + 1 < dataSlots ? Netif.rxMoreData : 0
+                        if s == 0 { flags |= firstFlags }
+                        if length > 0 {
+                            copies[copyCount] = GrantCopySegment(direction: .toGuest, domain: domain, ref: request.gref, offset: 0,
+                                                                 length: UInt16(length), local: bytes + offset)
+                            copyCount += 1
+                        }
+                        let response = netif_rx_response(id: request.id, offset: 0, flags: flags, status: Int16(length))
+                        rx.putResponse(Self.raw(response))
+                        if s == 0 { frame.first = response }
+                        offset += length
+                        // The GSO extra takes the slot after the first data slot (its response is
+                        // the extra itself; netfront recycles the buffer by position).
+                        if s == 0, let gso = segmentation {
+                            _ = rx.takeRequest()
+                            var extra = netif_extra_info()
+                            extra.type = Netif.extraGSO
+                            extra.u.gso.size = gso.size
+                            extra.u.gso.type = gso.kind == .tcpv4 ? Netif.gsoTCPv4 : Netif.gsoTCPv6
+                            rx.putResponse(Self.raw(extra))
+                        }
+                    }
+                    frame.segments = frame.segments.lowerBound..<copyCount
+                    rxFrames[frameCount] = frame
+                    frameCount += 1
+                }
+                if frameCount == 0 { continue }   // only drops (or starved: the loop ends)
+                if copyCount > 0 && copyAndCheck(copyCount) {
+                    for f in UnsafeBufferPointer(start: rxFrames, count: frameCount) where f.segments.contains(where: { copies[$0].failed }) {
+                        // A failed copy: the frame's first slot says so, netfront drops the frame.
+                        var response = f.first
+                        response.status = Netif.statusError
+                        rx.rewriteResponse(at: f.firstResponse, Self.raw(response))
+                        failed += 1
+                        deliveredBytes -= f.bytes
                     }
                 }
-                frame.segments = frame.segments.lowerBound..<copyCount
-                rxFrames[frameCount] = frame
-                frameCount += 1
+                delivered += frameCount
+                if rx.pushResponses() { rxChannel.notify() }
             }
         }
-        var failed = 0
-        if copyCount > 0 && copyAndCheck(copyCount) {
-            for f in UnsafeBufferPointer(start: rxFrames, count: frameCount) where f.segments.contains(where: { copies[$0].failed }) {
-                // A failed copy: the frame's first slot says so, netfront drops the frame.
-                var response = f.first
-                response.status = Netif.statusError
-                rx.rewriteResponse(at: f.firstResponse, Self.raw(response))
-                failed += 1
-                deliveredBytes -= f.bytes
-            }
-        }
-        if frameCount > 0 {
-            rxResponsesWritten = true
-            counters.rxFrames.add(UInt64(frameCount - failed), ordering: .relaxed)
+        if delivered > 0 {
+            counters.rxFrames.add(UInt64(delivered - failed), ordering: .relaxed)
             counters.rxBytes.add(UInt64(deliveredBytes), ordering: .relaxed)
         }
         if dropped + failed > 0 { counters.rxDropped.add(UInt64(dropped + failed), ordering: .relaxed) }

@@ -28,6 +28,11 @@ final class RecordingEndpoint: NetDevice, @unchecked Sendable {
         lock.lock(); let r = receiver; lock.unlock()
         r?.toGuest(frame)
     }
+    /// Frames for the guest all at once, as a TAP's reader hands up what one read-until-empty got.
+    func send(_ batch: [EthernetFrame]) {
+        lock.lock(); let r = receiver; lock.unlock()
+        r?.toGuest(batch)
+    }
     /// Waits up to `seconds` for `count` frames from the guest; returns what came.
     func received(_ count: Int, within seconds: Double = 5) -> [EthernetFrame] {
         let deadline = Date(timeIntervalSinceNow: seconds)

@@ -57,6 +57,35 @@ final class NetifEndToEndTests: XCTestCase {
         try front.close()
     }
 
+    /// A ring's worth of frames published at once is taken and delivered in several batches
+    /// (``NetifQueue``'s 64 slots), with multi-slot frames across the batches' edges: every
+    /// slot answered, every frame whole and in order, both ways.
+    func testARingOfFramesCrossesBatchesWholeAndInOrder() throws {
+        let endpoint = RecordingEndpoint()
+        let (guest, paths) = try lab.guestWithVif(endpoint)
+        let front = try LocalNetFrontend(hypervisor: guest, frontendPath: paths.frontendPath)
+        // Frames of one slot with a jumbo frame (three slots) every seventh: 120 frames, 154 slots.
+        let frames = (0..<120).map { i in TestFrames.tcp4(count: i % 7 == 6 ? 9014 : 60 + i, seed: UInt8(i)) }
+        let slots = frames.reduce(0) { $0 + ($1.count + xenPageSize - 1) / xenPageSize }
+        XCTAssertGreaterThan(slots, 2 * 64, "more than two batches")
+        for frame in frames { XCTAssertTrue(front.put(frame)) }
+        front.queues[0].pushTx()   // one publication for all of them
+        XCTAssertTrue(front.waitForTx())
+        XCTAssertEqual(front.queues[0].txStatuses, [Int16](repeating: Netif.statusOkay, count: slots))
+        XCTAssertEqual(endpoint.received(frames.count).map { $0.bytes }, frames.map { $0.bytes })
+
+        endpoint.send(frames)
+        var back: [EthernetFrame] = []
+        while back.count < frames.count {
+            let got = try front.receive(atLeast: frames.count - back.count)
+            XCTAssertFalse(got.isEmpty, "frames stopped after \(back.count)")
+            if got.isEmpty { break }
+            back += got
+        }
+        XCTAssertEqual(back.map { $0.bytes }, frames.map { $0.bytes })
+        try front.close()
+    }
+
     func testGuestWithoutScatterGatherGetsNoLargeFrames() throws {
         let endpoint = RecordingEndpoint()
         let (guest, paths) = try lab.guestWithVif(endpoint)
