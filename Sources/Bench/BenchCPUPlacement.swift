@@ -6,9 +6,9 @@ import Foundation
 /// alike) on the others, as a guest's vCPU and dom0's vCPUs are different physical CPUs under
 /// Xen. Left to the scheduler on a two-CPU machine, the busy threads now and then shared a CPU
 /// or moved mid-row: the C backend's 64-byte tx rate varied 8.7-14.3M frames/s between runs
-/// and a ratio by half; placed, it was 14.1-14.8M in 7 runs of 9 (5.2M and 10.4M in the
-/// others: two vCPUs of a virtual machine still share their host). Threads started later run
-/// where the thread that started them may.
+/// and a ratio by half; placed, it was 14.1-15.4M in 10 runs of 12 (5.2M and 10.4M in the
+/// other two: a virtual machine's vCPUs still share their host, whose load comes and goes).
+/// Threads started later run where the thread that started them may.
 struct BenchCPUPlacement: CustomStringConvertible {
     let allowed: [Int32]
     let guestCPU: Int32

@@ -33,7 +33,8 @@ struct Bench: ParsableCommand {
             frames, through SoftDev's netif backend over the `generator` device (which drops tx frames and makes rx \
             frames on the ring thread as buffers are posted, the same frame handed up again and again) and through a minimal \
             C netif backend written with Xen's ring macros (rx frames from a template on its thread: the \
-            protocol's cost on this machine); "vs C" is frames/s over the C backend's. \
+            protocol's cost on this machine); "vs C" is frames/s over the C backend's. While the ring rows run, \
+            the guest's thread is on one CPU and the backends' threads on the others. \
             Run as root, --net then also measures the TAP path: two network namespaces (10.88.0.1/24 and \
             10.88.0.2/24) joined by SoftDev's `tap(name=a) | tap(name=b)` link (in the bench process, checksum and \
             TSO offloads on), by the Linux bridge over two veth pairs (the kernel's own path) and by a minimal C \
