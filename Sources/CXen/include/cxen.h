@@ -34,13 +34,6 @@ static inline void cxen_cpu_relax(void) {
     __builtin_ia32_pause();
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield");
-// The calling thread's id (gettid).
-int cxen_gettid(void);
-// The CPUs this process may run on, in order (at most `max` of them); -1 on error.
-int cxen_allowed_cpus(int *cpus, int max);
-// Lets thread `tid` of this process (0: the caller) run only on the `count` CPUs in `cpus`.
-int cxen_set_thread_cpus(int tid, const int *cpus, int count);
-
 #endif
 }
 
