@@ -175,6 +175,18 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
         queue.enqueue(frame)
     }
 
+    /// A run of copies of one frame (the generator's), queued as one entry on the queue it names.
+    public func toGuest(_ frame: EthernetFrame, repeating count: Int) {
+        guard count > 1 else { return count == 1 ? toGuest(frame) : () }
+        let queue: NetifQueue? = queues.withLock { qs in qs.isEmpty ? nil : qs[frame.queue % qs.count] }
+        guard let queue else {
+            droppedDisconnected.add(UInt64(count), ordering: .relaxed)
+            return
+        }
+        if queue.guestOffloads.mustSegment(frame) { return toGuest([EthernetFrame](repeating: frame, count: count)) }
+        queue.enqueue(frame, repeating: count)
+    }
+
     /// Frames for the guest, each queue's taken with one lock.
     public func toGuest(_ frames: [EthernetFrame]) {
         let qs = queues.withLock { $0 }

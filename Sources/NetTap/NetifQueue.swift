@@ -43,7 +43,13 @@ final class NetifQueueCounters: Sendable {
 /// stack. Rx: frames from the stack (any thread) wait in a backlog bounded in bytes and are
 /// copied into the buffers the guest posted, one batched grant copy per sweep.
 final class NetifQueue: RingService, @unchecked Sendable {
-    typealias Completion = EthernetFrame
+    /// Frames waiting for the guest's buffers: `count` copies of `frame` (one, but for a
+    /// generator's run, ``NetFrameReceiver/toGuest(_:repeating:)``).
+    struct RxRun {
+        var frame: EthernetFrame
+        var count: Int
+    }
+    typealias Completion = RxRun
 
     let index: Int
     @exclusivity(unchecked) private var tx: BackRing<NetifTxRing>
@@ -105,7 +111,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
     // Rx state: the backlog (frames handed over by other threads land in `pendingRx` on the
     // loop's thread; `backlogBytes` counts both, so a flood is refused at the door).
     private let backlogBytes = Atomic<Int>(0)
-    @exclusivity(unchecked) private var pendingRx: [EthernetFrame] = []
+    @exclusivity(unchecked) private var pendingRx: [RxRun] = []
     @exclusivity(unchecked) private var pendingRxHead = 0
     /// The frames of an rx sweep: where each one's first response is (written before the copy,
     /// rewritten if the copy fails) and its grant copies.
@@ -185,13 +191,32 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// backlog at once, with no lock and no wake-up.
     func enqueue(_ frame: EthernetFrame) {
         guard admit(frame) else { return }
-        if loop.isLoopThread { pendingRx.append(frame) } else { loop.post(frame) }
+        let run = RxRun(frame: frame, count: 1)
+        if loop.isLoopThread { pendingRx.append(run) } else { loop.post(run) }
     }
 
     /// From any thread: frames for the guest, handed over with one lock and one wake-up.
     func enqueue(_ frames: some Sequence<EthernetFrame>) {
-        let admitted = frames.lazy.filter { self.admit($0) }
+        let admitted = frames.lazy.filter { self.admit($0) }.map { RxRun(frame: $0, count: 1) }
         if loop.isLoopThread { pendingRx.append(contentsOf: admitted) } else { loop.post(contentsOf: admitted) }
+    }
+
+    /// From any thread: `count` copies of `frame`, as many as the backlog has room for (one at
+    /// least when it is empty), kept as one entry: no copy is counted or released one by one.
+    func enqueue(_ frame: EthernetFrame, repeating count: Int) {
+        guard count > 0 else { return }
+        let bytes = frame.count
+        let before = backlogBytes.add(bytes * count, ordering: .relaxed).oldValue
+        var admitted = count
+        if before + bytes * count > features.backlogBytes {
+            admitted = bytes == 0 ? count : max(0, features.backlogBytes - before) / bytes
+            if admitted == 0 && before == 0 { admitted = 1 }
+            backlogBytes.subtract(bytes * (count - admitted), ordering: .relaxed)
+            counters.rxDropped.add(UInt64(count - admitted), ordering: .relaxed)
+        }
+        guard admitted > 0 else { return }
+        let run = RxRun(frame: frame, count: admitted)
+        if loop.isLoopThread { pendingRx.append(run) } else { loop.post(run) }
     }
 
     /// From any thread: a batch for the guest, admitted with one atomic operation when the
@@ -204,9 +229,9 @@ final class NetifQueue: RingService, @unchecked Sendable {
             backlogBytes.subtract(bytes, ordering: .relaxed)
             return enqueue(frames.lazy)
         }
-        guard loop.isLoopThread else { return loop.post(contentsOf: frames) }
-        // Taken whole when nothing waits (no frame retained again on the way).
-        if pendingRx.isEmpty { pendingRx = frames } else { pendingRx.append(contentsOf: frames) }
+        guard loop.isLoopThread else { return loop.post(contentsOf: frames.lazy.map { RxRun(frame: $0, count: 1) }) }
+        pendingRx.reserveCapacity(pendingRx.count + frames.count)
+        for i in frames.indices { pendingRx.append(RxRun(frame: frames[i], count: 1)) }
     }
 
     /// Whether the backlog has room for `frame` (counted in it if so, dropped if not).
@@ -243,13 +268,13 @@ final class NetifQueue: RingService, @unchecked Sendable {
         device.guestPostedBuffers(Int(n), queue: index)
     }
 
-    func finish(_ frame: EthernetFrame) {
-        if broken { return dropBacklogged(frame) }
-        pendingRx.append(frame)
+    func finish(_ run: RxRun) {
+        if broken { return dropBacklogged(run) }
+        pendingRx.append(run)
     }
 
     /// The frames other threads handed over: taken as a whole when nothing waits before them.
-    func finish(batch: inout [EthernetFrame]) {
+    func finish(batch: inout [RxRun]) {
         if broken {
             for i in 0..<batch.count { dropBacklogged(batch[i]) }
         } else if pendingRx.isEmpty {
@@ -305,9 +330,9 @@ final class NetifQueue: RingService, @unchecked Sendable {
         grants.unmap(rxMapping, refs: [rxRef])
     }
 
-    private func dropBacklogged(_ frame: EthernetFrame) {
-        backlogBytes.subtract(frame.count, ordering: .relaxed)
-        counters.rxDropped.add(1, ordering: .relaxed)
+    private func dropBacklogged(_ run: RxRun) {
+        backlogBytes.subtract(run.frame.count * run.count, ordering: .relaxed)
+        counters.rxDropped.add(UInt64(run.count), ordering: .relaxed)
     }
 
     private func fatal(_ why: String) {
@@ -571,68 +596,90 @@ final class NetifQueue: RingService, @unchecked Sendable {
         var leaving = 0, dropped = 0, deliveredBytes = 0, delivered = 0, failed = 0
         // The frames are read in place (a copy of each would cost its reference count twice),
         // and each slot's response is written as its request is taken: the copies' outcome
-        // only changes a failed frame's first response.
-        pendingRx.withUnsafeMutableBufferPointer { frames in
+        // only changes a failed frame's first response. What a frame needs (room, flags, its
+        // bytes) is worked out once for a run of copies of it.
+        pendingRx.withUnsafeMutableBufferPointer { runs in
             var starved = false
-            while !starved && pendingRxHead < frames.count {
+            while !starved && pendingRxHead < runs.count {
                 var copyCount = 0, frameCount = 0, slots = 0
-                while pendingRxHead < frames.count && slots < Self.rxBatchSlots {
-                    let f = pendingRxHead
-                    guard fitsGuest(&frames[f]) else {
+                while pendingRxHead < runs.count && slots < Self.rxBatchSlots {
+                    let r = pendingRxHead
+                    guard fitsGuest(&runs[r].frame) else {
                         pendingRxHead += 1
-                        leaving += frames[f].count
-                        dropped += 1
+                        leaving += runs[r].frame.count * runs[r].count
+                        dropped += runs[r].count
                         continue
                     }
-                    let count = frames[f].count
+                    let count = runs[r].frame.count
                     let dataSlots = max(1, (count + xenPageSize - 1) / xenPageSize)
-                    let segmentation = frames[f].offload.segmentation
+                    let segmentation = runs[r].frame.offload.segmentation
                     let needed = dataSlots + (segmentation != nil ? 1 : 0)
-                    if needed > available { starved = true; break }   // wait for buffers (the backlog is bounded)
-                    available -= needed
-                    slots += needed
-                    pendingRxHead += 1
-                    leaving += count
-                    deliveredBytes += count
+                    // As many copies as the buffers hold and the batch takes (a batch may end
+                    // a frame past its size: a frame is never split).
+                    let n = needed == 1 ? min(runs[r].count, available, Self.rxBatchSlots - slots)
+                        : min(runs[r].count, available / needed, (Self.rxBatchSlots - slots + needed - 1) / needed)
+                    if n == 0 { starved = true; break }   // wait for buffers (the backlog is bounded)
+                    available -= n * needed
+                    slots += n * needed
+                    if n == runs[r].count { pendingRxHead += 1 } else { runs[r].count -= n }
+                    leaving += n * count
+                    deliveredBytes += n * count
                     // Valid while the frame waits in the backlog, which it does until the copy is done.
-                    let bytes = frames[f].withUnsafeBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
+                    let bytes = runs[r].frame.withUnsafeBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
                     var firstFlags: UInt16 = 0
-                    switch frames[f].offload.checksum {
+                    switch runs[r].frame.offload.checksum {
                     case .partial: firstFlags = Netif.rxChecksumBlank | Netif.rxDataValidated
                     case .validated: firstFlags = Netif.rxDataValidated
                     case .none: break
                     }
                     if segmentation != nil { firstFlags |= Netif.rxExtraInfo }
-                    var frame = RxFrame(firstResponse: rx.responseProducer, first: netif_rx_response(), segments: copyCount..<copyCount, bytes: count)
-                    var offset = 0
-                    for s in 0..<dataSlots {
-                        let request = rx.takeRequest()
-                        let length = min(xenPageSize, count - offset)
-                        var flags: UInt16 = s + 1 < dataSlots ? Netif.rxMoreData : 0
-                        if s == 0 { flags |= firstFlags }
-                        if length > 0 {
+                    if needed == 1 {
+                        // One slot a frame (up to a page, no GSO): the request's buffer takes it all.
+                        for _ in 0..<n {
+                            let request = rx.takeRequest()
                             copies[copyCount] = GrantCopySegment(direction: .toGuest, domain: domain, ref: request.gref, offset: 0,
-                                                                 length: UInt16(length), local: bytes + offset)
+                                                                 length: UInt16(count), local: bytes)
+                            let response = netif_rx_response(id: request.id, offset: 0, flags: firstFlags, status: Int16(count))
+                            rxFrames[frameCount] = RxFrame(firstResponse: rx.responseProducer, first: response,
+                                                           segments: copyCount..<copyCount + 1, bytes: count)
+                            rx.putResponse(Self.raw(response))
                             copyCount += 1
+                            frameCount += 1
                         }
-                        let response = netif_rx_response(id: request.id, offset: 0, flags: flags, status: Int16(length))
-                        rx.putResponse(Self.raw(response))
-                        if s == 0 { frame.first = response }
-                        offset += length
-                        // The GSO extra takes the slot after the first data slot (its response is
-                        // the extra itself; netfront recycles the buffer by position).
-                        if s == 0, let gso = segmentation {
-                            _ = rx.takeRequest()
-                            var extra = netif_extra_info()
-                            extra.type = Netif.extraGSO
-                            extra.u.gso.size = gso.size
-                            extra.u.gso.type = gso.kind == .tcpv4 ? Netif.gsoTCPv4 : Netif.gsoTCPv6
-                            rx.putResponse(Self.raw(extra))
-                        }
+                        continue
                     }
-                    frame.segments = frame.segments.lowerBound..<copyCount
-                    rxFrames[frameCount] = frame
-                    frameCount += 1
+                    for _ in 0..<n {
+                        var frame = RxFrame(firstResponse: rx.responseProducer, first: netif_rx_response(), segments: copyCount..<copyCount, bytes: count)
+                        var offset = 0
+                        for s in 0..<dataSlots {
+                            let request = rx.takeRequest()
+                            let length = min(xenPageSize, count - offset)
+                            var flags: UInt16 = s + 1 < dataSlots ? Netif.rxMoreData : 0
+                            if s == 0 { flags |= firstFlags }
+                            if length > 0 {
+                                copies[copyCount] = GrantCopySegment(direction: .toGuest, domain: domain, ref: request.gref, offset: 0,
+                                                                     length: UInt16(length), local: bytes + offset)
+                                copyCount += 1
+                            }
+                            let response = netif_rx_response(id: request.id, offset: 0, flags: flags, status: Int16(length))
+                            rx.putResponse(Self.raw(response))
+                            if s == 0 { frame.first = response }
+                            offset += length
+                            // The GSO extra takes the slot after the first data slot (its response is
+                            // the extra itself; netfront recycles the buffer by position).
+                            if s == 0, let gso = segmentation {
+                                _ = rx.takeRequest()
+                                var extra = netif_extra_info()
+                                extra.type = Netif.extraGSO
+                                extra.u.gso.size = gso.size
+                                extra.u.gso.type = gso.kind == .tcpv4 ? Netif.gsoTCPv4 : Netif.gsoTCPv6
+                                rx.putResponse(Self.raw(extra))
+                            }
+                        }
+                        frame.segments = frame.segments.lowerBound..<copyCount
+                        rxFrames[frameCount] = frame
+                        frameCount += 1
+                    }
                 }
                 if frameCount == 0 { continue }   // only drops (or starved: the loop ends)
                 if copyCount > 0 && copyAndCheck(copyCount) {

@@ -33,6 +33,11 @@ final class RecordingEndpoint: NetDevice, @unchecked Sendable {
         lock.lock(); let r = receiver; lock.unlock()
         r?.toGuest(batch)
     }
+    /// `count` copies of a frame for the guest as one run, as the generator hands them up.
+    func send(_ frame: EthernetFrame, repeating count: Int) {
+        lock.lock(); let r = receiver; lock.unlock()
+        r?.toGuest(frame, repeating: count)
+    }
     /// Waits up to `seconds` for `count` frames from the guest; returns what came.
     func received(_ count: Int, within seconds: Double = 5) -> [EthernetFrame] {
         let deadline = Date(timeIntervalSinceNow: seconds)

@@ -86,6 +86,40 @@ final class NetifEndToEndTests: XCTestCase {
         try front.close()
     }
 
+    /// Runs of copies of a frame (``NetFrameReceiver/toGuest(_:repeating:)``, the generator's
+    /// way) wait in the backlog as one entry each, and are delivered as far as the guest's
+    /// buffers go: a run split across batches and across the guest's reposts, multi-slot and
+    /// GSO runs, every copy whole and in order, counted once.
+    func testRunsOfCopiesArriveWholeInOrderAcrossBatchesAndShortBuffers() throws {
+        let endpoint = RecordingEndpoint()
+        let (guest, paths) = try lab.guestWithVif(endpoint)
+        var options = LocalNetFrontend.Options()
+        options.rxBuffers = 40   // fewer than a run takes: the runs wait for reposts
+        let front = try LocalNetFrontend(hypervisor: guest, frontendPath: paths.frontendPath, options: options)
+        var tso = TestFrames.tcp4(count: 20000, seed: 4, partial: true)
+        tso.offload.segmentation = .init(kind: .tcpv4, size: 1448)
+        let runs: [(EthernetFrame, Int)] = [(TestFrames.tcp4(count: 100, seed: 1), 150),
+                                           (TestFrames.tcp4(count: 9014, seed: 2), 30),   // 3 slots each
+                                           (tso, 7),                                      // 5 slots and the extra
+                                           (TestFrames.tcp4(count: 60, seed: 3), 1)]
+        for (frame, count) in runs { endpoint.send(frame, repeating: count) }
+        let expected = runs.flatMap { [EthernetFrame](repeating: $0.0, count: $0.1) }
+        var back: [EthernetFrame] = []
+        while back.count < expected.count {
+            let got = try front.receive(atLeast: 1)
+            XCTAssertFalse(got.isEmpty, "frames stopped after \(back.count)")
+            if got.isEmpty { break }
+            back += got
+        }
+        XCTAssertEqual(back.count, expected.count)
+        XCTAssertTrue(zip(back, expected).allSatisfy { $0.bytes == $1.bytes && $0.offload == $1.offload }, "every copy whole, in order")
+        let backend = try XCTUnwrap(lab.host.inspect { $0[paths.backendPath]?.driver as? NetifBackend })
+        XCTAssertEqual(backend.counters.rxFrames, UInt64(expected.count))
+        XCTAssertEqual(backend.counters.rxBytes, UInt64(expected.reduce(0) { $0 + $1.count }))
+        XCTAssertEqual(backend.counters.rxDropped, 0)
+        try front.close()
+    }
+
     func testGuestWithoutScatterGatherGetsNoLargeFrames() throws {
         let endpoint = RecordingEndpoint()
         let (guest, paths) = try lab.guestWithVif(endpoint)

@@ -303,12 +303,18 @@ final class NetifHostileFrontendTests: XCTestCase {
 
     // MARK: Rx: a guest that posts no buffers
 
-    func testFloodToAGuestWithoutBuffersStaysBounded() throws {
+    /// A guest that posts no rx buffers, its vif over an endpoint the test sends from.
+    private func starvedGuest(_ name: String, scatterGather: Bool) throws -> (RecordingEndpoint, XenbusDevicePaths, LocalNetFrontend) {
         let starved = RecordingEndpoint()
-        let (guest, p) = try lab.guestWithVif(starved, name: "starved")
+        let (guest, p) = try lab.guestWithVif(starved, name: name)
         var options = LocalNetFrontend.Options()
         options.rxBuffers = 0
-        let f = try LocalNetFrontend(hypervisor: guest, frontendPath: p.frontendPath, options: options)
+        options.scatterGather = scatterGather
+        return (starved, p, try LocalNetFrontend(hypervisor: guest, frontendPath: p.frontendPath, options: options))
+    }
+
+    func testFloodToAGuestWithoutBuffersStaysBounded() throws {
+        let (starved, p, f) = try starvedGuest("starved", scatterGather: true)
         let frame = TestFrames.tcp4(count: 1500)
         for _ in 0..<5000 { starved.send(frame) }   // 7.5 MB against a 1 MiB backlog
         let backend = lab.host.inspect { $0[p.backendPath]?.driver as? NetifBackend }
@@ -320,15 +326,31 @@ final class NetifHostileFrontendTests: XCTestCase {
         try f.close()
     }
 
+    /// A run of copies is admitted as far as the backlog's bound goes, the rest dropped and
+    /// counted; a later run finds no room either.
+    func testARunToAGuestWithoutBuffersStaysBounded() throws {
+        let (starved, p, f) = try starvedGuest("starved-run", scatterGather: true)
+        let backend = lab.host.inspect { $0[p.backendPath]?.driver as? NetifBackend }
+        starved.send(TestFrames.tcp4(count: 1500), repeating: 5000)   // 7.5 MB against a 1 MiB backlog
+        starved.send(TestFrames.tcp4(count: 100), repeating: 1000)
+        let admitted: UInt64 = (1 << 20) / 1500
+        let counters = try XCTUnwrap(backend?.counters)
+        XCTAssertEqual(counters.rxDropped, 5000 - admitted + 1000)
+        XCTAssertEqual(counters.rxFrames, 0)
+        // Buffers posted now take the admitted frames, and no more.
+        XCTAssertEqual(f.postRxBuffers(256), 256)
+        var got = 0
+        while got < Int(admitted), case let frames = try f.receive(atLeast: 1, timeoutMilliseconds: 2000), !frames.isEmpty {
+            got += frames.count
+        }
+        XCTAssertEqual(got, Int(admitted))
+        try f.close()
+    }
+
     /// Frames a guest cannot take (too large without scatter-gather) leave the backlog once:
     /// counted twice, they would make room for more than the bound.
     func testDroppedFramesDoNotWidenTheBacklog() throws {
-        let starved = RecordingEndpoint()
-        let (guest, p) = try lab.guestWithVif(starved, name: "narrow")
-        var options = LocalNetFrontend.Options()
-        options.rxBuffers = 0
-        options.scatterGather = false
-        let f = try LocalNetFrontend(hypervisor: guest, frontendPath: p.frontendPath, options: options)
+        let (starved, p, f) = try starvedGuest("narrow", scatterGather: false)
         let backend = lab.host.inspect { $0[p.backendPath]?.driver as? NetifBackend }
         let large = TestFrames.tcp4(count: 9014)
         for _ in 0..<100 { starved.send(large) }

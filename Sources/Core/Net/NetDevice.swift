@@ -42,10 +42,19 @@ public protocol NetFrameReceiver: AnyObject, Sendable {
     /// Several frames at once (a TAP reader's read-until-empty, a generator): a receiver that
     /// hands frames to another thread takes one lock and one wake-up for all of them.
     func toGuest(_ frames: [EthernetFrame])
+    /// `count` copies of `frame` in a row (a generator's burst, as pktgen's `clone_skb` sends
+    /// one buffer again and again): a receiver that queues frames keeps the run as one entry,
+    /// so that a copy costs no reference count and no per-frame bookkeeping on the way. The
+    /// default hands the frame over `count` times, one `toGuest(_:)` each, which is what a
+    /// filter sees.
+    func toGuest(_ frame: EthernetFrame, repeating count: Int)
 }
 
 extension NetFrameReceiver {
     public func toGuest(_ frames: [EthernetFrame]) { for f in frames { toGuest(f) } }
+    public func toGuest(_ frame: EthernetFrame, repeating count: Int) {
+        for _ in 0..<max(0, count) { toGuest(frame) }
+    }
 }
 
 /// A soft network device: an element of a chain between a guest's network card and an
