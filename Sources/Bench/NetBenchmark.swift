@@ -18,7 +18,7 @@ import XenStore
 /// with frames of the row's size; the guest takes them and reposts the buffers in batches.
 /// SoftDev's vif is over the `generator` device (``FrameGenerator``), which makes its frames on
 /// the ring thread when the guest posts buffers (``NetDevice/guestPostedBuffers(_:queue:)``),
-/// one frame handed up again and again; the C backend makes them on its thread from a template.
+/// one frame handed up as a run of copies (pktgen's clone_skb); the C backend makes them on its thread from a template.
 ///
 /// Each target gets its own guest with one queue; the targets take turns row by row, in order
 /// and then reversed (A B, B A), so a noisy neighbour hurts both sides of a ratio alike.

@@ -31,7 +31,7 @@ struct Bench: ParsableCommand {
             With --net, the netif rings instead: a local netfront sends frames as fast as it can (tx) or takes the \
             frames the backend side makes for every buffer it posts (rx), 64-byte, 1514-byte and 64 KiB TCPv4 GSO \
             frames, through SoftDev's netif backend over the `generator` device (which drops tx frames and makes rx \
-            frames on the ring thread as buffers are posted, the same frame handed up again and again) and through a minimal \
+            frames on the ring thread as buffers are posted, the same frame handed up as one run of copies, as pktgen's clone_skb) and through a minimal \
             C netif backend written with Xen's ring macros (rx frames from a template on its thread: the \
             protocol's cost on this machine); "vs C" is frames/s over the C backend's. While the ring rows run, \
             the guest's thread is on one CPU and the backends' threads on the others. \
@@ -213,7 +213,7 @@ struct Bench: ParsableCommand {
         print("netif, local hypervisor: 1 queue, split event channels, 256 rx buffers, \(seconds) s per row in \(bench.rounds) turns, "
               + "the targets in order then reversed (+\(bench.warmup) s warm-up each); the guest pushes tx in batches of what the ring "
               + "holds; rx frames come from the generator device (SoftDev: made on the ring thread as the guest posts buffers, one "
-              + "frame handed up again and again) or the C backend's generator (from a template, on its thread); "
+              + "frame handed up as a run of copies) or the C backend's generator (from a template, on its thread); "
               + NetBenchmark.placementNote + "; " + Self.blkifPolling(pollMicroseconds))
         let rows = try bench.run { row in
             Self.progress("  measured \(row.workload) on \(row.target)\n")
