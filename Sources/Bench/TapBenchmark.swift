@@ -43,6 +43,16 @@ public struct TapBenchmark {
         case udp64 = "udp 64 B a->b"
         public var description: String { rawValue }
         public var isUDP: Bool { self == .udp64 }
+        /// The workload's name in `--workloads` (beside the ring rows' tx-64, rx-gso, ...).
+        public var key: String {
+            switch self {
+            case .tcpForward: "tap-tcp-ab"
+            case .tcpReverse: "tap-tcp-ba"
+            case .udp64: "tap-udp-64"
+            }
+        }
+        /// Some of `list`'s comma-separated keys ("all": every workload); unknown keys are refused.
+        public static func select(_ list: String) throws -> [Workload] { try selectWorkloads(list, from: allCases, key: \.key) }
     }
 
     /// How long one turn of `iperf3` runs: whole seconds (`-t`), or an amount of data (`-n`

@@ -19,8 +19,10 @@ struct Bench: ParsableCommand {
             With --nbd, the same workloads run through SoftDev's NBD export and nbdkit (memory and file plugins, the \
             file read and written through the page cache by both, synced after each write row) with fio's nbd \
             engine; "vs nbdkit" is IOPS over nbdkit's.
-            Each row is measured in two turns of half its time, the targets in order and then reversed, so that \
-            what one row leaves behind (dirty pages, a disk still writing a burst back) falls on both sides of a ratio.
+            Each row is measured in turns (--turns, two by default) that share its time, the targets in order, \
+            then reversed, and so on, so that what one row leaves behind (dirty pages, a disk still writing a burst \
+            back) and a neighbour's load fall on both sides of a ratio; on a noisy machine, more turns give a \
+            steadier ratio.
             The write workloads overwrite the file's contents (a --file too).
             SoftDev's idle rings and connections poll for the next request before they sleep (--poll-us, as \
             `softdev serve`), and a ring with an O_DIRECT file's request in flight polls the file's completion \
@@ -57,6 +59,10 @@ struct Bench: ParsableCommand {
     @Option(help: "Seconds to measure each workload on each backend.")
     var seconds: Double = 2
 
+    @Option(help: ArgumentHelp("Turns each row is measured in, the targets in order, then reversed, and so on, each turn --seconds / turns long (an iperf3 turn at least 1 s): more turns spread a noisy neighbour more evenly over both sides of a ratio.",
+                               valueName: "n"))
+    var turns = 2
+
     @Option(help: "The file device's backing file (default: a scratch file in /var/tmp, filled with data, removed afterwards). The write workloads overwrite it.")
     var file: String?
 
@@ -69,7 +75,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Backends to measure through blkif, comma-separated: reference, null, fio (fio's libaio on the file), file.")
     var backends = "reference,null,fio,file"
 
-    @Option(help: ArgumentHelp("Workloads to run, comma-separated, or all: \(BenchmarkWorkload.standard.map(\.name).joined(separator: ", ")) (4k-qd1, 4k-qd32, 4k-qd256 and 1m still name the reads); with --net, the netif rows: \(NetBenchmark.Workload.standard.map(\.key).joined(separator: ", ")).",
+    @Option(help: ArgumentHelp("Workloads to run, comma-separated, or all: \(BenchmarkWorkload.standard.map(\.name).joined(separator: ", ")) (4k-qd1, 4k-qd32, 4k-qd256 and 1m still name the reads); with --net, the netif rows: \(NetBenchmark.Workload.standard.map(\.key).joined(separator: ", ")), and the TAP rows: \(TapBenchmark.Workload.allCases.map(\.key).joined(separator: ", ")) (a list of ring rows alone leaves the TAP path out, and the other way round).",
                                valueName: "names"))
     var workloads = "all"
 
@@ -106,6 +112,7 @@ struct Bench: ParsableCommand {
     var data: StackBenchmark.DataKind?
 
     func run() throws {
+        guard (1...100).contains(turns) else { throw ValidationError("--turns \(turns): use 1 to 100") }
         if usb { return try runUSB() }
         if net || tapOnly { return try runNet() }
         if !stacks.isEmpty { return try runStacks() }
@@ -169,6 +176,7 @@ struct Bench: ParsableCommand {
                           workloads: [BenchmarkWorkload]) throws {
         var bench = BlockBenchmark(targets: targets, workloads: workloads, seconds: seconds)
         bench.deviceSize = size
+        bench.rounds = turns
         bench.pollMicroseconds = pollMicroseconds
         bench.file = path
         let fileSystem = BenchmarkFile.fileSystemType(path) ?? "an unknown file system"
@@ -195,20 +203,30 @@ struct Bench: ParsableCommand {
         FrameMemory.keepFreedMemory()   // as `softdev serve` does
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
         guard AdaptivePoller.microsecondRange.contains(pollMicroseconds) else { throw ValidationError("--poll-us \(pollMicroseconds): use 0 to 1000000 microseconds") }
-        if !tapOnly { try runRings() }
+        // --workloads: ring rows, TAP rows, or both.
+        let names = workloads.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        let tapNames = names.filter { $0.hasPrefix("tap-") }, ringNames = names.filter { !$0.hasPrefix("tap-") }
+        let all = names == ["all"]
+        let ringList = all ? "all" : ringNames.joined(separator: ","), tapList = all ? "all" : tapNames.joined(separator: ",")
+        if !tapOnly && !ringList.isEmpty { try runRings(ringList) }
+        if tapList.isEmpty && !all {
+            if tapOnly { throw ValidationError("--tap-only: --workloads \(workloads) names no TAP row (\(TapBenchmark.Workload.allCases.map(\.key).joined(separator: ", ")))") }
+            return
+        }
         if let reason = TapBenchmark.unavailableReason() {
             if tapOnly { throw ValidationError("--tap-only: \(reason)") }
             print("\nTAP path: skipped: \(reason)")
             return
         }
-        if !tapOnly { print() }
-        try runTap()
+        if !tapOnly && !ringList.isEmpty { print() }
+        try runTap(tapList)
     }
 
     /// The netif rings: SoftDev's backend over the generator device against the C reference backend.
-    private func runRings() throws {
+    private func runRings(_ list: String) throws {
         var bench = NetBenchmark(seconds: seconds)
-        do { bench.workloads = try NetBenchmark.Workload.select(workloads) } catch { throw ValidationError("\(error)") }
+        do { bench.workloads = try NetBenchmark.Workload.select(list) } catch { throw ValidationError("\(error)") }
+        bench.rounds = turns
         bench.pollMicroseconds = pollMicroseconds
         print("netif, local hypervisor: 1 queue, split event channels, 256 rx buffers, \(seconds) s per row in \(bench.rounds) turns, "
               + "the targets in order then reversed (+\(bench.warmup) s warm-up each); the guest pushes tx in batches of what the ring "
@@ -226,6 +244,7 @@ struct Bench: ParsableCommand {
         guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
         guard AdaptivePoller.microsecondRange.contains(pollMicroseconds) else { throw ValidationError("--poll-us \(pollMicroseconds): use 0 to 1000000 microseconds") }
         var bench = USBBenchmark(seconds: seconds)
+        bench.rounds = turns
         bench.pollMicroseconds = pollMicroseconds
         print("usbif, local hypervisor: a soft storage stick (storage over memory, \(bench.stickBytes >> 20) MiB, high speed) per guest, "
               + "\(seconds) s per row in \(bench.rounds) turns, the frontends in order then reversed (+\(bench.warmup) s warm-up each); "
@@ -239,8 +258,10 @@ struct Bench: ParsableCommand {
     }
 
     /// The TAP path: SoftDev's tap|tap link against the Linux bridge and the C forwarder.
-    private func runTap() throws {
-        let bench = TapBenchmark(amount: .seconds(max(1, Int((seconds / 2).rounded()))))
+    private func runTap(_ list: String) throws {
+        var bench = TapBenchmark(amount: .seconds(max(1, Int((seconds / Double(turns)).rounded()))))
+        do { bench.workloads = try TapBenchmark.Workload.select(list) } catch { throw ValidationError("\(error)") }
+        bench.rounds = turns
         guard case let .seconds(turn) = bench.amount else { return }
         print("TAP path, two network namespaces (10.88.0.1/24, 10.88.0.2/24): SoftDev's tap|tap link in this process, the Linux "
               + "bridge over two veth pairs, a C forwarder between two TAPs (a thread per direction); both TAP paths with "
@@ -256,7 +277,8 @@ struct Bench: ParsableCommand {
     /// device against `nbdkit file` on the same file (both through the page cache).
     private func runNBD(path: String, size: UInt64, workloads: [BenchmarkWorkload]) throws {
         let runtime = max(1, Int(seconds.rounded()))
-        let bench = NBDBenchmark(workloads: workloads, runtime: runtime, size: size, pollMicroseconds: pollMicroseconds)
+        var bench = NBDBenchmark(workloads: workloads, runtime: runtime, size: size, pollMicroseconds: pollMicroseconds)
+        bench.rounds = turns
         let memory = try DeviceRegistry.open("memory(size=\(bench.size))")
         let fileDevice = try DeviceRegistry.open("file(path=\(path), direct=off)")
         try BenchmarkFile.warm(path)
@@ -310,7 +332,7 @@ struct Bench: ParsableCommand {
         guard smallest > offset + (16 << 20) else { throw ValidationError("--stacks: the devices are too small (at least 16 MiB past \(offset) bytes)") }
         let size = (smallest - offset) / (1 << 20) * (1 << 20)
         var bench = StackBenchmark(workloads: picked, milliseconds: Int(seconds * 1000), size: size, offset: offset, pollMicroseconds: pollMicroseconds)
-        bench.rounds = 2
+        bench.rounds = turns
         if let data { bench.data = data.fioArguments; bench.prefill = true }
         let aesNI = ((try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? "").split(separator: "\n")
             .contains { $0.hasPrefix("flags") && $0.split(separator: " ").contains("aes") }

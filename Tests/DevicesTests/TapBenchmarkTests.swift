@@ -30,4 +30,13 @@ final class TapBenchmarkTests: XCTestCase {
         let links = try Peers.run("/usr/bin/env", ["ip", "link", "show"]).output
         XCTAssertFalse(links.contains("tb\(tag)"), "and its interfaces: \(links)")
     }
+
+    /// `--workloads` names the TAP rows by key, beside the ring rows; unknown keys are refused.
+    func testTheTAPRowsAreNamedInWorkloads() throws {
+        XCTAssertEqual(try TapBenchmark.Workload.select("tap-udp-64, tap-tcp-ab"), [.tcpForward, .udp64])
+        XCTAssertEqual(try TapBenchmark.Workload.select("all"), TapBenchmark.Workload.allCases)
+        XCTAssertThrowsError(try TapBenchmark.Workload.select("tap-tcp")) { error in
+            XCTAssertTrue("\(error)".contains("tap-tcp-ab, tap-tcp-ba, tap-udp-64"), "\(error)")
+        }
+    }
 }
