@@ -1,5 +1,7 @@
 import Core
 import Devices
+import Glibc
+import Synchronization
 import XCTest
 
 /// `generator`: frames made when the guest posts buffers, as many as they hold, with correct
@@ -72,15 +74,55 @@ final class FrameGeneratorTests: XCTestCase {
         stack.close()
     }
 
+    /// With a rate, a thread of its own hands the frames up as they fall due, whether or not
+    /// buffers were posted (none here), in several runs, up to the count; nothing after close.
+    func testAPacedGeneratorSendsItsCountOverTimeWithoutBeingAsked() throws {
+        let generator = try XCTUnwrap(try DeviceRegistry.open("generator(size=60, count=150, rate=2k)", of: .net) as? FrameGenerator)
+        XCTAssertEqual(generator.rate, 2000)
+        XCTAssertFalse(generator.makesFramesOnDemand, "paced, it does not wait for buffers")
+        XCTAssertEqual(generator.guestPostedBuffers(10, queue: 0), 0, "and makes none when asked")
+        let up = CountingRunReceiver()
+        generator.connect(up, accepting: .all)
+        let deadline = monotonicSeconds() + 10
+        while up.frames < 150 && monotonicSeconds() < deadline { usleep(1000) }
+        XCTAssertEqual(up.frames, 150)
+        // 150 frames at 2000 a second are 75 ms of them; a run holds 50 ms at most.
+        XCTAssertGreaterThanOrEqual(up.runs, 2, "paced, not sent at once")
+        usleep(20_000)
+        XCTAssertEqual(up.frames, 150, "count=150 is the end")
+        XCTAssertEqual(generator.counts, NetTraffic(frames: 150, bytes: 9000))
+        generator.close()
+
+        let endless = try FrameGenerator(size: 60, rate: 1000)
+        let other = CountingRunReceiver()
+        endless.connect(other, accepting: .all)
+        while other.frames == 0 && monotonicSeconds() < deadline { usleep(1000) }
+        endless.close()
+        let after = other.frames
+        usleep(20_000)
+        XCTAssertGreaterThan(after, 0)
+        XCTAssertEqual(other.frames, after, "nothing after close")
+    }
+
     func testBadParametersAreRefused() throws {
         let generator = try FrameGenerator(size: 100)
         XCTAssertThrowsError(try generator.use(size: 40, mss: nil)) { XCTAssertTrue("\($0)".contains("size 40"), "\($0)") }
         XCTAssertThrowsError(try generator.use(size: 1000, mss: 1000)) { XCTAssertTrue("\($0)".contains("mss 1000"), "\($0)") }
         for (spec, message) in [("generator(size=40)", "size '40'"), ("generator(size=1514, mss=1500)", "mss 1500"),
-                                ("generator(dst=zz)", "dst 'zz'"), ("generator(count=0)", "count '0'")] {
+                                ("generator(dst=zz)", "dst 'zz'"), ("generator(count=0)", "count '0'"),
+                                ("generator(rate=0)", "rate '0'"), ("generator(rate=2T)", "rate '2T'"), ("generator(rate=5G)", "rate '5G'")] {
             XCTAssertThrowsError(try DeviceRegistry.open(spec, of: .net), spec) { error in
                 XCTAssertTrue("\(error)".contains(message), "\(spec): \(error)")
             }
         }
     }
+}
+
+/// Counts what comes up, and in how many handings (a run of copies is one).
+final class CountingRunReceiver: NetFrameReceiver, @unchecked Sendable {
+    private let counts = Mutex<(frames: Int, runs: Int)>((0, 0))
+    func toGuest(_ frame: EthernetFrame) { toGuest(frame, repeating: 1) }
+    func toGuest(_ frame: EthernetFrame, repeating count: Int) { counts.withLock { $0.frames += count; $0.runs += 1 } }
+    var frames: Int { counts.withLock { $0.frames } }
+    var runs: Int { counts.withLock { $0.runs } }
 }

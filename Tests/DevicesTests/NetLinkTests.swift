@@ -215,6 +215,19 @@ final class NetLinkTests: XCTestCase {
         XCTAssertEqual(sink.counts.fromGuest.bytes, 300 * 1514)
     }
 
+    /// A paced generator at either end: its own thread sends, the link asks it for nothing.
+    func testAPacedGeneratorAtEitherEndOfALinkSendsItsCount() throws {
+        let down = try NetLink(spec: "generator(size=100, count=500, rate=50k) | stats | null")
+        let stats = try XCTUnwrap(down.stack as? NetStatsFilter)
+        XCTAssertEqual(waitFor(500) { stats.counters.fromGuest.frames }, 500)
+        down.close()
+        XCTAssertEqual(stats.counters.fromGuest.frames, 500)
+        let up = try NetLink(spec: "null | stats | generator(size=100, count=200, rate=50k)")
+        let sink = try XCTUnwrap(up.first as? NetNullDevice)
+        XCTAssertEqual(waitFor(200) { sink.counts.fromGuest.frames }, 200)
+        up.close()
+    }
+
     func testAGeneratorWithNoEndStopsWhenTheLinkCloses() throws {
         let link = try NetLink(spec: "generator(size=64) | stats | null")
         let stats = try XCTUnwrap(link.stack as? NetStatsFilter)

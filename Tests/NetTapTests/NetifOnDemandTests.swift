@@ -1,4 +1,5 @@
 import Core
+import Devices
 import Foundation
 import Glibc
 import NetTap
@@ -96,6 +97,24 @@ final class NetifOnDemandTests: XCTestCase {
         XCTAssertEqual(try front.receive(atLeast: 8).count, 8)
         XCTAssertEqual(source.calls, 2)
         XCTAssertEqual(source.announced, 8)
+        try front.close()
+    }
+
+    /// A paced generator (`rate`) is not asked for frames: its own thread hands them up as
+    /// runs, through the vif's backlog, and the guest gets every one of its count, whole.
+    func testAPacedGeneratorReachesTheGuestThroughTheBacklog() throws {
+        let generator = try FrameGenerator(size: 100, count: 300, rate: 20_000)
+        let (guest, paths) = try lab.guestWithVif(generator)
+        let front = try LocalNetFrontend(hypervisor: guest, frontendPath: paths.frontendPath)
+        var got: [EthernetFrame] = []
+        let deadline = Date(timeIntervalSinceNow: 10)
+        while got.count < 300 && Date() < deadline { got += try front.receive(atLeast: 1, timeoutMilliseconds: 500) }
+        XCTAssertEqual(got.count, 300)
+        let template = try FrameGenerator.frame(size: 100, mss: nil, destination: .broadcast)
+        XCTAssertTrue(got.allSatisfy { $0.bytes == template.bytes })
+        let backend = try XCTUnwrap(lab.host.inspect { $0[paths.backendPath]?.driver as? NetifBackend })
+        XCTAssertEqual(backend.counters.rxFrames, 300)
+        XCTAssertEqual(backend.counters.rxDropped, 0)
         try front.close()
     }
 }
