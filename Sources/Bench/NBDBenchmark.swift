@@ -74,8 +74,11 @@ public struct NBDBenchmark: Sendable {
     public func run(pairs: [Pair], progress: (Row) -> Void = { _ in }) throws -> [Row] {
         _ = try Self.tool("fio", package: "fio")
         let nbdkit = compareWithNbdkit ? try Self.tool("nbdkit", package: "nbdkit") : ""
+        // nbdkit and the sockets' directory go at the end, or when the bench is interrupted.
+        let leftovers = BenchLeftovers()
+        defer { leftovers.cleanUp() }
         let directory = try Self.temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
+        leftovers.remove(atEnd: directory)
         var rows: [Row] = []
         for pair in pairs {
             let socket = directory + "/softdev-\(pair.name).sock"
@@ -92,7 +95,7 @@ public struct NBDBenchmark: Sendable {
             }
             // Both servers run at once and each workload is measured on one right after the
             // other: a slow moment of a shared machine then falls on both rows of a pair.
-            try withNbdkit(nbdkit, directory + "/nbdkit-\(pair.name).sock", pair.nbdkitPlugin) { theirs in
+            try withNbdkit(nbdkit, directory + "/nbdkit-\(pair.name).sock", pair.nbdkitPlugin, leftovers) { theirs in
                 for w in workloads {
                     var theirTotal = FioJob.Report(), ourTotal = FioJob.Report()
                     let part = runtime * 1000 / max(1, rounds)
@@ -128,13 +131,19 @@ public struct NBDBenchmark: Sendable {
     }
 
     /// Starts nbdkit in the foreground on `socket`, runs `body` with its URI, stops it.
-    private func withNbdkit<T>(_ nbdkit: String, _ socket: String, _ plugin: [String], _ body: (String) throws -> T) throws -> T {
+    private func withNbdkit<T>(_ nbdkit: String, _ socket: String, _ plugin: [String], _ leftovers: BenchLeftovers,
+                               _ body: (String) throws -> T) throws -> T {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: nbdkit)
         p.arguments = ["-f", "-U", socket] + plugin
         p.standardOutput = FileHandle.nullDevice
         try p.run()
-        defer { p.terminate(); p.waitUntilExit() }
+        leftovers.watch(p)
+        defer {
+            leftovers.forget(p)
+            if p.isRunning { p.terminate() }
+            p.waitUntilExit()
+        }
         // nbdkit creates the socket once it is ready to accept.
         var waited = 0
         while !FileManager.default.fileExists(atPath: socket) {
@@ -158,23 +167,25 @@ public struct NBDBenchmark: Sendable {
     }
 
     /// Runs a program to its end. Its stderr goes to a file, not a second pipe: reading two
-    /// pipes one after the other stalls a child that fills the other one.
+    /// pipes one after the other stalls a child that fills the other one. The file is unlinked
+    /// as soon as it is made, so that an interrupted bench leaves none behind.
     public static func execute(_ path: String, _ arguments: [String]) throws -> (Int32, String, String) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: path)
         p.arguments = arguments
         let out = Pipe()
-        let errPath = try temporaryDirectory() + "/stderr"
-        defer { try? FileManager.default.removeItem(atPath: (errPath as NSString).deletingLastPathComponent) }
-        _ = FileManager.default.createFile(atPath: errPath, contents: nil)
-        guard let err = FileHandle(forWritingAtPath: errPath) else { throw Failure(description: "cannot create \(errPath)") }
+        var template = Array("/tmp/softdev-bench-stderr.XXXXXX".utf8CString)
+        let fd = mkstemp(&template)
+        guard fd >= 0 else { throw Failure(description: "cannot create a file for \(path)'s stderr in /tmp: \(String(cString: strerror(errno)))") }
+        unlink(template)
+        let err = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
         p.standardOutput = out
         p.standardError = err
         try p.run()
         let o = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
-        try? err.close()
-        let e = FileManager.default.contents(atPath: errPath) ?? Data()
+        lseek(fd, 0, SEEK_SET)
+        let e = err.readDataToEndOfFile()
         return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
     }
 }

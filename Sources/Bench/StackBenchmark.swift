@@ -153,15 +153,16 @@ public struct StackBenchmark {
     /// and the others are measured.
     public func run(targets: [Target], progress: (Row) -> Void = { _ in },
                     leftOut: (Target, String) -> Void = { _, _ in }) throws -> [Row] {
+        // qemu-nbd and the sockets' directory go at the end, or when the bench is interrupted.
+        let leftovers = BenchLeftovers()
         let directory = try NBDBenchmark.temporaryDirectory()
-        defer { try? FileManager.default.removeItem(atPath: directory) }
+        leftovers.remove(atEnd: directory)
         var uris: [String] = []
         var servers: [NBDServer] = []
-        var processes: [Process] = []
         var served: [Target] = []
         defer {
             servers.forEach { $0.stop() }
-            for p in processes { p.terminate(); p.waitUntilExit() }
+            leftovers.cleanUp()
         }
         for (index, target) in targets.enumerated() {
             let socket = "\(directory)/t\(index).sock"
@@ -171,7 +172,7 @@ public struct StackBenchmark {
                 servers.append(server)
             } else if let arguments = target.qemuNBD {
                 do {
-                    processes.append(try Self.startQemuNBD(arguments, socket: socket))
+                    leftovers.watch(try Self.startQemuNBD(arguments, socket: socket))
                 } catch let failure as LeftOut {
                     leftOut(target, failure.reason)
                     continue

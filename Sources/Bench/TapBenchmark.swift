@@ -113,9 +113,10 @@ public struct TapBenchmark {
     public func run(progress: (Row) -> Void = { _ in }) throws -> [Row] {
         if let reason = Self.unavailableReason() { throw HarnessFailure(reason) }
         let lab = try TapBenchLab()
-        defer { lab.cleanUp() }
-        let trap = SignalTrap { lab.cleanUp() }
-        defer { trap.cancel() }
+        // Removed at the end, and by `softdev bench`'s trap when it is interrupted.
+        let leftovers = BenchLeftovers()
+        leftovers.onCleanUp { lab.cleanUp() }
+        defer { leftovers.cleanUp() }
         for path in paths { try lab.setUp(path) }
 
         var rows: [Row] = []
@@ -352,63 +353,5 @@ final class TapBenchLab: @unchecked Sendable {
             p.standardError = FileHandle.nullDevice
             if (try? p.run()) != nil { p.waitUntilExit() }
         }
-    }
-}
-
-/// SIGINT, SIGTERM, SIGHUP and SIGPIPE (the bench's output closed, as by `| head`), while it is
-/// installed, run `cleanUp` on a thread of its own and then end the process as the signal would
-/// have. The handler only writes the signal's number
-/// to a pipe (and stays a handler, not SIG_IGN, so that the children it runs keep the default);
-/// SA_RESTART, so that the calls the main thread is in go on until the process ends.
-final class SignalTrap: @unchecked Sendable {
-    static let signals = [SIGINT, SIGTERM, SIGHUP, SIGPIPE]
-    nonisolated(unsafe) static var writeEnd: Int32 = -1
-    private var fds: [Int32] = [-1, -1]
-    private var previous: [sigaction] = []
-    private var thread: PosixThread?
-
-    init(_ cleanUp: @escaping @Sendable () -> Void) {
-        guard pipe(&fds) == 0 else { return }
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        Self.writeEnd = fds[1]
-        let readEnd = fds[0]
-        thread = try? PosixThread("the bench's signal trap") {
-            var signo: Int32 = 0
-            while true {
-                let n = read(readEnd, &signo, 4)
-                if n < 0 && errno == EINTR { continue }
-                guard n == 4, signo != 0 else { return }   // cancelled
-                cleanUp()
-                signal(signo, SIG_DFL)
-                raise(signo)
-                exit(128 + signo)
-            }
-        }
-        for signo in Self.signals {
-            var action = sigaction()
-            action.__sigaction_handler.sa_handler = { signo in
-                var s = signo
-                _ = write(SignalTrap.writeEnd, &s, 4)
-            }
-            sigemptyset(&action.sa_mask)
-            // Foundation's FileHandle traps on EINTR (readDataToEndOfFile): the main thread's
-            // calls restart while the trap's thread cleans up.
-            action.sa_flags = SA_RESTART
-            var old = sigaction()
-            sigaction(signo, &action, &old)
-            previous.append(old)
-        }
-    }
-
-    /// Restores the previous handlers and stops the thread.
-    func cancel() {
-        for (signo, var old) in zip(Self.signals, previous) { sigaction(signo, &old, nil) }
-        previous = []
-        var zero: Int32 = 0
-        if fds[1] >= 0 { _ = write(fds[1], &zero, 4) }
-        thread?.join()
-        for fd in fds where fd >= 0 { close(fd) }
-        fds = [-1, -1]
-        Self.writeEnd = -1
     }
 }

@@ -113,6 +113,14 @@ struct Bench: ParsableCommand {
 
     func run() throws {
         guard (1...100).contains(turns) else { throw ValidationError("--turns \(turns): use 1 to 100") }
+        // Interrupted (Ctrl-C, kill, a closed output), the bench removes what its runs left
+        // outside the process: servers, scratch files, network namespaces.
+        let trap = SignalTrap { BenchLeftovers.cleanUpAll() }
+        defer { trap.cancel() }
+        return try runChosen()
+    }
+
+    private func runChosen() throws {
         if usb { return try runUSB() }
         if net || tapOnly { return try runNet() }
         if !stacks.isEmpty { return try runStacks() }
@@ -124,16 +132,16 @@ struct Bench: ParsableCommand {
         let picked: [BenchmarkWorkload]
         do { picked = try BenchmarkWorkload.select(workloads) } catch { throw ValidationError("\(error)") }
         // The file the file device (and nbdkit's file plugin) reads: --file, or a scratch file.
-        var scratch: String?
-        defer { if let scratch { unlink(scratch) } }
+        let scratch = BenchLeftovers()
+        defer { scratch.cleanUp() }
         let path: String
         if let file { path = file } else {
             guard let bytes = DeviceParameters.parseSize(fileSize), bytes >= 1 << 20 else {
                 throw ValidationError("--file-size \(fileSize): use e.g. 256M (at least 1M)")
             }
             path = "/var/tmp/softdev-bench-\(getpid()).img"
+            scratch.remove(atEnd: path)
             try BenchmarkFile.fill(path, size: bytes)
-            scratch = path
         }
         var st = stat()
         guard stat(path, &st) == 0 else { throw ValidationError("--file \(path): \(String(cString: strerror(errno)))") }
