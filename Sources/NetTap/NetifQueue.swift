@@ -113,7 +113,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
     private let backlogBytes = Atomic<Int>(0)
     @exclusivity(unchecked) private var pendingRx: [RxRun] = []
     @exclusivity(unchecked) private var pendingRxHead = 0
-    /// The frames of an rx sweep: where each one's first response is (written before the copy,
+    /// The frames of an rx batch: where each one's first response is (written before the copy,
     /// rewritten if the copy fails) and its grant copies.
     private struct RxFrame { var firstResponse: UInt32; var first: netif_rx_response; var segments: Range<Int>; var bytes: Int }
     /// Room for a ring of them (a frame takes a slot at least), written in place: an append to
@@ -364,68 +364,66 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// copy; then each slot is answered (and the responses pushed), and the good frames go
     /// down the stack. False if the frontend broke the protocol (fatal, reported).
     private func takeTxBatch(_ remaining: inout Int) -> Bool {
-        do {
-            var copyCount = 0
-            txPool.beginBatch()
-            txPacketCount = 0
-            txSlotCount = 0
-            while remaining > 0 && txSlotCount < Self.txBatchSlots {
-                guard takePacket(&remaining, &copyCount) else {   // fatal
-                    txFrames.deinitialize(count: txFrameCount)
-                    txFrameCount = 0
-                    return false
-                }
+        var copyCount = 0
+        txPool.beginBatch()
+        txPacketCount = 0
+        txSlotCount = 0
+        while remaining > 0 && txSlotCount < Self.txBatchSlots {
+            guard takePacket(&remaining, &copyCount) else {   // fatal
+                txFrames.deinitialize(count: txFrameCount)
+                txFrameCount = 0
+                return false
             }
-            let anyFailed = copyCount > 0 && copyAndCheck(copyCount)
-            // Answer every slot (the copies are done: no grant is held any more), then hand
-            // the frames on.
-            var slot = 0
-            for p in 0..<txPacketCount {
-                var packet = txPackets[p]
-                if packet.status == Netif.statusOkay, packet.frame >= 0 {
-                    if anyFailed {
-                        for s in packet.segments where copies[s].failed {
-                            packet.status = Netif.statusError
-                            break
-                        }
-                    }
-                    if packet.status == Netif.statusOkay && (packet.csumBlank || packet.dataValidated || packet.gso != nil)
-                        && !prepareOffload(&txFrames[packet.frame], packet) { packet.status = Netif.statusError }
-                }
-                if packet.status != Netif.statusOkay && packet.frame >= 0 {
-                    (txFrames + packet.frame).deinitialize(count: 1)   // dropped
-                    packet.frame = -1
-                }
-                for i in 0..<packet.slots {
-                    let s = txSlotIDs[slot + i]
-                    let status = s.extra ? Netif.statusNull : packet.status
-                    tx.putResponse(netif_tx_response(id: s.id, status: status))
-                }
-                slot += packet.slots
-                txPackets[p] = packet
-            }
-            if tx.pushResponses() { txChannel.notify() }
-            var frames: UInt64 = 0, bytes: UInt64 = 0, drops: UInt64 = 0
-            for p in 0..<txPacketCount {
-                let packet = txPackets[p]
-                if packet.frame >= 0 {
-                    // Moved out: ours goes when the device returns; one that keeps it holds its own.
-                    let frame = (txFrames + packet.frame).move()
-                    frames += 1
-                    bytes += UInt64(frame.count)
-                    device.fromGuest(frame)
-                } else if packet.status != Netif.statusOkay {
-                    drops += 1
-                }
-            }
-            txFrameCount = 0
-            if frames > 0 {
-                counters.txFrames.add(frames, ordering: .relaxed)
-                counters.txBytes.add(bytes, ordering: .relaxed)
-            }
-            if drops > 0 { counters.txDropped.add(drops, ordering: .relaxed) }
-            return true
         }
+        let anyFailed = copyCount > 0 && copyAndCheck(copyCount)
+        // Answer every slot (the copies are done: no grant is held any more), then hand
+        // the frames on.
+        var slot = 0
+        for p in 0..<txPacketCount {
+            var packet = txPackets[p]
+            if packet.status == Netif.statusOkay, packet.frame >= 0 {
+                if anyFailed {
+                    for s in packet.segments where copies[s].failed {
+                        packet.status = Netif.statusError
+                        break
+                    }
+                }
+                if packet.status == Netif.statusOkay && (packet.csumBlank || packet.dataValidated || packet.gso != nil)
+                    && !prepareOffload(&txFrames[packet.frame], packet) { packet.status = Netif.statusError }
+            }
+            if packet.status != Netif.statusOkay && packet.frame >= 0 {
+                (txFrames + packet.frame).deinitialize(count: 1)   // dropped
+                packet.frame = -1
+            }
+            for i in 0..<packet.slots {
+                let s = txSlotIDs[slot + i]
+                let status = s.extra ? Netif.statusNull : packet.status
+                tx.putResponse(netif_tx_response(id: s.id, status: status))
+            }
+            slot += packet.slots
+            txPackets[p] = packet
+        }
+        if tx.pushResponses() { txChannel.notify() }
+        var frames: UInt64 = 0, bytes: UInt64 = 0, drops: UInt64 = 0
+        for p in 0..<txPacketCount {
+            let packet = txPackets[p]
+            if packet.frame >= 0 {
+                // Moved out: ours goes when the device returns; one that keeps it holds its own.
+                let frame = (txFrames + packet.frame).move()
+                frames += 1
+                bytes += UInt64(frame.count)
+                device.fromGuest(frame)
+            } else if packet.status != Netif.statusOkay {
+                drops += 1
+            }
+        }
+        txFrameCount = 0
+        if frames > 0 {
+            counters.txFrames.add(frames, ordering: .relaxed)
+            counters.txBytes.add(bytes, ordering: .relaxed)
+        }
+        if drops > 0 { counters.txDropped.add(drops, ordering: .relaxed) }
+        return true
     }
 
     /// Runs the sweep's first `count` grant copies; true if any of them failed.
