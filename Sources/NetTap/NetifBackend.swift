@@ -183,7 +183,12 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
             droppedDisconnected.add(UInt64(count), ordering: .relaxed)
             return
         }
-        if queue.guestOffloads.mustSegment(frame) { return toGuest([EthernetFrame](repeating: frame, count: count)) }
+        if queue.guestOffloads.mustSegment(frame) {
+            // Cut copy by copy, as many as the backlog could hold; the rest are dropped there.
+            let cut = min(count, queue.backlogLimit / max(1, frame.count) + 1)
+            queue.counters.rxDropped.wrappingAdd(UInt64(count - cut), ordering: .relaxed)
+            return toGuest([EthernetFrame](repeating: frame, count: cut))
+        }
         queue.enqueue(frame, repeating: count)
     }
 

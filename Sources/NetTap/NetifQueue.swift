@@ -62,6 +62,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
     private let grants: any GrantTable
     private let domain: DomainID
     private let features: NetifQueueFeatures
+    /// The most bytes of frames waiting for the guest's buffers.
+    var backlogLimit: Int { features.backlogBytes }
     private let onFatal: NetifFatalHandler
     private let loop: RingServiceLoop<NetifQueue>
     let counters = NetifQueueCounters()
@@ -203,13 +205,18 @@ final class NetifQueue: RingService, @unchecked Sendable {
 
     /// From any thread: `count` copies of `frame`, as many as the backlog has room for (one at
     /// least when it is empty), kept as one entry: no copy is counted or released one by one.
-    func enqueue(_ frame: EthernetFrame, repeating count: Int) {
-        guard count > 0 else { return }
+    func enqueue(_ frame: EthernetFrame, repeating asked: Int) {
+        guard asked > 0 else { return }
         let bytes = frame.count
+        // Copies the backlog could never hold are dropped before any arithmetic on their size
+        // (a device may ask for any number); a frame of no bytes never reaches a guest.
+        let count = bytes == 0 ? 0 : min(asked, features.backlogBytes / bytes + 1)
+        if count < asked { counters.rxDropped.wrappingAdd(UInt64(asked - count), ordering: .relaxed) }
+        guard count > 0 else { return }
         let before = backlogBytes.add(bytes * count, ordering: .relaxed).oldValue
         var admitted = count
         if before + bytes * count > features.backlogBytes {
-            admitted = bytes == 0 ? count : max(0, features.backlogBytes - before) / bytes
+            admitted = max(0, features.backlogBytes - before) / bytes
             if admitted == 0 && before == 0 { admitted = 1 }
             backlogBytes.subtract(bytes * (count - admitted), ordering: .relaxed)
             counters.rxDropped.add(UInt64(count - admitted), ordering: .relaxed)

@@ -333,9 +333,12 @@ final class NetifHostileFrontendTests: XCTestCase {
         let backend = lab.host.inspect { $0[p.backendPath]?.driver as? NetifBackend }
         starved.send(TestFrames.tcp4(count: 1500), repeating: 5000)   // 7.5 MB against a 1 MiB backlog
         starved.send(TestFrames.tcp4(count: 100), repeating: 1000)
+        // Any number of copies: no overflow, no array of them (a device may ask for anything).
+        starved.send(TestFrames.tcp4(count: 100), repeating: Int.max)
+        starved.send(EthernetFrame(count: 0), repeating: 1 << 40)
         let admitted: UInt64 = (1 << 20) / 1500
         let counters = try XCTUnwrap(backend?.counters)
-        XCTAssertEqual(counters.rxDropped, 5000 - admitted + 1000)
+        XCTAssertEqual(counters.rxDropped, 5000 - admitted + 1000 + UInt64(Int.max) + (1 << 40))
         XCTAssertEqual(counters.rxFrames, 0)
         // Buffers posted now take the admitted frames, and no more.
         XCTAssertEqual(f.postRxBuffers(256), 256)
