@@ -47,9 +47,9 @@ public final class BenchLeftovers: Sendable {
 
 /// SIGINT, SIGTERM, SIGHUP and SIGPIPE (the bench's output closed, as by `| head`), while it is
 /// installed, run `cleanUp` on a thread of its own and then end the process as the signal would
-/// have. The handler only writes the signal's number
-/// to a pipe (and stays a handler, not SIG_IGN, so that the children it runs keep the default);
-/// SA_RESTART, so that the calls the main thread is in go on until the process ends.
+/// have. The handler only writes the signal's number to a pipe (and stays a handler, not
+/// SIG_IGN, so that the children it runs keep the default); SA_RESTART, so that the calls the
+/// main thread is in go on until the process ends.
 public final class SignalTrap: @unchecked Sendable {
     static let signals = [SIGINT, SIGTERM, SIGHUP, SIGPIPE]
     nonisolated(unsafe) static var writeEnd: Int32 = -1

@@ -80,9 +80,9 @@ final class FrameGeneratorTests: XCTestCase {
         let generator = try XCTUnwrap(try DeviceRegistry.open("generator(size=60, count=150, rate=2k)", of: .net) as? FrameGenerator)
         XCTAssertEqual(generator.rate, 2000)
         XCTAssertFalse(generator.makesFramesOnDemand, "paced, it does not wait for buffers")
-        XCTAssertEqual(generator.guestPostedBuffers(10, queue: 0), 0, "and makes none when asked")
         let up = CountingRunReceiver()
         generator.connect(up, accepting: .all)
+        XCTAssertEqual(generator.guestPostedBuffers(10, queue: 0), 0, "and makes none when asked (nor takes them from its count)")
         let deadline = monotonicSeconds() + 10
         while up.frames < 150 && monotonicSeconds() < deadline { usleep(1000) }
         XCTAssertEqual(up.frames, 150)

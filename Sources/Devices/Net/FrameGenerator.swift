@@ -12,8 +12,9 @@ import Synchronization
 /// thread, as many as the buffers the guest posted hold. A frame is a value: each queue hands
 /// up its own copy of the frame as a run of copies (``NetFrameReceiver/toGuest(_:repeating:)``:
 /// nothing allocated, written or counted per frame, and no reference count shared between two
-/// queues' threads), as the C reference backend copies from one template. At the end of a `--link` (no guest, so no buffers), the link asks for
-/// frames as fast as the other side takes them, until `count` is reached.
+/// queues' threads), as the C reference backend copies from one template. At the end of a
+/// `--link` (no guest, so no buffers), the link asks for frames as fast as the other side
+/// takes them, until `count` is reached.
 ///
 /// With a `rate` (pktgen's `ratep`), it is paced instead: a thread of its own hands up the
 /// frames due every millisecond (on queue 0), whether or not the guest has room for them; a
@@ -62,7 +63,7 @@ public final class FrameGenerator: NetDevice, Sendable {
     /// no end), to `destination`; `rate` frames a second (nil: as fast as they are taken).
     public init(size: Int, mss: UInt16? = nil, count: UInt64? = nil, destination: MACAddress = .broadcast,
                 rate: Double? = nil) throws(DeviceSpecError) {
-        if let rate, !(rate > 0 && rate <= 1e9) { throw DeviceSpecError("generator: rate \(rate) is not from 1 to 1G frames a second") }
+        if let rate, !(rate > 0 && rate <= 1e9) { throw DeviceSpecError("generator: rate \(rate) is not above 0 and at most 1G frames a second") }
         self.rate = rate
         state = Mutex(State(template: try Self.frame(size: size, mss: mss, destination: destination), remaining: count))
         guard let rate else { return }
@@ -137,6 +138,7 @@ public final class FrameGenerator: NetDevice, Sendable {
 
     @discardableResult
     public func guestPostedBuffers(_ buffers: Int, queue: Int) -> Int {
+        guard rate == nil else { return 0 }   // paced: its own thread sends
         // One lock a sweep: the queue's frame and how many to make.
         let taken: (any NetFrameReceiver, EthernetFrame, Int)? = state.withLock { s in
             guard let receiver = s.receiver else { return nil }
@@ -151,7 +153,7 @@ public final class FrameGenerator: NetDevice, Sendable {
             s.sources[queue] = source
             return (receiver, source.frame, n)
         }
-        guard rate == nil, let (receiver, frame, count) = taken, count > 0 else { return 0 }
+        guard let (receiver, frame, count) = taken, count > 0 else { return 0 }
         // Handed up as one run: a queue keeps it as one entry of its backlog, so that a copy
         // costs no reference count (pktgen's clone_skb; the C reference copies from one template).
         counters.count(frames: count, bytes: count * frame.count)
