@@ -21,7 +21,7 @@ public final class BenchLeftovers: Sendable {
     public init() { Self.live.withLock { $0.append(self) } }
 
     /// Ends `process` at the clean-up (unless ``forget(_:)`` first).
-    func watch(_ process: Process) { state.withLock { $0.processes.append(process) } }
+    public func watch(_ process: Process) { state.withLock { $0.processes.append(process) } }
     func forget(_ process: Process) { state.withLock { $0.processes.removeAll { $0 === process } } }
     /// Removes the file or directory at `path` (recursively) at the clean-up.
     public func remove(atEnd path: String) { state.withLock { $0.paths.append(path) } }

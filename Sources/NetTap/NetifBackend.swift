@@ -165,22 +165,14 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
     /// A frame coming up the stack, for the guest: to the queue it names (a multi-queue TAP's
     /// flow), any thread. A TCP segment the guest did not negotiate GSO for is cut here, on
     /// the sender's thread, into the segments it would have had on a wire.
-    public func toGuest(_ frame: EthernetFrame) {
-        let queue: NetifQueue? = queues.withLock { qs in qs.isEmpty ? nil : qs[frame.queue % qs.count] }
-        guard let queue else {
-            droppedDisconnected.add(1, ordering: .relaxed)
-            return
-        }
-        if queue.guestOffloads.mustSegment(frame) { return toGuest([frame]) }
-        queue.enqueue(frame)
-    }
+    public func toGuest(_ frame: EthernetFrame) { toGuest(frame, repeating: 1) }
 
     /// A run of copies of one frame (the generator's), queued as one entry on the queue it names.
     public func toGuest(_ frame: EthernetFrame, repeating count: Int) {
-        guard count > 1 else { return count == 1 ? toGuest(frame) : () }
+        guard count > 0 else { return }
         let queue: NetifQueue? = queues.withLock { qs in qs.isEmpty ? nil : qs[frame.queue % qs.count] }
         guard let queue else {
-            droppedDisconnected.add(UInt64(count), ordering: .relaxed)
+            droppedDisconnected.wrappingAdd(UInt64(count), ordering: .relaxed)
             return
         }
         if queue.guestOffloads.mustSegment(frame) {

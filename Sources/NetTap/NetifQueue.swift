@@ -191,36 +191,18 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// so a guest that posts no buffers costs bounded memory. On the queue's own thread (a
     /// device making frames on demand, one answering a frame from the guest) it joins the
     /// backlog at once, with no lock and no wake-up.
-    func enqueue(_ frame: EthernetFrame) {
-        guard admit(frame) else { return }
-        let run = RxRun(frame: frame, count: 1)
-        if loop.isLoopThread { pendingRx.append(run) } else { loop.post(run) }
-    }
+    func enqueue(_ frame: EthernetFrame) { enqueue(frame, repeating: 1) }
 
     /// From any thread: frames for the guest, handed over with one lock and one wake-up.
     func enqueue(_ frames: some Sequence<EthernetFrame>) {
-        let admitted = frames.lazy.filter { self.admit($0) }.map { RxRun(frame: $0, count: 1) }
+        let admitted = frames.lazy.filter { self.admit($0, copies: 1) == 1 }.map { RxRun(frame: $0, count: 1) }
         if loop.isLoopThread { pendingRx.append(contentsOf: admitted) } else { loop.post(contentsOf: admitted) }
     }
 
     /// From any thread: `count` copies of `frame`, as many as the backlog has room for (one at
     /// least when it is empty), kept as one entry: no copy is counted or released one by one.
-    func enqueue(_ frame: EthernetFrame, repeating asked: Int) {
-        guard asked > 0 else { return }
-        let bytes = frame.count
-        // Copies the backlog could never hold are dropped before any arithmetic on their size
-        // (a device may ask for any number); a frame of no bytes never reaches a guest.
-        let count = bytes == 0 ? 0 : min(asked, features.backlogBytes / bytes + 1)
-        if count < asked { counters.rxDropped.wrappingAdd(UInt64(asked - count), ordering: .relaxed) }
-        guard count > 0 else { return }
-        let before = backlogBytes.add(bytes * count, ordering: .relaxed).oldValue
-        var admitted = count
-        if before + bytes * count > features.backlogBytes {
-            admitted = max(0, features.backlogBytes - before) / bytes
-            if admitted == 0 && before == 0 { admitted = 1 }
-            backlogBytes.subtract(bytes * (count - admitted), ordering: .relaxed)
-            counters.rxDropped.add(UInt64(count - admitted), ordering: .relaxed)
-        }
+    func enqueue(_ frame: EthernetFrame, repeating count: Int) {
+        let admitted = admit(frame, copies: count)
         guard admitted > 0 else { return }
         let run = RxRun(frame: frame, count: admitted)
         if loop.isLoopThread { pendingRx.append(run) } else { loop.post(run) }
@@ -241,16 +223,24 @@ final class NetifQueue: RingService, @unchecked Sendable {
         for i in frames.indices { pendingRx.append(RxRun(frame: frames[i], count: 1)) }
     }
 
-    /// Whether the backlog has room for `frame` (counted in it if so, dropped if not).
-    private func admit(_ frame: EthernetFrame) -> Bool {
+    /// How many of `asked` copies of `frame` the backlog has room for (one at least when it
+    /// is empty): those are counted in it, the rest dropped and counted. The one admission
+    /// rule, for a frame (one copy) and a run alike.
+    private func admit(_ frame: EthernetFrame, copies asked: Int) -> Int {
+        guard asked > 0 else { return 0 }
         let bytes = frame.count
-        let before = backlogBytes.add(bytes, ordering: .relaxed).oldValue
-        guard before + bytes <= features.backlogBytes || before == 0 else {
-            backlogBytes.subtract(bytes, ordering: .relaxed)
-            counters.rxDropped.add(1, ordering: .relaxed)
-            return false
-        }
-        return true
+        // Copies the backlog could never hold are dropped before any arithmetic on their size
+        // (a device may ask for any number); a frame of no bytes never reaches a guest.
+        let count = bytes == 0 ? 0 : min(asked, features.backlogBytes / bytes + 1)
+        if count < asked { counters.rxDropped.wrappingAdd(UInt64(asked - count), ordering: .relaxed) }
+        guard count > 0 else { return 0 }
+        let before = backlogBytes.add(bytes * count, ordering: .relaxed).oldValue
+        guard before + bytes * count > features.backlogBytes else { return count }
+        var admitted = max(0, features.backlogBytes - before) / bytes
+        if admitted == 0 && before == 0 { admitted = 1 }
+        backlogBytes.subtract(bytes * (count - admitted), ordering: .relaxed)
+        counters.rxDropped.add(UInt64(count - admitted), ordering: .relaxed)
+        return admitted
     }
 
     // MARK: The ring thread (RingService)

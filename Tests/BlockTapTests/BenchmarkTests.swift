@@ -112,4 +112,22 @@ final class BenchmarkTests: XCTestCase {
             XCTAssertTrue("\(error)".contains("block size 6000"), "\(error)")
         }
     }
+
+    /// What a run leaves outside the process goes at its clean-up, and at the trap's
+    /// (`cleanUpAll`) for every run not cleaned up yet: a server still running, a directory.
+    func testLeftoversOfEveryRunGoAtTheCleanUp() throws {
+        let directory = NSTemporaryDirectory() + "softdev-leftovers-\(getpid())"
+        try FileManager.default.createDirectory(atPath: directory + "/sub", withIntermediateDirectories: true)
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: "/bin/sleep")
+        server.arguments = ["600"]
+        try server.run()
+        let leftovers = BenchLeftovers()
+        leftovers.watch(server)
+        leftovers.remove(atEnd: directory)
+        BenchLeftovers.cleanUpAll()
+        XCTAssertFalse(server.isRunning, "the server was ended")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: directory), "the directory was removed")
+        leftovers.cleanUp()   // idempotent
+    }
 }

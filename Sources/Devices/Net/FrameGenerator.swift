@@ -90,8 +90,9 @@ public final class FrameGenerator: NetDevice, Sendable {
             let taken: (any NetFrameReceiver, EthernetFrame, Int)? = state.withLock { s in
                 guard let receiver = s.receiver else { start = nil; return nil }
                 let now = monotonicSeconds()
+                let begun = start ?? now
                 if start == nil { start = now; sent = 0 }
-                let due = UInt64((now - start!) * rate)
+                let due = UInt64((now - begun) * rate)
                 // A thread held up (a loaded host) catches up 50 ms of frames at most.
                 let most = UInt64(rate * 0.05) + 1
                 if due > sent + most { sent = due - most }
