@@ -98,7 +98,7 @@ let package = Package(
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Core", "CCrypto", "CLibUSB", "NBDExport", "NBDWire", "TestPeers", "Bench"]),
         .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockTap", "NetTap", "USBTap", "Devices", "Core", "CXen", "XenStore", "TestPeers", "Observability",
                                                        .product(name: "Logging", package: "swift-log")]),
-        .testTarget(name: "NetTapTests", dependencies: ["NetTap", "Core", "CXen", "XenStore", "CReference", "Bench", "Devices"]),
+        .testTarget(name: "NetTapTests", dependencies: ["NetTap", "Core", "CXen", "XenStore", "CReference", "Bench", "Devices", "TestPeers"]),
         .testTarget(name: "USBTapTests", dependencies: ["USBTap", "Core", "CXen", "XenStore", "Devices", "TestPeers", "CReference", "Bench"]),
         .testTarget(name: "NBDExportTests", dependencies: ["NBDExport", "NBDWire", "Devices", "Core", "Bench", "TestPeers"]),
     ],

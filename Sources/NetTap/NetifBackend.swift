@@ -90,12 +90,16 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
         features.gsoTCPv6 = try flag("feature-gso-tcpv6")
         features.backlogBytes = max(Netif.maxFrameSize, options.backlogBytes)
         let queueCount = Int(requested)
+        // A device whose frames wait in kernel queues (a TAP's) is read by the ring threads,
+        // its queue j by the vif's queue j % queueCount, while the guest has buffers.
+        let sources = device.handOverReading() ?? []
         var opened: [NetifQueue] = []
         var split = false
         do {
             for q in 0..<queueCount {
                 let dir = queueCount == 1 ? fe : fe + "/queue-\(q)"
-                let (queue, isSplit) = try openQueue(dev, index: q, directory: dir, features: features)
+                let read = sources.enumerated().filter { $0.offset % queueCount == q }.map { (fd: $0.element, queue: $0.offset) }
+                let (queue, isSplit) = try openQueue(dev, index: q, directory: dir, features: features, sources: read)
                 opened.append(queue)
                 split = isSplit
             }
@@ -104,14 +108,17 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
             throw error
         }
         let offloads = features.offloads
+        // The device is connected before the ring threads start (they may read it at once),
+        // and the queues are in place before it is (it may hand frames up at once).
+        queues.withLock { $0 = opened }
+        device.connect(self, accepting: offloads)
         do {
             for q in opened { try q.start() }
         } catch {
+            queues.withLock { $0 = [] }
             opened.forEach { $0.stop() }
             throw NetifConnectError("\(error)")
         }
-        queues.withLock { $0 = opened }
-        device.connect(self, accepting: offloads)
         dev.reportStatistics(every: 2) { [weak self] in self?.counters.description ?? "" }
         let chosen = Negotiated(queues: queueCount, splitEventChannels: split, offloads: offloads)
         negotiated = chosen
@@ -119,7 +126,7 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
     }
 
     private func openQueue(_ dev: XenbusBackendDevice, index: Int, directory: String,
-                           features: NetifQueueFeatures) throws -> (NetifQueue, Bool) {
+                           features: NetifQueueFeatures, sources: [(fd: Int32, queue: Int)]) throws -> (NetifQueue, Bool) {
         let store = dev.store
         let txRef = GrantRef(try readNumber(store, directory + "/tx-ring-ref"))
         let rxRef = GrantRef(try readNumber(store, directory + "/rx-ring-ref"))
@@ -148,7 +155,8 @@ public final class NetifBackend: XenbusBackendDriver, NetFrameReceiver, @uncheck
         }
         let queue = try NetifQueue(index: index, tx: txMapping, txRef: txRef, rx: rxMapping, rxRef: rxRef,
                                    txChannel: txChannel!, rxChannel: rxChannel, device: device, grants: hv.grants,
-                                   domain: domain, features: features, poller: AdaptivePoller(microseconds: options.pollMicroseconds)) {
+                                   domain: domain, features: features, sources: sources,
+                                   poller: AdaptivePoller(microseconds: options.pollMicroseconds)) {
             [weak dev] why in
             // Netback's xenvif_fatal_tx_err: this vif alone stops, until the frontend reconnects.
             dev?.failAsync("queue \(index): \(why)")

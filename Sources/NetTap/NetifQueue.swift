@@ -125,11 +125,20 @@ final class NetifQueue: RingService, @unchecked Sendable {
     private let onDemand: Bool
     /// The rx request index up to which posted buffers were announced to such a device.
     @exclusivity(unchecked) private var announcedRx: UInt32 = 0
+    /// The device's queues this thread reads, while the guest has buffers
+    /// (``NetDevice/handOverReading()``: a TAP's descriptors), polled beside the channels.
+    private let sources: [(fd: Int32, queue: Int)]
+    /// Each source may hold frames (it was readable, or its last read stopped for lack of
+    /// buffers); not polled while so. A failed source (POLLERR without data) is never polled again.
+    @exclusivity(unchecked) private var sourceReady: [Bool]
+    @exclusivity(unchecked) private var readySources: Int
+    @exclusivity(unchecked) private var sourceFailed: [Bool]
 
     /// Takes over the mappings and channels even when it throws: they are released then.
     init(index: Int, tx txMapping: GrantMapping, txRef: GrantRef, rx rxMapping: GrantMapping, rxRef: GrantRef,
          txChannel: any EventChannel, rxChannel: (any EventChannel)?, device: any NetDevice, grants: any GrantTable,
-         domain: DomainID, features: NetifQueueFeatures, poller: AdaptivePoller, onFatal: @escaping NetifFatalHandler) throws {
+         domain: DomainID, features: NetifQueueFeatures, sources: [(fd: Int32, queue: Int)] = [], poller: AdaptivePoller,
+         onFatal: @escaping NetifFatalHandler) throws {
         self.index = index
         self.txMapping = txMapping; self.rxMapping = rxMapping; self.txRef = txRef; self.rxRef = rxRef
         tx = BackRing(shared: txMapping.base!, bytes: xenPageSize)
@@ -138,6 +147,10 @@ final class NetifQueue: RingService, @unchecked Sendable {
         self.rxChannel = rxChannel ?? txChannel
         self.device = device; self.grants = grants; self.domain = domain; self.features = features; self.onFatal = onFatal
         onDemand = device.makesFramesOnDemand
+        self.sources = sources
+        sourceReady = Array(repeating: true, count: sources.count)   // frames may wait already
+        readySources = sources.count
+        sourceFailed = Array(repeating: false, count: sources.count)
         guestOffloads = features.offloads
         // A sweep copies at most a ring of tx slots, and a ring of rx slots.
         copyCapacity = Int(tx.size) + Int(rx.size)
@@ -149,6 +162,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
         do {
             loop = try RingServiceLoop(purpose: "netif queue \(index) of domain \(domain)",
                                        channels: rxChannel.map { [txChannel, $0] } ?? [txChannel],
+                                       fileDescriptors: sources.map { ($0.fd, Int16(POLLIN)) },
                                        poller: poller, completionCapacity: Int(rx.size))
         } catch {
             copies.deallocate()
@@ -252,7 +266,32 @@ final class NetifQueue: RingService, @unchecked Sendable {
         guard !broken else { return }
         takeTx()
         if onDemand { announceRxBuffers() }
+        if readySources > 0 { readSources() }
     }
+
+    /// Reads frames from the device's queues that may hold some, while the guest has buffers
+    /// that no waiting frame takes: they join the backlog for this turn's delivery. A source
+    /// found empty is polled again; one that filled the buffers waits for the guest's next.
+    private func readSources() {
+        guard pendingRxHead == pendingRx.count, var room = rx.unconsumedRequests().map(Int.init), room > 0 else { return }
+        for i in sources.indices where sourceReady[i] {
+            let read = device.readFrames(queue: sources[i].queue, buffers: room)
+            if read.empty { sourceReady[i] = false; readySources -= 1 }
+            room -= read.buffers
+            if room <= 0 { return }
+        }
+    }
+
+    func fileDescriptorReady(_ index: Int, events: Int16) {
+        if events & Int16(POLLIN) == 0 && events & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 {
+            sourceFailed[index] = true   // the interface went away: its device reports that
+        } else if !sourceReady[index] {
+            sourceReady[index] = true
+            readySources += 1
+        }
+    }
+
+    func watchesFileDescriptor(_ index: Int) -> Bool { !broken && !sourceReady[index] && !sourceFailed[index] }
 
     /// Tells a device that makes frames on demand of the rx buffers posted since it was last
     /// told; the frames it makes join the backlog now, for this turn's delivery.
@@ -290,7 +329,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
         guard let t = tx.unconsumedRequests() else { return true }
         if t > 0 { return true }
         guard pendingRxHead < pendingRx.count else {
-            return onDemand && (rx.requestsPublished(after: announcedRx) ?? 1) > 0
+            if onDemand { return (rx.requestsPublished(after: announcedRx) ?? 1) > 0 }
+            return readySources > 0 && (rx.unconsumedRequests() ?? 1) > 0
         }
         return (rx.unconsumedRequests() ?? 1) > 0
     }
@@ -306,9 +346,10 @@ final class NetifQueue: RingService, @unchecked Sendable {
     func prepareToSleep() -> Bool {
         guard let t = tx.finalCheckForRequests() else { fatal("the frontend published an impossible tx request producer index"); return true }
         if t > 0 { return true }
-        // Frames wait for buffers: ask to hear of the next one the guest posts. A device that
-        // makes frames on demand waits for buffers past those it was told of.
-        if pendingRxHead < pendingRx.count {
+        // Frames wait for buffers (in the backlog, or in a source the guest's buffers ran out
+        // for): ask to hear of the next one the guest posts. A device that makes frames on
+        // demand waits for buffers past those it was told of.
+        if pendingRxHead < pendingRx.count || readySources > 0 {
             guard let r = rx.finalCheckForRequests() else { fatal("the frontend published an impossible rx request producer index"); return true }
             if r > 0 { return true }
         } else if onDemand {
@@ -606,7 +647,9 @@ final class NetifQueue: RingService, @unchecked Sendable {
                         continue
                     }
                     let count = runs[r].frame.count
-                    let dataSlots = max(1, (count + xenPageSize - 1) / xenPageSize)
+                    // Valid while the frame waits in the backlog, which it does until the copy is done.
+                    let bytes = runs[r].frame.withUnsafeBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
+                    let (dataSlots, firstSlot) = RxSlotLayout.slots(count: count, at: bytes)
                     let segmentation = runs[r].frame.offload.segmentation
                     let needed = dataSlots + (segmentation != nil ? 1 : 0)
                     // As many copies as the buffers hold and the batch takes (a batch may end
@@ -619,8 +662,6 @@ final class NetifQueue: RingService, @unchecked Sendable {
                     if n == runs[r].count { pendingRxHead += 1 } else { runs[r].count -= n }
                     leaving += n * count
                     deliveredBytes += n * count
-                    // Valid while the frame waits in the backlog, which it does until the copy is done.
-                    let bytes = runs[r].frame.withUnsafeBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) }
                     var firstFlags: UInt16 = 0
                     switch runs[r].frame.offload.checksum {
                     case .partial: firstFlags = Netif.rxChecksumBlank | Netif.rxDataValidated
@@ -648,7 +689,7 @@ final class NetifQueue: RingService, @unchecked Sendable {
                         var offset = 0
                         for s in 0..<dataSlots {
                             let request = rx.takeRequest()
-                            let length = min(xenPageSize, count - offset)
+                            let length = min(s == 0 ? firstSlot : xenPageSize, count - offset)
                             var flags: UInt16 = s + 1 < dataSlots ? Netif.rxMoreData : 0
                             if s == 0 { flags |= firstFlags }
                             if length > 0 {

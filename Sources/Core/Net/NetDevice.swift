@@ -99,12 +99,43 @@ public protocol NetDevice: SoftDevice {
     /// some; none means it is done (a generator's `count` reached).
     @discardableResult
     func guestPostedBuffers(_ buffers: Int, queue: Int) -> Int
+    /// An endpoint whose frames for the guest wait in kernel queues until they are read (a
+    /// TAP's queues) can leave the reading to the guest side's own threads, which read only
+    /// while their guest has buffers for what they read, as QEMU's tap backend stops reading
+    /// its descriptor while the guest has no room. The frames then wait in the kernel's queue
+    /// (whose sender sees it fill) rather than being read, handed to another thread, and
+    /// dropped there; and a frame reaches the guest with one thread woken, not two.
+    ///
+    /// Returns each queue's descriptor, for the taker to poll for `POLLIN`, or nil: the device
+    /// hands its frames up by itself (the default; a filter asks the device below). Called
+    /// before ``connect(_:accepting:)``; once it has returned descriptors, the device starts no
+    /// reader of its own, and its frames are read only by ``readFrames(queue:buffers:)``.
+    func handOverReading() -> [Int32]?
+    /// On the one thread that polls queue `queue`'s descriptor, after ``handOverReading()``:
+    /// reads the frames waiting there, handing each up (``NetFrameReceiver/toGuest(_:)``) on
+    /// this thread, until they fill `buffers` page-sized buffers, the queue is empty, or a
+    /// burst is read.
+    /// Never blocks.
+    func readFrames(queue: Int, buffers: Int) -> NetFramesRead
 }
 
 extension NetDevice {
     public var makesFramesOnDemand: Bool { false }
     @discardableResult
     public func guestPostedBuffers(_ buffers: Int, queue: Int) -> Int { 0 }
+    public func handOverReading() -> [Int32]? { nil }
+    public func readFrames(queue: Int, buffers: Int) -> NetFramesRead { NetFramesRead(frames: 0, buffers: 0, empty: true) }
+}
+
+/// What ``NetDevice/readFrames(queue:buffers:)`` read.
+public struct NetFramesRead: Equatable, Sendable {
+    /// Frames handed up.
+    public var frames: Int
+    /// The page-sized buffers they take (a frame's pages, and one for a GSO extra).
+    public var buffers: Int
+    /// The queue was found empty (or the device closed): poll its descriptor before reading again.
+    public var empty: Bool
+    public init(frames: Int, buffers: Int, empty: Bool) { self.frames = frames; self.buffers = buffers; self.empty = empty }
 }
 
 /// A network device that stacks over another: frames pass through unchanged both ways unless
@@ -128,6 +159,10 @@ open class NetFilter: NetDevice, NetFrameReceiver, @unchecked Sendable {
     open var makesFramesOnDemand: Bool { next.makesFramesOnDemand }
     @discardableResult
     open func guestPostedBuffers(_ buffers: Int, queue: Int) -> Int { next.guestPostedBuffers(buffers, queue: queue) }
+    /// The device below is read by the guest side's threads, and what it reads comes up
+    /// through the filter as any frame does.
+    open func handOverReading() -> [Int32]? { next.handOverReading() }
+    open func readFrames(queue: Int, buffers: Int) -> NetFramesRead { next.readFrames(queue: queue, buffers: buffers) }
     open func connect(_ receiver: any NetFrameReceiver, accepting offloads: NetOffloads) {
         self.receiver = receiver
         receiverOffloads = offloads

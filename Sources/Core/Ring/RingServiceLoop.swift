@@ -53,6 +53,11 @@ public protocol RingService: AnyObject {
     /// Extra file descriptor `index` is ready with `events` (poll's revents). Poll is level-
     /// triggered: read what is ready (or stop asking for it), or the loop wakes again at once.
     func fileDescriptorReady(_ index: Int, events: Int16)
+    /// Whether the loop should poll extra file descriptor `index` when it next sleeps (asked
+    /// before each sleep). A service that cannot take what the descriptor has now (net frames
+    /// from a TAP while the guest has no buffers) answers false, or poll, being level-
+    /// triggered, would wake the thread again at once.
+    func watchesFileDescriptor(_ index: Int) -> Bool
     /// The loop's thread starts: before anything else, on that thread (blkif names its
     /// vbd's ``BlockWorkers`` for the thread here).
     func threadStarted()
@@ -72,6 +77,7 @@ extension RingService {
     public var awaitsWork: Bool { true }
     public func eventChannelFired(_ index: Int) {}
     public func fileDescriptorReady(_ index: Int, events: Int16) {}
+    public func watchesFileDescriptor(_ index: Int) -> Bool { true }
     public func threadStarted() {}
 }
 
@@ -292,6 +298,9 @@ public final class RingServiceLoop<Service: RingService>: @unchecked Sendable {
             }
             if !completions.isEmpty { continue }
             for i in 0..<fds.count { fds[i].revents = 0 }
+            for i in channelCount..<wakeIndex {
+                fds[i].fd = service.watchesFileDescriptor(i - channelCount) ? fileDescriptors[i - channelCount].fd : -1
+            }
             // While stopping, a short timeout: the completions awaited wake the thread anyway,
             // this only bounds the cost of a wake-up lost to a misbehaving device. Otherwise
             // until a masked channel's back-off ends (the next turn unmasks it).

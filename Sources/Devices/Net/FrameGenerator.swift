@@ -34,7 +34,7 @@ public final class FrameGenerator: NetDevice, Sendable {
     /// alone), and the buffers posted but not yet filled (fewer than a frame takes).
     private struct QueueSource {
         let frame: EthernetFrame
-        /// Ring slots a frame takes (its data pages and the GSO extra).
+        /// Ring slots a frame takes (its data slots as a backend cuts them, and the GSO extra).
         let slots: Int
         var credit = 0
         init(template: EthernetFrame, queue: Int) {
@@ -42,7 +42,7 @@ public final class FrameGenerator: NetDevice, Sendable {
                 EthernetFrame(count: bytes.count, offload: template.offload, queue: queue) { $0.copyMemory(from: bytes) }
             }
             frame = own
-            slots = max(1, (own.count + xenPageSize - 1) / xenPageSize) + (own.offload.segmentation != nil ? 1 : 0)
+            slots = RxSlotLayout.slots(of: own)
         }
     }
     private struct State {

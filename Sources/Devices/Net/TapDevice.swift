@@ -14,6 +14,10 @@ import Synchronization
 /// The kernel's offloads toward the guest (`TUNSETOFFLOAD`) are set in `connect` from what the
 /// receiver accepts: checksum offload if it takes `.checksum`, TSO4/TSO6 only if it also takes
 /// `.largeFrames`; never UFO/USO. Writes never block: a full queue drops the frame and counts it.
+///
+/// Under a vif, the vif's ring threads read the queues themselves, only while the guest has
+/// buffers (``handOverReading()``): frames wait in the kernel's queue meanwhile, as they do
+/// for QEMU's tap backend. Elsewhere (a link, a switch) a reader thread per queue reads them.
 public final class TapDevice: NetDevice, @unchecked Sendable {
     public let name = "tap"
     /// The interface's name as the kernel gave it.
@@ -25,9 +29,17 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
 
     private let fds: [Int32]
     private let stopEvent: Int32
+    /// Each queue's reading state, used by its reader thread or by the thread that took the
+    /// reading over.
+    private let queueReaders: [TapQueueReader]
     private var readers: [PosixThread] = []
     private var receiver: (any NetFrameReceiver)?
     private let closed = Atomic<Bool>(false)
+    /// The reading was handed over (``handOverReading()``): no reader thread starts.
+    private var handedOver = false
+    /// Threads inside ``readFrames(queue:buffers:)``: `close` waits for them before it closes
+    /// the descriptors they read.
+    private let reading = Atomic<Int>(0)
     private let counters = NetDirectionCounters()
 
     // if_tun.h
@@ -75,6 +87,7 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
         guard event >= 0 else { throw fail("eventfd", errno) }
         stopEvent = event
         fds = opened
+        queueReaders = opened.enumerated().map { TapQueueReader(fd: $1, queue: $0) }
         interfaceName = kernelName
     }
 
@@ -156,7 +169,7 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
             _ = ioctl(fds[0], Self.TUNSETOFFLOAD, Int32(0))
         }
         kernelOffloads = bits
-        guard readers.isEmpty else { return }
+        guard readers.isEmpty, !handedOver else { return }
         for (queue, fd) in fds.enumerated() {
             do throws(ThreadStartError) {
                 readers.append(try PosixThread("tap(name=\(interfaceName)) queue \(queue)") { [self] in read(fd, queue: queue, to: receiver) })
@@ -166,18 +179,9 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
         }
     }
 
-    /// Frames up to this long are copied out of the read buffer into a frame of the reader's
-    /// pool; longer ones (TSO segments) are read straight into a frame's bytes, which are read
-    /// into again when the receiver kept no copy (a TAP on the other side writes it at once).
-    static let copyLimit = 2048
-
     /// One queue's reader: waits for frames or the stop event, reads until the queue is empty.
     private func read(_ fd: Int32, queue: Int, to receiver: any NetFrameReceiver) {
-        let header = UnsafeMutableRawPointer.allocate(byteCount: VirtioNetHeader.size, alignment: 16)
-        defer { header.deallocate() }
-        let capacity = Self.readBufferSize - VirtioNetHeader.size
-        var (spare, bytes) = EthernetFrame.allocate(count: capacity)
-        var pool = FramePool(frames: 512, frameCapacity: Self.copyLimit)
+        let reader = queueReaders[queue]
         var polled = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: stopEvent, events: Int16(POLLIN), revents: 0)]
         while true {
             polled[0].revents = 0; polled[1].revents = 0
@@ -186,36 +190,42 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
             if polled[1].revents != 0 { return }
             if polled[0].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 && polled[0].revents & Int16(POLLIN) == 0 { return }
             // A burst at most, then look at the stop event again.
-            for _ in 0..<256 {
-                var vectors = (iovec(iov_base: header, iov_len: VirtioNetHeader.size), iovec(iov_base: bytes, iov_len: capacity))
-                let read = withUnsafeMutablePointer(to: &vectors) {
-                    $0.withMemoryRebound(to: iovec.self, capacity: 2) { readv(fd, $0, 2) }
-                }
-                if read < 0 { if errno == EINTR { continue } else { break } }
-                let length = read - VirtioNetHeader.size
-                guard length >= 14,
-                      let offload = VirtioNetHeader(UnsafeRawBufferPointer(start: header, count: VirtioNetHeader.size)).offload(frameLength: length) else {
-                    counters.toGuest.drop(); continue
-                }
-                if length <= Self.copyLimit {
-                    let (frame, copy, _) = pool.allocate(count: length, offload: offload, queue: queue)
-                    copy.copyMemory(from: bytes, byteCount: length)
-                    counters.toGuest.count(frame)
-                    receiver.toGuest(frame)
-                } else {
-                    do {
-                        var frame = spare
-                        frame.truncate(to: length)
-                        frame.offload = offload
-                        frame.queue = queue
-                        counters.toGuest.count(frame)
-                        receiver.toGuest(frame)
-                    }
-                    // Kept (queued for a guest): the next frame gets bytes of its own.
-                    if !spare.isUniquelyReferenced() { (spare, bytes) = EthernetFrame.allocate(count: capacity) }
+            burst: for _ in 0..<256 {
+                switch reader.readOne(to: receiver, counters: counters.toGuest) {
+                case .frame, .dropped: continue
+                case .empty: break burst
                 }
             }
         }
+    }
+
+    // MARK: Reading handed over (a vif's ring threads)
+
+    public func handOverReading() -> [Int32]? {
+        guard !closed.load(ordering: .relaxed), readers.isEmpty else { return nil }
+        handedOver = true
+        return fds
+    }
+
+    public func readFrames(queue: Int, buffers: Int) -> NetFramesRead {
+        var read = NetFramesRead(frames: 0, buffers: 0, empty: true)
+        reading.add(1, ordering: .sequentiallyConsistent)
+        defer { reading.subtract(1, ordering: .sequentiallyConsistent) }
+        guard !closed.load(ordering: .sequentiallyConsistent), let receiver, queueReaders.indices.contains(queue) else { return read }
+        let reader = queueReaders[queue]
+        read.empty = false
+        // A burst at most (frames dropped as malformed take no buffers): the thread has rings to serve.
+        for _ in 0..<256 {
+            if read.buffers >= buffers { break }
+            switch reader.readOne(to: receiver, counters: counters.toGuest) {
+            case .frame(let taken):
+                read.frames += 1
+                read.buffers += taken
+            case .dropped: continue
+            case .empty: read.empty = true; return read
+            }
+        }
+        return read
     }
 
     /// Stops and joins the readers, then closes the interface's descriptors (a TAP this device
@@ -226,6 +236,8 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
         _ = write(stopEvent, &one, 8)
         for reader in readers { reader.join() }
         readers = []
+        // A thread that took the reading over is inside readFrames for one burst at most.
+        while reading.load(ordering: .sequentiallyConsistent) > 0 { sched_yield() }
         receiver = nil
         for fd in fds { Glibc.close(fd) }
         Glibc.close(stopEvent)
@@ -243,4 +255,77 @@ extension TapDevice {
         open: { parameters, _ throws(DeviceSpecError) in
             try TapDevice(name: parameters.required("name"), queues: parameters.integer("queues", in: 1...256) ?? 1)
         })
+}
+
+/// One TAP queue's reading state: the buffer a frame is read into, the pool small frames are
+/// copied to. Used by one thread at a time: the queue's reader thread, or the thread that took
+/// the reading over.
+final class TapQueueReader: @unchecked Sendable {
+    let fd: Int32
+    let queue: Int
+    private let header = UnsafeMutableRawPointer.allocate(byteCount: VirtioNetHeader.size, alignment: 16)
+    private var spare: EthernetFrame
+    private var bytes: UnsafeMutableRawPointer
+    private var pool = FramePool(frames: 512, frameCapacity: TapQueueReader.copyLimit)
+    private static let capacity = TapDevice.readBufferSize - VirtioNetHeader.size
+
+    /// Frames up to this long are copied out of the read buffer into a frame of the pool;
+    /// longer ones (TSO segments) are read straight into a frame's bytes, which are read into
+    /// again when the receiver kept no copy (a TAP on the other side writes it at once).
+    static let copyLimit = 2048
+
+    init(fd: Int32, queue: Int) {
+        self.fd = fd
+        self.queue = queue
+        (spare, bytes) = EthernetFrame.allocate(count: Self.capacity)
+    }
+
+    deinit { header.deallocate() }
+
+    enum Outcome {
+        /// A frame went up; the page-sized guest buffers it takes (``RxSlotLayout``).
+        case frame(buffers: Int)
+        /// A frame was read and dropped (too short, a header the kernel should not send).
+        case dropped
+        /// Nothing to read now (EAGAIN), or the descriptor failed: poll before reading again.
+        case empty
+    }
+
+    /// Reads one frame and hands it to `receiver`.
+    func readOne(to receiver: any NetFrameReceiver, counters: NetTrafficCounter) -> Outcome {
+        var vectors = (iovec(iov_base: header, iov_len: VirtioNetHeader.size), iovec(iov_base: bytes, iov_len: Self.capacity))
+        var read = -1
+        repeat {
+            read = withUnsafeMutablePointer(to: &vectors) {
+                $0.withMemoryRebound(to: iovec.self, capacity: 2) { readv(fd, $0, 2) }
+            }
+        } while read < 0 && errno == EINTR
+        if read < 0 { return .empty }
+        let length = read - VirtioNetHeader.size
+        guard length >= 14,
+              let offload = VirtioNetHeader(UnsafeRawBufferPointer(start: header, count: VirtioNetHeader.size)).offload(frameLength: length) else {
+            counters.drop(); return .dropped
+        }
+        if length <= Self.copyLimit {
+            let (frame, copy, _) = pool.allocate(count: length, offload: offload, queue: queue)
+            copy.copyMemory(from: bytes, byteCount: length)
+            counters.count(frame)
+            let taken = RxSlotLayout.slots(of: frame)
+            receiver.toGuest(frame)
+            return .frame(buffers: taken)
+        }
+        let taken: Int
+        do {   // our copy goes at the end of the block, before we ask who else holds the bytes
+            var frame = spare
+            frame.truncate(to: length)
+            frame.offload = offload
+            frame.queue = queue
+            counters.count(frame)
+            taken = RxSlotLayout.slots(of: frame)
+            receiver.toGuest(frame)
+        }
+        // Kept (queued for a guest): the next frame gets bytes of its own.
+        if !spare.isUniquelyReferenced() { (spare, bytes) = EthernetFrame.allocate(count: Self.capacity) }
+        return .frame(buffers: taken)
+    }
 }
