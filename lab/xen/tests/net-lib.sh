@@ -13,7 +13,7 @@
 # shellcheck shell=bash
 
 NET_IPERF_SECONDS=${NET_IPERF_SECONDS:-4}
-NET_BENCH_ROUNDS=${NET_BENCH_ROUNDS:-2}
+NET_BENCH_ROUNDS=${NET_BENCH_ROUNDS:-3}
 NET_BENCH_BACKENDS=(softdev netback)
 declare -A NET_BENCH   # NET_BENCH[backend.dir] = best Mbit/s (dir: tx = guest->dom0, rx = dom0->guest)
 declare -A NET_EXTRA   # other measured values for the table (offloads off, UDP packets/s)
