@@ -1,3 +1,4 @@
+import CXen
 import Glibc
 
 /// Why a thread could not be started (pthread_create's error, e.g. EAGAIN at the process's
@@ -19,16 +20,19 @@ public final class PosixThread: @unchecked Sendable {
     private var joined = false
     private let lock = ConditionLock()
 
-    /// Starts `body` on a new thread; `purpose` names it in the error.
+    /// Starts `body` on a new thread; `purpose` names it in the error, and, shortened
+    /// (``shortName(_:)``), to the system (`top -H`, `ps -L`, gdb's `info threads`).
     public init(_ purpose: String, _ body: @escaping @Sendable () -> Void) throws(ThreadStartError) {
         final class Start {
             let body: @Sendable () -> Void
             let owner: PosixThread
-            init(_ b: @escaping @Sendable () -> Void, _ o: PosixThread) { body = b; owner = o }
+            let name: String
+            init(_ b: @escaping @Sendable () -> Void, _ o: PosixThread, _ n: String) { body = b; owner = o; name = n }
         }
-        let start = Unmanaged.passRetained(Start(body, self)).toOpaque()
+        let start = Unmanaged.passRetained(Start(body, self, Self.shortName(purpose))).toOpaque()
         let rc = pthread_create(&thread, nil, { arg in
             let start = Unmanaged<Start>.fromOpaque(arg!).takeRetainedValue()
+            _ = cxen_name_thread(start.name)
             start.body()
             start.owner.lock.lock()
             start.owner.finished = true
@@ -40,6 +44,19 @@ public final class PosixThread: @unchecked Sendable {
             Unmanaged<AnyObject>.fromOpaque(start).release()
             throw ThreadStartError(errno: rc, purpose: purpose)
         }
+    }
+
+    /// A thread's name as the system keeps it (15 bytes): "netif queue 1 of domain 12"
+    /// becomes "netif q1 d12", "tap(name=sdn1) queue 0" "tap sdn1 q0".
+    public static func shortName(_ purpose: String) -> String {
+        var name = purpose
+        for (long, short) in [("the ", ""), ("queue ", "q"), (" of domain ", " d"), ("controller", "ctl"), ("(name=", " "),
+                              ("(path=", " "), (")", ""), ("'s ", " ")] {
+            name = name.replacing(long, with: short)
+        }
+        var bytes = Array(name.utf8.prefix(15))
+        while !bytes.isEmpty, String(validating: bytes, as: UTF8.self) == nil { bytes.removeLast() }   // no cut character
+        return String(decoding: bytes, as: UTF8.self)
     }
 
     /// Starts a thread nobody joins (it cleans up after itself when `body` returns).

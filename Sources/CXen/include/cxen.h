@@ -5,6 +5,7 @@
 #include <stdint.h>
 #include <malloc.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/uio.h>
@@ -96,6 +97,11 @@ enum {
 static inline void cxen_keep_freed_memory(int trim_threshold, int mmap_threshold) {
     mallopt(M_TRIM_THRESHOLD, trim_threshold);
     mallopt(M_MMAP_THRESHOLD, mmap_threshold);
+}
+
+// Names the calling thread for the system (15 bytes kept): top -H, ps -L, gdb.
+static inline int cxen_name_thread(const char *name) {
+    return prctl(PR_SET_NAME, (unsigned long)name, 0UL, 0UL, 0UL);
 }
 
 // The calling thread's id (gettid).
