@@ -45,6 +45,8 @@ final class OnDemandSource: NetDevice, @unchecked Sendable {
 
     var announced: Int { lock.lock(); defer { lock.unlock() }; return announcements.reduce(0) { $0 + $1.buffers } }
     var calls: Int { lock.lock(); defer { lock.unlock() }; return announcements.count }
+    /// The buffers of each announcement, in order.
+    var told: [Int] { lock.lock(); defer { lock.unlock() }; return announcements.map(\.buffers) }
 }
 
 /// The on-demand path: the queue tells such a device of every buffer the guest posts, once, on
@@ -95,8 +97,10 @@ final class NetifOnDemandTests: XCTestCase {
         // 4 alone, and the source fills all 8.
         XCTAssertEqual(front.postRxBuffers(4), 4)
         XCTAssertEqual(try front.receive(atLeast: 8).count, 8)
-        XCTAssertEqual(source.calls, 2)
-        XCTAssertEqual(source.announced, 8)
+        XCTAssertEqual(Array(source.told.prefix(2)), [4, 4], "the 4 of the connect, then those 4 alone")
+        // receive() posted the 8 buffers again as it took the frames: the queue may have told
+        // the source of them already (a loaded machine's timing), never of more.
+        XCTAssertLessThanOrEqual(source.announced, 16)
         try front.close()
     }
 
