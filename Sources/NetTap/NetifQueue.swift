@@ -133,6 +133,9 @@ final class NetifQueue: RingService, @unchecked Sendable {
     @exclusivity(unchecked) private var sourceReady: [Bool]
     @exclusivity(unchecked) private var readySources: Int
     @exclusivity(unchecked) private var sourceFailed: [Bool]
+    /// The buffers the first waiting frame takes (1 when none waits): fewer posted is no work,
+    /// so a 64 KiB frame waiting for its 18 does not spin the thread while the guest posts 4.
+    @exclusivity(unchecked) private var rxBuffersAwaited = 1
 
     /// Takes over the mappings and channels even when it throws: they are released then.
     init(index: Int, tx txMapping: GrantMapping, txRef: GrantRef, rx rxMapping: GrantMapping, rxRef: GrantRef,
@@ -332,7 +335,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
             if onDemand { return (rx.requestsPublished(after: announcedRx) ?? 1) > 0 }
             return readySources > 0 && (rx.unconsumedRequests() ?? 1) > 0
         }
-        return (rx.unconsumedRequests() ?? 1) > 0
+        guard let buffers = rx.unconsumedRequests() else { return true }   // impossible: deliverRx says so
+        return buffers >= rxBuffersAwaited
     }
 
     /// Tx requests, rx buffers taken for frames (or announced to a device that makes frames
@@ -350,7 +354,12 @@ final class NetifQueue: RingService, @unchecked Sendable {
         // for): ask to hear of the next one the guest posts. A device that makes frames on
         // demand waits for buffers past those it was told of.
         if pendingRxHead < pendingRx.count || readySources > 0 {
-            guard let r = rx.finalCheckForRequests() else { fatal("the frontend published an impossible rx request producer index"); return true }
+            // Notified once the guest has posted what the first waiting frame takes (req_event
+            // that far ahead): a frame waiting for 18 buffers sleeps through the guest's first 4.
+            let awaited = pendingRxHead < pendingRx.count ? rxBuffersAwaited : 1
+            guard let r = rx.finalCheckForRequests(after: rx.requestConsumer &+ UInt32(awaited - 1)) else {
+                fatal("the frontend published an impossible rx request producer index"); return true
+            }
             if r > 0 { return true }
         } else if onDemand {
             guard let r = rx.finalCheckForRequests(after: announcedRx) else {
@@ -629,13 +638,14 @@ final class NetifQueue: RingService, @unchecked Sendable {
         }
         // Bytes leaving the backlog: frames delivered (their copies are done below, before
         // they are released) and frames dropped.
-        var leaving = 0, dropped = 0, deliveredBytes = 0, delivered = 0, failed = 0
+        var leaving = 0, dropped = 0, deliveredBytes = 0, failed = 0
         // The frames are read in place (a copy of each would cost its reference count twice),
         // and each slot's response is written as its request is taken: the copies' outcome
         // only changes a failed frame's first response. What a frame needs (room, flags, its
         // bytes) is worked out once for a run of copies of it.
         pendingRx.withUnsafeMutableBufferPointer { runs in
             var starved = false
+            rxBuffersAwaited = 1
             while !starved && pendingRxHead < runs.count {
                 var copyCount = 0, frameCount = 0, slots = 0
                 while pendingRxHead < runs.count && slots < Self.rxBatchSlots {
@@ -656,7 +666,11 @@ final class NetifQueue: RingService, @unchecked Sendable {
                     // a frame past its size: a frame is never split).
                     let n = needed == 1 ? min(runs[r].count, available, Self.rxBatchSlots - slots)
                         : min(runs[r].count, available / needed, (Self.rxBatchSlots - slots + needed - 1) / needed)
-                    if n == 0 { starved = true; break }   // wait for buffers (the backlog is bounded)
+                    if n == 0 {   // wait for buffers (the backlog is bounded)
+                        starved = true
+                        rxBuffersAwaited = needed
+                        break
+                    }
                     available -= n * needed
                     slots += n * needed
                     if n == runs[r].count { pendingRxHead += 1 } else { runs[r].count -= n }
@@ -728,15 +742,16 @@ final class NetifQueue: RingService, @unchecked Sendable {
                         deliveredBytes -= f.bytes
                     }
                 }
-                delivered += frameCount
+                // Counted before the guest can see them: whoever saw the guest get a frame
+                // (after the push's release) sees it counted.
+                counters.rxFrames.add(UInt64(frameCount - failed), ordering: .relaxed)
+                counters.rxBytes.add(UInt64(deliveredBytes), ordering: .relaxed)
+                if failed > 0 { counters.rxDropped.add(UInt64(failed), ordering: .relaxed) }
+                deliveredBytes = 0; failed = 0
                 if rx.pushResponses() { rxChannel.notify() }
             }
         }
-        if delivered > 0 {
-            counters.rxFrames.add(UInt64(delivered - failed), ordering: .relaxed)
-            counters.rxBytes.add(UInt64(deliveredBytes), ordering: .relaxed)
-        }
-        if dropped + failed > 0 { counters.rxDropped.add(UInt64(dropped + failed), ordering: .relaxed) }
+        if dropped > 0 { counters.rxDropped.add(UInt64(dropped), ordering: .relaxed) }
         // The delivered frames' bytes are copied: release them and their room in the backlog.
         if leaving > 0 { backlogBytes.subtract(leaving, ordering: .relaxed) }
         if pendingRxHead == pendingRx.count {

@@ -57,6 +57,47 @@ final class NetifEndToEndTests: XCTestCase {
         try front.close()
     }
 
+    /// A 64 KiB frame waits for the 17 or 18 buffers it takes while the guest posts them a few
+    /// at a time: the queue's thread sleeps meanwhile (the guest is asked to notify once it has
+    /// posted that many), rather than spinning on every buffer short of it, and the frame
+    /// arrives whole once they are there.
+    func testAFrameWaitingForMoreBuffersThanPostedLetsTheThreadSleep() throws {
+        let endpoint = RecordingEndpoint()
+        let (guest, paths) = try lab.guestWithVif(endpoint)
+        var options = LocalNetFrontend.Options()
+        options.rxBuffers = 4
+        let front = try LocalNetFrontend(hypervisor: guest, frontendPath: paths.frontendPath, options: options)
+        var tso = TestFrames.tcp4(count: 65000, seed: 7, partial: true)
+        tso.offload.segmentation = .init(kind: .tcpv4, size: 1448)
+        endpoint.send(tso)
+        XCTAssertEqual(try front.receive(atLeast: 1, timeoutMilliseconds: 200).count, 0)
+        XCTAssertEqual(front.postRxBuffers(8), 8)   // 12: still short
+        let before = try XCTUnwrap(Self.threadTicks(named: "netif q0 d\(guest.domainID)"))
+        usleep(500_000)
+        let after = try XCTUnwrap(Self.threadTicks(named: "netif q0 d\(guest.domainID)"))
+        XCTAssertLessThan(after - before, 15, "the ring thread spun for the frame's buffers (ticks of 10 ms in 0.5 s)")
+        XCTAssertEqual(front.postRxBuffers(10), 10)
+        let got = try front.receive(atLeast: 1)
+        XCTAssertEqual(got.map(\.bytes), [tso.bytes])
+        try front.close()
+    }
+
+    /// The CPU time (user and system clock ticks) of this process's thread named `name`.
+    static func threadTicks(named name: String) -> Int? {
+        guard let tasks = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task") else { return nil }
+        for task in tasks {
+            guard let comm = try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8),
+                  comm.trimmingCharacters(in: .newlines) == name,
+                  let stat = try? String(contentsOfFile: "/proc/self/task/\(task)/stat", encoding: .utf8),
+                  let close = stat.lastIndex(of: ")") else { continue }
+            // Fields after the name: state is the 3rd, utime and stime the 14th and 15th.
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            guard fields.count > 12, let user = Int(fields[11]), let system = Int(fields[12]) else { return nil }
+            return user + system
+        }
+        return nil
+    }
+
     /// A ring's worth of frames published at once is taken and delivered in several batches
     /// (``NetifQueue``'s 64 slots), with multi-slot frames across the batches' edges: every
     /// slot answered, every frame whole and in order, both ways.
