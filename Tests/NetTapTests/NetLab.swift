@@ -99,6 +99,15 @@ final class NetLab {
         return (guest, paths)
     }
 
+    /// A guest with vif 0 over `device` and its netfront connected with the options `configure` sets.
+    func frontend(over device: any NetDevice, _ configure: (inout LocalNetFrontend.Options) -> Void)
+        throws -> (front: LocalNetFrontend, guest: LocalHypervisor, paths: XenbusDevicePaths) {
+        let (guest, paths) = try guestWithVif(device)
+        var options = LocalNetFrontend.Options()
+        configure(&options)
+        return (try LocalNetFrontend(hypervisor: guest, frontendPath: paths.frontendPath, options: options), guest, paths)
+    }
+
     func logged(_ text: String) -> Bool {
         shared.lock.lock(); defer { shared.lock.unlock() }
         return shared.log.contains { $0.contains(text) }

@@ -63,10 +63,7 @@ final class NetifEndToEndTests: XCTestCase {
     /// arrives whole once they are there.
     func testAFrameWaitingForMoreBuffersThanPostedLetsTheThreadSleep() throws {
         let endpoint = RecordingEndpoint()
-        let (guest, paths) = try lab.guestWithVif(endpoint)
-        var options = LocalNetFrontend.Options()
-        options.rxBuffers = 4
-        let front = try LocalNetFrontend(hypervisor: guest, frontendPath: paths.frontendPath, options: options)
+        let (front, guest, _) = try lab.frontend(over: endpoint) { $0.rxBuffers = 4 }
         var tso = TestFrames.tcp4(count: 65000, seed: 7, partial: true)
         tso.offload.segmentation = .init(kind: .tcpv4, size: 1448)
         endpoint.send(tso)
@@ -209,10 +206,7 @@ final class NetifEndToEndTests: XCTestCase {
 
     func testTwoQueuesCarryTheirOwnFrames() throws {
         let endpoint = RecordingEndpoint()
-        let (guest, paths) = try lab.guestWithVif(endpoint)
-        var options = LocalNetFrontend.Options()
-        options.queues = 2
-        let front = try LocalNetFrontend(hypervisor: guest, frontendPath: paths.frontendPath, options: options)
+        let (front, _, paths) = try lab.frontend(over: endpoint) { $0.queues = 2 }
         XCTAssertEqual(front.queues.count, 2)
         XCTAssertTrue(front.send(TestFrames.tcp4(count: 100, seed: 1), queue: 0))
         XCTAssertTrue(front.send(TestFrames.tcp4(count: 200, seed: 2), queue: 1))

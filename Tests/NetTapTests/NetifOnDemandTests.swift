@@ -59,10 +59,7 @@ final class NetifOnDemandTests: XCTestCase {
 
     func testEveryPostedBufferIsAnnouncedOnceAndFilled() throws {
         let source = OnDemandSource()
-        let (guest, paths) = try lab.guestWithVif(source)
-        var options = LocalNetFrontend.Options()
-        options.rxBuffers = 8
-        let front = try LocalNetFrontend(hypervisor: guest, frontendPath: paths.frontendPath, options: options)
+        let (front, _, paths) = try lab.frontend(over: source) { $0.rxBuffers = 8 }
         // The 8 buffers posted at connect get 8 frames; receive() reposts them and they get 8
         // more: the frames in order, byte for byte.
         var frames: [EthernetFrame] = []
