@@ -128,11 +128,13 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// The device's queues this thread reads, while the guest has buffers
     /// (``NetDevice/handOverReading()``: a TAP's descriptors), polled beside the channels.
     private let sources: [(fd: Int32, queue: Int)]
-    /// Each source may hold frames (it was readable, or its last read stopped for lack of
-    /// buffers); not polled while so. A failed source (POLLERR without data) is never polled again.
-    @exclusivity(unchecked) private var sourceReady: [Bool]
+    /// Where each source stands: polled (found empty), ready (it was readable, or its last read
+    /// stopped for lack of buffers: read when the guest has some, not polled), or failed
+    /// (POLLERR without data: never polled again).
+    private enum SourceState { case polled, ready, failed }
+    @exclusivity(unchecked) private var sourceStates: [SourceState]
+    /// How many are ready: asked at every turn and in the poll window, so counted, not searched.
     @exclusivity(unchecked) private var readySources: Int
-    @exclusivity(unchecked) private var sourceFailed: [Bool]
     /// The buffers the first waiting frame takes (1 when none waits): fewer posted is no work,
     /// so a 64 KiB frame waiting for its 18 does not spin the thread while the guest posts 4.
     @exclusivity(unchecked) private var rxBuffersAwaited = 1
@@ -151,9 +153,8 @@ final class NetifQueue: RingService, @unchecked Sendable {
         self.device = device; self.grants = grants; self.domain = domain; self.features = features; self.onFatal = onFatal
         onDemand = device.makesFramesOnDemand
         self.sources = sources
-        sourceReady = Array(repeating: true, count: sources.count)   // frames may wait already
+        sourceStates = Array(repeating: .ready, count: sources.count)   // frames may wait already
         readySources = sources.count
-        sourceFailed = Array(repeating: false, count: sources.count)
         guestOffloads = features.offloads
         // A sweep copies at most a ring of tx slots, and a ring of rx slots.
         copyCapacity = Int(tx.size) + Int(rx.size)
@@ -277,24 +278,25 @@ final class NetifQueue: RingService, @unchecked Sendable {
     /// found empty is polled again; one that filled the buffers waits for the guest's next.
     private func readSources() {
         guard pendingRxHead == pendingRx.count, var room = rx.unconsumedRequests().map(Int.init), room > 0 else { return }
-        for i in sources.indices where sourceReady[i] {
+        for i in sources.indices where sourceStates[i] == .ready {
             let read = device.readFrames(queue: sources[i].queue, buffers: room)
-            if read.empty { sourceReady[i] = false; readySources -= 1 }
+            if read.empty { sourceStates[i] = .polled; readySources -= 1 }
             room -= read.buffers
             if room <= 0 { return }
         }
     }
 
     func fileDescriptorReady(_ index: Int, events: Int16) {
+        guard sourceStates[index] == .polled else { return }
         if events & Int16(POLLIN) == 0 && events & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 {
-            sourceFailed[index] = true   // the interface went away: its device reports that
-        } else if !sourceReady[index] {
-            sourceReady[index] = true
+            sourceStates[index] = .failed   // the interface went away: its device reports that
+        } else {
+            sourceStates[index] = .ready
             readySources += 1
         }
     }
 
-    func watchesFileDescriptor(_ index: Int) -> Bool { !broken && !sourceReady[index] && !sourceFailed[index] }
+    func watchesFileDescriptor(_ index: Int) -> Bool { !broken && sourceStates[index] == .polled }
 
     /// Tells a device that makes frames on demand of the rx buffers posted since it was last
     /// told; the frames it makes join the backlog now, for this turn's delivery.

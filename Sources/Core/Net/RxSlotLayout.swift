@@ -29,7 +29,7 @@ public enum RxSlotLayout {
 
     /// The slots `frame` takes as it lies in memory now, its GSO extra included.
     public static func slots(of frame: EthernetFrame) -> Int {
-        let data = frame.withUnsafeBytes { slots(count: $0.count, at: $0.baseAddress ?? UnsafeRawPointer(bitPattern: xenPageSize)!).slots }
+        let data = frame.withUnsafeBytes { bytes in bytes.baseAddress.map { slots(count: bytes.count, at: $0).slots } ?? 1 }
         return data + (frame.offload.segmentation != nil ? 1 : 0)
     }
 }

@@ -190,12 +190,7 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
             if polled[1].revents != 0 { return }
             if polled[0].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 && polled[0].revents & Int16(POLLIN) == 0 { return }
             // A burst at most, then look at the stop event again.
-            burst: for _ in 0..<256 {
-                switch reader.readOne(to: receiver, counters: counters.toGuest) {
-                case .frame, .dropped: continue
-                case .empty: break burst
-                }
-            }
+            _ = reader.readBurst(to: receiver, buffers: .max, counters: counters.toGuest)
         }
     }
 
@@ -208,24 +203,11 @@ public final class TapDevice: NetDevice, @unchecked Sendable {
     }
 
     public func readFrames(queue: Int, buffers: Int) -> NetFramesRead {
-        var read = NetFramesRead(frames: 0, buffers: 0, empty: true)
+        let nothing = NetFramesRead(frames: 0, buffers: 0, empty: true)
         reading.add(1, ordering: .sequentiallyConsistent)
         defer { reading.subtract(1, ordering: .sequentiallyConsistent) }
-        guard !closed.load(ordering: .sequentiallyConsistent), let receiver, queueReaders.indices.contains(queue) else { return read }
-        let reader = queueReaders[queue]
-        read.empty = false
-        // A burst at most (frames dropped as malformed take no buffers): the thread has rings to serve.
-        for _ in 0..<256 {
-            if read.buffers >= buffers { break }
-            switch reader.readOne(to: receiver, counters: counters.toGuest) {
-            case .frame(let taken):
-                read.frames += 1
-                read.buffers += taken
-            case .dropped: continue
-            case .empty: read.empty = true; return read
-            }
-        }
-        return read
+        guard !closed.load(ordering: .sequentiallyConsistent), let receiver, queueReaders.indices.contains(queue) else { return nothing }
+        return queueReaders[queue].readBurst(to: receiver, buffers: buffers, counters: counters.toGuest)
     }
 
     /// Stops and joins the readers, then closes the interface's descriptors (a TAP this device
@@ -291,8 +273,26 @@ final class TapQueueReader: @unchecked Sendable {
         case empty
     }
 
+    /// Reads frames and hands them to `receiver` until they take `buffers` page-sized guest
+    /// buffers, the queue is empty, or a burst of 256 is read (frames dropped as malformed take
+    /// no buffers, and the reading thread has other work: a stop event, a ring).
+    func readBurst(to receiver: any NetFrameReceiver, buffers: Int, counters: NetTrafficCounter) -> NetFramesRead {
+        var read = NetFramesRead(frames: 0, buffers: 0, empty: false)
+        for _ in 0..<256 {
+            if read.buffers >= buffers { break }
+            switch readOne(to: receiver, counters: counters) {
+            case .frame(let taken):
+                read.frames += 1
+                read.buffers += taken
+            case .dropped: continue
+            case .empty: read.empty = true; return read
+            }
+        }
+        return read
+    }
+
     /// Reads one frame and hands it to `receiver`.
-    func readOne(to receiver: any NetFrameReceiver, counters: NetTrafficCounter) -> Outcome {
+    private func readOne(to receiver: any NetFrameReceiver, counters: NetTrafficCounter) -> Outcome {
         var vectors = (iovec(iov_base: header, iov_len: VirtioNetHeader.size), iovec(iov_base: bytes, iov_len: Self.capacity))
         var read = -1
         repeat {
