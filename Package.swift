@@ -32,8 +32,9 @@ let package = Package(
         .systemLibrary(name: "CAio", pkgConfig: nil, providers: [.apt(["libaio-dev"])]),
         // libpcap from libpcap-dev: tcpdump's filter compiler for the `filter` network device.
         .systemLibrary(name: "CPcap", pkgConfig: nil, providers: [.apt(["libpcap-dev"])]),
-        // OpenSSL's libcrypto from libssl-dev: AES-XTS, PBKDF2 and SHA for the `crypt` device (LUKS1).
-        .systemLibrary(name: "CCrypto", pkgConfig: nil, providers: [.apt(["libssl-dev"])]),
+        // OpenSSL's libcrypto from libssl-dev (PBKDF2, SHA, AES-CBC) and libgcrypt from
+        // libgcrypt20-dev (AES-XTS with VAES) for the `crypt` device (LUKS1) and the `cas` store.
+        .systemLibrary(name: "CCrypto", pkgConfig: nil, providers: [.apt(["libssl-dev", "libgcrypt20-dev"])]),
         // libzstd from libzstd-dev: the chunks of the `compress` device.
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         // libusb-1.0 from libusb-1.0-0-dev: real host USB devices passed through (`host`).

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages SoftDev builds against and tests with (idempotent).
 set -euo pipefail
-pkgs=(libxen-dev libaio-dev xenstore-utils qemu-utils libnbd-bin nbdfuse fio nbdkit fuse3 e2fsprogs util-linux prometheus libpcap-dev tcpdump iperf3 iproute2 tshark iputils-ping ethtool libssl-dev libusb-1.0-0-dev libzstd-dev)
+pkgs=(libxen-dev libaio-dev xenstore-utils qemu-utils libnbd-bin nbdfuse fio nbdkit fuse3 e2fsprogs util-linux prometheus libpcap-dev tcpdump iperf3 iproute2 tshark iputils-ping ethtool libssl-dev libgcrypt20-dev libusb-1.0-0-dev libzstd-dev)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 && continue

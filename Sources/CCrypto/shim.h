@@ -1,11 +1,14 @@
-// OpenSSL's libcrypto (libssl-dev) for the `crypt` device and the `cas` store: AES (XTS, CBC, ECB for ESSIV)
-// through EVP, PBKDF2-HMAC, SHA digests, OPENSSL_cleanse. The loops below only call EVP once
-// per 512-byte sector with that sector's IV, as dm-crypt, qemu and nbdkit do; the cipher itself
-// is OpenSSL's (AES-NI where the CPU has it).
+// OpenSSL's libcrypto (libssl-dev) for the `crypt` device and the `cas` store: AES-CBC and
+// AES-ECB (ESSIV) through EVP, PBKDF2-HMAC, SHA digests, OPENSSL_cleanse; and libgcrypt
+// (libgcrypt20-dev, cryptsetup's default backend) for AES-XTS, the LUKS payload's cipher. The
+// loops below only call the library once per 512-byte sector with that sector's IV, as
+// dm-crypt, qemu and nbdkit do; the cipher itself is the library's (AES-NI, VAES where the CPU
+// has them).
 #include <openssl/evp.h>
 #include <openssl/crypto.h>
 #include <openssl/sha.h>
 #include <openssl/err.h>
+#include <gcrypt.h>
 #include <sys/random.h>
 #include <sys/mman.h>
 #include <stdint.h>
@@ -39,68 +42,39 @@ static inline int ccrypto_sectors(EVP_CIPHER_CTX *ctx, EVP_CIPHER_CTX *essiv, co
     return 1;
 }
 
-// The XTS tweak arithmetic on 128-bit values as clang's vector extensions have them (SSE2
-// registers on x86-64, NEON on arm64): no intrinsics header, one path for every target.
-typedef uint64_t ccrypto_u64x2 __attribute__((vector_size(16), aligned(16)));
-typedef int32_t ccrypto_i32x4 __attribute__((vector_size(16), aligned(16)));
-
-// T * x in GF(2^128), IEEE 1619's little-endian order: a shift left by one, the bit that
-// leaves each 64-bit half carried into the other (into the low half as the polynomial 0x87).
-static inline ccrypto_u64x2 ccrypto_xts_double(ccrypto_u64x2 t) {
-    ccrypto_i32x4 top = (ccrypto_i32x4)t >> 31;   // each 32-bit lane: all ones if its top bit is set
-    ccrypto_i32x4 carry = __builtin_shufflevector(top, top, 3, 0, 1, 0) & (ccrypto_i32x4){0x87, 0, 1, 0};
-    return (t << 1) ^ (ccrypto_u64x2)carry;
+// libgcrypt, initialised once before its first use (its rule): no secure memory pool (the
+// keys live in SecretBytes and in the cipher handles, which gcry_cipher_close wipes).
+static inline int ccrypto_gcrypt_ready(void) {
+    if (!gcry_control(GCRYCTL_INITIALIZATION_FINISHED_P)) {
+        if (!gcry_check_version(GCRYPT_VERSION)) return 0;
+        gcry_control(GCRYCTL_DISABLE_SECMEM, 0);
+        gcry_control(GCRYCTL_INITIALIZATION_FINISHED, 0);
+    }
+    return 1;
 }
 
-static inline ccrypto_u64x2 ccrypto_load128(const unsigned char *p) { ccrypto_u64x2 v; memcpy(&v, p, 16); return v; }
-static inline void ccrypto_store128(unsigned char *p, ccrypto_u64x2 v) { memcpy(p, &v, 16); }
+// An AES-XTS handle of libgcrypt keyed with `key` (2 x 16 or 2 x 32 bytes); NULL if refused.
+static inline gcry_cipher_hd_t ccrypto_gcrypt_xts(const unsigned char *key, size_t keylen) {
+    gcry_cipher_hd_t h = NULL;
+    int algo = keylen == 64 ? GCRY_CIPHER_AES256 : GCRY_CIPHER_AES128;
+    if (gcry_cipher_open(&h, algo, GCRY_CIPHER_MODE_XTS, 0)) return NULL;
+    if (gcry_cipher_setkey(h, key, keylen)) { gcry_cipher_close(h); return NULL; }
+    return h;
+}
 
-// XTS (IEEE 1619) over whole 512-byte sectors with plain64 tweaks, built on OpenSSL's AES-ECB:
-// C = E_K1(P ^ T) ^ T, T_j = E_K2(plain64(sector)) * x^j in GF(2^128). The same result as
-// EVP_aes_*_xts with the sector's IV, but two EVP calls per 16 sectors instead of an
-// EVP_CipherInit_ex (parameter lookups, ~1 us in OpenSSL 3) and an update per sector: that cost
-// held AES-NI's 3 GB/s to 0.5 GB/s. `data` is AES-ECB keyed with K1 for the direction wanted,
-// `tweak` AES-ECB keyed with K2 for encryption; both without padding. in == out is allowed.
-// Four sectors' tweak chains are stepped side by side: one chain alone waits on each
-// multiplication's latency, and the XORs around the AES cost as much as the AES did.
-#define CCRYPTO_XTS_BATCH 16
-static inline int ccrypto_xts_sectors(EVP_CIPHER_CTX *data, EVP_CIPHER_CTX *tweak, const unsigned char *in,
-                                      unsigned char *out, size_t count, uint64_t sector) {
-    unsigned char ivs[CCRYPTO_XTS_BATCH * 16];
-    ccrypto_u64x2 tweaks[CCRYPTO_XTS_BATCH * 32];   // one tweak per AES block of the batch
-    while (count > 0) {
-        size_t n = count < CCRYPTO_XTS_BATCH ? count : CCRYPTO_XTS_BATCH;
-        int len = 0;
-        for (size_t i = 0; i < n; i++) ccrypto_plain64(ivs + 16 * i, sector + i);
-        if (EVP_EncryptUpdate(tweak, ivs, &len, ivs, (int)(16 * n)) != 1 || len != (int)(16 * n)) return 0;
-        size_t i = 0;
-        for (; i + 4 <= n; i += 4) {
-            ccrypto_u64x2 t0 = ccrypto_load128(ivs + 16 * i), t1 = ccrypto_load128(ivs + 16 * i + 16);
-            ccrypto_u64x2 t2 = ccrypto_load128(ivs + 16 * i + 32), t3 = ccrypto_load128(ivs + 16 * i + 48);
-            const unsigned char *s = in + 512 * i;
-            unsigned char *o = out + 512 * i;
-            ccrypto_u64x2 *kept = tweaks + 32 * i;
-            for (size_t j = 0; j < 32; j++) {
-                kept[j] = t0; kept[32 + j] = t1; kept[64 + j] = t2; kept[96 + j] = t3;
-                ccrypto_store128(o + 16 * j, ccrypto_load128(s + 16 * j) ^ t0);
-                ccrypto_store128(o + 512 + 16 * j, ccrypto_load128(s + 512 + 16 * j) ^ t1);
-                ccrypto_store128(o + 1024 + 16 * j, ccrypto_load128(s + 1024 + 16 * j) ^ t2);
-                ccrypto_store128(o + 1536 + 16 * j, ccrypto_load128(s + 1536 + 16 * j) ^ t3);
-                t0 = ccrypto_xts_double(t0); t1 = ccrypto_xts_double(t1);
-                t2 = ccrypto_xts_double(t2); t3 = ccrypto_xts_double(t3);
-            }
-        }
-        for (; i < n; i++) {
-            ccrypto_u64x2 t = ccrypto_load128(ivs + 16 * i);
-            for (size_t j = 0; j < 32; j++) {
-                tweaks[32 * i + j] = t;
-                ccrypto_store128(out + 512 * i + 16 * j, ccrypto_load128(in + 512 * i + 16 * j) ^ t);
-                t = ccrypto_xts_double(t);
-            }
-        }
-        if (EVP_CipherUpdate(data, out, &len, out, (int)(512 * n)) != 1 || len != (int)(512 * n)) return 0;
-        for (size_t k = 0; k < n * 32; k++) ccrypto_store128(out + 16 * k, ccrypto_load128(out + 16 * k) ^ tweaks[k]);
-        in += 512 * n; out += 512 * n; sector += n; count -= n;
+static inline void ccrypto_gcrypt_close(gcry_cipher_hd_t h) { gcry_cipher_close(h); }
+
+// XTS over `count` 512-byte sectors with plain64 tweaks through libgcrypt (VAES where the CPU
+// has it): one data unit per sector. 1, or 0 if libgcrypt failed. in == out is allowed.
+static inline int ccrypto_gcrypt_xts_sectors(gcry_cipher_hd_t h, int encrypt, const unsigned char *in,
+                                             unsigned char *out, size_t count, uint64_t sector) {
+    unsigned char iv[16];
+    for (size_t i = 0; i < count; i++) {
+        ccrypto_plain64(iv, sector + i);
+        if (gcry_cipher_setiv(h, iv, 16)) return 0;
+        gcry_error_t e = encrypt ? gcry_cipher_encrypt(h, out + 512 * i, 512, in + 512 * i, 512)
+                                 : gcry_cipher_decrypt(h, out + 512 * i, 512, in + 512 * i, 512);
+        if (e) return 0;
     }
     return 1;
 }

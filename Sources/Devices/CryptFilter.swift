@@ -6,9 +6,9 @@ import Synchronization
 /// `crypt(keyfile=PATH)` or `crypt(passphrase=...)`: the plaintext of a LUKS1 volume stored on
 /// the device below, as qemu's luks driver, nbdkit's luks filter and dm-crypt serve it. The
 /// header is read and checked at open, each active key slot is tried with the passphrase, and
-/// the payload's sectors are encrypted with AES-XTS (or AES-CBC with ESSIV or plain64 IVs)
-/// from OpenSSL's libcrypto, each 512-byte sector with its number from the payload's start as
-/// its IV (plain64).
+/// the payload's sectors are encrypted with AES-XTS from libgcrypt (or AES-CBC with ESSIV or
+/// plain64 IVs from OpenSSL's libcrypto), each 512-byte sector with its number from the
+/// payload's start as its IV (plain64).
 ///
 /// - Reads go down into the request's own buffers and are decrypted there when they complete.
 /// - Writes are encrypted into a buffer of the filter's (the caller's data is never changed),
@@ -20,7 +20,7 @@ import Synchronization
 ///   it below: a file's completion thread, the transport's ring or connection thread) ciphers
 ///   its share and goes on without waiting for the helpers; whichever finishes last completes
 ///   the read or submits the write piece.
-/// - Each request in flight borrows a ``CryptRequest`` from a pool: its OpenSSL contexts (one
+/// - Each request in flight borrows a ``CryptRequest`` from a pool: its cipher handles (one
 ///   per direction, keyed once) and its buffer, so that nothing is allocated per request once
 ///   the pool has grown to the deepest queue seen.
 /// - Smaller requests are ciphered on the thread that has them (a handoff would cost more).
@@ -30,7 +30,7 @@ import Synchronization
 ///   (which NBD and blkif allow) and the device below learns which blocks are free. qemu's luks
 ///   driver always passes discard down; dm-crypt does not by default; we follow dm-crypt.
 /// - Extents are not passed up: a hole below is not zero above.
-/// - `close` wipes the master key and frees the contexts (OpenSSL wipes their key schedules).
+/// - `close` wipes the master key and frees the cipher handles (the libraries wipe their key schedules).
 public final class CryptFilter: BlockFilter, @unchecked Sendable {
     public override var name: String { "crypt" }
     public let header: LUKSHeader
@@ -203,8 +203,8 @@ final class CryptRequest: BlockCompletionSink, SectorCipherClient, @unchecked Se
         if submitPiece(callerMayWait: false) && advance() { pump(callerMayWait: false) }
     }
 
-    private static let decryptFailure = BlockResult.failure(BlockError(.io, "crypt: OpenSSL failed to decrypt"))
-    private static let encryptFailure = BlockResult.failure(BlockError(.io, "crypt: OpenSSL failed to encrypt"))
+    private static let decryptFailure = BlockResult.failure(BlockError(.io, "crypt: the cipher library failed to decrypt"))
+    private static let encryptFailure = BlockResult.failure(BlockError(.io, "crypt: the cipher library failed to encrypt"))
 
     /// Every buffer of the request holds whole sectors (so any sector of it lies in one).
     private var wholeSectors: Bool { buffers.allSatisfy { $0.count % 512 == 0 } }
@@ -342,7 +342,7 @@ final class CryptRequest: BlockCompletionSink, SectorCipherClient, @unchecked Se
 extension CryptFilter {
     public static let descriptor = DeviceDescriptor(
         name: "crypt", kind: .filter,
-        summary: "The plaintext of a LUKS1 volume on the device below (AES-XTS from OpenSSL; reads and writes what qemu-img's luks driver, nbdkit's luks filter and cryptsetup do).",
+        summary: "The plaintext of a LUKS1 volume on the device below (AES-XTS from libgcrypt; reads and writes what qemu-img's luks driver, nbdkit's luks filter and cryptsetup do).",
         parameters: [
             DeviceParameter("keyfile", "A file whose whole contents are the passphrase (as cryptsetup --key-file, qemu's secret,file=)."),
             DeviceParameter("passphrase", "The passphrase itself: for tests only, it shows in process lists and configs (use keyfile)."),

@@ -167,8 +167,8 @@ final class CryptFilterTests: XCTestCase {
         XCTAssertTrue(try again.readBytes(patch.count, at: 12288) == patch, "SoftDev reads what nbdkit's luks filter wrote")
     }
 
-    /// The XTS built on AES-ECB gives OpenSSL's own EVP_aes_*_xts bytes, both key sizes, both
-    /// directions, in place and not, for runs of sectors that do not fill a batch.
+    /// libgcrypt's XTS, a data unit per sector, gives OpenSSL's own EVP_aes_*_xts bytes: both
+    /// key sizes, both directions, in place and not, sector numbers that cross 2^32 and 2^64.
     func testXTSMatchesOpenSSL() throws {
         for keyBytes in [32, 64] {
             for encrypt in [true, false] {

@@ -215,22 +215,28 @@ public struct LUKSCipherSpec: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
-/// One direction of a sector cipher keyed with one key: OpenSSL contexts for one thread at a
-/// time (a request in flight owns one). The contexts hold the key schedule; freeing them wipes it.
+/// One direction of a sector cipher keyed with one key: handles for one thread at a time (a
+/// request in flight owns one). The handles hold the key schedule; freeing them wipes it.
 ///
-/// XTS runs as `ccrypto_xts_sectors`: OpenSSL's AES-ECB with K1 over 16 sectors at a time,
-/// between XORs with the tweaks (AES-ECB with K2 of each sector's plain64 IV, times x^j),
-/// which gives EVP_aes_*_xts's bytes (checked against it in the tests) at twice its speed
-/// here, where EVP would need an EVP_CipherInit_ex per sector. CBC modes (read compatibility
-/// with older volumes) go through EVP per sector.
+/// XTS runs on libgcrypt (cryptsetup's own backend), one data unit per 512-byte sector with
+/// its plain64 tweak: libgcrypt has VAES and VPCLMULQDQ code for XTS, which OpenSSL 3.0 has
+/// not, and runs it at 6.2 GB/s per core here against 4.6 for OpenSSL's AES-NI ECB with the
+/// tweaks stepped in C. The CBC modes (read compatibility with older volumes) go through
+/// OpenSSL's EVP per sector.
 final class LUKSSectorCipher {
-    private let context: OpaquePointer
-    /// XTS: AES-ECB keyed with the second half of the key, encrypting (the tweaks).
-    private let tweak: OpaquePointer?
+    private let encrypt: Bool
+    /// XTS: libgcrypt's handle keyed with both halves of the key.
+    private let xts: OpaquePointer?
+    /// CBC: OpenSSL's context for the direction wanted.
+    private let context: OpaquePointer?
     /// CBC-ESSIV: AES-256-ECB keyed with SHA-256 of the key (the IVs).
     private let essiv: OpaquePointer?
 
+    /// libgcrypt initialised, once for the process (Swift runs a static's initialiser once).
+    private static let gcryptReady = ccrypto_gcrypt_ready() == 1
+
     init(spec: LUKSCipherSpec, key: SecretBytes, encrypt: Bool) throws(BlockError) {
+        self.encrypt = encrypt
         let keyPointer = key.pointer.assumingMemoryBound(to: UInt8.self)
         func make(_ cipher: OpaquePointer, _ key: UnsafePointer<UInt8>, encrypt: Bool) throws(BlockError) -> OpaquePointer {
             guard let context = EVP_CIPHER_CTX_new() else { throw BlockError(.noSpace, "OpenSSL: no cipher context") }
@@ -243,18 +249,17 @@ final class LUKSSectorCipher {
         }
         switch spec.mode {
         case .xtsPlain64:
-            let ecb = spec.keyBytes == 64 ? EVP_aes_256_ecb()! : EVP_aes_128_ecb()!
-            context = try make(ecb, keyPointer, encrypt: encrypt)
-            do throws(BlockError) { tweak = try make(ecb, keyPointer + spec.keyBytes / 2, encrypt: true) } catch {
-                EVP_CIPHER_CTX_free(context); throw error
-            }
-            essiv = nil
+            guard Self.gcryptReady else { throw BlockError(.io, "libgcrypt is older than the headers SoftDev was built with") }
+            guard let handle = ccrypto_gcrypt_xts(keyPointer, spec.keyBytes) else { throw BlockError(.io, "libgcrypt refused the \(spec) key") }
+            xts = handle
+            context = nil; essiv = nil
         case .cbcPlain64:
             context = try make(spec.evpCipher, keyPointer, encrypt: encrypt)
-            tweak = nil; essiv = nil
+            xts = nil; essiv = nil
         case .cbcESSIV:
-            context = try make(spec.evpCipher, keyPointer, encrypt: encrypt)
-            tweak = nil
+            let context = try make(spec.evpCipher, keyPointer, encrypt: encrypt)
+            self.context = context
+            xts = nil
             // ESSIV: the IV is the sector number encrypted with AES-256 keyed by SHA-256(key).
             let salt = SecretBytes(count: 32)
             var length: UInt32 = 0
@@ -268,8 +273,8 @@ final class LUKSSectorCipher {
     }
 
     deinit {
-        EVP_CIPHER_CTX_free(context)
-        if let tweak { EVP_CIPHER_CTX_free(tweak) }
+        if let xts { ccrypto_gcrypt_close(xts) }
+        if let context { EVP_CIPHER_CTX_free(context) }
         if let essiv { EVP_CIPHER_CTX_free(essiv) }
     }
 
@@ -277,7 +282,7 @@ final class LUKSSectorCipher {
     @inline(__always)
     func run(_ input: UnsafeRawPointer, _ output: UnsafeMutableRawPointer, sectors count: Int, first sector: UInt64) -> Bool {
         let input = input.assumingMemoryBound(to: UInt8.self), output = output.assumingMemoryBound(to: UInt8.self)
-        if let tweak { return ccrypto_xts_sectors(context, tweak, input, output, count, sector) == 1 }
+        if let xts { return ccrypto_gcrypt_xts_sectors(xts, encrypt ? 1 : 0, input, output, count, sector) == 1 }
         return ccrypto_sectors(context, essiv, input, output, count, sector) == 1
     }
 }
