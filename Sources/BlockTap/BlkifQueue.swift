@@ -295,7 +295,7 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
                 if let recordStores {
                     // Recorded before anything can answer it (a response may overwrite its entry).
                     recordSlot = freeSlotStack[freeSlotCount - 1]
-                    withUnsafeBytes(of: request.storage) { recordStores.taken(slot: recordSlot, index: index, request: $0.baseAddress!) }
+                    recordStores.taken(slot: recordSlot, index: index, value: request.storage)
                 }
                 dispatch(request)
                 if heldBarrier != nil { return }
