@@ -103,6 +103,12 @@ public final class FileDevice: SynchronousBlockDevice, BlockPlugTarget, @uncheck
     private let offload: BlockOffload?
     /// Tests only: an errno the reaper's next wait fails with (see `failNextCompletionWait`).
     private let injectedWaitFailure = Atomic<Int32>(0)
+    /// Buffered writes waiting for the worker that is writing (``queueWrite(_:_:)``).
+    private let writes = Mutex(WriteQueue())
+    private struct WriteQueue {
+        var pending: [(BlockRequest, BlockCompletion)] = []
+        var writing = false
+    }
     /// Cleared when the file system refuses RWF_NOWAIT (EOPNOTSUPP, e.g. tmpfs on older
     /// kernels): every read then goes straight to a worker instead of paying a failed call.
     private let pageCacheReads = Atomic<Bool>(true)
@@ -289,6 +295,9 @@ public final class FileDevice: SynchronousBlockDevice, BlockPlugTarget, @uncheck
         if let offload {
             // Data already in the page cache is copied here and now; the rest waits for a worker.
             if readFromPageCache(request) { completion.complete(.success); return }
+            if request.operation == .write && !request.fua && !request.callerMayWait && !BlockWorkers.onWorkerThread {
+                return queueWrite(request, completion)
+            }
             offload.serve(request, completion) { self.performSynchronously(request) }
             return
         }
@@ -663,6 +672,39 @@ public final class FileDevice: SynchronousBlockDevice, BlockPlugTarget, @uncheck
         let done = preadv2(fd, vectors, Int32(request.buffers.count), off_t(request.offset), LinuxFile.RWF_NOWAIT)
         if done < 0 && errno == EOPNOTSUPP { pageCacheReads.store(false, ordering: .relaxed) }
         return done == Int(request.length)
+    }
+
+    /// A buffered write (not FUA), written by one worker at a time: the worker that is writing
+    /// takes every write queued meanwhile, so a deep queue of small writes keeps one thread busy
+    /// rather than waking one per write to wait on the file's inode lock (a buffered write
+    /// holds it on ext4 and XFS). FUA writes go to workers of their own: their syncs overlap.
+    private func queueWrite(_ request: BlockRequest, _ completion: BlockCompletion) {
+        let start = writes.withLock { q -> Bool in
+            q.pending.append((request, completion))
+            if q.writing { return false }
+            q.writing = true
+            return true
+        }
+        guard start, let offload else { return }
+        offload.run { [self] in
+            var batch: [(BlockRequest, BlockCompletion)] = []
+            while true {
+                writes.withLock { q in swap(&batch, &q.pending) }
+                for (request, completion) in batch.dropLast() { completion.complete(performSynchronously(request)) }
+                let (request, completion) = batch[batch.count - 1]
+                let result = performSynchronously(request)
+                batch.removeAll(keepingCapacity: true)
+                // The last write completes after the device counts the worker done (its
+                // completion may lead to the device's close); the others here and now.
+                let last = writes.withLock { q -> Bool in
+                    if !q.pending.isEmpty { return false }
+                    q.writing = false
+                    return true
+                }
+                if last { return { completion.complete(result) } }
+                completion.complete(result)
+            }
+        }
     }
 
     /// Waits for the requests in flight, stops the reaper and closes the file.

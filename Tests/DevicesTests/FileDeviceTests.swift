@@ -101,6 +101,35 @@ final class FileDeviceTests: XCTestCase {
         withExtendedLifetime(buffers) {}
     }
 
+    /// A buffered file's writes queue behind the worker that is writing; the completion of
+    /// the last may close the device (as a transport's last request may lead to its close)
+    /// without waiting on that worker, and every write is in the file.
+    func testTheLastQueuedWritesCompletionMayCloseTheDevice() throws {
+        let file = try makeImage(size: 1 << 20, direct: .off, inline: false)
+        XCTAssertFalse(file.servesInline, "a buffered file on a disk file system: writes go to workers")
+        final class ClosingSink: BlockCompletionSink, @unchecked Sendable {
+            let lock = NSLock()
+            var results: [BlockResult] = []
+            let closed = DispatchSemaphore(value: 0)
+            let file: FileDevice, count: Int
+            init(_ file: FileDevice, _ count: Int) { self.file = file; self.count = count }
+            func complete(tag: UInt64, result: BlockResult) {
+                let last = lock.withLock { results.append(result); return results.count == count }
+                if last { file.close(); closed.signal() }
+            }
+        }
+        let count = 48
+        let sink = ClosingSink(file, count)
+        let buffers = (0..<count).map { TestBuffer(count: 4096, pattern: UInt8($0 + 1)) }
+        for (i, buffer) in buffers.enumerated() {
+            file.submit(file.writeRequest(buffer, at: UInt64(i) * 4096, fua: false), completion: BlockCompletion(sink: sink, tag: UInt64(i)))
+        }
+        XCTAssertEqual(sink.closed.wait(timeout: .now() + 20), .success, "closed from the last completion, no deadlock")
+        XCTAssertEqual(sink.lock.withLock { sink.results.filter { $0 == .success }.count }, count)
+        for i in 0..<count { XCTAssertEqual(fileBytes(file, 4096, at: UInt64(i) * 4096), TestBuffer.expected(4096, UInt8(i + 1)), "block \(i)") }
+        withExtendedLifetime(buffers) {}
+    }
+
     func testMisalignedBuffersGoThroughABounceBuffer() throws {
         let file = try makeImage()
         // 3 bytes past a page boundary: O_DIRECT would fail this with EINVAL.

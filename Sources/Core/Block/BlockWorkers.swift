@@ -155,15 +155,23 @@ public final class BlockOffload: @unchecked Sendable {
     /// Runs `perform` where the request may block, then completes it with the result.
     public func serve(_ request: BlockRequest, _ completion: BlockCompletion, _ perform: @escaping () -> BlockResult) {
         if request.callerMayWait || BlockWorkers.onWorkerThread { return completion.complete(perform()) }
+        run {
+            let result = perform()
+            return { completion.complete(result) }
+        }
+    }
+
+    /// Runs `work` on a worker of the submitting thread's transport; what it returns runs
+    /// after the device counts it done (a completion, which may lead to the device's close).
+    public func run(_ work: @escaping () -> (() -> Void)) {
         lock.withLock { running += 1 }
         (BlockWorkers.current ?? BlockWorkers.shared).enqueue { [self] in
-            let result = perform()
-            // Done with the device before the completion, which may lead to its close.
+            let then = work()
             lock.withLock {
                 running -= 1
                 if running == 0 { lock.broadcast() }
             }
-            completion.complete(result)
+            then()
         }
     }
 
