@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 
 /// A backend ring's private state, kept where it outlives the process: the request consumer
 /// index, the private response producer, and a copy of every request consumed and not yet
@@ -10,8 +11,9 @@ import Glibc
 /// The record is a small file under /run mapped shared: the ring thread's updates are plain
 /// stores to memory (no system call on the hot path), and the kernel keeps every store of a
 /// process that dies, in program order (x86-64 stores are seen in order; each update is a
-/// single aligned store where order matters), so the record is exact at whatever point the
-/// process was killed. It does not survive the machine (nor do the guests).
+/// single aligned store where order matters, and a fence keeps the compiler from moving a
+/// store past the next step's: no instruction on x86-64), so the record is exact at whatever
+/// point the process was killed. It does not survive the machine (nor do the guests).
 ///
 /// Each request goes through three stores, and a recovery reads them back:
 /// 1. `taken(slot:index:request:)`: the copy and its index, then the consumer index moves past
@@ -209,16 +211,22 @@ public final class RingRecoveryRecord: @unchecked Sendable {
             noteTaken(r, index: index)
         }
         @inlinable @inline(__always) func noteTaken(_ r: UnsafeMutableRawPointer, index: UInt32) {
+            atomicMemoryFence(ordering: .releasing)   // the copy, then the slot says it is there
             r.storeBytes(of: index, toByteOffset: Slot.index, as: UInt32.self)
             r.storeBytes(of: 0, toByteOffset: Slot.answer, as: UInt32.self)
+            atomicMemoryFence(ordering: .releasing)
             r.storeBytes(of: RingRecoveryRecord.taken, toByteOffset: Slot.state, as: UInt32.self)
+            atomicMemoryFence(ordering: .releasing)   // the slot, then the consumer past it
             base.storeBytes(of: index &+ 1, toByteOffset: Header.consumer, as: UInt32.self)
         }
         @inlinable @inline(__always) public func answered(slot: Int, response: UInt32) {
+            atomicMemoryFence(ordering: .releasing)   // the response in the ring, then the note
             record(slot).storeBytes(of: response &+ 1, toByteOffset: Slot.answer, as: UInt32.self)
+            atomicMemoryFence(ordering: .releasing)   // the note, then the producer past it
             base.storeBytes(of: response &+ 1, toByteOffset: Header.producer, as: UInt32.self)
         }
         @inlinable @inline(__always) public func released(slot: Int) {
+            atomicMemoryFence(ordering: .releasing)
             record(slot).storeBytes(of: 0, toByteOffset: Slot.state, as: UInt32.self)
         }
     }
