@@ -68,6 +68,7 @@ public final class BlkifLoadGenerator {
     /// Runs for `seconds` and returns what completed in that time.
     public func run(seconds: Double) throws -> Result {
         let q = front.queues[0]
+        let slots = self.slots
         let sectorsPerRequest = UInt64(workload.blockSize / 512)
         let slotsOnDevice = max(1, front.sectors / sectorsPerRequest)
         var rng: UInt64 = 0x9E37_79B9_7F4A_7C15

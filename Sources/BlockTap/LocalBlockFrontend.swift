@@ -36,7 +36,9 @@ public final class LocalBlockFrontend: @unchecked Sendable {
 
     /// One ring with its event channel and buffers.
     public final class Queue: @unchecked Sendable {
-        public var ring: FrontRing<BlkifRing>
+        /// One thread drives a queue (puts, pushes, takes): Swift's dynamic exclusivity checks,
+        /// a thread-local lookup per access, would cost a load generator more than the ring.
+        @exclusivity(unchecked) public var ring: FrontRing<BlkifRing>
         public let ringFrame: UInt32
         public let ringRefs: [GrantRef]
         public let channel: any EventChannel
@@ -44,7 +46,7 @@ public final class LocalBlockFrontend: @unchecked Sendable {
         public let bufferFrame: UInt32
         public let bufferRefs: [GrantRef]
         /// Event notifications sent to the backend (pushes the backend asked to hear about).
-        public private(set) var notifications = 0
+        @exclusivity(unchecked) public private(set) var notifications = 0
         /// Publishes the requests put so far and notifies the backend if it asked for that.
         public func pushRequests() {
             if ring.pushRequests() { notifications += 1; channel.notify() }
