@@ -43,6 +43,38 @@ public struct BlkifRequestBytes {
     public mutating func withBytes<R>(_ body: (UnsafeMutableRawBufferPointer) -> R) -> R { withUnsafeMutableBytes(of: &storage, body) }
 }
 
+/// A request's private copy where it lies (a ring's restart record, or a buffer of the ring
+/// thread's), read field by field: a backend's hot path loads the fields it needs instead of
+/// moving the 112 bytes again.
+struct BlkifRequestView {
+    let base: UnsafeRawPointer
+    @inline(__always) init(_ base: UnsafeRawPointer) { self.base = base }
+    @inline(__always) func field<T>(_ offset: Int?, _ type: T.Type) -> T { base.load(fromByteOffset: offset!, as: T.self) }
+
+    /// The bytes as a value (a held barrier, kept past its copy's reuse).
+    var bytes: BlkifRequestBytes {
+        var value = BlkifRequestBytes()
+        withUnsafeMutableBytes(of: &value.storage) { $0.copyMemory(from: UnsafeRawBufferPointer(start: base, count: $0.count)) }
+        return value
+    }
+
+    // Every view keeps operation, id and sector_number at the same offsets (BlkifProtocolTests).
+    var operation: UInt8 { base.load(as: UInt8.self) }
+    var id: UInt64 { field(MemoryLayout<blkif_request>.offset(of: \.id), UInt64.self) }
+    var sectorNumber: UInt64 { field(MemoryLayout<blkif_request>.offset(of: \.sector_number), UInt64.self) }
+    var segmentCount: Int { Int(field(MemoryLayout<blkif_request>.offset(of: \.nr_segments), UInt8.self)) }
+    /// The direct segments (read/write view).
+    var segments: UnsafePointer<blkif_request_segment> {
+        (base + MemoryLayout<blkif_request>.offset(of: \.seg)!).assumingMemoryBound(to: blkif_request_segment.self)
+    }
+    var discardSectors: UInt64 { field(MemoryLayout<blkif_request_discard>.offset(of: \.nr_sectors), UInt64.self) }
+    var indirectOperation: UInt8 { field(MemoryLayout<blkif_request_indirect>.offset(of: \.indirect_op), UInt8.self) }
+    var indirectSegmentCount: Int { Int(field(MemoryLayout<blkif_request_indirect>.offset(of: \.nr_segments), UInt16.self)) }
+    func indirectRef(_ page: Int) -> GrantRef {
+        field(MemoryLayout<blkif_request_indirect>.offset(of: \.indirect_grefs)! + page * MemoryLayout<GrantRef>.stride, GrantRef.self)
+    }
+}
+
 /// Numbers fixed by io/blkif.h.
 public enum Blkif {
     public static let opRead = UInt8(BLKIF_OP_READ)

@@ -32,7 +32,6 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
     private let blockMask: UInt64?
     /// Read once (a global or static is a lazy-initialisation check on every use).
     private let debug = debugLogging
-    private let directSegmentsOffset = MemoryLayout<blkif_request>.offset(of: \blkif_request.seg)!
     private let writable: Bool
     /// feature-max-indirect-segments as advertised: an indirect request with more is an error,
     /// and 0 refuses indirect requests.
@@ -97,10 +96,14 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
     private let completionSource: BlockCompletionSource?
     @exclusivity(unchecked) private var broken = false
     private let indirectBuffer: UnsafeMutablePointer<blkif_request_segment>
+    /// The private copy of the request being dispatched when the ring keeps no record (with
+    /// one, the copy lies in the record's slot), and of a recovered or held request.
+    private let requestCopy = UnsafeMutableRawPointer.allocate(byteCount: MemoryLayout<BlkifRequestBytes>.size, alignment: 16)
 
     /// Counters, for `softdev` status and tests.
     /// Only the ring thread writes them, so it keeps its own counts and publishes them with a
-    /// plain atomic store (a read-modify-write per request costs a locked instruction).
+    /// plain atomic store when it publishes responses (a read-modify-write per request costs a
+    /// locked instruction).
     let requestsServed = Atomic<UInt64>(0)
     let requestsFailed = Atomic<UInt64>(0)
     @exclusivity(unchecked) private var served: UInt64 = 0
@@ -170,6 +173,7 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         slots.deallocate()
         freeSlotStack.deallocate()
         indirectBuffer.deallocate()
+        requestCopy.deallocate()
     }
 
     /// Whether `start` was called (by the connecting thread, which also stops): a queue that
@@ -228,9 +232,10 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
                 break
             }
             recordSlot = slot
-            var raw = BlkifRequestBytes()
-            withUnsafeMutableBytes(of: &raw.storage) { $0.copyBytes(from: bytes.prefix($0.count)) }
-            dispatch(raw)
+            let copy = UnsafeMutableRawBufferPointer(start: requestCopy, count: MemoryLayout<BlkifRequestBytes>.size)
+            copy.initializeMemory(as: UInt8.self, repeating: 0)
+            copy.copyBytes(from: bytes.prefix(copy.count))
+            dispatch(BlkifRequestView(requestCopy))
         }
     }
 
@@ -279,6 +284,9 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
     static let publishEvery: UInt32 = 32
 
     private func publishResponses() {
+        // The counts, as the responses they count become visible.
+        requestsServed.store(served, ordering: .relaxed)
+        requestsFailed.store(failed, ordering: .relaxed)
         if ring.pushResponses() { channel.notify() }
     }
 
@@ -291,13 +299,20 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
             if n == 0 { return }
             for taken in 1...n {
                 let index = ring.requestConsumer
-                let request = ring.takeRequest()   // the one copy out of shared memory
+                // The one copy out of shared memory, which is all that is read from then on:
+                // into the record (before anything can answer the request: a response may
+                // overwrite its entry), else into the thread's own buffer.
+                let copy: UnsafeMutableRawPointer
                 if let recordStores {
-                    // Recorded before anything can answer it (a response may overwrite its entry).
                     recordSlot = freeSlotStack[freeSlotCount - 1]
-                    recordStores.taken(slot: recordSlot, index: index, value: request.storage)
+                    copy = recordStores.request(slot: recordSlot)
+                    ring.takeRequest(into: copy)
+                    recordStores.noteTaken(slot: recordSlot, index: index)
+                } else {
+                    copy = requestCopy
+                    ring.takeRequest(into: copy)
                 }
-                dispatch(request)
+                dispatch(BlkifRequestView(copy))
                 if heldBarrier != nil { return }
                 // A deep ring's sweep is long: show the frontend what completed every few
                 // requests (Linux blkback pushes each response), so that a frontend watching its
@@ -326,60 +341,54 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
             recordStores.answered(slot: slot, response: responseIndex)
             recordStores.released(slot: slot)
         }
-        if status == Blkif.statusOkay {
-            served &+= 1
-            requestsServed.store(served, ordering: .relaxed)
-        } else {
-            failed &+= 1
-            requestsFailed.store(failed, ordering: .relaxed)
-        }
+        if status == Blkif.statusOkay { served &+= 1 } else { failed &+= 1 }
     }
 
-    private func dispatch(_ raw: BlkifRequestBytes) {
-        let request = raw.request
-        switch raw.operation {
+    private func dispatch(_ request: BlkifRequestView) {
+        let operation = request.operation
+        switch operation {
         case Blkif.opRead, Blkif.opWrite:
-            dispatchReadWrite(raw, operation: request.operation, sector: request.sector_number,
-                              segmentCount: Int(request.nr_segments), indirect: false)
+            dispatchReadWrite(request, operation: operation, sector: request.sectorNumber,
+                              segmentCount: request.segmentCount, indirect: false)
         case Blkif.opFlushDiskCache:
-            if request.nr_segments == 0 {
+            if request.segmentCount == 0 {
                 submitNoData(request, .flush, offset: 0, length: 0)
             } else {
                 // Linux blkfront sends FUA and flush-with-data writes as FLUSH_DISKCACHE with
                 // segments: flush first (REQ_PREFLUSH), then the write, made durable.
-                dispatchReadWrite(raw, operation: Blkif.opWrite, sector: request.sector_number,
-                                  segmentCount: Int(request.nr_segments), indirect: false, preflush: true)
+                dispatchReadWrite(request, operation: Blkif.opWrite, sector: request.sectorNumber,
+                                  segmentCount: request.segmentCount, indirect: false, preflush: true)
             }
         case Blkif.opWriteBarrier:
             if inFlight > 0 {
-                heldBarrier = raw
+                heldBarrier = request.bytes
                 if recordStores != nil { heldBarrierTag = takeSlot() }   // == recordSlot: its record stays
                 return
             }
-            runBarrier(raw)
+            runBarrier(request)
         case Blkif.opDiscard:
-            let d = raw.discard
             // BLKIF_DISCARD_SECURE is "ignored if discard-secure=0" (blkif.h), which we advertise.
             guard device.capabilities.contains(.discard) else {
-                respond(id: d.id, operation: request.operation, status: Blkif.statusNotSupported); return
+                respond(id: request.id, operation: operation, status: Blkif.statusNotSupported); return
             }
-            guard writable else { respond(id: d.id, operation: request.operation, status: Blkif.statusError); return }
+            guard writable else { respond(id: request.id, operation: operation, status: Blkif.statusError); return }
+            let sector = request.sectorNumber, count = request.discardSectors
             // Nothing to discard: done, wherever it points, as Linux blkback answers it
             // (xen_vbd_translate checks the range only for a non-empty request).
-            if d.nr_sectors == 0 { respond(id: d.id, operation: request.operation, status: Blkif.statusOkay); return }
-            guard let end = checkedEnd(d.sector_number, d.nr_sectors), end <= sectors, aligned(d.sector_number, d.nr_sectors) else {
-                respond(id: d.id, operation: request.operation, status: Blkif.statusError); return
+            if count == 0 { respond(id: request.id, operation: operation, status: Blkif.statusOkay); return }
+            guard let end = checkedEnd(sector, count), end <= sectors, aligned(sector, count) else {
+                respond(id: request.id, operation: operation, status: Blkif.statusError); return
             }
-            submitNoData(request, .discard, offset: d.sector_number * 512, length: d.nr_sectors * 512)
+            submitNoData(request, .discard, offset: sector * 512, length: count * 512)
         case Blkif.opIndirect:
-            let ind = raw.indirect
-            guard ind.indirect_op == Blkif.opRead || ind.indirect_op == Blkif.opWrite else {
-                respond(id: ind.id, operation: request.operation, status: Blkif.statusError); return
+            let inner = request.indirectOperation
+            guard inner == Blkif.opRead || inner == Blkif.opWrite else {
+                respond(id: request.id, operation: operation, status: Blkif.statusError); return
             }
-            dispatchReadWrite(raw, operation: ind.indirect_op, sector: ind.sector_number,
-                              segmentCount: Int(ind.nr_segments), indirect: true)
+            dispatchReadWrite(request, operation: inner, sector: request.sectorNumber,
+                              segmentCount: request.indirectSegmentCount, indirect: true)
         default:
-            respond(id: request.id, operation: request.operation, status: Blkif.statusNotSupported)
+            respond(id: request.id, operation: operation, status: Blkif.statusNotSupported)
         }
     }
 
@@ -407,84 +416,72 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         return (sector * 512) % blockSize == 0 && (count * 512) % blockSize == 0
     }
 
-    private func submitNoData(_ request: blkif_request, _ op: BlockOperation, offset: UInt64, length: UInt64) {
+    private func submitNoData(_ request: BlkifRequestView, _ op: BlockOperation, offset: UInt64, length: UInt64) {
         let tag = takeSlot()
         slots[tag].id = request.id
         slots[tag].operation = request.operation
         slots[tag].segmentCount = 0
-        slots[tag].mappedCount = 0
-        slots[tag].mapping = nil
         inFlight += 1
         device.submit(BlockRequest(operation: op, offset: offset, length: length), completion: BlockCompletion(sink: self, tag: UInt64(tag)))
     }
 
     /// Copies the segment list of an indirect request out of its granted pages, once.
-    private func loadIndirectSegments(_ raw: BlkifRequestBytes, count: Int) -> Bool {
-        let ind = raw.indirect
+    private func loadIndirectSegments(_ request: BlkifRequestView, count: Int) -> Bool {
         let pages = (count + Blkif.segmentsPerIndirectPage - 1) / Blkif.segmentsPerIndirectPage
-        var grefs = ind.indirect_grefs
-        return withUnsafeBytes(of: &grefs) { raw -> Bool in
-            let refs = raw.bindMemory(to: GrantRef.self)
-            for p in 0..<pages {
-                let want = min(Blkif.segmentsPerIndirectPage, count - p * Blkif.segmentsPerIndirectPage)
-                let destination = indirectBuffer + p * Blkif.segmentsPerIndirectPage
-                let bytes = want * MemoryLayout<blkif_request_segment>.size
-                if let page = persistentPage(refs[p]) {
-                    memcpy(destination, page, bytes)
-                    continue
-                }
-                let page: UnsafeMutableRawPointer, m: GrantMapping
-                do { (page, m) = try grants.mapPage(domain: domain, ref: refs[p], writable: false) } catch {
-                    if debug { print("blkif: indirect page: \(error)") }
-                    return false
-                }
+        for p in 0..<pages {
+            let ref = request.indirectRef(p)
+            let want = min(Blkif.segmentsPerIndirectPage, count - p * Blkif.segmentsPerIndirectPage)
+            let destination = indirectBuffer + p * Blkif.segmentsPerIndirectPage
+            let bytes = want * MemoryLayout<blkif_request_segment>.size
+            if let page = persistentPage(ref) {
                 memcpy(destination, page, bytes)
-                grants.unmapPage(m, ref: refs[p])
+                continue
             }
-            return true
+            let page: UnsafeMutableRawPointer, m: GrantMapping
+            do { (page, m) = try grants.mapPage(domain: domain, ref: ref, writable: false) } catch {
+                if debug { print("blkif: indirect page: \(error)") }
+                return false
+            }
+            memcpy(destination, page, bytes)
+            grants.unmapPage(m, ref: ref)
         }
+        return true
     }
 
-    private func dispatchReadWrite(_ raw: BlkifRequestBytes, operation: UInt8, sector: UInt64, segmentCount: Int,
+    private func dispatchReadWrite(_ request: BlkifRequestView, operation: UInt8, sector: UInt64, segmentCount: Int,
                                    indirect: Bool, preflush: Bool = false) {
-        let request = raw.request
+        let id = request.id
         // Linux blkback answers an indirect request with its inner operation.
         let responseOperation = indirect ? operation : request.operation
         let fail = { (why: String) in
-            if self.debug { print("blkif: request \(request.id) op \(request.operation): \(why)") }
-            self.respond(id: request.id, operation: responseOperation, status: Blkif.statusError)
+            if self.debug { print("blkif: request \(id) op \(request.operation): \(why)") }
+            self.respond(id: id, operation: responseOperation, status: Blkif.statusError)
         }
         let maxSegments = indirect ? maxIndirectSegments : Blkif.maxDirectSegments
         guard segmentCount >= 1, segmentCount <= maxSegments else { fail("\(segmentCount) segments"); return }
         let isWrite = operation == Blkif.opWrite
         if isWrite && !writable { fail("write to a read-only device"); return }
-        if indirect && !loadIndirectSegments(raw, count: segmentCount) { fail("bad indirect page"); return }
+        if indirect && !loadIndirectSegments(request, count: segmentCount) { fail("bad indirect page"); return }
 
+        // A free slot has no mapping and no pending write (`finish` leaves it so).
         let tag = takeSlot()
         let slot = slots + tag
-        slot.pointee.id = request.id
+        slot.pointee.id = id
         slot.pointee.operation = responseOperation
         slot.pointee.segmentCount = segmentCount
-        slot.pointee.mappedCount = 0
-        slot.pointee.mapping = nil
-        slot.pointee.pendingWrite = nil
 
         // Check every segment of the private copy before mapping anything.
         var total: UInt64 = 0
         var ok = true
-        withUnsafeBytes(of: raw.storage) { bytes in
-            let direct = bytes.baseAddress!.advanced(by: directSegmentsOffset)
-                .assumingMemoryBound(to: blkif_request_segment.self)
-            let segs = indirect ? UnsafePointer(indirectBuffer) : direct
-            for i in 0..<segmentCount {
-                let s = segs[i]
-                guard s.first_sect <= s.last_sect, s.last_sect < Blkif.sectorsPerPage else { ok = false; return }
-                slot.pointee.refs[i] = s.gref
-                let length = Int(s.last_sect - s.first_sect + 1) * 512
-                slot.pointee.vectors[i] = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: Int(s.first_sect) * 512),
-                                                iov_len: length)
-                total += UInt64(length)
-            }
+        let segs = indirect ? UnsafePointer(indirectBuffer) : request.segments
+        for i in 0..<segmentCount {
+            let s = segs[i]
+            guard s.first_sect <= s.last_sect, s.last_sect < Blkif.sectorsPerPage else { ok = false; break }
+            slot.pointee.refs[i] = s.gref
+            let length = Int(s.last_sect - s.first_sect + 1) * 512
+            slot.pointee.vectors[i] = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: Int(s.first_sect) * 512),
+                                            iov_len: length)
+            total += UInt64(length)
         }
         guard ok, let end = checkedEnd(sector, total / 512), end <= sectors, aligned(sector, total / 512) else {
             returnSlot(tag); fail("bad segment or range"); return
@@ -497,12 +494,13 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         inFlight += 1
         let io = BlockRequest(operation: isWrite ? .write : .read, offset: sector * 512, length: total,
                               buffers: IOBuffers(slot.pointee.vectors, count: segmentCount), fua: preflush)
-        let completion = BlockCompletion(sink: self, tag: UInt64(tag))
         if preflush {
             slot.pointee.pendingWrite = io
-            device.submit(BlockRequest(operation: .flush, offset: 0, length: 0), completion: completion)
+            device.submit(BlockRequest(operation: .flush, offset: 0, length: 0), completion: BlockCompletion(sink: self, tag: UInt64(tag)))
+        } else if let result = device.immediateResult(of: io) {
+            finish(tag, result)   // no completion made, retained and called back
         } else {
-            device.submit(io, completion: completion)
+            device.submit(io, completion: BlockCompletion(sink: self, tag: UInt64(tag)))
         }
     }
 
@@ -541,15 +539,14 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
         return true
     }
 
-    private func runBarrier(_ raw: BlkifRequestBytes) {
-        let request = raw.request
+    private func runBarrier(_ request: BlkifRequestView) {
         // Everything before the barrier has completed (we waited); make it durable, then the
         // barrier's own data, durable too.
         var status = Blkif.statusOkay
         if case .failure = device.submitAndWait(BlockRequest(operation: .flush, offset: 0, length: 0)) { status = Blkif.statusError }
-        if status == Blkif.statusOkay && request.nr_segments > 0 {
-            dispatchReadWrite(raw, operation: Blkif.opWrite, sector: request.sector_number,
-                              segmentCount: Int(request.nr_segments), indirect: false, preflush: false)
+        if status == Blkif.statusOkay && request.segmentCount > 0 {
+            dispatchReadWrite(request, operation: Blkif.opWrite, sector: request.sectorNumber,
+                              segmentCount: request.segmentCount, indirect: false, preflush: false)
             return
         }
         respond(id: request.id, operation: request.operation, status: status)
@@ -594,7 +591,7 @@ final class BlkifQueue: BlockCompletionSink, RingService, @unchecked Sendable {
                 returnSlot(kept)
                 recordSlot = kept
             }
-            runBarrier(barrier)
+            withUnsafeBytes(of: barrier.storage) { runBarrier(BlkifRequestView($0.baseAddress!)) }
         }
     }
 }

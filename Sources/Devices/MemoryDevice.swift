@@ -41,6 +41,9 @@ public final class MemoryDevice: SynchronousBlockDevice, @unchecked Sendable {
 
     deinit { close() }
 
+    /// Every request is done at once under the lock (no other thread, no system call).
+    public func immediateResult(of request: BlockRequest) -> BlockResult? { performSynchronously(request) }
+
     /// The number of 64 KiB chunks that hold data (for tests and statistics).
     public var allocatedChunks: Int {
         lock.withLock { _ in

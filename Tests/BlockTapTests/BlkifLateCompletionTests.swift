@@ -259,3 +259,51 @@ final class BlkifWorkerPoolTests: XCTestCase {
         try front.close()
     }
 }
+
+/// A disk that answers reads and writes at once (`immediateResult`) and everything else
+/// through `submit`; it counts both ways in, and fails writes past its first half.
+final class ImmediateDisk: BlockDevice, @unchecked Sendable {
+    let inner = TestDisk(size: 1 << 20)
+    var name: String { "immediate" }
+    var geometry: BlockGeometry { inner.geometry }
+    var capabilities: BlockCapabilities { inner.capabilities }
+    private let lock = NSLock()
+    private var immediateCount = 0, submitCount = 0
+    var counts: (immediate: Int, submitted: Int) { lock.withLock { (immediateCount, submitCount) } }
+
+    func immediateResult(of request: BlockRequest) -> BlockResult? {
+        guard request.operation == .read || request.operation == .write else { return nil }
+        lock.withLock { immediateCount += 1 }
+        if request.operation == .write && request.offset >= geometry.size / 2 { return .failure(BlockError(.io, "bad half")) }
+        return inner.performSynchronously(request)
+    }
+    func submit(_ request: BlockRequest, completion: BlockCompletion) {
+        lock.withLock { submitCount += 1 }
+        completion.complete(inner.performSynchronously(request))
+    }
+}
+
+/// A device that has its result at once (null, memory) is answered without a completion: the
+/// data, the status and the requests that still go through `submit` are those of the slow way.
+final class BlkifImmediateResultTests: XCTestCase {
+    func testImmediateResultsAnswerTheRingAndOtherRequestsAreSubmitted() throws {
+        let lab = try LocalLab()
+        defer { lab.shutdown() }
+        let disk = ImmediateDisk()
+        let (guest, paths) = try lab.guestWithDisk(disk)
+        let front = try LocalBlockFrontend(hypervisor: guest, frontendPath: paths.frontendPath, options: LocalBlockFrontend.Options())
+        let data = (0..<8192).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+        try front.write(sector: 16, data)
+        XCTAssertEqual(try front.read(sector: 16, count: 8192), data, "written and read back through immediate results")
+        XCTAssertEqual(try front.read(sector: 24, count: 4096), Array(data[4096...]))
+        XCTAssertEqual(disk.counts.immediate, 3)
+        XCTAssertEqual(disk.counts.submitted, 0, "no request went through submit")
+
+        XCTAssertThrowsError(try front.write(sector: disk.geometry.sectors / 2, [UInt8](repeating: 1, count: 4096)),
+                             "an immediate failure is the request's error")
+        XCTAssertEqual(try front.control(operation: Blkif.opFlushDiskCache), Blkif.statusOkay)
+        XCTAssertEqual(disk.counts.submitted, 1, "the flush went through submit")
+        XCTAssertEqual(disk.inner.flushes, 1)
+        XCTAssertEqual(try front.read(sector: 16, count: 8192), data, "the ring goes on after an error")
+    }
+}

@@ -5,11 +5,14 @@ import XCTest
 
 /// The raw request copy and its views: what the hot paths rely on about blkif.h's layout.
 final class BlkifProtocolTests: XCTestCase {
-    func testSectorNumberSitsAtOneOffsetInEveryView() {
+    func testSectorNumberAndIDSitAtOneOffsetInEveryView() {
         let offset = MemoryLayout<blkif_request>.offset(of: \.sector_number)
         XCTAssertEqual(offset, MemoryLayout<blkif_request_indirect>.offset(of: \.sector_number))
         XCTAssertEqual(offset, MemoryLayout<blkif_request_discard>.offset(of: \.sector_number))
         XCTAssertEqual(MemoryLayout<blkif_request>.size, 112)
+        let id = MemoryLayout<blkif_request>.offset(of: \.id)
+        XCTAssertEqual(id, MemoryLayout<blkif_request_indirect>.offset(of: \.id))
+        XCTAssertEqual(id, MemoryLayout<blkif_request_discard>.offset(of: \.id))
     }
 
     func testSettingTheSectorNumberChangesOnlyThatField() {

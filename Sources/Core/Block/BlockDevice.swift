@@ -145,6 +145,12 @@ public protocol BlockDevice: SoftDevice {
     /// thread of the device's collecting them and handing each over (a wake-up less per
     /// request). nil (the default): the device completes as it does.
     func attachCompletionSource() -> BlockCompletionSource?
+
+    /// For a transport's hot path: the result of `request`, done now on the calling thread,
+    /// when the device always completes at once and never blocks (null, memory), so that no
+    /// completion is made and called per request; nil (the default): `submit` it. A device
+    /// that returns a result here does exactly what its `submit` would have done.
+    func immediateResult(of request: BlockRequest) -> BlockResult?
 }
 
 /// Where a transport's thread collects a device's completions (``BlockDevice/attachCompletionSource()``).
@@ -168,6 +174,7 @@ public struct BlockCompletionSource: @unchecked Sendable {
 
 extension BlockDevice {
     public func attachCompletionSource() -> BlockCompletionSource? { nil }
+    public func immediateResult(of request: BlockRequest) -> BlockResult? { nil }
     public func extents(at offset: UInt64, length: UInt64) throws(BlockError) -> [BlockExtent] {
         [BlockExtent(offset: offset, length: length, isHole: false, isZero: false)]
     }

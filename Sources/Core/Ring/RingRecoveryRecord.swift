@@ -203,13 +203,11 @@ public final class RingRecoveryRecord: @unchecked Sendable {
             memcpy(r + 16, request, requestSize)
             noteTaken(r, index: index)
         }
-        /// Step 1 with the request as a value of `requestSize` bytes (a ring's private copy).
-        @inlinable @inline(__always) public func taken<Request>(slot: Int, index: UInt32, value: Request) {
-            assert(MemoryLayout<Request>.size == requestSize, "a request of the record's own size")
-            let r = record(slot)
-            (r + 16).storeBytes(of: value, as: Request.self)
-            noteTaken(r, index: index)
-        }
+        /// Where `slot`'s copy of its request lies (`requestSize` bytes, 8-aligned): a ring
+        /// copies the request there itself, out of shared memory, and then notes it taken.
+        @inlinable @inline(__always) public func request(slot: Int) -> UnsafeMutableRawPointer { record(slot) + 16 }
+        /// Step 1 for a request already copied to `request(slot:)`.
+        @inlinable @inline(__always) public func noteTaken(slot: Int, index: UInt32) { noteTaken(record(slot), index: index) }
         @inlinable @inline(__always) func noteTaken(_ r: UnsafeMutableRawPointer, index: UInt32) {
             atomicMemoryFence(ordering: .releasing)   // the copy, then the slot says it is there
             r.storeBytes(of: index, toByteOffset: Slot.index, as: UInt32.self)

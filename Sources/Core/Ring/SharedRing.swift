@@ -101,6 +101,13 @@ public struct BackRing<T: RingTypes> {
         return r
     }
 
+    /// Copies the next request out of shared memory to `destination` (aligned for
+    /// `T.Request`) and consumes it: the caller keeps its private copy where it needs it.
+    @inlinable @inline(__always) public mutating func takeRequest(into destination: UnsafeMutableRawPointer) {
+        destination.storeBytes(of: entry(requestConsumer).load(as: T.Request.self), as: T.Request.self)
+        requestConsumerIndex &+= 1
+    }
+
     /// Writes a response into the next slot (not yet visible to the frontend). Only for a
     /// response type without padding: a Swift value's padding bytes are whatever was on the
     /// stack, and they would land in the guest's page. Use `putResponse(zeroed:)` otherwise.
