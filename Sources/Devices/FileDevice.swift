@@ -365,6 +365,9 @@ public final class FileDevice: SynchronousBlockDevice, BlockPlugTarget, @uncheck
     /// The iocbs `start` held while its thread was plugged, in one `io_submit` (more if the
     /// kernel takes a prefix). An iocb the kernel refuses fails alone, as it would unplugged.
     public func startHeld(_ items: UnsafeBufferPointer<UnsafeMutableRawPointer>) {
+        if offload != nil {   // buffered: the items are `heldWrite`s
+            return BlockPlug.flushCallerMayWait ? writeQueuedHere() : startWriterIfIdle()
+        }
         guard let aio, !items.isEmpty else { return }
         withUnsafeTemporaryAllocation(of: UnsafeMutablePointer<iocb>?.self, capacity: items.count) { list in
             for k in items.indices { list[k] = items[k].assumingMemoryBound(to: iocb.self) }
@@ -678,14 +681,61 @@ public final class FileDevice: SynchronousBlockDevice, BlockPlugTarget, @uncheck
     /// takes every write queued meanwhile, so a deep queue of small writes keeps one thread busy
     /// rather than waking one per write to wait on the file's inode lock (a buffered write
     /// holds it on ext4 and XFS). FUA writes go to workers of their own: their syncs overlap.
+    /// A plugged thread's writes (a ring sweep, an NBD burst) wait for its plug's flush: an NBD
+    /// reader that flushes before it waits for its client writes the burst itself then, unless
+    /// a worker is writing (``writeQueuedHere()``); other threads hand it to a worker.
     private func queueWrite(_ request: BlockRequest, _ completion: BlockCompletion) {
+        let plug = BlockPlug.current
         let start = writes.withLock { q -> Bool in
             q.pending.append((request, completion))
-            if q.writing { return false }
+            if q.writing || plug != nil { return false }
             q.writing = true
             return true
         }
-        guard start, let offload else { return }
+        if let plug { return plug.hold(Self.heldWrite, for: self) }
+        if start { startWriter() }
+    }
+
+    /// What a plugged thread holds for a buffered write (the write itself is in `writes`).
+    private static let heldWrite = UnsafeMutableRawPointer(bitPattern: 1)!
+
+    /// At a plug's flush: the queued writes, by a worker, unless one is writing already.
+    private func startWriterIfIdle() {
+        let start = writes.withLock { q -> Bool in
+            if q.writing || q.pending.isEmpty { return false }
+            q.writing = true
+            return true
+        }
+        if start { startWriter() }
+    }
+
+    /// At the flush of a thread that would wait anyway (an NBD reader whose client waits for
+    /// the burst's replies): the writes queued now, written and completed on this thread, unless
+    /// a worker is writing; what is queued meanwhile goes to a worker. Handing the burst to a
+    /// worker costs twice the CPU per write on a small machine (the worker's and the reader's
+    /// wake-ups, and the client answered a few writes at a time: NBD 4 KiB writes at queue
+    /// depth 32, 58k IOPS against 96k in alternating runs).
+    private func writeQueuedHere() {
+        var batch: [(BlockRequest, BlockCompletion)] = []
+        let mine = writes.withLock { q -> Bool in
+            if q.writing || q.pending.isEmpty { return false }
+            q.writing = true
+            swap(&batch, &q.pending)
+            return true
+        }
+        guard mine else { return }
+        for (request, completion) in batch { completion.complete(performSynchronously(request)) }
+        let more = writes.withLock { q -> Bool in
+            if !q.pending.isEmpty { return true }
+            q.writing = false
+            return false
+        }
+        if more { startWriter() }
+    }
+
+    /// The worker that writes the queued writes, until none is left; `writes.writing` is set.
+    private func startWriter() {
+        guard let offload else { return }
         offload.run { [self] in
             var batch: [(BlockRequest, BlockCompletion)] = []
             while true {

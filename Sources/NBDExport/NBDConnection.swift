@@ -490,9 +490,10 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
     }
 
     /// Before the reader waits (for the client, or for room in the device): the requests held in
-    /// its plug start, and the replies gathered so far leave.
+    /// its plug start (with nothing else to do, the reader may run those that block itself: a
+    /// burst of buffered writes), and the replies gathered so far leave.
     private func flushOut() {
-        BlockPlug.flush()
+        BlockPlug.flush(callerMayWait: true)
         writer.withLock { flushOutLocked() }
     }
 

@@ -346,6 +346,44 @@ final class FileCallerMayWaitTests: XCTestCase {
         XCTAssertTrue(pthread_equal(sink.threads[1], pthread_self()) == 0, "otherwise on a worker")
         withExtendedLifetime(buffer) {}
     }
+
+    /// A plugged thread's buffered writes wait for its plug's flush: a flush by a thread that
+    /// would wait anyway (an NBD reader before it waits for its client) writes them there and
+    /// then, in order; another flush (a ring's sweep) hands them to a worker.
+    func testPluggedBufferedWritesAreWrittenByAFlushThatMayWaitElseByAWorker() throws {
+        let path = makeTemporaryDirectory(self) + "/disk.img"
+        var options = FileDevice.Options(direct: .off, createSize: 1 << 20)
+        options.inlineOnMemoryFileSystems = false
+        let file = try FileDevice(path: path, options: options)
+        defer { file.close() }
+        let sink = FileCompletionSourceTests.Sink()
+        let buffers = (0..<16).map { TestBuffer(count: 4096, pattern: UInt8(0x40 + $0)) }
+        BlockPlug.begin()
+        for i in 0..<8 {
+            file.submit(file.writeRequest(buffers[i], at: UInt64(i) * 4096, fua: false), completion: BlockCompletion(sink: sink, tag: UInt64(i)))
+        }
+        usleep(20_000)
+        XCTAssertEqual(sink.lock.withLock { sink.results.count }, 0, "held until the flush")
+        BlockPlug.flush(callerMayWait: true)
+        XCTAssertEqual(sink.lock.withLock { sink.results }, Array(repeating: BlockResult.success, count: 8), "written by the flush")
+        XCTAssertTrue(sink.lock.withLock { sink.threads.allSatisfy { pthread_equal($0, pthread_self()) != 0 } }, "on this thread")
+        for i in 8..<16 {
+            file.submit(file.writeRequest(buffers[i], at: UInt64(i) * 4096, fua: false), completion: BlockCompletion(sink: sink, tag: UInt64(i)))
+        }
+        BlockPlug.end()
+        let deadline = monotonicSeconds() + 10
+        while sink.lock.withLock({ sink.results.count }) < 16 && monotonicSeconds() < deadline { usleep(1000) }
+        XCTAssertEqual(sink.lock.withLock { sink.results.count }, 16)
+        XCTAssertTrue(sink.lock.withLock { sink.threads[8...].allSatisfy { pthread_equal($0, pthread_self()) == 0 } }, "on a worker")
+        let fd = open(path, O_RDONLY)
+        defer { close(fd) }
+        for i in 0..<16 {
+            var bytes = [UInt8](repeating: 0, count: 4096)
+            XCTAssertEqual(pread(fd, &bytes, 4096, off_t(i * 4096)), 4096)
+            XCTAssertEqual(bytes, TestBuffer.expected(4096, UInt8(0x40 + i)), "block \(i)")
+        }
+        withExtendedLifetime(buffers) {}
+    }
 }
 
 /// A plugged thread's O_DIRECT requests go to the kernel together when the plug ends.

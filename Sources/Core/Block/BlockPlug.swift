@@ -76,11 +76,25 @@ public final class BlockPlug {
     }
 
     /// Starts everything held on the calling thread now and stays plugged: call it before the
-    /// thread blocks.
-    public static func flush() {
+    /// thread blocks. `callerMayWait`: the thread is about to wait for its peer (an NBD reader
+    /// for its client's next request) and has nothing else to do until then, so a target may
+    /// run what it holds that blocks here (``flushCallerMayWait``) instead of on a worker,
+    /// as ``BlockRequest/callerMayWait`` lets a device run one request.
+    public static func flush(callerMayWait: Bool = false) {
         guard let p = pthread_getspecific(key) else { return }
-        Unmanaged<BlockPlug>.fromOpaque(p).takeUnretainedValue().release()
+        let plug = Unmanaged<BlockPlug>.fromOpaque(p).takeUnretainedValue()
+        let outer = plug.flushCallerMayWait
+        plug.flushCallerMayWait = callerMayWait
+        defer { plug.flushCallerMayWait = outer }
+        plug.release()
     }
+
+    /// For a target's `startHeld`: whether the thread flushing may wait (``flush(callerMayWait:)``).
+    public static var flushCallerMayWait: Bool {
+        guard let p = pthread_getspecific(key) else { return false }
+        return Unmanaged<BlockPlug>.fromOpaque(p).takeUnretainedValue().flushCallerMayWait
+    }
+    @exclusivity(unchecked) private var flushCallerMayWait = false
 
     /// Runs `body` plugged.
     public static func batch<T>(_ body: () throws -> T) rethrows -> T {
