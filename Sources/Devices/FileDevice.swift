@@ -711,10 +711,10 @@ public final class FileDevice: SynchronousBlockDevice, BlockPlugTarget, @uncheck
 
     /// At the flush of a thread that would wait anyway (an NBD reader whose client waits for
     /// the burst's replies): the writes queued now, written and completed on this thread, unless
-    /// a worker is writing; what is queued meanwhile goes to a worker. Handing the burst to a
-    /// worker costs twice the CPU per write on a small machine (the worker's and the reader's
-    /// wake-ups, and the client answered a few writes at a time: NBD 4 KiB writes at queue
-    /// depth 32, 58k IOPS against 96k in alternating runs).
+    /// a worker is writing; what is queued meanwhile goes to a worker. Handing every burst to
+    /// a worker cost half again the CPU per write on a 2-CPU machine (the worker's and the
+    /// reader's wake-ups; NBD 4 KiB writes at queue depth 32: 48-64k IOPS, against 70-86k
+    /// written here, in alternating runs).
     private func writeQueuedHere() {
         var batch: [(BlockRequest, BlockCompletion)] = []
         let mine = writes.withLock { q -> Bool in
