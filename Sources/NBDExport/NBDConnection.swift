@@ -524,7 +524,17 @@ final class NBDConnection: BlockCompletionSink, @unchecked Sendable {
         if buffered > 0 { memcpy(destination!, input + inStart, buffered); inStart += buffered }
         guard count > buffered else { return true }
         flushOut()
-        return socket.readFully(destination! + buffered, count - buffered)
+        // The rest of a large payload arrives as the client's socket buffer drains, a buffer
+        // at a time: watch for each as for the next request, rather than sleep and be woken
+        // per buffer (the client is sending: it will come).
+        var done = buffered
+        while done < count {
+            let n = poller.wait(idle: true) { socket.readNow(destination! + done, count - done) }
+                ?? socket.readSome(destination! + done, count - done)
+            if n <= 0 { return false }
+            done += n
+        }
+        return true
     }
 
     private func discardInput(_ count: Int) -> Bool {
